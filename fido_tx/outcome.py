@@ -1,0 +1,34 @@
+"""The value a mailbox session ends with."""
+
+import attr
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class SessionResult:
+    """What one mailbox session did.
+
+    ``kind`` is ``None`` when the session succeeded, else an error kind from
+    :mod:`fido_tx.errors`.  A session never raises: every failure ends as a
+    result with a kind, so the scheduler always gets the account back.
+    """
+
+    account_id: str
+    kind: str | None = None
+    message: str = ""
+    debug: str = ""
+    #: messages newly confirmed by the sink in this session
+    fetched: int = 0
+    #: bytes of ``raw`` of those messages
+    bytes: int = 0
+    #: messages marked (seen/deleted/moved) on the server
+    marked: int = 0
+    #: UIDs left on the server because they are over ``max_message_size``
+    too_large: tuple = ()
+    #: wall seconds from connect to close
+    seconds: float = 0.0
+    #: True when the session ran in dry-run mode
+    dry_run: bool = False
+
+    @property
+    def ok(self):
+        return self.kind is None
