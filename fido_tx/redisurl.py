@@ -1,0 +1,213 @@
+"""Redis URLs: parse, format, redact, and turn into a Twisted client endpoint.
+
+Accepted forms (``[redis] url`` in ``fido.toml``)::
+
+    redis://[[user]:password@]host[:port][/db]     plain TCP, port 6379, db 0
+    rediss://[[user]:password@]host[:port][/db]    TLS; the certificate is
+                                                   verified against the host name
+    unix://[[user]:password@]/path/to/redis.sock[?db=N]
+
+``user`` and ``password`` are percent-decoded (write ``%40`` for ``@``); an
+empty user with a password (``redis://:secret@host``) authenticates with the
+password only (Redis < 6 style, or the ``default`` user).  IPv6 hosts go in
+brackets: ``redis://[::1]:6379``.  ``?db=N`` is also accepted for
+``redis://`` and ``rediss://`` when the path carries no db.  ``rediss://``
+takes one more query parameter, ``ca_file=/path/ca.pem``: trust that CA
+(instead of the system's trust store) for a server with a private CA.
+
+Nothing here ever puts the password into a message: :meth:`RedisURL.redacted`
+is what goes into logs (``redis://user:***@host:6379/0``), and
+:class:`RedisURLError` messages quote the redacted URL only.
+"""
+
+from urllib.parse import parse_qs, quote, unquote, urlsplit
+
+import attr
+
+DEFAULT_PORT = 6379
+SCHEMES = ("redis", "rediss", "unix")
+
+
+class RedisURLError(ValueError):
+    """A Redis URL that cannot be used; the message never holds a password."""
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class RedisURL:
+    """A parsed Redis URL."""
+
+    scheme: str
+    host: str = ""
+    port: int = DEFAULT_PORT
+    db: int = 0
+    username: str | None = None
+    password: str | None = attr.ib(default=None, repr=False)
+    #: socket path, for ``unix://`` only
+    path: str = ""
+    #: trust root for ``rediss://`` ("" = the system trust store)
+    ca_file: str = ""
+
+    @property
+    def tls(self):
+        return self.scheme == "rediss"
+
+    def to_url(self, redact=False):
+        """The URL as text; ``redact=True`` puts ``***`` for the password."""
+        auth = ""
+        if self.password is not None:
+            user = quote(self.username or "", safe="")
+            secret = "***" if redact else quote(self.password, safe="")
+            auth = f"{user}:{secret}@"
+        elif self.username is not None:
+            auth = quote(self.username, safe="") + "@"
+        if self.scheme == "unix":
+            url = f"unix://{auth}{quote(self.path, safe='/')}"
+            return url + (f"?db={self.db}" if self.db else "")
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        url = f"{self.scheme}://{auth}{host}:{self.port}/{self.db}"
+        if self.ca_file:
+            url += "?ca_file=" + quote(self.ca_file, safe="/")
+        return url
+
+    def redacted(self):
+        """The URL for logs and messages: the password replaced by ``***``."""
+        return self.to_url(redact=True)
+
+    def __str__(self):
+        return self.redacted()
+
+
+def _redact_raw(text):
+    """Best-effort redaction of a URL that may not even parse.
+
+    Everything between the user name and the last ``@`` is hidden, so an
+    unescaped ``/`` or ``@`` in a password cannot leak part of it.
+    """
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        return "<unparsable Redis URL>"
+    userinfo, at, hostpart = rest.rpartition("@")
+    if not at:
+        return text
+    user = userinfo.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{hostpart}"
+
+
+def redact(text):
+    """Redact a URL given as text, whether it parses or not."""
+    try:
+        return parse(text).redacted()
+    except RedisURLError:
+        return _redact_raw(text)
+
+
+def _int(value, what, shown):
+    try:
+        number = int(value, 10)
+    except (TypeError, ValueError):
+        raise RedisURLError(f"Redis URL {shown}: {what} {value!r} is not a number") from None
+    if number < 0:
+        raise RedisURLError(f"Redis URL {shown}: {what} {value!r} is negative")
+    return number
+
+
+def parse(text):
+    """Parse a Redis URL into a :class:`RedisURL`; raise :class:`RedisURLError`."""
+    if not isinstance(text, str) or not text:
+        raise RedisURLError("Redis URL is empty")
+    shown = _redact_raw(text)
+    try:
+        parts = urlsplit(text)
+    except ValueError:
+        raise RedisURLError(f"Redis URL {shown} is malformed") from None
+    scheme = parts.scheme.lower()
+    if scheme not in SCHEMES:
+        raise RedisURLError(
+            f"Redis URL {shown}: scheme must be redis://, rediss:// or unix://"
+        )
+    if parts.fragment:
+        raise RedisURLError(f"Redis URL {shown}: a #fragment is not allowed")
+    username = password = None
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, hostinfo = netloc.rpartition("@")
+        if ":" in userinfo:
+            user, _, secret = userinfo.partition(":")
+            username = unquote(user) or None
+            password = unquote(secret)
+        else:
+            username = unquote(userinfo) or None
+    else:
+        hostinfo = netloc
+    try:
+        query = parse_qs(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
+    except ValueError:
+        raise RedisURLError(f"Redis URL {shown}: malformed query") from None
+    allowed = {"db"} | ({"ca_file"} if scheme == "rediss" else set())
+    for key, values in query.items():
+        if key not in allowed:
+            raise RedisURLError(f"Redis URL {shown}: unknown parameter {key!r}")
+        if len(values) != 1:
+            raise RedisURLError(f"Redis URL {shown}: parameter {key!r} given twice")
+    db = _int(query["db"][0], "db", shown) if "db" in query else None
+
+    if scheme == "unix":
+        if hostinfo:
+            raise RedisURLError(
+                f"Redis URL {shown}: write unix:///path/to/socket (three slashes)"
+            )
+        path = unquote(parts.path)
+        if not path.startswith("/"):
+            raise RedisURLError(f"Redis URL {shown}: the socket path must be absolute")
+        return RedisURL(
+            scheme="unix", host="", port=DEFAULT_PORT, db=db or 0,
+            username=username, password=password, path=path,
+        )
+
+    try:
+        host = parts.hostname or ""
+        port = parts.port
+    except ValueError:
+        # the ValueError quotes the port text, which may be part of a password
+        raise RedisURLError(f"Redis URL {shown}: bad port") from None
+    if not host:
+        raise RedisURLError(f"Redis URL {shown}: host is missing")
+    if port == 0:
+        raise RedisURLError(f"Redis URL {shown}: port 0 is not a port")
+    # urlsplit lower-cases the host; keep IPv6 addresses without brackets
+    path = parts.path
+    if path in ("", "/"):
+        path_db = None
+    else:
+        path_db = _int(path[1:], "db", shown)
+    if path_db is not None and db is not None and path_db != db:
+        raise RedisURLError(f"Redis URL {shown}: db given twice")
+    ca_file = query.get("ca_file", [""])[0]
+    return RedisURL(
+        scheme=scheme, host=host, port=DEFAULT_PORT if port is None else port,
+        db=path_db if path_db is not None else (db or 0),
+        username=username, password=password, ca_file=ca_file,
+    )
+
+
+def endpoint(reactor, url, connect_timeout):
+    """A Twisted client endpoint for ``url`` (a :class:`RedisURL`).
+
+    ``rediss://`` verifies the server certificate against ``url.host`` with the
+    system trust store, or against ``ca_file`` when given.
+    """
+    from twisted.internet import endpoints, ssl
+
+    if url.scheme == "unix":
+        return endpoints.UNIXClientEndpoint(reactor, url.path, timeout=connect_timeout)
+    tcp = endpoints.HostnameEndpoint(reactor, url.host, url.port, timeout=connect_timeout)
+    if not url.tls:
+        return tcp
+    if url.ca_file:
+        with open(url.ca_file, "rb") as f:
+            extra = ssl.Certificate.loadPEM(f.read())
+        trust = ssl.trustRootFromCertificates([extra])
+        options = ssl.optionsForClientTLS(url.host, trustRoot=trust)
+    else:
+        options = ssl.optionsForClientTLS(url.host)
+    return endpoints.wrapClientTLS(options, tcp)
