@@ -1,0 +1,46 @@
+"""The twistd entry point: ``twistd fido [--config PATH] [--dry-run]``."""
+
+import sys
+
+from twisted.python import usage
+
+
+class Options(usage.Options):
+    synopsis = "[--config PATH] [--dry-run]"
+    longdesc = (
+        "Fetch new mail from the IMAP accounts in the accounts file into a "
+        "Redis stream, exactly once, then mark it on the server.  Without "
+        "--config, fido.toml is looked for in $FIDO_CONFIG, /etc/fido, the "
+        "web application's deploy directories and ~/.config/fido; when none "
+        "exists a commented default is written and used."
+    )
+    optParameters = [
+        ["config", "c", None, "Path of fido.toml."],
+    ]
+    optFlags = [
+        ["dry-run", None, "Change neither the mailboxes nor Redis; log what would happen."],
+    ]
+
+
+def makeService(options):
+    """Load the configuration and build the daemon's service tree."""
+    from twisted.internet import reactor
+
+    from fido_tx import config, service
+
+    try:
+        settings, path, created = config.load_settings(
+            options["config"], dry_run=True if options["dry-run"] else None
+        )
+    except config.ConfigError as e:
+        # twistd turns a SystemExit message into one line on stderr, no traceback.
+        raise SystemExit(f"fido: {e}")
+    twistd = getattr(options, "parent", None) or {}
+    return service.make_service(
+        settings,
+        reactor,
+        created_config=created,
+        twistd_logfile=twistd.get("logfile") or "",
+        twistd_syslog=bool(twistd.get("syslog")),
+        stdout=sys.stdout,
+    )
