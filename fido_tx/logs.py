@@ -1,0 +1,131 @@
+"""Log output for sysadmins: one line per event, text or JSON, level-filtered.
+
+twistd asks the application for an ``ILogObserver`` component before it falls
+back to ``--logfile``; :class:`~fido_tx.service.FidoService` installs the one
+made here, so ``[log] level``, ``format`` and ``file`` apply under twistd.
+Where it writes, first hit wins: ``[log] file`` (rotated at
+``rotate_length`` bytes, keeping ``max_rotated_files`` old files, which
+twistd's own ``--logfile`` does not bound), twistd's ``--logfile``, standard
+output.  With ``--syslog`` twistd's syslog observer is left alone.
+"""
+
+import json
+import os
+import sys
+import time
+
+from twisted.logger import (
+    FilteringLogObserver,
+    ILogObserver,
+    LogLevel,
+    LogLevelFilterPredicate,
+    formatEvent,
+)
+from twisted.python import logfile
+from zope.interface import implementer
+
+LEVELS = {
+    "debug": LogLevel.debug,
+    "info": LogLevel.info,
+    "warn": LogLevel.warn,
+    "error": LogLevel.error,
+}
+
+# Event keys that are Twisted's own bookkeeping, not fields for the reader.
+_INTERNAL = frozenset(
+    ["log_logger", "log_source", "log_format", "log_flattened", "log_io",
+     "log_legacy", "log_trace", "log_text", "log_system", "format", "message",
+     "isError", "system", "time", "log_time", "log_level", "log_namespace",
+     "log_failure", "why"]
+)
+
+
+def _timestamp(event):
+    t = event.get("log_time") or time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + "Z"
+
+
+def _text(event):
+    level = event.get("log_level", LogLevel.info).name
+    namespace = event.get("log_namespace", "-")
+    if namespace.startswith("fido_tx."):
+        namespace = namespace[len("fido_tx."):]
+    message = formatEvent(event)
+    failure = event.get("log_failure")
+    if failure is not None:
+        message = f"{message}\n{failure.getTraceback()}".rstrip()
+    return f"{_timestamp(event)} {level:<5} [{namespace}] {message}\n"
+
+
+def _json_value(v):
+    if isinstance(v, (str, int, float, bool)) or v is None:
+        return v
+    if isinstance(v, bytes):
+        return v.decode("utf-8", "replace")
+    if isinstance(v, (list, tuple)):
+        return [_json_value(x) for x in v]
+    return str(v)
+
+
+def _json(event):
+    record = {
+        "time": _timestamp(event),
+        "level": event.get("log_level", LogLevel.info).name,
+        "namespace": event.get("log_namespace", "-"),
+        "message": formatEvent(event),
+    }
+    for key, value in event.items():
+        if key not in _INTERNAL and not key.startswith("_"):
+            record[key] = _json_value(value)
+    failure = event.get("log_failure")
+    if failure is not None:
+        record["traceback"] = failure.getTraceback()
+    return json.dumps(record, ensure_ascii=False) + "\n"
+
+
+@implementer(ILogObserver)
+class LineObserver:
+    """Writes each event as one line (two for a traceback) and flushes."""
+
+    def __init__(self, stream, fmt="text"):
+        self._stream = stream
+        self._format = _json if fmt == "json" else _text
+
+    def __call__(self, event):
+        try:
+            self._stream.write(self._format(event))
+            self._stream.flush()
+        except Exception:  # noqa: BLE001 - a log failure must not kill the daemon
+            pass
+
+
+def open_rotating(path, rotate_length, max_rotated_files):
+    directory, name = os.path.split(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    return logfile.LogFile(
+        name, directory, rotateLength=rotate_length, maxRotatedFiles=max_rotated_files
+    )
+
+
+def make_observer(log_settings, stream=None, twistd_logfile=""):
+    """The level-filtered observer for ``log_settings`` (a LogSettings)."""
+    if stream is None:
+        if log_settings.file:
+            stream = open_rotating(
+                log_settings.file, log_settings.rotate_length, log_settings.max_rotated_files
+            )
+        elif twistd_logfile and twistd_logfile != "-":
+            stream = logfile.LogFile.fromFullPath(
+                twistd_logfile,
+                rotateLength=log_settings.rotate_length,
+                maxRotatedFiles=log_settings.max_rotated_files,
+            )
+        else:
+            stream = sys.stdout
+    predicate = LogLevelFilterPredicate(defaultLogLevel=LEVELS[log_settings.level])
+    return FilteringLogObserver(LineObserver(stream, log_settings.format), [predicate])
+
+
+def json_observer():
+    """For ``twistd --logger fido_tx.logs.json_observer``: JSON lines on stdout."""
+    return LineObserver(sys.stdout, "json")
