@@ -1,0 +1,225 @@
+"""The composition root: one ``MultiService`` wiring every part of Fido.
+
+Data flows one way::
+
+    accounts file -> AccountsSource -> Scheduler -> fetch_mailbox -> RedisStore
+                                           \\-> StatusTracker -> Reporter, metrics, account hash
+
+This is the only module (with the CLI and the twistd entry point) that is
+handed the real reactor; everything below gets it as a parameter.  Children
+start in the order they are added and stop in reverse: the HTTP endpoint and
+the accounts source stop first, then the scheduler lets running sessions finish
+their batch (``grace_period``), and only then do the reporter and the Redis
+connection close, so a session never loses its sink mid-batch.
+"""
+
+import os
+import socket
+
+from twisted.application import internet, service, strports
+from twisted.internet import task
+from twisted.logger import ILogObserver, Logger
+from twisted.python.components import Componentized
+
+import fido_tx
+from fido_tx import logs
+
+log = Logger()
+
+HEARTBEAT_INTERVAL = 15.0
+HEARTBEAT_TTL = 45
+
+
+class FidoService(service.MultiService):
+    """The daemon's top service.  Gives twistd Fido's log observer."""
+
+    def __init__(self, observer=None):
+        super().__init__()
+        self._observer = observer
+        self.parts = {}
+
+    def setServiceParent(self, parent):
+        # twistd asks the application for an ILogObserver after makeService;
+        # this is the supported way for a plugin to choose its log output.
+        if self._observer is not None and isinstance(parent, Componentized):
+            parent.setComponent(ILogObserver, self._observer)
+        return super().setServiceParent(parent)
+
+
+class _Heartbeat(service.Service):
+    """Writes ``fido:instance:<id>`` with a TTL so others can see we are alive."""
+
+    def __init__(self, clock, store, scheduler, instance_id):
+        self._store = store
+        self._scheduler = scheduler
+        self.instance_id = instance_id
+        self._loop = task.LoopingCall(self._beat)
+        self._loop.clock = clock
+
+    def _beat(self):
+        mapping = {
+            "host": socket.gethostname(),
+            "pid": str(os.getpid()),
+            "version": fido_tx.__version__,
+            "accounts": str(len(self._scheduler.accounts)),
+            "sessions": str(self._scheduler.running),
+        }
+        d = self._store.heartbeat(self.instance_id, mapping, HEARTBEAT_TTL)
+        d.addErrback(lambda f: None)  # Redis down: the store logs that once
+
+    def startService(self):
+        super().startService()
+        self._loop.start(HEARTBEAT_INTERVAL, now=True)
+
+    def stopService(self):
+        if self._loop.running:
+            self._loop.stop()
+        return super().stopService()
+
+
+class _Stoppable(service.Service):
+    """Runs a callable on stop (for parts that are not services themselves)."""
+
+    def __init__(self, on_stop):
+        self._on_stop = on_stop
+
+    def stopService(self):
+        self._on_stop()
+        return super().stopService()
+
+
+def instance_id():
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def make_service(
+    settings,
+    reactor,
+    created_config=False,
+    twistd_logfile="",
+    twistd_syslog=False,
+    stdout=None,
+    session_factory=None,
+    observer=None,
+):
+    """Build the service tree for ``settings``.
+
+    :param session_factory: ``f(account) -> Deferred[SessionResult]``; the
+        IMAP session by default (tests may pass another source).
+    :param observer: a log observer to install instead of the configured one
+        (``False``: leave logging alone, for tests and the demo).
+    """
+    from fido_tx import (
+        backpressure,
+        imap,
+        metrics as metrics_mod,
+        reload,
+        report,
+        scheduler as scheduler_mod,
+        status as status_mod,
+        store as store_mod,
+        watch,
+        web,
+    )
+
+    if observer is None and not twistd_syslog:
+        observer = logs.make_observer(settings.log, twistd_logfile=twistd_logfile)
+    top = FidoService(observer or None)
+    fido = settings.fido
+    dry_run = fido.dry_run
+
+    if created_config:
+        log.warn(
+            "No fido.toml was found; wrote a commented default to {path} and "
+            "running with it. Edit it (accounts_file, [redis] url) and restart.",
+            path=settings.path,
+        )
+    log.info(
+        "Fido {version} starting: config {path}, {workers} workers, poll every "
+        "{poll_interval} s{dry}",
+        version=fido_tx.__version__, path=settings.path or "(built-in)",
+        workers=fido.workers, poll_interval=fido.poll_interval,
+        dry=", DRY RUN: nothing is written to Redis or changed on the servers" if dry_run else "",
+    )
+
+    ident = instance_id()
+    store = store_mod.RedisStore(reactor, settings.redis, instance_id=ident)
+    store.setServiceParent(top)
+
+    reporter = report.Reporter(reactor, settings.reporter)
+    reporter.setServiceParent(top)
+
+    metrics = metrics_mod.Metrics()
+    status = status_mod.StatusTracker(reactor, store, reporter, metrics, dry_run=dry_run)
+
+    if session_factory is None:
+        def session_factory(account):
+            return imap.fetch_mailbox(reactor, account, store, settings.imap, dry_run=dry_run)
+
+    sched = scheduler_mod.Scheduler(
+        reactor,
+        session_factory,
+        workers=fido.workers,
+        poll_interval=fido.poll_interval,
+        backoff=settings.backoff,
+        grace_period=fido.grace_period,
+    )
+    sched.add_result_observer(status.record)
+
+    # Redis down: no new sessions (running ones stop at their next message,
+    # because the store refuses to confirm).  Start paused until connected.
+    sched.pause("redis")
+
+    def redis_state(connected):
+        if connected:
+            sched.resume("redis")
+        else:
+            sched.pause("redis")
+        status.redis_state(connected)
+
+    store.add_connection_observer(redis_state)
+
+    if not dry_run:
+        pressure = backpressure.Backpressure(
+            reactor, store, sched, settings.redis.max_backlog, on_change=status.backlog_state
+        )
+        sched.add_result_observer(pressure.after_session)
+        _Stoppable(pressure.stop).setServiceParent(top)
+
+    sched.setServiceParent(top)
+
+    def apply(accounts, diff):
+        sched.set_accounts(accounts)
+        for account in diff.removed:
+            status.forget(account.id)
+
+    source = reload.AccountsSource(
+        reactor,
+        fido.accounts_file,
+        fido.key_file,
+        apply=apply,
+        watcher_factory=lambda path, callback: watch.make_watcher(
+            reactor, path, callback, mode=fido.watch
+        ),
+        report=status.report_config,
+        cache_path=os.path.join(
+            fido.state_dir or os.path.dirname(fido.accounts_file), ".fido-accounts.last-good"
+        ),
+        shard=fido.shard,
+    )
+    source.setServiceParent(top)
+
+    if not dry_run:
+        _Heartbeat(reactor, store, sched, ident).setServiceParent(top)
+
+    health = web.Health(reactor, sched, store)
+    metrics.bind(scheduler=sched, store=store, reporter=reporter, status=status)
+    if settings.http.listen:
+        site = web.make_site(metrics, health)
+        strports.service(settings.http.listen, site).setServiceParent(top)
+
+    top.parts.update(
+        store=store, reporter=reporter, metrics=metrics, status=status,
+        scheduler=sched, source=source, health=health,
+    )
+    return top
