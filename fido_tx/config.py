@@ -1,9 +1,17 @@
 """Settings (frozen attrs), discovery of ``fido.toml``, the default file, validation.
 
-SKELETON: the settings classes below are the schema other modules rely on
-(field names, types, defaults).  Discovery, parsing and validation are to be
-implemented.
+The settings classes below are the schema other modules rely on (field
+names, types, defaults).  Every field is a key of the section of the same
+name in ``fido.toml``; :func:`load_settings` finds, reads and validates the
+file and resolves the paths in it relative to the file's directory.
 """
+
+import glob
+import importlib.resources
+import os
+import re
+import tomllib
+from urllib.parse import urlsplit
 
 import attr
 
@@ -55,9 +63,23 @@ class BackoffSettings:
     jitter: float = 0.2
 
 
+def redact_url(url):
+    """``url`` with the password (if any) replaced by ``***``, for logs and repr."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return repr(url)
+        user = parts.username or ""
+        host = parts.netloc.rpartition("@")[2]
+        return repr(parts._replace(netloc=f"{user}:***@{host}").geturl())
+    except ValueError:
+        return "'<unparsable url>'"
+
+
 @attr.s(frozen=True, slots=True, auto_attribs=True)
 class RedisSettings:
-    url: str = "redis://127.0.0.1:6379/0"
+    #: repr hides the password of redis://user:password@host
+    url: str = attr.ib(default="redis://127.0.0.1:6379/0", repr=redact_url)
     stream: str = "fido:messages"
     max_backlog: int = 100000
     connect_timeout: float = 5.0
@@ -98,3 +120,484 @@ class Settings:
     log: LogSettings = attr.ib(factory=LogSettings)
     #: the file these settings came from ("" when built in code)
     path: str = ""
+
+
+#: ``[section]`` name -> settings class (and the attribute of :class:`Settings`)
+SECTIONS = {
+    "fido": FidoSettings,
+    "imap": ImapSettings,
+    "backoff": BackoffSettings,
+    "redis": RedisSettings,
+    "reporter": ReporterSettings,
+    "http": HttpSettings,
+    "log": LogSettings,
+}
+
+#: keys holding file system paths, resolved relative to the config file
+#: ("" stays "": it means "not set")
+PATH_KEYS = frozenset(
+    [
+        ("fido", "accounts_file"),
+        ("fido", "key_file"),
+        ("fido", "state_dir"),
+        ("log", "file"),
+    ]
+)
+
+#: keys whose values never appear in an error message
+SECRET_KEYS = frozenset([("reporter", "token"), ("redis", "url")])
+
+LOG_LEVELS = ("debug", "info", "warn", "error")
+LOG_FORMATS = ("text", "json")
+WATCH_MODES = ("auto", "poll")
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+REPORTER_SCHEMES = ("http", "https")
+
+ENV_VAR = "FIDO_CONFIG"
+CONFIG_NAME = "fido.toml"
+
+_SHARD_RE = re.compile(r"\A([0-9]+)/([0-9]+)\Z")
+# An IMAP keyword is an atom: no space, controls or ( ) { % * " \ ]
+_KEYWORD_RE = re.compile(r'\A[^\x00-\x20\x7f(){%*"\\\]]+\Z')
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used.
+
+    ``str()`` is one line that names the file and the key, fit for the
+    ``fido`` command's ``fido: error: ...`` and for twistd's usage error.
+    """
+
+    def __init__(self, message):
+        message = " ".join(str(message).splitlines())
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self):
+        return self.message
+
+
+def _default_home():
+    return os.path.expanduser("~")
+
+
+def _default_is_root():
+    geteuid = getattr(os, "geteuid", None)
+    return geteuid is not None and geteuid() == 0
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class Roots:
+    """Where :func:`load_settings` looks for and creates ``fido.toml``.
+
+    A parameter so that tests never touch the real ``/etc`` or home.
+    """
+
+    etc: str = "/etc/fido"
+    deploy_globs: tuple = (
+        "/srv/*/current/config/fido.toml",
+        "/var/www/*/current/config/fido.toml",
+    )
+    home: str = attr.ib(factory=_default_home)
+    is_root: bool = attr.ib(factory=_default_is_root)
+
+    def search_path(self):
+        """The fixed candidates after ``--config`` and ``$FIDO_CONFIG``, in order.
+
+        Deploy globs are expanded (sorted) at call time.
+        """
+        found = [os.path.join(self.etc, CONFIG_NAME)]
+        for pattern in self.deploy_globs:
+            found.extend(sorted(glob.glob(pattern)))
+        found.append(os.path.join(self.home, ".config", "fido", CONFIG_NAME))
+        found.append(os.path.join(self.home, ".fido.toml"))
+        return found
+
+    def creation_candidates(self):
+        """Where a default file may be written, in order of preference."""
+        places = []
+        if self.is_root:
+            places.append(os.path.join(self.etc, CONFIG_NAME))
+        places.append(os.path.join(self.home, ".config", "fido", CONFIG_NAME))
+        return places
+
+
+def default_text():
+    """The commented default ``fido.toml`` (package data ``default.toml``)."""
+    return (
+        importlib.resources.files("fido_tx")
+        .joinpath("default.toml")
+        .read_text(encoding="utf-8")
+    )
+
+
+def find_config(explicit=None, environ=os.environ, roots=None):
+    """The path of the config file to use, or ``None`` when there is none.
+
+    ``explicit`` (``--config``) and ``$FIDO_CONFIG`` must name an existing
+    file (:class:`ConfigError` otherwise); the other candidates are skipped
+    when missing.
+    """
+    if roots is None:
+        roots = Roots()
+    if explicit:
+        path = os.path.abspath(os.path.expanduser(explicit))
+        if not os.path.exists(path):
+            raise ConfigError(f"{path}: config file (--config) does not exist")
+        return path
+    from_env = environ.get(ENV_VAR, "")
+    if from_env:
+        path = os.path.abspath(os.path.expanduser(from_env))
+        if not os.path.exists(path):
+            raise ConfigError(f"{path}: config file (${ENV_VAR}) does not exist")
+        return path
+    for candidate in roots.search_path():
+        if os.path.exists(candidate):
+            return os.path.abspath(candidate)
+    return None
+
+
+def write_default(path, force=False, mode=0o644):
+    """Write the commented default config to ``path`` atomically.
+
+    Creates missing parent directories.  Refuses (``FileExistsError``) to
+    replace an existing file unless ``force``.  Returns the absolute path.
+    """
+    path = os.path.abspath(os.path.expanduser(path))
+    directory = os.path.dirname(path)
+    os.makedirs(directory, exist_ok=True)
+    data = default_text().encode("utf-8")
+    if not force:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        try:
+            _write_all(fd, data)
+        except BaseException:
+            os.close(fd)
+            _unlink_quietly(path)
+            raise
+        os.close(fd)
+        return path
+    atomic_write(path, data, mode)
+    return path
+
+
+def create_default(roots=None):
+    """Write the default config to the first writable creation candidate.
+
+    Returns the path written; :class:`ConfigError` when no place is writable.
+    """
+    if roots is None:
+        roots = Roots()
+    failures = []
+    for candidate in roots.creation_candidates():
+        try:
+            return write_default(candidate)
+        except FileExistsError:
+            # Someone else created it in the meantime: use theirs.
+            return os.path.abspath(candidate)
+        except OSError as e:
+            failures.append(f"{candidate}: {e.strerror or e}")
+    raise ConfigError(
+        "no config file found and none could be created (" + "; ".join(failures) + ")"
+    )
+
+
+def load_settings(explicit=None, environ=os.environ, roots=None, dry_run=None):
+    """Find, read and validate ``fido.toml``.
+
+    :param explicit: ``--config PATH``; must exist.
+    :param environ: the environment (``$FIDO_CONFIG``).
+    :param roots: a :class:`Roots`; the real system locations by default.
+    :param dry_run: ``True`` (``--dry-run``) forces ``fido.dry_run`` on;
+        ``None`` or ``False`` leaves the file's value.
+    :returns: ``(settings, path, created)``: ``created`` is true when no file
+        existed and the default was written to ``path`` (log it).
+    :raises ConfigError: one line naming the file and the key.
+    """
+    if roots is None:
+        roots = Roots()
+    path = find_config(explicit, environ, roots)
+    created = False
+    if path is None:
+        path = create_default(roots)
+        created = True
+    settings = read_settings(path)
+    if dry_run:
+        settings = attr.evolve(
+            settings, fido=attr.evolve(settings.fido, dry_run=True)
+        )
+    return settings, path, created
+
+
+def read_settings(path):
+    """Read and validate one config file (no discovery)."""
+    path = os.path.abspath(os.path.expanduser(path))
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: not UTF-8 ({e.reason})") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a config file") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None
+    return parse_settings(data, path)
+
+
+def parse_settings(data, path):
+    """Validate a parsed TOML mapping into :class:`Settings`.
+
+    ``path`` names the file in messages; relative paths are resolved against
+    its directory.
+    """
+    path = os.path.abspath(path)
+    base = os.path.dirname(path)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a TOML document of [sections]")
+    for name, table in data.items():
+        if name not in SECTIONS:
+            if isinstance(table, dict):
+                raise ConfigError(f"{path}: unknown section [{name}]")
+            raise ConfigError(
+                f"{path}: unknown key {name} (keys belong in a section: "
+                + ", ".join(f"[{s}]" for s in SECTIONS)
+                + ")"
+            )
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: [{name}] must be a table (section)")
+    sections = {
+        name: _parse_section(path, base, name, data.get(name, {})) for name in SECTIONS
+    }
+    settings = Settings(path=path, **sections)
+    _check_settings(path, settings)
+    return settings
+
+
+def _parse_section(path, base, section, table):
+    cls = SECTIONS[section]
+    fields = {f.name: f for f in attr.fields(cls)}
+    values = {}
+    for key, value in table.items():
+        field = fields.get(key)
+        if field is None:
+            raise ConfigError(f"{path}: unknown key [{section}] {key}")
+        values[key] = _coerce(path, section, key, field.type, value)
+    settings = cls(**values)
+    resolved = {}
+    for key in fields:
+        value = getattr(settings, key)
+        if (section, key) in PATH_KEYS and value:
+            resolved[key] = os.path.normpath(
+                os.path.join(base, os.path.expanduser(value))
+            )
+    return attr.evolve(settings, **resolved) if resolved else settings
+
+
+_TYPE_NAMES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}
+
+
+def _show(section, key, value):
+    """``value`` for a message: its TOML type, and its repr unless secret."""
+    if (section, key) in SECRET_KEYS:
+        return _toml_type(value)
+    text = repr(value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return f"{_toml_type(value)} {text}"
+
+
+def _toml_type(value):
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "float"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, dict):
+        return "table"
+    if isinstance(value, list):
+        return "array"
+    return "date/time"
+
+
+def _coerce(path, section, key, expected, value):
+    ok = False
+    if expected is bool:
+        ok = isinstance(value, bool)
+    elif expected is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif expected is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if ok:
+            value = float(value)
+    elif expected is str:
+        ok = isinstance(value, str)
+    if not ok:
+        raise ConfigError(
+            f"{path}: [{section}] {key}: expected {_TYPE_NAMES[expected]},"
+            f" got {_show(section, key, value)}"
+        )
+    return value
+
+
+def parse_shard(shard):
+    """``"k/n"`` -> ``(k, n)`` with ``1 <= k <= n``; ``ValueError`` otherwise."""
+    m = _SHARD_RE.match(shard) if isinstance(shard, str) else None
+    if m is None:
+        raise ValueError(f'must be "k/n" (for example "1/1" or "2/3"), got {shard!r}')
+    k, n = int(m.group(1)), int(m.group(2))
+    if not 1 <= k <= n:
+        raise ValueError(f"must be k/n with 1 <= k <= n, got {shard!r}")
+    return k, n
+
+
+def _check_settings(path, s):
+    """Value rules (types are already right)."""
+
+    def bad(section, key, why):
+        raise ConfigError(f"{path}: [{section}] {key}: {why}")
+
+    def positive(section, key, value):
+        if not value > 0:
+            bad(section, key, f"must be greater than 0, got {value!r}")
+
+    def at_least(section, key, value, low):
+        if not value >= low:
+            bad(section, key, f"must be at least {low}, got {value!r}")
+
+    def one_of(section, key, value, allowed):
+        if value not in allowed:
+            bad(
+                section,
+                key,
+                "must be one of " + ", ".join(f'"{a}"' for a in allowed)
+                + f", got {value!r}",
+            )
+
+    f = s.fido
+    if not f.accounts_file:
+        bad("fido", "accounts_file", "must not be empty")
+    at_least("fido", "workers", f.workers, 1)
+    positive("fido", "poll_interval", f.poll_interval)
+    try:
+        parse_shard(f.shard)
+    except ValueError as e:
+        bad("fido", "shard", str(e))
+    one_of("fido", "watch", f.watch, WATCH_MODES)
+    at_least("fido", "grace_period", f.grace_period, 0)
+
+    i = s.imap
+    for key in ("connect_timeout", "greeting_timeout", "command_timeout", "logout_timeout"):
+        positive("imap", key, getattr(i, key))
+    at_least("imap", "min_literal_rate", i.min_literal_rate, 0)
+    for key in ("batch_messages", "batch_bytes", "max_message_size"):
+        positive("imap", key, getattr(i, key))
+    if not _KEYWORD_RE.match(i.too_large_keyword) or i.too_large_keyword.startswith("\\"):
+        bad(
+            "imap",
+            "too_large_keyword",
+            "must be an IMAP keyword (letters, digits, $ . _ -; no spaces),"
+            f" got {i.too_large_keyword!r}",
+        )
+
+    b = s.backoff
+    for key in ("initial", "maximum", "auth_initial", "auth_maximum"):
+        positive("backoff", key, getattr(b, key))
+    if b.maximum < b.initial:
+        bad("backoff", "maximum", f"must be at least initial ({b.initial!r}), got {b.maximum!r}")
+    if b.auth_maximum < b.auth_initial:
+        bad(
+            "backoff",
+            "auth_maximum",
+            f"must be at least auth_initial ({b.auth_initial!r}), got {b.auth_maximum!r}",
+        )
+    if not 0 <= b.jitter < 1:
+        bad("backoff", "jitter", f"must be from 0 up to (not including) 1, got {b.jitter!r}")
+
+    r = s.redis
+    scheme = _scheme(r.url)
+    if scheme not in REDIS_SCHEMES:
+        bad(
+            "redis",
+            "url",
+            "scheme must be redis://, rediss:// or unix://, got "
+            + (f"{scheme}://" if scheme else "no scheme"),
+        )
+    if not r.stream:
+        bad("redis", "stream", "must not be empty")
+    at_least("redis", "max_backlog", r.max_backlog, 1)
+    positive("redis", "connect_timeout", r.connect_timeout)
+    positive("redis", "command_timeout", r.command_timeout)
+
+    p = s.reporter
+    if p.url:
+        scheme = _scheme(p.url)
+        if scheme not in REPORTER_SCHEMES or not urlsplit(p.url).netloc:
+            bad("reporter", "url", f'must be an http:// or https:// URL or "", got {p.url!r}')
+    positive("reporter", "timeout", p.timeout)
+    at_least("reporter", "queue_size", p.queue_size, 1)
+
+    g = s.log
+    one_of("log", "level", g.level, LOG_LEVELS)
+    one_of("log", "format", g.format, LOG_FORMATS)
+    positive("log", "rotate_length", g.rotate_length)
+    at_least("log", "max_rotated_files", g.max_rotated_files, 1)
+
+
+def _scheme(url):
+    try:
+        return urlsplit(url).scheme.lower()
+    except ValueError:
+        return ""
+
+
+# -- file helpers shared with the CLI -------------------------------------
+
+
+def _write_all(fd, data):
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _unlink_quietly(path):
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def atomic_write(path, data, mode=0o600):
+    """Write ``data`` (bytes) to ``path`` via a temporary file and a rename.
+
+    The temporary file is created with ``O_EXCL`` and ``mode`` in the same
+    directory, so readers see the old or the new file, never a part.
+    """
+    path = os.path.abspath(path)
+    directory, name = os.path.split(path)
+    for attempt in range(100):
+        tmp = os.path.join(directory, f".{name}.tmp{os.getpid()}.{attempt}")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        except FileExistsError:
+            continue
+        break
+    else:  # pragma: no cover
+        raise FileExistsError(f"cannot create a temporary file next to {path}")
+    try:
+        try:
+            _write_all(fd, data)
+            os.fchmod(fd, mode)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+    return path
