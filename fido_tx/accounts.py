@@ -1,10 +1,19 @@
 """Accounts: the value objects, loading the accounts file, and set differences.
 
-SKELETON: the ``Account`` class is final (other modules rely on it); the
-loading functions are to be implemented (see their docstrings).
+The accounts file is JSON ``{"accounts": [...]}``, optionally encrypted as
+one Fernet token with the keys in ``key_file`` (one a line, newest first).
+A file that cannot be used at all raises :class:`AccountsFileError`; an
+entry that is wrong is dropped with a :class:`Problem` and the others load.
 """
 
+import json
+import os
+import re
+import stat
+import zlib
+
 import attr
+from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
 SECURITY_DEFAULT_PORTS = {"tls": 993, "starttls": 143, "none": 143}
 
@@ -37,3 +46,430 @@ class Account:
         if self.after_fetch.startswith("move:"):
             return self.after_fetch[len("move:"):]
         return None
+
+
+#: what an account id may contain (it is part of Redis keys and log lines)
+ID_RE = re.compile(r"\A[A-Za-z0-9._@+-]{1,200}\Z")
+SECURITIES = ("tls", "starttls", "none")
+AUTHS = ("login", "plain")
+REQUIRED = ("id", "host", "username", "password")
+FIELDS = frozenset(f.name for f in attr.fields(Account))
+
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+_HOST_RE = re.compile(r"\A[^\s/\\@\x00-\x1f\x7f]{1,253}\Z")
+
+
+class AccountsFileError(Exception):
+    """The accounts file (or its key file) cannot be used at all.
+
+    ``str()`` is one line naming the file and what is wrong.
+    """
+
+    def __init__(self, message):
+        message = " ".join(str(message).splitlines())
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self):
+        return self.message
+
+
+class KeyFileError(AccountsFileError):
+    """The key file is missing, unreadable or holds no valid Fernet key."""
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class Problem:
+    """Why one entry of the accounts file was dropped.
+
+    ``account_id`` is ``None`` when the entry has no usable id; ``index`` is
+    the entry's position (0-based) in the ``accounts`` list.  The message
+    never contains a password.
+    """
+
+    account_id: str | None
+    field: str | None
+    message: str
+    index: int | None = None
+
+    def __str__(self):
+        if self.account_id is not None:
+            where = f"account {self.account_id}"
+        elif self.index is not None:
+            where = f"accounts[{self.index}] (no valid id)"
+        else:
+            where = "account with no valid id"
+        if self.field:
+            return f"{where}: {self.field}: {self.message}"
+        return f"{where}: {self.message}"
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class LoadResult:
+    accounts: tuple = ()
+    problems: tuple = ()
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class AccountsDiff:
+    """How a new account set differs from an old one, keyed by id.
+
+    ``removed`` holds the old values; ``added``, ``changed`` and
+    ``unchanged`` hold the new values.
+    """
+
+    added: tuple = ()
+    removed: tuple = ()
+    changed: tuple = ()
+    unchanged: tuple = ()
+
+    @property
+    def empty(self):
+        """True when nothing was added, removed or changed."""
+        return not (self.added or self.removed or self.changed)
+
+
+# -- keys and encryption ---------------------------------------------------
+
+
+def generate_key():
+    """A new Fernet key (urlsafe base64 bytes, no newline)."""
+    return Fernet.generate_key()
+
+
+def read_keys(key_file):
+    """The Fernet keys in ``key_file``, newest (first line) first.
+
+    Blank lines and ``#`` comments are ignored.  Raises :class:`KeyFileError`.
+    """
+    try:
+        with open(key_file, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise KeyFileError(f"{key_file}: cannot read key file: {e.strerror or e}") from None
+    keys = []
+    for number, line in enumerate(data.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith(b"#"):
+            continue
+        try:
+            Fernet(line)
+        except (ValueError, TypeError):
+            raise KeyFileError(
+                f"{key_file}: line {number} is not a Fernet key"
+                " (32 url-safe base64-encoded bytes; make one with fido keygen)"
+            ) from None
+        keys.append(line)
+    if not keys:
+        raise KeyFileError(f"{key_file}: key file holds no key (make one with fido keygen)")
+    return tuple(keys)
+
+
+def _fernet(key_file):
+    return MultiFernet([Fernet(k) for k in read_keys(key_file)])
+
+
+def encrypt_bytes(data, key_file):
+    """``data`` encrypted as one Fernet token with the newest key of ``key_file``."""
+    return _fernet(key_file).encrypt(bytes(data))
+
+
+def decrypt_bytes(token, key_file, source="input"):
+    """Decrypt one Fernet token with any key of ``key_file``.
+
+    Raises :class:`AccountsFileError` naming ``source`` when no key fits or
+    the token is truncated or garbage.
+    """
+    fernet = _fernet(key_file)
+    token = bytes(token).strip()
+    try:
+        return fernet.decrypt(token)
+    except InvalidToken:
+        pass
+    if token[:1] in (b"{", b"["):
+        hint = (
+            "it looks like plain JSON: set key_file = \"\" in fido.toml,"
+            " or encrypt it with fido encrypt"
+        )
+    elif not token.startswith(b"gAAAAA"):
+        hint = "it is not a Fernet token"
+    else:
+        hint = "wrong key, or the token is truncated or damaged"
+    raise AccountsFileError(f"{source}: cannot decrypt with the keys in {key_file}: {hint}")
+
+
+# -- loading ---------------------------------------------------------------
+
+
+def load_accounts(path, key_file="", base_dir=None):
+    """Read, decrypt (when ``key_file``) and validate the accounts file.
+
+    :param base_dir: directory relative ``ca_file`` paths are resolved
+        against; the accounts file's directory by default (pass the original
+        directory when loading a cached copy).
+    :returns: :class:`LoadResult`; entries with problems are left out.
+    :raises AccountsFileError: the file as a whole is unusable.
+    """
+    path = os.path.abspath(path)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except IsADirectoryError:
+        raise AccountsFileError(f"{path}: is a directory, not an accounts file") from None
+    except OSError as e:
+        raise AccountsFileError(f"{path}: cannot read accounts file: {e.strerror or e}") from None
+    if base_dir is None:
+        base_dir = os.path.dirname(path)
+    return parse_accounts(data, path, key_file=key_file, base_dir=base_dir)
+
+
+def parse_accounts(data, source="<accounts>", key_file="", base_dir=None):
+    """Like :func:`load_accounts` for bytes already read; ``source`` names them."""
+    if key_file:
+        data = decrypt_bytes(data, key_file, source)
+    elif bytes(data).strip().startswith(b"gAAAAA"):
+        raise AccountsFileError(
+            f"{source}: looks like an encrypted (Fernet) file but key_file is \"\"; set key_file"
+        )
+    if base_dir is None:
+        base_dir = os.getcwd() if source.startswith("<") else os.path.dirname(source)
+    try:
+        text = bytes(data).decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise AccountsFileError(f"{source}: not UTF-8 text (byte {e.start})") from None
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise AccountsFileError(
+            f"{source}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}"
+        ) from None
+    except (ValueError, RecursionError) as e:
+        raise AccountsFileError(f"{source}: invalid JSON: {str(e)[:100]}") from None
+    return parse_document(document, source, base_dir)
+
+
+def parse_document(document, source="<accounts>", base_dir=""):
+    """Validate the decoded JSON document ``{"accounts": [...]}``."""
+    shape = 'expected {"accounts": [...]}'
+    if not isinstance(document, dict):
+        raise AccountsFileError(f"{source}: {shape}, got a JSON {_json_type(document)}")
+    if "accounts" not in document:
+        raise AccountsFileError(f'{source}: {shape}: no "accounts" key')
+    extra = sorted(k for k in document if k != "accounts")
+    if extra:
+        raise AccountsFileError(
+            f"{source}: {shape}: unknown top-level key " + ", ".join(map(repr, extra))[:200]
+        )
+    entries = document["accounts"]
+    if not isinstance(entries, list):
+        raise AccountsFileError(
+            f'{source}: {shape}: "accounts" is a JSON {_json_type(entries)}, not a list'
+        )
+    seen = set()
+    for entry in entries:
+        if isinstance(entry, dict) and isinstance(entry.get("id"), str):
+            if entry["id"] in seen:
+                raise AccountsFileError(
+                    f"{source}: duplicate account id {_short(entry['id'])}"
+                )
+            seen.add(entry["id"])
+    accounts = []
+    problems = []
+    for index, entry in enumerate(entries):
+        result = parse_account(entry, base_dir, index)
+        if isinstance(result, Problem):
+            problems.append(result)
+        else:
+            accounts.append(result)
+    return LoadResult(tuple(accounts), tuple(problems))
+
+
+def _json_type(value):
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "list"
+    if isinstance(value, dict):
+        return "object"
+    return type(value).__name__
+
+
+def _short(value, limit=60):
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class _Bad(Exception):
+    def __init__(self, field, message):
+        super().__init__(field, message)
+        self.field = field
+        self.message = message
+
+
+def parse_account(entry, base_dir="", index=None):
+    """One entry -> :class:`Account`, or the first :class:`Problem` found."""
+    if not isinstance(entry, dict):
+        return Problem(None, None, f"expected a JSON object, got a {_json_type(entry)}", index)
+    raw_id = entry.get("id")
+    account_id = raw_id if isinstance(raw_id, str) and ID_RE.match(raw_id) else None
+    try:
+        return _build_account(entry, base_dir)
+    except _Bad as bad:
+        return Problem(account_id, bad.field, bad.message, index)
+
+
+def _string(entry, field, required=False, default=None):
+    if field not in entry:
+        if required:
+            raise _Bad(field, "missing (required)")
+        return default
+    value = entry[field]
+    if not isinstance(value, str):
+        raise _Bad(field, f"expected a string, got a {_json_type(value)}")
+    return value
+
+
+def _no_controls(field, value, secret=False):
+    if _CONTROL_RE.search(value):
+        raise _Bad(
+            field,
+            "contains a control character (line break, NUL, ...)"
+            + ("" if secret else f": {_short(value)}"),
+        )
+
+
+def _build_account(entry, base_dir):
+    unknown = sorted(k for k in entry if k not in FIELDS)
+    if unknown:
+        # Name the field, never its value (it might be a misspelt password).
+        name = unknown[0]
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,40}", name):
+            name = _short(name, 40)
+        raise _Bad(name, "unknown field")
+    for field in REQUIRED:
+        if field not in entry:
+            raise _Bad(field, "missing (required)")
+
+    account_id = _string(entry, "id", required=True)
+    if not ID_RE.match(account_id):
+        raise _Bad(
+            "id",
+            "must be 1 to 200 characters of A-Z a-z 0-9 . _ @ + -,"
+            f" got {_short(account_id)}",
+        )
+    host = _string(entry, "host", required=True)
+    if not _HOST_RE.match(host):
+        raise _Bad("host", f"must be a host name or IP address, got {_short(host)}")
+    username = _string(entry, "username", required=True)
+    if not username:
+        raise _Bad("username", "must not be empty")
+    _no_controls("username", username)
+    password = _string(entry, "password", required=True)
+    _no_controls("password", password, secret=True)
+
+    security = _string(entry, "security", default="tls")
+    if security not in SECURITIES:
+        raise _Bad("security", f'must be "tls", "starttls" or "none", got {_short(security)}')
+    port = entry.get("port", SECURITY_DEFAULT_PORTS[security])
+    if isinstance(port, bool) or not isinstance(port, int):
+        raise _Bad("port", f"expected an integer, got a {_json_type(port)}: {_short(port)}")
+    if not 1 <= port <= 65535:
+        raise _Bad("port", f"must be from 1 to 65535, got {port}")
+
+    mailbox = _string(entry, "mailbox", default="INBOX")
+    if not mailbox:
+        raise _Bad("mailbox", "must not be empty")
+    _no_controls("mailbox", mailbox)
+
+    after_fetch = _string(entry, "after_fetch", default="seen")
+    if after_fetch.startswith("move:"):
+        folder = after_fetch[len("move:"):]
+        if not folder:
+            raise _Bad("after_fetch", 'move needs a folder: "move:FOLDER"')
+        _no_controls("after_fetch", folder)
+        if folder == mailbox:
+            raise _Bad("after_fetch", f"cannot move into the fetched mailbox itself ({_short(folder)})")
+    elif after_fetch not in ("seen", "delete"):
+        raise _Bad(
+            "after_fetch", f'must be "seen", "delete" or "move:FOLDER", got {_short(after_fetch)}'
+        )
+
+    ca_file = entry.get("ca_file")
+    if ca_file is not None:
+        if not isinstance(ca_file, str):
+            raise _Bad("ca_file", f"expected a string (a path) or null, got a {_json_type(ca_file)}")
+        if not ca_file:
+            raise _Bad("ca_file", "must not be empty (use null or leave it out)")
+        _no_controls("ca_file", ca_file)
+        ca_file = os.path.normpath(os.path.join(base_dir, os.path.expanduser(ca_file)))
+
+    auth = _string(entry, "auth", default="login")
+    if auth not in AUTHS:
+        raise _Bad("auth", f'must be "login" or "plain", got {_short(auth)}')
+
+    return Account(
+        id=account_id,
+        host=host,
+        username=username,
+        password=password,
+        port=port,
+        security=security,
+        mailbox=mailbox,
+        after_fetch=after_fetch,
+        ca_file=ca_file,
+        auth=auth,
+    )
+
+
+# -- sets ------------------------------------------------------------------
+
+
+def diff_accounts(old, new):
+    """Compare two account sets by id -> :class:`AccountsDiff`.
+
+    Order follows ``new`` (``removed``: ``old``).  When an id repeats in one
+    input, its last value counts.
+    """
+    old_by_id = {a.id: a for a in old}
+    new_by_id = {a.id: a for a in new}
+    added, changed, unchanged = [], [], []
+    for account_id, account in new_by_id.items():
+        before = old_by_id.get(account_id)
+        if before is None:
+            added.append(account)
+        elif before == account:
+            unchanged.append(account)
+        else:
+            changed.append(account)
+    removed = [a for i, a in old_by_id.items() if i not in new_by_id]
+    return AccountsDiff(tuple(added), tuple(removed), tuple(changed), tuple(unchanged))
+
+
+def in_shard(account_id, shard="1/1"):
+    """True when ``account_id`` belongs to shard ``"k/n"``.
+
+    Stable across processes, machines and Python versions: the CRC-32 of the
+    UTF-8 id, modulo n, equals k-1.  ``ValueError`` for a bad shard.
+    """
+    from fido_tx.config import parse_shard
+
+    k, n = parse_shard(shard)
+    return zlib.crc32(account_id.encode("utf-8")) % n == k - 1
+
+
+def insecure_permissions(path):
+    """True when group or others may read ``path`` (warn about it).
+
+    False when the file cannot be examined (the reader reports that).
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return bool(mode & (stat.S_IRGRP | stat.S_IROTH))
