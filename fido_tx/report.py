@@ -1,0 +1,461 @@
+"""Error reports to the web application: a bounded queue and a few HTTP workers.
+
+:class:`Reporter` is a twisted ``Service``.  :meth:`Reporter.report` only
+appends to an in-memory queue and returns at once, so the web application
+being slow or down never slows or stops fetching.  Up to ``concurrency``
+deliveries run at a time; each POSTs the contract JSON::
+
+    {"account", "kind", "message", "debug", "occurred_at"}
+
+to ``settings.url`` with ``Authorization: Bearer <token>``, through treq on
+the reporter's own persistent :class:`HTTPConnectionPool` (closed on stop).
+
+Delivery rules:
+
+* The whole request (connect, headers, body) has one deadline,
+  ``settings.timeout``: the Deferred is cancelled with ``clock.callLater``
+  (treq's own ``timeout`` covers the response headers only).
+* Connection errors, timeouts, HTTP 5xx and 429 are retried with exponential
+  backoff (``retry_initial`` doubling up to ``retry_max``, +/- 10 % jitter);
+  a ``Retry-After`` of at most ``retry_max`` seconds is honoured.  A report is
+  retried until it is delivered or the reporter stops: the web application
+  being down for an hour loses nothing but what overflows the queue.
+* Any other 4xx is logged and the report dropped (``rejected`` counts them):
+  sending it again would fail again.
+* The queue holds at most ``settings.queue_size`` waiting reports; past the
+  bound the OLDEST waiting report is dropped and counted in ``dropped``.
+* ``settings.url == ""`` disables reporting: :meth:`report` is a no-op.
+
+Reports never carry a password or token: :func:`scrub` redacts everything
+after ``LOGIN``/``AUTHENTICATE``, ``password=``-like pairs, URL user info,
+``Authorization`` headers, the reporter's own token, and any literal secret
+the caller passes in ``secrets``.
+"""
+
+import json
+import random as _random
+import re
+from collections import deque
+from datetime import datetime, timezone
+
+import attr
+from twisted.application import service
+from twisted.internet import defer
+from twisted.logger import Logger
+
+import fido_tx
+
+REDACTED = "<redacted>"
+
+#: Deliveries running at the same time.
+DEFAULT_CONCURRENCY = 4
+
+# "a001 LOGIN user secret", "AUTHENTICATE PLAIN AGZvbwBiYXI=": keep the verb,
+# redact the rest of the line; but keep prose such as "LOGIN rejected: ...".
+_IMAP_AUTH = re.compile(
+    r"""(?ix)\b(LOGIN|AUTHENTICATE)\b[ \t]+
+    (?!(?:rejected|failed|failure|refused|disabled|denied|not|is|was|ok|no|bad|
+          timed|took|succeeded|error)\b|:)
+    [^\r\n]*"""
+)
+# password=..., "password": "...", passwd: ..., token=..., secret=...
+_KEY_VALUE = re.compile(
+    r"""(?ix)
+    (["']?\b[\w-]*(?:password|passwd|pwd|passphrase|secret|token|api[_-]?key)[\w-]*["']?)
+    (\s*[:=]\s*)
+    ("(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*'|[^\s,;&}\]]+)
+    """
+)
+# scheme://user:password@host
+_URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^\s:/@]*):[^\s/@]*@")
+# Authorization: Bearer xyz / Basic xyz
+_AUTH_HEADER = re.compile(r"(?i)\b(authorization\s*[:=]\s*)(\w+\s+)?[^\s,;]+")
+
+#: Literal secrets shorter than this are not searched for (they would mangle text).
+MIN_SECRET_LENGTH = 4
+
+
+def scrub(text, secrets=()):
+    """``text`` with credentials redacted.  Defensive: callers redact too."""
+    if not text:
+        return text or ""
+    for secret in secrets:
+        if secret and len(secret) >= MIN_SECRET_LENGTH:
+            text = text.replace(secret, REDACTED)
+    text = _IMAP_AUTH.sub(lambda m: f"{m.group(1)} {REDACTED}", text)
+    text = _AUTH_HEADER.sub(lambda m: f"{m.group(1)}{m.group(2) or ''}{REDACTED}", text)
+    text = _KEY_VALUE.sub(lambda m: f"{m.group(1)}{m.group(2)}{REDACTED}", text)
+    text = _URL_USERINFO.sub(lambda m: f"{m.group(1)}:{REDACTED}@", text)
+    return text
+
+
+def iso_utc(seconds=None):
+    """POSIX seconds (default: now) as ISO 8601 UTC with a ``Z``, to the millisecond."""
+    when = (
+        datetime.now(timezone.utc)
+        if seconds is None
+        else datetime.fromtimestamp(seconds, timezone.utc)
+    )
+    return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class Report:
+    """One report, already scrubbed; ``body()`` is the contract JSON."""
+
+    account: str
+    kind: str
+    message: str
+    debug: str
+    occurred_at: str
+
+    def body(self):
+        return json.dumps(
+            {
+                "account": self.account,
+                "kind": self.kind,
+                "message": self.message,
+                "debug": self.debug,
+                "occurred_at": self.occurred_at,
+            },
+            ensure_ascii=False,
+        ).encode("utf-8")
+
+
+class _Retry(Exception):
+    """A delivery failed in a way worth retrying; ``delay`` from Retry-After."""
+
+    def __init__(self, reason, delay=None):
+        super().__init__(reason)
+        self.reason = reason
+        self.delay = delay
+
+
+class _Rejected(Exception):
+    """The web application refused the report (4xx other than 429)."""
+
+
+def _parse_retry_after(values):
+    """Seconds from a ``Retry-After`` header (delta-seconds only), or ``None``."""
+    if not values:
+        return None
+    value = values[0]
+    if isinstance(value, bytes):
+        value = value.decode("latin-1")
+    try:
+        seconds = float(value.strip())
+    except ValueError:
+        return None  # an HTTP date: use our own backoff
+    return seconds if seconds >= 0 else None
+
+
+class Reporter(service.Service):
+    """Sends error reports to the web application without ever blocking the caller.
+
+    :param reactor: provides ``IReactorTime`` (and ``IReactorTCP`` when no
+        ``http_client`` is given).
+    :param settings: :class:`fido_tx.config.ReporterSettings`.
+    :param http_client: an object with treq's ``post`` (e.g.
+        ``treq.testing.StubTreq``); ``None`` builds a ``treq.client.HTTPClient``
+        on the reporter's own connection pool.
+
+    Counters: ``sent`` (delivered), ``dropped`` (pushed out of a full queue),
+    ``rejected`` (4xx), ``retries`` (failed attempts that will be retried).
+    ``queue_length`` is reports not yet delivered (waiting + in flight).
+    """
+
+    name = "reporter"
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor,
+        settings,
+        http_client=None,
+        concurrency=DEFAULT_CONCURRENCY,
+        retry_initial=1.0,
+        retry_max=300.0,
+        random=None,
+    ):
+        self._reactor = reactor
+        self._settings = settings
+        self._http = http_client
+        self._pool = None
+        self._concurrency = max(1, concurrency)
+        self._retry_initial = retry_initial
+        self._retry_max = retry_max
+        self._random = random or _random.Random()
+        self._queue = deque()
+        self._in_flight = 0
+        self._timers = set()  # retry waits and the dispatch call
+        self._requests = set()  # running request Deferreds
+        self._dispatch_call = None
+        self._idle_waiters = []
+        self.sent = 0
+        self.dropped = 0
+        self.rejected = 0
+        self.retries = 0
+
+    # -- public -------------------------------------------------------------
+
+    @property
+    def enabled(self):
+        return bool(self._settings.url)
+
+    @property
+    def queue_length(self):
+        """Reports not yet delivered: waiting in the queue plus in flight."""
+        return len(self._queue) + self._in_flight
+
+    @property
+    def in_flight(self):
+        return self._in_flight
+
+    def report(self, account_id, kind, message, debug="", occurred_at=None, secrets=()):
+        """Queue a report and return at once (``None``).
+
+        ``occurred_at`` is an ISO 8601 string or POSIX seconds (default: now).
+        ``secrets`` are literal strings (an account's password) to redact
+        from ``message`` and ``debug`` in addition to the usual patterns.
+        """
+        if not self.enabled:
+            return None
+        if occurred_at is None:
+            occurred_at = iso_utc(self._reactor.seconds())
+        elif isinstance(occurred_at, (int, float)):
+            occurred_at = iso_utc(occurred_at)
+        secrets = tuple(secrets) + (self._settings.token,)
+        item = Report(
+            account=account_id,
+            kind=kind,
+            message=scrub(message, secrets),
+            debug=scrub(debug, secrets),
+            occurred_at=occurred_at,
+        )
+        bound = max(1, self._settings.queue_size)
+        while len(self._queue) >= bound:
+            old = self._queue.popleft()
+            self.dropped += 1
+            self.log.warn(
+                "reporter queue full ({queue_size}): dropped the oldest report "
+                "({account_id}, {kind}); {dropped} dropped so far",
+                queue_size=bound,
+                account_id=old.account,
+                kind=old.kind,
+                dropped=self.dropped,
+            )
+        self._queue.append(item)
+        self._schedule_dispatch()
+        return None
+
+    def when_idle(self):
+        """A Deferred that fires when nothing is queued or in flight (for tests)."""
+        if not self._queue and not self._in_flight:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._idle_waiters.append(d)
+        return d
+
+    # -- service ------------------------------------------------------------
+
+    def startService(self):
+        super().startService()
+        if self._http is None and self.enabled:
+            from twisted.web.client import Agent, HTTPConnectionPool
+
+            from treq.client import HTTPClient
+
+            self._pool = HTTPConnectionPool(self._reactor, persistent=True)
+            self._pool.maxPersistentPerHost = self._concurrency
+            self._pool.cachedConnectionTimeout = 60
+            self._pool.retryAutomatically = False  # our own retries, with backoff
+            agent = Agent(
+                self._reactor, pool=self._pool, connectTimeout=self._settings.timeout
+            )
+            self._http = HTTPClient(agent)
+        self._schedule_dispatch()
+
+    def stopService(self):
+        super().stopService()
+        lost = len(self._queue) + self._in_flight
+        for call in list(self._timers):
+            if call.active():
+                call.cancel()
+        self._timers.clear()
+        self._dispatch_call = None
+        for d in list(self._requests):
+            d.cancel()
+        self._in_flight = 0  # reports waiting for a retry are abandoned with the queue
+        if lost:
+            self.log.warn(
+                "reporter stopping with {count} undelivered reports", count=lost
+            )
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            self._http = None
+            return pool.closeCachedConnections()
+        return None
+
+    # -- delivery -----------------------------------------------------------
+
+    def _schedule_dispatch(self):
+        # Dispatch from the reactor, never inside report(): the caller (the
+        # scheduler's result observer) is never slowed by connection set-up.
+        if not self.running or self._dispatch_call is not None:
+            return
+        if not self._queue or self._in_flight >= self._concurrency:
+            return
+        call = self._reactor.callLater(0, self._dispatch)
+        self._dispatch_call = call
+        self._timers.add(call)
+
+    def _dispatch(self):
+        self._timers.discard(self._dispatch_call)
+        self._dispatch_call = None
+        while self.running and self._queue and self._in_flight < self._concurrency:
+            item = self._queue.popleft()
+            self._in_flight += 1
+            self._deliver(item, attempt=1)
+
+    def _deliver(self, item, attempt):
+        if not self.running:
+            self._finished()
+            return
+        d = self._attempt(item)
+        d.addCallbacks(
+            lambda _: self._delivered(item),
+            lambda f: self._failed(item, attempt, f),
+        )
+        d.addErrback(
+            lambda f: self.log.failure("reporter internal error", f)
+        )
+
+    def _attempt(self, item):
+        """One POST under one overall deadline; fires None, or fails _Retry/_Rejected."""
+        headers = {
+            b"Content-Type": [b"application/json"],
+            b"Authorization": [b"Bearer " + self._settings.token.encode("utf-8")],
+            b"User-Agent": [f"fido/{fido_tx.__version__}".encode("ascii")],
+        }
+        try:
+            d = self._http.post(
+                self._settings.url,
+                data=item.body(),
+                headers=headers,
+                allow_redirects=False,
+                reactor=self._reactor,
+            )
+        except Exception as e:  # a bad URL: retrying will not help
+            return defer.fail(_Rejected(f"cannot send: {e}"))
+        d.addCallback(self._read_response)
+        timed_out = []
+
+        def on_timeout():
+            timed_out.append(True)
+            d.cancel()
+
+        deadline = self._reactor.callLater(self._settings.timeout, on_timeout)
+        self._requests.add(d)
+
+        def done(result):
+            self._requests.discard(d)
+            if deadline.active():
+                deadline.cancel()
+            return result
+
+        d.addBoth(done)
+
+        def classify(failure):
+            if failure.check(_Retry, _Rejected):
+                return failure
+            if timed_out:
+                raise _Retry(f"no complete response within {self._settings.timeout:g} s")
+            if failure.check(defer.CancelledError):
+                return failure  # stopping
+            raise _Retry(_describe(failure))
+
+        d.addErrback(classify)
+        return d
+
+    def _read_response(self, response):
+        code = response.code
+        d = response.content()  # read the body: frees the connection for reuse
+
+        def check(body):
+            if 200 <= code < 300:
+                return None
+            snippet = body[:200].decode("utf-8", "replace").strip()
+            if code == 429 or code >= 500:
+                delay = _parse_retry_after(response.headers.getRawHeaders(b"Retry-After"))
+                raise _Retry(f"HTTP {code}", delay)
+            raise _Rejected(f"HTTP {code} {snippet}".strip())
+
+        return d.addCallback(check)
+
+    def _delivered(self, item):
+        self.sent += 1
+        self.log.debug(
+            "report delivered: {account_id} {kind}", account_id=item.account, kind=item.kind
+        )
+        self._finished()
+
+    def _failed(self, item, attempt, failure):
+        if failure.check(_Rejected):
+            self.rejected += 1
+            self.log.warn(
+                "web application rejected the report for {account_id} ({kind}): "
+                "{reason}; dropped",
+                account_id=item.account,
+                kind=item.kind,
+                reason=scrub(str(failure.value), (self._settings.token,)),
+            )
+            self._finished()
+            return
+        if not failure.check(_Retry) or not self.running:
+            self._finished()  # cancelled by stopService
+            return
+        self.retries += 1
+        delay = self._backoff(attempt)
+        if failure.value.delay is not None and failure.value.delay <= self._retry_max:
+            delay = max(failure.value.delay, 0.0)
+        log = self.log.info if attempt == 1 else self.log.debug
+        log(
+            "report for {account_id} ({kind}) not delivered: {reason}; "
+            "retry {attempt} in {delay:.1f} s",
+            account_id=item.account,
+            kind=item.kind,
+            reason=failure.value.reason,
+            attempt=attempt,
+            delay=delay,
+        )
+        call = None
+
+        def again():
+            self._timers.discard(call)
+            self._deliver(item, attempt + 1)
+
+        call = self._reactor.callLater(delay, again)
+        self._timers.add(call)
+
+    def _backoff(self, attempt):
+        delay = min(self._retry_max, self._retry_initial * (2 ** (attempt - 1)))
+        return delay * self._random.uniform(0.9, 1.1)
+
+    def _finished(self):
+        self._in_flight -= 1
+        if self._queue:
+            self._schedule_dispatch()
+        elif not self._in_flight:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for d in waiters:
+                d.callback(None)
+
+
+def _describe(failure):
+    """A short reason for a failed request, never a traceback."""
+    value = failure.value
+    reasons = getattr(value, "reasons", None)  # ResponseFailed, RequestTransmissionFailed
+    if reasons:
+        return "; ".join(_describe(r) for r in reasons)
+    text = str(value) or type(value).__name__
+    return f"{type(value).__name__}: {text}" if text != type(value).__name__ else text
