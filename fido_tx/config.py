@@ -8,6 +8,7 @@ file and resolves the paths in it relative to the file's directory.
 
 import glob
 import importlib.resources
+import math
 import os
 import re
 import tomllib
@@ -433,7 +434,15 @@ def _coerce(path, section, key, expected, value):
     elif expected is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         if ok:
-            value = float(value)
+            try:
+                value = float(value)
+            except OverflowError:
+                ok = False
+            else:
+                if not math.isfinite(value):
+                    raise ConfigError(
+                        f"{path}: [{section}] {key}: must be a finite number, got {value!r}"
+                    )
     elif expected is str:
         ok = isinstance(value, str)
     if not ok:
