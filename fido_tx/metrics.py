@@ -1,0 +1,204 @@
+"""Prometheus metrics on Fido's own ``CollectorRegistry`` (never the global one).
+
+Counted as sessions end (:meth:`Metrics.observe_session`):
+
+``fido_sessions_total{outcome}``            sessions by outcome: ``ok`` or the error kind
+``fido_messages_fetched_total``             messages newly stored
+``fido_bytes_fetched_total``                bytes of those messages
+``fido_session_duration_seconds``           histogram of session wall time
+
+Read at scrape time from the objects given to :meth:`Metrics.bind`:
+
+``fido_accounts{state}``                    accounts by state (``ok``, error kinds), from the status tracker
+``fido_queue_lag_seconds``                  how long the most overdue account has waited (scheduler ``lag()``)
+``fido_sessions_running``                   sessions in progress
+``fido_sessions_paused``                    1 while the scheduler is paused (any reason)
+``fido_redis_connected``                    1 when the store's connection is up
+``fido_reporter_queue_length``              reports not yet delivered
+``fido_reporter_dropped_total``             reports dropped because the queue was full
+``fido_backlog_messages``                   length of the Redis stream (last known)
+
+A callback that fails or whose object is not bound yet leaves its metric
+out of that scrape; a scrape never fails.
+"""
+
+import collections.abc
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from twisted.logger import Logger
+
+from fido_tx import errors
+
+log = Logger()
+
+DURATION_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+
+#: states always exported (0 when no account is in them), so series do not vanish
+STATES = ("ok",) + tuple(sorted(errors.FAILURE_KINDS))
+
+
+class Metrics:
+    """Fido's metrics.  ``registry`` is what ``/metrics`` exposes."""
+
+    def __init__(self, registry=None):
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.sessions = Counter(
+            "fido_sessions", "Mailbox sessions by outcome (ok or error kind).",
+            ["outcome"], registry=self.registry,
+        )
+        self.messages = Counter(
+            "fido_messages_fetched", "Messages fetched and stored.", registry=self.registry
+        )
+        self.bytes = Counter(
+            "fido_bytes_fetched", "Bytes of the messages fetched and stored.",
+            registry=self.registry,
+        )
+        self.duration = Histogram(
+            "fido_session_duration_seconds", "Wall time of mailbox sessions.",
+            buckets=DURATION_BUCKETS, registry=self.registry,
+        )
+        for outcome in STATES:
+            self.sessions.labels(outcome=outcome)
+        self.scheduler = None
+        self.store = None
+        self.reporter = None
+        self.status = None
+        self.backlog = None  # a zero-argument callable, see bind()
+        self._backlog_value = None
+        self.registry.register(_BoundCollector(self))
+
+    def bind(self, scheduler=None, store=None, reporter=None, status=None, backlog=None):
+        """Give the objects the scrape-time gauges read.  Any may be omitted.
+
+        ``backlog`` is an optional zero-argument callable returning the stream
+        length; by default the store's ``last_stream_length`` is used, or the
+        value last given to :meth:`set_backlog`.
+        """
+        if scheduler is not None:
+            self.scheduler = scheduler
+        if store is not None:
+            self.store = store
+        if reporter is not None:
+            self.reporter = reporter
+        if status is not None:
+            self.status = status
+        if backlog is not None:
+            self.backlog = backlog
+
+    def observe_session(self, result):
+        """Count one :class:`~fido_tx.outcome.SessionResult`."""
+        self.sessions.labels(outcome="ok" if result.ok else result.kind).inc()
+        if result.fetched:
+            self.messages.inc(result.fetched)
+        if result.bytes:
+            self.bytes.inc(result.bytes)
+        self.duration.observe(max(0.0, result.seconds))
+
+    def set_backlog(self, length):
+        self._backlog_value = length
+
+    def backlog_length(self):
+        if self.backlog is not None:
+            return self.backlog()
+        value = getattr(self.store, "last_stream_length", None)
+        return value if value is not None else self._backlog_value
+
+
+def _count(value):
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, collections.abc.Sized):
+        return len(value)
+    return value
+
+
+def running_sessions(scheduler):
+    """Sessions in progress: ``running_count`` (``running`` of a Service is a flag)."""
+    value = getattr(scheduler, "running_count", None)
+    if value is None:
+        value = getattr(scheduler, "running", None)
+    return None if value is None else _count(value)
+
+
+class _BoundCollector:
+    """Gauges computed at scrape time from the bound objects."""
+
+    def __init__(self, metrics):
+        self._m = metrics
+
+    def describe(self):
+        # Makes the registry not call collect() at registration time.
+        return []
+
+    def collect(self):
+        m = self._m
+        yield from self._one(self._accounts, m.status)
+        yield from self._one(
+            lambda s: _gauge("fido_queue_lag_seconds",
+                             "Seconds the most overdue account has waited past its due time.",
+                             s.lag()),
+            m.scheduler,
+        )
+        yield from self._one(
+            lambda s: _gauge("fido_sessions_running", "Mailbox sessions in progress.",
+                             running_sessions(s)),
+            m.scheduler,
+        )
+        yield from self._one(
+            lambda s: _gauge("fido_sessions_paused",
+                             "1 while fetching is paused (Redis down, backlog).",
+                             int(bool(getattr(s, "paused_reasons", ())))),
+            m.scheduler,
+        )
+        yield from self._one(
+            lambda s: _gauge("fido_redis_connected", "1 when the Redis connection is up.",
+                             int(bool(s.connected))),
+            m.store,
+        )
+        yield from self._one(
+            lambda r: _gauge("fido_reporter_queue_length", "Error reports not yet delivered.",
+                             r.queue_length),
+            m.reporter,
+        )
+        yield from self._one(self._dropped, m.reporter)
+        yield from self._one(
+            lambda _: _gauge("fido_backlog_messages", "Entries in the Redis stream (last known).",
+                             m.backlog_length()),
+            m,
+        )
+
+    @staticmethod
+    def _accounts(status):
+        family = GaugeMetricFamily("fido_accounts", "Accounts by state.", labels=["state"])
+        counts = dict.fromkeys(STATES, 0)
+        counts.update(status.summary())
+        for state, n in sorted(counts.items()):
+            family.add_metric([state], n)
+        return family
+
+    @staticmethod
+    def _dropped(reporter):
+        family = CounterMetricFamily(
+            "fido_reporter_dropped", "Error reports dropped because the queue was full."
+        )
+        family.add_metric([], reporter.dropped)
+        return family
+
+    @staticmethod
+    def _one(make, obj):
+        if obj is None:
+            return
+        try:
+            family = make(obj)
+        except Exception:
+            log.failure("metrics callback failed")
+            return
+        if family is not None:
+            yield family
+
+
+def _gauge(name, documentation, value):
+    if value is None:
+        return None
+    return GaugeMetricFamily(name, documentation, value=float(value))
