@@ -1,0 +1,1167 @@
+"""A scriptable mock IMAP4rev1 server for resilience tests and benchmarks.
+
+A real TCP server (a Twisted protocol), written by hand rather than on
+``IMAP4Server`` so that every byte it sends can be scripted.  Normal operation
+covers what a fetcher needs: CAPABILITY, STARTTLS, LOGIN, AUTHENTICATE PLAIN,
+SELECT/EXAMINE, UID SEARCH, UID FETCH (with literals), UID STORE, EXPUNGE,
+UID EXPUNGE, UID COPY, UID MOVE, CREATE, LIST, STATUS, NOOP, CLOSE, LOGOUT.
+
+Use from a pytest-twisted test::
+
+    server = MockIMAPServer(reactor, {"u1": MockMailbox("pw", [raw1, raw2])})
+    port = server.listen()                       # 127.0.0.1, a free port
+    server.script("u1", Behaviour(faults=(Fault("SELECT", "no"),)))
+    ...                                          # run the client
+    server.mailbox("u1").flags(1)                # -> {"\\Seen"}
+    server.commands("u1", "UID STORE")           # -> [Command, ...]
+    yield server.stop()
+
+Behaviours that happen before LOGIN (refusing, never greeting, greeting late)
+cannot know the user yet: they come from the account a port is bound to
+(``server.listen(account="u1")``), else from the default script
+(``server.script(None, Behaviour(...))``).  After LOGIN, the user's script
+applies.
+
+Or in its own process, for benchmarks::
+
+    python -m tests.support.mockimap --port 1143 --accounts 10000 --messages 5 \
+        [--tls cert.pem key.pem] [--implicit-tls]
+
+Users are ``user1`` .. ``userN``, password ``password``, created on first use.
+"""
+
+import argparse
+import base64
+import re
+import sys
+from collections import deque
+
+import attr
+from twisted.internet import defer, protocol
+
+#: Fault actions (see :class:`Fault`).
+ACTIONS = frozenset(
+    ["no", "bad", "bye", "silent", "drop", "garbage", "truncate", "trickle", "replace",
+     "inject", "delay"]
+)
+
+DEFAULT_CAPABILITIES = ("IMAP4rev1", "MOVE", "UIDPLUS", "AUTH=PLAIN")
+SYSTEM_FLAGS = (b"\\Answered", b"\\Flagged", b"\\Deleted", b"\\Seen", b"\\Draft")
+GARBAGE = b"\x01garbage\xff )(( {bad\r\n"
+TAG = b"$TAG"  # replaced by the command's tag in ``replace``/``inject`` text
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class Fault:
+    """What to do instead of (or around) the normal answer to one command.
+
+    :ivar command: the command name as the client sends it, upper case
+        (``"LOGIN"``, ``"SELECT"``, ``"UID FETCH"``, ``"LOGOUT"``), or ``"*"``
+        for any command.
+    :ivar action:
+        - ``no`` / ``bad``: tagged ``NO``/``BAD`` with ``text``;
+        - ``bye``: an untagged ``BYE`` with ``text``, then close;
+        - ``silent``: never answer (the connection stays open);
+        - ``drop``: send the first ``after_bytes`` of the real answer, then
+          close (``after_bytes`` inside a FETCH literal drops mid-literal);
+        - ``garbage``: send ``text`` (default :data:`GARBAGE`) instead;
+        - ``truncate``: send the first untagged line of the real answer cut
+          to ``after_bytes`` (default: half), then the tagged ``OK``;
+        - ``trickle``: send the real answer at ``rate`` bytes/s;
+        - ``replace``: send ``text`` instead (``$TAG`` becomes the tag);
+        - ``inject``: send ``text`` first, then the real answer;
+        - ``delay``: send the real answer after ``delay`` seconds.
+    :ivar nth: 0 = every time; k = only the k-th such command of a connection.
+    """
+
+    command: str
+    action: str = attr.ib(validator=attr.validators.in_(ACTIONS))
+    text: bytes = b""
+    after_bytes: int | None = None
+    rate: float = 0.0
+    delay: float = 0.0
+    nth: int = 0
+
+    def matches(self, name, count):
+        return (self.command == "*" or self.command == name) and self.nth in (0, count)
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class Behaviour:
+    """How the server behaves for one account (or before login, for a port).
+
+    :ivar connect: ``greet`` (normal), ``close`` (close at once, no greeting),
+        ``reset`` (abort at once with a TCP RST), ``silent`` (accept and never
+        greet: a connection queue).
+    :ivar greeting_delay: seconds before the greeting.
+    :ivar capabilities: advertised; ``STARTTLS`` and ``LOGINDISABLED`` are
+        added by ``starttls``/``login_disabled`` while the link is plain.
+    :ivar starttls: offer and accept STARTTLS (the server needs ``tls``).
+    :ivar login_disabled: refuse LOGIN/AUTHENTICATE before TLS.
+    :ivar faults: :class:`Fault` values, first match wins.
+    :ivar max_connections: LOGIN answers ``NO [LIMIT]`` when this many
+        sessions of the user are already logged in.
+    :ivar uidvalidity: per-session UIDVALIDITY of INBOX: session k (k-th
+        successful login, 1-based) sees ``uidvalidity[min(k, len) - 1]``;
+        empty keeps the mailbox's own.
+    :ivar search_uids: when set, every SEARCH answers these UIDs.
+    """
+
+    connect: str = attr.ib(default="greet", validator=attr.validators.in_(
+        ["greet", "close", "reset", "silent"]))
+    greeting_delay: float = 0.0
+    capabilities: tuple = DEFAULT_CAPABILITIES
+    starttls: bool = False
+    login_disabled: bool = False
+    faults: tuple = ()
+    max_connections: int | None = None
+    uidvalidity: tuple = ()
+    search_uids: tuple | None = None
+
+
+#: Convenience: the answer of a server that limits connections per user.
+TOO_MANY_CONNECTIONS = Fault(
+    "LOGIN", "no", b"[LIMIT] Too many simultaneous connections for this user")
+
+
+@attr.s(slots=True)
+class MockMessage:
+    """One stored message; ``flags`` is a mutable set of ``str``."""
+
+    uid = attr.ib()
+    raw = attr.ib(repr=False)
+    flags = attr.ib(factory=set)
+    internaldate = attr.ib(default="02-Nov-2026 10:00:00 +0000")
+
+
+@attr.s(slots=True)
+class Folder:
+    uidvalidity = attr.ib()
+    messages = attr.ib(factory=list)
+    uidnext = attr.ib(default=1)
+
+    def append(self, raw, flags=()):
+        msg = MockMessage(self.uidnext, bytes(raw), set(flags))
+        self.uidnext += 1
+        self.messages.append(msg)
+        return msg.uid
+
+
+class MockMailbox:
+    """One user's mail: a password and folders (``INBOX`` first).
+
+    Mutable state that tests inspect: :meth:`flags`, :meth:`uids`,
+    ``expunged`` (list of (folder, uid, raw)).
+    """
+
+    def __init__(self, password, messages=(), uidvalidity=1, folders=()):
+        self.password = password
+        self.folders = {"INBOX": Folder(uidvalidity)}
+        for name in folders:
+            self.folders[name] = Folder(uidvalidity + 1000)
+        self.expunged = []
+        self.logins = 0
+        for m in messages:
+            if isinstance(m, tuple):
+                self.append(m[0], m[1])
+            else:
+                self.append(m)
+
+    @property
+    def uidvalidity(self):
+        return self.folders["INBOX"].uidvalidity
+
+    def append(self, raw, flags=(), folder="INBOX"):
+        """Add a message; returns its UID."""
+        return self.folders[folder].append(raw, flags)
+
+    def message(self, uid, folder="INBOX"):
+        for m in self.folders[folder].messages:
+            if m.uid == uid:
+                return m
+        raise KeyError(uid)
+
+    def flags(self, uid, folder="INBOX"):
+        return set(self.message(uid, folder).flags)
+
+    def uids(self, folder="INBOX"):
+        return [m.uid for m in self.folders[folder].messages]
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class Command:
+    """One command as received.  ``args`` are parsed (strings unquoted,
+    lists nested); for LOGIN they include the password, so tests can check
+    exactly what was sent."""
+
+    connection: int
+    tag: bytes
+    name: str
+    args: tuple
+    raw: bytes = attr.ib(repr=False)
+
+
+@attr.s(slots=True)
+class ConnectionRecord:
+    """One accepted connection: who it was, what it sent, whether it is open."""
+
+    id = attr.ib()
+    account = attr.ib(default=None)  # the port's account, then the LOGIN user
+    user = attr.ib(default=None)     # the user that logged in successfully
+    commands = attr.ib(factory=list)
+    open = attr.ib(default=True)
+    tls = attr.ib(default=False)
+    bytes_sent = attr.ib(default=0)
+
+
+class ParseError(Exception):
+    pass
+
+
+class _Literal(bytes):
+    pass
+
+
+def parse_args(parts):
+    """Tokens of a command from text parts and literals: bytes or nested lists."""
+    stack = [[]]
+    for part in parts:
+        if isinstance(part, _Literal):
+            stack[-1].append(bytes(part))
+            continue
+        i, n = 0, len(part)
+        while i < n:
+            c = part[i:i + 1]
+            if c == b" ":
+                i += 1
+            elif c == b"(":
+                stack.append([])
+                i += 1
+            elif c == b")":
+                if len(stack) == 1:
+                    raise ParseError("unbalanced )")
+                inner = stack.pop()
+                stack[-1].append(inner)
+                i += 1
+            elif c == b'"':
+                out, i = bytearray(), i + 1
+                while True:
+                    if i >= n:
+                        raise ParseError("unterminated string")
+                    ch = part[i:i + 1]
+                    if ch == b"\\" and i + 1 < n:
+                        out += part[i + 1:i + 2]
+                        i += 2
+                    elif ch == b'"':
+                        i += 1
+                        break
+                    else:
+                        out += ch
+                        i += 1
+                stack[-1].append(bytes(out))
+            else:
+                j, depth = i, 0
+                while j < n:
+                    ch = part[j:j + 1]
+                    if ch == b"[":
+                        depth += 1
+                    elif ch == b"]":
+                        depth -= 1
+                    elif depth <= 0 and ch in b" ()":
+                        break
+                    j += 1
+                stack[-1].append(part[i:j])
+                i = j
+    if len(stack) != 1:
+        raise ParseError("unbalanced (")
+    return stack[0]
+
+
+def parse_set(text, largest):
+    """A sequence set (``1:3,7,9:*``) as a membership predicate."""
+    ranges = []
+    for piece in text.split(b","):
+        bounds = []
+        for b in piece.split(b":"):
+            if b == b"*":
+                bounds.append(largest)
+            elif b.isdigit():
+                bounds.append(int(b))
+            else:
+                raise ParseError(f"bad set {text!r}")
+        if len(bounds) == 1:
+            bounds.append(bounds[0])
+        if len(bounds) != 2:
+            raise ParseError(f"bad set {text!r}")
+        ranges.append((min(bounds), max(bounds)))
+    return lambda x: any(lo <= x <= hi for lo, hi in ranges)
+
+
+def _quote(value):
+    return b'"' + value.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+
+
+def _flag_list(flags):
+    return b"(" + b" ".join(sorted(f.encode() for f in flags)) + b")"
+
+
+def _headers(raw):
+    end = raw.find(b"\r\n\r\n")
+    if end == -1:
+        end = raw.find(b"\n\n")
+        return raw if end == -1 else raw[:end + 2]
+    return raw[:end + 4]
+
+
+def _header_fields(raw, names, negate=False):
+    wanted = {n.upper() for n in names}
+    out, keep = [], False
+    for line in _headers(raw).splitlines(keepends=True):
+        if line.strip() == b"":
+            continue
+        if line[:1] not in b" \t":
+            keep = (line.split(b":", 1)[0].strip().upper() in wanted) != negate
+        if keep:
+            out.append(line)
+    return b"".join(out) + b"\r\n"
+
+
+class MockIMAPProtocol(protocol.Protocol):
+    """One server-side connection.  States: ``greeting`` -> ``unauth`` ->
+    ``auth`` -> ``selected`` -> ``logout``."""
+
+    def __init__(self, server, record, port_tls):
+        self.server = server
+        self.record = record
+        self.state = "greeting"
+        self.tls_active = port_tls
+        self._buffer = b""
+        self._parts = []
+        self._literal = 0
+        self._continuation = None  # callable(line) for AUTHENTICATE
+        self._out = deque()  # (bytes, rate) or callables
+        self._pumping = False
+        self._counts = {}
+        self._folder = None  # (name, Folder, readonly)
+        self._delayed = []
+        self._after = None
+
+    # -- connection ------------------------------------------------------
+    @property
+    def behaviour(self):
+        return self.server.behaviour_for(self.record.account)
+
+    def connectionMade(self):
+        b = self.behaviour
+        if b.connect == "close":
+            self.transport.loseConnection()
+        elif b.connect == "reset":
+            _abort_with_rst(self.transport)
+        elif b.connect == "greet":
+            if b.greeting_delay:
+                self._later(b.greeting_delay, self._greet)
+            else:
+                self._greet()
+
+    def connectionLost(self, reason):
+        self.state = "logout"
+        for call in self._delayed:
+            if call.active():
+                call.cancel()
+        self._out.clear()
+        self.server._closed(self.record)
+
+    def _later(self, seconds, f, *args):
+        self._delayed = [c for c in self._delayed if c.active()]
+        self._delayed.append(self.server.reactor.callLater(seconds, f, *args))
+
+    def _greet(self):
+        if self.state != "greeting":
+            return
+        self.state = "unauth"
+        self._send(b"* OK [CAPABILITY " + self._capabilities() + b"] Mock IMAP4rev1 ready\r\n")
+
+    def _capabilities(self):
+        b = self.behaviour
+        caps = list(b.capabilities)
+        if not self.tls_active:
+            if b.starttls and self.server.tls is not None:
+                caps.append("STARTTLS")
+            if b.login_disabled:
+                caps.append("LOGINDISABLED")
+        return " ".join(caps).encode()
+
+    # -- output: a queue of (data, rate) and callables, paced --------------
+    def _send(self, data, rate=0.0):
+        if data:
+            self._out.append((data, rate))
+        self._pump()
+
+    def _then(self, f):
+        self._out.append(f)
+        self._pump()
+
+    def _pump(self):
+        if self._pumping or not self.record.open:
+            return
+        while self._out:
+            item = self._out[0]
+            if callable(item):
+                self._out.popleft()
+                item()
+                continue
+            data, rate = item
+            if not rate:
+                self._out.popleft()
+                self._write(data)
+                continue
+            tick = 0.05
+            chunk = max(1, int(rate * tick))
+            self._out[0] = (data[chunk:], rate)
+            if not self._out[0][0]:
+                self._out.popleft()
+            self._write(data[:chunk])
+            self._pumping = True
+            self._later(chunk / rate, self._resume)
+            return
+
+    def _resume(self):
+        self._pumping = False
+        self._pump()
+
+    def _write(self, data):
+        if self.record.open:
+            self.record.bytes_sent += len(data)
+            self.transport.write(data)
+
+    def _close(self, abort=False):
+        self._out.clear()
+        if abort:
+            self.transport.abortConnection()
+        else:
+            self.transport.loseConnection()
+
+    # -- input -------------------------------------------------------------
+    def dataReceived(self, data):
+        self._buffer += data
+        while self._buffer and self.record.open and self.state != "logout":
+            if self._literal:
+                if len(self._buffer) < self._literal:
+                    return
+                self._parts.append(_Literal(self._buffer[:self._literal]))
+                self._buffer = self._buffer[self._literal:]
+                self._literal = 0
+                continue
+            end = self._buffer.find(b"\r\n")
+            if end == -1:
+                if len(self._buffer) > 65536:
+                    self._close()
+                return
+            line, self._buffer = self._buffer[:end], self._buffer[end + 2:]
+            if self._continuation is not None:
+                handler, self._continuation = self._continuation, None
+                handler(line)
+                continue
+            m = re.search(rb"\{(\d+)(\+?)\}$", line)
+            if m:
+                self._parts.append(line[:m.start()])
+                self._literal = int(m.group(1))
+                if not m.group(2):
+                    self._send(b"+ Ready for literal data\r\n")
+                if self._literal == 0:
+                    self._parts.append(_Literal(b""))
+                continue
+            parts, self._parts = self._parts + [line], []
+            self._command(parts)
+
+    def _command(self, parts):
+        raw = b"".join(p if not isinstance(p, _Literal) else b"{%d}\r\n%s" % (len(p), p)
+                       for p in parts)
+        try:
+            tokens = parse_args(parts)
+            if len(tokens) < 2 or not all(isinstance(t, bytes) for t in tokens[:2]):
+                raise ParseError("no tag or command")
+        except ParseError as e:
+            tag = raw.split(b" ", 1)[0] or b"*"
+            self._send(tag + b" BAD " + str(e).encode() + b"\r\n")
+            return
+        tag, name, args = tokens[0], tokens[1].decode("ascii", "replace").upper(), tokens[2:]
+        if name == "UID" and args and isinstance(args[0], bytes):
+            name = "UID " + args[0].decode("ascii", "replace").upper()
+            args = args[1:]
+        self.record.commands.append(Command(self.record.id, tag, name, tuple(args), raw))
+        count = self._counts[name] = self._counts.get(name, 0) + 1
+        fault = next((f for f in self.behaviour.faults if f.matches(name, count)), None)
+        if name == "LOGIN" and fault is None and len(args) == 2:
+            # the user's own script applies from LOGIN on
+            user = args[0].decode("utf-8", "replace")
+            fault = next((f for f in self.server.behaviour_for(user).faults
+                          if f.matches(name, count)), None)
+        if fault is not None and fault.action in ("no", "bad", "bye", "silent", "garbage",
+                                                  "replace"):
+            return self._fault_instead(tag, fault)
+        self._after = None
+        try:
+            reply = self._dispatch(tag, name, args)
+        except ParseError as e:
+            reply = tag + b" BAD " + str(e).encode() + b"\r\n"
+        after, self._after = self._after, None
+        if fault is None:
+            self._send(reply)
+            if after is not None:
+                self._then(after)
+        else:
+            self._fault_around(tag, fault, reply, after)
+
+    def _fault_instead(self, tag, fault):
+        a = fault.action
+        if a in ("no", "bad"):
+            text = fault.text or b"Scripted failure"
+            self._send(tag + b" " + a.upper().encode() + b" " + text + b"\r\n")
+        elif a == "bye":
+            self._send(b"* BYE " + (fault.text or b"Server shutting down") + b"\r\n")
+            self._then(self._close)
+        elif a == "garbage":
+            self._send(fault.text or GARBAGE)
+        elif a == "replace":
+            self._send(fault.text.replace(TAG, tag))
+
+    def _fault_around(self, tag, fault, reply, after):
+        a = fault.action
+        if a == "drop":
+            self._send(reply[:fault.after_bytes or 0])
+            self._then(self._close)  # flushes what was sent, then FIN
+        elif a == "truncate":
+            first, sep, _ = reply.partition(b"\r\n")
+            if first.startswith(b"*"):
+                cut = fault.after_bytes if fault.after_bytes is not None else len(first) // 2
+                self._send(first[:cut] + b"\r\n" + tag + b" OK done\r\n")
+            else:
+                self._send(first[:fault.after_bytes or 1] + b"\r\n")
+            return
+        elif a == "trickle":
+            self._send(reply, rate=fault.rate or 1.0)
+        elif a == "inject":
+            self._send(fault.text.replace(TAG, tag))
+            self._send(reply)
+        elif a == "delay":
+            self._later(fault.delay, self._fault_around, tag, Fault("*", "inject"), reply, after)
+            return
+        if after is not None:
+            self._then(after)
+
+    # -- commands ----------------------------------------------------------
+    def _dispatch(self, tag, name, args):
+        """Run a command; returns the bytes to send (callables queued too)."""
+        handler = getattr(self, "do_" + name.replace(" ", "_"), None)
+        if handler is None:
+            return tag + b" BAD Unknown command\r\n"
+        allowed = {
+            "CAPABILITY": None, "NOOP": None, "LOGOUT": None, "ID": None,
+            "STARTTLS": {"unauth"}, "LOGIN": {"unauth"}, "AUTHENTICATE": {"unauth"},
+        }.get(name, {"auth", "selected"})
+        if name.startswith("UID ") or name in ("EXPUNGE", "CLOSE", "UNSELECT", "CHECK"):
+            allowed = {"selected"}
+        if allowed is not None and self.state not in allowed:
+            return tag + b" BAD Command not allowed in state " + self.state.encode() + b"\r\n"
+        return handler(tag, args)
+
+    def do_CAPABILITY(self, tag, args):
+        return b"* CAPABILITY " + self._capabilities() + b"\r\n" + tag + b" OK CAPABILITY completed\r\n"
+
+    def do_NOOP(self, tag, args):
+        return tag + b" OK NOOP completed\r\n"
+
+    do_CHECK = do_NOOP
+
+    def do_ID(self, tag, args):
+        return b'* ID ("name" "mockimap")\r\n' + tag + b" OK ID completed\r\n"
+
+    def do_ENABLE(self, tag, args):
+        return b"* ENABLED\r\n" + tag + b" OK ENABLE completed\r\n"
+
+    def do_LOGOUT(self, tag, args):
+        self.state = "logout"
+        self._after = self._close
+        return b"* BYE Mock IMAP4rev1 logging out\r\n" + tag + b" OK LOGOUT completed\r\n"
+
+    def do_STARTTLS(self, tag, args):
+        if self.tls_active or self.server.tls is None or not self.behaviour.starttls:
+            return tag + b" BAD STARTTLS not available\r\n"
+        self._after = self._start_tls
+        return tag + b" OK Begin TLS negotiation now\r\n"
+
+    def _start_tls(self):
+        self.transport.startTLS(self.server.tls_options())
+        self.tls_active = self.record.tls = True
+
+    def _check_login_allowed(self, tag):
+        if self.behaviour.login_disabled and not self.tls_active:
+            return tag + b" NO [PRIVACYREQUIRED] Login disabled before TLS\r\n"
+        return None
+
+    def _login(self, tag, user, password, method):
+        user_s = user.decode("utf-8", "replace")
+        password_s = password.decode("utf-8", "replace")
+        self.server.login_attempts.append((method, user_s, password_s))
+        self.record.account = user_s
+        mailbox = self.server.mailbox(user_s)
+        if mailbox is None or mailbox.password != password_s:
+            return tag + b" NO [AUTHENTICATIONFAILED] Authentication failed\r\n"
+        limit = self.server.behaviour_for(user_s).max_connections
+        if limit is not None and self.server.logged_in(user_s) >= limit:
+            return tag + b" NO [LIMIT] Too many simultaneous connections for this user\r\n"
+        mailbox.logins += 1
+        self.record.user = user_s
+        self.state = "auth"
+        return tag + b" OK [CAPABILITY " + self._capabilities() + b"] Logged in\r\n"
+
+    def do_LOGIN(self, tag, args):
+        refused = self._check_login_allowed(tag)
+        if refused:
+            return refused
+        if len(args) != 2 or not all(isinstance(a, bytes) for a in args):
+            return tag + b" BAD LOGIN needs user and password\r\n"
+        return self._login(tag, args[0], args[1], "LOGIN")
+
+    def do_AUTHENTICATE(self, tag, args):
+        refused = self._check_login_allowed(tag)
+        if refused:
+            return refused
+        if not args or args[0].upper() != b"PLAIN":
+            return tag + b" NO Unsupported mechanism\r\n"
+
+        def answer(response):
+            if response == b"*":
+                return tag + b" BAD Authentication cancelled\r\n"
+            try:
+                _, user, password = base64.b64decode(response, validate=True).split(b"\0")
+            except (ValueError, TypeError):
+                return tag + b" BAD Invalid PLAIN response\r\n"
+            return self._login(tag, user, password, "AUTHENTICATE PLAIN")
+
+        if len(args) > 1:
+            return answer(args[1])
+        self._continuation = lambda line: self._send(answer(line.strip()))
+        return b"+ \r\n"
+
+    def _select(self, tag, args, readonly):
+        if len(args) != 1 or not isinstance(args[0], bytes):
+            return tag + b" BAD SELECT needs a mailbox name\r\n"
+        mailbox = self.server.mailbox(self.record.user)
+        name = args[0].decode("utf-8", "replace")
+        if name.upper() == "INBOX":
+            name = "INBOX"
+        folder = mailbox.folders.get(name)
+        if folder is None:
+            self.state, self._folder = "auth", None
+            return tag + b" NO [NONEXISTENT] Mailbox doesn't exist: " + args[0] + b"\r\n"
+        if name == "INBOX" and self.behaviour.uidvalidity:
+            seq = self.behaviour.uidvalidity
+            folder.uidvalidity = seq[min(mailbox.logins, len(seq)) - 1]
+        self.state, self._folder = "selected", (name, folder, readonly)
+        unseen = [i for i, m in enumerate(folder.messages, 1) if "\\Seen" not in m.flags]
+        out = [
+            b"* FLAGS (" + b" ".join(SYSTEM_FLAGS) + b")",
+            b"* %d EXISTS" % len(folder.messages),
+            b"* 0 RECENT",
+        ]
+        if unseen:
+            out.append(b"* OK [UNSEEN %d] First unseen" % unseen[0])
+        out += [
+            b"* OK [UIDVALIDITY %d] UIDs valid" % folder.uidvalidity,
+            b"* OK [UIDNEXT %d] Predicted next UID" % folder.uidnext,
+            b"* OK [PERMANENTFLAGS (" + b" ".join(SYSTEM_FLAGS) + b" \\*)] Flags permitted",
+            tag + (b" OK [READ-ONLY] EXAMINE" if readonly else b" OK [READ-WRITE] SELECT")
+            + b" completed",
+        ]
+        return b"\r\n".join(out) + b"\r\n"
+
+    def do_SELECT(self, tag, args):
+        return self._select(tag, args, readonly=False)
+
+    def do_EXAMINE(self, tag, args):
+        return self._select(tag, args, readonly=True)
+
+    def do_CLOSE(self, tag, args):
+        if not self._folder[2]:
+            self._expunge(lambda m: True)
+        self.state, self._folder = "auth", None
+        return tag + b" OK CLOSE completed\r\n"
+
+    def do_UNSELECT(self, tag, args):
+        self.state, self._folder = "auth", None
+        return tag + b" OK UNSELECT completed\r\n"
+
+    def do_CREATE(self, tag, args):
+        mailbox = self.server.mailbox(self.record.user)
+        name = args[0].decode("utf-8", "replace") if args and isinstance(args[0], bytes) else ""
+        if not name or name in mailbox.folders:
+            return tag + b" NO [ALREADYEXISTS] Mailbox exists\r\n"
+        mailbox.folders[name] = Folder(mailbox.uidvalidity + 1000 + len(mailbox.folders))
+        return tag + b" OK CREATE completed\r\n"
+
+    def do_LIST(self, tag, args):
+        mailbox = self.server.mailbox(self.record.user)
+        lines = [b'* LIST () "/" ' + _quote(n.encode()) for n in mailbox.folders]
+        return b"\r\n".join(lines + [tag + b" OK LIST completed"]) + b"\r\n"
+
+    def do_STATUS(self, tag, args):
+        mailbox = self.server.mailbox(self.record.user)
+        name = args[0].decode("utf-8", "replace") if args else ""
+        folder = mailbox.folders.get("INBOX" if name.upper() == "INBOX" else name)
+        if folder is None:
+            return tag + b" NO [NONEXISTENT] No such mailbox\r\n"
+        unseen = sum(1 for m in folder.messages if "\\Seen" not in m.flags)
+        return (b"* STATUS " + _quote(name.encode()) +
+                b" (MESSAGES %d UIDNEXT %d UIDVALIDITY %d UNSEEN %d)\r\n"
+                % (len(folder.messages), folder.uidnext, folder.uidvalidity, unseen)
+                + tag + b" OK STATUS completed\r\n")
+
+    # selected state
+    def _messages(self):
+        return self._folder[1].messages
+
+    def _largest_uid(self):
+        msgs = self._messages()
+        return msgs[-1].uid if msgs else 0
+
+    def do_UID_SEARCH(self, tag, args):
+        override = self.behaviour.search_uids
+        if override is not None:
+            uids = list(override)
+        else:
+            args = list(args)
+            if args and args[0].upper() == b"CHARSET":
+                args = args[2:]
+            msgs = self._messages()
+            keys = _SearchKeys(args, len(msgs), self._largest_uid())
+            match = keys.parse_all()
+            uids = [m.uid for i, m in enumerate(msgs, 1) if match(i, m)]
+        line = b"* SEARCH" + b"".join(b" %d" % u for u in uids)
+        return line + b"\r\n" + tag + b" OK SEARCH completed\r\n"
+
+    def do_UID_FETCH(self, tag, args):
+        if len(args) != 2:
+            raise ParseError("UID FETCH needs a set and items")
+        want = parse_set(args[0], self._largest_uid())
+        items = args[1] if isinstance(args[1], list) else [args[1]]
+        items = [i.upper() if isinstance(i, bytes) else i for i in items]
+        macros = {b"FAST": [b"FLAGS", b"INTERNALDATE", b"RFC822.SIZE"],
+                  b"ALL": [b"FLAGS", b"INTERNALDATE", b"RFC822.SIZE"]}
+        expanded = []
+        for i in items:
+            expanded += macros.get(i, [i])
+        out = []
+        for seq, m in enumerate(self._messages(), 1):
+            if want(m.uid):
+                out.append(self._fetch_one(seq, m, expanded))
+        return b"".join(out) + tag + b" OK FETCH completed\r\n"
+
+    def _fetch_one(self, seq, m, items):
+        parts = [b"UID %d" % m.uid]
+        set_seen = False
+        for item in items:
+            if not isinstance(item, bytes):
+                raise ParseError("bad fetch item")
+            if item == b"UID":
+                continue
+            if item == b"FLAGS":
+                continue  # added last, after \Seen may have changed
+            elif item == b"RFC822.SIZE":
+                parts.append(b"RFC822.SIZE %d" % len(m.raw))
+            elif item == b"INTERNALDATE":
+                parts.append(b'INTERNALDATE "' + m.internaldate.encode() + b'"')
+            elif item in (b"RFC822", b"RFC822.HEADER", b"RFC822.TEXT"):
+                data = {b"RFC822": m.raw, b"RFC822.HEADER": _headers(m.raw),
+                        b"RFC822.TEXT": m.raw[len(_headers(m.raw)):]}[item]
+                set_seen = set_seen or item != b"RFC822.HEADER"
+                parts.append(item + b" {%d}\r\n" % len(data) + data)
+            elif item.startswith(b"BODY[") or item.startswith(b"BODY.PEEK["):
+                peek = item.startswith(b"BODY.PEEK[")
+                section = item[item.index(b"[") + 1:item.rindex(b"]")]
+                data = self._section(m.raw, section)
+                set_seen = set_seen or not peek
+                parts.append(b"BODY[" + section + b"] {%d}\r\n" % len(data) + data)
+            else:
+                raise ParseError("unsupported fetch item " + item.decode("ascii", "replace"))
+        if set_seen and not self._folder[2]:
+            m.flags.add("\\Seen")
+        if b"FLAGS" in items or set_seen:
+            parts.insert(1, b"FLAGS " + _flag_list(m.flags))
+        return b"* %d FETCH (" % seq + b" ".join(parts) + b")\r\n"
+
+    def _section(self, raw, section):
+        s = section.upper()
+        if s == b"":
+            return raw
+        if s == b"HEADER":
+            return _headers(raw)
+        if s == b"TEXT":
+            return raw[len(_headers(raw)):]
+        m = re.match(rb"HEADER\.FIELDS(\.NOT)? \((.*)\)$", s)
+        if m:
+            return _header_fields(raw, m.group(2).split(), negate=bool(m.group(1)))
+        raise ParseError("unsupported section " + section.decode("ascii", "replace"))
+
+    def do_UID_STORE(self, tag, args):
+        if self._folder[2]:
+            return tag + b" NO [READ-ONLY] Mailbox is read-only\r\n"
+        if len(args) != 3:
+            raise ParseError("UID STORE needs a set, an item and flags")
+        want = parse_set(args[0], self._largest_uid())
+        op = args[1].upper()
+        flags = args[2] if isinstance(args[2], list) else [args[2]]
+        flags = {f.decode("utf-8", "replace") for f in flags}
+        # system flags are case-insensitive
+        flags = {next((s.decode() for s in SYSTEM_FLAGS if s.decode().lower() == f.lower()), f)
+                 for f in flags}
+        silent = op.endswith(b".SILENT")
+        op = op.replace(b".SILENT", b"")
+        if op not in (b"+FLAGS", b"-FLAGS", b"FLAGS"):
+            raise ParseError("bad STORE item")
+        out = []
+        for seq, m in enumerate(self._messages(), 1):
+            if want(m.uid):
+                if op == b"+FLAGS":
+                    m.flags |= flags
+                elif op == b"-FLAGS":
+                    m.flags -= flags
+                else:
+                    m.flags = set(flags)
+                if not silent:
+                    out.append(b"* %d FETCH (UID %d FLAGS " % (seq, m.uid)
+                               + _flag_list(m.flags) + b")\r\n")
+        return b"".join(out) + tag + b" OK STORE completed\r\n"
+
+    def _expunge(self, which):
+        name, folder, _ = self._folder
+        out = []
+        for seq in range(len(folder.messages), 0, -1):
+            m = folder.messages[seq - 1]
+            if "\\Deleted" in m.flags and which(m):
+                del folder.messages[seq - 1]
+                self.server.mailbox(self.record.user).expunged.append((name, m.uid, m.raw))
+                out.append(b"* %d EXPUNGE\r\n" % seq)
+        return b"".join(out)
+
+    def do_EXPUNGE(self, tag, args):
+        if self._folder[2]:
+            return tag + b" NO [READ-ONLY] Mailbox is read-only\r\n"
+        return self._expunge(lambda m: True) + tag + b" OK EXPUNGE completed\r\n"
+
+    def do_UID_EXPUNGE(self, tag, args):
+        if self._folder[2]:
+            return tag + b" NO [READ-ONLY] Mailbox is read-only\r\n"
+        if len(args) != 1:
+            raise ParseError("UID EXPUNGE needs a set")
+        want = parse_set(args[0], self._largest_uid())
+        return self._expunge(lambda m: want(m.uid)) + tag + b" OK UID EXPUNGE completed\r\n"
+
+    def _copy(self, tag, args, move):
+        if len(args) != 2:
+            raise ParseError("needs a set and a mailbox")
+        if move and self._folder[2]:
+            return None, tag + b" NO [READ-ONLY] Mailbox is read-only\r\n"
+        want = parse_set(args[0], self._largest_uid())
+        mailbox = self.server.mailbox(self.record.user)
+        target = mailbox.folders.get(args[1].decode("utf-8", "replace"))
+        if target is None:
+            return None, tag + b" NO [TRYCREATE] No such mailbox\r\n"
+        src, dst = [], []
+        for m in self._messages():
+            if want(m.uid):
+                src.append(m.uid)
+                dst.append(target.append(m.raw, m.flags - {"\\Deleted"}))
+        code = b""
+        if src:
+            code = b"[COPYUID %d %s %s] " % (
+                target.uidvalidity, b",".join(b"%d" % u for u in src),
+                b",".join(b"%d" % u for u in dst))
+        return set(src), code
+
+    def do_UID_COPY(self, tag, args):
+        moved, code = self._copy(tag, args, move=False)
+        if moved is None:
+            return code
+        return tag + b" OK " + code + b"COPY completed\r\n"
+
+    def do_UID_MOVE(self, tag, args):
+        if "MOVE" not in self.behaviour.capabilities:
+            return tag + b" BAD Unknown command\r\n"
+        moved, code = self._copy(tag, args, move=True)
+        if moved is None:
+            return code
+        for m in self._messages():
+            if m.uid in moved:
+                m.flags.add("\\Deleted")
+        expunged = self._expunge(lambda m: m.uid in moved)
+        head = b"* OK " + code + b"Moved\r\n" if code else b""
+        return head + expunged + tag + b" OK MOVE completed\r\n"
+
+
+class _SearchKeys:
+    """A tiny evaluator of SEARCH keys over (sequence number, message)."""
+
+    FLAG_KEYS = {b"SEEN": "\\Seen", b"DELETED": "\\Deleted", b"FLAGGED": "\\Flagged",
+                 b"ANSWERED": "\\Answered", b"DRAFT": "\\Draft"}
+
+    def __init__(self, tokens, count, largest_uid):
+        self.tokens = list(tokens)
+        self.count = count
+        self.largest_uid = largest_uid
+
+    def parse_all(self):
+        preds = []
+        while self.tokens:
+            preds.append(self.parse_one())
+        return lambda i, m: all(p(i, m) for p in preds)
+
+    def _next(self):
+        if not self.tokens:
+            raise ParseError("missing search argument")
+        return self.tokens.pop(0)
+
+    def parse_one(self):
+        tok = self._next()
+        if isinstance(tok, list):
+            inner = _SearchKeys(tok, self.count, self.largest_uid).parse_all()
+            return inner
+        key = tok.upper()
+        if key == b"ALL":
+            return lambda i, m: True
+        if key in self.FLAG_KEYS:
+            flag = self.FLAG_KEYS[key]
+            return lambda i, m: flag in m.flags
+        if key.startswith(b"UN") and key[2:] in self.FLAG_KEYS:
+            flag = self.FLAG_KEYS[key[2:]]
+            return lambda i, m: flag not in m.flags
+        if key in (b"KEYWORD", b"UNKEYWORD"):
+            word = self._next().decode("utf-8", "replace").lower()
+            has = lambda m: word in {f.lower() for f in m.flags}  # noqa: E731
+            return (lambda i, m: has(m)) if key == b"KEYWORD" else (lambda i, m: not has(m))
+        if key == b"NOT":
+            inner = self.parse_one()
+            return lambda i, m: not inner(i, m)
+        if key == b"OR":
+            a, b = self.parse_one(), self.parse_one()
+            return lambda i, m: a(i, m) or b(i, m)
+        if key == b"UID":
+            want = parse_set(self._next(), self.largest_uid)
+            return lambda i, m: want(m.uid)
+        if key in (b"LARGER", b"SMALLER"):
+            n = int(self._next())
+            return (lambda i, m: len(m.raw) > n) if key == b"LARGER" else (
+                lambda i, m: len(m.raw) < n)
+        if key in (b"NEW", b"RECENT", b"OLD"):
+            return lambda i, m: key != b"RECENT" or False
+        if re.match(rb"^[0-9*:,]+$", key):
+            want = parse_set(key, self.count)
+            return lambda i, m: want(i)
+        raise ParseError("unsupported search key " + key.decode("ascii", "replace"))
+
+
+def _abort_with_rst(transport):
+    import socket
+    import struct
+
+    try:
+        transport.getHandle().setsockopt(
+            socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except Exception:  # not a real socket (tests with fake transports)
+        pass
+    transport.abortConnection()
+
+
+class _PortFactory(protocol.Factory):
+    def __init__(self, server, account, tls):
+        self.server = server
+        self.account = account
+        self.tls = tls
+
+    def buildProtocol(self, addr):
+        record = self.server._opened(self.account, self.tls)
+        p = MockIMAPProtocol(self.server, record, self.tls)
+        p.factory = self
+        self.server._protocols[record.id] = p
+        return p
+
+
+class MockIMAPServer:
+    """The mock server: accounts, scripts, listening ports, records.
+
+    :param reactor: provides ``IReactorTCP``, ``IReactorTime`` (and
+        ``IReactorSSL`` for implicit TLS).
+    :param accounts: ``{username: MockMailbox}``.
+    :param tls: ``(cert_path, key_path)`` PEM files, for STARTTLS and
+        implicit-TLS ports.
+    :param account_factory: ``f(username) -> MockMailbox | None`` to create
+        accounts on first use (benchmarks).
+    """
+
+    def __init__(self, reactor, accounts=None, tls=None, account_factory=None):
+        self.reactor = reactor
+        self.accounts = dict(accounts or {})
+        self.account_factory = account_factory
+        self.tls = tls
+        self._tls_options = None
+        self._scripts = {}
+        self.ports = []
+        self.connections = []  # every ConnectionRecord, in order
+        self.login_attempts = []  # (method, user, password)
+        self._protocols = {}
+        self._waiters = []
+
+    # -- scripting -------------------------------------------------------
+    def script(self, account, behaviour):
+        """Set ``account``'s behaviour (``None``: the default for all)."""
+        self._scripts[account] = behaviour
+
+    def behaviour_for(self, account):
+        return self._scripts.get(account) or self._scripts.get(None) or _NORMAL
+
+    def mailbox(self, account):
+        if account is None:
+            return None
+        box = self.accounts.get(account)
+        if box is None and self.account_factory is not None:
+            box = self.account_factory(account)
+            if box is not None:
+                self.accounts[account] = box
+        return box
+
+    def tls_options(self):
+        if self._tls_options is None:
+            from twisted.internet import ssl
+
+            cert_path, key_path = self.tls
+            with open(cert_path, "rb") as f:
+                cert = f.read()
+            with open(key_path, "rb") as f:
+                key = f.read()
+            self._tls_options = ssl.PrivateCertificate.loadPEM(cert + key).options()
+        return self._tls_options
+
+    # -- listening -------------------------------------------------------
+    def listen(self, port=0, interface="127.0.0.1", account=None, implicit_tls=False):
+        """Listen on a TCP port (0: a free one); returns the port number.
+
+        ``account`` binds the port to one user, so that connect-time
+        behaviours of that user's script apply to its connections.
+        ``implicit_tls`` wraps the port in TLS (IMAPS).
+        """
+        factory = _PortFactory(self, account, implicit_tls)
+        if implicit_tls:
+            listening = self.reactor.listenSSL(port, factory, self.tls_options(),
+                                               interface=interface)
+        else:
+            listening = self.reactor.listenTCP(port, factory, interface=interface)
+        self.ports.append(listening)
+        return listening.getHost().port
+
+    def stop(self):
+        """Stop listening and abort every open connection; a Deferred."""
+        ds = [defer.maybeDeferred(p.stopListening) for p in self.ports]
+        self.ports = []
+        for proto in list(self._protocols.values()):
+            proto.transport.abortConnection()
+        ds.append(self.all_closed())
+        return defer.gatherResults(ds, consumeErrors=True)
+
+    # -- records ---------------------------------------------------------
+    def _opened(self, account, tls):
+        record = ConnectionRecord(id=len(self.connections) + 1, account=account, tls=tls)
+        self.connections.append(record)
+        return record
+
+    def _closed(self, record):
+        record.open = False
+        self._protocols.pop(record.id, None)
+        if not self.open_connections():
+            waiters, self._waiters = self._waiters, []
+            for d in waiters:
+                d.callback(None)
+
+    def commands(self, account=None, name=None):
+        """Commands received (optionally of one account, one command name)."""
+        return [c for r in self.connections
+                if account is None or r.account == account
+                for c in r.commands if name is None or c.name == name]
+
+    def connection_count(self, account=None):
+        return sum(1 for r in self.connections if account is None or r.account == account)
+
+    def open_connections(self, account=None):
+        return [r for r in self.connections
+                if r.open and (account is None or r.account == account)]
+
+    def logged_in(self, user):
+        return sum(1 for r in self.connections if r.open and r.user == user)
+
+    def all_closed(self):
+        """A Deferred that fires when no connection is open."""
+        if not self.open_connections():
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._waiters.append(d)
+        return d
+
+
+_NORMAL = Behaviour()
+
+
+def sample_message(n, account="user", size=0):
+    """A small RFC 5322 message with a unique Message-ID (``size``: pad the body)."""
+    body = b"Hello %d.\r\n" % n
+    if size > len(body):
+        body += (b"x" * 76 + b"\r\n") * ((size - len(body)) // 78 + 1)
+    return (b"From: sender@example.test\r\nTo: %s@example.test\r\n"
+            b"Subject: message %d\r\nMessage-ID: <%d.%s@mock.test>\r\n"
+            b"Date: Mon, 02 Nov 2026 10:00:00 +0000\r\n\r\n" % (
+                account.encode(), n, n, account.encode()) + body)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.support.mockimap",
+        description="A mock IMAP server for benchmarks: users user1..userN, password 'password'.")
+    parser.add_argument("--port", type=int, default=1143)
+    parser.add_argument("--interface", default="127.0.0.1")
+    parser.add_argument("--accounts", type=int, default=100)
+    parser.add_argument("--messages", type=int, default=10)
+    parser.add_argument("--size", type=int, default=0, help="approximate bytes per message")
+    parser.add_argument("--password", default="password")
+    parser.add_argument("--tls", nargs=2, metavar=("CERT", "KEY"), default=None,
+                        help="PEM files; enables STARTTLS")
+    parser.add_argument("--implicit-tls", action="store_true",
+                        help="the port speaks TLS from the start (IMAPS)")
+    parser.add_argument("--greeting-delay", type=float, default=0.0)
+    opts = parser.parse_args(argv)
+
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+    from twisted.internet import reactor
+
+    def factory(user):
+        m = re.match(r"^user(\d+)$", user)
+        if not m or not 1 <= int(m.group(1)) <= opts.accounts:
+            return None
+        return MockMailbox(opts.password,
+                           [sample_message(i, user, opts.size) for i in range(1, opts.messages + 1)],
+                           uidvalidity=int(m.group(1)))
+
+    server = MockIMAPServer(reactor, tls=opts.tls, account_factory=factory)
+    server.script(None, Behaviour(starttls=opts.tls is not None,
+                                  greeting_delay=opts.greeting_delay))
+    port = server.listen(opts.port, opts.interface, implicit_tls=opts.implicit_tls)
+    print(f"mockimap listening on {opts.interface}:{port}", flush=True)
+    reactor.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
