@@ -1,0 +1,165 @@
+"""``/healthz`` and ``/metrics`` over twisted.web.
+
+``/metrics``: the Prometheus text format of :class:`fido_tx.metrics.Metrics`'s
+own registry.
+
+``/healthz``: ``200`` and ``{"status": "ok", "accounts": N, "running": R,
+"redis": "connected", "lag": S, "paused": [...]}`` while Fido is making
+progress and Redis is reachable; ``503`` and ``{"status": "fail", "reason":
+"...", ...}`` otherwise.  Making progress means: a session completed within
+the last ``stall_after`` seconds, or no account has been overdue for that long
+(nothing to do is healthy), or fetching is paused on purpose (the stream
+backlog is over ``max_backlog``: the importer is behind, not Fido).
+
+The site writes no access log: a scraper every 15 s would fill the log.
+"""
+
+import json
+
+from twisted.internet import defer
+from twisted.internet.endpoints import serverFromString
+from twisted.web import pages, resource, server
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from fido_tx.metrics import running_sessions
+
+DEFAULT_STALL_AFTER = 300.0
+
+#: pause reasons that are not a failure of this instance
+BENIGN_PAUSES = frozenset(["backlog"])
+
+
+class Health:
+    """Computes the health check from the scheduler and the store.
+
+    :param scheduler: has ``last_completion_at`` (clock seconds or None),
+        ``running_count`` (or ``running``), ``lag()``, ``paused_reasons`` and
+        optionally ``accounts`` (sized).
+    :param store: has ``connected``.
+    :param stall_after: seconds without a completed session while accounts
+        are overdue before the check fails.
+    """
+
+    def __init__(self, clock, scheduler, store, stall_after=DEFAULT_STALL_AFTER, status=None):
+        self._clock = clock
+        self.scheduler = scheduler
+        self.store = store
+        self.stall_after = stall_after
+        self.status = status
+        self._started_at = clock.seconds()
+
+    def check(self):
+        """``(healthy: bool, body: dict)``."""
+        s = self.scheduler
+        now = self._clock.seconds()
+        connected = bool(getattr(self.store, "connected", False))
+        paused = sorted(getattr(s, "paused_reasons", ()) or ())
+        lag = float(s.lag())
+        last = s.last_completion_at
+        body = {
+            "status": "ok",
+            "accounts": self._accounts(),
+            "running": running_sessions(s) or 0,
+            "redis": "connected" if connected else "disconnected",
+            "lag": round(lag, 3),
+            "paused": paused,
+            "last_completion_age": None if last is None else round(now - last, 3),
+        }
+        reason = None
+        if not connected:
+            reason = "Redis is not connected"
+        elif lag > self.stall_after and not (set(paused) & BENIGN_PAUSES):
+            recent = last is not None and now - last <= self.stall_after
+            if not recent:
+                since = "never" if last is None else f"{now - last:.0f} s ago"
+                reason = (
+                    f"stalled: an account has been overdue for {lag:.0f} s and the last "
+                    f"session completed {since}"
+                )
+                if paused:
+                    reason += f" (paused: {', '.join(paused)})"
+        if reason is not None:
+            body["status"] = "fail"
+            body["reason"] = reason
+        return reason is None, body
+
+    def _accounts(self):
+        accounts = getattr(self.scheduler, "accounts", None)
+        if accounts is not None and not callable(accounts):
+            try:
+                return len(accounts)
+            except TypeError:
+                pass
+        if self.status is not None:
+            return sum(self.status.summary().values())
+        return None
+
+
+class HealthResource(resource.Resource):
+    isLeaf = True
+
+    def __init__(self, health):
+        super().__init__()
+        self._health = health
+
+    def render_GET(self, request):
+        try:
+            healthy, body = self._health.check()
+        except Exception as e:  # the check itself broke: that is unhealthy
+            healthy, body = False, {"status": "fail", "reason": f"health check error: {e}"}
+        request.setResponseCode(200 if healthy else 503)
+        request.setHeader(b"Content-Type", b"application/json")
+        request.setHeader(b"Cache-Control", b"no-store")
+        return json.dumps(body).encode("utf-8") + b"\n"
+
+    render_HEAD = render_GET
+
+
+class MetricsResource(resource.Resource):
+    isLeaf = True
+
+    def __init__(self, metrics):
+        super().__init__()
+        self._metrics = metrics
+
+    def render_GET(self, request):
+        request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode("ascii"))
+        return generate_latest(self._metrics.registry)
+
+
+class _Root(resource.Resource):
+    def getChild(self, path, request):
+        return pages.notFound()
+
+    def render_GET(self, request):
+        request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+        return b"fido: see /healthz and /metrics\n"
+
+
+class QuietSite(server.Site):
+    """A Site without access log lines."""
+
+    def log(self, request):
+        pass
+
+
+def make_site(metrics, health):
+    """A twisted.web ``Site`` serving ``/metrics`` and ``/healthz``."""
+    root = _Root()
+    root.putChild(b"metrics", MetricsResource(metrics))
+    root.putChild(b"healthz", HealthResource(health))
+    site = QuietSite(root)
+    site.noisy = False
+    site.displayTracebacks = False
+    return site
+
+
+def listen(reactor, endpoint_description, site):
+    """Listen on a ``serverFromString`` description; ``""`` = off.
+
+    :return: Deferred firing with the ``IListeningPort`` (None when off).
+    """
+    if not endpoint_description:
+        return defer.succeed(None)
+    return serverFromString(reactor, endpoint_description).listen(site)

@@ -1,0 +1,142 @@
+"""/healthz from fakes (unit and over real HTTP), the site's routes, listen()."""
+
+import json
+
+import pytest_twisted
+import treq
+from treq.testing import StubTreq
+from twisted.internet import task
+from twisted.trial.unittest import SynchronousTestCase
+
+from fido_tx.metrics import Metrics
+from fido_tx.web import Health, listen, make_site
+
+
+class FakeScheduler:
+    def __init__(self, clock):
+        self.clock = clock
+        self.last_completion_at = None
+        self.running_count = 3
+        self.running = True  # Service.running: a flag, not the session count
+        self.paused_reasons = frozenset()
+        self.accounts = {"a": 1, "b": 2}
+        self._lag = 0.0
+
+    def lag(self):
+        return self._lag
+
+
+class FakeStore:
+    connected = True
+
+
+def make(stall_after=300.0):
+    clock = task.Clock()
+    clock.advance(1000)
+    scheduler = FakeScheduler(clock)
+    store = FakeStore()
+    return Health(clock, scheduler, store, stall_after=stall_after), clock, scheduler, store
+
+
+class HealthTests(SynchronousTestCase):
+    def test_healthy_when_redis_is_up_and_nothing_is_overdue(self):
+        health, clock, scheduler, store = make()
+        healthy, body = health.check()
+        self.assertTrue(healthy)
+        self.assertEqual(
+            {k: body[k] for k in ("status", "accounts", "running", "redis")},
+            {"status": "ok", "accounts": 2, "running": 3, "redis": "connected"},
+        )
+
+    def test_redis_down_fails(self):
+        health, clock, scheduler, store = make()
+        store.connected = False
+        healthy, body = health.check()
+        self.assertFalse(healthy)
+        self.assertEqual((body["status"], body["redis"]), ("fail", "disconnected"))
+        self.assertIn("Redis", body["reason"])
+
+    def test_overdue_accounts_and_no_recent_completion_is_a_stall(self):
+        health, clock, scheduler, store = make(stall_after=300)
+        scheduler.last_completion_at = clock.seconds()
+        scheduler._lag = 400
+        clock.advance(200)
+        self.assertTrue(health.check()[0])  # completions are still happening
+        clock.advance(101)
+        healthy, body = health.check()
+        self.assertFalse(healthy)
+        self.assertIn("stalled", body["reason"])
+        scheduler.last_completion_at = clock.seconds()
+        self.assertTrue(health.check()[0])
+
+    def test_never_completed_but_nothing_overdue_is_healthy(self):
+        health, clock, scheduler, store = make(stall_after=300)
+        clock.advance(10000)
+        scheduler._lag = 299
+        self.assertTrue(health.check()[0])
+        scheduler._lag = 301
+        self.assertFalse(health.check()[0])
+
+    def test_paused_for_backlog_is_not_a_stall(self):
+        health, clock, scheduler, store = make(stall_after=300)
+        scheduler._lag = 5000
+        scheduler.paused_reasons = frozenset(["backlog"])
+        healthy, body = health.check()
+        self.assertTrue(healthy)
+        self.assertEqual(body["paused"], ["backlog"])
+
+
+class SiteTests(SynchronousTestCase):
+    def get(self, site_parts, path):
+        metrics, health = site_parts
+        stub = StubTreq(make_site(metrics, health).resource)
+        response = self.successResultOf(stub.get("http://fido.test" + path))
+        return response.code, self.successResultOf(response.content()), response
+
+    def test_healthz_answers_200_then_503(self):
+        health, clock, scheduler, store = make()
+        code, body, _ = self.get((Metrics(), health), "/healthz")
+        self.assertEqual(code, 200)
+        self.assertEqual(json.loads(body)["status"], "ok")
+        store.connected = False
+        code, body, response = self.get((Metrics(), health), "/healthz")
+        self.assertEqual(code, 503)
+        self.assertEqual(json.loads(body)["status"], "fail")
+        self.assertEqual(response.headers.getRawHeaders(b"content-type"), [b"application/json"])
+
+    def test_broken_health_check_is_503_not_500(self):
+        health, clock, scheduler, store = make()
+        scheduler.lag = None  # not callable
+        code, body, _ = self.get((Metrics(), health), "/healthz")
+        self.assertEqual(code, 503)
+
+    def test_unknown_path_is_404(self):
+        health, *_ = make()
+        code, _, _ = self.get((Metrics(), health), "/nope")
+        self.assertEqual(code, 404)
+
+
+class ListenTests(SynchronousTestCase):
+    def test_empty_description_is_off(self):
+        self.assertIsNone(self.successResultOf(listen(None, "", None)))
+
+
+@pytest_twisted.inlineCallbacks
+def test_healthz_over_real_http():
+    from twisted.internet import reactor
+
+    health, clock, scheduler, store = make()
+    port = yield listen(reactor, "tcp:0:interface=127.0.0.1", make_site(Metrics(), health))
+    try:
+        url = f"http://127.0.0.1:{port.getHost().port}/healthz"
+        response = yield treq.get(url, reactor=reactor, persistent=False)
+        assert response.code == 200
+        body = yield response.json()
+        assert body["status"] == "ok" and body["running"] == 3
+        store.connected = False
+        response = yield treq.get(url, reactor=reactor, persistent=False)
+        assert response.code == 503
+        body = yield response.json()
+        assert body == {**body, "status": "fail", "redis": "disconnected"}
+    finally:
+        yield port.stopListening()
