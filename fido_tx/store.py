@@ -53,7 +53,8 @@ from twisted.application.internet import ClientService
 from twisted.application.service import Service
 from twisted.internet import defer, protocol
 from twisted.internet.interfaces import IStreamClientEndpoint
-from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.logger import Logger, LogLevel, globalLogPublisher
 from zope.interface import implementer
 
 from fido_tx import errors, redisurl
@@ -132,6 +133,18 @@ def _retry_policy(initial=0.25, factor=2.0, maximum=10.0):
     return policy
 
 
+def _demote_to_debug(event):
+    """ClientService logs every reconnect attempt at info; the store logs the
+    outage once (lost / back), so those lines go out at debug level."""
+    if event.get("log_level", LogLevel.info) < LogLevel.warn:
+        event = dict(event, log_level=LogLevel.debug)
+    globalLogPublisher(event)
+
+
+class _ClientService(ClientService):
+    _log = Logger(namespace="fido_tx.store.reconnect", observer=_demote_to_debug)
+
+
 @implementer(IStreamClientEndpoint)
 class _ObservedEndpoint:
     """An endpoint that tells the store why a connection attempt failed."""
@@ -184,10 +197,12 @@ class _ProtocolFactory(protocol.Factory):
         lost = p.connectionLost
 
         def connectionLost(reason):
+            # the store is marked down first: txredisapi then fails the
+            # pending commands, and their callers must see connected=False
             try:
-                return lost(reason)
-            finally:
                 self._store._lost(p, reason)
+            finally:
+                return lost(reason)
 
         p.connectionLost = connectionLost
         p.whenConnected().addCallback(
@@ -249,7 +264,7 @@ class RedisStore(Service):
         endpoint = _ObservedEndpoint(
             redisurl.endpoint(self._reactor, self.url, self._settings.connect_timeout), self
         )
-        self._client = ClientService(
+        self._client = _ClientService(
             endpoint, _ProtocolFactory(self), retryPolicy=self._retry_policy, clock=self._reactor
         )
         self._client.startService()
@@ -362,10 +377,12 @@ class RedisStore(Service):
 
             if timed_out:
                 if sent_on:
-                    proto = sent_on[-1]
-                    if proto.transport is not None and proto.connected:
-                        proto.transport.abortConnection()
                     message = f"Redis did not answer {what} within {timeout:g} s"
+                    proto = sent_on[-1]
+                    # mark it down now (the abort reports back a turn later)
+                    self._lost(proto, Failure(TimeoutError(message)))
+                    if proto.transport is not None:
+                        proto.transport.abortConnection()
                 else:
                     message = (
                         f"Redis at {self.url} is unreachable"

@@ -1,0 +1,763 @@
+"""Tests for fido_tx.store (the Redis sink) and fido_tx.redisurl.
+
+URL parsing and the "never connected" deadline are synchronous unit tests;
+everything else runs against a real redis-server (the ``redis`` fixture, or
+servers started here for appendonly, unix sockets, passwords and TLS).
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import attr
+import pytest
+import pytest_twisted
+from hypothesis import assume, given, settings as hsettings, strategies as st
+from twisted.internet import defer
+from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import formatEvent, globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase
+
+from fido_tx import errors, redisurl
+from fido_tx.config import RedisSettings
+from fido_tx.outcome import SessionResult
+from fido_tx.sink import IMessageSink, Message
+from fido_tx.store import RedisStore, account_key, uids_key
+from tests.support import redis_server
+
+
+# -- URLs ---------------------------------------------------------------------
+
+
+class RedisURLTests(SynchronousTestCase):
+    def test_defaults(self):
+        u = redisurl.parse("redis://localhost")
+        self.assertEqual(
+            (u.scheme, u.host, u.port, u.db, u.username, u.password, u.tls),
+            ("redis", "localhost", 6379, 0, None, None, False),
+        )
+
+    def test_full_tcp_url_with_user_password_and_db(self):
+        u = redisurl.parse("redis://fido:s%40cr%3At@10.0.0.5:6380/3")
+        self.assertEqual((u.host, u.port, u.db), ("10.0.0.5", 6380, 3))
+        self.assertEqual((u.username, u.password), ("fido", "s@cr:t"))
+
+    def test_password_without_user(self):
+        u = redisurl.parse("redis://:secret@h/0")
+        self.assertEqual((u.username, u.password), (None, "secret"))
+
+    def test_db_as_query_parameter(self):
+        self.assertEqual(redisurl.parse("redis://h?db=5").db, 5)
+
+    def test_rediss_is_tls_and_takes_a_ca_file(self):
+        u = redisurl.parse("rediss://h:6390/1?ca_file=/etc/fido/ca.pem")
+        self.assertTrue(u.tls)
+        self.assertEqual(u.ca_file, "/etc/fido/ca.pem")
+
+    def test_ipv6_host(self):
+        u = redisurl.parse("redis://[::1]:7000/2")
+        self.assertEqual((u.host, u.port, u.db), ("::1", 7000, 2))
+        self.assertEqual(u.to_url(), "redis://[::1]:7000/2")
+
+    def test_unix_socket_with_db_and_password(self):
+        u = redisurl.parse("unix://:pw@/run/redis/redis.sock?db=4")
+        self.assertEqual((u.scheme, u.path, u.db, u.password), ("unix", "/run/redis/redis.sock", 4, "pw"))
+
+    def test_bad_urls_are_rejected_with_a_message(self):
+        for bad in [
+            "", "http://h", "redis://", "redis://h:99999", "redis://h/x",
+            "redis://h/-1", "redis://h?timeout=3", "unix://host/path", "unix://relative",
+            "redis://h/1?db=2", "redis://h:0", "redis://h#frag",
+        ]:
+            with self.subTest(url=bad):
+                self.assertRaises(redisurl.RedisURLError, redisurl.parse, bad)
+
+    def test_redacted_hides_the_password(self):
+        u = redisurl.parse("redis://user:hunter2@h:6379/0")
+        self.assertEqual(u.redacted(), "redis://user:***@h:6379/0")
+        self.assertEqual(str(u), "redis://user:***@h:6379/0")
+        self.assertNotIn("hunter2", repr(u))
+
+    def test_errors_never_contain_the_password(self):
+        for bad in [
+            "redis://u:hunter2@h:notaport", "redis://u:hun/ter2@h", "redis://u:hunter2@h/x",
+            "ftp://u:hunter2@h", "redis://u:hunter2@", "redis://u:hunter2@h?x=1",
+        ]:
+            with self.subTest(url=bad):
+                with self.assertRaises(redisurl.RedisURLError) as caught:
+                    redisurl.parse(bad)
+                self.assertNotIn("hunter", str(caught.exception))
+                self.assertNotIn("ter2", str(caught.exception))
+
+    def test_redact_text_that_does_not_parse(self):
+        self.assertEqual(redisurl.redact("redis://u:p/w@h:x"), "redis://u:***@h:x")
+        self.assertEqual(redisurl.redact("redis://u:pw@h"), "redis://u:***@h:6379/0")
+
+    def test_store_refuses_a_bad_url_at_construction(self):
+        self.assertRaises(
+            redisurl.RedisURLError, RedisStore, MemoryReactorClock(), RedisSettings(url="http://x")
+        )
+
+
+_text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=12)
+_hosts = st.one_of(
+    st.from_regex(r"[a-z0-9]([a-z0-9-]{0,10}[a-z0-9])?(\.[a-z0-9]{1,8}){0,2}", fullmatch=True),
+    st.ip_addresses(v=4).map(str),
+    st.ip_addresses(v=6).map(lambda a: a.compressed),
+)
+_paths = st.lists(
+    st.text(st.characters(blacklist_categories=("Cs", "Cc"), blacklist_characters="/"), min_size=1, max_size=8),
+    min_size=1, max_size=3,
+).map(lambda parts: "/" + "/".join(parts))
+
+
+@st.composite
+def _urls(draw):
+    scheme = draw(st.sampled_from(redisurl.SCHEMES))
+    password = draw(st.one_of(st.none(), _text))
+    username = draw(st.one_of(st.none(), _text.filter(bool)))
+    db = draw(st.integers(0, 10000))
+    if scheme == "unix":
+        return redisurl.RedisURL(
+            scheme="unix", path=draw(_paths), db=db, username=username, password=password
+        )
+    return redisurl.RedisURL(
+        scheme=scheme, host=draw(_hosts), port=draw(st.integers(1, 65535)), db=db,
+        username=username, password=password,
+        ca_file=draw(st.one_of(st.just(""), _paths)) if scheme == "rediss" else "",
+    )
+
+
+class RedisURLPropertyTests(SynchronousTestCase):
+    @hsettings(max_examples=200, deadline=None)
+    @given(_urls())
+    def test_format_then_parse_round_trips(self, url):
+        self.assertEqual(redisurl.parse(url.to_url()), url)
+
+    @hsettings(max_examples=100, deadline=None)
+    @given(_urls(), st.text(st.characters(whitelist_categories=("L", "N")), min_size=6, max_size=20))
+    def test_redacted_url_parses_and_never_shows_the_password(self, url, secret):
+        assume(secret not in attr.evolve(url, password=None).to_url())
+        url = attr.evolve(url, password=secret)
+        shown = url.redacted()
+        self.assertNotIn(secret, shown)
+        self.assertEqual(redisurl.parse(shown), attr.evolve(url, password="***"))
+
+
+# -- never connected: deadlines with a fake reactor ---------------------------
+
+
+class NeverConnectedTests(SynchronousTestCase):
+    """A reactor that never completes a connection: txredisapi would wait forever."""
+
+    def setUp(self):
+        self.clock = MemoryReactorClock()
+        self.store = RedisStore(
+            self.clock, RedisSettings(url="redis://127.0.0.1:1/0", command_timeout=3.0)
+        )
+        self.store.startService()
+        self.addCleanup(self.store.stopService)
+
+    def test_provides_the_sink_interface(self):
+        self.assertTrue(IMessageSink.providedBy(self.store))
+
+    def test_store_errbacks_kind_redis_at_the_deadline(self):
+        d = self.store.store([Message("a", "INBOX", 1, 1, b"x")])
+        self.assertNoResult(d)
+        self.clock.advance(2.9)
+        self.assertNoResult(d)
+        self.clock.advance(0.2)
+        failure = self.failureResultOf(d, errors.FidoError)
+        self.assertEqual(failure.value.kind, errors.REDIS)
+        self.assertIn("unreachable", failure.value.message)
+
+    def test_every_command_has_the_deadline(self):
+        pending = [
+            self.store.filter_new("a", "INBOX", 1, [1, 2]),
+            self.store.backlog(),
+        ]
+        self.clock.advance(3.01)
+        for d in pending:
+            self.assertEqual(self.failureResultOf(d, errors.FidoError).value.kind, errors.REDIS)
+
+    def test_best_effort_writes_fire_false_instead_of_failing(self):
+        pending = [
+            self.store.update_account("a", {"state": "ok"}),
+            self.store.record_session(SessionResult("a")),
+            self.store.heartbeat("me", {"pid": 1}, 30),
+        ]
+        self.clock.advance(3.01)
+        self.assertEqual([self.successResultOf(d) for d in pending], [False, False, False])
+
+    def test_stop_fails_waiting_commands_at_once(self):
+        d = self.store.backlog()
+        self.store.stopService()
+        self.assertEqual(self.failureResultOf(d, errors.FidoError).value.kind, errors.REDIS)
+        later = self.store.store([Message("a", "INBOX", 1, 1, b"x")])
+        self.failureResultOf(later, errors.FidoError)
+
+    def test_dry_run_session_writes_nothing(self):
+        d = self.store.record_session(SessionResult("a", dry_run=True))
+        self.assertEqual(self.successResultOf(d), True)
+
+    def test_empty_calls_need_no_redis(self):
+        self.assertEqual(self.successResultOf(self.store.store([])), [])
+        self.assertEqual(self.successResultOf(self.store.filter_new("a", "I", 1, [])), [])
+
+    def test_not_connected(self):
+        self.assertFalse(self.store.connected)
+
+
+# -- real Redis ---------------------------------------------------------------
+
+
+def _reactor():
+    from twisted.internet import reactor
+
+    return reactor
+
+
+def _fast_retry(attempt):
+    return 0.05
+
+
+def _make_store(url, **kw):
+    settings = RedisSettings(
+        url=url,
+        connect_timeout=kw.pop("connect_timeout", 2.0),
+        command_timeout=kw.pop("command_timeout", 2.0),
+        stream=kw.pop("stream", "fido:messages"),
+    )
+    store = RedisStore(_reactor(), settings, retry_policy=kw.pop("retry_policy", _fast_retry), **kw)
+    store.startService()
+    return store
+
+
+def _next_state(store, wanted, timeout=10):
+    """A Deferred that fires when the store's connection state becomes ``wanted``."""
+    if store.connected == wanted:
+        return defer.succeed(wanted)
+    d = defer.Deferred()
+
+    def observer(up):
+        if up == wanted and not d.called:
+            d.callback(up)
+
+    store.add_connection_observer(observer)
+    return d.addTimeout(timeout, _reactor())
+
+
+def _sleep(seconds):
+    from twisted.internet import task
+
+    return task.deferLater(_reactor(), seconds, lambda: None)
+
+
+def _entries(client, stream="fido:messages"):
+    return client("XRANGE", stream, "-", "+")
+
+
+def _msg(uid, raw=None, account="acme", mailbox="INBOX", uidvalidity=1234, **kw):
+    if raw is None:
+        raw = b"Subject: %d\r\n\r\nbody %d\r\n" % (uid, uid)
+    return Message(account, mailbox, uidvalidity, uid, raw, **kw)
+
+
+class _Logs:
+    """Collects formatted log lines while installed."""
+
+    def __init__(self):
+        self.lines = []
+
+    def __call__(self, event):
+        level = event.get("log_level")
+        text = f"[{level.name if level else '?'}] " + (formatEvent(event) or "")
+        if event.get("log_failure") is not None:
+            text += " " + event["log_failure"].getTraceback()
+        self.lines.append(text)
+
+    def __enter__(self):
+        globalLogPublisher.addObserver(self)
+        return self
+
+    def __exit__(self, *exc):
+        globalLogPublisher.removeObserver(self)
+
+    def text(self):
+        return "\n".join(self.lines)
+
+
+@pytest_twisted.inlineCallbacks
+def test_batch_becomes_one_entry_per_message_with_the_contract_fields_byte_exact(redis):
+    store = _make_store(redis.url)
+    try:
+        yield _next_state(store, True)
+        messages = [
+            _msg(1, b"From: a\r\n\r\n8-bit \xe4\xf6\xfc\xff and NUL \x00 end\r\n", message_id="<m1@x>"),
+            _msg(2, b"\x00" * 10 + bytes(range(256)) * 4),
+            _msg(3, b"X" * (2 * 1024 * 1024 - 6) + b"\r\n\x00\xff\r\n"),
+            _msg(4, b"", message_id="<caf\udce9@x>"),
+        ]
+        confirmed = yield store.store(messages)
+        assert list(confirmed) == [1, 2, 3, 4]
+        assert confirmed.new == [1, 2, 3, 4]
+        entries = _entries(redis.client())
+        assert len(entries) == 4
+        for (entry_id, fields), m in zip(entries, messages):
+            assert fields == m.fields()
+            assert fields[-1] == m.raw
+            assert fields[1::2][:4] == [b"acme", b"INBOX", b"1234", str(m.uid).encode()]
+        assert [f for f in entries[0][1][0::2]] == [
+            b"account", b"mailbox", b"uidvalidity", b"uid",
+            b"message_id", b"size", b"fetched_at", b"raw",
+        ]
+        assert entries[2][1][11] == b"2097152"  # 2 MiB exactly
+        assert store.last_stream_length == 4
+        assert (yield store.backlog()) == 4
+    finally:
+        yield store.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_storing_the_same_messages_again_adds_nothing_and_still_confirms(redis):
+    store = _make_store(redis.url)
+    try:
+        yield _next_state(store, True)
+        first = [_msg(u) for u in (10, 11, 12)]
+        yield store.store(first)
+        again = [_msg(u) for u in (11, 12, 13)]  # later fetch: new fetched_at
+        confirmed = yield store.store(again)
+        assert list(confirmed) == [11, 12, 13]
+        assert confirmed.new == [13]
+        entries = _entries(redis.client())
+        assert [e[1][7] for e in entries] == [b"10", b"11", b"12", b"13"]
+        assert store.last_stream_length == 4
+        confirmed = yield store.store(first + again)
+        assert confirmed.new == []
+        assert len(_entries(redis.client())) == 4
+        assert redis.client()("HGET", account_key("acme"), "fetched_total") == b"4"
+    finally:
+        yield store.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_dedupe_is_per_account_mailbox_and_uidvalidity(redis):
+    store = _make_store(redis.url)
+    try:
+        yield _next_state(store, True)
+        yield store.store([_msg(1), _msg(1, mailbox="Sent"), _msg(2, uidvalidity=99)])
+        other = yield store.store([_msg(1, account="globex")])
+        assert other.new == [1]
+        assert len(_entries(redis.client())) == 4
+        assert redis.client()("SMEMBERS", uids_key("acme", "INBOX", 1234)) == [b"1"]
+        assert (yield store.filter_new("acme", "INBOX", 99, [1, 2, 3])) == [1, 3]
+        assert redis.client()("HGET", account_key("acme"), "fetched_total") == b"3"
+        assert redis.client()("HGET", account_key("globex"), "fetched_total") == b"1"
+    finally:
+        yield store.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_filter_new_returns_the_unstored_uids_in_order(redis):
+    store = _make_store(redis.url)
+    try:
+        yield _next_state(store, True)
+        assert (yield store.filter_new("acme", "INBOX", 1234, [5, 3, 9])) == [5, 3, 9]
+        yield store.store([_msg(3), _msg(7)])
+        assert (yield store.filter_new("acme", "INBOX", 1234, [9, 7, 5, 3, 1])) == [9, 5, 1]
+        assert (yield store.filter_new("acme", "INBOX", 1235, [3, 7])) == [3, 7]
+        many = list(range(1, 20001))
+        assert (yield store.filter_new("acme", "INBOX", 1234, many)) == [
+            u for u in many if u not in (3, 7)
+        ]
+    finally:
+        yield store.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_fetched_total_counts_only_new_entries(redis):
+    store = _make_store(redis.url)
+    try:
+        yield _next_state(store, True)
+        for batch in ([1, 2], [2, 3, 4], [1, 4], [5]):
+            yield store.store([_msg(u) for u in batch])
+        assert redis.client()("HGET", account_key("acme"), "fetched_total") == b"5"
+        assert len(_entries(redis.client())) == 5
+    finally:
+        yield store.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_record_session_keeps_the_account_hash_current(redis):
+    store = _make_store(redis.url)
+    client = redis.client()
+
+    def account():
+        flat = client("HGETALL", account_key("acme"))
+        return {k.decode(): v.decode() for k, v in zip(flat[0::2], flat[1::2])}
+
+    try:
+        yield _next_state(store, True)
+        ok = yield store.record_session(
+            SessionResult("acme", kind=errors.AUTH, message="login refused"),
+            started_at_iso="2026-01-01T00:00:00.000Z",
+        )
+        assert ok is True
+        state = account()
+        assert state["state"] == "error"
+        assert state["last_error"] == "login refused"
+        assert state["last_error_kind"] == "auth"
+        assert state["last_attempt_at"] == "2026-01-01T00:00:00.000Z"
+        assert "last_success_at" not in state
+
+        yield store.record_session(SessionResult("acme", fetched=3))
+        state = account()
+        assert state["state"] == "ok"
+        assert state["last_success_at"].endswith("Z")
+        assert state["last_attempt_at"] <= state["last_success_at"]
+        assert state["last_error_kind"] == "auth"  # kept for history
+
+        before = account()
+        yield store.record_session(SessionResult("acme", kind=errors.CONNECT, dry_run=True))
+        assert account() == before
+
+        yield store.update_account("acme", {"state": "backoff", "next_attempt_at": 5})
+        assert account()["next_attempt_at"] == "5"
+    finally:
+        yield store.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_heartbeat_writes_the_instance_hash_with_a_ttl(redis):
+    store = _make_store(redis.url, instance_id="host-a:42")
+    try:
+        yield _next_state(store, True)
+        assert (yield store.heartbeat("host-a:42", {"pid": 42, "sessions": "3"}, 30)) is True
+        assert (yield store.heartbeat({"accounts": 7}, 60)) is True  # own instance id
+        client = redis.client()
+        assert client("HGET", "fido:instance:host-a:42", "sessions") == b"3"
+        assert client("HGET", "fido:instance:host-a:42", "accounts") == b"7"
+        assert 50 < client("TTL", "fido:instance:host-a:42") <= 60
+    finally:
+        yield store.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_redis_down_fails_commands_in_time_and_tells_observers_then_reconnects(redis):
+    store = _make_store(redis.url, command_timeout=0.5)
+    states = []
+    store.add_connection_observer(states.append)
+    try:
+        with _Logs() as logs:
+            yield _next_state(store, True)
+            yield store.store([_msg(1)])
+            lost = _next_state(store, False)
+            redis.stop()
+            yield lost
+            assert store.connected is False
+            assert states == [True, False]
+
+            # commands issued while disconnected: txredisapi alone would hang
+            for call in (
+                lambda: store.store([_msg(2)]),
+                lambda: store.filter_new("acme", "INBOX", 1234, [2]),
+                lambda: store.backlog(),
+            ):
+                started = time.monotonic()
+                with pytest.raises(errors.FidoError) as caught:
+                    yield call()
+                assert caught.value.kind == errors.REDIS
+                assert 0.45 < time.monotonic() - started < 1.5
+
+            back = _next_state(store, True)
+            redis.start()
+            yield back
+            assert states == [True, False, True]
+            confirmed = yield store.store([_msg(2)])
+            assert confirmed.new == [2]
+        text = logs.text()
+        assert text.count("Redis connection lost") == 1
+        assert "fetching paused until it is back" in text
+        assert text.count("is back; fetching resumes") == 1
+        retries = [line for line in logs.lines if "Scheduling retry" in line]
+        assert retries and all(line.startswith("[debug]") for line in retries)
+    finally:
+        yield store.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_command_waiting_for_the_connection_runs_when_redis_comes_back(redis):
+    store = _make_store(redis.url, command_timeout=5.0)
+    try:
+        yield _next_state(store, True)
+        lost = _next_state(store, False)
+        redis.stop()
+        yield lost
+        d = store.store([_msg(1)])
+        yield _sleep(0.2)
+        assert not d.called
+        redis.start()
+        confirmed = yield d
+        assert confirmed.new == [1]
+    finally:
+        yield store.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_restart_with_appendonly_keeps_the_dedupe_record(redis):
+    redis.stop()
+    server = redis_server.RedisServer(redis.binary, appendonly=True).start()
+    store = _make_store(server.url)
+    try:
+        yield _next_state(store, True)
+        yield store.store([_msg(u) for u in (1, 2, 3)])
+        lost = _next_state(store, False)
+        server.stop(kill=True)
+        yield lost
+        back = _next_state(store, True)
+        server.start()
+        yield back
+        confirmed = yield store.store([_msg(u) for u in (2, 3, 4)])
+        assert list(confirmed) == [2, 3, 4]
+        assert confirmed.new == [4]
+        assert [e[1][7] for e in _entries(server.client())] == [b"1", b"2", b"3", b"4"]
+    finally:
+        yield store.stopService()
+        server.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_redis_killed_while_a_store_is_in_flight_fails_it_and_recovers(redis):
+    store = _make_store(redis.url, command_timeout=5.0)
+    try:
+        yield _next_state(store, True)
+        big = [_msg(u, b"y" * (4 * 1024 * 1024)) for u in range(1, 9)]
+        d = store.store(big)
+        redis.stop(kill=True)
+        with pytest.raises(errors.FidoError) as caught:
+            yield d
+        assert caught.value.kind == errors.REDIS
+        back = _next_state(store, True)
+        redis.start()
+        yield back
+        assert (yield store.filter_new("acme", "INBOX", 1234, [1])) == [1]
+    finally:
+        yield store.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_stuck_redis_times_out_the_command_and_the_connection_is_replaced(redis):
+    store = _make_store(redis.url, command_timeout=0.5)
+    pid = redis.process.pid
+    try:
+        yield _next_state(store, True)
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            with pytest.raises(errors.FidoError) as caught:
+                yield store.store([_msg(1)])
+            assert caught.value.kind == errors.REDIS
+            assert "did not answer" in caught.value.message
+            assert time.monotonic() - started < 1.5
+            assert store.connected is False  # aborted: a late reply cannot be misread
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        yield _next_state(store, True)
+        # the stuck store did run once Redis woke up; storing again dedupes
+        confirmed = yield store.store([_msg(1), _msg(2)])
+        assert list(confirmed) == [1, 2]
+        assert len(_entries(redis.client())) == 2
+    finally:
+        yield store.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_stop_service_closes_and_does_not_reconnect(redis):
+    store = _make_store(redis.url)
+    yield _next_state(store, True)
+    states = []
+    store.add_connection_observer(states.append)
+    yield store.stopService()
+    assert store.connected is False
+    assert states == [False]
+    yield _sleep(0.3)
+    assert store.connected is False
+    clients = redis.client()("CLIENT", "LIST")
+    assert clients.count(b"\n") == 1  # only the asking client
+
+
+# -- other transports and authentication --------------------------------------
+
+
+class _Server:
+    """A redis-server with arbitrary arguments, stopped by pid."""
+
+    def __init__(self, *args):
+        self.directory = tempfile.mkdtemp(prefix="fido-redis-c-")
+        binary = redis_server.require("redis-server", redis_server.find_redis_server())
+        self.process = subprocess.Popen(
+            [binary, "--bind", "127.0.0.1", "--dir", self.directory, "--save", "",
+             "--logfile", os.path.join(self.directory, "redis.log"), *args],
+            stdout=subprocess.DEVNULL, stderr=sys.stderr,
+        )
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+
+
+def _wait_for(check, timeout=10):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except OSError:
+            pass
+        time.sleep(0.02)
+    raise RuntimeError("redis-server did not come up")
+
+
+@pytest.fixture
+def unix_redis():
+    import socket
+
+    directory = tempfile.mkdtemp(prefix="fido-sock-")
+    path = os.path.join(directory, "redis.sock")
+    server = _Server("--port", "0", "--unixsocket", path, "--unixsocketperm", "700")
+
+    def ping():
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(0.5)
+            s.connect(path)
+            s.sendall(b"PING\r\n")
+            return s.recv(64).startswith(b"+PONG")
+
+    try:
+        _wait_for(ping)
+        yield path
+    finally:
+        server.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_unix_socket_url_works(unix_redis):
+    store = _make_store(f"unix://{unix_redis}?db=2")
+    try:
+        yield _next_state(store, True)
+        confirmed = yield store.store([_msg(1)])
+        assert confirmed.new == [1]
+        assert (yield store.filter_new("acme", "INBOX", 1234, [1, 2])) == [2]
+        assert (yield store.backlog()) == 1
+    finally:
+        yield store.stopService()
+
+
+@pytest.fixture
+def password_redis():
+    port = redis_server.free_port()
+    server = _Server("--port", str(port), "--requirepass", "Pa55-w0rd!")
+
+    def up():
+        import socket
+
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(64).startswith(b"-NOAUTH")
+
+    try:
+        _wait_for(up)
+        yield port
+    finally:
+        server.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_password_authenticates_and_never_reaches_the_log(password_redis):
+    with _Logs() as logs:
+        store = _make_store(f"redis://:Pa55-w0rd%21@127.0.0.1:{password_redis}/1")
+        try:
+            yield _next_state(store, True)
+            yield store.store([_msg(1)])
+            assert (yield store.backlog()) == 1
+        finally:
+            yield store.stopService()
+    assert "Connected to Redis at redis://:***@127.0.0.1" in logs.text()
+    assert "Pa55" not in logs.text()
+
+
+@pytest_twisted.inlineCallbacks
+def test_wrong_password_keeps_it_down_and_says_why_without_the_password(password_redis):
+    with _Logs() as logs:
+        store = _make_store(
+            f"redis://:wrong-Secret@127.0.0.1:{password_redis}/0", command_timeout=0.7
+        )
+        try:
+            with pytest.raises(errors.FidoError) as caught:
+                yield store.backlog()
+            assert caught.value.kind == errors.REDIS
+            assert store.connected is False
+            shown = str(caught.value) + caught.value.debug
+            assert "auth" in shown.lower()
+            assert "wrong-Secret" not in shown
+        finally:
+            yield store.stopService()
+    assert "wrong-Secret" not in logs.text()
+    assert logs.text().count("Cannot connect to Redis") == 1
+
+
+@pytest.fixture
+def tls_redis():
+    from tests.support import tlsca
+
+    pki = tlsca.files()
+    port = redis_server.free_port()
+    server = _Server(
+        "--port", "0", "--tls-port", str(port),
+        "--tls-cert-file", pki.localhost.cert, "--tls-key-file", pki.localhost.key,
+        "--tls-ca-cert-file", pki.ca, "--tls-auth-clients", "no",
+    )
+
+    def up():
+        import socket
+
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+
+    try:
+        _wait_for(up)
+        if server.process.poll() is not None:
+            pytest.skip("this redis-server has no TLS support")
+        yield port, pki
+    finally:
+        server.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_rediss_verifies_the_server_and_works(tls_redis):
+    port, pki = tls_redis
+    store = _make_store(f"rediss://localhost:{port}/0?ca_file={pki.ca}")
+    try:
+        yield _next_state(store, True)
+        confirmed = yield store.store([_msg(1, b"over TLS \x00\xff")])
+        assert confirmed.new == [1]
+    finally:
+        yield store.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_rediss_refuses_a_server_it_cannot_verify(tls_redis):
+    port, pki = tls_redis
+    # the certificate is for localhost and 127.0.0.1, signed by a CA we do not trust
+    store = _make_store(f"rediss://localhost:{port}/0?ca_file={pki.other_ca}", command_timeout=0.7)
+    try:
+        with pytest.raises(errors.FidoError) as caught:
+            yield store.backlog()
+        assert caught.value.kind == errors.REDIS
+        assert store.connected is False
+    finally:
+        yield store.stopService()
