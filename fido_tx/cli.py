@@ -32,6 +32,9 @@ LAZY_COMMANDS = {
 }
 
 
+_COMMAND_NAMES = frozenset(["init", "keygen", "encrypt", "decrypt", *LAZY_COMMANDS])
+
+
 class CliError(Exception):
     """A failure to report as one line, ``fido: error: <message>``."""
 
@@ -274,7 +277,15 @@ def main(argv=None, stdin=None, stdout=None, stderr=None, environ=None, roots=No
     except _ParserExit as e:
         return e.status
     except _UsageError as e:
-        return fail(f"{e.message} (see {e.prog} --help)", 2)
+        prog = e.prog
+        if prog == PROG:
+            # "unrecognized arguments" comes from the top parser: point at
+            # the subcommand's help when there is one.
+            names = _COMMAND_NAMES & set(argv)
+            command = next((a for a in argv if a in names), None)
+            if command:
+                prog = f"{PROG} {command}"
+        return fail(f"{e.message} (see {prog} --help)", 2)
     except (CliError, config.ConfigError, accounts.AccountsFileError) as e:
         return fail(e)
     except OSError as e:
