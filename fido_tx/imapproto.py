@@ -1,0 +1,781 @@
+"""The IMAP protocol side of a mailbox session: an ``IMAP4Client`` subclass.
+
+:class:`FidoIMAP4Client` keeps ``IMAP4Client``'s tagging and command objects
+but replaces its input path, because the stock one is unfit for a daemon that
+fetches from thousands of servers:
+
+- every command has its own timeout (``reactor.callLater`` and
+  ``transport.abortConnection()``), not ``IMAP4Client.timeout``, which
+  misbehaves with queued commands;
+- message literals must keep arriving at ``min_literal_rate`` bytes/s;
+- literals are collected as chunks and joined once; a FETCH response is handed
+  to the caller as text segments and literal ``bytes`` (no ``charmap`` strings,
+  no re-joining the whole response, no copy per parse step);
+- untagged responses go to a per-command handler (SEARCH replies with
+  thousands of UIDs are split, not run through ``parseNestedParens``);
+- lines up to :attr:`FidoIMAP4Client.MAX_LENGTH` (8 MiB) are accepted;
+- every failure (timeout, BYE, unexpected close, unparsable response) ends
+  the connection and fails the pending command with one
+  :class:`~fido_tx.errors.FidoError`; a command sent after that fails at once;
+- the last protocol lines (credentials redacted) are kept for debug text.
+
+It also holds the small parsers of IMAP syntax the session needs
+(capabilities, SELECT data, FETCH items, UID sets, quoting).
+"""
+
+import base64
+import collections
+import re
+
+from twisted.internet import defer
+from twisted.internet import error as ierror
+from twisted.mail import imap4
+from twisted.python import failure
+
+from fido_tx import errors
+from fido_tx.errors import FidoError
+
+_LITERAL_AT_END = re.compile(rb"\{(\d+)\}\Z")
+_TAGGED = re.compile(rb"([A-Za-z]+)(?: (.*))?\Z", re.S)
+_RESP_CODE = re.compile(rb"\[([^\]]*)\]")
+
+
+class ImapCommandError(imap4.IMAP4Exception):
+    """A tagged NO or BAD answer.
+
+    :ivar status: ``b"NO"`` or ``b"BAD"``.
+    :ivar text: the rest of the tagged line (with any ``[CODE]``).
+    """
+
+    def __init__(self, command, status, text):
+        super().__init__(f"{command} failed: {status.decode()} {_show(text)}")
+        self.command = command
+        self.status = status
+        self.text = text
+
+    @property
+    def code(self):
+        """The response code (``b"AUTHENTICATIONFAILED"``), upper-case, or ``b""``."""
+        return response_code(self.text)
+
+
+class _Cancelled(Exception):
+    """Internal: the caller cancelled the session."""
+
+
+def _show(data, limit=300):
+    """Bytes from the server as a printable one-line str, truncated."""
+    if isinstance(data, str):
+        text = data
+    else:
+        text = data[:limit].decode("utf-8", "replace")
+    text = "".join(c if c.isprintable() else "\\x%02x" % ord(c) for c in text[:limit])
+    if len(data) > limit:
+        text += "..."
+    return text
+
+
+def response_code(text):
+    """The ``[CODE ...]`` word at the start of a response text, upper-case."""
+    m = _RESP_CODE.match(text.lstrip())
+    if not m:
+        return b""
+    return m.group(1).split(b" ", 1)[0].upper()
+
+
+def parse_capabilities(text):
+    """``b"IMAP4rev1 STARTTLS AUTH=PLAIN"`` -> a frozenset of upper-case atoms."""
+    return frozenset(t.upper() for t in text.split())
+
+
+def greeting_capabilities(text):
+    """The capabilities in a greeting's ``[CAPABILITY ...]`` code, or ``None``."""
+    m = _RESP_CODE.match(text.lstrip())
+    if not m:
+        return None
+    words = m.group(1).split()
+    if not words or words[0].upper() != b"CAPABILITY":
+        return None
+    return frozenset(w.upper() for w in words[1:])
+
+
+def uid_set(uids):
+    """Sorted, compact IMAP UID set: ``[1, 2, 3, 5, 7, 8]`` -> ``b"1:3,5,7:8"``."""
+    out = []
+    start = prev = None
+    for uid in sorted(set(uids)):
+        if start is None:
+            start = prev = uid
+        elif uid == prev + 1:
+            prev = uid
+        else:
+            out.append(_range(start, prev))
+            start = prev = uid
+    if start is not None:
+        out.append(_range(start, prev))
+    return b",".join(out)
+
+
+def _range(a, b):
+    return b"%d" % a if a == b else b"%d:%d" % (a, b)
+
+
+def _needs_literal(value):
+    return any(c in (0, 10, 13) or c > 127 for c in value)
+
+
+def _quotable(value):
+    """Plain enough to quote without escapes (servers differ on ``\\`` escapes)."""
+    return not any(c < 32 or c > 126 or c in (34, 92) for c in value)
+
+
+def quote(value):
+    """An IMAP quoted string of ``value`` (bytes without CR, LF, NUL, 8-bit)."""
+    return b'"' + value.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+
+
+def astring_parts(value):
+    """How to send ``value`` as an astring: ``(head, literal_or_None)``.
+
+    ``head`` goes on the current line; when ``literal`` is not ``None`` the
+    server must answer ``+`` before it is sent.
+    """
+    if not _quotable(value):
+        return b"{%d}" % len(value), value
+    return quote(value), None
+
+
+def mailbox_name(name):
+    """A mailbox name as sent on the wire: modified UTF-7, quoted."""
+    encoded = name.encode("imap4-utf-7")
+    if _needs_literal(encoded):  # CR/LF in a folder name: not sendable quoted
+        raise FidoError(errors.MAILBOX, f"invalid mailbox name {name!r}")
+    return quote(encoded)
+
+
+# --- untagged response parsing ---------------------------------------------
+
+
+class _Tokens:
+    """Tokenize IMAP response data given as text segments and literals."""
+
+    def __init__(self, segments):
+        self.items = []
+        for i, seg in enumerate(segments):
+            if i % 2:
+                self.items.append(("lit", seg))
+            else:
+                if i < len(segments) - 1:
+                    seg = _LITERAL_AT_END.sub(b"", seg)
+                self._tokenize(seg)
+        self.pos = 0
+
+    def _tokenize(self, s):
+        i, n = 0, len(s)
+        add = self.items.append
+        while i < n:
+            c = s[i]
+            if c == 32:  # space
+                i += 1
+            elif c == 40:  # (
+                add(("(", None))
+                i += 1
+            elif c == 41:  # )
+                add((")", None))
+                i += 1
+            elif c == 34:  # "
+                j = i + 1
+                buf = bytearray()
+                while j < n and s[j] != 34:
+                    if s[j] == 92 and j + 1 < n:
+                        j += 1
+                    buf.append(s[j])
+                    j += 1
+                if j >= n:
+                    raise ValueError("unterminated quoted string")
+                add(("str", bytes(buf)))
+                i = j + 1
+            else:
+                j = i
+                depth = 0
+                while j < n:
+                    c = s[j]
+                    if c == 91:  # [
+                        depth += 1
+                    elif c == 93:  # ]
+                        depth -= 1
+                    elif depth <= 0 and c in (32, 40, 41):
+                        break
+                    j += 1
+                add(("atom", s[i:j]))
+                i = j
+
+    def next(self):
+        if self.pos >= len(self.items):
+            raise ValueError("response ends early")
+        item = self.items[self.pos]
+        self.pos += 1
+        return item
+
+    def value(self):
+        kind, val = self.next()
+        if kind == "(":
+            out = []
+            while True:
+                if self.pos >= len(self.items):
+                    raise ValueError("unbalanced parentheses")
+                if self.items[self.pos][0] == ")":
+                    self.pos += 1
+                    return out
+                out.append(self.value())
+        if kind == ")":
+            raise ValueError("unexpected ')'")
+        if kind == "atom" and val.upper() == b"NIL":
+            return None
+        return val
+
+
+def parse_fetch(segments):
+    """Parse ``n FETCH (...)`` given as segments (text, literal, text, ...).
+
+    :return: ``(sequence_number, {ITEM: value})``; item names are upper-case
+        bytes with any ``<origin>`` removed (``b"BODY[]"``, ``b"UID"``); values
+        are bytes, ``None`` (NIL) or lists.
+    :raise ValueError: on a malformed response.
+    """
+    toks = _Tokens(segments)
+    kind, seq = toks.next()
+    if kind != "atom" or not seq.isdigit():
+        raise ValueError("FETCH without a sequence number")
+    kind, word = toks.next()
+    if kind != "atom" or word.upper() != b"FETCH":
+        raise ValueError("not a FETCH response")
+    if toks.next()[0] != "(":
+        raise ValueError("FETCH without '('")
+    items = {}
+    while True:
+        kind, key = toks.next()
+        if kind == ")":
+            break
+        if kind != "atom":
+            raise ValueError("bad FETCH item name")
+        key = key.upper()
+        if key.endswith(b">") and b"<" in key:
+            key = key[: key.rindex(b"<")]
+        items[key] = toks.value()
+    return int(seq), items
+
+
+def parse_search(text):
+    """``b"SEARCH 1 2 3"`` -> ``[1, 2, 3]`` (ignores a ``(MODSEQ n)`` suffix)."""
+    words = text.split()
+    out = []
+    for w in words[1:]:
+        if w.startswith(b"("):
+            break
+        out.append(int(w))
+    return out
+
+
+def parse_flag_list(text):
+    """``b"(\\\\Seen $Foo \\\\*)"`` inside a response -> tuple of str flags."""
+    start, end = text.find(b"("), text.rfind(b")")
+    if start == -1 or end < start:
+        return ()
+    return tuple(f.decode("ascii", "replace") for f in text[start + 1 : end].split())
+
+
+class SelectInfo:
+    """What SELECT/EXAMINE told us."""
+
+    def __init__(self):
+        self.uidvalidity = None
+        self.exists = None
+        self.flags = ()
+        self.permanent_flags = None
+        self.read_only = False
+
+    def keywords_allowed(self, keyword):
+        """Whether ``keyword`` can be stored permanently in this mailbox."""
+        perm = self.permanent_flags
+        if perm is None:  # RFC 3501: absent means all FLAGS are permanent
+            return keyword.lower() in (f.lower() for f in self.flags)
+        return "\\*" in perm or keyword.lower() in (f.lower() for f in perm)
+
+    def keyword_known(self, keyword):
+        """Whether a SEARCH on ``keyword`` is meaningful (storable or defined)."""
+        return self.keywords_allowed(keyword) or keyword.lower() in (
+            f.lower() for f in self.flags
+        )
+
+    def feed(self, text):
+        """One untagged response of SELECT (without ``* ``)."""
+        upper = text.upper()
+        if upper.startswith(b"OK ["):
+            code = text[4 : text.find(b"]")] if b"]" in text else text[4:]
+            word = code.split(b" ", 1)[0].upper()
+            if word == b"UIDVALIDITY":
+                try:
+                    self.uidvalidity = int(code.split()[1])
+                except (IndexError, ValueError):
+                    raise ValueError("bad UIDVALIDITY")
+            elif word == b"PERMANENTFLAGS":
+                self.permanent_flags = parse_flag_list(text)
+        elif upper.startswith(b"FLAGS "):
+            self.flags = parse_flag_list(text)
+        else:
+            parts = text.split(None, 2)
+            if len(parts) >= 2 and parts[1].upper() == b"EXISTS" and parts[0].isdigit():
+                self.exists = int(parts[0])
+
+
+# --- the protocol -------------------------------------------------------------
+
+
+class FidoIMAP4Client(imap4.IMAP4Client):
+    """One IMAP connection with per-command timeouts and a debug trace.
+
+    Use :meth:`command` for every command (one at a time); wait for
+    :attr:`greeting` first.  :meth:`fail` ends the connection with an error.
+    """
+
+    #: longest accepted line: a SEARCH reply with ~1 million UIDs
+    MAX_LENGTH = 8 * 1024 * 1024
+    #: protocol lines kept for debug text
+    TRACE_LINES = 20
+    #: characters kept of one traced line
+    TRACE_WIDTH = 200
+    #: seconds between checks of the literal transfer rate
+    literal_check_interval = 5.0
+
+    def __init__(
+        self,
+        clock,
+        greeting_timeout=30.0,
+        command_timeout=60.0,
+        min_literal_rate=4096,
+    ):
+        super().__init__()
+        self.clock = clock
+        self.greeting_timeout = greeting_timeout
+        self.command_timeout = command_timeout
+        self.min_literal_rate = min_literal_rate
+        self.trace = collections.deque(maxlen=self.TRACE_LINES)
+        #: fires with the greeting's capabilities (frozenset or None)
+        self.greeting = defer.Deferred()
+        #: fires (with None) when the connection is gone
+        self.lost = defer.Deferred()
+        self.error = None
+        self.closed = False
+        #: True once the server greeted with PREAUTH
+        self.preauth = False
+        #: the server's BYE text, if it said goodbye
+        self.bye = None
+        #: the text of the server's last tagged/greeting response
+        self.last_response = b""
+        self.logging_out = False
+        self._timer = None
+        self._timer_seconds = None
+        self._timer_what = ""
+        self._segments = None
+        self._literal = None
+        self._literal_remaining = 0
+        self._literal_window = 0
+        self._rate_check = None
+        self._untagged = None
+        self._current = None
+
+    # -- tracing -----------------------------------------------------------
+
+    def _trace(self, direction, line):
+        if len(line) > self.TRACE_WIDTH:
+            line = line[: self.TRACE_WIDTH] + b"... (%d bytes)" % len(line)
+        self.trace.append(f"{direction}: {_show(line, self.TRACE_WIDTH + 40)}")
+
+    def debug_lines(self):
+        return list(self.trace)
+
+    def sendLine(self, line):
+        parts = line.split(b" ", 2)
+        if len(parts) == 3 and parts[1].upper() in (b"LOGIN", b"AUTHENTICATE"):
+            if parts[1].upper() == b"LOGIN":
+                shown = parts[0] + b" LOGIN <redacted>"
+            else:
+                mech = parts[2].split(b" ", 1)
+                shown = parts[0] + b" AUTHENTICATE " + mech[0]
+                if len(mech) > 1:
+                    shown += b" <redacted>"
+            self.trace.append("C: " + _show(shown))
+        else:
+            self._trace("C", line)
+        return super().sendLine(line)
+
+    def send_secret(self, line):
+        """Send a continuation line that carries credentials (not traced)."""
+        self.trace.append("C: <redacted>")
+        self.transport.write(line + self.delimiter)
+
+    # -- timers --------------------------------------------------------------
+
+    def _arm(self, seconds, what):
+        self._disarm()
+        self._timer_seconds = seconds
+        self._timer_what = what
+        self._timer = self.clock.callLater(seconds, self._timed_out)
+
+    def _disarm(self):
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _progress(self):
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(self._timer_seconds)
+
+    def _timed_out(self):
+        self._timer = None
+        self.fail(
+            FidoError(
+                errors.TIMEOUT,
+                f"no response to {self._timer_what} within {self._timer_seconds:g} s",
+            )
+        )
+
+    def _stop_rate_check(self):
+        if self._rate_check is not None and self._rate_check.active():
+            self._rate_check.cancel()
+        self._rate_check = None
+
+    def _check_rate(self):
+        self._rate_check = None
+        rate = self._literal_window / self.literal_check_interval
+        if rate < self.min_literal_rate:
+            self.fail(
+                FidoError(
+                    errors.TIMEOUT,
+                    f"message data arrived at {rate:.0f} bytes/s, below the "
+                    f"minimum of {self.min_literal_rate} bytes/s",
+                )
+            )
+            return
+        self._literal_window = 0
+        self._rate_check = self.clock.callLater(
+            self.literal_check_interval, self._check_rate
+        )
+
+    # -- failure and connection state --------------------------------------
+
+    def fail(self, error):
+        """End the connection because of ``error`` (the first one wins)."""
+        if self.error is None:
+            self.error = error
+        self._disarm()
+        self._stop_rate_check()
+        if self.transport is not None and not self.closed:
+            self.transport.abortConnection()
+
+    def connectionMade(self):
+        self._arm(self.greeting_timeout, "the connection (server greeting)")
+
+    def connectionLost(self, reason):
+        self.closed = True
+        self._disarm()
+        self._stop_rate_check()
+        if self.error is None:
+            self.error = self._lost_error(reason)
+        err = failure.Failure(self.error)
+        if not self.greeting.called:
+            self.greeting.errback(err)
+        imap4.IMAP4Client.connectionLost(self, err)
+        if not self.lost.called:
+            self.lost.callback(None)
+
+    def _lost_error(self, reason):
+        tls = tls_error(reason, getattr(self, "tls_verify_errors", None))
+        if tls is not None:
+            return tls
+        if self.logging_out:
+            return FidoError(errors.PROTOCOL, "connection closed during LOGOUT")
+        if not self.greeting.called:
+            return FidoError(
+                errors.CONNECT,
+                "server closed the connection before its greeting"
+                + _reason_suffix(reason),
+            )
+        if self.bye is not None:
+            return FidoError(
+                errors.PROTOCOL, f"server closed the connection: BYE {_show(self.bye)}"
+            )
+        return FidoError(
+            errors.PROTOCOL,
+            "server closed the connection unexpectedly" + _reason_suffix(reason),
+        )
+
+    def lineLengthExceeded(self, line):
+        self.fail(
+            FidoError(
+                errors.PROTOCOL,
+                f"server sent a line longer than {self.MAX_LENGTH} bytes",
+            )
+        )
+
+    # -- input ---------------------------------------------------------------
+
+    def dataReceived(self, data):
+        if self.error is not None:
+            return
+        try:
+            super().dataReceived(data)
+        except FidoError as e:
+            self.fail(e)
+        except Exception as e:
+            self.fail(
+                FidoError(
+                    errors.PROTOCOL,
+                    f"could not parse the server's response ({type(e).__name__}: {e})",
+                )
+            )
+
+    def lineReceived(self, line):
+        if self.error is not None:
+            return
+        self._progress()
+        self._trace("S", line)
+        m = _LITERAL_AT_END.search(line)
+        if m is not None:
+            if self._segments is None:
+                self._segments = []
+            self._segments.append(line)
+            self._literal = []
+            self._literal_remaining = int(m.group(1))
+            self._literal_window = 0
+            if self._literal_remaining > self.min_literal_rate * self.literal_check_interval:
+                self._rate_check = self.clock.callLater(
+                    self.literal_check_interval, self._check_rate
+                )
+            self.setRawMode()
+            if self._literal_remaining == 0:
+                self._end_literal(b"")
+            return
+        if self._segments is not None:
+            self._segments.append(line)
+            segments, self._segments = self._segments, None
+        else:
+            segments = [line]
+        self._dispatch(segments)
+
+    def rawDataReceived(self, data):
+        if self.error is not None:
+            return
+        self._progress()
+        n = self._literal_remaining
+        if len(data) < n:
+            self._literal.append(data)
+            self._literal_remaining -= len(data)
+            self._literal_window += len(data)
+            return
+        self._literal_window += n
+        self._literal.append(data[:n] if len(data) > n else data)
+        self._end_literal(data[n:])
+
+    def _end_literal(self, rest):
+        chunks, self._literal = self._literal, None
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        del chunks
+        self._stop_rate_check()
+        self.trace.append(f"S: <literal {len(body)} bytes>")
+        self._segments.append(body)
+        self._literal_remaining = 0
+        self.setLineMode(rest)
+
+    def _dispatch(self, segments):
+        first = segments[0]
+        parts = first.split(b" ", 1)
+        tag = parts[0]
+        rest0 = parts[1] if len(parts) > 1 else b""
+        segments[0] = rest0
+        if self.state is None:
+            self._greeted(tag, rest0)
+        elif tag == b"+":
+            self._continuation(rest0)
+        elif tag == b"*":
+            self._untagged_response(segments)
+        else:
+            if len(segments) > 1:
+                raise FidoError(errors.PROTOCOL, "literal in a tagged response")
+            self._tagged(tag, rest0)
+
+    def _greeted(self, tag, rest):
+        self._disarm()
+        m = _TAGGED.match(rest)
+        status = m.group(1).upper() if m and tag == b"*" else b""
+        text = (m.group(2) or b"") if m else rest
+        self.last_response = rest
+        if status == b"OK":
+            self.state = "unauth"
+        elif status == b"PREAUTH":
+            self.state = "auth"
+            self.preauth = True
+        elif status == b"BYE":
+            self.bye = text
+            raise FidoError(
+                errors.CONNECT, f"server refused the session: BYE {_show(text)}"
+            )
+        else:
+            raise FidoError(
+                errors.PROTOCOL, f"not an IMAP server greeting: {_show(tag + b' ' + rest)}"
+            )
+        self.greeting.callback(greeting_capabilities(text))
+
+    def _continuation(self, rest):
+        cmd = self.tags.get(self.waiting) if self.waiting else None
+        if cmd is None or cmd.continuation is None:
+            raise FidoError(errors.PROTOCOL, "unexpected continuation request")
+        cmd.continuation(rest)
+
+    def _untagged_response(self, segments):
+        text = segments[0]
+        if len(segments) == 1 and text[:4].upper() == b"BYE " or text.upper() == b"BYE":
+            self.bye = text[4:]
+            return
+        handler = self._untagged
+        if handler is not None:
+            handler(segments)
+
+    def _tagged(self, tag, rest):
+        cmd = self.tags.pop(tag, None) if self.tags is not None else None
+        if cmd is None:
+            raise FidoError(
+                errors.PROTOCOL, f"response with an unknown tag: {_show(tag + b' ' + rest)}"
+            )
+        self.waiting = None
+        self.last_response = rest
+        m = _TAGGED.match(rest)
+        status = m.group(1).upper() if m else b""
+        text = (m.group(2) or b"") if m else b""
+        d, cmd.defer = cmd.defer, None
+        if status == b"OK":
+            d.callback(text)
+        elif status in (b"NO", b"BAD"):
+            d.errback(ImapCommandError(cmd.command.decode("ascii", "replace"), status, text))
+        else:
+            raise FidoError(errors.PROTOCOL, f"bad tagged response: {_show(rest)}")
+
+    # -- output ----------------------------------------------------------------
+
+    def sendCommand(self, cmd):
+        if self.closed or self.error is not None:
+            cmd.defer = defer.Deferred()
+            cmd.defer.errback(failure.Failure(self.error or _closed()))
+            return cmd.defer
+        if self.waiting:
+            raise RuntimeError("FidoIMAP4Client runs one command at a time")
+        return super().sendCommand(cmd)
+
+    def command(self, name, args=None, untagged=None, continuation=None, timeout=None, what=None):
+        """Send one command; fire with the tagged OK text.
+
+        :param untagged: called with the segments of each untagged response
+            (``[text]``, or ``[text, literal, text, ...]``) while it runs.
+        :param continuation: called with the text of each ``+`` request.
+        :return: Deferred; errbacks with :class:`ImapCommandError` on NO/BAD,
+            with :class:`FidoError` when the connection fails.
+        """
+        cmd = imap4.Command(name, args)
+        cmd.continuation = continuation
+        if what is None:
+            what = name.decode("ascii", "replace")
+            if name == b"UID" and args:
+                what += " " + args.split(b" ", 1)[0].decode("ascii", "replace")
+        self._untagged = untagged
+        d = self.sendCommand(cmd)
+        if not d.called:
+            self._arm(self.command_timeout if timeout is None else timeout, what)
+
+        def done(result):
+            self._disarm()
+            self._untagged = None
+            return result
+
+        d.addBoth(done)
+        return d
+
+    def start_tls(self, context_factory):
+        """Switch the transport to TLS (after a tagged OK to STARTTLS).
+
+        Plain text the server sent after its OK would be read as if it came
+        through TLS (STARTTLS response injection): refuse it.
+        """
+        leftover = self.clearLineBuffer()
+        if leftover:
+            raise FidoError(errors.TLS, "server sent data after its STARTTLS response")
+        self.transport.startTLS(context_factory)
+        self.startedTLS = True
+
+
+def _closed():
+    return FidoError(errors.PROTOCOL, "connection closed")
+
+
+def _reason_suffix(reason):
+    if reason is None or reason.check(ierror.ConnectionDone):
+        return ""
+    return f" ({reason.getErrorMessage()})"
+
+
+_VERIFY_ERRORS = {
+    2: "unable to get issuer certificate",
+    9: "certificate is not yet valid",
+    10: "certificate has expired",
+    18: "self-signed certificate",
+    19: "self-signed certificate in the certificate chain",
+    20: "unable to get local issuer certificate (unknown CA)",
+    21: "unable to verify the first certificate",
+    23: "certificate revoked",
+    26: "unsuitable certificate purpose",
+    62: "hostname mismatch",
+}
+
+
+def describe_verify_error(errno):
+    return _VERIFY_ERRORS.get(errno, f"X509 verify error {errno}")
+
+
+def tls_error(reason, verify_errors=None, host=None):
+    """A :class:`FidoError` of kind ``tls`` for a TLS failure, else ``None``."""
+    if reason is None:
+        return None
+    try:
+        from OpenSSL import SSL
+        from service_identity import VerificationError
+    except ImportError:  # pragma: no cover
+        return None
+    if reason.check(VerificationError):
+        return FidoError(
+            errors.TLS,
+            "certificate does not match host"
+            + (f" {host!r}" if host else "")
+            + f": {reason.getErrorMessage()}",
+        )
+    if reason.check(SSL.Error):
+        text = _ssl_text(reason.value)
+        if verify_errors:
+            errno, depth = verify_errors[0]
+            return FidoError(
+                errors.TLS, f"certificate verify failed: {describe_verify_error(errno)}"
+            )
+        return FidoError(errors.TLS, f"TLS handshake failed: {text}")
+    return None
+
+
+def _ssl_text(exc):
+    try:
+        parts = [e[2] for e in exc.args[0] if e and e[2]]
+    except (IndexError, TypeError):
+        parts = []
+    return "; ".join(parts) or str(exc) or type(exc).__name__
+
+
+def plain_response(username, password):
+    """The base64 SASL PLAIN initial response (authzid empty)."""
+    return base64.b64encode(b"\0" + username + b"\0" + password)

@@ -1,0 +1,561 @@
+"""Mailbox sessions (fido_tx.imap) against Twisted's own IMAP4Server.
+
+The server runs over real loopback TCP with an in-memory mailbox; the tests
+check what the session did on both sides: the sink's entries and the server's
+flags and messages, and the command lines the server received.
+"""
+
+import itertools
+from io import BytesIO
+
+import pytest
+import pytest_twisted
+from twisted.cred import checkers, portal
+from twisted.internet import defer, protocol
+from twisted.mail import imap4
+from zope.interface import implementer
+
+from fido_tx import errors, imap
+from fido_tx.accounts import Account
+from fido_tx.config import ImapSettings
+from fido_tx.sink import MemorySink, redis_down
+
+USER, PASSWORD = "fido@example.test", 'pa"ss\\word'
+
+# --- an in-memory IMAP server ---------------------------------------------------
+
+
+@implementer(imap4.IMessage, imap4.IMessageFile)
+class FakeMessage:
+    def __init__(self, raw, uid, flags=()):
+        self.raw = raw
+        self.uid = uid
+        self.flags = set(flags)
+
+    def open(self):
+        return BytesIO(self.raw)
+
+    def getHeaders(self, negate, *names):
+        return {}
+
+    def getBodyFile(self):
+        return BytesIO(self.raw)
+
+    def getSize(self):
+        return len(self.raw)
+
+    def isMultipart(self):
+        return False
+
+    def getSubPart(self, part):
+        raise IndexError(part)
+
+    def getUID(self):
+        return self.uid
+
+    def getFlags(self):
+        return sorted(self.flags)
+
+    def getInternalDate(self):
+        return "Mon, 01 Jan 2024 00:00:00 +0000"
+
+
+@implementer(imap4.IMailbox, imap4.ISearchableMailbox, imap4.IMessageCopier)
+class FakeMailbox:
+    def __init__(self, flags=("\\Seen", "\\Deleted", "$FidoTooLarge"), uidvalidity=42):
+        self.messages = []
+        self.next_uid = 1
+        self.flags = flags
+        self.uidvalidity = uidvalidity
+        self.listeners = []
+        self.writeable = True
+
+    def add(self, raw, flags=()):
+        self.messages.append(FakeMessage(raw, self.next_uid, flags))
+        self.next_uid += 1
+        return self.next_uid - 1
+
+    def by_uid(self, uid):
+        return next(m for m in self.messages if m.uid == uid)
+
+    def uids(self):
+        return [m.uid for m in self.messages]
+
+    # IMailboxInfo / IMailbox
+    def getFlags(self):
+        return list(self.flags)
+
+    def getHierarchicalDelimiter(self):
+        return "/"
+
+    def getUIDValidity(self):
+        return self.uidvalidity
+
+    def getUIDNext(self):
+        return self.next_uid
+
+    def getUID(self, seq):
+        return self.messages[seq - 1].uid
+
+    def getMessageCount(self):
+        return len(self.messages)
+
+    def getRecentCount(self):
+        return 0
+
+    def getUnseenCount(self):
+        return sum(1 for m in self.messages if "\\Seen" not in m.flags)
+
+    def isWriteable(self):
+        return self.writeable
+
+    def destroy(self):
+        pass
+
+    def requestStatus(self, names):
+        return {}
+
+    def addListener(self, listener):
+        self.listeners.append(listener)
+
+    def removeListener(self, listener):
+        self.listeners.remove(listener)
+
+    def addMessage(self, message, flags=(), date=None):
+        return self.add(message.read(), flags)
+
+    def copy(self, msg):
+        return self.add(msg.raw, msg.flags)
+
+    def expunge(self):
+        gone = [i for i, m in enumerate(self.messages, 1) if "\\Deleted" in m.flags]
+        self.messages = [m for m in self.messages if "\\Deleted" not in m.flags]
+        return list(reversed(gone))
+
+    def _select(self, messages, uid):
+        if uid:
+            try:
+                messages.last = self.next_uid - 1 or 1
+            except ValueError:
+                pass
+            return [(i, m) for i, m in enumerate(self.messages, 1) if m.uid in messages]
+        try:
+            messages.last = len(self.messages) or 1
+        except ValueError:
+            pass
+        return [(i, m) for i, m in enumerate(self.messages, 1) if i in messages]
+
+    def fetch(self, messages, uid):
+        return self._select(messages, uid)
+
+    def store(self, messages, flags, mode, uid):
+        result = {}
+        for seq, m in self._select(messages, uid):
+            if mode == 1:
+                m.flags.update(flags)
+            elif mode == -1:
+                m.flags.difference_update(flags)
+            else:
+                m.flags = set(flags)
+            result[seq] = m.getFlags()
+        return result
+
+    def search(self, query, uid):
+        terms = [t.upper() if isinstance(t, bytes) else t for t in query]
+        out = []
+        for seq, m in enumerate(self.messages, 1):
+            ok, i = True, 0
+            while i < len(terms):
+                t = terms[i]
+                if t == b"UNSEEN":
+                    ok = ok and "\\Seen" not in m.flags
+                elif t == b"UNKEYWORD":
+                    i += 1
+                    kw = query[i].decode()
+                    ok = ok and kw not in m.flags
+                elif t == b"ALL":
+                    pass
+                else:
+                    raise imap4.IllegalQueryError(t)
+                i += 1
+            if ok:
+                out.append(seq)
+        return out
+
+
+@implementer(portal.IRealm)
+class Realm:
+    def __init__(self, account):
+        self.account = account
+
+    def requestAvatar(self, avatarId, mind, *interfaces):
+        return imap4.IAccount, self.account, lambda: None
+
+
+class RecordingServer(imap4.IMAP4Server):
+    """IMAP4Server that records the lines it receives."""
+
+    def lineReceived(self, line):
+        self.factory.received.append(line)
+        return super().lineReceived(line)
+
+
+class ServerFactory(protocol.Factory):
+    def __init__(self, mailboxes, tls=None):
+        self.received = []
+        self.account = imap4.MemoryAccount(USER)
+        for name, mbox in mailboxes.items():
+            self.account.addMailbox(name, mbox)
+        checker = checkers.InMemoryUsernamePasswordDatabaseDontUse()
+        checker.addUser(USER.encode(), PASSWORD.encode())
+        self.portal = portal.Portal(Realm(self.account), [checker])
+        self.tls = tls
+        self.connections = 0
+
+    def buildProtocol(self, addr):
+        self.connections += 1
+        p = RecordingServer(
+            chal={b"PLAIN": imap4.PLAINCredentials}, contextFactory=self.tls
+        )
+        p.portal = self.portal
+        p.factory = self
+        return p
+
+    def commands(self):
+        """Received command names (second word), e.g. ['CAPABILITY', 'LOGIN', ...]."""
+        out = []
+        for line in self.received:
+            parts = line.split(b" ")
+            if len(parts) >= 2:
+                name = parts[1].upper()
+                if name == b"UID" and len(parts) > 2:
+                    name += b" " + parts[2].upper()
+                out.append(name.decode())
+        return out
+
+
+@pytest.fixture
+def server():
+    """Start a server on a free loopback port; yields a function returning the factory."""
+    from twisted.internet import reactor
+
+    ports = []
+
+    def start(mailboxes, tls=None):
+        factory = ServerFactory(mailboxes, tls)
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        ports.append(port)
+        factory.port = port.getHost().port
+        factory.listening = port
+        return factory
+
+    yield start
+    for p in ports:
+        p.stopListening()
+
+
+def account(port, **kw):
+    fields = dict(id="acme", host="127.0.0.1", port=port, username=USER,
+                  password=PASSWORD, security="none")
+    fields.update(kw)
+    return Account(**fields)
+
+
+FAST = ImapSettings(connect_timeout=5, greeting_timeout=5, command_timeout=5,
+                    logout_timeout=2)
+
+
+def run(acct, sink, settings=FAST, dry_run=False):
+    from twisted.internet import reactor
+
+    return imap.fetch_mailbox(reactor, acct, sink, settings, dry_run=dry_run)
+
+
+def message(n, body=b"hello", extra=b""):
+    return (b"From: a@example.test\r\nMessage-ID: <m%d@example.test>\r\n" % n
+            + extra + b"Subject: test %d\r\n\r\n" % n + body + b"\r\n")
+
+
+# --- tests ------------------------------------------------------------------------
+
+
+@pytest_twisted.inlineCallbacks
+def test_happy_path_stores_exact_bytes_and_marks_seen(server):
+    box = FakeMailbox()
+    odd = b"8-bit \xe9\xff and NUL \x00 bytes\r\nbare LF\n and CR\r end"
+    raws = [message(1), message(2, odd), b"no header end at all \x80"]
+    for raw in raws:
+        box.add(raw)
+    seen = box.add(message(9), flags=["\\Seen"])
+    srv = server({"INBOX": box})
+    sink = MemorySink()
+    result = yield run(account(srv.port), sink)
+    assert result.ok, (result.kind, result.message, result.debug)
+    assert [m.raw for m in sink.entries] == raws
+    assert [m.uid for m in sink.entries] == [1, 2, 3]
+    assert [m.message_id for m in sink.entries] == ["<m1@example.test>", "<m2@example.test>", ""]
+    assert {m.uidvalidity for m in sink.entries} == {42}
+    assert {m.mailbox for m in sink.entries} == {"INBOX"}
+    assert result.fetched == 3 and result.marked == 3
+    assert result.bytes == sum(len(r) for r in raws)
+    assert all("\\Seen" in box.by_uid(u).flags for u in (1, 2, 3))
+    assert seen == 4 and len(box.messages) == 4
+    assert "LOGOUT" in srv.commands()
+    assert any(b"BODY.PEEK[]" in line for line in srv.received)
+    assert result.seconds >= 0 and not result.dry_run
+
+
+@pytest_twisted.inlineCallbacks
+def test_batches_by_count_and_by_bytes(server):
+    box = FakeMailbox()
+    for n in range(7):
+        box.add(message(n, b"x" * 1000))
+    box.add(message(99, b"y" * 5000))  # larger than batch_bytes: its own batch
+    box.add(message(100))
+    srv = server({"INBOX": box})
+    sink = MemorySink()
+    settings = ImapSettings(command_timeout=5, batch_messages=3, batch_bytes=3000)
+    result = yield run(account(srv.port), sink, settings)
+    assert result.ok, result.debug
+    stores = [c[1] for c in sink.calls if c[0] == "store"]
+    # 7 x ~1090 bytes: at most 2 fit in 3000 bytes
+    assert stores == [(1, 2), (3, 4), (5, 6), (7,), (8,), (9,)]
+    settings = ImapSettings(command_timeout=5, batch_messages=2, batch_bytes=10**6)
+    box2 = FakeMailbox()
+    for n in range(5):
+        box2.add(message(n))
+    srv2 = server({"INBOX": box2})
+    sink2 = MemorySink()
+    result = yield run(account(srv2.port), sink2, settings)
+    assert [c[1] for c in sink2.calls if c[0] == "store"] == [(1, 2), (3, 4), (5,)]
+    assert result.fetched == 5
+
+
+@pytest_twisted.inlineCallbacks
+def test_already_stored_uids_are_marked_without_fetching(server):
+    box = FakeMailbox()
+    for n in range(3):
+        box.add(message(n))
+    srv = server({"INBOX": box})
+    sink = MemorySink()
+    sink._keys.add(("acme", "INBOX", 42, 2))  # stored before a crash, never marked
+    result = yield run(account(srv.port), sink)
+    assert result.ok, result.debug
+    assert [m.uid for m in sink.entries] == [1, 3]
+    assert result.fetched == 2 and result.marked == 3
+    assert all("\\Seen" in m.flags for m in box.messages)
+    fetch_lines = [line for line in srv.received if b"BODY.PEEK" in line]
+    assert fetch_lines and all(b" 2 " not in line and b"1:3" not in line for line in fetch_lines)
+
+
+@pytest_twisted.inlineCallbacks
+def test_sink_failure_marks_nothing(server):
+    box = FakeMailbox()
+    for n in range(3):
+        box.add(message(n))
+    srv = server({"INBOX": box})
+
+    class FailingStore(MemorySink):
+        def store(self, messages):
+            self.calls.append(("store", tuple(m.uid for m in messages)))
+            return defer.fail(redis_down())
+
+    sink = FailingStore()
+    result = yield run(account(srv.port), sink)
+    assert result.kind == errors.REDIS
+    assert result.fetched == 0 and result.marked == 0
+    assert all("\\Seen" not in m.flags for m in box.messages)
+    assert "UID STORE" not in srv.commands()
+    assert len([c for c in sink.calls if c[0] == "store"]) == 1  # stopped at once
+
+
+@pytest_twisted.inlineCallbacks
+def test_sink_filter_failure_is_redis(server):
+    box = FakeMailbox()
+    box.add(message(1))
+    srv = server({"INBOX": box})
+    sink = MemorySink()
+    sink.fail = redis_down()
+    result = yield run(account(srv.port), sink)
+    assert result.kind == errors.REDIS
+    assert "BODY.PEEK" not in b"".join(srv.received).decode("latin-1")
+
+
+@pytest_twisted.inlineCallbacks
+def test_select_no_is_mailbox_error(server):
+    srv = server({"INBOX": FakeMailbox()})
+    result = yield run(account(srv.port, mailbox="Nope"), MemorySink())
+    assert result.kind == errors.MAILBOX
+    assert "Nope" in result.message
+    assert "127.0.0.1:%d" % srv.port in result.debug
+
+
+@pytest_twisted.inlineCallbacks
+def test_login_no_is_auth_error_and_password_not_in_debug(server):
+    srv = server({"INBOX": FakeMailbox()})
+    result = yield run(account(srv.port, password="wrong-secret"), MemorySink())
+    assert result.kind == errors.AUTH
+    assert "LOGIN failed" in result.message
+    assert "wrong-secret" not in result.debug
+    assert "LOGIN <redacted>" in result.debug
+
+
+@pytest_twisted.inlineCallbacks
+def test_authenticate_plain(server):
+    box = FakeMailbox()
+    box.add(message(1))
+    srv = server({"INBOX": box})
+    result = yield run(account(srv.port, auth="plain"), MemorySink())
+    assert result.ok, result.debug
+    assert "AUTHENTICATE" in srv.commands() and "LOGIN" not in srv.commands()
+    result = yield run(account(srv.port, auth="plain", password="bad"), MemorySink())
+    assert result.kind == errors.AUTH
+
+
+@pytest_twisted.inlineCallbacks
+def test_starttls_required_but_not_offered(server):
+    srv = server({"INBOX": FakeMailbox()})
+    result = yield run(account(srv.port, security="starttls"), MemorySink())
+    assert result.kind == errors.TLS
+    assert "STARTTLS" in result.message
+    assert "LOGIN" not in srv.commands() and "AUTHENTICATE" not in srv.commands()
+    assert not any(PASSWORD.encode() in line for line in srv.received)
+
+
+@pytest_twisted.inlineCallbacks
+def test_dry_run_changes_nothing(server):
+    box = FakeMailbox()
+    for n in range(3):
+        box.add(message(n))
+    srv = server({"INBOX": box})
+    sink = MemorySink()
+    result = yield run(account(srv.port), sink, dry_run=True)
+    assert result.ok and result.dry_run
+    assert result.fetched == 3 and result.marked == 0
+    assert result.bytes == sum(m.getSize() for m in box.messages)
+    assert not [c for c in sink.calls if c[0] == "store"]
+    assert all(not m.flags for m in box.messages)
+    assert "EXAMINE" in srv.commands() and "SELECT" not in srv.commands()
+    assert "UID STORE" not in srv.commands()
+    assert not any(b"BODY" in line for line in srv.received)
+
+
+@pytest_twisted.inlineCallbacks
+def test_delete_without_uidplus_expunges(server):
+    box = FakeMailbox()
+    for n in range(3):
+        box.add(message(n))
+    srv = server({"INBOX": box})
+    sink = MemorySink()
+    result = yield run(account(srv.port, after_fetch="delete"), sink)
+    assert result.ok, result.debug
+    assert box.messages == []
+    assert len(sink.entries) == 3
+    assert "EXPUNGE" in srv.commands() and "UID EXPUNGE" not in srv.commands()
+
+
+@pytest_twisted.inlineCallbacks
+def test_move_without_move_capability_copies_and_expunges(server):
+    box, archive = FakeMailbox(), FakeMailbox()
+    for n in range(2):
+        box.add(message(n))
+    srv = server({"INBOX": box, "Done/Ärchiv": archive})
+    sink = MemorySink()
+    result = yield run(account(srv.port, after_fetch="move:Done/Ärchiv"), sink)
+    assert result.ok, result.debug
+    assert box.messages == []
+    assert [m.raw for m in archive.messages] == [e.raw for e in sink.entries]
+    assert "UID COPY" in srv.commands() and "UID MOVE" not in srv.commands()
+    assert any(b"Done/&AMQ-rchiv" in line for line in srv.received)
+
+
+@pytest_twisted.inlineCallbacks
+def test_oversized_message_skipped_and_flagged(server):
+    box = FakeMailbox()
+    box.add(message(1))
+    big = box.add(message(2, b"z" * 5000))
+    box.add(message(3))
+    srv = server({"INBOX": box})
+    sink = MemorySink()
+    settings = ImapSettings(command_timeout=5, max_message_size=2000)
+    result = yield run(account(srv.port), sink, settings)
+    assert result.ok, result.debug
+    assert result.too_large == (big,)
+    assert [m.uid for m in sink.entries] == [1, 3]
+    assert box.by_uid(big).flags == {"$FidoTooLarge"}
+    # the next session does not even see it
+    result = yield run(account(srv.port), sink, settings)
+    assert result.ok and result.too_large == () and result.fetched == 0
+    assert any(b"UNKEYWORD $FidoTooLarge" in line for line in srv.received)
+
+
+@pytest_twisted.inlineCallbacks
+def test_no_keyword_in_search_when_mailbox_has_no_keywords(server):
+    box = FakeMailbox(flags=("\\Seen", "\\Deleted"))
+    box.add(message(1, b"z" * 5000))
+    srv = server({"INBOX": box})
+    settings = ImapSettings(command_timeout=5, max_message_size=2000)
+    result = yield run(account(srv.port), MemorySink(), settings)
+    assert result.ok and result.too_large == (1,)
+    assert not any(b"UNKEYWORD" in line for line in srv.received)
+    assert box.by_uid(1).flags == set()
+
+
+@pytest_twisted.inlineCallbacks
+def test_5000_uid_search_reply(server):
+    box = FakeMailbox()
+    for n in range(5000):
+        box.add(b"Subject: %d\r\n\r\nx\r\n" % n)
+    srv = server({"INBOX": box})
+    sink = MemorySink()
+    for n in range(1, 4999):  # all but two are stored already: mark them only
+        sink._keys.add(("acme", "INBOX", 42, n))
+    result = yield run(account(srv.port), sink, ImapSettings(command_timeout=10))
+    assert result.ok, result.debug
+    assert [m.uid for m in sink.entries] == [4999, 5000]
+    assert result.marked == 5000
+    assert all("\\Seen" in m.flags for m in box.messages)
+
+
+@pytest_twisted.inlineCallbacks
+def test_cancel_aborts_the_connection(server):
+    box = FakeMailbox()
+    box.add(message(1))
+    srv = server({"INBOX": box})
+    gate = defer.Deferred()
+
+    class SlowSink(MemorySink):
+        def store(self, messages):
+            self.calls.append(("store", tuple(m.uid for m in messages)))
+            return gate
+
+    sink = SlowSink()
+    d = run(account(srv.port), sink)
+    for _ in range(200):
+        if any(c[0] == "store" for c in sink.calls):
+            break
+        yield deferLater(0.01)
+    assert any(c[0] == "store" for c in sink.calls)
+    d.cancel()
+    with pytest.raises(defer.CancelledError):
+        yield d
+    gate.callback([1])  # the sink confirms late: nothing may be marked now
+    yield deferLater(0.05)
+    assert box.messages[0].flags == set()
+    assert "UID STORE" not in srv.commands()
+
+
+@pytest_twisted.inlineCallbacks
+def test_connection_refused_and_dns(server):
+    srv = server({"INBOX": FakeMailbox()})
+    yield srv.listening.stopListening()
+    result = yield run(account(srv.port), MemorySink())
+    assert result.kind == errors.CONNECT, result.message
+    result = yield run(account(srv.port, host="no-such-host.invalid"), MemorySink())
+    assert result.kind == errors.DNS, result.message
+
+
+def deferLater(seconds):
+    from twisted.internet import reactor, task
+
+    return task.deferLater(reactor, seconds, lambda: None)
