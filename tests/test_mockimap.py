@@ -10,57 +10,16 @@ import time
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, endpoints, protocol, reactor, task
+from twisted.internet import defer, endpoints, reactor, task
 from twisted.mail import imap4
 
 from tests.support import mockimap
-from tests.support.mockimap import Behaviour, Fault, MockIMAPServer, MockMailbox, sample_message
-
-
-class RawClient(protocol.Protocol):
-    """A byte-level IMAP client for tests: send lines, wait for patterns."""
-
-    def __init__(self):
-        self.buffer = b""
-        self.received = b""
-        self._waiters = []
-        self.lost = defer.Deferred()
-
-    def dataReceived(self, data):
-        self.buffer += data
-        self.received += data
-        self._check()
-
-    def connectionLost(self, reason):
-        waiters, self._waiters = self._waiters, []
-        for _, d in waiters:
-            d.errback(ConnectionError(f"closed; buffer={self.buffer!r}"))
-        self.lost.callback(None)
-
-    def _check(self):
-        for item in list(self._waiters):
-            pattern, d = item
-            m = re.search(pattern, self.buffer, re.S)
-            if m:
-                self._waiters.remove(item)
-                out, self.buffer = self.buffer[:m.end()], self.buffer[m.end():]
-                d.callback(out)
-
-    def until(self, pattern, timeout=5.0):
-        d = defer.Deferred()
-        self._waiters.append((pattern, d))
-        self._check()
-        return d.addTimeout(timeout, reactor)
-
-    def command(self, tag, text, timeout=5.0):
-        self.transport.write(tag + b" " + text + b"\r\n")
-        return self.until(rb"(?:^|\r\n)" + re.escape(tag) + rb" (?:OK|NO|BAD)[^\r\n]*\r\n",
-                          timeout)
+from tests.support.mockimap import (
+    Behaviour, Fault, MockIMAPServer, MockMailbox, RawClient, sample_message)
 
 
 def connect_raw(port):
-    return endpoints.connectProtocol(
-        endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port), RawClient())
+    return mockimap.connect_raw(reactor, port)
 
 
 def connect_imap4(port):
@@ -330,7 +289,7 @@ def test_starttls_login_disabled_and_implicit_tls(server):
     endpoint = endpoints.wrapClientTLS(
         ssl.optionsForClientTLS("localhost", trustRoot=trust),
         endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port))
-    c = yield endpoints.connectProtocol(endpoint, RawClient())
+    c = yield endpoints.connectProtocol(endpoint, RawClient(reactor))
     yield c.until(rb"\* OK [^\r\n]*\r\n")
     out = yield c.command(b"a1", b'LOGIN u1 "secret \\"pw\\""')
     assert b"a1 OK" in out

@@ -1110,6 +1110,56 @@ class MockIMAPServer:
 _NORMAL = Behaviour()
 
 
+class RawClient(protocol.Protocol):
+    """A byte-level IMAP client for tests: send lines, wait for patterns."""
+
+    def __init__(self, reactor):
+        self.reactor = reactor
+        self.buffer = b""
+        self.received = b""
+        self._waiters = []
+        self.lost = defer.Deferred()
+
+    def dataReceived(self, data):
+        self.buffer += data
+        self.received += data
+        self._check()
+
+    def connectionLost(self, reason):
+        waiters, self._waiters = self._waiters, []
+        for _, d in waiters:
+            d.errback(ConnectionError(f"closed; buffer={self.buffer!r}"))
+        self.lost.callback(None)
+
+    def _check(self):
+        for item in list(self._waiters):
+            pattern, d = item
+            m = re.search(pattern, self.buffer, re.S)
+            if m:
+                self._waiters.remove(item)
+                out, self.buffer = self.buffer[:m.end()], self.buffer[m.end():]
+                d.callback(out)
+
+    def until(self, pattern, timeout=5.0):
+        d = defer.Deferred()
+        self._waiters.append((pattern, d))
+        self._check()
+        return d.addTimeout(timeout, self.reactor)
+
+    def command(self, tag, text, timeout=5.0):
+        self.transport.write(tag + b" " + text + b"\r\n")
+        return self.until(rb"(?:^|\r\n)" + re.escape(tag) + rb" (?:OK|NO|BAD)[^\r\n]*\r\n",
+                          timeout)
+
+
+def connect_raw(reactor, port, host="127.0.0.1"):
+    """A connected :class:`RawClient` (a Deferred)."""
+    from twisted.internet import endpoints
+
+    return endpoints.connectProtocol(
+        endpoints.TCP4ClientEndpoint(reactor, host, port), RawClient(reactor))
+
+
 def sample_message(n, account="user", size=0):
     """A small RFC 5322 message with a unique Message-ID (``size``: pad the body)."""
     body = b"Hello %d.\r\n" % n
