@@ -31,9 +31,10 @@ per account.  The outage is reported ONCE for the whole instance instead
 connected, e.g. an out-of-memory Redis).
 
 Reports about the whole instance use the account ``"*"`` (:data:`GLOBAL`):
-Redis unreachable, stream backlog over ``max_backlog`` (kind ``redis``), the
-accounts file unusable (kind ``config``); each is reported once when it starts
-and once (``recovered``) when it ends.
+Redis unreachable and stream backlog over ``max_backlog`` (kind ``redis``),
+each reported once when it starts and once (``recovered``) when it ends; and
+the accounts file unusable (kind ``config``, via :meth:`report_config`, which
+the accounts source calls once per distinct problem).
 
 In dry-run mode nothing is written to Redis and nothing is reported (the log
 lines say what would have been).
@@ -327,35 +328,17 @@ class StatusTracker:
                 "backlog", f"the Redis stream is down to {length} entries: fetching resumed"
             )
 
-    def report_config(self, problem=None, account_id=None, debug=""):
-        """A configuration problem, reported once per distinct message.
+    def report_config(self, message, account=None, kind=errors.CONFIG, debug=""):
+        """A configuration problem: ``AccountsSource``'s ``report`` hook.
 
-        ``problem`` is a message, or an object with ``account_id`` and a
-        one-line ``str()`` (``accounts.Problem``).  Without an account id it
-        is about the whole accounts file (account ``"*"``).  ``problem=None``
-        (or "") clears it: ``recovered`` is reported if it had been reported.
+        Called as ``report(kind="config", message=..., account=None|id)``;
+        ``account=None`` is the whole accounts file (account ``"*"``).  The
+        caller reports each distinct problem once (and a relapse again), so
+        this sends every call; it does not log (the caller logged it).
         """
-        if problem is not None and not isinstance(problem, str):
-            account_id = getattr(problem, "account_id", None) or account_id
-            problem = str(problem)
-        key = "config" if not account_id else f"config:{account_id}"
-        if not problem:
-            return self.clear_global(key)
-        active = self._global.get(key)
-        if active is not None and active[1] == problem:
-            return False
-        if active is not None:
-            self._global.pop(key)
-        if account_id:
-            now = self._clock.seconds()
-            self._global[key] = (errors.CONFIG, problem, now)
-            self.log.warn(
-                "{account_id}: config problem: {message}",
-                account_id=account_id, message=problem, kind=errors.CONFIG, outcome=errors.CONFIG,
-            )
-            self._send(account_id, errors.CONFIG, problem, debug, now, self.dry_run, ())
-            return True
-        return self.report_global(errors.CONFIG, problem, debug=debug, key=key)
+        account_id = account or GLOBAL
+        now = self._clock.seconds()
+        self._send(account_id, kind, message, debug, now, self.dry_run, ())
 
     # -- output ----------------------------------------------------------
 

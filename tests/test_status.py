@@ -191,13 +191,13 @@ class ReportOnChangeTests(SynchronousTestCase):
         self.assertEqual(reporter.kinds, [(GLOBAL, "redis"), (GLOBAL, "recovered")])
         self.assertIn("100001", reporter.reports[0]["message"])
 
-    def test_config_problems_once_per_distinct_message(self):
+    def test_config_problems_from_the_accounts_source(self):
         tracker, clock, store, reporter, events = make()
-        tracker.report_config("accounts file: bad JSON at line 3")
-        tracker.report_config("accounts file: bad JSON at line 3")
-        tracker.report_config("accounts file: wrong key")
-        tracker.report_config(None)
-        self.assertEqual([k for _, k in reporter.kinds], ["config", "config", "recovered"])
+        tracker.report_config(kind="config", message="accounts.json: bad JSON at line 3", account=None)
+        tracker.report_config(kind="config", message="accounts.json: acme: port: not a number",
+                              account="acme")
+        self.assertEqual(reporter.kinds, [(GLOBAL, "config"), ("acme", "config")])
+        self.assertEqual(reporter.reports[0]["message"], "accounts.json: bad JSON at line 3")
 
     def test_dry_run_writes_and_reports_nothing(self):
         tracker, clock, store, reporter, events = make(dry_run=True)

@@ -1,0 +1,436 @@
+"""``fido status``: each account's state and the live instances, read from Redis.
+
+Reads the hashes ``fido:account:<id>`` (``SCAN``) and ``fido:instance:<id>``
+(the heartbeats, which expire when an instance dies) and prints a summary, the
+failing accounts (error kind, message, since when) and the instances alive;
+``--json`` prints the same as one JSON document::
+
+    {"redis": "redis://host:6379/0",
+     "summary": {"total": 3, "ok": 2, "failing": 1, "unknown": 0, "by_kind": {"auth": 1}},
+     "accounts": [{"id": ..., "state": ..., "kind": ..., "message": ...,
+                   "failing_since": ..., "last_success_at": ..., "last_attempt_at": ...,
+                   "last_error_at": ..., "fetched_total": ...}, ...],
+     "instances": [{"id": ..., "host": ..., "pid": ..., "version": ...,
+                    "accounts": ..., "sessions": ..., "expires_in": ...}, ...]}
+
+A CLI may block: this uses a tiny synchronous RESP client over a socket (TCP,
+TLS for ``rediss://``, or a Unix socket), with a timeout on every read, and no
+Redis library.  Exit status: 0, or 1 with one line on stderr when the config
+or Redis cannot be used.  The Redis password is never printed.
+"""
+
+import json
+import socket
+import ssl
+from datetime import datetime, timezone
+
+ACCOUNT_PREFIX = "fido:account:"
+INSTANCE_PREFIX = "fido:instance:"
+SCAN_COUNT = 500
+MESSAGE_WIDTH = 72
+
+
+class StatusError(Exception):
+    """A one-line failure of ``fido status``."""
+
+
+class RedisReplyError(Exception):
+    """An error reply (``-ERR ...``) from Redis."""
+
+
+# -- a tiny synchronous RESP client ---------------------------------------------
+
+
+class RespConnection:
+    """One blocking connection speaking RESP2.  ``url`` is a ``redisurl.RedisURL``."""
+
+    def __init__(self, url, timeout=5.0):
+        self.url = url
+        self.timeout = timeout
+        self._sock = None
+        self._file = None
+
+    def connect(self):
+        url = self.url
+        if url.scheme == "unix":
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(self.timeout)
+            sock.connect(url.path)
+        else:
+            sock = socket.create_connection((url.host, url.port), timeout=self.timeout)
+            if url.tls:
+                context = ssl.create_default_context(cafile=url.ca_file or None)
+                sock = context.wrap_socket(sock, server_hostname=url.host)
+        sock.settimeout(self.timeout)
+        self._sock = sock
+        self._file = sock.makefile("rb")
+        if url.password is not None:
+            if url.username:
+                self.command("AUTH", url.username, url.password)
+            else:
+                self.command("AUTH", url.password)
+        if url.db:
+            self.command("SELECT", str(url.db))
+        return self
+
+    def close(self):
+        for closeable in (self._file, self._sock):
+            if closeable is not None:
+                try:
+                    closeable.close()
+                except OSError:
+                    pass
+        self._file = self._sock = None
+
+    def __enter__(self):
+        return self.connect()
+
+    def __exit__(self, *exc):
+        self.close()
+
+    @staticmethod
+    def _encode(args):
+        out = [b"*%d\r\n" % len(args)]
+        for a in args:
+            if isinstance(a, str):
+                a = a.encode("utf-8")
+            elif isinstance(a, int):
+                a = str(a).encode("ascii")
+            out.append(b"$%d\r\n%s\r\n" % (len(a), a))
+        return b"".join(out)
+
+    def command(self, *args):
+        """Send one command, return its reply; an error reply raises."""
+        reply = self.pipeline([args])[0]
+        if isinstance(reply, RedisReplyError):
+            raise reply
+        return reply
+
+    def pipeline(self, commands):
+        """Send several commands at once; replies in order (errors as values)."""
+        if not commands:
+            return []
+        self._sock.sendall(b"".join(self._encode(c) for c in commands))
+        return [self._read() for _ in commands]
+
+    def _read(self):
+        line = self._file.readline()
+        if not line.endswith(b"\r\n"):
+            raise ConnectionError("connection closed by Redis")
+        prefix, rest = line[:1], line[1:-2]
+        if prefix == b"+":
+            return rest
+        if prefix == b"-":
+            return RedisReplyError(rest.decode("utf-8", "replace"))
+        if prefix == b":":
+            return int(rest)
+        if prefix == b"$":
+            n = int(rest)
+            if n < 0:
+                return None
+            data = self._file.read(n + 2)
+            if len(data) != n + 2:
+                raise ConnectionError("connection closed by Redis")
+            return data[:-2]
+        if prefix == b"*":
+            n = int(rest)
+            if n < 0:
+                return None
+            return [self._read() for _ in range(n)]
+        raise ConnectionError(f"unexpected reply from Redis: {line[:40]!r}")
+
+    def scan(self, pattern, count=SCAN_COUNT):
+        """All keys matching ``pattern`` (``SCAN``; never ``KEYS``)."""
+        cursor = b"0"
+        seen = set()
+        while True:
+            cursor, keys = self.command("SCAN", cursor, "MATCH", pattern, "COUNT", str(count))
+            for key in keys:
+                if key not in seen:  # SCAN may return a key twice
+                    seen.add(key)
+                    yield key
+            if cursor == b"0":
+                return
+
+    def hashes(self, keys, batch=SCAN_COUNT):
+        """``{key: {field: value}}`` (str) of the hashes, pipelined in batches."""
+        out = {}
+        keys = list(keys)
+        for i in range(0, len(keys), batch):
+            chunk = keys[i:i + batch]
+            replies = self.pipeline([("HGETALL", k) for k in chunk])
+            for key, reply in zip(chunk, replies):
+                if isinstance(reply, RedisReplyError) or not reply:
+                    continue  # gone meanwhile, or not a hash
+                out[_s(key)] = {
+                    _s(reply[j]): _s(reply[j + 1]) for j in range(0, len(reply) - 1, 2)
+                }
+        return out
+
+
+def _s(value):
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+# -- reading and shaping ----------------------------------------------------------
+
+
+def read_status(url, timeout=5.0):
+    """The status document (see the module docstring) from Redis at ``url``."""
+    with RespConnection(url, timeout) as conn:
+        accounts = conn.hashes(conn.scan(ACCOUNT_PREFIX + "*"))
+        instance_keys = list(conn.scan(INSTANCE_PREFIX + "*"))
+        instances = conn.hashes(instance_keys)
+        ttls = conn.pipeline([("TTL", k) for k in instance_keys])
+        ttl_by_key = {
+            _s(k): t for k, t in zip(instance_keys, ttls) if isinstance(t, int)
+        }
+    return shape(url.redacted(), accounts, instances, ttl_by_key)
+
+
+def _account_row(account_id, h):
+    state = h.get("state", "") or "unknown"
+    failing = state not in ("ok", "unknown")
+    kind = (h.get("last_error_kind") or state) if failing else None
+    return {
+        "id": account_id,
+        "state": state,
+        "kind": kind,
+        "message": h.get("last_error", "") if failing else "",
+        "failing_since": h.get("failing_since") or (h.get("last_error_at") if failing else None) or None,
+        "last_success_at": h.get("last_success_at") or None,
+        "last_attempt_at": h.get("last_attempt_at") or None,
+        "last_error_at": h.get("last_error_at") or None,
+        "fetched_total": _int_or(h.get("fetched_total"), 0),
+    }
+
+
+def _int_or(value, default):
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return default if value in (None, "") else value
+
+
+def shape(redis_url, accounts, instances, ttls=None):
+    ttls = ttls or {}
+    rows = [
+        _account_row(key[len(ACCOUNT_PREFIX):], h) for key, h in sorted(accounts.items())
+    ]
+    by_kind = {}
+    for row in rows:
+        if row["kind"]:
+            by_kind[row["kind"]] = by_kind.get(row["kind"], 0) + 1
+    ok = sum(1 for r in rows if r["state"] == "ok")
+    unknown = sum(1 for r in rows if r["state"] == "unknown")
+    inst = []
+    for key, h in sorted(instances.items()):
+        inst.append(
+            {
+                "id": key[len(INSTANCE_PREFIX):],
+                "host": h.get("host", ""),
+                "pid": _int_or(h.get("pid"), None),
+                "version": h.get("version", ""),
+                "accounts": _int_or(h.get("accounts"), None),
+                "sessions": _int_or(h.get("sessions"), None),
+                "expires_in": ttls.get(key),
+                **{k: v for k, v in h.items()
+                   if k not in ("host", "pid", "version", "accounts", "sessions")},
+            }
+        )
+    return {
+        "redis": redis_url,
+        "summary": {
+            "total": len(rows),
+            "ok": ok,
+            "failing": len(rows) - ok - unknown,
+            "unknown": unknown,
+            "by_kind": dict(sorted(by_kind.items())),
+        },
+        "accounts": rows,
+        "instances": inst,
+    }
+
+
+# -- text output --------------------------------------------------------------------
+
+
+def _age(iso, now):
+    if not iso:
+        return ""
+    try:
+        when = datetime.fromisoformat(iso.replace("Z", "+00:00"))
+    except ValueError:
+        return ""
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    seconds = int((now - when).total_seconds())
+    if seconds < 0:
+        return ""
+    if seconds < 120:
+        return f"{seconds}s ago"
+    if seconds < 7200:
+        return f"{seconds // 60}m ago"
+    if seconds < 172800:
+        return f"{seconds // 3600}h ago"
+    return f"{seconds // 86400}d ago"
+
+
+def _when(iso, now):
+    """``2026-11-21 08:00 (32h ago)`` (UTC) for the table; JSON keeps the ISO text."""
+    if not iso:
+        return "never"
+    age = _age(iso, now)
+    short = iso
+    if len(iso) >= 16 and iso[10:11] == "T":
+        short = iso[:10] + " " + iso[11:16]
+    return f"{short} ({age})" if age else short
+
+
+def _table(headers, rows):
+    widths = [len(h) for h in headers]
+    for row in rows:
+        widths = [max(w, len(c)) for w, c in zip(widths, row)]
+    lines = []
+    for row in [headers] + rows:
+        cells = [c.ljust(w) for c, w in zip(row, widths)]
+        lines.append("  ".join(cells).rstrip())
+    return lines
+
+
+def _one_line(text, width=MESSAGE_WIDTH):
+    text = " ".join(str(text or "").split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def format_text(doc, now=None):
+    """The status document as lines for a terminal."""
+    now = now or datetime.now(timezone.utc)
+    s = doc["summary"]
+    kinds = ", ".join(f"{k} {n}" for k, n in s["by_kind"].items())
+    head = f"Accounts: {s['total']} ({s['ok']} ok, {s['failing']} failing"
+    head += f": {kinds}" if kinds else ""
+    head += f", {s['unknown']} not run yet)" if s["unknown"] else ")"
+    lines = [f"Redis: {doc['redis']}", head]
+    failing = [a for a in doc["accounts"] if a["kind"]]
+    if failing:
+        lines += ["", "Failing accounts:"]
+        lines += _table(
+            ["ACCOUNT", "KIND", "FAILING SINCE (UTC)", "LAST SUCCESS", "LAST ATTEMPT", "MESSAGE"],
+            [
+                [
+                    a["id"],
+                    a["kind"],
+                    _when(a["failing_since"], now),
+                    _when(a["last_success_at"], now),
+                    _when(a["last_attempt_at"], now),
+                    _one_line(a["message"]),
+                ]
+                for a in failing
+            ],
+        )
+    lines += ["", f"Instances alive: {len(doc['instances'])}"]
+    if doc["instances"]:
+        lines += _table(
+            ["INSTANCE", "HOST", "PID", "VERSION", "ACCOUNTS", "SESSIONS", "EXPIRES IN"],
+            [
+                [
+                    i["id"],
+                    str(i["host"]),
+                    "" if i["pid"] is None else str(i["pid"]),
+                    str(i["version"]),
+                    "" if i["accounts"] is None else str(i["accounts"]),
+                    "" if i["sessions"] is None else str(i["sessions"]),
+                    "" if i["expires_in"] is None else f"{i['expires_in']} s",
+                ]
+                for i in doc["instances"]
+            ],
+        )
+    else:
+        lines.append("(no Fido instance has sent a heartbeat recently)")
+    return lines
+
+
+# -- the command ---------------------------------------------------------------------
+
+
+def add_arguments(parser):
+    parser.add_argument(
+        "--json", action="store_true", help="print one JSON document instead of a table"
+    )
+    parser.add_argument(
+        "--redis-url",
+        metavar="URL",
+        default=None,
+        help="read this Redis instead of [redis] url of fido.toml",
+    )
+
+
+def _redis_url(args, settings):
+    from fido_tx import redisurl
+
+    text = getattr(args, "redis_url", None)
+    timeout = 5.0
+    if not text:
+        if settings is None:
+            from fido_tx import config
+
+            settings, _path, _created = config.load_settings(
+                getattr(args, "config", None),
+                **{
+                    k: v
+                    for k, v in (
+                        ("environ", getattr(args, "environ", None)),
+                        ("roots", getattr(args, "roots", None)),
+                    )
+                    if v is not None
+                },
+            )
+        text = settings.redis.url
+        timeout = max(settings.redis.connect_timeout, settings.redis.command_timeout)
+    try:
+        return redisurl.parse(text), timeout
+    except redisurl.RedisURLError as e:
+        raise StatusError(str(e)) from None
+
+
+def main(args, settings=None):
+    """Run ``fido status``; returns the exit status.
+
+    ``args``: ``json``, ``redis_url``, ``config`` (path or None), and the
+    ``stdout``/``stderr``/``environ``/``roots`` conveniences of :mod:`fido_tx.cli`
+    (optional).  ``settings`` skips loading the config (tests).
+    """
+    import sys
+
+    out = getattr(args, "stdout", None) or sys.stdout
+    err = getattr(args, "stderr", None) or sys.stderr
+    try:
+        url, timeout = _redis_url(args, settings)
+        try:
+            doc = read_status(url, timeout)
+        except (OSError, ConnectionError, RedisReplyError) as e:
+            raise StatusError(f"cannot read Redis at {url.redacted()}: {_reason(e)}") from None
+    except StatusError as e:
+        err.write(f"fido: error: {e}\n")
+        return 1
+    except Exception as e:
+        from fido_tx import config
+
+        if isinstance(e, config.ConfigError):
+            err.write(f"fido: error: {e}\n")
+            return 1
+        raise
+    if getattr(args, "json", False):
+        out.write(json.dumps(doc, indent=2, sort_keys=False) + "\n")
+    else:
+        out.write("\n".join(format_text(doc)) + "\n")
+    return 0
+
+
+def _reason(e):
+    if isinstance(e, socket.timeout):
+        return "timed out"
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return " ".join(str(e).split()) or type(e).__name__
