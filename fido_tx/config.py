@@ -65,16 +65,10 @@ class BackoffSettings:
 
 
 def redact_url(url):
-    """``url`` with the password (if any) replaced by ``***``, for logs and repr."""
-    try:
-        parts = urlsplit(url)
-        if parts.password is None:
-            return repr(url)
-        user = parts.username or ""
-        host = parts.netloc.rpartition("@")[2]
-        return repr(parts._replace(netloc=f"{user}:***@{host}").geturl())
-    except ValueError:
-        return "'<unparsable url>'"
+    """``repr`` of ``url`` with any password replaced by ``***``."""
+    from fido_tx import redisurl
+
+    return repr(redisurl.redact(url))
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
@@ -536,6 +530,12 @@ def _check_settings(path, s):
             "scheme must be redis://, rediss:// or unix://, got "
             + (f"{scheme}://" if scheme else "no scheme"),
         )
+    from fido_tx import redisurl
+
+    try:
+        redisurl.parse(r.url)
+    except redisurl.RedisURLError as e:
+        bad("redis", "url", _one_line(e))  # its messages hold no password
     if not r.stream:
         bad("redis", "stream", "must not be empty")
     at_least("redis", "max_backlog", r.max_backlog, 1)
@@ -555,6 +555,10 @@ def _check_settings(path, s):
     one_of("log", "format", g.format, LOG_FORMATS)
     positive("log", "rotate_length", g.rotate_length)
     at_least("log", "max_rotated_files", g.max_rotated_files, 1)
+
+
+def _one_line(text):
+    return " ".join(str(text).split())
 
 
 def _scheme(url):

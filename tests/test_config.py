@@ -384,3 +384,17 @@ class FiniteNumberTests(_TmpDirMixin, SynchronousTestCase):
             path = self.write("f.toml", f"[fido]\npoll_interval = {value}\n")
             e = self.assertRaises(ConfigError, load_settings, path, {}, roots)
             self.assertIn("[fido] poll_interval: must be a finite number", str(e))
+
+
+class RedisUrlTests(_TmpDirMixin, SynchronousTestCase):
+    def test_malformed_redis_url_is_named_without_the_password(self):
+        roots = self.make_roots()
+        path = self.write("f.toml", '[redis]\nurl = "redis://u:pa/ss@host:notaport/0"\n')
+        e = self.assertRaises(ConfigError, load_settings, path, {}, roots)
+        self.assertIn("[redis] url:", str(e))
+        self.assertNotIn("pa/ss", str(e))
+
+    def test_repr_hides_a_password_with_a_slash(self):
+        s = config.RedisSettings(url="redis://u:pa/ss@h:1/0")
+        self.assertNotIn("pa/ss", repr(s))
+        self.assertNotIn("ss@", repr(s))
