@@ -262,17 +262,16 @@ def write_default(path, force=False, mode=0o644):
     directory = os.path.dirname(path)
     os.makedirs(directory, exist_ok=True)
     data = default_text().encode("utf-8")
-    if not force:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-        try:
-            _write_all(fd, data)
-        except BaseException:
-            os.close(fd)
-            _unlink_quietly(path)
-            raise
-        os.close(fd)
-        return path
-    atomic_write(path, data, mode)
+    if force:
+        return atomic_write(path, data, mode)
+    # Complete file under a temporary name, then link(): atomic, and it
+    # fails instead of replacing a file that appeared meanwhile.
+    tmp = _temporary_file(path, mode)
+    try:
+        _fill(tmp, data, mode)
+        os.link(tmp, path)
+    finally:
+        _unlink_quietly(tmp)
     return path
 
 
@@ -585,30 +584,39 @@ def _unlink_quietly(path):
         pass
 
 
-def atomic_write(path, data, mode=0o600):
-    """Write ``data`` (bytes) to ``path`` via a temporary file and a rename.
-
-    The temporary file is created with ``O_EXCL`` and ``mode`` in the same
-    directory, so readers see the old or the new file, never a part.
-    """
-    path = os.path.abspath(path)
+def _temporary_file(path, mode):
     directory, name = os.path.split(path)
     for attempt in range(100):
         tmp = os.path.join(directory, f".{name}.tmp{os.getpid()}.{attempt}")
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode))
         except FileExistsError:
             continue
-        break
-    else:  # pragma: no cover
-        raise FileExistsError(f"cannot create a temporary file next to {path}")
+        return tmp
+    raise FileExistsError(f"cannot create a temporary file next to {path}")  # pragma: no cover
+
+
+def _fill(tmp, data, mode):
+    fd = os.open(tmp, os.O_WRONLY | os.O_TRUNC)
     try:
-        try:
-            _write_all(fd, data)
-            os.fchmod(fd, mode)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _write_all(fd, data)
+        os.fchmod(fd, mode)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path, data, mode=0o600):
+    """Write ``data`` (bytes) to ``path`` via a temporary file and a rename.
+
+    The temporary file is created with ``O_EXCL`` and ``mode`` in the same
+    directory, so readers see the old or the new file, never a part, and
+    the data is never readable with a wider mode.  Returns the absolute path.
+    """
+    path = os.path.abspath(path)
+    tmp = _temporary_file(path, mode)
+    try:
+        _fill(tmp, data, mode)
         os.replace(tmp, path)
     except BaseException:
         _unlink_quietly(tmp)

@@ -108,6 +108,7 @@ class DefaultFileTests(_TmpDirMixin, SynchronousTestCase):
         self.assertFalse(os.path.exists(os.path.join(roots.etc, "fido.toml")))
         with open(path, encoding="utf-8") as f:
             self.assertEqual(f.read(), config.default_text())
+        self.assertEqual(os.listdir(os.path.dirname(path)), ["fido.toml"])  # no temp left
         # The second run finds it.
         _, again, created = load_settings(environ={}, roots=roots)
         self.assertEqual((again, created), (path, False))
@@ -164,6 +165,7 @@ class DefaultFileTests(_TmpDirMixin, SynchronousTestCase):
         config.write_default(path, force=True)
         with open(path) as f:
             self.assertEqual(f.read(), config.default_text())
+        self.assertEqual(os.listdir(os.path.dirname(path)), ["fido.toml"])
 
 
 class ParseTests(_TmpDirMixin, SynchronousTestCase):
