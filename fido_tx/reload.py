@@ -65,7 +65,9 @@ import hashlib
 import os
 import time
 
+import attr
 from twisted.application import service
+from twisted.internet import defer
 from twisted.logger import Logger
 
 from fido_tx import accounts as accounts_mod
@@ -103,6 +105,22 @@ def _ms(seconds):
     return round(seconds * 1000.0, 1)
 
 
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class _Loaded:
+    """What the blocking part of a load computed."""
+
+    result: object  # LoadResult
+    accounts: tuple  # shard-filtered
+    diff: object  # AccountsDiff against the set current when the load began
+    timing: dict
+    cache_warning: str | None = None
+
+
+def _inline(f, *args):
+    """The default ``run_blocking``: run ``f`` here and now."""
+    return defer.maybeDeferred(f, *args)
+
+
 class AccountsSource(service.Service):
     """Keeps ``apply`` fed with the current, good, shard-filtered accounts.
 
@@ -110,7 +128,8 @@ class AccountsSource(service.Service):
     :param path: the accounts file.
     :param key_file: Fernet key file, ``""`` for plain JSON.
     :param apply: ``apply(accounts: tuple[Account], diff: AccountsDiff)``,
-        called with every new set (first with everything in ``diff.added``).
+        called with every new set (first with everything in ``diff.added``),
+        always on the reactor thread.
     :param watcher_factory: ``f(path, callback) -> watcher`` with
         ``start()``/``stop()``; used for the accounts file and the key file.
     :param loader: ``loader(path, key_file, base_dir=None) -> LoadResult``,
@@ -119,6 +138,13 @@ class AccountsSource(service.Service):
     :param report: ``report(kind=..., message=..., account=...)`` or None.
     :param cache_path: where the last good bytes are kept; None: no cache.
     :param shard: ``"k/n"``.
+    :param max_wait: longest a burst of events may delay a load, seconds.
+    :param run_blocking: ``run_blocking(f, *args) -> Deferred`` runs the
+        blocking part of a reload (read, decrypt, parse, validate, shard
+        filter, diff, cache write); ``None`` runs it inline.  The daemon
+        passes ``functools.partial(threads.deferToThreadPool, reactor,
+        reactor.getThreadPool())`` so a reload of thousands of accounts does
+        not stall the reactor.  The load at start is always inline.
     """
 
     name = "accounts"
@@ -138,6 +164,7 @@ class AccountsSource(service.Service):
         cache_path=None,
         shard="1/1",
         max_wait=5.0,
+        run_blocking=None,
     ):
         self._clock = clock
         self.path = os.path.abspath(path)
@@ -152,7 +179,8 @@ class AccountsSource(service.Service):
         self.cache_path = os.path.abspath(cache_path) if cache_path else None
         self.shard = shard
         accounts_mod.in_shard("x", shard)  # ValueError now, not at first load
-        self._all_mine = shard.strip() in ("1/1",)
+        self._all_mine = shard.strip() == "1/1"
+        self._run_blocking = run_blocking or _inline
 
         #: the set last applied (shard-filtered), in file order
         self.accounts = ()
@@ -160,16 +188,22 @@ class AccountsSource(service.Service):
         self.using_cache = False
         #: the current whole-file problem (one line) or None
         self.problem = None
-        #: seconds spent on the last load: load, filter+diff, apply, cache, total
+        #: seconds spent on the last load: load, diff (with the shard filter),
+        #: cache, blocking (all three), apply, reactor (time the reactor thread
+        #: was busy with the reload: everything when inline, else apply)
         self.last_timing = {}
         self.loaded = False
 
         self._watchers = []
         self._pending = None
         self._burst_started = None
+        self._loading = False
+        self._dirty = False
         self._failures = 0
         self._reported_file_problem = None
         self._reported_account_problems = frozenset()
+        # Touched by the blocking part only (one load at a time).
+        self._shard_memo = {}
         self._cache_sig = None
         self._cache_digest = None
         self._cache_warned = None
@@ -203,24 +237,14 @@ class AccountsSource(service.Service):
             watcher.start()
             self._watchers.append(watcher)
 
-    # -- loading
-
-    def _load(self, path, base_dir=None):
-        loader = self._loader
-        if loader is None:
-            loader = accounts_mod.load_accounts
-        if base_dir is None:
-            return loader(path, self.key_file)
-        return loader(path, self.key_file, base_dir=base_dir)
+    # -- start
 
     def load_initial(self):
         """Load the file once, synchronously, and apply it (or the cached
         copy).  Raises :class:`AccountsStartupError` when neither is usable."""
-        started = time.perf_counter()
         self._read_cache_digest()
-        sig = _path_signature(self.path)
         try:
-            result = self._load(self.path)
+            loaded = self._compute(self.path, self.accounts)
         except accounts_mod.AccountsFileError as e:
             self._start_from_cache(str(e))
             return
@@ -228,14 +252,15 @@ class AccountsSource(service.Service):
             self.log.failure("loading {path} failed unexpectedly", path=self.path)
             self._start_from_cache(f"{self.path}: cannot load accounts file: {e}")
             return
-        self._use(result, started, sig, initial=True)
+        self._use(loaded, initial=True)
 
     def _start_from_cache(self, problem):
         if not self.cache_path or not os.path.exists(self.cache_path):
             raise AccountsStartupError(
                 f"{problem} (and no last good copy to fall back on)")
         try:
-            result = self._load(self.cache_path, base_dir=os.path.dirname(self.path))
+            loaded = self._compute(self.cache_path, self.accounts,
+                                   base_dir=os.path.dirname(self.path))
         except Exception as e:
             raise AccountsStartupError(
                 f"{problem}; the last good copy {self.cache_path} is unusable too: {e}"
@@ -252,16 +277,21 @@ class AccountsSource(service.Service):
                    f"from {saved} ({self.cache_path}) until the file is fixed")
         self.log.error("ACCOUNTS FILE UNUSABLE AT START: {message}", message=message)
         self._send_report(message, None)
-        self._use(result, time.perf_counter(), None, initial=True, from_cache=True)
+        self._use(loaded, initial=True, from_cache=True)
         # It may have been caught half written: look again soon.
         self._failures = 1
         self._schedule(self._retry_delay)
+
+    # -- events and timers
 
     def _changed(self):
         """Watcher callback: (re)start the debounce timer."""
         if not self.running:
             return
         self._failures = 0
+        if self._loading:
+            self._dirty = True
+            return
         now = self._clock.seconds()
         if self._pending is not None and self._pending.active():
             # A burst goes on (or a retry was waiting): push the load back,
@@ -293,24 +323,44 @@ class AccountsSource(service.Service):
     def _timer(self):
         self._pending = None
         self._burst_started = None
-        try:
-            self._load_now()
-        except Exception:
-            self.log.failure("reloading {path} failed unexpectedly", path=self.path)
+        self._load_now()
+
+    # -- reloading
 
     def _load_now(self):
+        if self._loading:
+            self._dirty = True
+            return
+        self._loading = True
+        self._dirty = False
         started = time.perf_counter()
-        sig = _path_signature(self.path)
-        try:
-            result = self._load(self.path)
-        except accounts_mod.AccountsFileError as e:
-            self._failed(str(e))
+        d = self._run_blocking(self._compute, self.path, self.accounts)
+        d.addCallbacks(self._reloaded, self._reload_failed, callbackArgs=(started,))
+        d.addErrback(lambda f: self.log.failure(
+            "reloading {path} failed unexpectedly", f, path=self.path))
+        d.addBoth(self._load_done)
+
+    def _reloaded(self, loaded, started):
+        self._loading = False
+        if not self.running:
             return
-        except Exception as e:
-            self.log.failure("loading {path} failed unexpectedly", path=self.path)
-            self._failed(f"{self.path}: cannot load accounts file: {e}")
+        self._use(loaded, dispatched=started)
+
+    def _reload_failed(self, failure):
+        self._loading = False
+        if not self.running:
             return
-        self._use(result, started, sig)
+        if failure.check(accounts_mod.AccountsFileError):
+            self._failed(str(failure.value))
+            return
+        self.log.failure("loading {path} failed unexpectedly", failure, path=self.path)
+        self._failed(f"{self.path}: cannot load accounts file: {failure.getErrorMessage()}")
+
+    def _load_done(self, _):
+        self._loading = False
+        if self._dirty and self.running:
+            self._dirty = False
+            self._changed()
 
     def _failed(self, problem):
         self._failures += 1
@@ -340,11 +390,62 @@ class AccountsSource(service.Service):
                 "{problem}", kept=kept, count=len(self.accounts), problem=problem,
             )
 
-    def _mine(self, account_id):
-        return self._all_mine or accounts_mod.in_shard(account_id, self.shard)
+    # -- the blocking part (may run in a worker thread)
 
-    def _use(self, result, started, sig, initial=False, from_cache=False):
+    def _load(self, path, base_dir=None):
+        loader = self._loader
+        if loader is None:
+            loader = accounts_mod.load_accounts
+        if base_dir is None:
+            return loader(path, self.key_file)
+        return loader(path, self.key_file, base_dir=base_dir)
+
+    def _compute(self, path, old, base_dir=None):
+        """Load ``path``, filter by shard, diff against ``old``, cache the
+        bytes.  Touches no state the reactor thread uses but the shard memo
+        and cache bookkeeping, which only this (one at a time) uses."""
+        started = time.perf_counter()
+        from_cache = base_dir is not None
+        sig = None if from_cache else _path_signature(path)
+        result = self._load(path, base_dir)
         loaded = time.perf_counter()
+        if self._all_mine:
+            new = tuple(result.accounts)
+        else:
+            memo = self._shard_memo
+            shard = self.shard
+            mine = {}
+            for a in result.accounts:
+                m = memo.get(a.id)
+                if m is None:
+                    m = accounts_mod.in_shard(a.id, shard)
+                mine[a.id] = m
+            self._shard_memo = mine
+            new = tuple(a for a in result.accounts if mine[a.id])
+        diff = accounts_mod.diff_accounts(old, new)
+        diffed = time.perf_counter()
+        warning = None if from_cache else self._save_cache(sig)
+        done = time.perf_counter()
+        timing = {
+            "load": loaded - started,
+            "diff": diffed - loaded,
+            "cache": done - diffed,
+            "blocking": done - started,
+        }
+        return _Loaded(result, new, diff, timing, warning)
+
+    def _mine(self, account_id):
+        if self._all_mine:
+            return True
+        m = self._shard_memo.get(account_id)
+        if m is None:
+            m = accounts_mod.in_shard(account_id, self.shard)
+        return m
+
+    # -- using a good load (reactor thread)
+
+    def _use(self, loaded, initial=False, from_cache=False, dispatched=None):
+        entered = time.perf_counter()
         if not from_cache:
             if self.problem is not None:
                 self.log.info("accounts file {path} is usable again", path=self.path)
@@ -354,18 +455,20 @@ class AccountsSource(service.Service):
             self.using_cache = False
             self._reported_file_problem = None
             self._failures = 0
-        if self._all_mine:
-            new = tuple(result.accounts)
-        else:
-            new = tuple(a for a in result.accounts if self._mine(a.id))
-        diff = accounts_mod.diff_accounts(self.accounts, new)
-        diffed = time.perf_counter()
-        self._account_problems(result.problems, from_cache)
+        if loaded.cache_warning is not None and loaded.cache_warning != self._cache_warned:
+            self._cache_warned = loaded.cache_warning
+            self.log.warn(
+                "cannot save the last good copy of the accounts to {cache}: "
+                "{error}; a bad accounts file at the next start will stop Fido",
+                cache=self.cache_path, error=loaded.cache_warning,
+            )
+        self._account_problems(loaded.result.problems, from_cache)
+        new, diff = loaded.accounts, loaded.diff
         if diff.empty and not initial:
             self.accounts = new
-            applied = diffed
             self.log.debug("accounts file {path} reloaded: no change ({total} accounts)",
                            path=self.path, total=len(new))
+            applied = entered
         else:
             try:
                 self._apply(new, diff)
@@ -375,7 +478,6 @@ class AccountsSource(service.Service):
                 return
             applied = time.perf_counter()
             self.accounts = new
-            self.loaded = True
             self.log.info(
                 "accounts {verb} from {path}: {added} added, {removed} removed, "
                 "{changed} changed, {total} total in {ms} ms",
@@ -383,19 +485,17 @@ class AccountsSource(service.Service):
                 path=self.cache_path if from_cache else self.path,
                 added=len(diff.added), removed=len(diff.removed),
                 changed=len(diff.changed), total=len(new),
-                ms=_ms(applied - started),
+                ms=_ms(loaded.timing["blocking"] + (applied - entered)),
             )
         self.loaded = True
-        if not from_cache:
-            self._save_cache(sig)
-        done = time.perf_counter()
-        self.last_timing = {
-            "load": loaded - started,
-            "diff": diffed - loaded,
-            "apply": applied - diffed,
-            "cache": done - applied,
-            "total": done - started,
-        }
+        timing = dict(loaded.timing)
+        timing["apply"] = applied - entered
+        inline = dispatched is None or self._run_blocking is _inline
+        timing["reactor"] = (timing["blocking"] if inline else 0.0) + (
+            time.perf_counter() - entered)
+        if dispatched is not None:
+            timing["wall"] = time.perf_counter() - dispatched
+        self.last_timing = timing
 
     def _account_problems(self, problems, from_cache):
         source = self.cache_path if from_cache else self.path
@@ -423,7 +523,7 @@ class AccountsSource(service.Service):
         except Exception:
             self.log.failure("reporting an accounts problem failed")
 
-    # -- last good copy
+    # -- last good copy (blocking part)
 
     def _read_cache_digest(self):
         if not self.cache_path:
@@ -436,36 +536,28 @@ class AccountsSource(service.Service):
 
     def _save_cache(self, sig):
         """Save the file's bytes if they are the ones just loaded (same
-        signature before the load and at this read) and new."""
+        signature before the load and at this read) and new.  Returns a
+        warning (one line) when they cannot be saved, else None."""
         if not self.cache_path or sig is None or sig == self._cache_sig:
-            return
+            return None
         try:
             with open(self.path, "rb") as f:
                 now = _stat_signature(os.fstat(f.fileno()))
                 data = f.read()
         except OSError:
-            return
+            return None
         if now != sig:
-            self.log.debug("{path} changed while loading; not caching this version",
-                           path=self.path)
-            return
+            # Changed while loading: an event for the newer version follows.
+            return None
         digest = hashlib.sha256(data).digest()
         if digest != self._cache_digest:
             try:
                 _write_atomically(self.cache_path, data)
             except OSError as e:
-                problem = f"{type(e).__name__}: {e}"
-                if problem != self._cache_warned:
-                    self._cache_warned = problem
-                    self.log.warn(
-                        "cannot save the last good copy of the accounts to {cache}: "
-                        "{error}; a bad accounts file at the next start will stop Fido",
-                        cache=self.cache_path, error=problem,
-                    )
-                return
-            self._cache_warned = None
+                return f"{type(e).__name__}: {e}"
             self._cache_digest = digest
         self._cache_sig = sig
+        return None
 
 
 def _write_atomically(path, data):

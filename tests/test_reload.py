@@ -492,3 +492,91 @@ class ShardTests(Harness):
             src.stopService()
         self.assertEqual(sorted(seen), sorted(f"acct-{i}" for i in range(40)))
         self.assertEqual(sorted(reported), ["acct-100", "acct-101"])
+
+
+class DeferredRunner:
+    """A ``run_blocking`` that runs each job at once (as a worker thread
+    would start it) but holds its result until the test releases it."""
+
+    def __init__(self):
+        self.jobs = []
+
+    def __call__(self, f, *args):
+        from twisted.internet import defer
+
+        try:
+            outcome = (True, f(*args))
+        except Exception as e:
+            outcome = (False, e)
+        d = defer.Deferred()
+        self.jobs.append((outcome, d))
+        return d
+
+    def release(self):
+        (ok, value), d = self.jobs.pop(0)
+        if ok:
+            d.callback(value)
+        else:
+            d.errback(value)
+
+
+class OffThreadTests(Harness):
+    def test_start_is_inline_and_reloads_go_through_run_blocking(self):
+        runner = DeferredRunner()
+        self.write(document([entry(1)]))
+        src = self.started(run_blocking=runner)
+        self.assertEqual(self.ids(src.accounts), ["acct-1"])
+        self.assertEqual(runner.jobs, [])
+        self.write(document([entry(1), entry(2)]))
+        self.fire()
+        self.clock.advance(0.2)
+        self.assertEqual(len(runner.jobs), 1)
+        self.assertEqual(len(self.applied), 1)  # not until the job is done
+        runner.release()
+        self.assertEqual(self.ids(self.applied[-1][1].added), ["acct-2"])
+        # the blocking part did not count as reactor time
+        self.assertLess(src.last_timing["reactor"], src.last_timing["blocking"] + 1)
+        self.assertIn("wall", src.last_timing)
+
+    def test_event_during_a_load_loads_again_afterwards(self):
+        runner = DeferredRunner()
+        self.write(document([entry(1)]))
+        src = self.started(run_blocking=runner)
+        self.write(document([entry(1), entry(2)]))
+        self.fire()
+        self.clock.advance(0.2)
+        self.write(document([entry(1), entry(2), entry(3)]))
+        self.fire()  # while loading
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        runner.release()
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.clock.advance(0.2)
+        runner.release()
+        self.assertEqual(self.ids(src.accounts), ["acct-1", "acct-2", "acct-3"])
+        self.assertEqual(self.ids(self.applied[-1][1].added), ["acct-3"])
+
+    def test_bad_file_off_thread_is_retried_and_reported(self):
+        runner = DeferredRunner()
+        self.write(document([entry(1)]))
+        src = self.started(run_blocking=runner)
+        self.write(b"{")
+        self.fire()
+        self.clock.advance(0.2)
+        runner.release()
+        self.assertEqual(self.reports, [])
+        self.clock.advance(1.0)
+        runner.release()
+        self.assertEqual(len(self.reports), 1)
+        self.assertEqual(self.ids(src.accounts), ["acct-1"])
+
+    def test_result_arriving_after_stop_is_not_applied(self):
+        runner = DeferredRunner()
+        self.write(document([entry(1)]))
+        src = self.started(run_blocking=runner)
+        self.write(document([entry(1), entry(2)]))
+        self.fire()
+        self.clock.advance(0.2)
+        src.stopService()
+        runner.release()
+        self.assertEqual(len(self.applied), 1)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
