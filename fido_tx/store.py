@@ -166,6 +166,48 @@ class _ObservedEndpoint:
         return f"<Redis {self._store.url}>"
 
 
+def _encode(arg):
+    if isinstance(arg, bytes):
+        return arg
+    if isinstance(arg, str):
+        return arg.encode("utf-8")
+    if isinstance(arg, int):
+        return b"%d" % arg
+    raise TypeError(f"cannot send {type(arg).__name__} to Redis")
+
+
+def _build_command(*args, **kwargs):
+    """RESP for one command: what txredisapi's ``_build_command`` makes, with
+    one join instead of two encode calls and a bytearray copy per argument
+    (it was 40% of the store's CPU time with 450 arguments per batch)."""
+    out = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        arg = _encode(arg)
+        out.append(b"$%d\r\n" % len(arg))
+        out.append(arg)
+        out.append(b"\r\n")
+    return b"".join(out)
+
+
+_protocol_class = None
+
+
+def _protocol():
+    """txredisapi's RedisProtocol with the faster command encoder (made on
+    first use: importing txredisapi installs the default reactor)."""
+    global _protocol_class
+    if _protocol_class is None:
+        import txredisapi
+
+        class _RedisProtocol(txredisapi.RedisProtocol):
+            @staticmethod
+            def _build_command(*args, **kwargs):
+                return _build_command(*args, **kwargs)
+
+        _protocol_class = _RedisProtocol
+    return _protocol_class
+
+
 class _ProtocolFactory(protocol.Factory):
     """Builds txredisapi protocols for the store's ClientService.
 
@@ -181,10 +223,8 @@ class _ProtocolFactory(protocol.Factory):
         self._store = store
 
     def buildProtocol(self, addr):
-        import txredisapi
-
         url = self._store.url
-        p = txredisapi.RedisProtocol(
+        p = _protocol()(
             charset=None,
             convertNumbers=False,
             password=url.password,

@@ -21,7 +21,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from fido_tx import errors, redisurl
+from fido_tx import errors, redisurl, store as store_mod
 from fido_tx.config import RedisSettings
 from fido_tx.outcome import SessionResult
 from fido_tx.sink import IMessageSink, Message
@@ -145,6 +145,16 @@ class RedisURLPropertyTests(SynchronousTestCase):
         shown = url.redacted()
         self.assertNotIn(secret, shown)
         self.assertEqual(redisurl.parse(shown), attr.evolve(url, password="***"))
+
+
+class CommandEncodingTests(SynchronousTestCase):
+    @hsettings(max_examples=100, deadline=None)
+    @given(st.lists(st.one_of(st.binary(max_size=40), _text, st.integers(-(2**63), 2**63)), min_size=1))
+    def test_same_bytes_as_txredisapi(self, args):
+        import txredisapi
+
+        reference = txredisapi.BaseRedisProtocol(charset=None)._build_command(*args)
+        self.assertEqual(store_mod._build_command(*args), reference)
 
 
 # -- never connected: deadlines with a fake reactor ---------------------------
