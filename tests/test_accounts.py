@@ -402,7 +402,7 @@ def _raw_documents():
 
 
 class PropertyTests(SynchronousTestCase):
-    @settings(max_examples=300, deadline=None)
+    @settings(max_examples=200, deadline=None)
     @given(_raw_documents())
     def test_parse_raises_only_accounts_file_error(self, data):
         try:
@@ -440,3 +440,17 @@ class PropertyTests(SynchronousTestCase):
         self.assertTrue(set(d.removed) <= set(old))
         self.assertTrue(set(d.added + d.changed + d.unchanged) <= set(new))
         self.assertEqual(d.empty, old_ports == new_ports)
+
+
+class EncryptedPropertyTests(_FilesMixin, SynchronousTestCase):
+    @settings(max_examples=100, deadline=None)
+    @given(st.binary(max_size=200), st.booleans())
+    def test_any_bytes_with_a_key_raise_only_accounts_file_error(self, data, as_token):
+        if not hasattr(self, "_key_file"):
+            self._key_file = self.key_file(Fernet.generate_key())
+        if as_token:  # valid token around arbitrary plaintext
+            data = accounts.encrypt_bytes(data, self._key_file)
+        try:
+            accounts.parse_accounts(data, "/x/a.enc", key_file=self._key_file)
+        except AccountsFileError as e:
+            self.assertNotIn("\n", str(e))
