@@ -20,6 +20,7 @@ shared per ``(host, ca_file)`` because building one is expensive.
 
 import os
 import re
+import ssl
 
 from OpenSSL import SSL, crypto
 from twisted.internet import defer
@@ -138,7 +139,11 @@ def tls_options(host, ca_file=None):
 
 @implementer(IOpenSSLClientConnectionCreator)
 class _RecordingCreator:
-    """Per-session wrapper of the shared options: records why verification failed."""
+    """Per-session wrapper of the shared options: remembers the connection.
+
+    Verification stays entirely Twisted's (chain and host name); the
+    connection is kept only to explain a failed verification afterwards.
+    """
 
     def __init__(self, options, record):
         self.options = options
@@ -146,14 +151,7 @@ class _RecordingCreator:
 
     def clientConnectionForTLS(self, tlsProtocol):
         conn = self.options.clientConnectionForTLS(tlsProtocol)
-        record = self.record
-
-        def verify(connection, cert, errno, depth, ok):
-            if not ok:
-                record.append((errno, depth))
-            return ok
-
-        conn.set_verify(conn.get_verify_mode() or SSL.VERIFY_PEER, verify)
+        self.record.append(conn)
         return conn
 
 
@@ -245,7 +243,7 @@ class _Session:
         self.proto = None
         self.connecting = None
         self.cancelled = False
-        self.verify_errors = []
+        self.tls_connections = []
         self.caps = frozenset()
         self.fetched = 0
         self.bytes = 0
@@ -253,6 +251,8 @@ class _Session:
         self.too_large = []
         self.started = None
         self.mailbox = account.mailbox
+        self._failed_response = b""
+        self._failed_bye = None
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -317,10 +317,10 @@ class _Session:
         if error.debug:
             lines.append(error.debug)
         if self.proto is not None:
-            if self.proto.last_response:
-                lines.append(f"last server response: {_show(self.proto.last_response)}")
-            if self.proto.bye is not None:
-                lines.append(f"server said BYE: {_show(self.proto.bye)}")
+            if self._failed_response:
+                lines.append(f"server response: {_show(self._failed_response)}")
+            if self._failed_bye is not None:
+                lines.append(f"server said BYE: {_show(self._failed_bye)}")
             trace = self.proto.debug_lines()
             if trace:
                 lines.append("recent protocol lines:")
@@ -342,6 +342,10 @@ class _Session:
         except Exception as e:
             self.log.failure("session {account_id}: unexpected error", account_id=self.account.id)
             error = FidoError(errors.PROTOCOL, f"unexpected error: {type(e).__name__}: {e}")
+        if error is not None and self.proto is not None:
+            # what the server said when it went wrong (before any LOGOUT)
+            self._failed_response = self.proto.last_response
+            self._failed_bye = self.proto.bye
         await self._close(error)
         return self._result(error)
 
@@ -432,7 +436,7 @@ class _Session:
         creator = None
         if account.security in ("tls", "starttls"):
             creator = _RecordingCreator(tls_options(account.host, account.ca_file),
-                                        self.verify_errors)
+                                        self.tls_connections)
         self.creator = creator
 
         def make():
@@ -442,7 +446,7 @@ class _Session:
                 command_timeout=settings.command_timeout,
                 min_literal_rate=settings.min_literal_rate,
             )
-            proto.tls_verify_errors = self.verify_errors
+            proto.tls_explain = self._explain_untrusted
             proto.tls_host = account.host
             return proto
 
@@ -476,6 +480,29 @@ class _Session:
             if timer.active():
                 timer.cancel()
             self.connecting = None
+
+    def _explain_untrusted(self):
+        """Why the server's certificate chain is not trusted, or ``None``."""
+        if not self.tls_connections:
+            return None
+        chain = self.tls_connections[-1].get_peer_cert_chain()
+        if not chain:
+            return None
+        store = crypto.X509Store()
+        paths = ssl.get_default_verify_paths()
+        if paths.cafile or paths.capath:
+            try:
+                store.load_locations(paths.cafile, paths.capath)
+            except crypto.Error:
+                pass
+        if self.account.ca_file:
+            for cert in _load_ca_file(self.account.ca_file):
+                store.add_cert(cert)
+        try:
+            crypto.X509StoreContext(store, chain[0], chain[1:]).verify_certificate()
+        except crypto.X509StoreContextError as e:
+            return str(e)
+        return None
 
     async def _capability(self):
         caps = set()

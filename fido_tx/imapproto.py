@@ -491,7 +491,8 @@ class FidoIMAP4Client(imap4.IMAP4Client):
             self.lost.callback(None)
 
     def _lost_error(self, reason):
-        tls = tls_error(reason, getattr(self, "tls_verify_errors", None))
+        tls = tls_error(reason, getattr(self, "tls_explain", None),
+                        getattr(self, "tls_host", None))
         if tls is not None:
             return tls
         if self.logging_out:
@@ -723,26 +724,12 @@ def _reason_suffix(reason):
     return f" ({reason.getErrorMessage()})"
 
 
-_VERIFY_ERRORS = {
-    2: "unable to get issuer certificate",
-    9: "certificate is not yet valid",
-    10: "certificate has expired",
-    18: "self-signed certificate",
-    19: "self-signed certificate in the certificate chain",
-    20: "unable to get local issuer certificate (unknown CA)",
-    21: "unable to verify the first certificate",
-    23: "certificate revoked",
-    26: "unsuitable certificate purpose",
-    62: "hostname mismatch",
-}
+def tls_error(reason, explain=None, host=None):
+    """A :class:`FidoError` of kind ``tls`` for a TLS failure, else ``None``.
 
-
-def describe_verify_error(errno):
-    return _VERIFY_ERRORS.get(errno, f"X509 verify error {errno}")
-
-
-def tls_error(reason, verify_errors=None, host=None):
-    """A :class:`FidoError` of kind ``tls`` for a TLS failure, else ``None``."""
+    :param explain: optional callable returning why the certificate chain
+        was not trusted (``"self-signed certificate"``) or ``None``.
+    """
     if reason is None:
         return None
     try:
@@ -753,16 +740,20 @@ def tls_error(reason, verify_errors=None, host=None):
     if reason.check(VerificationError):
         return FidoError(
             errors.TLS,
-            "certificate does not match host"
-            + (f" {host!r}" if host else "")
-            + f": {reason.getErrorMessage()}",
+            "certificate does not match host" + (f" {host!r}" if host else ""),
+            debug=f"certificate verification: {reason.getErrorMessage()}",
         )
     if reason.check(SSL.Error):
         text = _ssl_text(reason.value)
-        if verify_errors:
-            errno, depth = verify_errors[0]
+        if "certificate verify failed" in text:
+            why = None
+            if explain is not None:
+                try:
+                    why = explain()
+                except Exception:
+                    why = None
             return FidoError(
-                errors.TLS, f"certificate verify failed: {describe_verify_error(errno)}"
+                errors.TLS, "certificate verify failed" + (f": {why}" if why else "")
             )
         return FidoError(errors.TLS, f"TLS handshake failed: {text}")
     return None

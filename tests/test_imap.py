@@ -559,3 +559,170 @@ def deferLater(seconds):
     from twisted.internet import reactor, task
 
     return task.deferLater(reactor, seconds, lambda: None)
+
+
+# --- TLS ----------------------------------------------------------------------------
+
+
+def _make_pki(directory):
+    """A throwaway CA and a server certificate for DNS:localhost."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def name(cn):
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(name("Fido Test CA"))
+        .issuer_name(name("Fido Test CA"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(digital_signature=True, content_commitment=False,
+                          key_encipherment=False, data_encipherment=False,
+                          key_agreement=False, key_cert_sign=True, crl_sign=True,
+                          encipher_only=False, decipher_only=False),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()),
+                       critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name("localhost"))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]),
+                       critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]),
+                       critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    pem = serialization.Encoding.PEM
+    ca_file = directory / "ca.pem"
+    ca_file.write_bytes(ca.public_bytes(pem))
+    server_pem = cert.public_bytes(pem) + key.private_bytes(
+        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    return str(ca_file), server_pem
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    from twisted.internet import ssl
+
+    ca_file, server_pem = _make_pki(tmp_path_factory.mktemp("pki"))
+    options = ssl.PrivateCertificate.loadPEM(server_pem).options()
+    return ca_file, options
+
+
+@pytest.fixture
+def tls_server(pki):
+    from twisted.internet import reactor
+
+    ports = []
+
+    def start(mailboxes, implicit=True):
+        factory = ServerFactory(mailboxes, tls=None if implicit else pki[1])
+        if implicit:
+            port = reactor.listenSSL(0, factory, pki[1], interface="127.0.0.1")
+        else:
+            port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        ports.append(port)
+        factory.port = port.getHost().port
+        return factory
+
+    yield start
+    for p in ports:
+        p.stopListening()
+
+
+@pytest_twisted.inlineCallbacks
+def test_implicit_tls_with_ca_file(tls_server, pki):
+    box = FakeMailbox()
+    box.add(message(1))
+    srv = tls_server({"INBOX": box})
+    sink = MemorySink()
+    acct = account(srv.port, host="localhost", security="tls", ca_file=pki[0])
+    result = yield run(acct, sink)
+    assert result.ok, result.debug
+    assert [m.raw for m in sink.entries] == [message(1)]
+
+
+@pytest_twisted.inlineCallbacks
+def test_tls_host_mismatch_never_sends_password(tls_server, pki):
+    srv = tls_server({"INBOX": FakeMailbox()})
+    acct = account(srv.port, host="127.0.0.1", security="tls", ca_file=pki[0])
+    result = yield run(acct, MemorySink())
+    assert result.kind == errors.TLS, (result.kind, result.message)
+    assert "does not match host '127.0.0.1'" in result.message
+    assert srv.received == []
+
+
+@pytest_twisted.inlineCallbacks
+def test_tls_unknown_ca_is_named(tls_server):
+    srv = tls_server({"INBOX": FakeMailbox()})
+    acct = account(srv.port, host="localhost", security="tls")
+    result = yield run(acct, MemorySink())
+    assert result.kind == errors.TLS, (result.kind, result.message)
+    assert "certificate verify failed" in result.message
+    assert "issuer" in result.message
+    assert srv.received == []
+
+
+@pytest_twisted.inlineCallbacks
+def test_starttls_upgrades_before_login(tls_server, pki):
+    box = FakeMailbox()
+    box.add(message(1))
+    srv = tls_server({"INBOX": box}, implicit=False)
+    sink = MemorySink()
+    acct = account(srv.port, host="localhost", security="starttls", ca_file=pki[0])
+    result = yield run(acct, sink)
+    assert result.ok, result.debug
+    assert len(sink.entries) == 1
+    commands = srv.commands()
+    assert commands.index("STARTTLS") < commands.index("LOGIN")
+    assert commands[commands.index("STARTTLS") + 1] == "CAPABILITY"
+
+
+@pytest_twisted.inlineCallbacks
+def test_starttls_bad_certificate_never_sends_password(tls_server, pki):
+    srv = tls_server({"INBOX": FakeMailbox()}, implicit=False)
+    acct = account(srv.port, host="127.0.0.1", security="starttls", ca_file=pki[0])
+    result = yield run(acct, MemorySink())
+    assert result.kind == errors.TLS, (result.kind, result.message)
+    assert "LOGIN" not in srv.commands()
+    assert srv.commands()[-1] == "STARTTLS"
+
+
+def test_tls_options_are_shared_per_host_and_ca_file(pki):
+    a = imap.tls_options("mail.example.test", pki[0])
+    assert imap.tls_options("mail.example.test", pki[0]) is a
+    assert imap.tls_options("other.example.test", pki[0]) is not a
+    assert imap.tls_options("mail.example.test") is not a
+
+
+def test_unreadable_ca_file_is_a_config_error(tmp_path):
+    with pytest.raises(errors.FidoError) as e:
+        imap.tls_options("x.example.test", str(tmp_path / "missing.pem"))
+    assert e.value.kind == errors.CONFIG
