@@ -592,6 +592,9 @@ def _temporary_file(path, mode):
             os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode))
         except FileExistsError:
             continue
+        except OSError as e:
+            # Name the file the caller asked for, not the temporary one.
+            raise type(e)(e.errno, e.strerror, path) from None
         return tmp
     raise FileExistsError(f"cannot create a temporary file next to {path}")  # pragma: no cover
 

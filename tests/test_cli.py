@@ -393,3 +393,13 @@ class SubprocessSmokeTests(_CliMixin, SynchronousTestCase):
         self.assertEqual(
             done.stderr.decode(), "fido: error: /nonexistent: No such file or directory\n"
         )
+
+
+class OutputErrorTests(_CliMixin, SynchronousTestCase):
+    def test_output_into_missing_directory_names_the_output(self):
+        key = self.keygen()
+        out = self.path("missing", "accounts.json.enc")
+        line = self.assertOneLineError(
+            self.fido("encrypt", "--key", key, "-", out, stdin=b'{"accounts": []}')
+        )
+        self.assertEqual(line, f"fido: error: {out}: No such file or directory")
