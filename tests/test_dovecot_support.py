@@ -99,6 +99,17 @@ def test_plain_login_without_tls_is_allowed(alice):
         client.logout()
 
 
+def test_removed_users_cannot_log_in(server):
+    server.add_user("dave", "dave-pw")
+    server.remove_user("dave")
+    client = server.imap("tls")
+    try:
+        with pytest.raises(imaplib.IMAP4.error, match="AUTHENTICATIONFAILED"):
+            client.login("dave", "dave-pw")
+    finally:
+        client.shutdown()
+
+
 def test_wrong_password_is_rejected(server):
     client = server.imap("starttls")
     try:
@@ -108,7 +119,13 @@ def test_wrong_password_is_rejected(server):
         client.shutdown()
 
 
-def test_users_added_while_running_can_log_in(server):
+def test_users_added_while_running_can_log_in_at_once(server):
+    client = server.imap("tls")
+    try:
+        with pytest.raises(imaplib.IMAP4.error, match="AUTHENTICATIONFAILED"):
+            client.login("carol", "carol-pw")
+    finally:
+        client.shutdown()
     server.add_user("carol", "carol-pw")
     server.add_message("carol", dc.make_message(4, 2000), folder="Archive")
     client = server.imap("tls", "carol")

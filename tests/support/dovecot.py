@@ -1,7 +1,7 @@
 """A real Dovecot IMAP server on free loopback ports, for tests and benches.
 
 Everything lives under one ``base_dir``: the configuration, the runtime
-sockets, the state, the log (``base_dir/dovecot.log``), the passwd-file and
+sockets, the state, the log (``base_dir/dovecot.log``), the passwd-files and
 the Maildirs (``base_dir/mail/<user>``).  Nothing system-wide is read or
 written (no ``/etc/dovecot``, no ``/run/dovecot``), and the server is stopped
 by its own pid::
@@ -156,7 +156,10 @@ class Dovecot:
         self.mail_dir = os.path.join(self.base_dir, "mail")
         self.config_path = os.path.join(self.base_dir, "dovecot.conf")
         self.log_path = os.path.join(self.base_dir, "dovecot.log")
-        self.passwd_path = os.path.join(self.base_dir, "passwd")
+        # One passwd-file per user: Dovecot re-checks a passwd-file at most
+        # once a second, so a user added right after another login would be
+        # missed in a shared file; a new per-user file is read at once.
+        self.passwd_dir = os.path.join(self.base_dir, "passwd.d")
         self.state_dir = os.path.join(self.base_dir, "state")
         # Unix socket paths are limited to ~107 bytes: keep the runtime
         # directory short even when base_dir is a long pytest tmp_path.
@@ -195,18 +198,20 @@ class Dovecot:
         if os.geteuid() == 0:
             _make_traversable(self.mail_dir)
 
-    def _write_passwd(self):
-        lines = []
-        for name, password in self.users.items():
+    def _write_passwd(self, names=None):
+        os.makedirs(self.passwd_dir, exist_ok=True)
+        os.chmod(self.passwd_dir, 0o755)
+        for name in self.users if names is None else names:
+            password = self.users[name]
             _check_field("user name", name)
             _check_field("password", password)
-            lines.append(f"{name}:{{PLAIN}}{password}::::::\n")
-        tmp = self.passwd_path + ".tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.writelines(lines)
-        self._chown(tmp)  # read by the auth process, which runs unprivileged
-        os.replace(tmp, self.passwd_path)  # new inode: Dovecot re-reads it
+            path = os.path.join(self.passwd_dir, _safe_name(name))
+            tmp = path + ".tmp"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(f"{name}:{{PLAIN}}{password}::::::\n")
+            self._chown(tmp)  # read by the auth process, which runs unprivileged
+            os.replace(tmp, path)
 
     def _write_config(self):
         u = self.mail_user
@@ -271,7 +276,7 @@ namespace inbox {{
 
 passdb {{
   driver = passwd-file
-  args = scheme=PLAIN username_format=%u {self.passwd_path}
+  args = scheme=PLAIN username_format=%u {self.passwd_dir}/%u
 }}
 userdb {{
   driver = static
@@ -429,20 +434,27 @@ service managesieve-login {{
     # -- users and folders --------------------------------------------------
 
     def add_user(self, name, password):
-        """Add or change a user; the running server sees it at the next login."""
-        self.users[name] = password
-        self._write_passwd()
-        self._ensure_user_dir(name)
+        """Add a user; the running server sees it at the next login.
+
+        Changing the password of a user who logged in during the last
+        second may take up to a second to be seen (Dovecot re-checks a
+        passwd-file at most once a second).
+        """
+        self.add_users({name: password})
 
     def add_users(self, users):
         self.users.update(users)
-        self._write_passwd()
+        self._write_passwd(list(users))
         for name in users:
             self._ensure_user_dir(name)
 
     def remove_user(self, name):
+        """Remove a user's password entry (not its mail): logins then fail."""
         self.users.pop(name, None)
-        self._write_passwd()
+        try:
+            os.unlink(os.path.join(self.passwd_dir, _safe_name(name)))
+        except FileNotFoundError:
+            pass
 
     def user_dir(self, user):
         _check_field("user name", user)
@@ -761,6 +773,12 @@ def _cut(data, k):
 def _check_field(what, value):
     if not value or any(c in value for c in ":\r\n\0"):
         raise ValueError(f"{what} must be non-empty without ':' or line breaks")
+
+
+def _safe_name(name):
+    if "/" in name or name in (".", ".."):
+        raise ValueError("user names with '/' are not supported")
+    return name
 
 
 def _flag_letters(flags):
