@@ -1,0 +1,408 @@
+"""The IMAP4Client subclass and IMAP syntax helpers (fido_tx.imapproto).
+
+Synchronous: StringTransport and a Clock drive the protocol, so timeouts,
+literal rates and redaction are checked exactly.
+"""
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.internet import defer, task
+from twisted.internet import error as ierror
+from twisted.internet.testing import StringTransport
+from twisted.logger import Logger
+from twisted.mail import imap4
+from twisted.python import failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from fido_tx import errors, imap, imapproto
+from fido_tx.accounts import Account
+from fido_tx.config import ImapSettings
+from fido_tx.errors import FidoError
+from fido_tx.imapproto import FidoIMAP4Client
+from fido_tx.sink import MemorySink
+
+
+def connect(greeting=b"* OK [CAPABILITY IMAP4rev1 STARTTLS] hello\r\n", rate=1000):
+    clock = task.Clock()
+    proto = FidoIMAP4Client(clock, greeting_timeout=10, command_timeout=5,
+                            min_literal_rate=rate)
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    if greeting:
+        proto.dataReceived(greeting)
+    return proto, transport, clock
+
+
+def lose(proto):
+    """What the reactor does after abortConnection."""
+    proto.connectionLost(failure.Failure(ierror.ConnectionAborted()))
+
+
+class GreetingTests(SynchronousTestCase):
+    def test_greeting_capabilities(self):
+        proto, _, _ = connect()
+        caps = self.successResultOf(proto.greeting)
+        self.assertEqual(caps, frozenset([b"IMAP4REV1", b"STARTTLS"]))
+        self.assertFalse(proto.preauth)
+
+    def test_greeting_timeout_aborts(self):
+        proto, transport, clock = connect(greeting=None)
+        clock.advance(9.9)
+        self.assertFalse(transport.disconnecting)
+        clock.advance(0.2)
+        self.assertTrue(transport.disconnecting)
+        lose(proto)
+        err = self.failureResultOf(proto.greeting, FidoError).value
+        self.assertEqual(err.kind, errors.TIMEOUT)
+        self.assertIn("greeting", err.message)
+
+    def test_bye_greeting_is_connect_error(self):
+        proto, transport, _ = connect(greeting=b"* BYE Too many connections\r\n")
+        self.assertTrue(transport.disconnecting)
+        lose(proto)
+        err = self.failureResultOf(proto.greeting, FidoError).value
+        self.assertEqual(err.kind, errors.CONNECT)
+        self.assertIn("Too many connections", err.message)
+
+    def test_garbage_greeting_is_protocol_error(self):
+        proto, transport, _ = connect(greeting=b"SSH-2.0-OpenSSH_9.2\r\n")
+        lose(proto)
+        err = self.failureResultOf(proto.greeting, FidoError).value
+        self.assertEqual(err.kind, errors.PROTOCOL)
+
+    def test_close_before_greeting_is_connect_error(self):
+        proto, _, _ = connect(greeting=None)
+        proto.connectionLost(failure.Failure(ierror.ConnectionDone()))
+        err = self.failureResultOf(proto.greeting, FidoError).value
+        self.assertEqual(err.kind, errors.CONNECT)
+
+
+class CommandTests(SynchronousTestCase):
+    def test_command_ok_and_untagged_routing(self):
+        proto, transport, _ = connect()
+        seen = []
+        d = proto.command(b"CAPABILITY", untagged=seen.append)
+        self.assertEqual(transport.value(), b"0001 CAPABILITY\r\n")
+        proto.dataReceived(b"* CAPABILITY IMAP4rev1 MOVE\r\n0001 OK done\r\n")
+        self.assertEqual(self.successResultOf(d), b"done")
+        self.assertEqual(seen, [[b"CAPABILITY IMAP4rev1 MOVE"]])
+
+    def test_tagged_no_and_bad(self):
+        proto, _, _ = connect()
+        d = proto.command(b"SELECT", b"Nope")
+        proto.dataReceived(b"0001 NO [NONEXISTENT] Unknown mailbox\r\n")
+        err = self.failureResultOf(d, imapproto.ImapCommandError).value
+        self.assertEqual((err.status, err.code), (b"NO", b"NONEXISTENT"))
+        d = proto.command(b"FOO")
+        proto.dataReceived(b"0002 BAD what\r\n")
+        self.assertEqual(self.failureResultOf(d).value.status, b"BAD")
+
+    def test_command_timeout_fires_and_aborts(self):
+        proto, transport, clock = connect()
+        d = proto.command(b"UID", b"SEARCH UNSEEN")
+        clock.advance(4)
+        proto.dataReceived(b"* OK still working\r\n")  # progress resets the timer
+        clock.advance(4)
+        self.assertFalse(transport.disconnecting)
+        clock.advance(1.1)
+        self.assertTrue(transport.disconnecting)
+        lose(proto)
+        err = self.failureResultOf(d, FidoError).value
+        self.assertEqual(err.kind, errors.TIMEOUT)
+        self.assertIn("UID SEARCH", err.message)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_timer_cancelled_after_response(self):
+        proto, _, clock = connect()
+        d = proto.command(b"NOOP")
+        proto.dataReceived(b"0001 OK\r\n")
+        self.successResultOf(d)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_command_after_connection_lost_fails_at_once(self):
+        proto, _, _ = connect()
+        d = proto.command(b"NOOP")
+        proto.connectionLost(failure.Failure(ierror.ConnectionDone()))
+        err = self.failureResultOf(d, FidoError).value
+        self.assertEqual(err.kind, errors.PROTOCOL)
+        self.assertIn("unexpectedly", err.message)
+        d2 = proto.command(b"NOOP")
+        self.assertEqual(self.failureResultOf(d2, FidoError).value.kind, errors.PROTOCOL)
+
+    def test_bye_then_close_is_protocol_error_with_text(self):
+        proto, _, _ = connect()
+        d = proto.command(b"UID", b"FETCH 1 (UID)")
+        proto.dataReceived(b"* BYE Server shutting down\r\n")
+        proto.connectionLost(failure.Failure(ierror.ConnectionDone()))
+        err = self.failureResultOf(d, FidoError).value
+        self.assertEqual(err.kind, errors.PROTOCOL)
+        self.assertIn("Server shutting down", err.message)
+
+    def test_unknown_tag_is_protocol_error(self):
+        proto, transport, _ = connect()
+        d = proto.command(b"NOOP")
+        proto.dataReceived(b"9999 OK what\r\n")
+        self.assertTrue(transport.disconnecting)
+        lose(proto)
+        self.assertEqual(self.failureResultOf(d, FidoError).value.kind, errors.PROTOCOL)
+
+    def test_long_search_reply(self):
+        proto, _, _ = connect()
+        found = []
+        d = proto.command(b"UID", b"SEARCH UNSEEN",
+                          untagged=lambda s: found.extend(imapproto.parse_search(s[0])))
+        uids = list(range(100000, 105000))
+        line = b"* SEARCH " + b" ".join(b"%d" % u for u in uids) + b"\r\n"
+        self.assertGreater(len(line), 16384)
+        for i in range(0, len(line), 1000):  # arrives in pieces
+            proto.dataReceived(line[i:i + 1000])
+        proto.dataReceived(b"0001 OK SEARCH done\r\n")
+        self.successResultOf(d)
+        self.assertEqual(found, uids)
+
+    def test_line_too_long_is_protocol_error(self):
+        proto, transport, _ = connect()
+        proto.MAX_LENGTH = 100
+        d = proto.command(b"NOOP")
+        proto.dataReceived(b"* " + b"x" * 200)
+        self.assertTrue(transport.disconnecting)
+        lose(proto)
+        self.assertEqual(self.failureResultOf(d, FidoError).value.kind, errors.PROTOCOL)
+
+
+class LiteralTests(SynchronousTestCase):
+    def fetch(self, proto):
+        got = []
+        d = proto.command(b"UID", b"FETCH 1 (UID BODY.PEEK[])",
+                          untagged=lambda s: got.append(imapproto.parse_fetch(s)))
+        return d, got
+
+    def test_literal_bytes_exact(self):
+        proto, _, _ = connect()
+        d, got = self.fetch(proto)
+        body = b"a\r\nb\x00c\xff\r\n)\r\n{3}\r\n"
+        proto.dataReceived(b"* 3 FETCH (UID 7 BODY[] {%d}\r\n" % len(body) + body
+                           + b" FLAGS (\\Seen))\r\n0001 OK done\r\n")
+        self.successResultOf(d)
+        self.assertEqual(got, [(3, {b"UID": b"7", b"BODY[]": body, b"FLAGS": [b"\\Seen"]})])
+        self.assertIn("S: <literal %d bytes>" % len(body), proto.trace)
+
+    def test_slow_literal_aborts(self):
+        proto, transport, clock = connect(rate=1000)
+        d, _ = self.fetch(proto)
+        proto.dataReceived(b"* 1 FETCH (UID 1 BODY[] {100000}\r\n")
+        for _ in range(5):  # 500 bytes/s: below 1000
+            proto.dataReceived(b"x" * 500)
+            clock.advance(1)
+        self.assertTrue(transport.disconnecting)
+        lose(proto)
+        err = self.failureResultOf(d, FidoError).value
+        self.assertEqual(err.kind, errors.TIMEOUT)
+        self.assertIn("bytes/s", err.message)
+
+    def test_steady_literal_passes(self):
+        proto, transport, clock = connect(rate=1000)
+        d, got = self.fetch(proto)
+        proto.dataReceived(b"* 1 FETCH (UID 1 BODY[] {20000}\r\n")
+        for _ in range(10):  # 2000 bytes/s for 10 s: longer than command_timeout
+            proto.dataReceived(b"y" * 2000)
+            clock.advance(1)
+        proto.dataReceived(b")\r\n0001 OK\r\n")
+        self.assertFalse(transport.disconnecting)
+        self.successResultOf(d)
+        self.assertEqual(got[0][1][b"BODY[]"], b"y" * 20000)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    @settings(max_examples=60, deadline=None)
+    @given(body=st.binary(max_size=300), cuts=st.lists(st.integers(1, 400), max_size=8))
+    def test_any_bytes_any_chunking(self, body, cuts):
+        proto, _, _ = connect()
+        d, got = self.fetch(proto)
+        wire = (b"* 1 FETCH (UID 42 BODY[] {%d}\r\n" % len(body) + body
+                + b")\r\n* 2 FETCH (FLAGS (\\Seen))\r\n0001 OK done\r\n")
+        pos = 0
+        for cut in sorted(set(cuts)):
+            if cut < len(wire):
+                proto.dataReceived(wire[pos:cut])
+                pos = cut
+        proto.dataReceived(wire[pos:])
+        self.successResultOf(d)
+        self.assertEqual(got[0], (1, {b"UID": b"42", b"BODY[]": body}))
+
+
+class TraceTests(SynchronousTestCase):
+    def test_login_arguments_redacted(self):
+        proto, transport, _ = connect()
+        proto.command(b"LOGIN", b'"user" "s3cret-pass"')
+        self.assertIn(b"s3cret-pass", transport.value())
+        self.assertIn("C: 0001 LOGIN <redacted>", proto.trace)
+        self.assertNotIn("s3cret", "\n".join(proto.trace))
+
+    def test_login_literal_continuation_redacted(self):
+        proto, transport, _ = connect()
+
+        def cont(rest):
+            proto.send_secret(b"p\xe4ss")
+
+        proto.command(b"LOGIN", b'"user" {5}', continuation=cont)
+        proto.dataReceived(b"+ go ahead\r\n")
+        self.assertTrue(transport.value().endswith(b"p\xe4ss\r\n"))
+        self.assertEqual(proto.trace[-1], "C: <redacted>")
+
+    def test_authenticate_initial_response_redacted(self):
+        proto, _, _ = connect()
+        proto.command(b"AUTHENTICATE", b"PLAIN AHVzZXIAcGFzcw==")
+        self.assertIn("C: 0001 AUTHENTICATE PLAIN <redacted>", proto.trace)
+        self.assertNotIn("AHVzZXIAcGFzcw", "\n".join(proto.trace))
+
+    def test_trace_is_bounded(self):
+        proto, _, _ = connect()
+        for i in range(50):
+            d = proto.command(b"NOOP")
+            proto.dataReceived(b"%04X OK\r\n" % (i + 1))
+            self.successResultOf(d)
+        self.assertEqual(len(proto.trace), FidoIMAP4Client.TRACE_LINES)
+
+
+class StartTLSTests(SynchronousTestCase):
+    def test_plaintext_after_starttls_ok_is_refused(self):
+        proto, transport, _ = connect()
+        results = []
+
+        def upgrade(text):
+            proto.start_tls(object())
+
+        d = proto.command(b"STARTTLS")
+        d.addCallback(upgrade)
+        d.addErrback(results.append)
+        proto.dataReceived(b"0001 OK go\r\n* CAPABILITY IMAP4rev1 AUTH=PLAIN\r\n")
+        self.assertEqual(results[0].value.kind, errors.TLS)
+
+
+class SyntaxTests(SynchronousTestCase):
+    def test_uid_set(self):
+        self.assertEqual(imapproto.uid_set([7, 1, 2, 3, 5, 8, 3]), b"1:3,5,7:8")
+        self.assertEqual(imapproto.uid_set([4]), b"4")
+
+    @settings(max_examples=100, deadline=None)
+    @given(st.sets(st.integers(1, 10000), min_size=1, max_size=50))
+    def test_uid_set_round_trip(self, uids):
+        parsed = imap4.parseIdList(imapproto.uid_set(uids))
+        self.assertEqual(set(parsed), uids)
+
+    def test_astring_parts(self):
+        self.assertEqual(imapproto.astring_parts(b"user@x"), (b'"user@x"', None))
+        self.assertEqual(imapproto.astring_parts(b'a"b'), (b"{3}", b'a"b'))
+        self.assertEqual(imapproto.astring_parts(b"\xc3\xa4"), (b"{2}", b"\xc3\xa4"))
+
+    def test_mailbox_name_modified_utf7(self):
+        self.assertEqual(imapproto.mailbox_name("Done/Ärchiv"), b'"Done/&AMQ-rchiv"')
+        self.assertEqual(imapproto.mailbox_name("INBOX"), b'"INBOX"')
+
+    def test_parse_fetch_forms(self):
+        seq, items = imapproto.parse_fetch(
+            [b'12 FETCH (UID 9 RFC822.SIZE 44 BODY[]<0> "quoted \\" x" '
+             b'BODY[HEADER.FIELDS (A B)] NIL FLAGS ())'])
+        self.assertEqual(seq, 12)
+        self.assertEqual(items, {b"UID": b"9", b"RFC822.SIZE": b"44",
+                                 b"BODY[]": b'quoted " x',
+                                 b"BODY[HEADER.FIELDS (A B)]": None, b"FLAGS": []})
+        with self.assertRaises(ValueError):
+            imapproto.parse_fetch([b"1 FETCH (UID 1"])
+
+    def test_select_info(self):
+        info = imapproto.SelectInfo()
+        for line in [b"FLAGS (\\Seen \\Deleted)", b"OK [PERMANENTFLAGS (\\Seen \\*)] ok",
+                     b"OK [UIDVALIDITY 3857529045] UIDs valid", b"17 EXISTS",
+                     b"OK [HIGHESTMODSEQ 5] x"]:
+            info.feed(line)
+        self.assertEqual((info.uidvalidity, info.exists), (3857529045, 17))
+        self.assertTrue(info.keywords_allowed("$FidoTooLarge"))
+        info.permanent_flags = ("\\Seen",)
+        self.assertFalse(info.keywords_allowed("$FidoTooLarge"))
+
+    def test_response_code(self):
+        self.assertEqual(imapproto.response_code(b"[AUTHENTICATIONFAILED] no"),
+                         b"AUTHENTICATIONFAILED")
+        self.assertEqual(imapproto.response_code(b"no code"), b"")
+
+
+class MessageIdTests(SynchronousTestCase):
+    def test_forms(self):
+        f = imap.extract_message_id
+        self.assertEqual(f(b"Message-ID: <a@b>\r\n\r\nbody"), "<a@b>")
+        self.assertEqual(f(b"X: y\r\nmessage-id:\r\n  <folded@b>\r\n\r\n"), "<folded@b>")
+        self.assertEqual(f(b"X: y\n\nMessage-ID: <in-body@b>\n"), "")
+        self.assertEqual(f(b"Message-Id:<lf@b>\nX: y\n\n"), "<lf@b>")
+        self.assertEqual(f(b""), "")
+        self.assertEqual(f(b"\xff\xfe: \x00\r\nMessage-ID: <\xe9@b>\r\n"), "<\udce9@b>")
+
+    @settings(max_examples=100, deadline=None)
+    @given(st.binary(max_size=500))
+    def test_never_fails(self, raw):
+        self.assertIsInstance(imap.extract_message_id(raw), str)
+
+
+class AuthClassificationTests(SynchronousTestCase):
+    def kind(self, status, text):
+        return imap._auth_error(imapproto.ImapCommandError("LOGIN", status, text)).kind
+
+    def test_kinds(self):
+        self.assertEqual(self.kind(b"NO", b"[AUTHENTICATIONFAILED] Invalid credentials"),
+                         errors.AUTH)
+        self.assertEqual(self.kind(b"NO", b"[UNAVAILABLE] try later"), errors.CONNECT)
+        self.assertEqual(self.kind(b"NO", b"[LIMIT] too many"), errors.CONNECT)
+        self.assertEqual(self.kind(b"NO", b"Too many connections from your IP"),
+                         errors.CONNECT)
+        self.assertEqual(self.kind(b"NO", b"LOGIN failed"), errors.AUTH)
+        self.assertEqual(self.kind(b"BAD", b"syntax"), errors.PROTOCOL)
+
+
+class MarkingCommandTests(SynchronousTestCase):
+    """The MOVE / UIDPLUS paths (Twisted's server has neither)."""
+
+    def session(self, caps, after_fetch):
+        account = Account(id="a", host="h", username="u", password="p",
+                          after_fetch=after_fetch)
+        clock = task.Clock()
+        session = imap._Session(clock, account, MemorySink(), ImapSettings(), False, Logger())
+        proto, transport, _ = connect()
+        session.proto = proto
+        session.caps = frozenset(caps)
+        return session, proto, transport
+
+    def test_uid_move(self):
+        session, proto, transport = self.session([b"MOVE"], "move:Done/Ärchiv")
+        d = defer.ensureDeferred(session._mark([1, 2, 3, 9]))
+        self.assertEqual(transport.value(), b'0001 UID MOVE 1:3,9 "Done/&AMQ-rchiv"\r\n')
+        proto.dataReceived(b"* OK [COPYUID 1 1:3,9 5:8] moved\r\n* 1 EXPUNGE\r\n0001 OK done\r\n")
+        self.successResultOf(d)
+
+    def test_move_failure_is_mailbox_error(self):
+        session, proto, transport = self.session([b"MOVE"], "move:Gone")
+        d = defer.ensureDeferred(session._mark([1]))
+        proto.dataReceived(b"0001 NO [TRYCREATE] no such mailbox\r\n")
+        err = self.failureResultOf(d, FidoError).value
+        self.assertEqual(err.kind, errors.MAILBOX)
+        self.assertIn("TRYCREATE", err.message)
+
+    def test_delete_with_uidplus_expunges_only_those_uids(self):
+        session, proto, transport = self.session([b"UIDPLUS"], "delete")
+        d = defer.ensureDeferred(session._mark([4, 5]))
+        self.assertEqual(transport.value(), b"0001 UID STORE 4:5 +FLAGS.SILENT (\\Deleted)\r\n")
+        transport.clear()
+        proto.dataReceived(b"0001 OK\r\n")
+        self.assertEqual(transport.value(), b"0002 UID EXPUNGE 4:5\r\n")
+        proto.dataReceived(b"0002 OK\r\n")
+        self.successResultOf(d)
+
+    def test_move_with_uidplus_but_no_move(self):
+        session, proto, transport = self.session([b"UIDPLUS"], "move:Done")
+        d = defer.ensureDeferred(session._mark([4]))
+        for expected in [b'0001 UID COPY 4 "Done"\r\n',
+                         b"0002 UID STORE 4 +FLAGS.SILENT (\\Deleted)\r\n",
+                         b"0003 UID EXPUNGE 4\r\n"]:
+            self.assertEqual(transport.value(), expected)
+            transport.clear()
+            proto.dataReceived(expected[:4] + b" OK\r\n")
+        self.successResultOf(d)
