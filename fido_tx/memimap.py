@@ -13,7 +13,7 @@ from email.parser import BytesHeaderParser
 from twisted.cred import checkers, portal
 from twisted.internet import protocol
 from twisted.mail import imap4
-from twisted.mail.interfaces import IMailboxIMAP, IMessageIMAP
+from twisted.mail.interfaces import ICloseableMailboxIMAP, IMailboxIMAP, IMessageIMAP
 from zope.interface import implementer
 
 _uidvalidity = itertools.count(1700000000)
@@ -71,7 +71,7 @@ class MemoryMessage:
         return self.date
 
 
-@implementer(IMailboxIMAP, imap4.ICloseableMailboxIMAP)
+@implementer(IMailboxIMAP, ICloseableMailboxIMAP)
 class MemoryMailbox:
     """One folder: messages in UID order, flags per message."""
 

@@ -13,11 +13,12 @@ their batch (``grace_period``), and only then do the reporter and the Redis
 connection close, so a session never loses its sink mid-batch.
 """
 
+import functools
 import os
 import socket
 
-from twisted.application import internet, service, strports
-from twisted.internet import task
+from twisted.application import service, strports
+from twisted.internet import task, threads
 from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
 
@@ -164,6 +165,7 @@ def make_service(
         backoff=settings.backoff,
         grace_period=fido.grace_period,
     )
+    status.scheduler = sched
     sched.add_result_observer(status.record)
 
     # Redis down: no new sessions (running ones stop at their next message,
@@ -206,13 +208,22 @@ def make_service(
             fido.state_dir or os.path.dirname(fido.accounts_file), ".fido-accounts.last-good"
         ),
         shard=fido.shard,
+        # Reading, decrypting and validating thousands of accounts happens
+        # in a thread; only applying the difference runs on the reactor.
+        run_blocking=functools.partial(
+            threads.deferToThreadPool, reactor, reactor.getThreadPool()
+        ),
     )
+    # The first load happens now, so that a bad accounts file (with no last
+    # good copy) stops the start with one line instead of a running daemon
+    # that fetches nothing.
+    source.load_initial()
     source.setServiceParent(top)
 
     if not dry_run:
         _Heartbeat(reactor, store, sched, ident).setServiceParent(top)
 
-    health = web.Health(reactor, sched, store)
+    health = web.Health(reactor, sched, store, status=status)
     metrics.bind(scheduler=sched, store=store, reporter=reporter, status=status)
     if settings.http.listen:
         site = web.make_site(metrics, health)

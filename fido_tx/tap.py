@@ -35,12 +35,17 @@ def makeService(options):
     except config.ConfigError as e:
         # twistd turns a SystemExit message into one line on stderr, no traceback.
         raise SystemExit(f"fido: {e}")
+    from fido_tx.reload import AccountsStartupError
+
     twistd = getattr(options, "parent", None) or {}
-    return service.make_service(
-        settings,
-        reactor,
-        created_config=created,
-        twistd_logfile=twistd.get("logfile") or "",
-        twistd_syslog=bool(twistd.get("syslog")),
-        stdout=sys.stdout,
-    )
+    try:
+        return service.make_service(
+            settings,
+            reactor,
+            created_config=created,
+            twistd_logfile=twistd.get("logfile") or "",
+            twistd_syslog=bool(twistd.get("syslog")),
+            stdout=sys.stdout,
+        )
+    except AccountsStartupError as e:
+        raise SystemExit(f"fido: {e}")
