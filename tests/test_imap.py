@@ -726,3 +726,72 @@ def test_unreadable_ca_file_is_a_config_error(tmp_path):
     with pytest.raises(errors.FidoError) as e:
         imap.tls_options("x.example.test", str(tmp_path / "missing.pem"))
     assert e.value.kind == errors.CONFIG
+
+
+# --- against a real Dovecot (MOVE, UIDPLUS, STARTTLS as deployed) -------------------
+
+
+@pytest.fixture(scope="module")
+def dovecot(tmp_path_factory):
+    from tests.support import dovecot as dc
+
+    with dc.started(tmp_path_factory.mktemp("dovecot"),
+                    users={"alice": "s3cret \"q\" ä"}) as server:
+        yield server
+
+
+def dovecot_account(server, **kw):
+    fields = dict(id="dc", host="localhost", port=server.port, username="alice",
+                  password=server.users["alice"], security="starttls",
+                  ca_file=server.ca_file)
+    fields.update(kw)
+    return Account(**fields)
+
+
+@pytest_twisted.inlineCallbacks
+def test_dovecot_starttls_fetch_and_uid_move(dovecot):
+    from tests.support import dovecot as dc
+
+    dovecot.reset("alice")
+    dovecot.create_folder("alice", "Ärchiv")
+    big = dc.make_message(1, 2 * 1024 * 1024, eight_bit=True)
+    small = dc.make_message(2, 4096)
+    dovecot.add_message("alice", big)
+    dovecot.add_message("alice", small)
+    sink = MemorySink()
+    result = yield run(dovecot_account(dovecot, after_fetch="move:Ärchiv"), sink)
+    assert result.ok, result.debug
+    assert [m.raw for m in sink.entries] == [big, small]
+    assert all(m.message_id.startswith("<fido.") for m in sink.entries)
+    assert dovecot.count("alice") == 0
+    assert dovecot.count("alice", "Ärchiv") == 2
+
+
+@pytest_twisted.inlineCallbacks
+def test_dovecot_implicit_tls_delete_with_uidplus(dovecot):
+    from tests.support import dovecot as dc
+
+    dovecot.reset("alice")
+    for i in range(3):
+        dovecot.add_message("alice", dc.make_message(i, 2048))
+    dovecot.add_message("alice", dc.make_message(9, 2048), flags="S")
+    sink = MemorySink()
+    acct = dovecot_account(dovecot, port=dovecot.ssl_port, security="tls",
+                           after_fetch="delete")
+    result = yield run(acct, sink)
+    assert result.ok, result.debug
+    assert result.fetched == 3 and result.marked == 3
+    assert dovecot.count("alice") == 1  # the seen one stays
+
+
+@pytest_twisted.inlineCallbacks
+def test_dovecot_seen_and_wrong_password(dovecot):
+    from tests.support import dovecot as dc
+
+    dovecot.reset("alice")
+    dovecot.add_message("alice", dc.make_message(1, 1000))
+    result = yield run(dovecot_account(dovecot, password="nope"), MemorySink())
+    assert result.kind == errors.AUTH, (result.kind, result.message)
+    result = yield run(dovecot_account(dovecot, auth="plain"), MemorySink())
+    assert result.ok, result.debug
+    assert set(dovecot.flags("alice").values()) == {"S"}
