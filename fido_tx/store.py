@@ -240,14 +240,22 @@ class _ProtocolFactory(protocol.Factory):
             # the store is marked down first: txredisapi then fails the
             # pending commands, and their callers must see connected=False
             try:
+                if p is not self._store._proto:
+                    # never became ready: ClientService counts it a success
+                    # (TCP connected), the store counts it a failed attempt
+                    self._store._failed_setups += 1
                 self._store._lost(p, reason)
             finally:
                 return lost(reason)
 
         p.connectionLost = connectionLost
-        p.whenConnected().addCallback(
-            lambda proto: self._store._reactor.callLater(0, self._store._ready, proto)
-        )
+        made = p.connectionMade
+
+        def connectionMade():
+            self._store._setup(p)
+            return made()
+
+        p.connectionMade = connectionMade
         return p
 
     def stopTrying(self):
@@ -295,6 +303,10 @@ class RedisStore(Service):
         self._ever_connected = False
         self._down_since_logged = False
         self._last_error = None
+        self._failed_setups = 0
+
+    def _retry_delay(self, attempt):
+        return self._retry_policy(attempt + self._failed_setups)
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -305,7 +317,7 @@ class RedisStore(Service):
             redisurl.endpoint(self._reactor, self.url, self._settings.connect_timeout), self
         )
         self._client = _ClientService(
-            endpoint, _ProtocolFactory(self), retryPolicy=self._retry_policy, clock=self._reactor
+            endpoint, _ProtocolFactory(self), retryPolicy=self._retry_delay, clock=self._reactor
         )
         self._client.startService()
 
@@ -332,14 +344,51 @@ class RedisStore(Service):
             except Exception:
                 log.failure("Redis connection observer {observer!r} failed", observer=observer)
 
+    def _setup(self, proto):
+        """A new connection: usable once AUTH, SELECT and a first command
+        (loading the store script) are answered, within ``connect_timeout``.
+
+        A connection is not ready just because the TCP (or TLS) connect
+        succeeded: a stopped or overloaded server's kernel still accepts it.
+        """
+        timeout = self._settings.connect_timeout
+
+        def too_slow():
+            self._connect_failed(f"no answer to AUTH/SELECT/SCRIPT LOAD within {timeout:g} s")
+            if proto.transport is not None:
+                proto.transport.abortConnection()
+
+        timer = self._reactor.callLater(timeout, too_slow)
+
+        def authenticated(_):
+            # load the script now, so that the first store() finds it cached
+            return proto.execute_command(b"SCRIPT", b"LOAD", STORE_SCRIPT.source)
+
+        def loaded(_):
+            if timer.active():
+                timer.cancel()
+                self._ready(proto)
+
+        def failed(failure):
+            if not timer.active():
+                return  # too_slow() said why
+            timer.cancel()
+            self._connect_failed(failure.getErrorMessage())
+            if proto.transport is not None:
+                proto.transport.abortConnection()
+
+        d = proto.whenConnected()
+        d.addCallback(authenticated)
+        d.addCallbacks(loaded, failed)
+        proto.whenDisconnected().addCallback(lambda _: timer.active() and timer.cancel())
+
     def _ready(self, proto):
         if self._stopping or not proto.connected or proto.transport is None:
             return
         self._proto = proto
         self.connected = True
         self._last_error = None
-        # load the script now, so that the first store() finds it cached
-        proto.execute_command("SCRIPT", "LOAD", STORE_SCRIPT.source).addErrback(lambda f: None)
+        self._failed_setups = 0
         if self._ever_connected:
             log.info("Redis connection to {url} is back; fetching resumes", url=str(self.url))
         else:

@@ -231,7 +231,7 @@ def _reactor():
 
 
 def _fast_retry(attempt):
-    return 0.05
+    return 0.05 * attempt
 
 
 def _make_store(url, **kw):
@@ -560,7 +560,7 @@ def test_redis_killed_while_a_store_is_in_flight_fails_it_and_recovers(redis):
 
 @pytest_twisted.inlineCallbacks
 def test_a_stuck_redis_times_out_the_command_and_the_connection_is_replaced(redis):
-    store = _make_store(redis.url, command_timeout=0.5)
+    store = _make_store(redis.url, command_timeout=0.5, connect_timeout=0.3)
     pid = redis.process.pid
     try:
         yield _next_state(store, True)
@@ -573,6 +573,14 @@ def test_a_stuck_redis_times_out_the_command_and_the_connection_is_replaced(redi
             assert "did not answer" in caught.value.message
             assert time.monotonic() - started < 1.5
             assert store.connected is False  # aborted: a late reply cannot be misread
+            # the kernel still accepts connections, but none becomes ready,
+            # and each such attempt counts for the backoff
+            with _Logs() as logs:
+                yield _sleep(1.0)
+            assert store.connected is False
+            assert "no answer to AUTH/SELECT/SCRIPT LOAD within 0.3 s" in store._last_error
+            retries = [line for line in logs.lines if "Scheduling retry" in line]
+            assert 1 <= len(retries) <= 3
         finally:
             os.kill(pid, signal.SIGCONT)
         yield _next_state(store, True)
