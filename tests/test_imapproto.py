@@ -406,3 +406,64 @@ class MarkingCommandTests(SynchronousTestCase):
             transport.clear()
             proto.dataReceived(expected[:4] + b" OK\r\n")
         self.successResultOf(d)
+
+
+class AuthChoiceTests(SynchronousTestCase):
+    """Which login command a session sends (and when it sends none)."""
+
+    def session(self, caps, security="tls", auth="login", password="pw"):
+        account = Account(id="a", host="h", username="u", password=password,
+                          security=security, auth=auth)
+        session = imap._Session(task.Clock(), account, MemorySink(), ImapSettings(),
+                                False, Logger())
+        proto, transport, _ = connect()
+        session.proto = proto
+        session.caps = frozenset(caps)
+        return session, proto, transport
+
+    def test_logindisabled_uses_plain_over_tls(self):
+        session, proto, transport = self.session([b"LOGINDISABLED", b"AUTH=PLAIN"])
+        d = defer.ensureDeferred(session._authenticate())
+        self.assertEqual(transport.value(), b"0001 AUTHENTICATE PLAIN\r\n")
+        transport.clear()
+        proto.dataReceived(b"+ \r\n")
+        self.assertEqual(transport.value(), b"AHUAcHc=\r\n")  # base64 "\0u\0pw"
+        proto.dataReceived(b"0001 OK [CAPABILITY IMAP4rev1 MOVE] in\r\n")
+        self.successResultOf(d)
+        self.assertEqual(session.caps, frozenset([b"IMAP4REV1", b"MOVE"]))
+        self.assertNotIn("AHUAcHc", "\n".join(proto.trace))
+
+    def test_logindisabled_without_tls_sends_nothing(self):
+        session, proto, transport = self.session([b"LOGINDISABLED", b"AUTH=PLAIN"],
+                                                 security="none")
+        d = defer.ensureDeferred(session._authenticate())
+        self.assertEqual(self.failureResultOf(d, FidoError).value.kind, errors.AUTH)
+        self.assertEqual(transport.value(), b"")
+
+    def test_login_with_literal_password(self):
+        session, proto, transport = self.session([], password='a"b')
+        d = defer.ensureDeferred(session._authenticate())
+        self.assertEqual(transport.value(), b'0001 LOGIN "u" {3}\r\n')
+        transport.clear()
+        proto.dataReceived(b"+ Ready\r\n")
+        self.assertEqual(transport.value(), b'a"b\r\n')
+        proto.dataReceived(b"0001 NO [AUTHENTICATIONFAILED] Authentication failed.\r\n")
+        err = self.failureResultOf(d, FidoError).value
+        self.assertEqual(err.kind, errors.AUTH)
+
+    def test_sasl_ir(self):
+        session, proto, transport = self.session([b"SASL-IR", b"AUTH=PLAIN"], auth="plain")
+        defer.ensureDeferred(session._authenticate())
+        self.assertEqual(transport.value(), b"0001 AUTHENTICATE PLAIN AHUAcHc=\r\n")
+        self.assertIn("C: 0001 AUTHENTICATE PLAIN <redacted>", proto.trace)
+
+    def test_starttls_with_preauth_is_refused(self):
+        account = Account(id="a", host="h", username="u", password="pw",
+                          security="starttls")
+        session = imap._Session(task.Clock(), account, MemorySink(), ImapSettings(),
+                                False, Logger())
+        proto, transport, _ = connect(greeting=b"* PREAUTH [CAPABILITY IMAP4rev1] hi\r\n")
+        session.proto = proto
+        d = defer.ensureDeferred(session._greeting_and_tls())
+        self.assertEqual(self.failureResultOf(d, FidoError).value.kind, errors.TLS)
+        self.assertEqual(transport.value(), b"")
