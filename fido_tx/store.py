@@ -244,6 +244,9 @@ class _ProtocolFactory(protocol.Factory):
                     # never became ready: ClientService counts it a success
                     # (TCP connected), the store counts it a failed attempt
                     self._store._failed_setups += 1
+                    if not self._store._setup_failed:
+                        # e.g. a TLS certificate that does not verify
+                        self._store._connect_failed(reason.getErrorMessage())
                 self._store._lost(p, reason)
             finally:
                 return lost(reason)
@@ -304,6 +307,7 @@ class RedisStore(Service):
         self._down_since_logged = False
         self._last_error = None
         self._failed_setups = 0
+        self._setup_failed = False
 
     def _retry_delay(self, attempt):
         return self._retry_policy(attempt + self._failed_setups)
@@ -352,6 +356,7 @@ class RedisStore(Service):
         succeeded: a stopped or overloaded server's kernel still accepts it.
         """
         timeout = self._settings.connect_timeout
+        self._setup_failed = False
 
         def too_slow():
             self._connect_failed(f"no answer to AUTH/SELECT/SCRIPT LOAD within {timeout:g} s")
@@ -418,6 +423,7 @@ class RedisStore(Service):
 
     def _connect_failed(self, message):
         self._last_error = message
+        self._setup_failed = True
         if not self._down_since_logged and not self._stopping:
             self._down_since_logged = True
             log.warn(

@@ -776,6 +776,7 @@ def test_rediss_refuses_a_server_it_cannot_verify(tls_redis):
         with pytest.raises(errors.FidoError) as caught:
             yield store.backlog()
         assert caught.value.kind == errors.REDIS
+        assert "certificate verify failed" in caught.value.message
         assert store.connected is False
     finally:
         yield store.stopService()
