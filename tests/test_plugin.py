@@ -2,14 +2,15 @@
 
 import tempfile
 import subprocess
-import sys
 
 from twisted.trial.unittest import SynchronousTestCase
+
+from tests.daemon import twistd
 
 
 def _twistd(*args, cwd):
     return subprocess.run(
-        [sys.executable, "-m", "twisted", *args],
+        [twistd(), *args],
         cwd=cwd, capture_output=True, text=True, timeout=60,
     )
 
@@ -19,6 +20,7 @@ class PluginTests(SynchronousTestCase):
         result = _twistd("--help", cwd=tempfile.mkdtemp())
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertRegex(result.stdout, r"\n\s+fido\s+Fetch IMAP mailboxes")
+        self.assertIn("--pidfile", result.stdout, "this is twistd, not twist")
 
     def test_twistd_fido_help_shows_the_options(self):
         result = _twistd("fido", "--help", cwd="/")

@@ -1,0 +1,230 @@
+"""The spine end to end: the real daemon, a real Dovecot and a real Redis."""
+
+import os
+import signal
+import time
+
+import pytest
+import pytest_twisted
+
+from tests import daemon
+from tests.support import dovecot as dovecot_support
+from tests.support.dovecot import make_message
+
+TWO_MIB = 2 * 1024 * 1024
+
+
+@pytest.fixture
+def dovecot(tmp_path):
+    with dovecot_support.started(str(tmp_path / "dovecot")) as server:
+        yield server
+
+
+def stream_entries(redis):
+    client = redis.client()
+    out = []
+    for entry_id, flat in client("XRANGE", "fido:messages", "-", "+"):
+        out.append(dict(zip((k.decode() for k in flat[::2]), flat[1::2])))
+    return out
+
+
+def provision_mixed(dovecot, n_accounts):
+    """n accounts, each with a plain and an 8-bit message; the first also has 2 MiB."""
+    sent = {}
+    users = {}
+    for k in range(n_accounts):
+        user = f"mixed{k:02d}@fido.test"
+        users[user] = f"pw-{k}-secret"
+    dovecot.add_users(users)
+    for k, user in enumerate(users):
+        messages = [make_message(k * 10 + 1, 4096), make_message(k * 10 + 2, 2048, eight_bit=True)]
+        if k == 0:
+            messages.append(make_message(k * 10 + 3, TWO_MIB, attachment=True))
+        for raw in messages:
+            dovecot.add_message(user, raw)
+        sent[user] = messages
+    return users, sent
+
+
+def run_once(reactor, tmp_path, redis, accounts, **kw):
+    """Run the daemon until every account had one session; then stop it."""
+    directory = str(tmp_path / "fido")
+    os.makedirs(directory, exist_ok=True)
+    daemon.write_accounts(os.path.join(directory, "accounts.json"), accounts)
+    d = daemon.InProcessDaemon(reactor, daemon.settings_for(directory, redis.url, **kw))
+    d.start()
+    waiting = d.wait_for_sessions([a["id"] for a in accounts], reactor)
+
+    def stop(result):
+        return d.stop().addCallback(lambda _: d)
+
+    return waiting.addCallback(stop)
+
+
+@pytest_twisted.inlineCallbacks
+def test_twenty_accounts_land_exactly_once_byte_identical_and_marked_seen(
+    tmp_path, dovecot, redis
+):
+    from twisted.internet import reactor
+
+    users, sent = provision_mixed(dovecot, 20)
+    securities = ["tls", "starttls", "none"]
+    accounts = [
+        daemon.dovecot_account(dovecot, user, securities[k % 3]) for k, user in enumerate(users)
+    ]
+    d = yield run_once(reactor, tmp_path, redis, accounts)
+    assert [r.kind for _, r in d.results] == [None] * 20, [r.message for _, r in d.results]
+
+    entries = stream_entries(redis)
+    total = sum(len(m) for m in sent.values())
+    assert len(entries) == total
+    by_key = {}
+    for e in entries:
+        key = (e["account"], e["uid"])
+        assert key not in by_key, f"duplicate entry {key}"
+        by_key[key] = e
+    for user, messages in sent.items():
+        account_id = user.split("@")[0]
+        raws = sorted(e["raw"] for e in entries if e["account"] == account_id.encode())
+        assert raws == sorted(messages), f"{account_id}: not byte-identical"
+        for e in entries:
+            if e["account"] == account_id.encode():
+                assert int(e["size"]) == len(e["raw"])
+                assert e["mailbox"] == b"INBOX"
+                assert e["message_id"].startswith(b"<fido.")
+        assert set(dovecot.flags(user).values()) == {"S"}, dovecot.flags(user)
+    assert any(len(e["raw"]) >= TWO_MIB for e in entries)
+
+    hash_ = redis.client()("HGETALL", "fido:account:mixed00")
+    fields = dict(zip(hash_[::2], hash_[1::2]))
+    assert fields[b"state"] == b"ok"
+    assert fields[b"fetched_total"] == b"3"
+
+    # A second daemon run finds nothing new and adds nothing.
+    d2 = yield run_once(reactor, tmp_path, redis, accounts)
+    assert all(r.ok and r.fetched == 0 for _, r in d2.results)
+    assert len(stream_entries(redis)) == total
+
+
+@pytest_twisted.inlineCallbacks
+def test_after_fetch_delete_removes_messages_from_the_server(tmp_path, dovecot, redis):
+    from twisted.internet import reactor
+
+    users, sent = provision_mixed(dovecot, 2)
+    accounts = [daemon.dovecot_account(dovecot, u, "tls", after_fetch="delete") for u in users]
+    d = yield run_once(reactor, tmp_path, redis, accounts)
+    assert all(r.ok for _, r in d.results), [r.message for _, r in d.results]
+    assert len(stream_entries(redis)) == sum(len(m) for m in sent.values())
+    for user in users:
+        assert dovecot.count(user) == 0
+
+
+@pytest_twisted.inlineCallbacks
+def test_after_fetch_move_puts_messages_in_archive(tmp_path, dovecot, redis):
+    from twisted.internet import reactor
+
+    users, sent = provision_mixed(dovecot, 2)
+    for user in users:
+        dovecot.create_folder(user, "Archive")
+    accounts = [
+        daemon.dovecot_account(dovecot, u, "starttls", after_fetch="move:Archive") for u in users
+    ]
+    d = yield run_once(reactor, tmp_path, redis, accounts)
+    assert all(r.ok for _, r in d.results), [r.message for _, r in d.results]
+    for user in users:
+        assert dovecot.count(user) == 0
+        assert dovecot.count(user, "Archive") == len(sent[user])
+    assert len(stream_entries(redis)) == sum(len(m) for m in sent.values())
+
+
+@pytest_twisted.inlineCallbacks
+def test_certificate_for_another_host_fails_with_tls_error_and_no_login(tmp_path, redis):
+    from twisted.internet import reactor
+
+    pki = dovecot_support.tlsca.files()
+    with dovecot_support.started(str(tmp_path / "dovecot"), cert=pki.wrong_name) as server:
+        server.add_users({"tlsuser@fido.test": "never-sent-secret"})
+        server.add_message("tlsuser@fido.test", make_message(1, 1000))
+        account = daemon.dovecot_account(server, "tlsuser@fido.test", "tls")
+        d = yield run_once(reactor, tmp_path, redis, [account])
+        [(_, result)] = d.results
+        assert result.kind == "tls"
+        assert "certificate" in result.message.lower()
+        assert "never-sent-secret" not in result.debug
+        log = server.read_log()
+        assert "tlsuser@fido.test" not in log, "the server saw a login attempt"
+        assert stream_entries(redis) == []
+        hash_ = redis.client()("HGETALL", "fido:account:tlsuser")
+        fields = dict(zip(hash_[::2], hash_[1::2]))
+        assert fields[b"last_error_kind"] == b"tls"
+
+
+@pytest_twisted.inlineCallbacks
+def test_starttls_account_is_refused_before_login_when_server_lacks_starttls(tmp_path, redis):
+    from twisted.internet import reactor
+
+    with dovecot_support.started(str(tmp_path / "dovecot"), tls=False) as server:
+        server.add_users({"plainonly@fido.test": "never-sent-secret"})
+        server.add_message("plainonly@fido.test", make_message(1, 1000))
+        account = daemon.dovecot_account(server, "plainonly@fido.test", "starttls")
+        d = yield run_once(reactor, tmp_path, redis, [account])
+        [(_, result)] = d.results
+        assert result.kind == "tls"
+        assert "STARTTLS" in result.message
+        assert "plainonly@fido.test" not in server.read_log()
+        assert server.flags("plainonly@fido.test") == {"<fido.1.1000.0@fido.test>": ""}
+
+
+def test_sigkill_in_the_middle_of_fetching_neither_loses_nor_duplicates(tmp_path, dovecot, redis):
+    users = {f"kill{k:02d}@fido.test": f"pw{k}" for k in range(10)}
+    dovecot.add_users(users)
+    for k, user in enumerate(users):
+        for i in range(20):
+            dovecot.add_message(user, make_message(k * 100 + i, 40 * 1024))
+    total = 10 * 20
+    directory = str(tmp_path / "fido")
+    os.makedirs(directory)
+    accounts = [daemon.dovecot_account(dovecot, u, "tls") for u in users]
+    daemon.write_accounts(os.path.join(directory, "accounts.json"), accounts)
+    config_path = os.path.join(directory, "fido.toml")
+    daemon.write_config(
+        config_path, directory, redis.url, workers=2,
+        extra="[imap]\nbatch_messages = 2\n",
+    )
+    log_path = os.path.join(directory, "fido.log")
+    client = redis.client()
+
+    def xlen():
+        return client("XLEN", "fido:messages")
+
+    proc = daemon.start_twistd(config_path, directory, log_path)
+    try:
+        deadline = time.monotonic() + 60
+        while xlen() < 30 and time.monotonic() < deadline:
+            assert proc.poll() is None, open(log_path).read()
+            time.sleep(0.005)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        at_kill = xlen()
+        assert 0 < at_kill < total, f"kill did not land mid-fetch ({at_kill} of {total})"
+
+        proc = daemon.start_twistd(config_path, directory, log_path)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            done = xlen() == total and all(
+                set(dovecot.flags(u).values()) == {"S"} for u in users
+            )
+            if done:
+                break
+            assert proc.poll() is None, open(log_path).read()
+            time.sleep(0.2)
+        entries = stream_entries(redis)
+        keys = [(e["account"], e["uidvalidity"], e["uid"]) for e in entries]
+        assert len(keys) == len(set(keys)), "duplicate stream entries"
+        assert len(entries) == total, open(log_path).read()[-3000:]
+        for u in users:
+            assert set(dovecot.flags(u).values()) == {"S"}
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(30)
