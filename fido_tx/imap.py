@@ -22,7 +22,7 @@ import os
 import re
 import ssl
 
-from OpenSSL import SSL, crypto
+from OpenSSL import crypto
 from twisted.internet import defer
 from twisted.internet import error as ierror
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
@@ -265,9 +265,17 @@ class _Session:
             if not outer.called:
                 outer.callback(result)
 
+        def crashed(f):  # a bug: still give the scheduler its account back
+            self.log.failure("session {account_id} crashed", f, account_id=self.account.id)
+            return SessionResult(
+                account_id=self.account.id, kind=errors.PROTOCOL,
+                message=f"internal error: {f.getErrorMessage()}",
+                fetched=self.fetched, bytes=self.bytes, marked=self.marked,
+                dry_run=self.dry_run,
+            )
+
+        inner.addErrback(crashed)
         inner.addCallback(deliver)
-        inner.addErrback(lambda f: self.log.failure("session {account_id} crashed", f,
-                                                    account_id=self.account.id))
         return outer
 
     def _cancel(self, outer):

@@ -59,10 +59,6 @@ class ImapCommandError(imap4.IMAP4Exception):
         return response_code(self.text)
 
 
-class _Cancelled(Exception):
-    """Internal: the caller cancelled the session."""
-
-
 def _show(data, limit=300):
     """Bytes from the server as a printable one-line str, truncated."""
     if isinstance(data, str):

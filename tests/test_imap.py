@@ -5,7 +5,6 @@ check what the session did on both sides: the sink's entries and the server's
 flags and messages, and the command lines the server received.
 """
 
-import itertools
 from io import BytesIO
 
 import pytest
