@@ -656,7 +656,9 @@ class FidoIMAP4Client(imap4.IMAP4Client):
         elif status in (b"NO", b"BAD"):
             d.errback(ImapCommandError(cmd.command.decode("ascii", "replace"), status, text))
         else:
-            raise FidoError(errors.PROTOCOL, f"bad tagged response: {_show(rest)}")
+            err = FidoError(errors.PROTOCOL, f"bad tagged response: {_show(rest)}")
+            self.fail(err)
+            d.errback(err)  # the command is no longer in self.tags: fail it here
 
     # -- output ----------------------------------------------------------------
 

@@ -467,3 +467,13 @@ class AuthChoiceTests(SynchronousTestCase):
         d = defer.ensureDeferred(session._greeting_and_tls())
         self.assertEqual(self.failureResultOf(d, FidoError).value.kind, errors.TLS)
         self.assertEqual(transport.value(), b"")
+
+
+class OrphanTests(SynchronousTestCase):
+    def test_bad_tagged_status_fails_the_command(self):
+        proto, transport, _ = connect()
+        d = proto.command(b"NOOP")
+        proto.dataReceived(b"0001 MAYBE later\r\n")
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.failureResultOf(d, FidoError).value.kind, errors.PROTOCOL)
+        lose(proto)
