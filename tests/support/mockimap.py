@@ -980,11 +980,7 @@ class _PortFactory(protocol.Factory):
         self.tls = tls
 
     def buildProtocol(self, addr):
-        record = self.server._opened(self.account, self.tls)
-        p = MockIMAPProtocol(self.server, record, self.tls)
-        p.factory = self
-        self.server._protocols[record.id] = p
-        return p
+        return self.server.build_protocol(self.account, self.tls)
 
 
 class MockIMAPServer:
@@ -1067,6 +1063,14 @@ class MockIMAPServer:
             proto.transport.abortConnection()
         ds.append(self.all_closed())
         return defer.gatherResults(ds, consumeErrors=True)
+
+    def build_protocol(self, account=None, tls=False):
+        """A server-side protocol for one new connection, for tests that
+        connect it themselves (``twisted.test.iosim``, ``StringTransport``)."""
+        record = self._opened(account, tls)
+        p = MockIMAPProtocol(self, record, tls)
+        self._protocols[record.id] = p
+        return p
 
     # -- records ---------------------------------------------------------
     def _opened(self, account, tls):

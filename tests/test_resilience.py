@@ -1,0 +1,387 @@
+"""Resilience of one mailbox session against misbehaving IMAP servers.
+
+Each test scripts one misbehaviour on the mock server (tests/support/mockimap.py)
+for one account and checks the session's SessionResult kind, that nothing was
+marked on the server that the sink had not stored, that the connection was
+released, and that a healthy account fetched at the same time was not held
+up by the faulty one.
+"""
+
+import attr
+import pytest
+import pytest_twisted
+from hypothesis import given, settings, strategies as st
+from twisted.internet import defer, reactor, task
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import MemoryReactorClock
+from twisted.test import iosim
+
+from fido_tx import errors, imapproto
+from fido_tx.accounts import Account
+from fido_tx.config import ImapSettings
+from fido_tx.imap import fetch_mailbox
+from fido_tx.outcome import SessionResult
+from fido_tx.sink import MemorySink
+from tests.support.mockimap import (
+    TOO_MANY_CONNECTIONS, Behaviour, Fault, MockIMAPServer, MockMailbox, parse_set,
+    sample_message)
+from tests.support.redis_server import free_port
+
+PASSWORD = 'pa ss"word\\1'
+SHORT = ImapSettings(connect_timeout=1.0, greeting_timeout=0.5, command_timeout=0.5,
+                     logout_timeout=0.3, min_literal_rate=4096)
+MARKING = ("UID STORE", "UID MOVE", "UID COPY", "UID EXPUNGE")
+
+
+def mailbox(n=3, size=0, user="u"):
+    return MockMailbox(PASSWORD, [sample_message(i, user, size) for i in range(1, n + 1)],
+                       uidvalidity=100, folders=("Archive",))
+
+
+def account(user, port, after_fetch="seen", password=PASSWORD):
+    return Account(id="acct-" + user, host="127.0.0.1", port=port, username=user,
+                   password=password, security="none", after_fetch=after_fetch)
+
+
+def marked_uids(server, user):
+    """Every UID the client asked the server to flag, copy, move or expunge."""
+    uids = set()
+    for c in server.commands(user):
+        if c.name in MARKING:
+            want = parse_set(c.args[0], 10**6)
+            uids |= {u for u in range(1, 10**4) if want(u)}
+        elif c.name == "EXPUNGE":
+            uids |= {m.uid for m in server.mailbox(user).folders["INBOX"].messages
+                     if "\\Deleted" in m.flags}
+    return uids
+
+
+def stored_uids(sink, account_id):
+    return {m.uid for m in sink.entries if m.account == account_id}
+
+
+def check_invariants(server, user, sink):
+    """Nothing marked on the server that the sink has not stored."""
+    assert marked_uids(server, user) <= stored_uids(sink, "acct-" + user)
+
+
+@defer.inlineCallbacks
+def timed(d):
+    started = reactor.seconds()
+    result = yield d
+    return result, reactor.seconds() - started
+
+
+@defer.inlineCallbacks
+def run_with_healthy(server, faulty_user, faulty_account, imap_settings=SHORT, sink=None):
+    """Run the faulty account and a healthy one concurrently; compare the
+    healthy one's duration with a baseline run of an identical healthy
+    account alone."""
+    sink = sink or MemorySink()
+    baseline_sink, healthy_sink = MemorySink(), MemorySink()
+    for user in ("h1", "h2"):
+        server.accounts[user] = mailbox(5, size=3000, user=user)
+    h1 = account("h1", server.listen(account="h1"))
+    h2 = account("h2", server.listen(account="h2"))
+    base, base_seconds = yield timed(fetch_mailbox(reactor, h1, baseline_sink, SHORT))
+    assert base.ok and base.fetched == 5, base
+    # a session must end on its own: the timeout here only keeps a hung
+    # session from hanging the test run
+    faulty_d = timed(fetch_mailbox(reactor, faulty_account, sink, imap_settings)
+                     .addTimeout(10, reactor))
+    healthy, healthy_seconds = yield timed(fetch_mailbox(reactor, h2, healthy_sink, SHORT))
+    result, seconds = yield faulty_d
+    assert isinstance(result, SessionResult)
+    assert healthy.ok and healthy.fetched == 5, healthy
+    assert healthy_seconds < 3 * base_seconds + 0.2, (healthy_seconds, base_seconds)
+    yield server.all_closed().addTimeout(2, reactor)  # every connection released
+    check_invariants(server, faulty_user, sink)
+    return result, seconds, sink
+
+
+@pytest.fixture
+def server():
+    s = MockIMAPServer(reactor, {"u": mailbox()})
+    yield s
+    pytest_twisted.blockon(s.stop())
+
+
+def scripted(server, behaviour, **kw):
+    server.script("u", behaviour)
+    return account("u", server.listen(account="u"), **kw)
+
+
+@pytest_twisted.inlineCallbacks
+def test_refused_connection_is_a_connect_error(server):
+    acct = account("u", free_port())  # nothing listens there
+    result, _, sink = yield run_with_healthy(server, "u", acct)
+    assert result.kind == errors.CONNECT, result
+    assert sink.entries == []
+
+
+@pytest_twisted.inlineCallbacks
+def test_connection_closed_at_once_is_a_connect_error(server):
+    acct = scripted(server, Behaviour(connect="reset"))
+    result, _, _ = yield run_with_healthy(server, "u", acct)
+    assert result.kind == errors.CONNECT, result
+
+
+@pytest_twisted.inlineCallbacks
+def test_never_greeted_is_a_timeout(server):
+    acct = scripted(server, Behaviour(connect="silent"))
+    result, seconds, _ = yield run_with_healthy(server, "u", acct)
+    assert result.kind == errors.TIMEOUT, result
+    assert 0.4 < seconds < 2
+
+
+@pytest_twisted.inlineCallbacks
+def test_late_greeting_within_the_timeout_is_fine(server):
+    acct = scripted(server, Behaviour(greeting_delay=0.3))
+    result, seconds, sink = yield run_with_healthy(server, "u", acct)
+    assert result.ok and result.fetched == 3 and result.marked == 3, result
+    assert seconds >= 0.3
+    assert all(server.mailbox("u").flags(uid) == {"\\Seen"} for uid in (1, 2, 3))
+
+
+@pytest_twisted.inlineCallbacks
+def test_no_on_select_is_a_mailbox_error(server):
+    acct = scripted(server, Behaviour(faults=(Fault("SELECT", "no", b"[NONEXISTENT] gone"),)))
+    result, _, sink = yield run_with_healthy(server, "u", acct)
+    assert result.kind == errors.MAILBOX, result
+    assert sink.entries == [] and marked_uids(server, "u") == set()
+
+
+@pytest_twisted.inlineCallbacks
+def test_no_on_login_is_an_auth_error_and_the_password_was_sent_intact(server):
+    acct = scripted(server, Behaviour(faults=(
+        Fault("LOGIN", "no", b"[AUTHENTICATIONFAILED] Invalid credentials"),)))
+    result, _, _ = yield run_with_healthy(server, "u", acct)
+    assert result.kind == errors.AUTH, result
+    (login,) = server.commands("u", "LOGIN")
+    assert login.args == (b"u", PASSWORD.encode())  # as a literal, byte for byte
+    assert PASSWORD not in result.message + result.debug
+
+
+@pytest_twisted.inlineCallbacks
+def test_wrong_password_is_an_auth_error(server):
+    acct = account("u", server.listen(account="u"), password="wrong")
+    result, _, _ = yield run_with_healthy(server, "u", acct)
+    assert result.kind == errors.AUTH, result
+
+
+@pytest_twisted.inlineCallbacks
+def test_too_many_connections_is_a_connect_error_not_auth(server):
+    acct = scripted(server, Behaviour(faults=(TOO_MANY_CONNECTIONS,)))
+    result, _, _ = yield run_with_healthy(server, "u", acct)
+    assert result.kind == errors.CONNECT, result
+
+
+@pytest_twisted.inlineCallbacks
+def test_connection_limit_reached_is_a_connect_error(server):
+    # a first session stays logged in (its SEARCH answer is delayed) ...
+    acct = scripted(server, Behaviour(max_connections=1, faults=(
+        Fault("UID SEARCH", "delay", delay=1.0),)))
+    sink = MemorySink()
+    first = fetch_mailbox(reactor, acct, sink, attr.evolve(SHORT, command_timeout=3))
+    yield task.deferLater(reactor, 0.2, lambda: None)
+    assert server.logged_in("u") == 1
+    # ... so the second one is turned away at LOGIN
+    result, _, _ = yield run_with_healthy(server, "u", acct, sink=sink)
+    assert result.kind == errors.CONNECT, result
+    assert (yield first).ok
+
+
+@pytest_twisted.inlineCallbacks
+def test_bad_answer_is_a_protocol_error(server):
+    acct = scripted(server, Behaviour(faults=(Fault("UID SEARCH", "bad", b"Syntax error"),)))
+    result, _, sink = yield run_with_healthy(server, "u", acct)
+    assert result.kind == errors.PROTOCOL, result
+    assert sink.entries == []
+
+
+@pytest_twisted.inlineCallbacks
+def test_garbage_is_a_protocol_error(server):
+    acct = scripted(server, Behaviour(faults=(Fault("UID FETCH", "garbage", nth=2),)))
+    result, _, sink = yield run_with_healthy(server, "u", acct)
+    assert result.kind == errors.PROTOCOL, result
+    assert sink.entries == [] and marked_uids(server, "u") == set()
+
+
+@pytest_twisted.inlineCallbacks
+def test_unknown_status_in_a_tagged_answer_is_a_protocol_error(server):
+    """``A0003 OK* ...`` (found by the Hypothesis test below).  The session
+    must end with ``protocol``, not hang: a hung session never gives its
+    worker slot back to the scheduler."""
+    acct = scripted(server, Behaviour(faults=(
+        Fault("UID SEARCH", "replace", b"$TAG OK* SEARCH 1 2 3\r\n"),)))
+    result, _, sink = yield run_with_healthy(server, "u", acct)
+    assert result.kind == errors.PROTOCOL, result
+    assert sink.entries == []
+
+
+@pytest_twisted.inlineCallbacks
+def test_truncated_fetch_response_is_a_protocol_error(server):
+    acct = scripted(server, Behaviour(faults=(Fault("UID FETCH", "truncate"),)))
+    result, _, sink = yield run_with_healthy(server, "u", acct)
+    assert result.kind == errors.PROTOCOL, result
+    assert sink.entries == []
+
+
+@pytest_twisted.inlineCallbacks
+def test_drop_in_the_middle_of_a_literal_stores_and_marks_nothing(server):
+    server.accounts["u"] = mailbox(3, size=20000)
+    # the second UID FETCH carries the bodies: cut inside the second message
+    acct = scripted(server, Behaviour(faults=(
+        Fault("UID FETCH", "drop", after_bytes=30000, nth=2),)))
+    result, _, sink = yield run_with_healthy(server, "u", acct)
+    assert result.kind in (errors.PROTOCOL, errors.CONNECT), result
+    assert sink.entries == [] and marked_uids(server, "u") == set()
+    assert all(server.mailbox("u").flags(uid) == set() for uid in (1, 2, 3))
+
+
+@pytest_twisted.inlineCallbacks
+def test_drop_after_a_first_batch_keeps_what_was_stored_and_marked(server):
+    server.accounts["u"] = mailbox(4, size=2000)
+    settings_ = attr.evolve(SHORT, batch_messages=2)
+    acct = scripted(server, Behaviour(faults=(
+        Fault("UID FETCH", "drop", after_bytes=3000, nth=3),)))
+    result, _, sink = yield run_with_healthy(server, "u", acct, settings_)
+    assert result.kind == errors.PROTOCOL, result
+    assert stored_uids(sink, "acct-u") == {1, 2} and marked_uids(server, "u") == {1, 2}
+    assert result.fetched == 2 and result.marked == 2
+
+
+@pytest_twisted.inlineCallbacks
+def test_untagged_bye_is_a_protocol_error(server):
+    acct = scripted(server, Behaviour(faults=(Fault("UID SEARCH", "bye", b"Shutting down"),)))
+    result, _, _ = yield run_with_healthy(server, "u", acct)
+    assert result.kind == errors.PROTOCOL, result
+    assert "Shutting down" in result.message + result.debug
+
+
+@pytest_twisted.inlineCallbacks
+def test_trickle_below_min_literal_rate_is_a_timeout(server, monkeypatch):
+    # check the rate every 0.3 s instead of 5 s, so the test is short
+    monkeypatch.setattr(imapproto.FidoIMAP4Client, "literal_check_interval", 0.3)
+    server.accounts["u"] = mailbox(1, size=20000)
+    acct = scripted(server, Behaviour(faults=(Fault("UID FETCH", "trickle", rate=1000, nth=2),)))
+    result, seconds, sink = yield run_with_healthy(server, "u", acct)
+    assert result.kind == errors.TIMEOUT, result
+    assert seconds < 3
+    assert sink.entries == [] and marked_uids(server, "u") == set()
+
+
+@pytest_twisted.inlineCallbacks
+def test_never_answered_logout_is_ok_after_logout_timeout(server):
+    acct = scripted(server, Behaviour(faults=(Fault("LOGOUT", "silent"),)))
+    result, seconds, sink = yield run_with_healthy(server, "u", acct)
+    assert result.ok and result.fetched == 3 and result.marked == 3, result
+    assert 0.3 <= seconds < 2
+    assert stored_uids(sink, "acct-u") == {1, 2, 3}
+    assert all(server.mailbox("u").flags(uid) == {"\\Seen"} for uid in (1, 2, 3))
+
+
+@pytest_twisted.inlineCallbacks
+def test_search_with_5000_uids_is_fine(server):
+    server.accounts["u"] = mailbox(20)
+    acct = scripted(server, Behaviour(search_uids=tuple(range(1, 5001))), after_fetch="delete")
+    result, _, sink = yield run_with_healthy(server, "u", acct)
+    assert result.ok, result
+    assert stored_uids(sink, "acct-u") == set(range(1, 21))
+    assert server.mailbox("u").uids() == []  # all 20 existing ones deleted
+
+
+@pytest_twisted.inlineCallbacks
+def test_uidvalidity_change_stores_messages_again_under_the_new_one(server):
+    acct = scripted(server, Behaviour(uidvalidity=(5, 6)), after_fetch="move:Archive")
+    sink = MemorySink()
+    first = yield fetch_mailbox(reactor, acct, sink, SHORT)
+    assert first.ok and first.fetched == 3
+    # the server renumbered its mailbox: new UIDVALIDITY, UIDs from 1 again
+    box = server.mailbox("u")
+    box.folders["INBOX"].uidnext = 1
+    for n in (11, 12, 13, 14):
+        box.append(sample_message(n, "u"))
+    result, _, sink = yield run_with_healthy(server, "u", acct, sink=sink)
+    assert result.ok and result.fetched == 4, result
+    assert sorted((m.uidvalidity, m.uid) for m in sink.entries) == [
+        (5, 1), (5, 2), (5, 3), (6, 1), (6, 2), (6, 3), (6, 4)]
+    assert server.mailbox("u").uids() == [] and len(box.uids("Archive")) == 7
+
+
+# --- Hypothesis: arbitrary server answers -------------------------------------
+
+COMMANDS = ["CAPABILITY", "LOGIN", "SELECT", "UID SEARCH", "UID FETCH", "UID STORE",
+            "UID MOVE", "UID EXPUNGE", "LOGOUT", "*"]
+
+
+def _lines():
+    n = st.integers(0, 6)
+    literal = st.binary(max_size=12).flatmap(
+        lambda body: st.integers(-2, 2).map(
+            lambda skew: b"{%d}\r\n" % max(0, len(body) + skew) + body))
+    return st.one_of(
+        st.builds(lambda s, u: b"* %d FETCH (UID %d RFC822.SIZE 20)\r\n" % (s, u), n, n),
+        st.builds(lambda s, u, lit: b"* %d FETCH (UID %d BODY[] " % (s, u) + lit + b")\r\n",
+                  n, n, literal),
+        st.builds(lambda u: b"* SEARCH" + b"".join(b" %d" % x for x in u) + b"\r\n",
+                  st.lists(n, max_size=4)),
+        st.sampled_from([b"$TAG OK done\r\n", b"$TAG NO nope\r\n", b"$TAG BAD what\r\n",
+                         b"+ more\r\n", b"* BYE bye\r\n", b"* OK [UIDVALIDITY 7] x\r\n",
+                         b"* 3 EXISTS\r\n", b"* 1 EXPUNGE\r\n", b"$TAG OK", b"\r\n",
+                         b"* OK [PERMANENTFLAGS (\\Seen)] x\r\n", b"* CAPABILITY IMAP4rev1\r\n"]),
+        st.binary(max_size=30),
+    )
+
+
+faults = st.builds(
+    Fault,
+    command=st.sampled_from(COMMANDS),
+    action=st.sampled_from(["no", "bad", "bye", "drop", "garbage", "truncate", "replace",
+                            "inject", "silent"]),
+    text=st.lists(_lines(), max_size=4).map(b"".join),
+    after_bytes=st.one_of(st.none(), st.integers(0, 400)),
+    nth=st.integers(0, 3),
+)
+
+FUZZ = ImapSettings(connect_timeout=1.0, greeting_timeout=0.3, command_timeout=0.3,
+                    logout_timeout=0.2, min_literal_rate=1, batch_messages=2)
+
+
+@settings(max_examples=80, deadline=None)
+@given(faults=st.lists(faults, min_size=1, max_size=3),
+       after_fetch=st.sampled_from(["seen", "delete", "move:Archive"]),
+       greeting_delay=st.sampled_from([0.0, 0.0, 0.2]))
+def test_arbitrary_server_answers_never_break_the_session(faults, after_fetch, greeting_delay):
+    """In memory (iosim and a fake clock): the session always ends with a
+    SessionResult, never marks what the sink has not stored, and closes
+    its connection."""
+    clock = MemoryReactorClock()
+    server = MockIMAPServer(clock, {"u": mailbox()})
+    server.script("u", Behaviour(faults=tuple(faults), greeting_delay=greeting_delay))
+    acct = account("u", 143, after_fetch=after_fetch)
+    sink = MemorySink()
+    outcome = []
+    fetch_mailbox(clock, acct, sink, FUZZ).addBoth(outcome.append)
+    pumps = []
+    for _ in range(2000):  # 100 s of fake time, far beyond every timeout
+        while len(clock.tcpClients) > len(pumps):
+            host, port, factory, _, _ = clock.tcpClients[len(pumps)]
+            client = factory.buildProtocol(IPv4Address("TCP", host, port))
+            served = server.build_protocol("u")
+            pumps.append(iosim.connect(served, iosim.makeFakeServer(served), client,
+                                       iosim.makeFakeClient(client), greet=False, clock=clock))
+        for pump in pumps:
+            pump.flush()
+        if outcome:
+            break
+        clock.advance(0.05)
+    for pump in pumps:
+        pump.flush()
+    assert len(outcome) == 1, "the session never ended"
+    (result,) = outcome
+    assert isinstance(result, SessionResult), result
+    assert result.kind is None or result.kind in errors.FAILURE_KINDS
+    assert len(pumps) == 1
+    assert server.open_connections() == [], "the connection was not released"
+    check_invariants(server, "u", sink)
