@@ -309,6 +309,63 @@ def test_uidvalidity_change_stores_messages_again_under_the_new_one(server):
     assert server.mailbox("u").uids() == [] and len(box.uids("Archive")) == 7
 
 
+# --- TLS: STARTTLS is required, never skipped -----------------------------------
+
+
+@pytest.fixture
+def pki():
+    from tests.support import tlsca
+
+    return tlsca.files()
+
+
+def tls_account(port, security, pki, user="u"):
+    return Account(id="acct-" + user, host="127.0.0.1", port=port, username=user,
+                   password=PASSWORD, security=security, ca_file=pki.ca)
+
+
+@pytest_twisted.inlineCallbacks
+def test_starttls_not_offered_is_a_tls_error_and_no_password_is_sent(server, pki):
+    server.tls = (pki.localhost.cert, pki.localhost.key)
+    server.script("u", Behaviour(starttls=False))
+    acct = tls_account(server.listen(account="u"), "starttls", pki)
+    result, _, _ = yield run_with_healthy(server, "u", acct)
+    assert result.kind == errors.TLS, result
+    assert server.commands("u", "LOGIN") == [] and server.commands("u", "AUTHENTICATE") == []
+
+
+@pytest_twisted.inlineCallbacks
+def test_starttls_refused_is_a_tls_error(server, pki):
+    server.tls = (pki.localhost.cert, pki.localhost.key)
+    server.script("u", Behaviour(starttls=True, faults=(Fault("STARTTLS", "no"),)))
+    acct = tls_account(server.listen(account="u"), "starttls", pki)
+    result, _, _ = yield run_with_healthy(server, "u", acct)
+    assert result.kind == errors.TLS, result
+    assert server.commands("u", "LOGIN") == []
+
+
+@pytest_twisted.inlineCallbacks
+def test_starttls_with_logindisabled_logs_in_over_tls(server, pki):
+    server.tls = (pki.localhost.cert, pki.localhost.key)
+    server.script("u", Behaviour(starttls=True, login_disabled=True))
+    acct = tls_account(server.listen(account="u"), "starttls", pki)
+    result, _, sink = yield run_with_healthy(server, "u", acct)
+    assert result.ok and result.fetched == 3, result
+    (record,) = [r for r in server.connections if r.user == "u"]
+    assert record.tls
+    names = [c.name for c in record.commands]
+    assert names.index("STARTTLS") < min(
+        names.index(n) for n in ("LOGIN", "AUTHENTICATE") if n in names)
+
+
+@pytest_twisted.inlineCallbacks
+def test_implicit_tls_fetches(server, pki):
+    server.tls = (pki.localhost.cert, pki.localhost.key)
+    acct = tls_account(server.listen(account="u", implicit_tls=True), "tls", pki)
+    result, _, sink = yield run_with_healthy(server, "u", acct)
+    assert result.ok and result.fetched == 3, result
+
+
 # --- Hypothesis: arbitrary server answers -------------------------------------
 
 COMMANDS = ["CAPABILITY", "LOGIN", "SELECT", "UID SEARCH", "UID FETCH", "UID STORE",

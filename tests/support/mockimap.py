@@ -973,6 +973,28 @@ def _abort_with_rst(transport):
     transport.abortConnection()
 
 
+def _server_tls_class():
+    from OpenSSL import SSL
+    from twisted.internet import ssl
+
+    class ServerTLS(ssl.DefaultOpenSSLContextFactory):
+        """Twisted's server context factory, loading a certificate chain file."""
+
+        def cacheContext(self):
+            if self._context is None:
+                ctx = self._contextFactory(self.sslmethod)
+                ctx.set_options(SSL.OP_NO_SSLv2)
+                ctx.use_certificate_chain_file(self.certificateFileName)
+                ctx.use_privatekey_file(self.privateKeyFileName)
+                self._context = ctx
+
+    return ServerTLS
+
+
+def _ServerTLS(key_path, cert_path):
+    return _server_tls_class()(key_path, cert_path)
+
+
 class _PortFactory(protocol.Factory):
     def __init__(self, server, account, tls):
         self.server = server
@@ -1027,15 +1049,9 @@ class MockIMAPServer:
         return box
 
     def tls_options(self):
+        """The server's TLS context factory (from the ``tls`` PEM files)."""
         if self._tls_options is None:
-            from twisted.internet import ssl
-
-            cert_path, key_path = self.tls
-            with open(cert_path, "rb") as f:
-                cert = f.read()
-            with open(key_path, "rb") as f:
-                key = f.read()
-            self._tls_options = ssl.PrivateCertificate.loadPEM(cert + key).options()
+            self._tls_options = _ServerTLS(self.tls[1], self.tls[0])
         return self._tls_options
 
     # -- listening -------------------------------------------------------
