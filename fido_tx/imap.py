@@ -455,6 +455,8 @@ class _Session:
                 min_literal_rate=settings.min_literal_rate,
             )
             proto.tls_explain = self._explain_untrusted
+            # a body is never larger than its RFC822.SIZE (<= max_message_size)
+            proto.max_literal = settings.max_message_size + 1024 * 1024
             proto.tls_host = account.host
             return proto
 

@@ -343,6 +343,8 @@ class FidoIMAP4Client(imap4.IMAP4Client):
     TRACE_WIDTH = 200
     #: seconds between checks of the literal transfer rate
     literal_check_interval = 5.0
+    #: largest literal accepted (a session sets it from max_message_size)
+    max_literal = 1024 * 1024 * 1024
 
     def __init__(
         self,
@@ -543,8 +545,15 @@ class FidoIMAP4Client(imap4.IMAP4Client):
             if self._segments is None:
                 self._segments = []
             self._segments.append(line)
+            size = int(m.group(1))
+            if size > self.max_literal:
+                raise FidoError(
+                    errors.PROTOCOL,
+                    f"server announced a {size} byte literal, over the limit of "
+                    f"{self.max_literal} bytes",
+                )
             self._literal = []
-            self._literal_remaining = int(m.group(1))
+            self._literal_remaining = size
             self._literal_window = 0
             if self._literal_remaining > self.min_literal_rate * self.literal_check_interval:
                 self._rate_check = self.clock.callLater(

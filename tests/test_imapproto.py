@@ -477,3 +477,14 @@ class OrphanTests(SynchronousTestCase):
         self.assertTrue(transport.disconnecting)
         self.assertEqual(self.failureResultOf(d, FidoError).value.kind, errors.PROTOCOL)
         lose(proto)
+
+    def test_oversized_literal_is_refused_before_reading_it(self):
+        proto, transport, _ = connect()
+        proto.max_literal = 1000
+        d = proto.command(b"UID", b"FETCH 1 (UID BODY.PEEK[])", untagged=lambda s: None)
+        proto.dataReceived(b"* 1 FETCH (UID 1 BODY[] {1001}\r\n")
+        self.assertTrue(transport.disconnecting)
+        lose(proto)
+        err = self.failureResultOf(d, FidoError).value
+        self.assertEqual(err.kind, errors.PROTOCOL)
+        self.assertIn("1001", err.message)
