@@ -64,7 +64,9 @@ class RedisServer:
             "--daemonize", "no",
             "--logfile", os.path.join(self.directory, "redis.log"),
         ]
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=sys.stderr)
+        self.process = subprocess.Popen(
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )  # redis logs to redis.log in its directory
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
