@@ -22,12 +22,18 @@ cannot know the user yet: they come from the account a port is bound to
 (``server.script(None, Behaviour(...))``).  After LOGIN, the user's script
 applies.
 
+In memory (``twisted.test.iosim`` and a fake clock), build the server side
+of one connection with ``server.build_protocol("u1")`` and connect it to the
+client protocol yourself (see tests/test_resilience.py).
+
 Or in its own process, for benchmarks::
 
     python -m tests.support.mockimap --port 1143 --accounts 10000 --messages 5 \
         [--tls cert.pem key.pem] [--implicit-tls]
 
-Users are ``user1`` .. ``userN``, password ``password``, created on first use.
+Users are ``user1`` .. ``userN``, password ``password``, created on first use;
+no command records are kept there, so memory stays flat (about 70 MB with
+10,000 idle connections).
 """
 
 import argparse
@@ -489,7 +495,8 @@ class MockIMAPProtocol(protocol.Protocol):
         if name == "UID" and args and isinstance(args[0], bytes):
             name = "UID " + args[0].decode("ascii", "replace").upper()
             args = args[1:]
-        self.record.commands.append(Command(self.record.id, tag, name, tuple(args), raw))
+        if self.server.keep_records:
+            self.record.commands.append(Command(self.record.id, tag, name, tuple(args), raw))
         count = self._counts[name] = self._counts.get(name, 0) + 1
         fault = next((f for f in self.behaviour.faults if f.matches(name, count)), None)
         if name == "LOGIN" and fault is None and len(args) == 2:
@@ -603,7 +610,8 @@ class MockIMAPProtocol(protocol.Protocol):
     def _login(self, tag, user, password, method):
         user_s = user.decode("utf-8", "replace")
         password_s = password.decode("utf-8", "replace")
-        self.server.login_attempts.append((method, user_s, password_s))
+        if self.server.keep_records:
+            self.server.login_attempts.append((method, user_s, password_s))
         self.record.account = user_s
         mailbox = self.server.mailbox(user_s)
         if mailbox is None or mailbox.password != password_s:
@@ -1015,9 +1023,12 @@ class MockIMAPServer:
         implicit-TLS ports.
     :param account_factory: ``f(username) -> MockMailbox | None`` to create
         accounts on first use (benchmarks).
+    :param keep_records: ``False`` for long benchmarks: no command records,
+        closed connections forgotten (memory stays flat).
     """
 
-    def __init__(self, reactor, accounts=None, tls=None, account_factory=None):
+    def __init__(self, reactor, accounts=None, tls=None, account_factory=None,
+                 keep_records=True):
         self.reactor = reactor
         self.accounts = dict(accounts or {})
         self.account_factory = account_factory
@@ -1025,9 +1036,12 @@ class MockIMAPServer:
         self._tls_options = None
         self._scripts = {}
         self.ports = []
+        #: False (benchmarks): record no commands and forget closed connections
+        self.keep_records = keep_records
         self.connections = []  # every ConnectionRecord, in order
         self.login_attempts = []  # (method, user, password)
-        self._protocols = {}
+        self._protocols = {}  # open connections: id -> MockIMAPProtocol
+        self._last_id = 0
         self._waiters = []
 
     # -- scripting -------------------------------------------------------
@@ -1055,7 +1069,8 @@ class MockIMAPServer:
         return self._tls_options
 
     # -- listening -------------------------------------------------------
-    def listen(self, port=0, interface="127.0.0.1", account=None, implicit_tls=False):
+    def listen(self, port=0, interface="127.0.0.1", account=None, implicit_tls=False,
+               backlog=128):
         """Listen on a TCP port (0: a free one); returns the port number.
 
         ``account`` binds the port to one user, so that connect-time
@@ -1065,9 +1080,10 @@ class MockIMAPServer:
         factory = _PortFactory(self, account, implicit_tls)
         if implicit_tls:
             listening = self.reactor.listenSSL(port, factory, self.tls_options(),
-                                               interface=interface)
+                                               backlog=backlog, interface=interface)
         else:
-            listening = self.reactor.listenTCP(port, factory, interface=interface)
+            listening = self.reactor.listenTCP(port, factory, backlog=backlog,
+                                               interface=interface)
         self.ports.append(listening)
         return listening.getHost().port
 
@@ -1090,14 +1106,16 @@ class MockIMAPServer:
 
     # -- records ---------------------------------------------------------
     def _opened(self, account, tls):
-        record = ConnectionRecord(id=len(self.connections) + 1, account=account, tls=tls)
-        self.connections.append(record)
+        self._last_id += 1
+        record = ConnectionRecord(id=self._last_id, account=account, tls=tls)
+        if self.keep_records:
+            self.connections.append(record)
         return record
 
     def _closed(self, record):
         record.open = False
         self._protocols.pop(record.id, None)
-        if not self.open_connections():
+        if not self._protocols:
             waiters, self._waiters = self._waiters, []
             for d in waiters:
                 d.callback(None)
@@ -1109,14 +1127,15 @@ class MockIMAPServer:
                 for c in r.commands if name is None or c.name == name]
 
     def connection_count(self, account=None):
+        """Connections accepted (optionally: bound to or logged in as ``account``)."""
         return sum(1 for r in self.connections if account is None or r.account == account)
 
     def open_connections(self, account=None):
-        return [r for r in self.connections
-                if r.open and (account is None or r.account == account)]
+        return [p.record for p in self._protocols.values()
+                if account is None or p.record.account == account]
 
     def logged_in(self, user):
-        return sum(1 for r in self.connections if r.open and r.user == user)
+        return sum(1 for p in self._protocols.values() if p.record.user == user)
 
     def all_closed(self):
         """A Deferred that fires when no connection is open."""
@@ -1206,6 +1225,8 @@ def main(argv=None):
     parser.add_argument("--implicit-tls", action="store_true",
                         help="the port speaks TLS from the start (IMAPS)")
     parser.add_argument("--greeting-delay", type=float, default=0.0)
+    parser.add_argument("--backlog", type=int, default=4096,
+                        help="listen backlog (capped by net.core.somaxconn)")
     opts = parser.parse_args(argv)
 
     import resource
@@ -1224,10 +1245,11 @@ def main(argv=None):
                            [sample_message(i, user, opts.size) for i in range(1, opts.messages + 1)],
                            uidvalidity=int(m.group(1)))
 
-    server = MockIMAPServer(reactor, tls=opts.tls, account_factory=factory)
+    server = MockIMAPServer(reactor, tls=opts.tls, account_factory=factory, keep_records=False)
     server.script(None, Behaviour(starttls=opts.tls is not None,
                                   greeting_delay=opts.greeting_delay))
-    port = server.listen(opts.port, opts.interface, implicit_tls=opts.implicit_tls)
+    port = server.listen(opts.port, opts.interface, implicit_tls=opts.implicit_tls,
+                         backlog=opts.backlog)
     print(f"mockimap listening on {opts.interface}:{port}", flush=True)
     reactor.run()
     return 0
