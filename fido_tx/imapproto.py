@@ -381,7 +381,6 @@ class FidoIMAP4Client(imap4.IMAP4Client):
         self._literal_window = 0
         self._rate_check = None
         self._untagged = None
-        self._current = None
 
     # -- tracing -----------------------------------------------------------
 

@@ -488,3 +488,40 @@ class OrphanTests(SynchronousTestCase):
         err = self.failureResultOf(d, FidoError).value
         self.assertEqual(err.kind, errors.PROTOCOL)
         self.assertIn("1001", err.message)
+
+
+class ConnectPhaseTests(SynchronousTestCase):
+    """fetch_mailbox on a MemoryReactorClock: nothing ever connects."""
+
+    def start(self, **kw):
+        from twisted.internet.testing import MemoryReactorClock
+
+        reactor = MemoryReactorClock()
+        account = Account(id="a", host="127.0.0.1", port=143, username="u", password="p",
+                          security="none")
+        d = imap.fetch_mailbox(reactor, account, MemorySink(),
+                               ImapSettings(connect_timeout=7), **kw)
+        return reactor, d
+
+    def test_connect_timeout(self):
+        reactor, d = self.start()
+        self.assertNoResult(d)
+        reactor.advance(7.1)
+        result = self.successResultOf(d)
+        self.assertEqual(result.kind, errors.TIMEOUT)
+        self.assertIn("connect", result.message)
+        self.assertTrue(7.0 <= result.seconds <= 7.2, result.seconds)
+
+    def test_cancel_while_connecting(self):
+        reactor, d = self.start()
+        d.cancel()
+        self.failureResultOf(d, defer.CancelledError)
+        reactor.advance(100)
+        self.assertEqual([c for c in reactor.getDelayedCalls() if c.active()], [])
+
+    def test_unknown_security_is_config_error(self):
+        from twisted.internet.testing import MemoryReactorClock
+
+        account = Account(id="a", host="h", username="u", password="p", security="ssl")
+        d = imap.fetch_mailbox(MemoryReactorClock(), account, MemorySink(), ImapSettings())
+        self.assertEqual(self.successResultOf(d).kind, errors.CONFIG)
