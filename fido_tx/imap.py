@@ -16,6 +16,17 @@ trust roots are the platform's (OpenSSL default paths) plus, when the account
 has a ``ca_file``, every certificate in that PEM file: a server certificate
 issued by either is accepted.  The TLS options object (an OpenSSL context) is
 shared per ``(host, ca_file)`` because building one is expensive.
+
+Timeouts: ``connect_timeout`` covers name resolution and the TCP connect;
+``greeting_timeout`` the TLS handshake (implicit TLS) and the greeting;
+``command_timeout`` is the longest silence while a command runs (any line or
+literal data from the server restarts it); while a message literal arrives it
+must also keep up ``min_literal_rate`` bytes/s (checked every 5 s);
+``logout_timeout`` bounds LOGOUT, after which the connection is aborted anyway.
+
+Search: ``UID SEARCH UNSEEN UNKEYWORD <too_large_keyword>`` when the mailbox
+can hold that keyword (``\\*`` or the keyword in PERMANENTFLAGS, or the
+keyword already in FLAGS), else ``UID SEARCH UNSEEN``.
 """
 
 import os
