@@ -442,3 +442,82 @@ def test_arbitrary_server_answers_never_break_the_session(faults, after_fetch, g
     assert len(pumps) == 1
     assert server.open_connections() == [], "the connection was not released"
     check_invariants(server, "u", sink)
+
+
+# --- a real Dovecot behind the fault-injecting proxy ---------------------------
+
+
+@pytest.fixture
+def dovecot(tmp_path):
+    from tests.support import dovecot as dc
+
+    with dc.started(tmp_path / "dovecot", users={"alice": PASSWORD}) as server:
+        yield server
+
+
+def dovecot_account(proxy, dovecot):
+    return Account(id="acct-alice", host="127.0.0.1", port=proxy.port, username="alice",
+                   password=PASSWORD, security="starttls", ca_file=dovecot.ca_file)
+
+
+@pytest_twisted.inlineCallbacks
+def test_dovecot_behind_random_cuts_marks_only_stored_messages_and_gets_everything(dovecot):
+    """Seeded random cuts of the TCP connection to a real Dovecot: every
+    session ends with a result, a message is \\Seen on the server only once the
+    sink has it, and repeated sessions get every message exactly once."""
+    from tests.support.dovecot import make_message
+
+    from tests.support.proxy import FaultProxy
+
+    n = 12
+    for i in range(n):
+        dovecot.add_message("alice", make_message(i, 20000))
+    proxy = FaultProxy(reactor, "127.0.0.1", dovecot.port, seed=20261122)
+    try:
+        proxy.cut_randomly(per_chunk=0.1)
+        acct = dovecot_account(proxy, dovecot)
+        sink = MemorySink()
+        kinds = []
+        settings_ = attr.evolve(SHORT, command_timeout=5, greeting_timeout=5, batch_messages=3)
+        for _ in range(40):
+            result = yield fetch_mailbox(reactor, acct, sink, settings_).addTimeout(30, reactor)
+            kinds.append(result.kind)
+            seen = {uid for uid, letters in dovecot.flags_by_uid("alice").items()
+                    if "S" in letters}
+            assert seen <= stored_uids(sink, "acct-alice"), (seen, kinds)
+            if result.ok and len(seen) == n:
+                break
+        assert any(k is not None for k in kinds), "the proxy never cut anything"
+        assert kinds[-1] is None, kinds
+        assert set(kinds) <= {None, errors.PROTOCOL, errors.CONNECT, errors.TLS,
+                              errors.TIMEOUT}, kinds
+        assert len(sink.entries) == n  # exactly once each
+        assert {m.message_id for m in sink.entries} == {
+            "<fido.%d.20000.0@fido.test>" % i for i in range(n)}
+    finally:
+        yield proxy.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_dovecot_behind_a_stalled_link_is_a_timeout_and_other_sessions_go_on(dovecot):
+    from tests.support.dovecot import make_message
+
+    from tests.support.proxy import FaultProxy
+
+    dovecot.add_message("alice", make_message(1, 2000))
+    stalled = FaultProxy(reactor, "127.0.0.1", dovecot.port, seed=1)
+    healthy = FaultProxy(reactor, "127.0.0.1", dovecot.port, seed=2)
+    try:
+        stalled.stall(None)
+        sink = MemorySink()
+        slow = fetch_mailbox(reactor, dovecot_account(stalled, dovecot), MemorySink(),
+                             attr.evolve(SHORT, greeting_timeout=2))
+        good = yield fetch_mailbox(reactor, dovecot_account(healthy, dovecot), sink,
+                                   attr.evolve(SHORT, command_timeout=5))
+        assert good.ok and good.fetched == 1, good
+        assert not slow.called  # the healthy session did not wait for the stalled one
+        result = yield slow
+        assert result.kind == errors.TIMEOUT, result
+    finally:
+        yield stalled.stop()
+        yield healthy.stop()
