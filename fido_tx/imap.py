@@ -167,6 +167,10 @@ class _RecordingCreator:
 
 
 class _OneProtocol(Factory):
+    # One factory per session: Twisted's "Starting factory" lines would be
+    # two log lines per mailbox poll, noise for a sysadmin tailing the log.
+    noisy = False
+
     def __init__(self, make):
         self.make = make
 
