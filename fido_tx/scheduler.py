@@ -1,0 +1,596 @@
+"""The scheduler: a round-robin queue of accounts and a fixed number of worker slots.
+
+A free slot takes the next account that is due and runs one mailbox session
+for it (``run_session(account) -> Deferred[SessionResult]``).  When the
+session ends, the account goes to the back of the queue, due again
+``poll_interval`` seconds after the *start* of that session (later when it
+failed: see :mod:`fido_tx.backoff`).
+
+Ordering.  Waiting accounts sit in a heap keyed by ``(due_time, sequence)``:
+the most overdue account goes first, and accounts equally due go in the
+order they joined the back of the queue (round robin).  Accounts added by
+:meth:`Scheduler.set_accounts` go to a FIFO in front of the heap: they are
+fetched before any waiting account, in the order given.  Removed accounts are
+deleted lazily (their heap items are skipped when they surface; the heap is
+compacted when stale items pile up), so every dispatch is O(log n) and
+nothing scans the accounts per session.
+
+Events, no polling loop.  The scheduler dispatches when a slot frees, when
+the accounts change, when it is resumed or started, and when the earliest
+due time comes: one ``clock.callLater``, moved as needed, and none at all
+while paused, stopped, saturated or empty.
+
+Invariants: at most ``workers`` sessions run; an account (by id) is never in
+two sessions at once; an account is polled no more often than
+``poll_interval``; one account's failures never delay another's turn; an
+account is never lost, whatever its session does.
+"""
+
+import collections
+import heapq
+import random as _random
+
+import attr
+from twisted.application import service
+from twisted.internet import defer
+from twisted.logger import Logger, LogLevel
+from twisted.python import failure as _failure
+
+from fido_tx import backoff as _backoff
+from fido_tx import errors
+from fido_tx.outcome import SessionResult
+
+log = Logger()
+
+#: a due time this close to now counts as now (float rounding of callLater)
+_EPSILON = 1e-9
+
+#: compact the heap when more than this many stale items and half of it
+_COMPACT_MIN = 1024
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class AccountChanges:
+    """What :meth:`Scheduler.set_accounts` changed (same fields as ``accounts.AccountsDiff``).
+
+    ``removed`` holds the old values, ``changed`` the new ones; ``added`` is in
+    the order given.
+    """
+
+    added: tuple = ()
+    removed: tuple = ()
+    changed: tuple = ()
+    unchanged: tuple = ()
+
+    @property
+    def empty(self):
+        return not (self.added or self.removed or self.changed)
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class AccountState:
+    """One account as the scheduler sees it (for status and health)."""
+
+    account_id: str
+    #: consecutive failed sessions that count for backoff (0 = healthy)
+    failures: int
+    #: kind of the last counted failure, ``None`` when healthy
+    last_kind: str | None
+    #: "queued" (waiting for its turn), "running", or "blocked" (re-added while
+    #: the session of its removed predecessor is still being cancelled)
+    state: str
+    #: clock seconds when it is due again; ``None`` while running or blocked
+    next_due: float | None
+    #: clock seconds of the start of its last session, ``None`` if never run
+    last_started_at: float | None
+
+
+class _Entry:
+    """Mutable bookkeeping for one account in the current set."""
+
+    __slots__ = ("account", "state", "due", "seq", "front", "removed", "blocked", "started_at")
+
+    def __init__(self, account, due):
+        self.account = account
+        self.state = _backoff.HEALTHY
+        #: real due time (clock seconds); for a new account, when it was added
+        self.due = due
+        #: sequence number of its queue item; ``None`` when not queued
+        self.seq = None
+        #: queued in the front FIFO (new account) rather than the heap
+        self.front = False
+        self.removed = False
+        self.blocked = False
+        self.started_at = None
+
+
+class _Session:
+    __slots__ = ("entry", "account", "started_at", "deferred", "cancelled")
+
+    def __init__(self, entry, account, started_at):
+        self.entry = entry
+        self.account = account
+        self.started_at = started_at
+        self.deferred = None
+        #: the scheduler cancelled it (account removed, or stop grace over)
+        self.cancelled = False
+
+
+class Scheduler(service.Service):
+    """Round-robin mailbox sessions over ``workers`` slots.
+
+    :param clock: an ``IReactorTime`` (``task.Clock`` in tests).
+    :param run_session: ``run_session(account) -> Deferred[SessionResult]``;
+        expected never to errback (an errback is logged as a bug and counted
+        as a ``protocol`` failure); cancelled with ``Deferred.cancel()`` when
+        its account is removed or the stop grace period is over.
+    :param workers: concurrent sessions.
+    :param poll_interval: least seconds between the starts of two sessions of
+        one account.
+    :param backoff: a :class:`fido_tx.config.BackoffSettings`.
+    :param random: a :class:`random.Random` for the backoff jitter.
+    :param grace_period: seconds :meth:`stopService` waits for running
+        sessions before cancelling them.
+    """
+
+    name = "scheduler"
+
+    def __init__(
+        self, clock, run_session, workers, poll_interval, backoff, random=None, grace_period=20.0
+    ):
+        if int(workers) < 1:
+            raise ValueError(f"workers must be at least 1, not {workers!r}")
+        if poll_interval < 0:
+            raise ValueError(f"poll_interval must not be negative, not {poll_interval!r}")
+        self._clock = clock
+        self._run_session = run_session
+        self.workers = int(workers)
+        self.poll_interval = float(poll_interval)
+        self.backoff = backoff
+        self._random = random if random is not None else _random.Random()
+        self.grace_period = float(grace_period)
+
+        #: account id -> _Entry, in the order the accounts were added
+        self._entries = {}
+        #: account id -> _Session (includes sessions of removed accounts until they end)
+        self._sessions = {}
+        #: new accounts: FIFO of (seq, entry)
+        self._front = collections.deque()
+        #: waiting accounts: heap of (due, seq, entry)
+        self._heap = []
+        self._stale = 0
+        self._seq = 0
+        self._paused = set()
+        self._observers = []
+
+        self._timer = None
+        self._timer_due = None
+        self._dispatching = False
+        self._stop_waiters = []
+        self._grace_call = None
+
+        self.last_dispatch_at = None
+        self.last_completion_at = None
+
+    # -- introspection -------------------------------------------------
+
+    @property
+    def running_count(self):
+        """Number of sessions in progress.
+
+        (``running`` is taken: it is ``Service.running``, the started flag
+        Twisted's service machinery relies on.)
+        """
+        return len(self._sessions)
+
+    @property
+    def queued(self):
+        """Accounts of the current set waiting for their turn (not running)."""
+        in_session = sum(1 for s in self._sessions.values() if not s.entry.removed)
+        return len(self._entries) - in_session
+
+    @property
+    def accounts(self):
+        """The current set: ``{id: Account}`` (a copy)."""
+        return {account_id: entry.account for account_id, entry in self._entries.items()}
+
+    @property
+    def paused_reasons(self):
+        return frozenset(self._paused)
+
+    @property
+    def paused(self):
+        return bool(self._paused)
+
+    def running_ids(self):
+        """Ids of the accounts in a session now."""
+        return frozenset(self._sessions)
+
+    def lag(self):
+        """Seconds the most overdue waiting account has waited past its due time.
+
+        0 when none is overdue.  Reported also while paused or stopped: it is
+        the real wait, and the health check wants to see it grow.
+        """
+        now = self._clock.seconds()
+        worst = None
+        top = self._peek_front()
+        if top is not None:
+            worst = top.due
+        top = self._peek_heap()
+        if top is not None and (worst is None or top.due < worst):
+            worst = top.due
+        if worst is None:
+            return 0.0
+        return max(0.0, now - worst)
+
+    def account_state(self, account_id):
+        """An :class:`AccountState` for the id, ``None`` when not in the set."""
+        entry = self._entries.get(account_id)
+        if entry is None:
+            return None
+        session = self._sessions.get(account_id)
+        if session is not None and session.entry is entry:
+            state, due = "running", None
+        elif entry.blocked:
+            state, due = "blocked", None
+        else:
+            state, due = "queued", entry.due
+        return AccountState(
+            account_id=account_id,
+            failures=entry.state.failures,
+            last_kind=entry.state.last_kind,
+            state=state,
+            next_due=due,
+            last_started_at=entry.started_at,
+        )
+
+    # -- observers -----------------------------------------------------
+
+    def add_result_observer(self, observer):
+        """Call ``observer(account, result)`` after every session that ends with a result.
+
+        ``account`` is the value the session ran with.  Sessions the scheduler
+        cancelled (account removed, stop grace over) have no result and are
+        not reported.  An observer that raises is logged and ignored.
+        """
+        self._observers.append(observer)
+
+    def remove_result_observer(self, observer):
+        self._observers.remove(observer)
+
+    # -- control -------------------------------------------------------
+
+    def set_accounts(self, accounts):
+        """Make ``accounts`` the current set (matched by id); returns :class:`AccountChanges`.
+
+        Added accounts go to the front of the queue, in the order given.
+        Removed accounts get no new session, and a session in progress for one
+        is cancelled.  Changed accounts keep their place and timers; a running
+        session finishes with the old value, the next one uses the new value.
+        Unchanged accounts keep their place and timers.
+        """
+        new = {}
+        for account in accounts:
+            if account.id in new:
+                raise ValueError(f"duplicate account id {account.id!r}")
+            new[account.id] = account
+        # No dispatch until the whole change is in (a cancelled session frees
+        # its slot at once, and the added accounts must be first to take it).
+        held, self._dispatching = self._dispatching, True
+        try:
+            changes = self._apply(new)
+        finally:
+            self._dispatching = held
+        self._dispatch()
+        return changes
+
+    def _apply(self, new):
+        now = self._clock.seconds()
+        added, removed, changed, unchanged = [], [], [], []
+
+        for account_id in [i for i in self._entries if i not in new]:
+            entry = self._entries.pop(account_id)
+            removed.append(entry.account)
+            entry.removed = True
+            if entry.seq is not None:
+                entry.seq = None
+                self._stale += 1
+            session = self._sessions.get(account_id)
+            if session is not None and session.entry is entry:
+                log.debug("cancelling the session of removed account {account_id}",
+                          account_id=account_id)
+                self._cancel(session)
+
+        for account_id, account in new.items():
+            entry = self._entries.get(account_id)
+            if entry is None:
+                added.append(account)
+                entry = _Entry(account, now)
+                self._entries[account_id] = entry
+                if account_id in self._sessions:
+                    # The removed predecessor's session has not ended yet
+                    # (a canceller that does not fire at once); wait for it.
+                    entry.blocked = True
+                else:
+                    self._push_front(entry)
+            elif entry.account == account:
+                unchanged.append(account)
+            else:
+                changed.append(account)
+                entry.account = account
+
+        self._maybe_compact()
+        return AccountChanges(tuple(added), tuple(removed), tuple(changed), tuple(unchanged))
+
+    def pause(self, reason):
+        """Start no new session until every pause reason is resumed."""
+        self._paused.add(reason)
+        self._reschedule()
+
+    def resume(self, reason):
+        """Drop one pause reason (unknown reasons are ignored)."""
+        self._paused.discard(reason)
+        self._dispatch()
+
+    def startService(self):
+        super().startService()
+        self._dispatch()
+
+    def stopService(self):
+        """Start no new session; wait for running ones, cancel them after the grace period.
+
+        Returns a Deferred that fires when no session is running.
+        """
+        super().stopService()
+        self._reschedule()
+        if not self._sessions:
+            return defer.succeed(None)
+        waiter = defer.Deferred()
+        self._stop_waiters.append(waiter)
+        if self._grace_call is None:
+            self._grace_call = self._clock.callLater(self.grace_period, self._grace_over)
+        return waiter
+
+    # -- queue ---------------------------------------------------------
+
+    def _next_seq(self):
+        self._seq += 1
+        return self._seq
+
+    def _push_front(self, entry):
+        entry.seq = self._next_seq()
+        entry.front = True
+        self._front.append((entry.seq, entry))
+
+    def _push_back(self, entry, due):
+        entry.due = due
+        entry.seq = self._next_seq()
+        entry.front = False
+        heapq.heappush(self._heap, (due, entry.seq, entry))
+
+    def _peek_front(self):
+        front = self._front
+        while front:
+            seq, entry = front[0]
+            if entry.seq == seq and not entry.removed:
+                return entry
+            front.popleft()
+            self._stale -= 1
+        return None
+
+    def _peek_heap(self):
+        heap = self._heap
+        while heap:
+            _, seq, entry = heap[0]
+            if entry.seq == seq and not entry.removed:
+                return entry
+            heapq.heappop(heap)
+            self._stale -= 1
+        return None
+
+    def _peek(self):
+        """The next account to run (front first), or ``None``."""
+        entry = self._peek_front()
+        if entry is not None:
+            return entry
+        return self._peek_heap()
+
+    def _pop(self, entry):
+        if entry.front:
+            self._front.popleft()
+        else:
+            heapq.heappop(self._heap)
+        entry.seq = None
+        entry.front = False
+
+    def _maybe_compact(self):
+        if self._stale <= _COMPACT_MIN or self._stale * 2 <= len(self._heap) + len(self._front):
+            return
+        self._heap = [item for item in self._heap if item[2].seq == item[1] and not item[2].removed]
+        heapq.heapify(self._heap)
+        self._front = collections.deque(
+            item for item in self._front if item[1].seq == item[0] and not item[1].removed
+        )
+        self._stale = 0
+
+    # -- dispatch ------------------------------------------------------
+
+    def _can_start(self):
+        return self.running and not self._paused and len(self._sessions) < self.workers
+
+    def _dispatch(self):
+        if self._dispatching:
+            # A session ended synchronously inside run_session, or an observer
+            # changed something: the outer loop sees it.
+            return
+        self._dispatching = True
+        try:
+            # A bound on starts per call, so that instant sessions with a
+            # poll_interval of 0 cannot spin here forever.
+            budget = len(self._entries) + self.workers
+            while self._can_start() and budget > 0:
+                entry = self._peek()
+                if entry is None or entry.due > self._clock.seconds() + _EPSILON:
+                    break
+                self._pop(entry)
+                budget -= 1
+                self._start(entry)
+        finally:
+            self._dispatching = False
+        self._reschedule(again=budget <= 0)
+
+    def _reschedule(self, again=False):
+        """Keep the one timer at the earliest due time, or none when it cannot help."""
+        due = None
+        if self._can_start():
+            entry = self._peek()
+            if entry is not None:
+                due = self._clock.seconds() if again else entry.due
+        if due is None:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+                self._timer_due = None
+            return
+        if self._timer is not None and self._timer_due == due:
+            return
+        delay = max(0.0, due - self._clock.seconds())
+        if self._timer is not None:
+            self._timer.reset(delay)
+        else:
+            self._timer = self._clock.callLater(delay, self._timer_fired)
+        self._timer_due = due
+
+    def _timer_fired(self):
+        self._timer = None
+        self._timer_due = None
+        self._dispatch()
+
+    # -- sessions ------------------------------------------------------
+
+    def _start(self, entry):
+        account = entry.account
+        now = self._clock.seconds()
+        entry.started_at = now
+        self.last_dispatch_at = now
+        session = _Session(entry, account, now)
+        self._sessions[account.id] = session
+        d = defer.maybeDeferred(self._run_session, account)
+        session.deferred = d
+        d.addCallbacks(
+            self._session_done, self._session_failed,
+            callbackArgs=(session,), errbackArgs=(session,),
+        )
+        d.addErrback(self._internal_error, session)
+
+    def _session_failed(self, reason, session):
+        if session.cancelled and reason.check(defer.CancelledError):
+            self._finish(session, None)
+            return None
+        log.failure(
+            "session for {account_id} failed with an unexpected error "
+            "(a bug in the session; counted as a protocol failure)",
+            reason, level=LogLevel.error, account_id=session.account.id,
+        )
+        result = SessionResult(
+            account_id=session.account.id,
+            kind=errors.PROTOCOL,
+            message=f"internal error: {reason.type.__name__}: {reason.getErrorMessage()}",
+            debug=reason.getTraceback(),
+        )
+        self._finish(session, result)
+        return None
+
+    def _session_done(self, result, session):
+        if not isinstance(result, SessionResult):
+            try:
+                raise TypeError(f"run_session returned {type(result).__name__}, not SessionResult")
+            except TypeError:
+                return self._session_failed(_failure.Failure(), session)
+        self._finish(session, result)
+        return None
+
+    def _internal_error(self, reason, session):
+        log.failure("scheduler error after the session of {account_id}", reason,
+                    level=LogLevel.critical, account_id=session.account.id)
+        # Never lose the account: make sure the slot is free and it is queued.
+        account_id = session.account.id
+        if self._sessions.get(account_id) is session:
+            del self._sessions[account_id]
+        entry = session.entry
+        if (not entry.removed and entry.seq is None and not entry.blocked
+                and account_id not in self._sessions):
+            self._push_back(entry, session.started_at + self.poll_interval)
+        self._after_session()
+
+    def _finish(self, session, result):
+        """Account back in the queue, observers told, next session dispatched."""
+        now = self._clock.seconds()
+        account_id = session.account.id
+        if self._sessions.get(account_id) is session:
+            del self._sessions[account_id]
+        self.last_completion_at = now
+        entry = session.entry
+        if not entry.removed:
+            due = session.started_at + self.poll_interval
+            if result is not None:
+                entry.state = _backoff.record(entry.state, result.kind)
+                if _backoff.counts_as_failure(result.kind):
+                    wait = _backoff.delay(self.backoff, entry.state, self._random)
+                    due = max(due, now + wait)
+            self._push_back(entry, due)
+        else:
+            successor = self._entries.get(account_id)
+            if successor is not None and successor.blocked:
+                successor.blocked = False
+                self._push_front(successor)
+        if result is not None:
+            for observer in list(self._observers):
+                try:
+                    observer(session.account, result)
+                except Exception:
+                    log.failure("result observer {observer!r} failed for {account_id}",
+                                level=LogLevel.error, observer=observer,
+                                account_id=account_id)
+        self._after_session()
+
+    def _after_session(self):
+        if not self._sessions and self._stop_waiters:
+            self._stopped()
+        self._dispatch()
+
+    def _cancel(self, session):
+        session.cancelled = True
+        session.deferred.cancel()
+
+    # -- stopping ------------------------------------------------------
+
+    def _grace_over(self):
+        self._grace_call = None
+        sessions = list(self._sessions.values())
+        if not sessions:
+            return
+        ids = sorted(s.account.id for s in sessions)
+        log.warn(
+            "stopping: cancelling {count} sessions still running after the "
+            "{grace}s grace period: {ids}",
+            count=len(ids), grace=self.grace_period,
+            ids=", ".join(ids[:20]) + (", ..." if len(ids) > 20 else ""),
+        )
+        for session in sessions:
+            self._cancel(session)
+        if self._sessions and self._stop_waiters:
+            log.error(
+                "stopping: {count} sessions did not end when cancelled; not waiting for them",
+                count=len(self._sessions),
+            )
+            self._stopped()
+
+    def _stopped(self):
+        if self._grace_call is not None:
+            self._grace_call.cancel()
+            self._grace_call = None
+        waiters, self._stop_waiters = self._stop_waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
