@@ -265,3 +265,48 @@ class TestCATests(SynchronousTestCase):
         for path in (copy.ca, copy.localhost.cert, copy.localhost.key, copy.wrong_name.cert):
             with open(path, "rb") as f:
                 self.assertIn(b"-----BEGIN", f.read())
+
+
+FAKE_DAEMON = r'''
+import json, os, sys, time, tomllib, urllib.parse
+sys.path.insert(0, sys.argv[3])
+from tests.support.redis_server import RespClient
+with open(sys.argv[1], "rb") as f:
+    cfg = tomllib.load(f)
+r = RespClient(urllib.parse.urlsplit(cfg["redis"]["url"]).port)
+with open(os.path.join(os.path.dirname(sys.argv[1]), cfg["fido"]["accounts_file"])) as f:
+    accounts = json.load(f)["accounts"]
+for account in accounts:
+    for _ in range(int(sys.argv[2])):
+        r("XADD", cfg["redis"]["stream"], "*", "account", account["id"])
+time.sleep(60)
+'''
+
+
+def test_bench_harness_measures_the_daemon_it_runs(tmp_path, capsys):
+    """The bench runs any daemon command and stops at N*M stream entries."""
+    import json
+    import os
+    import sys
+
+    from bench import fido_bench
+
+    from tests.support import redis_server
+
+    dc.require("dovecot", dc.find_dovecot())
+    redis_server.require("redis-server", redis_server.find_redis_server())
+    fake = tmp_path / "fake_daemon.py"
+    fake.write_text(FAKE_DAEMON)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "result.json"
+    status = fido_bench.main([
+        "--accounts", "3", "--messages", "2", "--timeout", "30", "--json", str(out),
+        "--command", f"{sys.executable} {fake} {{config}} 2 {root}",
+    ])
+    assert status == 0
+    result = json.loads(out.read_text())["runs"][0]
+    assert result["messages"] == 6
+    assert result["stream_entries"] == 6
+    assert result["duplicates_or_extra"] == 0
+    assert result["cpu_s"] >= 0 and result["peak_rss_mib"] > 1
+    assert "run 1:" in capsys.readouterr().out

@@ -216,8 +216,9 @@ class Dovecot:
     def _write_config(self):
         u = self.mail_user
         sessions = max(int(self.sessions), 100)
-        imap_clients = 10
-        imap_processes = sessions // imap_clients + 50
+        # One imap process per session, as on real servers (imap's default
+        # service_count = 1 makes client_limit > 1 meaningless).
+        imap_processes = sessions + 100
         login_processes = 4
         login_clients = sessions + 100
         listeners = [
@@ -302,7 +303,7 @@ service imap-login {{
 }}
 service imap {{
   process_limit = {imap_processes}
-  client_limit = {imap_clients}
+  client_limit = 1
 }}
 service anvil {{
   chroot =
@@ -316,7 +317,7 @@ service auth {{
   client_limit = {login_clients * 2 + 100}
 }}
 service stats {{
-  client_limit = {imap_processes * imap_clients + login_clients * 2}
+  client_limit = {imap_processes + login_clients * 2}
 }}
 service pop3-login {{
   chroot =
