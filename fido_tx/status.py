@@ -6,7 +6,8 @@
 
 * logs ONE line for the sysadmin, with format fields (``account_id``,
   ``outcome``, ``messages``, ``bytes``, ``marked``, ``seconds``, ``kind``,
-  ``retry_in``) so the JSON log format carries them as fields;
+  ``error``, ``retry_in``) so the JSON log format carries them as fields (never
+  a field called ``message``: the JSON format uses that for the whole line);
 * writes ``fido:account:<id>`` through ``store.record_session(result)``, and
   ``failing_since`` (an addition to the contract's fields: ISO time of the first
   failure of the current failure streak, "" while ok) through
@@ -255,8 +256,8 @@ class StatusTracker:
         now = self._clock.seconds()
         self._global[key] = (kind, message, now)
         self.log.warn(
-            "{account_id}: {kind} problem: {message}",
-            account_id=GLOBAL, kind=kind, message=message, outcome=kind,
+            "{account_id}: {kind} problem: {error}",
+            account_id=GLOBAL, kind=kind, error=message, outcome=kind,
         )
         self._send(GLOBAL, kind, message, _debug(debug, "", now), now, self.dry_run, ())
         return True
@@ -270,7 +271,7 @@ class StatusTracker:
         now = self._clock.seconds()
         text = message or f"recovered from {kind}: {old_message}"
         self.log.info(
-            "{account_id}: {message}", account_id=GLOBAL, message=text, kind=errors.RECOVERED,
+            "{account_id}: {text}", account_id=GLOBAL, text=text, kind=errors.RECOVERED,
             outcome=errors.RECOVERED,
         )
         self._send(
@@ -345,8 +346,8 @@ class StatusTracker:
     def _send(self, account_id, kind, message, debug, now, dry, secrets):
         if dry:
             self.log.info(
-                "{account_id}: dry run, not reported: {kind}: {message}",
-                account_id=account_id, kind=kind, message=message,
+                "{account_id}: dry run, not reported: {kind}: {error}",
+                account_id=account_id, kind=kind, error=message,
             )
             return
         if self._reporter is None:
@@ -392,13 +393,13 @@ class StatusTracker:
             )
             return
         retry_in = self._retry_in(account_id)
-        fields["message"] = result.message
+        fields["error"] = result.message
         fields["retry_in"] = None if retry_in is None else round(retry_in)
         tail = "; retry in {retry_in} s" if retry_in is not None else ""
         if result.fetched:
             tail = ", after {messages} messages, {bytes} bytes, marked {marked}" + tail
         self.log.info(
-            "{account_id} failed ({kind}): {message}" + tail + extra + suffix,
+            "{account_id} failed ({kind}): {error}" + tail + extra + suffix,
             **fields,
         )
 
@@ -417,8 +418,8 @@ class StatusTracker:
             )
         else:
             self.log.warn(
-                "{account_id} state {old_state} -> {state}: {message}",
-                message=result.message,
+                "{account_id} state {old_state} -> {state}: {error}",
+                error=result.message,
                 **fields,
             )
 

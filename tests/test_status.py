@@ -273,6 +273,30 @@ class LogTests(SynchronousTestCase):
         tracker.record(ACCOUNT, ok())
         self.assertIn("acme-support state auth -> ok", formatEvent(events[-1]))
 
+    def test_json_log_lines_carry_the_fields(self):
+        import io
+
+        from fido_tx.logs import LineObserver
+
+        tracker, clock, store, reporter, events = make()
+        tracker.record(ACCOUNT, ok())
+        tracker.record(ACCOUNT, failed())
+        stream = io.StringIO()
+        observer = LineObserver(stream, "json")
+        for e in events:
+            observer(e)
+        records = [json.loads(line) for line in stream.getvalue().splitlines()]
+        self.assertEqual(len(records), 3)
+        self.assertEqual(records[0]["message"],
+                         "acme-support ok: 12 messages, 340512 bytes, marked 12, 1.42 s")
+        self.assertEqual(
+            {k: records[0][k] for k in ("account_id", "outcome", "messages", "bytes", "seconds")},
+            {"account_id": "acme-support", "outcome": "ok", "messages": 12, "bytes": 340512,
+             "seconds": 1.42},
+        )
+        self.assertTrue(records[1]["message"].startswith("acme-support failed (auth): LOGIN rejected"))
+        self.assertEqual((records[1]["kind"], records[1]["outcome"]), ("auth", "auth"))
+
     def test_log_lines_never_contain_the_password(self):
         tracker, clock, store, reporter, events = make()
         tracker.record(ACCOUNT, failed())
