@@ -17,7 +17,7 @@ Delivery rules:
   (treq's own ``timeout`` covers the response headers only).
 * Connection errors, timeouts, HTTP 5xx and 429 are retried with exponential
   backoff (``retry_initial`` doubling up to ``retry_max``, +/- 10 % jitter);
-  a ``Retry-After`` of at most ``retry_max`` seconds is honoured.  A report is
+  a ``Retry-After`` (seconds) is honoured as a minimum, up to ``retry_max``.  A report is
   retried until it is delivered or the reporter stops: the web application
   being down for an hour loses nothing but what overflows the queue.
 * Any other 4xx is logged and the report dropped (``rejected`` counts them):
@@ -416,8 +416,9 @@ class Reporter(service.Service):
             return
         self.retries += 1
         delay = self._backoff(attempt)
-        if failure.value.delay is not None and failure.value.delay <= self._retry_max:
-            delay = max(failure.value.delay, 0.0)
+        if failure.value.delay is not None:
+            # the server's Retry-After is a minimum; never wait past retry_max
+            delay = min(max(failure.value.delay, delay), self._retry_max)
         log = self.log.info if attempt == 1 else self.log.debug
         log(
             "report for {account_id} ({kind}) not delivered: {reason}; "
@@ -442,7 +443,9 @@ class Reporter(service.Service):
         return delay * self._random.uniform(0.9, 1.1)
 
     def _finished(self):
-        self._in_flight -= 1
+        self._in_flight = max(0, self._in_flight - 1)
+        if not self.running:
+            return
         if self._queue:
             self._schedule_dispatch()
         elif not self._in_flight:

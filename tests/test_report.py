@@ -164,7 +164,19 @@ class ReporterUnitTests(SynchronousTestCase):
         reporter.startService()
         reporter.report("a", "auth", "m")
         clock.advance(0)
-        clock.advance(1.0)  # our own backoff, not a day
+        clock.advance(59.9)
+        self.assertEqual(len(rec.requests), 1)
+        clock.advance(0.1)  # retry_max, not a day
+        self.assertEqual(len(rec.requests), 2)
+
+    def test_retry_after_zero_does_not_spin(self):
+        reporter, rec, stub, clock = make(codes=[429, 429], retry_after=0, retry_initial=2.0)
+        reporter.startService()
+        reporter.report("a", "auth", "m")
+        clock.advance(0)
+        clock.advance(1.9)
+        self.assertEqual(len(rec.requests), 1)
+        clock.advance(0.1)
         self.assertEqual(len(rec.requests), 2)
 
     def test_4xx_is_dropped_without_retry(self):
