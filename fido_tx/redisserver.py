@@ -45,6 +45,7 @@ class RedisServer:
         self.binary = binary
         self.port = port or free_port()
         self.appendonly = appendonly
+        self._own_directory = directory is None
         self.directory = directory or tempfile.mkdtemp(prefix="fido-redis-")
         self.process = None
 
@@ -96,6 +97,14 @@ class RedisServer:
                 self.process.kill()
                 self.process.wait()
         self.process = None
+
+    def close(self):
+        """Stop the server and remove its directory if this object made it."""
+        self.stop()
+        if self._own_directory:
+            import shutil
+
+            shutil.rmtree(self.directory, ignore_errors=True)
 
     def client(self):
         """A blocking redis-py-free client: raw RESP over a socket, for asserts."""

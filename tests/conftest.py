@@ -18,4 +18,4 @@ def redis():
     try:
         yield server
     finally:
-        server.stop()
+        server.close()
