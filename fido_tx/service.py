@@ -18,7 +18,7 @@ import os
 import socket
 
 from twisted.application import service, strports
-from twisted.internet import task, threads
+from twisted.internet import defer, task, threads
 from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
 
@@ -45,6 +45,23 @@ class FidoService(service.MultiService):
         if self._observer is not None and isinstance(parent, Componentized):
             parent.setComponent(ILogObserver, self._observer)
         return super().setServiceParent(parent)
+
+    @defer.inlineCallbacks
+    def stopService(self):
+        """Stop the children in reverse order, each once the previous one
+        has stopped.
+
+        ``MultiService.stopService`` stops them all at the same moment: the
+        Redis store closed while the scheduler was still waiting out the
+        grace period, so every running session's next store failed ("the
+        store is not running") instead of finishing its batch.
+        """
+        service.Service.stopService(self)
+        for child in reversed(list(self)):
+            try:
+                yield defer.maybeDeferred(child.stopService)
+            except Exception:
+                log.failure("stopping {child!r} failed", child=child)
 
 
 class _Heartbeat(service.Service):
