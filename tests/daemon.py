@@ -86,7 +86,10 @@ class InProcessDaemon:
         return self.top.stopService()
 
 
-def write_config(path, directory, redis_url, workers=8, poll_interval=60, extra=""):
+def write_config(path, directory, redis_url, workers=8, poll_interval=60, extra="",
+                 fido_extra=""):
+    """``fido_extra``: more lines for the ``[fido]`` section (TOML cannot
+    reopen a table in ``extra``), e.g. ``"grace_period = 3\n"``."""
     with open(path, "w") as f:
         f.write(
             f"""[fido]
@@ -95,6 +98,7 @@ key_file = ""
 workers = {workers}
 poll_interval = {poll_interval}
 state_dir = "{directory}"
+{fido_extra}
 
 [redis]
 url = "{redis_url}"
@@ -118,3 +122,15 @@ def start_twistd(config_path, cwd, log_path):
         [twistd(), "-n", "--pidfile=", "fido", "--config", config_path],
         cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
     )
+
+
+def log_tail(path, chars=4000):
+    """The end of a daemon's log file, for assertion messages."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - chars))
+            return f.read().decode("utf-8", "replace")
+    except OSError as e:
+        return f"(no log: {e})"
