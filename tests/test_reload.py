@@ -7,6 +7,9 @@ temporary files unless a test needs a scripted loader.
 import json
 import os
 import stat
+import threading
+
+import pytest_twisted
 
 from twisted.internet import task
 from twisted.logger import Logger, formatEvent
@@ -580,3 +583,53 @@ class OffThreadTests(Harness):
         runner.release()
         self.assertEqual(len(self.applied), 1)
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+# ---------------------------------------------------------------------------
+# with the real reactor: worker thread and a real file watcher
+
+
+@pytest_twisted.inlineCallbacks
+def test_real_reactor_reloads_off_thread_with_a_real_watcher(tmp_path):
+    from twisted.internet import defer, reactor
+
+    from fido_tx import watch
+
+    path = str(tmp_path / "accounts.json")
+    with open(path, "wb") as f:
+        f.write(document([entry(1)]))
+    applied = []
+    apply_threads = set()
+    loader_threads = []
+    done = defer.Deferred()
+
+    def apply(accts, diff):
+        apply_threads.add(threading.current_thread().name)
+        applied.append((accts, diff))
+        if len(applied) == 2 and not done.called:
+            done.callback(None)
+
+    def loader(p, key_file, base_dir=None):
+        loader_threads.append(threading.current_thread().name)
+        return accounts.load_accounts(p, key_file)
+
+    src = reload.AccountsSource(
+        reactor, path, "", apply,
+        lambda p, cb: watch.make_watcher(reactor, p, cb, interval=0.02),
+        loader=loader, debounce=0.02, cache_path=str(tmp_path / "cache"))
+    src.startService()
+    try:
+        tmp = path + ".tmp"
+        with open(tmp, "wb") as f:
+            f.write(document([entry(1), entry(2)]))
+        os.replace(tmp, path)
+        yield done.addTimeout(10, reactor)
+    finally:
+        src.stopService()
+    assert [a.id for a in applied[-1][1].added] == ["acct-2"]
+    main = threading.current_thread().name
+    assert apply_threads == {main}
+    assert loader_threads[0] == main  # the load at start is inline
+    assert loader_threads[1] != main  # reloads run in the thread pool
+    with open(str(tmp_path / "cache"), "rb") as f:
+        assert f.read() == document([entry(1), entry(2)])
