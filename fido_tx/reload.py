@@ -118,7 +118,8 @@ class _Loaded:
     accounts: tuple  # shard-filtered
     diff: object  # AccountsDiff against the set current when the load began
     timing: dict
-    cache_warning: str | None = None
+    cache_warning: str | None = None  # why the bytes could not be cached
+    cache_saved: bool = False  # the bytes are in the cache now
 
 
 def run_inline(f, *args):
@@ -450,6 +451,7 @@ class AccountsSource(service.Service):
         diff = accounts_mod.diff_accounts(old, new)
         diffed = time.perf_counter()
         warning = None if from_cache else self._save_cache(sig)
+        saved = warning is None and sig is not None and sig == self._cache_sig
         done = time.perf_counter()
         timing = {
             "load": loaded - started,
@@ -457,7 +459,7 @@ class AccountsSource(service.Service):
             "cache": done - diffed,
             "blocking": done - started,
         }
-        return _Loaded(result, new, diff, timing, warning)
+        return _Loaded(result, new, diff, timing, warning, saved)
 
     def _mine(self, account_id):
         if self._all_mine:
@@ -480,7 +482,11 @@ class AccountsSource(service.Service):
             self.using_cache = False
             self._reported_file_problem = None
             self._failures = 0
-        if loaded.cache_warning is not None and loaded.cache_warning != self._cache_warned:
+        if loaded.cache_saved and self._cache_warned is not None:
+            self.log.info("the last good copy of the accounts is saved to {cache} again",
+                          cache=self.cache_path)
+            self._cache_warned = None
+        elif loaded.cache_warning is not None and loaded.cache_warning != self._cache_warned:
             self._cache_warned = loaded.cache_warning
             self.log.warn(
                 "cannot save the last good copy of the accounts to {cache}: "

@@ -252,6 +252,24 @@ class CacheTests(Harness):
         self.assertTrue(any("cannot save the last good copy" in m
                             for m in self.messages("warn")))
 
+    def test_cache_warning_once_then_recovery(self):
+        cache_dir = os.path.join(self.dir, "later")
+        self.write(document([entry(1)]))
+        src = self.started(cache_path=os.path.join(cache_dir, "c"))
+        for i in (2, 3):
+            self.write(document([entry(1), entry(i)]))
+            self.fire()
+            self.clock.advance(0.2)
+        self.assertEqual(
+            len([m for m in self.messages("warn") if "cannot save" in m]), 1)
+        os.makedirs(cache_dir)
+        self.write(document([entry(1), entry(4)]))
+        self.fire()
+        self.clock.advance(0.2)
+        self.assertTrue(any("saved to" in m and "again" in m for m in self.messages("info")))
+        with open(src.cache_path, "rb") as f:
+            self.assertEqual(f.read(), document([entry(1), entry(4)]))
+
 
 class DebounceTests(Harness):
     def test_burst_of_events_is_one_load(self):
@@ -633,3 +651,29 @@ def test_real_reactor_reloads_off_thread_with_a_real_watcher(tmp_path):
     assert loader_threads[1] != main  # reloads run in the thread pool
     with open(str(tmp_path / "cache"), "rb") as f:
         assert f.read() == document([entry(1), entry(2)])
+
+
+class ScriptedLoaderTests(Harness):
+    def test_entry_without_id_is_reported_without_account(self):
+        bad = Problem(None, "id", "missing (required)", index=3)
+        loader = ScriptedLoader(result("a", problems=[bad]))
+        src = self.started(loader=loader, shard="1/2")
+        [(kind, message, account)] = self.reports
+        self.assertEqual((kind, account), ("config", None))
+        self.assertIn("accounts[3] (no valid id): id: missing (required)", message)
+        self.fire()
+        self.clock.advance(0.2)
+        self.assertEqual(len(self.reports), 1)
+        self.assertEqual(src.shard, "1/2")
+
+    def test_error_retry_then_success_reports_nothing(self):
+        loader = ScriptedLoader(result("a"), AccountsFileError("x: truncated token"),
+                                result("a", "b"))
+        src = self.started(loader=loader)
+        self.fire()
+        self.clock.advance(0.2)
+        self.assertEqual(self.ids(src.accounts), ["a"])
+        self.clock.advance(1.0)
+        self.assertEqual(self.ids(src.accounts), ["a", "b"])
+        self.assertEqual(self.reports, [])
+        self.assertEqual(len(loader.calls), 3)
