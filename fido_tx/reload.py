@@ -120,6 +120,7 @@ class _Loaded:
     timing: dict
     cache_warning: str | None = None  # why the bytes could not be cached
     cache_saved: bool = False  # the bytes are in the cache now
+    signature: tuple | None = None  # the file's stat signature before loading
 
 
 def run_inline(f, *args):
@@ -233,6 +234,7 @@ class AccountsSource(service.Service):
         self._cache_sig = None
         self._cache_digest = None
         self._cache_warned = None
+        self._initial_signature = None
 
     # -- service
 
@@ -241,6 +243,9 @@ class AccountsSource(service.Service):
             self.load_initial()
         super().startService()
         self._start_watchers()
+        if self._pending is None and _path_signature(self.path) != self._initial_signature:
+            # Changed between load_initial() and the watch starting.
+            self._changed()
 
     def stopService(self):
         super().stopService()
@@ -278,6 +283,7 @@ class AccountsSource(service.Service):
             self.log.failure("loading {path} failed unexpectedly", path=self.path)
             self._start_from_cache(f"{self.path}: cannot load accounts file: {e}")
             return
+        self._initial_signature = loaded.signature
         self._use(loaded, initial=True)
 
     def _start_from_cache(self, problem):
@@ -306,7 +312,7 @@ class AccountsSource(service.Service):
         self._use(loaded, initial=True, from_cache=True)
         # It may have been caught half written: look again soon.
         self._failures = 1
-        self._schedule(self._retry_delay)
+        self._schedule(self._retry_delay or 0.0)
 
     # -- events and timers
 
@@ -459,7 +465,7 @@ class AccountsSource(service.Service):
             "cache": done - diffed,
             "blocking": done - started,
         }
-        return _Loaded(result, new, diff, timing, warning, saved)
+        return _Loaded(result, new, diff, timing, warning, saved, sig)
 
     def _mine(self, account_id):
         if self._all_mine:

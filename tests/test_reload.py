@@ -677,3 +677,24 @@ class ScriptedLoaderTests(Harness):
         self.assertEqual(self.ids(src.accounts), ["a", "b"])
         self.assertEqual(self.reports, [])
         self.assertEqual(len(loader.calls), 3)
+
+
+class StartWindowTests(Harness):
+    def test_change_between_initial_load_and_start_is_not_missed(self):
+        self.write(document([entry(1)]))
+        src = self.source()
+        src.load_initial()  # the composition root does this early
+        self.write(document([entry(1), entry(2), entry(3)]))
+        src.startService()
+        self.addCleanup(src.stopService)
+        self.clock.advance(0.2)
+        self.assertEqual(self.ids(src.accounts), ["acct-1", "acct-2", "acct-3"])
+
+    def test_no_extra_load_when_nothing_changed(self):
+        loader = ScriptedLoader(result("a"))
+        self.write(b"anything")
+        src = self.started(loader=loader)
+        self.clock.advance(5)
+        self.assertEqual(len(loader.calls), 1)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        src.stopService()
