@@ -2,6 +2,7 @@
 
 import json
 
+from hypothesis import given, settings as hsettings, strategies as st
 from treq.testing import StubTreq
 from twisted.internet import defer, task
 from twisted.logger import Logger, formatEvent
@@ -337,3 +338,39 @@ class WithRealReporterTests(SynchronousTestCase):
             self.assertNotIn(PASSWORD.encode(), body)
             self.assertNotIn(b"tkn-0123456789", body)
             self.assertEqual(set(json.loads(body)), {"account", "kind", "message", "debug", "occurred_at"})
+
+
+class ReportPropertyTests(SynchronousTestCase):
+    @hsettings(max_examples=200, deadline=None)
+    @given(st.lists(st.sampled_from([None, errors.AUTH, errors.CONNECT, errors.TLS, errors.REDIS]),
+                    max_size=30))
+    def test_reports_follow_the_reportable_state(self, kinds):
+        tracker, clock, store, reporter, events = make()
+        store.connected = False  # redis results come with a disconnected store
+        for kind in kinds:
+            clock.advance(60)
+            tracker.record(ACCOUNT, ok() if kind is None else failed(kind, f"{kind} failed"))
+        sent = [k for a, k in reporter.kinds if a == ACCOUNT.id]
+        # never the same kind twice in a row, and "recovered" only after a failure report
+        for before, after in zip(sent, sent[1:]):
+            self.assertNotEqual(before, after)
+        if sent:
+            self.assertNotEqual(sent[0], "recovered")
+        # what the web application was told last matches the last informative result
+        informative = [k for k in kinds if k != errors.REDIS]
+        if not informative:
+            self.assertEqual(sent, [])
+        elif informative[-1] is None:
+            self.assertTrue(not sent or sent[-1] == "recovered", sent)
+        else:
+            self.assertEqual(sent[-1], informative[-1])
+        # one report per change of the informative state (first ok is no change)
+        changes, state = 0, None
+        for k in informative:
+            if k != state and not (state is None and k is None):
+                changes += 1
+            state = k
+        self.assertEqual(len(sent), changes)
+        # one session log line per result, plus one line per state change
+        session_lines = [e for e in events if "outcome" in e and "old_state" not in e]
+        self.assertEqual(len(session_lines), len(kinds))
