@@ -277,6 +277,20 @@ class AccountsSource(service.Service):
         try:
             loaded = self._compute(self.path, self.accounts)
         except accounts_mod.AccountsFileError as e:
+            if not os.path.exists(self.path) and not (
+                self.cache_path and os.path.exists(self.cache_path)
+            ):
+                # A first start (zero-config): the web application has not
+                # written the file yet.  Run with no accounts; the watch on
+                # the directory picks the file up when it appears.
+                self.log.warn(
+                    "accounts file {path} does not exist yet: running with no "
+                    "accounts until the web application writes it",
+                    path=self.path,
+                )
+                self.loaded = True
+                self._initial_signature = None
+                return
             self._start_from_cache(str(e))
             return
         except Exception as e:

@@ -13,7 +13,6 @@ their batch (``grace_period``), and only then do the reporter and the Redis
 connection close, so a session never loses its sink mid-batch.
 """
 
-import functools
 import os
 import socket
 
@@ -225,11 +224,6 @@ def make_service(
             fido.state_dir or os.path.dirname(fido.accounts_file), ".fido-accounts.last-good"
         ),
         shard=fido.shard,
-        # Reading, decrypting and validating thousands of accounts happens
-        # in a thread; only applying the difference runs on the reactor.
-        run_blocking=functools.partial(
-            threads.deferToThreadPool, reactor, reactor.getThreadPool()
-        ),
     )
     # The first load happens now, so that a bad accounts file (with no last
     # good copy) stops the start with one line instead of a running daemon

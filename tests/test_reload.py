@@ -161,7 +161,8 @@ class StartTests(Harness):
         self.assertEqual(self.applied, [])
         self.assertEqual(self.watchers, [])
 
-    def test_missing_file_without_cache_fails(self):
+    def test_unreadable_file_without_cache_fails(self):
+        self.write(b"{ not json")
         src = self.source(cache_path=None)
         self.assertRaises(reload.AccountsStartupError, src.load_initial)
 
@@ -698,3 +699,35 @@ class StartWindowTests(Harness):
         self.assertEqual(len(loader.calls), 1)
         self.assertEqual(self.clock.getDelayedCalls(), [])
         src.stopService()
+
+
+class FirstStartTests(Harness):
+    """Zero-config: on a first start the web application has not written the
+    accounts file yet; Fido runs with no accounts and picks the file up."""
+
+    def test_missing_file_without_cache_starts_with_no_accounts(self):
+        src = self.started()
+        self.assertEqual(src.accounts, ())
+        self.assertEqual(self.applied, [])
+        self.assertTrue(any("does not exist yet" in m for m in self.messages("warn")))
+        self.assertEqual(self.reports, [])
+
+    def test_file_written_later_is_applied(self):
+        src = self.started()
+        self.write(document([entry(1), entry(2)]))
+        self.fire()
+        self.clock.advance(5)
+        self.assertEqual(self.ids(src.accounts), ["acct-1", "acct-2"])
+        [(accounts_, diff)] = self.applied
+        self.assertEqual(len(diff.added), 2)
+
+    def test_missing_file_with_a_last_good_copy_runs_on_the_copy(self):
+        first = self.started()
+        self.write(document([entry(1)]))
+        self.fire()
+        self.clock.advance(5)
+        first.stopService()
+        os.remove(self.path)
+        src = self.started()
+        self.assertEqual(self.ids(src.accounts), ["acct-1"])
+        self.assertTrue(src.using_cache)
