@@ -19,7 +19,9 @@ Keys (``<...>`` are taken verbatim from the account, message or config):
 ``fido:instance:<instance id>``
     Hash with a TTL: the heartbeat of one Fido process (:meth:`heartbeat`).
 
-Exactly once: :meth:`RedisStore.store` sends ONE Lua script call per batch.
+Exactly once: :meth:`RedisStore.store` sends ONE Lua script call per batch
+(``EVALSHA``; ``EVAL`` when the server answers ``NOSCRIPT``; the script is
+loaded on every new connection).
 For each message it checks the dedupe set, ``XADD``\\ s the entry and then
 ``SADD``\\ s the UID; Redis runs a script atomically, and with ``appendonly``
 the script's writes are replicated and persisted as one unit, so a crash or a
@@ -29,7 +31,8 @@ leave an entry without its record (a possible duplicate later), never a record
 without its entry (a lost message).  The script also counts the new entries
 into ``fetched_total`` and returns the stream length, kept in
 :attr:`RedisStore.last_stream_length` for backpressure without another round
-trip.
+trip.  ``store()`` fires with a :class:`ConfirmedUIDs`: every UID of the batch
+(new and stored before), with ``.new`` the ones this call appended.
 
 Connection: a :class:`~twisted.application.internet.ClientService` on the
 endpoint of the URL (:mod:`fido_tx.redisurl`), speaking txredisapi's protocol
@@ -38,7 +41,12 @@ reconnects by itself with jittered exponential backoff.  Every command has a
 deadline of ``command_timeout`` seconds that covers waiting for a connection
 too, because txredisapi never answers a command issued while disconnected; a
 command that times out on a live connection aborts that connection (its reply
-could otherwise arrive later and be mistaken for another one's).
+could otherwise arrive later and be mistaken for another one's).  Such a
+store may still have been applied by Redis; that is safe: nothing is marked on
+the IMAP server, and the next session's ``filter_new`` or ``store`` sees the
+UIDs as stored.  A connection counts as up (``connected``, observers called
+with True) only once Redis has answered AUTH/SELECT and the script load, within
+``connect_timeout``: a stopped server whose kernel still accepts TCP is down.
 
 Needs Redis >= 6.2 (``SMISMEMBER``).  txredisapi is imported lazily: importing
 it installs the default reactor.

@@ -217,6 +217,10 @@ class NeverConnectedTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(self.store.store([])), [])
         self.assertEqual(self.successResultOf(self.store.filter_new("a", "I", 1, [])), [])
 
+    def test_a_batch_of_several_accounts_is_refused(self):
+        d = self.store.store([Message("a", "INBOX", 1, 1, b"x"), Message("b", "INBOX", 1, 2, b"y")])
+        self.failureResultOf(d, ValueError)
+
     def test_not_connected(self):
         self.assertFalse(self.store.connected)
 
