@@ -61,11 +61,12 @@ _IMAP_AUTH = re.compile(
 # password=..., "password": "...", passwd: ..., token=..., secret=...
 _KEY_VALUE = re.compile(
     r"""(?ix)
-    (["']?\b[\w-]*(?:password|passwd|pwd|passphrase|secret|token|api[_-]?key)[\w-]*["']?)
+    ((?:password|passwd|pwd|passphrase|secret|token|api[_-]?key)[\w-]*["']?)
     (\s*[:=]\s*)
     ("(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*'|[^\s,;&}\]]+)
     """
 )
+_KEYWORD = re.compile(r"password|passwd|pwd|passphrase|secret|token|api[_-]?key")
 # scheme://user:password@host
 _URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^\s:/@]*):[^\s/@]*@")
 # Authorization: Bearer xyz / Basic xyz
@@ -82,11 +83,37 @@ def scrub(text, secrets=()):
     for secret in secrets:
         if secret and len(secret) >= MIN_SECRET_LENGTH:
             text = text.replace(secret, REDACTED)
-    text = _IMAP_AUTH.sub(lambda m: f"{m.group(1)} {REDACTED}", text)
-    text = _AUTH_HEADER.sub(lambda m: f"{m.group(1)}{m.group(2) or ''}{REDACTED}", text)
-    text = _KEY_VALUE.sub(lambda m: f"{m.group(1)}{m.group(2)}{REDACTED}", text)
-    text = _URL_USERINFO.sub(lambda m: f"{m.group(1)}:{REDACTED}@", text)
+    # Cheap tests first: most text has none of these, and a burst of reports
+    # (a DNS outage fails every account at once) is scrubbed on the reactor.
+    lower = text.lower()
+    if "login" in lower or "authenticate" in lower:
+        text = _IMAP_AUTH.sub(lambda m: f"{m.group(1)} {REDACTED}", text)
+    if "authorization" in lower:
+        text = _AUTH_HEADER.sub(lambda m: f"{m.group(1)}{m.group(2) or ''}{REDACTED}", text)
+    if _KEYWORD.search(lower):
+        text = _redact_pairs(text, lower)
+    if "@" in text and "://" in text:
+        text = _URL_USERINFO.sub(lambda m: f"{m.group(1)}:{REDACTED}@", text)
     return text
+
+
+def _redact_pairs(text, lower):
+    """``password=...``-like pairs: find the key words fast, then match there."""
+    if len(lower) != len(text):  # lower() changed offsets (rare non-ASCII)
+        return _KEY_VALUE.sub(lambda m: f"{m.group(1)}{m.group(2)}{REDACTED}", text)
+    out = []
+    last = 0
+    for found in _KEYWORD.finditer(lower):
+        if found.start() < last:
+            continue
+        pair = _KEY_VALUE.match(text, found.start())
+        if pair is None:
+            continue
+        out.append(text[last:pair.start(3)])
+        out.append(REDACTED)
+        last = pair.end()
+    out.append(text[last:])
+    return "".join(out)
 
 
 def iso_utc(seconds=None):
@@ -236,6 +263,8 @@ class Reporter(service.Service):
         while len(self._queue) >= bound:
             old = self._queue.popleft()
             self.dropped += 1
+            if not _worth_logging(self.dropped):
+                continue
             self.log.warn(
                 "reporter queue full ({queue_size}): dropped the oldest report "
                 "({account_id}, {kind}); {dropped} dropped so far",
@@ -452,6 +481,13 @@ class Reporter(service.Service):
             waiters, self._idle_waiters = self._idle_waiters, []
             for d in waiters:
                 d.callback(None)
+
+
+def _worth_logging(count):
+    """Log the 1st, 10th, 100th, ... drop: an overflow must not flood the log."""
+    while count >= 10 and count % 10 == 0:
+        count //= 10
+    return count == 1
 
 
 def _describe(failure):

@@ -276,6 +276,11 @@ class ScrubTests(SynchronousTestCase):
         self.assertEqual(scrub("redis://u:pw@h/0"), f"redis://u:{REDACTED}@h/0")
         self.assertEqual(scrub("Authorization: Bearer xyz"), f"Authorization: Bearer {REDACTED}")
 
+    def test_any_case_and_text_whose_lower_case_changes_length(self):
+        self.assertEqual(scrub("PASSWORD=x Token=y"), f"PASSWORD={REDACTED} Token={REDACTED}")
+        self.assertEqual(scrub("\u0130 db_Password: x"), f"\u0130 db_Password: {REDACTED}")
+        self.assertEqual(scrub("the secret is out"), "the secret is out")
+
     def test_literal_secrets(self):
         self.assertEqual(scrub("x swordfish y", ["swordfish"]), f"x {REDACTED} y")
         self.assertEqual(scrub("a b c", ["b"]), "a b c")  # too short to search for
