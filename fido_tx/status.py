@@ -417,7 +417,9 @@ class StatusTracker:
                 **fields,
             )
         else:
-            self.log.warn(
+            # a redis result is the sink's problem, reported once per instance
+            level = self.log.info if result.kind == errors.REDIS else self.log.warn
+            level(
                 "{account_id} state {old_state} -> {state}: {error}",
                 error=result.message,
                 **fields,
