@@ -20,8 +20,9 @@ Delivery rules:
   a ``Retry-After`` (seconds) is honoured as a minimum, up to ``retry_max``.  A report is
   retried until it is delivered or the reporter stops: the web application
   being down for an hour loses nothing but what overflows the queue.
-* Any other 4xx is logged and the report dropped (``rejected`` counts them):
-  sending it again would fail again.
+* Any other 4xx, and a 3xx (redirects are not followed: a POST to a moved
+  endpoint is a configuration error), is logged and the report dropped
+  (``rejected`` counts them): sending it again would fail again.
 * The queue holds at most ``settings.queue_size`` waiting reports; past the
   bound the OLDEST waiting report is dropped and counted in ``dropped``.
 * ``settings.url == ""`` disables reporting: :meth:`report` is a no-op.
