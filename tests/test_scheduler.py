@@ -13,6 +13,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 from twisted.internet import defer, task
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from fido_tx import errors
@@ -611,6 +612,21 @@ class BrokenSessionTests(SchedulerTestCase):
         self.clock.advance(0.1)  # a's backoff (100 s) is over
         self.assertEqual(self.sessions.started_ids, ["a", "b", "b", "a"])
 
+    def test_logs_never_show_the_password(self):
+        self.make(workers=1)
+        with capturedLogs() as events:
+            self.scheduler.set_accounts(accounts("a", "b"))
+            self.sessions.fail("a", RuntimeError("boom"))
+            self.scheduler.add_result_observer(lambda a, r: 1 / 0)
+            self.sessions.finish("b")
+        self.flushLoggedErrors(RuntimeError, ZeroDivisionError)
+        self.assertGreaterEqual(len(events), 2)
+        for event in events:
+            text = formatEvent(event)
+            if "log_failure" in event:
+                text += event["log_failure"].getTraceback()
+            self.assertNotIn("secret", text)
+
     def test_run_session_raising_is_survived(self):
         self.make(workers=1)
 
@@ -652,8 +668,13 @@ class StopTests(SchedulerTestCase):
         self.assertEqual(self.sessions.started_ids, ["a", "b"])  # no new session
         self.clock.advance(19.9)
         self.assertNoResult(stopped)
-        self.clock.advance(0.1)
+        with capturedLogs() as events:
+            self.clock.advance(0.1)
         self.successResultOf(stopped)
+        warnings = [formatEvent(e) for e in events if e["log_level"] == LogLevel.warn]
+        self.assertEqual(len(warnings), 1)
+        self.assertIn("cancelling 1 sessions", warnings[0])
+        self.assertIn(": b", warnings[0])
         self.assertTrue(self.sessions.calls[1].cancelled)
         self.assertEqual(self.clock.getDelayedCalls(), [])
         self.assertEqual([r.account_id for _, r in self.results], ["a"])
