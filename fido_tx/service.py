@@ -79,7 +79,7 @@ class _Heartbeat(service.Service):
             "pid": str(os.getpid()),
             "version": fido_tx.__version__,
             "accounts": str(len(self._scheduler.accounts)),
-            "sessions": str(self._scheduler.running),
+            "sessions": str(self._scheduler.running_count),
         }
         d = self._store.heartbeat(self.instance_id, mapping, HEARTBEAT_TTL)
         d.addErrback(lambda f: None)  # Redis down: the store logs that once

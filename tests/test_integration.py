@@ -100,6 +100,13 @@ def test_twenty_accounts_land_exactly_once_byte_identical_and_marked_seen(
     assert fields[b"state"] == b"ok"
     assert fields[b"fetched_total"] == b"3"
 
+    [instance] = redis.client()("KEYS", "fido:instance:*")
+    beat = redis.client()("HGETALL", instance)
+    beat = dict(zip(beat[::2], beat[1::2]))
+    assert beat[b"accounts"] == b"20"
+    assert beat[b"sessions"].isdigit(), beat
+    assert 0 < redis.client()("TTL", instance) <= 45
+
     # A second daemon run finds nothing new and adds nothing.
     d2 = yield run_once(reactor, tmp_path, redis, accounts)
     assert all(r.ok and r.fetched == 0 for _, r in d2.results)
