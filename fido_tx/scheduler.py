@@ -9,8 +9,11 @@ failed: see :mod:`fido_tx.backoff`).
 Ordering.  Waiting accounts sit in a heap keyed by ``(due_time, sequence)``:
 the most overdue account goes first, and accounts equally due go in the
 order they joined the back of the queue (round robin).  Accounts added by
-:meth:`Scheduler.set_accounts` go to a FIFO in front of the heap: they are
-fetched before any waiting account, in the order given.  Removed accounts are
+:meth:`Scheduler.set_accounts` go to a deque in front of the heap: they are
+fetched before any waiting account, in the order given, and that includes
+accounts of an earlier addition that have not had their turn yet (so an
+account just added in the web application is fetched within seconds even
+while thousands from the first load still wait).  Removed accounts are
 deleted lazily (their heap items are skipped when they surface; the heap is
 compacted when stale items pile up), so every dispatch is O(log n) and
 nothing scans the accounts per session.
@@ -154,7 +157,7 @@ class Scheduler(service.Service):
         self._entries = {}
         #: account id -> _Session (includes sessions of removed accounts until they end)
         self._sessions = {}
-        #: new accounts: FIFO of (seq, entry)
+        #: new accounts, latest addition first: deque of (seq, entry)
         self._front = collections.deque()
         #: waiting accounts: heap of (due, seq, entry)
         self._heap = []
@@ -214,9 +217,9 @@ class Scheduler(service.Service):
         """
         now = self._clock.seconds()
         worst = None
-        top = self._peek_front()
-        if top is not None:
-            worst = top.due
+        oldest = self._peek_front_oldest()
+        if oldest is not None:
+            worst = oldest.due
         top = self._peek_heap()
         if top is not None and (worst is None or top.due < worst):
             worst = top.due
@@ -288,6 +291,7 @@ class Scheduler(service.Service):
     def _apply(self, new):
         now = self._clock.seconds()
         added, removed, changed, unchanged = [], [], [], []
+        to_front = []
 
         for account_id in [i for i in self._entries if i not in new]:
             entry = self._entries.pop(account_id)
@@ -313,13 +317,16 @@ class Scheduler(service.Service):
                     # (a canceller that does not fire at once); wait for it.
                     entry.blocked = True
                 else:
-                    self._push_front(entry)
+                    to_front.append(entry)
             elif entry.account == account:
                 unchanged.append(account)
             else:
                 changed.append(account)
                 entry.account = account
 
+        # This batch goes before everything waiting, earlier additions too.
+        for entry in reversed(to_front):
+            self._push_front(entry)
         self._maybe_compact()
         return AccountChanges(tuple(added), tuple(removed), tuple(changed), tuple(unchanged))
 
@@ -361,7 +368,7 @@ class Scheduler(service.Service):
     def _push_front(self, entry):
         entry.seq = self._next_seq()
         entry.front = True
-        self._front.append((entry.seq, entry))
+        self._front.appendleft((entry.seq, entry))
 
     def _push_back(self, entry, due):
         entry.due = due
@@ -376,6 +383,17 @@ class Scheduler(service.Service):
             if entry.seq == seq and not entry.removed:
                 return entry
             front.popleft()
+            self._stale -= 1
+        return None
+
+    def _peek_front_oldest(self):
+        """The longest waiting new account (the right end: batches go in on the left)."""
+        front = self._front
+        while front:
+            seq, entry = front[-1]
+            if entry.seq == seq and not entry.removed:
+                return entry
+            front.pop()
             self._stale -= 1
         return None
 
@@ -544,6 +562,7 @@ class Scheduler(service.Service):
             successor = self._entries.get(account_id)
             if successor is not None and successor.blocked:
                 successor.blocked = False
+                successor.due = now  # waiting (for lag) from now on
                 self._push_front(successor)
         if result is not None:
             for observer in list(self._observers):

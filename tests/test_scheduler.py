@@ -318,6 +318,16 @@ class AccountChangeTests(SchedulerTestCase):
             self.finish_all()
         self.assertEqual(self.sessions.started_ids, ["a", "z", "m", "b"])
 
+    def test_later_addition_goes_before_earlier_additions_still_waiting(self):
+        self.make(workers=1)
+        self.scheduler.set_accounts(accounts("a", "b", "c"))  # a runs, b and c wait
+        self.clock.advance(5)
+        self.scheduler.set_accounts(accounts("a", "b", "c", "x", "y"))
+        self.assertEqual(self.scheduler.lag(), 5.0)  # b and c have waited since 0
+        for _ in range(5):
+            self.finish_all()
+        self.assertEqual(self.sessions.started_ids, ["a", "x", "y", "b", "c"])
+
     def test_removed_running_account_is_cancelled_and_never_started_again(self):
         self.make(workers=2)
         self.scheduler.set_accounts(accounts("a", "b"))
