@@ -449,8 +449,10 @@ class Scheduler(service.Service):
             budget = len(self._entries) + self.workers
             while self._can_start() and budget > 0:
                 entry = self._peek()
-                if entry is None or entry.due > self._clock.seconds() + _EPSILON:
-                    break
+                if entry is None or (
+                    not entry.front and entry.due > self._clock.seconds() + _EPSILON
+                ):
+                    break  # (a new account is always due, whatever the clock did)
                 self._pop(entry)
                 budget -= 1
                 self._start(entry)
@@ -464,7 +466,7 @@ class Scheduler(service.Service):
         if self._can_start():
             entry = self._peek()
             if entry is not None:
-                due = self._clock.seconds() if again else entry.due
+                due = self._clock.seconds() if again or entry.front else entry.due
         if due is None:
             if self._timer is not None:
                 self._timer.cancel()
