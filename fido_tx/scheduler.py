@@ -323,6 +323,17 @@ class Scheduler(service.Service):
             else:
                 changed.append(account)
                 entry.account = account
+                if entry.state.failures and account_id not in self._sessions:
+                    # An operator fixed what made it fail (a new password,
+                    # host or mailbox): try again at the next poll_interval
+                    # boundary, not after an auth backoff of hours.
+                    entry.state = _backoff.HEALTHY
+                    if entry.seq is not None and not entry.front:
+                        since = entry.started_at if entry.started_at is not None else now
+                        due = max(now, since + self.poll_interval)
+                        if due < entry.due:
+                            self._stale += 1
+                            self._push_back(entry, due)
 
         # This batch goes before everything waiting, earlier additions too.
         for entry in reversed(to_front):

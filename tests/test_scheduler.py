@@ -432,6 +432,20 @@ class AccountChangeTests(SchedulerTestCase):
         self.clock.advance(0.1)
         self.assertEqual(self.sessions.started_ids, ["a", "b", "c", "a", "b"])
 
+    def test_changed_failing_account_drops_its_backoff(self):
+        self.make(workers=1, poll_interval=10.0)
+        self.scheduler.set_accounts(accounts("a"))
+        self.sessions.finish("a", errors.AUTH)  # auth backoff: 600 s or so
+        self.assertGreater(self.scheduler.account_state("a").next_due, 300)
+        self.clock.advance(5)
+        self.scheduler.set_accounts([attr.evolve(account("a"), password="fixed")])
+        self.assertEqual(self.scheduler.account_state("a").failures, 0)
+        self.clock.advance(4.9)
+        self.assertEqual(self.sessions.started_ids, ["a"], "poll_interval still holds")
+        self.clock.advance(0.1)
+        self.assertEqual(self.sessions.started_ids, ["a", "a"])
+        self.assertEqual(self.sessions.calls[-1].account.password, "fixed")
+
     def test_unchanged_accounts_keep_their_backoff(self):
         self.make(workers=1, poll_interval=10.0)
         self.scheduler.set_accounts(accounts("a"))
