@@ -146,7 +146,12 @@ def test_chaos_cuts_redis_restarts_and_a_daemon_kill_still_land_every_message_ex
     # Per forwarded chunk and per connection-second: most sessions die
     # somewhere, yet each gets a few batches through before it does.
     for proxy in (plain, tls):
-        proxy.cut_randomly(per_chunk=0.01, per_second=0.3)
+        proxy.cut_randomly(per_chunk=0.02, per_second=0.5)
+        # and a short refusal and a short stall, somewhere in the first seconds
+        proxy.schedule([
+            (rng.uniform(0.5, 4.0), ("refuse", 1.0)),
+            (rng.uniform(0.5, 4.0), ("stall", 1.0)),
+        ])
 
     securities = ("none", "starttls", "tls")
     accounts = []
@@ -218,6 +223,8 @@ def test_chaos_cuts_redis_restarts_and_a_daemon_kill_still_land_every_message_ex
         print(f"chaos: converged={done} after {elapsed:.1f} s; disasters {happened}; "
               f"{len(plain.events) + len(tls.events)} proxy faults")
         assert not plan, f"not every disaster happened before the end {context()}"
+        late = [h for h in happened if h[1] >= TOTAL]
+        assert not late, f"disasters {late} came after the last message, not mid-run {context()}"
         assert done, (
             f"no convergence within {DEADLINE:g} s: {probe.xlen()} of {TOTAL} entries, "
             f"{unseen(dovecot, users)} messages not \\Seen {context()}"
