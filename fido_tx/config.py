@@ -47,6 +47,8 @@ class ImapSettings:
     batch_messages: int = 25
     #: bytes (by RFC822.SIZE) per UID FETCH
     batch_bytes: int = 8 * MIB
+    #: bytes (by RFC822.SIZE) of message bodies in flight, all sessions together
+    max_inflight_bytes: int = 8 * MIB
     max_message_size: int = 50 * MIB
     #: keyword set on messages left on the server because they are too large
     too_large_keyword: str = "$FidoTooLarge"
@@ -496,7 +498,7 @@ def _check_settings(path, s):
     for key in ("connect_timeout", "greeting_timeout", "command_timeout", "logout_timeout"):
         positive("imap", key, getattr(i, key))
     at_least("imap", "min_literal_rate", i.min_literal_rate, 0)
-    for key in ("batch_messages", "batch_bytes", "max_message_size"):
+    for key in ("batch_messages", "batch_bytes", "max_message_size", "max_inflight_bytes"):
         positive("imap", key, getattr(i, key))
     if not _KEYWORD_RE.match(i.too_large_keyword) or i.too_large_keyword.startswith("\\"):
         bad(

@@ -72,7 +72,7 @@ SIZE_CHUNK = 1000
 __all__ = ["fetch_mailbox", "extract_message_id", "tls_options"]
 
 
-def fetch_mailbox(reactor, account, sink, settings, dry_run=False, log=None):
+def fetch_mailbox(reactor, account, sink, settings, dry_run=False, log=None, budget=None):
     """Run one session on ``account``'s mailbox.
 
     :param reactor: IReactorTCP, IReactorTime and
@@ -84,9 +84,12 @@ def fetch_mailbox(reactor, account, sink, settings, dry_run=False, log=None):
         mark nothing; the result's ``fetched``/``bytes`` say what would have
         been fetched.
     :param log: a :class:`twisted.logger.Logger` (one debug line per step).
+    :param budget: a :class:`fido_tx.budget.ByteBudget` shared by all
+        sessions: each batch's bytes (by ``RFC822.SIZE``) are acquired before
+        its ``UID FETCH`` and released once the sink has answered.
     :return: Deferred firing with a :class:`SessionResult`.
     """
-    return _Session(reactor, account, sink, settings, dry_run, log or _log).start()
+    return _Session(reactor, account, sink, settings, dry_run, log or _log, budget).start()
 
 
 # --- TLS ------------------------------------------------------------------------
@@ -142,10 +145,23 @@ def tls_options(host, ca_file=None):
     if options is None:
         trust = _PlatformAndFile(_load_ca_file(ca_file)) if ca_file else None
         options = optionsForClientTLS(host, trustRoot=trust)
+        _release_idle_buffers(options)
         if len(_tls_cache) >= _TLS_CACHE_MAX:
             _tls_cache.clear()
         _tls_cache[key] = options
     return options
+
+
+def _release_idle_buffers(options):
+    """Let OpenSSL free a connection's read/write buffers (~34 KiB) while it
+    is idle (``SSL_MODE_RELEASE_BUFFERS``): thousands of sessions mostly wait
+    for a server.  Best effort: the context sits behind Twisted internals."""
+    try:
+        from OpenSSL import SSL
+
+        options._createConnection.__self__.getContext().set_mode(SSL.MODE_RELEASE_BUFFERS)
+    except Exception:  # pragma: no cover - another Twisted layout: keep the default
+        pass
 
 
 @implementer(IOpenSSLClientConnectionCreator)
@@ -248,8 +264,11 @@ class _Stop(Exception):
 
 
 class _Session:
-    def __init__(self, reactor, account, sink, settings, dry_run, log):
+    def __init__(self, reactor, account, sink, settings, dry_run, log, budget=None):
         self.reactor = reactor
+        self.budget = budget
+        self.waiting_budget = None
+        self.grant = None
         self.account = account
         self.sink = sink
         self.settings = settings
@@ -295,6 +314,8 @@ class _Session:
 
     def _cancel(self, outer):
         self.cancelled = True
+        if self.waiting_budget is not None:
+            self.waiting_budget.cancel()
         if self.connecting is not None and not self.connecting.called:
             self.connecting.cancel()
         if self.proto is not None:
@@ -451,8 +472,29 @@ class _Session:
             )
             return
         for batch in self._batches(fetchable, sizes):
-            await self._fetch_batch(batch, info.uidvalidity)
+            self.grant = await self._acquire(sum(sizes[u] for u in batch))
+            try:
+                await self._fetch_batch(batch, info.uidvalidity)
+            finally:
+                self._release()
             self._check()
+
+    def _release(self):
+        grant, self.grant = self.grant, None
+        if grant is not None:
+            grant.release()
+
+    async def _acquire(self, nbytes):
+        """Wait for ``nbytes`` of the shared budget (``None`` without one)."""
+        if self.budget is None:
+            return None
+        self.waiting_budget = self.budget.acquire(nbytes)
+        try:
+            return await self.waiting_budget
+        except defer.CancelledError:
+            raise _Stop()
+        finally:
+            self.waiting_budget = None
 
     async def _connect(self):
         account, settings = self.account, self.settings
@@ -760,6 +802,7 @@ class _Session:
         self._check()
         sizes = {m.uid: m.size for m in messages}
         del messages
+        self._release()  # the bodies are stored and dropped: the budget is free
         confirmed = [u for u in confirmed if u in sizes]
         self.fetched += len(confirmed)
         self.bytes += sum(sizes[u] for u in confirmed)

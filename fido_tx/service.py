@@ -128,6 +128,7 @@ def make_service(
     """
     from fido_tx import (
         backpressure,
+        budget,
         imap,
         metrics as metrics_mod,
         reload,
@@ -170,8 +171,13 @@ def make_service(
     status = status_mod.StatusTracker(reactor, store, reporter, metrics, dry_run=dry_run)
 
     if session_factory is None:
+        # one budget for the bodies in flight of all sessions: memory stays
+        # bounded whatever the number of workers
+        inflight = budget.ByteBudget(settings.imap.max_inflight_bytes)
+
         def session_factory(account):
-            return imap.fetch_mailbox(reactor, account, store, settings.imap, dry_run=dry_run)
+            return imap.fetch_mailbox(reactor, account, store, settings.imap, dry_run=dry_run,
+                                      budget=inflight)
 
     sched = scheduler_mod.Scheduler(
         reactor,
