@@ -358,7 +358,9 @@ class FidoIMAP4Client(imap4.IMAP4Client):
         self.greeting_timeout = greeting_timeout
         self.command_timeout = command_timeout
         self.min_literal_rate = min_literal_rate
-        self.trace = collections.deque(maxlen=self.TRACE_LINES)
+        # (direction, bytes) or a ready str; formatted only when read
+        # (formatting every line cost ~7% of a fetch's CPU time)
+        self._trace_lines = collections.deque(maxlen=self.TRACE_LINES)
         #: fires with the greeting's capabilities (frozenset or None)
         self.greeting = defer.Deferred()
         #: fires (with None) when the connection is gone
@@ -387,10 +389,16 @@ class FidoIMAP4Client(imap4.IMAP4Client):
     def _trace(self, direction, line):
         if len(line) > self.TRACE_WIDTH:
             line = line[: self.TRACE_WIDTH] + b"... (%d bytes)" % len(line)
-        self.trace.append(f"{direction}: {_show(line, self.TRACE_WIDTH + 40)}")
+        self._trace_lines.append((direction, line))
+
+    @property
+    def trace(self):
+        """The last protocol lines, formatted (``"S: * OK ..."``)."""
+        return [t if isinstance(t, str) else f"{t[0]}: {_show(t[1], self.TRACE_WIDTH + 40)}"
+                for t in self._trace_lines]
 
     def debug_lines(self):
-        return list(self.trace)
+        return self.trace
 
     def sendLine(self, line):
         parts = line.split(b" ", 2)
@@ -402,14 +410,14 @@ class FidoIMAP4Client(imap4.IMAP4Client):
                 shown = parts[0] + b" AUTHENTICATE " + mech[0]
                 if len(mech) > 1:
                     shown += b" <redacted>"
-            self.trace.append("C: " + _show(shown))
+            self._trace_lines.append("C: " + _show(shown))
         else:
             self._trace("C", line)
         return super().sendLine(line)
 
     def send_secret(self, line):
         """Send a continuation line that carries credentials (not traced)."""
-        self.trace.append("C: <redacted>")
+        self._trace_lines.append("C: <redacted>")
         self.transport.write(line + self.delimiter)
 
     # -- timers --------------------------------------------------------------
@@ -588,7 +596,7 @@ class FidoIMAP4Client(imap4.IMAP4Client):
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         del chunks
         self._stop_rate_check()
-        self.trace.append(f"S: <literal {len(body)} bytes>")
+        self._trace_lines.append(f"S: <literal {len(body)} bytes>")
         self._segments.append(body)
         self._literal_remaining = 0
         self.setLineMode(rest)
