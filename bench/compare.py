@@ -1,0 +1,382 @@
+"""Fido against a process-based fetcher, side by side, in one run.
+
+    python bench/compare.py [--runs 3] [--workers 1,4,8,16] [--fido-workers 64]
+                            [--scenarios 100x20,1000x5] [--publish]
+
+Starts one local Dovecot (tuned for 2,000 sessions) and one Redis, then, for
+each repetition, each load ``NxM`` and each fetcher and worker count:
+resets every mailbox to the same mail (fixed seed; mix 80% ~4 KiB, 18% ~40
+KiB, 2% ~1 MiB base64 attachment), flushes Redis, runs the fetcher until
+every account had its session, and measures.  After each full run on the
+last load, the same fetcher polls again with nothing new (``empty poll``).
+
+Fetchers: ``fido`` is the real daemon (``twistd -n fido``, through
+``bench/fido_run.py`` for the reactor stall probe); ``procs`` is
+``bench/baseline.py`` (W worker processes, imaplib + redis-py).
+
+Measured per run: wall seconds (start of the process to the end of the last
+session, start-up included for both), messages/s, client CPU seconds (user +
+sys of every process of the fetcher), peak RSS summed over the fetcher's
+processes (sampled every 20 ms; for Fido also its kernel high-water mark
+VmHWM, and the larger is kept), server CPU seconds (Dovecot's processes +
+Redis), and for Fido the longest reactor stall.  Medians over the runs go to
+``bench/results/<stamp>/results.json``, ``table.rst`` and ``memory.png``;
+``--publish`` copies the chart to ``docs/bench-memory.png``.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import psutil  # noqa: E402
+
+from bench.fido_bench import (  # noqa: E402
+    STREAM, proc_cpu_seconds, session_cpu_seconds, write_accounts, write_config)
+from tests.support import dovecot as dc  # noqa: E402
+from tests.support import redis_server  # noqa: E402
+
+BASELINE_LIST = "baseline:messages"
+_COUNT_SESSIONS = (
+    "local n, e = 0, 0 "
+    "for _, k in ipairs(redis.call('KEYS', 'fido:account:*')) do "
+    "  local s = redis.call('HGET', k, 'state') "
+    "  if s then n = n + 1 end "
+    "  if s == 'error' then e = e + 1 end "
+    "end return {n, e}")
+
+
+class Sampler(threading.Thread):
+    """Peak of the summed RSS of a process and all its descendants."""
+
+    def __init__(self, pid, interval=0.02):
+        super().__init__(daemon=True)
+        self.proc = psutil.Process(pid)
+        self.interval = interval
+        self.peak = 0
+        self._stop_event = threading.Event()
+
+    def run(self):
+        while not self._stop_event.is_set():
+            try:
+                procs = [self.proc] + self.proc.children(recursive=True)
+                total = 0
+                for p in procs:
+                    try:
+                        total += p.memory_info().rss
+                    except psutil.Error:
+                        pass
+                self.peak = max(self.peak, total)
+            except psutil.Error:
+                return
+            self._stop_event.wait(self.interval)
+
+    def stop(self):
+        self._stop_event.set()
+        self.join()
+        return self.peak
+
+
+def vm_hwm(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def fido_command(workdir, config):
+    return [sys.executable, os.path.join(HERE, "fido_run.py"), "-n", "--pidfile=",
+            f"--logfile={workdir}/twistd.log", "fido", "--config", config]
+
+
+def server_cpu(ctx):
+    return session_cpu_seconds(ctx.dovecot.pid) + proc_cpu_seconds(ctx.redis.process.pid)
+
+
+def run_fido(ctx, workers, accounts, expected):
+    r = ctx.redis.client()
+    config = write_config(ctx.workdir, ctx.redis.url, workers, ctx.extra_toml)
+    stall_file = os.path.join(ctx.workdir, "stall.json")
+    if os.path.exists(stall_file):
+        os.unlink(stall_file)
+    env = dict(os.environ, FIDO_STALL_FILE=stall_file)
+    out = open(os.path.join(ctx.workdir, "daemon.out"), "ab")
+    s0 = server_cpu(ctx)
+    start = time.monotonic()
+    daemon = subprocess.Popen(fido_command(ctx.workdir, config), cwd=ctx.workdir, stdout=out,
+                              stderr=subprocess.STDOUT, start_new_session=True, env=env)
+    sampler = Sampler(daemon.pid)
+    sampler.start()
+    try:
+        deadline = start + ctx.timeout
+        while True:
+            done, errors = r("EVAL", _COUNT_SESSIONS, "0")
+            if done >= accounts:
+                break
+            if daemon.poll() is not None:
+                raise RuntimeError(f"fido exited with {daemon.returncode}; see {ctx.workdir}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"timeout: {done}/{accounts} sessions; see {ctx.workdir}")
+            time.sleep(0.02)
+        wall = time.monotonic() - start
+        p = psutil.Process(daemon.pid)
+        t = p.cpu_times()
+        cpu = t.user + t.system
+        peak = max(sampler.stop(), vm_hwm(daemon.pid))
+        server = server_cpu(ctx) - s0
+        stored = r("XLEN", STREAM)
+    finally:
+        if daemon.poll() is None:
+            daemon.send_signal(signal.SIGTERM)
+            try:
+                daemon.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(daemon.pid, signal.SIGKILL)
+                daemon.wait()
+        out.close()
+    stall = {}
+    if os.path.exists(stall_file):
+        with open(stall_file) as f:
+            stall = json.load(f)
+    return dict(wall_s=wall, cpu_s=cpu, peak_rss_mib=peak / 2**20, server_cpu_s=server,
+                stored=stored, errors=errors, stall_max_ms=stall.get("max_ms"),
+                stalls_over_100ms=stall.get("over_100ms"))
+
+
+def run_procs(ctx, workers, accounts, expected):
+    r = ctx.redis.client()
+    s0 = server_cpu(ctx)
+    start = time.monotonic()
+    out = open(os.path.join(ctx.workdir, "baseline.out"), "ab")
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(HERE, "baseline.py"), "--accounts", ctx.accounts_path,
+         "--workers", str(workers), "--redis-url", ctx.redis.url, "--list", BASELINE_LIST],
+        stdout=out, stderr=subprocess.STDOUT)
+    sampler = Sampler(proc.pid)
+    sampler.start()
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.monotonic() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    out.close()
+    peak = sampler.stop()
+    server = server_cpu(ctx) - s0
+    stored = r("LLEN", BASELINE_LIST)
+    return dict(wall_s=wall, cpu_s=usage.ru_utime + usage.ru_stime, peak_rss_mib=peak / 2**20,
+                server_cpu_s=server, stored=stored, errors=1 if proc.returncode else 0,
+                stall_max_ms=None, stalls_over_100ms=None)
+
+
+RUNNERS = {"fido": run_fido, "procs": run_procs}
+
+
+class Context:
+    pass
+
+
+def median_row(rows):
+    keys = ("wall_s", "cpu_s", "peak_rss_mib", "server_cpu_s", "stall_max_ms",
+            "stalls_over_100ms", "msg_per_s", "cpu_ms_per_unit")
+    out = {}
+    for k in keys:
+        vals = [r[k] for r in rows if r.get(k) is not None]
+        out[k] = statistics.median(vals) if vals else None
+    out["runs"] = len(rows)
+    out["all_exact"] = all(r["exact"] for r in rows)
+    out["errors"] = max(r["errors"] for r in rows)
+    out["peak_rss_mib_max"] = max(r["peak_rss_mib"] for r in rows)
+    out["stall_max_ms_max"] = max((r["stall_max_ms"] for r in rows
+                                   if r.get("stall_max_ms") is not None), default=None)
+    return out
+
+
+def machine():
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f
+                          if line.startswith("model name")), platform.processor())
+    except OSError:
+        model = platform.processor()
+    return (f"{os.cpu_count()} cores ({model}), {psutil.virtual_memory().total / 2**30:.0f} GiB, "
+            f"{platform.system()} {platform.release()}, Python {platform.python_version()}")
+
+
+def fmt(v, spec):
+    return "-" if v is None else format(v, spec)
+
+
+def write_table(path, medians, loads):
+    lines = []
+    head = ("load", "fetcher", "W", "wall s", "msg/s", "client CPU s", "CPU ms/unit",
+            "peak RSS MiB", "server CPU s", "max stall ms")
+    rows = []
+    for key in sorted(medians, key=lambda k: (loads.index(k[0]), k[1], k[2])):
+        load, fetcher, w = key
+        m = medians[key]
+        rows.append((load, fetcher, str(w), fmt(m["wall_s"], ".2f"),
+                     fmt(m["msg_per_s"], ".0f") if m["msg_per_s"] else "-",
+                     fmt(m["cpu_s"], ".2f"), fmt(m["cpu_ms_per_unit"], ".3f"),
+                     fmt(m["peak_rss_mib"], ".1f"), fmt(m["server_cpu_s"], ".2f"),
+                     fmt(m["stall_max_ms"], ".0f")
+                     + ("" if m["all_exact"] else " INEXACT")))
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
+    rule = "  ".join("=" * w for w in widths)
+    lines.append(rule)
+    lines.append("  ".join(h.ljust(w) for h, w in zip(head, widths)))
+    lines.append(rule)
+    for r in rows:
+        lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+    lines.append(rule)
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return "\n".join(lines)
+
+
+def chart(path, medians, load, workers):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for fetcher, label, style in (("fido", "Fido (one process)", "o-"),
+                                  ("procs", "process-based (imaplib, W processes)", "s--")):
+        ws = [w for w in sorted({k[2] for k in medians if k[0] == load and k[1] == fetcher})]
+        if not ws:
+            continue
+        ax1.plot(ws, [medians[(load, fetcher, w)]["peak_rss_mib"] for w in ws], style,
+                 label=label)
+        ax2.plot(ws, [medians[(load, fetcher, w)]["msg_per_s"] for w in ws], style, label=label)
+    ax1.set_xscale("log", base=2)
+    ax2.set_xscale("log", base=2)
+    for ax in (ax1, ax2):
+        ax.set_xlabel("workers")
+        ax.grid(True, alpha=0.3)
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax1.set_ylabel("peak RSS, all processes (MiB)")
+    ax1.set_title(f"Memory, {load} messages")
+    ax1.set_ylim(bottom=0)
+    ax2.set_ylabel("messages/s")
+    ax2.set_title(f"Throughput, {load} messages")
+    ax2.set_ylim(bottom=0)
+    ax1.legend(fontsize=8)
+    fig.suptitle(f"Fido vs a process-based fetcher (local Dovecot + Redis, TLS, "
+                 f"median of runs; {datetime.date.today()})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--workers", default="1,4,8,16")
+    p.add_argument("--fido-workers", default="64", help="extra worker counts for Fido only")
+    p.add_argument("--scenarios", default="100x20,1000x5")
+    p.add_argument("--fetchers", default="fido,procs")
+    p.add_argument("--no-empty", action="store_true", help="skip the empty second poll")
+    p.add_argument("--extra-toml", default="", help="appended to Fido's fido.toml")
+    p.add_argument("--timeout", type=float, default=600.0)
+    p.add_argument("--out", default=None, help="results directory "
+                                              "(default bench/results/compare-<stamp>)")
+    p.add_argument("--publish", action="store_true",
+                   help="copy the chart to docs/bench-memory.png")
+    args = p.parse_args(argv)
+
+    workers = [int(w) for w in args.workers.split(",") if w]
+    fido_extra = [int(w) for w in args.fido_workers.split(",") if w]
+    loads = [s for s in args.scenarios.split(",") if s]
+    fetchers = [f for f in args.fetchers.split(",") if f]
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out_dir = args.out or os.path.join(HERE, "results", f"compare-{stamp}")
+    os.makedirs(out_dir, exist_ok=True)
+
+    ctx = Context()
+    ctx.timeout = args.timeout
+    ctx.extra_toml = args.extra_toml
+    ctx.workdir = tempfile.mkdtemp(prefix="fido-compare-")
+    os.chmod(ctx.workdir, 0o755)
+    ctx.dovecot = dc.Dovecot(os.path.join(ctx.workdir, "dovecot"), sessions=2000)
+    ctx.redis = redis_server.RedisServer(redis_server.find_redis_server(),
+                                         directory=os.path.join(ctx.workdir, "redis"))
+    os.makedirs(ctx.redis.directory, exist_ok=True)
+    signal.signal(signal.SIGTERM, lambda s, f: (_ for _ in ()).throw(SystemExit(143)))
+    rows = {}
+    print(f"compare: {machine()}", flush=True)
+    try:
+        ctx.dovecot.start()
+        ctx.redis.start()
+        r = ctx.redis.client()
+        for run in range(1, args.runs + 1):
+            for load in loads:
+                n, m = (int(x) for x in load.split("x"))
+                plan = [(f, w) for f in fetchers for w in workers]
+                plan += [("fido", w) for w in fido_extra if "fido" in fetchers]
+                for fetcher, w in plan:
+                    r("FLUSHALL")
+                    users = ctx.dovecot.provision(n, m)
+                    ctx.accounts_path = write_accounts(ctx.workdir, ctx.dovecot, users, "tls",
+                                                       "seen")
+                    passes = [(load, n * m)]
+                    if load == loads[-1] and not args.no_empty:
+                        passes.append((f"{n}x0 (empty poll)", 0))
+                    for label, expected in passes:
+                        r("FLUSHALL")
+                        res = RUNNERS[fetcher](ctx, w, n, expected)
+                        res["exact"] = res["stored"] == expected and not res["errors"]
+                        res["msg_per_s"] = expected / res["wall_s"] if expected else None
+                        res["cpu_ms_per_unit"] = 1000 * res["cpu_s"] / (expected or n)
+                        rows.setdefault((label, fetcher, w), []).append(res)
+                        print(f"run {run} {label:>22} {fetcher:5} W={w:<3} "
+                              f"wall {res['wall_s']:6.2f} s  "
+                              f"{(res['msg_per_s'] or 0):6.0f} msg/s  "
+                              f"cpu {res['cpu_s']:5.2f} s ({res['cpu_ms_per_unit']:.3f} ms/"
+                              f"{'msg' if expected else 'session'})  "
+                              f"rss {res['peak_rss_mib']:6.1f} MiB  "
+                              f"server {res['server_cpu_s']:5.2f} s  "
+                              f"stall {res['stall_max_ms']} ms  "
+                              f"{'ok' if res['exact'] else 'INEXACT stored=%s errors=%s' % (res['stored'], res['errors'])}",
+                              flush=True)
+    finally:
+        ctx.redis.stop()
+        ctx.dovecot.stop()
+        shutil.rmtree(ctx.workdir, ignore_errors=True)
+    medians = {k: median_row(v) for k, v in rows.items()}
+    all_loads = []
+    for k in rows:
+        if k[0] not in all_loads:
+            all_loads.append(k[0])
+    table = write_table(os.path.join(out_dir, "table.rst"), medians, all_loads)
+    print(table)
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump({"date": stamp, "machine": machine(), "args": vars(args),
+                   "runs": {" / ".join(map(str, k)): v for k, v in rows.items()},
+                   "medians": {" / ".join(map(str, k)): v for k, v in medians.items()}},
+                  f, indent=1)
+    png = os.path.join(out_dir, "memory.png")
+    chart(png, medians, loads[0], workers)
+    print(f"results in {out_dir}")
+    if args.publish:
+        dest = os.path.join(ROOT, "docs", "bench-memory.png")
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        shutil.copyfile(png, dest)
+        print(f"chart copied to {dest}")
+    return 0 if all(m["all_exact"] for m in medians.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""Run ``twistd`` with bench-only instruments, kept out of the daemon's code.
+
+    python bench/fido_run.py [twistd arguments...]
+
+Environment:
+
+``FIDO_STALL_FILE=PATH``
+    a reactor stall probe: a timer every ``FIDO_STALL_INTERVAL`` seconds
+    (default 0.02) records how late it fires; at shutdown the largest
+    lateness, the count of stalls over 100 ms and the probe count are
+    written to PATH as JSON.  A late timer means the reactor thread was busy
+    (or the process was not scheduled) that long: every connection waited.
+``FIDO_PROFILE=PATH``
+    run the whole daemon under cProfile and dump the stats to PATH at exit.
+"""
+
+import json
+import os
+import sys
+import time
+
+
+def _install_probe(reactor, path, interval):
+    state = {"max_ms": 0.0, "over_100ms": 0, "probes": 0, "worst_at_s": None}
+    t0 = time.monotonic()
+
+    def tick(expected):
+        now = time.monotonic()
+        late = (now - expected) * 1000.0
+        state["probes"] += 1
+        if late > state["max_ms"]:
+            state["max_ms"] = late
+            state["worst_at_s"] = round(now - t0, 3)
+        if late > 100.0:
+            state["over_100ms"] += 1
+        reactor.callLater(interval, tick, time.monotonic() + interval)
+
+    def dump():
+        state["max_ms"] = round(state["max_ms"], 1)
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(state, f)
+
+    # the first probe is scheduled once the reactor runs: twistd's start-up
+    # before that (imports, makeService) is not a stall of the event loop
+    reactor.callWhenRunning(lambda: reactor.callLater(interval, tick,
+                                                      time.monotonic() + interval))
+    reactor.addSystemEventTrigger("before", "shutdown", dump)
+
+
+def main():
+    from twisted.internet import reactor  # the default (epoll) reactor
+    from twisted.scripts.twistd import run
+
+    path = os.environ.get("FIDO_STALL_FILE")
+    if path:
+        _install_probe(reactor, path, float(os.environ.get("FIDO_STALL_INTERVAL", "0.02")))
+    sys.argv = ["twistd"] + sys.argv[1:]
+    profile = os.environ.get("FIDO_PROFILE")
+    if not profile:
+        return run()
+    import cProfile
+
+    prof = cProfile.Profile()
+    # twistd may leave through os._exit: dump when the reactor has stopped
+    reactor.addSystemEventTrigger("after", "shutdown", lambda: (prof.disable(),
+                                                                 prof.dump_stats(profile)))
+    prof.enable()
+    return run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
