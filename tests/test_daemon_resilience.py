@@ -1,8 +1,9 @@
 """The whole daemon (``make_service`` in-process, or ``twistd -n fido``)
 against a real Dovecot and a real Redis, when things go wrong:
 
-* Redis down (at start and while running): nothing is marked on the server,
-  and the daemon reconnects by itself when Redis is back;
+* Redis down (at start, while idle, and killed mid-fetch): nothing is marked
+  on the server that Redis does not hold, and the daemon reconnects by itself
+  when Redis is back;
 * backpressure: a stream over ``max_backlog`` stops fetching (mail stays
   unmarked), is logged and reported once, and fetching resumes once the
   importer has trimmed the stream;
@@ -273,6 +274,60 @@ def test_nothing_is_marked_while_redis_is_down_and_the_daemon_reconnects_by_itse
             sent[user]
         )
         assert set(dovecot.flags(user).values()) == {"S"}
+
+
+def seen_ids(dovecot, users):
+    return {mid for u in users for mid, f in dovecot.flags(u).items() if "S" in f}
+
+
+@pytest_twisted.inlineCallbacks
+def test_redis_killed_mid_fetch_leaves_nothing_marked_that_is_not_stored(
+    tmp_path, dovecot, aof_redis
+):
+    from twisted.internet import reactor
+
+    sent = provision(dovecot, "rkill", 3, 12, size=20 * 1024)
+    users = list(sent)
+    total = 36
+    # slow IMAP, small batches: Redis dies while every session is mid-mailbox
+    proxy = FaultProxy(reactor, "127.0.0.1", dovecot.port, seed=0)
+    proxy.slow(100 * 1024)
+    accounts = [daemon.dovecot_account(dovecot, u, "none", port=proxy.port) for u in users]
+    # a store waits for Redis to come back at most command_timeout
+    d = in_process(reactor, tmp_path, aof_redis.url, accounts, workers=3, poll_interval=0.5,
+                   imap={"batch_messages": 2}, redis={"command_timeout": 2.0})
+    store = d.top.parts["store"]
+
+    def explain():
+        return diagnose(d, dovecot, aof_redis)
+
+    d.start()
+    try:
+        yield wait_until(lambda: (xlen(aof_redis) or 0) >= 6, 20, explain)
+        assert d.scheduler.running_count == 3, "no session mid-fetch\n" + explain()
+        yield threads.deferToThread(aof_redis.stop, True)  # SIGKILL
+        yield wait_until(lambda: not store.connected and d.scheduler.running_count == 0, 15,
+                         explain)
+        marked = seen_ids(dovecot, users)
+        yield sleep(1.5)
+        assert seen_ids(dovecot, users) == marked, "marked while Redis was down"
+        assert len(marked) < total
+
+        yield threads.deferToThread(aof_redis.start)
+        stored = {e["message_id"].decode() for e in stream_entries(aof_redis)}
+        assert marked <= stored, f"marked but not in Redis: {sorted(marked - stored)}"
+        print(f"Redis killed at {len(stored)}/{total} stored, {len(marked)} marked")
+        proxy.heal()
+        yield wait_until(
+            lambda: xlen(aof_redis) == total and seen_count(dovecot, users) == total, 30,
+            explain,
+        )
+    finally:
+        yield d.stop()
+        yield proxy.stop()
+    entries = stream_entries(aof_redis)
+    assert_no_duplicates(entries)
+    assert sorted(e["raw"] for e in entries) == sorted(r for m in sent.values() for r in m)
 
 
 # -- 2. backpressure --------------------------------------------------------------------
