@@ -15,6 +15,8 @@ import zlib
 import attr
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
+from fido_tx import errors
+
 SECURITY_DEFAULT_PORTS = {"tls": 993, "starttls": 143, "none": 143}
 
 
@@ -59,19 +61,11 @@ _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 _HOST_RE = re.compile(r"\A[^\s/\\@\x00-\x1f\x7f]{1,253}\Z")
 
 
-class AccountsFileError(Exception):
+class AccountsFileError(errors.OneLineError):
     """The accounts file (or its key file) cannot be used at all.
 
     ``str()`` is one line naming the file and what is wrong.
     """
-
-    def __init__(self, message):
-        message = " ".join(str(message).splitlines())
-        super().__init__(message)
-        self.message = message
-
-    def __str__(self):
-        return self.message
 
 
 class KeyFileError(AccountsFileError):

@@ -16,6 +16,8 @@ from urllib.parse import urlsplit
 
 import attr
 
+from fido_tx import errors
+
 MIB = 1024 * 1024
 
 
@@ -158,20 +160,12 @@ _SHARD_RE = re.compile(r"\A([0-9]+)/([0-9]+)\Z")
 _KEYWORD_RE = re.compile(r'\A[^\x00-\x20\x7f(){%*"\\\]]+\Z')
 
 
-class ConfigError(Exception):
+class ConfigError(errors.OneLineError):
     """The configuration cannot be used.
 
     ``str()`` is one line that names the file and the key, fit for the
     ``fido`` command's ``fido: error: ...`` and for twistd's usage error.
     """
-
-    def __init__(self, message):
-        message = " ".join(str(message).splitlines())
-        super().__init__(message)
-        self.message = message
-
-    def __str__(self):
-        return self.message
 
 
 def _default_home():

@@ -24,6 +24,19 @@ FAILURE_KINDS = frozenset(
 )
 
 
+class OneLineError(Exception):
+    """An error whose ``str()`` is one line, fit for ``fido: error: ...``,
+    twistd's exit message and a log line (newlines are folded to spaces)."""
+
+    def __init__(self, message):
+        message = " ".join(str(message).splitlines())
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self):
+        return self.message
+
+
 class FidoError(Exception):
     """A classified failure.
 

@@ -76,23 +76,16 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from fido_tx import accounts as accounts_mod
+from fido_tx import errors
 
 __all__ = ["AccountsSource", "AccountsStartupError", "run_inline"]
 
 CONFIG = "config"
 
 
-class AccountsStartupError(Exception):
+class AccountsStartupError(errors.OneLineError):
     """The accounts file cannot be used at start and no cached copy can.
     ``str()`` is one line for the operator."""
-
-    def __init__(self, message):
-        message = " ".join(str(message).splitlines())
-        super().__init__(message)
-        self.message = message
-
-    def __str__(self):
-        return self.message
 
 
 def _stat_signature(st):

@@ -41,6 +41,7 @@ from twisted.python import failure as _failure
 
 from fido_tx import backoff as _backoff
 from fido_tx import errors
+from fido_tx.accounts import AccountsDiff
 from fido_tx.outcome import SessionResult
 
 log = Logger()
@@ -50,24 +51,6 @@ _EPSILON = 1e-9
 
 #: compact the heap when more than this many stale items and half of it
 _COMPACT_MIN = 1024
-
-
-@attr.s(frozen=True, slots=True, auto_attribs=True)
-class AccountChanges:
-    """What :meth:`Scheduler.set_accounts` changed (same fields as ``accounts.AccountsDiff``).
-
-    ``removed`` holds the old values, ``changed`` the new ones; ``added`` is in
-    the order given.
-    """
-
-    added: tuple = ()
-    removed: tuple = ()
-    changed: tuple = ()
-    unchanged: tuple = ()
-
-    @property
-    def empty(self):
-        return not (self.added or self.removed or self.changed)
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
@@ -265,7 +248,8 @@ class Scheduler(service.Service):
     # -- control -------------------------------------------------------
 
     def set_accounts(self, accounts):
-        """Make ``accounts`` the current set (matched by id); returns :class:`AccountChanges`.
+        """Make ``accounts`` the current set (matched by id); returns an
+        :class:`~fido_tx.accounts.AccountsDiff`.
 
         Added accounts go to the front of the queue, in the order given.
         Removed accounts get no new session, and a session in progress for one
@@ -339,7 +323,7 @@ class Scheduler(service.Service):
         for entry in reversed(to_front):
             self._push_front(entry)
         self._maybe_compact()
-        return AccountChanges(tuple(added), tuple(removed), tuple(changed), tuple(unchanged))
+        return AccountsDiff(tuple(added), tuple(removed), tuple(changed), tuple(unchanged))
 
     def pause(self, reason):
         """Start no new session until every pause reason is resumed."""

@@ -20,7 +20,8 @@ from fido_tx import errors
 from fido_tx.accounts import Account
 from fido_tx.config import BackoffSettings
 from fido_tx.outcome import SessionResult
-from fido_tx.scheduler import AccountChanges, Scheduler
+from fido_tx.accounts import AccountsDiff
+from fido_tx.scheduler import Scheduler
 
 NO_JITTER = BackoffSettings(
     initial=100.0, maximum=400.0, auth_initial=1000.0, auth_maximum=5000.0, jitter=0.0
@@ -282,7 +283,7 @@ class AccountChangeTests(SchedulerTestCase):
         self.scheduler.set_accounts(accounts("a", "b", "c"))
         changes = self.scheduler.set_accounts(
             [account("d"), account("a"), account("b", host="other.test")])
-        self.assertEqual(changes, AccountChanges(
+        self.assertEqual(changes, AccountsDiff(
             added=(account("d"),), removed=(account("c"),),
             changed=(account("b", host="other.test"),), unchanged=(account("a"),)))
         self.assertFalse(changes.empty)
