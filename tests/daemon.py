@@ -5,8 +5,9 @@ import json
 import os
 import subprocess
 import sys
+import time
 
-from twisted.internet import defer
+from twisted.internet import defer, task
 
 from fido_tx import config, service
 
@@ -134,3 +135,14 @@ def log_tail(path, chars=4000):
             return f.read().decode("utf-8", "replace")
     except OSError as e:
         return f"(no log: {e})"
+
+
+@defer.inlineCallbacks
+def until(reactor, predicate, timeout, what):
+    """Fires once ``predicate()`` is true; fails after ``timeout`` seconds
+    with a message naming ``what`` was awaited."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        yield task.deferLater(reactor, 0.02, lambda: None)

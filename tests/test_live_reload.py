@@ -9,6 +9,7 @@ import pytest_twisted
 from twisted.internet import defer, task
 
 from fido_tx import config, service
+from tests import daemon
 from tests.support.mockimap import Behaviour, Fault, MockIMAPServer, MockMailbox
 
 
@@ -62,13 +63,7 @@ def _entries_for(redis, account_id):
     return out
 
 
-@defer.inlineCallbacks
-def _until(reactor, predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        yield task.deferLater(reactor, 0.02, lambda: None)
+_until = daemon.until
 
 
 class Harness:

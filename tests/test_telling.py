@@ -14,6 +14,7 @@ from twisted.logger import LogLevel, globalLogPublisher
 from twisted.web import resource, server
 
 from fido_tx import config, logs, service
+from tests import daemon
 from tests.support.mockimap import Behaviour, Fault, MockIMAPServer, MockMailbox
 from tests.support.redis_server import free_port
 
@@ -66,13 +67,7 @@ def _settings(directory, redis_url, reporter_url, poll_interval=0.2, listen="", 
     )
 
 
-@defer.inlineCallbacks
-def _until(reactor, predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        yield task.deferLater(reactor, 0.02, lambda: None)
+_until = daemon.until
 
 
 class LogCapture:
