@@ -112,45 +112,16 @@ class RedisServer:
 
 
 class RespClient:
-    """A tiny blocking RESP client for test assertions (no extra dependency)."""
+    """Blocking one-shot commands for asserts and the demo's table:
+    ``client("XLEN", "fido:messages")``; an error reply raises."""
 
     def __init__(self, port):
         self.port = port
 
     def __call__(self, *args):
-        with socket.create_connection(("127.0.0.1", self.port), timeout=10) as s:
-            out = [b"*%d\r\n" % len(args)]
-            for a in args:
-                if isinstance(a, str):
-                    a = a.encode("utf-8")
-                elif isinstance(a, int):
-                    a = str(a).encode("ascii")
-                out.append(b"$%d\r\n%s\r\n" % (len(a), a))
-            s.sendall(b"".join(out))
-            f = s.makefile("rb")
-            return _read_reply(f)
+        from fido_tx import redisurl
+        from fido_tx.resp import RespConnection
 
-
-def _read_reply(f):
-    line = f.readline()
-    if not line:
-        raise ConnectionError("connection closed")
-    prefix, rest = line[:1], line[1:-2]
-    if prefix == b"+":
-        return rest
-    if prefix == b"-":
-        raise RuntimeError(rest.decode())
-    if prefix == b":":
-        return int(rest)
-    if prefix == b"$":
-        n = int(rest)
-        if n < 0:
-            return None
-        data = f.read(n + 2)
-        return data[:-2]
-    if prefix == b"*":
-        n = int(rest)
-        if n < 0:
-            return None
-        return [_read_reply(f) for _ in range(n)]
-    raise ValueError(f"bad RESP line {line!r}")
+        url = redisurl.parse(f"redis://127.0.0.1:{self.port}/0")
+        with RespConnection(url, timeout=10) as connection:
+            return connection.command(*args)
