@@ -14,6 +14,7 @@ connection close, so a session never loses its sink mid-batch.
 """
 
 import os
+import signal
 import socket
 
 from twisted.application import service, strports
@@ -38,6 +39,9 @@ class FidoService(service.MultiService):
         self._observer = observer
         self.parts = {}
 
+    #: the reactor whose recorded exit signal a clean stop clears (twistd only)
+    clean_exit_reactor = None
+
     def setServiceParent(self, parent):
         # twistd asks the application for an ILogObserver after makeService;
         # this is the supported way for a plugin to choose its log output.
@@ -61,6 +65,13 @@ class FidoService(service.MultiService):
                 yield defer.maybeDeferred(child.stopService)
             except Exception:
                 log.failure("stopping {child!r} failed", child=child)
+        if self.clean_exit_reactor is not None:
+            # twistd ends by re-raising the signal that stopped the reactor,
+            # so a SIGTERM'd daemon would exit -15.  Every session has
+            # finished its batch or been aborted unmarked by now: that is a
+            # clean stop, and it exits 0.
+            self.clean_exit_reactor._exitSignal = None
+            log.info("Fido stopped cleanly")
 
 
 class _Heartbeat(service.Service):
@@ -94,6 +105,33 @@ class _Heartbeat(service.Service):
         return super().stopService()
 
 
+class _ReloadOnHangup(service.Service):
+    """SIGHUP (``systemctl reload fido``) reloads the accounts file now.
+
+    Without it SIGHUP would end the process.  Only the twistd entry point
+    installs it: a library or a test must not take over a signal.
+    """
+
+    def __init__(self, reactor, source):
+        self._reactor = reactor
+        self._source = source
+        self._previous = None
+
+    def _hangup(self, signum, frame):
+        log.info("SIGHUP: reloading the accounts file")
+        self._reactor.callFromThread(self._source.reload)
+
+    def startService(self):
+        super().startService()
+        self._previous = signal.signal(signal.SIGHUP, self._hangup)
+
+    def stopService(self):
+        if self._previous is not None:
+            signal.signal(signal.SIGHUP, self._previous)
+            self._previous = None
+        return super().stopService()
+
+
 class _Stoppable(service.Service):
     """Runs a callable on stop (for parts that are not services themselves)."""
 
@@ -118,6 +156,7 @@ def make_service(
     stdout=None,
     session_factory=None,
     observer=None,
+    handle_signals=False,
 ):
     """Build the service tree for ``settings``.
 
@@ -125,6 +164,7 @@ def make_service(
         IMAP session by default (tests may pass another source).
     :param observer: a log observer to install instead of the configured one
         (``False``: leave logging alone, for tests and the demo).
+    :param handle_signals: reload the accounts file on SIGHUP (twistd only).
     """
     from fido_tx import (
         backpressure,
@@ -236,6 +276,9 @@ def make_service(
     # that fetches nothing.
     source.load_initial()
     source.setServiceParent(top)
+    if handle_signals:
+        _ReloadOnHangup(reactor, source).setServiceParent(top)
+        top.clean_exit_reactor = reactor
 
     if not dry_run:
         _Heartbeat(reactor, store, sched, ident).setServiceParent(top)

@@ -46,6 +46,7 @@ def makeService(options):
             twistd_logfile=twistd.get("logfile") or "",
             twistd_syslog=bool(twistd.get("syslog")),
             stdout=sys.stdout,
+            handle_signals=True,
         )
     except AccountsStartupError as e:
         raise SystemExit(f"fido: {e}")

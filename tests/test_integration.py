@@ -235,3 +235,35 @@ def test_sigkill_in_the_middle_of_fetching_neither_loses_nor_duplicates(tmp_path
         if proc.poll() is None:
             proc.terminate()
             proc.wait(30)
+
+
+def test_sighup_reloads_the_accounts_file_and_the_daemon_keeps_running(tmp_path, redis):
+    directory = str(tmp_path / "fido")
+    os.makedirs(directory)
+    account = {"id": "closed", "host": "127.0.0.1", "port": 9, "security": "none",
+               "username": "u", "password": "p"}
+    daemon.write_accounts(os.path.join(directory, "accounts.json"), [account])
+    config_path = os.path.join(directory, "fido.toml")
+    daemon.write_config(config_path, directory, redis.url)
+    log_path = os.path.join(directory, "fido.log")
+    proc = daemon.start_twistd(config_path, directory, log_path)
+    try:
+        deadline = time.monotonic() + 20
+        # The handler is installed when the service starts, after the watch.
+        while "for changes with" not in open(log_path).read():
+            assert proc.poll() is None, open(log_path).read()
+            assert time.monotonic() < deadline, open(log_path).read()
+            time.sleep(0.05)
+        time.sleep(0.2)
+        os.kill(proc.pid, signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while "SIGHUP: reloading the accounts file" not in open(log_path).read():
+            assert time.monotonic() < deadline, open(log_path).read()
+            time.sleep(0.05)
+        time.sleep(0.3)
+        assert proc.poll() is None, "SIGHUP ended the daemon"
+        proc.terminate()
+        assert proc.wait(30) == 0, open(log_path).read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
