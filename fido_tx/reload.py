@@ -227,6 +227,7 @@ class AccountsSource(service.Service):
         self._cache_sig = None
         self._cache_digest = None
         self._cache_warned = None
+        self._permissions_warned = None
         self._initial_signature = None
 
     # -- service
@@ -484,6 +485,28 @@ class AccountsSource(service.Service):
 
     # -- using a good load (reactor thread)
 
+    def _check_permissions(self):
+        """Warn once per file and mode when the key file, or a plain accounts
+        file (it holds passwords in clear), can be read by group or others."""
+        secret = self.key_file if self.key_file else self.path
+        what = "key file" if self.key_file else "plain accounts file (passwords in clear)"
+        try:
+            mode = os.stat(secret).st_mode & 0o777
+        except OSError:
+            return
+        if not accounts_mod.insecure_permissions(secret):
+            self._permissions_warned = None
+            return
+        if self._permissions_warned == (secret, mode):
+            return
+        self._permissions_warned = (secret, mode)
+        self.log.warn(
+            "the {what} {path} can be read by group or others (mode {mode:o}): "
+            "chmod 600 it{hint}",
+            what=what, path=secret, mode=mode,
+            hint="" if self.key_file else ", or encrypt it (fido keygen, fido encrypt)",
+        )
+
     def _use(self, loaded, initial=False, from_cache=False, dispatched=None):
         entered = time.perf_counter()
         if not from_cache:
@@ -507,6 +530,8 @@ class AccountsSource(service.Service):
                 cache=self.cache_path, error=loaded.cache_warning,
             )
         self._account_problems(loaded.result.problems, from_cache)
+        if not from_cache:
+            self._check_permissions()
         new, diff = loaded.accounts, loaded.diff
         if diff.empty and not initial:
             self.accounts = new

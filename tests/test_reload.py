@@ -731,3 +731,39 @@ class FirstStartTests(Harness):
         src = self.started()
         self.assertEqual(self.ids(src.accounts), ["acct-1"])
         self.assertTrue(src.using_cache)
+
+
+class PermissionWarningTests(Harness):
+    def test_plain_accounts_file_readable_by_others_is_warned_about_once(self):
+        self.write(document([entry(1)]))
+        os.chmod(self.path, 0o644)
+        src = self.started()
+        self.write(document([entry(1), entry(2)]))
+        os.chmod(self.path, 0o644)
+        self.fire()
+        self.clock.advance(5)
+        self.assertEqual(len(src.accounts), 2)
+        warnings = [m for m in self.messages("warn") if "group or others" in m]
+        self.assertEqual(len(warnings), 1, warnings)
+        self.assertIn("passwords in clear", warnings[0])
+        self.assertIn("644", warnings[0])
+
+    def test_private_files_are_not_warned_about(self):
+        self.write(document([entry(1)]))
+        os.chmod(self.path, 0o600)
+        self.started()
+        self.assertEqual([m for m in self.messages("warn") if "group or others" in m], [])
+
+    def test_key_file_readable_by_group_is_warned_about(self):
+        from cryptography.fernet import Fernet
+
+        key_path = os.path.join(self.dir, "fido.key")
+        key = Fernet.generate_key()
+        with open(key_path, "wb") as f:
+            f.write(key + b"\n")
+        os.chmod(key_path, 0o640)
+        self.write(Fernet(key).encrypt(document([entry(1)])))
+        src = self.started(key_file=key_path)
+        self.assertEqual(len(src.accounts), 1)
+        [warning] = [m for m in self.messages("warn") if "group or others" in m]
+        self.assertIn("key file", warning)
