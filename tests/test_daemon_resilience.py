@@ -42,8 +42,17 @@ FAST_BACKOFF = config.BackoffSettings(
 
 
 @pytest.fixture
-def dovecot(tmp_path):
-    with dovecot_support.started(str(tmp_path / "dovecot")) as server:
+def dovecot():
+    """A real Dovecot in a directory of its own under /tmp, NOT under tmp_path.
+
+    Every pytest process that starts resets /tmp/pytest-of-<user> to mode
+    0700, and Dovecot's unprivileged processes (the mail user) then can no
+    longer reach passwd files or Maildirs below it: logins fail with
+    "[UNAVAILABLE] Temporary authentication failure" until some Dovecot
+    start makes the path traversable again.  Another engineer's (or CI
+    job's) pytest run must not break this one.
+    """
+    with dovecot_support.started() as server:
         yield server
 
 
