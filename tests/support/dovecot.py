@@ -636,6 +636,12 @@ def started(base_dir=None, **kwargs):
     directories removed) on exit.  Skips the test when Dovecot is not
     installed, fails it when ``CI=true``."""
     binary = require("dovecot", kwargs.pop("binary", None) or find_dovecot())
+    if os.geteuid() == 0:
+        # As root the mail processes run as an unprivileged user, who must
+        # reach base_dir; pytest's tmp_path lies under /tmp/pytest-of-root,
+        # which every pytest process that starts resets to mode 0700.  So
+        # as root the server lives in a directory of its own under /tmp.
+        base_dir = None
     server = Dovecot(None if base_dir is None else str(base_dir), binary=binary, **kwargs)
     try:
         server.start()
