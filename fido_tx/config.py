@@ -43,6 +43,9 @@ class ImapSettings:
     greeting_timeout: float = 30.0
     command_timeout: float = 60.0
     logout_timeout: float = 5.0
+    #: longest a whole session may take (0 = no limit): a server that keeps
+    #: talking without ever finishing cannot hold a worker slot for ever
+    session_timeout: float = 1800.0
     #: bytes/second below which a literal (message body) transfer is aborted
     min_literal_rate: int = 4096
     #: UIDs per UID FETCH
@@ -492,6 +495,7 @@ def _check_settings(path, s):
     for key in ("connect_timeout", "greeting_timeout", "command_timeout", "logout_timeout"):
         positive("imap", key, getattr(i, key))
     at_least("imap", "min_literal_rate", i.min_literal_rate, 0)
+    at_least("imap", "session_timeout", i.session_timeout, 0)
     for key in ("batch_messages", "batch_bytes", "max_message_size", "max_inflight_bytes"):
         positive("imap", key, getattr(i, key))
     if not _KEYWORD_RE.match(i.too_large_keyword) or i.too_large_keyword.startswith("\\"):

@@ -277,6 +277,7 @@ class _Session:
         self.proto = None
         self.connecting = None
         self.cancelled = False
+        self.expired = False
         self.tls_connections = []
         self.caps = frozenset()
         self.fetched = 0
@@ -293,9 +294,13 @@ class _Session:
     def start(self):
         self.started = self.reactor.seconds()
         outer = defer.Deferred(self._cancel)
+        limit = getattr(self.settings, "session_timeout", 0)
+        deadline = self.reactor.callLater(limit, self._expire) if limit else None
         inner = defer.ensureDeferred(self._run())
 
         def deliver(result):
+            if deadline is not None and deadline.active():
+                deadline.cancel()
             if not outer.called:
                 outer.callback(result)
 
@@ -313,13 +318,28 @@ class _Session:
         return outer
 
     def _cancel(self, outer):
+        self._abort("session cancelled")
+
+    def _expire(self):
+        self.expired = True
+        self._abort(
+            f"session took longer than session_timeout ({self.settings.session_timeout:g} s)"
+        )
+
+    def _abort(self, why):
         self.cancelled = True
         if self.waiting_budget is not None:
             self.waiting_budget.cancel()
         if self.connecting is not None and not self.connecting.called:
             self.connecting.cancel()
         if self.proto is not None:
-            self.proto.fail(FidoError(errors.TIMEOUT, "session cancelled"))
+            self.proto.fail(FidoError(errors.TIMEOUT, why))
+
+    def _stopped_why(self):
+        if self.expired:
+            return (f"session took longer than session_timeout "
+                    f"({self.settings.session_timeout:g} s)")
+        return "session cancelled"
 
     def _check(self):
         if self.cancelled:
@@ -376,13 +396,13 @@ class _Session:
         try:
             await self._session()
         except _Stop:
-            error = FidoError(errors.TIMEOUT, "session cancelled")
+            error = FidoError(errors.TIMEOUT, self._stopped_why())
         except FidoError as e:
             error = e
         except ImapCommandError as e:
             error = FidoError(errors.PROTOCOL, str(e))
         except defer.CancelledError:
-            error = FidoError(errors.TIMEOUT, "session cancelled")
+            error = FidoError(errors.TIMEOUT, self._stopped_why())
         except Exception as e:
             self.log.failure("session {account_id}: unexpected error", account_id=self.account.id)
             error = FidoError(errors.PROTOCOL, f"unexpected error: {type(e).__name__}: {e}")

@@ -521,3 +521,50 @@ def test_dovecot_behind_a_stalled_link_is_a_timeout_and_other_sessions_go_on(dov
     finally:
         yield stalled.stop()
         yield healthy.stop()
+
+
+class _Chatterbox(__import__("twisted.internet.protocol", fromlist=["Protocol"]).Protocol):
+    """Logs anyone in, then answers SELECT with an untagged line every 0.1 s
+    and never a tagged one: each line resets command_timeout's silence clock."""
+
+    def connectionMade(self):
+        self.transport.write(b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] hello\r\n")
+        self.loop = None
+
+    def dataReceived(self, data):
+        for line in data.split(b"\r\n"):
+            if not line:
+                continue
+            tag, _, rest = line.partition(b" ")
+            verb = rest.split(b" ", 1)[0].upper()
+            if verb == b"SELECT":
+                self.loop = task.LoopingCall(self.transport.write, b"* OK still working\r\n")
+                self.loop.start(0.1)
+            elif verb == b"CAPABILITY":
+                self.transport.write(b"* CAPABILITY IMAP4rev1 AUTH=PLAIN\r\n" + tag + b" OK done\r\n")
+            else:
+                self.transport.write(tag + b" OK done\r\n")
+
+    def connectionLost(self, reason):
+        if self.loop is not None and self.loop.running:
+            self.loop.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_server_that_talks_forever_is_cut_off_by_session_timeout():
+    from twisted.internet import protocol
+
+    factory = protocol.Factory.forProtocol(_Chatterbox)
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    account = Account(id="chatty", host="127.0.0.1", port=port.getHost().port,
+                      security="none", username="u", password="p")
+    limits = attr.evolve(SHORT, command_timeout=0.5, session_timeout=1.5)
+    sink = MemorySink()
+    try:
+        result = yield fetch_mailbox(reactor, account, sink, limits)
+    finally:
+        yield port.stopListening()
+    assert result.kind == errors.TIMEOUT, result
+    assert "session_timeout" in result.message
+    assert 1.4 < result.seconds < 3.0, result.seconds
+    assert sink.entries == []
