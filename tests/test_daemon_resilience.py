@@ -27,10 +27,8 @@ from twisted.web import resource, server
 
 from fido_tx import config
 from tests import daemon
-from tests.support import dovecot as dovecot_support
 from tests.support.dovecot import make_message
 from tests.support.proxy import FaultProxy
-from tests.support.redis_server import RedisServer, find_redis_server, require
 
 STREAM = "fido:messages"
 FAST_BACKOFF = config.BackoffSettings(
@@ -41,32 +39,8 @@ FAST_BACKOFF = config.BackoffSettings(
 # -- fixtures and helpers -----------------------------------------------------------
 
 
-@pytest.fixture
-def dovecot():
-    """A real Dovecot in a directory of its own under /tmp, NOT under tmp_path.
-
-    Every pytest process that starts resets /tmp/pytest-of-<user> to mode
-    0700, and Dovecot's unprivileged processes (the mail user) then can no
-    longer reach passwd files or Maildirs below it: logins fail with
-    "[UNAVAILABLE] Temporary authentication failure" until some Dovecot
-    start makes the path traversable again.  Another engineer's (or CI
-    job's) pytest run must not break this one.
-    """
-    with dovecot_support.started() as server:
-        yield server
 
 
-@pytest.fixture
-def aof_redis(tmp_path):
-    """A Redis that keeps its data over stop()/start() (appendonly, fsync always)."""
-    binary = require("redis-server", find_redis_server())
-    directory = tmp_path / "redis"
-    directory.mkdir()
-    server = RedisServer(binary, appendonly=True, directory=str(directory)).start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 class Collector(resource.Resource):

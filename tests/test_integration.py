@@ -4,7 +4,6 @@ import os
 import signal
 import time
 
-import pytest
 import pytest_twisted
 
 from tests import daemon
@@ -14,10 +13,6 @@ from tests.support.dovecot import make_message
 TWO_MIB = 2 * 1024 * 1024
 
 
-@pytest.fixture
-def dovecot(tmp_path):
-    with dovecot_support.started(str(tmp_path / "dovecot")) as server:
-        yield server
 
 
 def stream_entries(redis):

@@ -9,14 +9,9 @@ import sys
 import pytest
 
 from tests import daemon
-from tests.support import dovecot as dovecot_support
 from tests.support.dovecot import make_message
 
 
-@pytest.fixture
-def dovecot(tmp_path):
-    with dovecot_support.started(str(tmp_path / "dovecot")) as server:
-        yield server
 
 
 def fido(*args, env=None):
