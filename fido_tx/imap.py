@@ -632,7 +632,7 @@ class _Session:
         return self.account.security == "tls" or self.proto.startedTLS
 
     async def _authenticate(self):
-        proto, account = self.proto, self.account
+        account = self.account
         user = account.username.encode("utf-8")
         password = account.password.encode("utf-8")
         use_plain = account.auth == "plain"

@@ -18,7 +18,7 @@ import signal
 import socket
 
 from twisted.application import service, strports
-from twisted.internet import defer, task, threads
+from twisted.internet import defer, task
 from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
 

@@ -7,10 +7,9 @@ the async tests run it against a real twisted.web server on 127.0.0.1.
 import json
 import socket
 
-import pytest
 import pytest_twisted
 from treq.testing import StubTreq
-from twisted.internet import defer, task
+from twisted.internet import task
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web import resource, server
 
@@ -241,7 +240,7 @@ class ReporterUnitTests(SynchronousTestCase):
             f"C: a001 LOGIN bob {PASSWORD}\r\nS: a001 NO\r\npassword={PASSWORD}\r\n"
             f"url redis://u:{PASSWORD}@h:6379\r\nAuthorization: Bearer {TOKEN}",
         )
-        reporter.report("b", "auth", "x", f"C: a2 AUTHENTICATE PLAIN AGJvYgBodW50ZXIy", secrets=["AGJvYgBodW50ZXIy"])
+        reporter.report("b", "auth", "x", "C: a2 AUTHENTICATE PLAIN AGJvYgBodW50ZXIy", secrets=["AGJvYgBodW50ZXIy"])
         reporter.report("c", "auth", f"pw is {PASSWORD}", "", secrets=[PASSWORD])
         clock.advance(0)
         self.assertEqual(len(rec.requests), 3)

@@ -3,7 +3,6 @@
 import argparse
 import io
 import json
-import os
 
 from twisted.trial.unittest import SynchronousTestCase
 

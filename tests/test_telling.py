@@ -10,7 +10,7 @@ import time
 import pytest_twisted
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import defer, task
-from twisted.logger import LogLevel, globalLogPublisher
+from twisted.logger import globalLogPublisher
 from twisted.web import resource, server
 
 from fido_tx import config, logs, service
