@@ -5,6 +5,7 @@ import json
 import os
 import time
 
+import attr
 import pytest_twisted
 from twisted.internet import defer, task
 
@@ -40,17 +41,14 @@ def _write(path, accounts, how):
 
 
 def _settings(directory, redis_url, workers, poll_interval):
-    return config.Settings(
-        fido=config.FidoSettings(
-            accounts_file=os.path.join(directory, "accounts.json"), key_file="",
-            workers=workers, poll_interval=poll_interval, state_dir=directory,
+    return attr.evolve(
+        daemon.settings_for(
+            directory, redis_url, workers, poll_interval,
+            command_timeout=5, connect_timeout=5, greeting_timeout=5,
         ),
-        imap=config.ImapSettings(command_timeout=5, connect_timeout=5, greeting_timeout=5),
         backoff=config.BackoffSettings(
             initial=0.2, maximum=0.5, auth_initial=0.2, auth_maximum=0.5, jitter=0.1
         ),
-        redis=config.RedisSettings(url=redis_url),
-        http=config.HttpSettings(listen=""),
     )
 
 

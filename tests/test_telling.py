@@ -7,6 +7,7 @@ import json
 import os
 import time
 
+import attr
 import pytest_twisted
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import defer, task
@@ -51,16 +52,14 @@ def _account(port, user, password):
 
 
 def _settings(directory, redis_url, reporter_url, poll_interval=0.2, listen="", workers=4):
-    return config.Settings(
-        fido=config.FidoSettings(
-            accounts_file=os.path.join(directory, "accounts.json"), key_file="",
-            workers=workers, poll_interval=poll_interval, state_dir=directory,
+    return attr.evolve(
+        daemon.settings_for(
+            directory, redis_url, workers, poll_interval,
+            command_timeout=5, connect_timeout=5, greeting_timeout=5,
         ),
-        imap=config.ImapSettings(command_timeout=5, connect_timeout=5, greeting_timeout=5),
         backoff=config.BackoffSettings(
             initial=0.1, maximum=0.2, auth_initial=0.1, auth_maximum=0.2, jitter=0.1
         ),
-        redis=config.RedisSettings(url=redis_url),
         reporter=config.ReporterSettings(url=reporter_url, token=TOKEN, timeout=2),
         http=config.HttpSettings(listen=listen),
         log=config.LogSettings(level="debug"),
