@@ -262,3 +262,65 @@ def test_sighup_reloads_the_accounts_file_and_the_daemon_keeps_running(tmp_path,
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+MALFORMED = [
+    # no Message-ID, a header line without a colon, a bare LF line end
+    b"From: a@example.org\r\nThis line has no colon\r\nSubject: x\n\r\nbody\r\n",
+    # broken MIME: the boundary never appears, a charset that does not exist
+    b"Message-ID: <broken.mime@x>\r\nContent-Type: multipart/mixed; boundary=\"nope\"\r\n"
+    b"Content-Type: text/plain; charset=x-no-such-charset\r\n\r\n\xff\xfe\x00\x01 binary\r\n",
+    # NUL bytes and invalid UTF-8 in a header
+    b"Message-ID: <nul@x>\r\nSubject: \xc3\x28 \x00 nul\r\n\r\n\x00\x00\x00\r\n",
+    # a folded, oversized Message-ID and no body at all
+    b"Message-ID:\r\n <folded.and." + b"x" * 900 + b"@x>\r\n\r\n",
+]
+
+
+@pytest_twisted.inlineCallbacks
+def test_malformed_mail_is_stored_byte_for_byte(tmp_path, dovecot, redis):
+    from twisted.internet import reactor
+
+    dovecot.add_users({"odd@fido.test": "pw"})
+    for raw in MALFORMED:
+        dovecot.add_message("odd@fido.test", raw)
+    # What the server sends (Dovecot itself turns a bare LF into CRLF and NUL
+    # into 0x80), read without marking anything:
+    client = dovecot.imap("tls", "odd@fido.test")
+    client.select("INBOX", readonly=True)
+    _, data = client.uid("FETCH", "1:*", "(BODY.PEEK[])")
+    served = sorted(part[1] for part in data if isinstance(part, tuple))
+    client.logout()
+    assert len(served) == len(MALFORMED)
+    d = yield run_once(reactor, tmp_path, redis, [daemon.dovecot_account(dovecot, "odd@fido.test")])
+    [(_, result)] = d.results
+    assert result.ok, result.message
+    entries = stream_entries(redis)
+    assert sorted(e["raw"] for e in entries) == served
+    ids = sorted(e["message_id"] for e in entries)
+    assert ids[0] == b"" and b"<broken.mime@x>" in ids and b"<nul@x>" in ids
+    assert any(i.startswith(b"<folded.and.") for i in ids)
+
+
+@pytest_twisted.inlineCallbacks
+def test_dry_run_changes_neither_the_mailboxes_nor_redis(tmp_path, dovecot, redis):
+    import attr
+    from twisted.internet import reactor
+
+    users, sent = provision_mixed(dovecot, 3)
+    accounts = [daemon.dovecot_account(dovecot, u, "tls", after_fetch="delete") for u in users]
+    directory = str(tmp_path / "fido")
+    os.makedirs(directory)
+    daemon.write_accounts(os.path.join(directory, "accounts.json"), accounts)
+    settings = daemon.settings_for(directory, redis.url)
+    settings = attr.evolve(settings, fido=attr.evolve(settings.fido, dry_run=True))
+    d = daemon.InProcessDaemon(reactor, settings)
+    d.start()
+    yield d.wait_for_sessions([a["id"] for a in accounts], reactor)
+    yield d.stop()
+    assert all(r.ok and r.dry_run for _, r in d.results)
+    assert sum(r.fetched for _, r in d.results) == sum(len(m) for m in sent.values())
+    assert redis.client()("KEYS", "*") == [], "a dry run wrote to Redis"
+    for user in users:
+        assert dovecot.count(user) == len(sent[user])
+        assert set(dovecot.flags(user).values()) == {""}, dovecot.flags(user)
