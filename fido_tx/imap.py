@@ -72,7 +72,8 @@ SIZE_CHUNK = 1000
 __all__ = ["fetch_mailbox", "extract_message_id", "tls_options"]
 
 
-def fetch_mailbox(reactor, account, sink, settings, dry_run=False, log=None, budget=None):
+def fetch_mailbox(reactor, account, sink, settings, dry_run=False, log=None, budget=None,
+                  pacer=None):
     """Run one session on ``account``'s mailbox.
 
     :param reactor: IReactorTCP, IReactorTime and
@@ -87,9 +88,12 @@ def fetch_mailbox(reactor, account, sink, settings, dry_run=False, log=None, bud
     :param budget: a :class:`fido_tx.budget.ByteBudget` shared by all
         sessions: each batch's bytes (by ``RFC822.SIZE``) are acquired before
         its ``UID FETCH`` and released once the sink has answered.
+    :param pacer: a :class:`fido_tx.pacer.StartPacer` shared by all sessions:
+        the connection is started when it lets this session through.
     :return: Deferred firing with a :class:`SessionResult`.
     """
-    return _Session(reactor, account, sink, settings, dry_run, log or _log, budget).start()
+    return _Session(reactor, account, sink, settings, dry_run, log or _log, budget,
+                    pacer).start()
 
 
 # --- TLS ------------------------------------------------------------------------
@@ -264,9 +268,11 @@ class _Stop(Exception):
 
 
 class _Session:
-    def __init__(self, reactor, account, sink, settings, dry_run, log, budget=None):
+    def __init__(self, reactor, account, sink, settings, dry_run, log, budget=None,
+                 pacer=None):
         self.reactor = reactor
         self.budget = budget
+        self.pacer = pacer
         self.waiting_budget = None
         self.grant = None
         self.account = account
@@ -433,6 +439,15 @@ class _Session:
         self.log.debug("session {account_id}: " + text, account_id=self.account.id, **kw)
 
     async def _session(self):
+        if self.pacer is not None:
+            self.waiting_budget = self.pacer.wait()  # cancelled like a budget wait
+            try:
+                await self.waiting_budget
+            except defer.CancelledError:
+                raise _Stop()
+            finally:
+                self.waiting_budget = None
+            self._check()
         await self._connect()
         self._check()
         await self._greeting_and_tls()

@@ -794,3 +794,37 @@ def test_dovecot_seen_and_wrong_password(dovecot):
     result = yield run(dovecot_account(dovecot, auth="plain"), MemorySink())
     assert result.ok, result.debug
     assert set(dovecot.flags("alice").values()) == {"S"}
+
+
+@pytest_twisted.inlineCallbacks
+def test_sessions_share_the_inflight_budget_and_give_it_back(server):
+    from twisted.internet import reactor
+
+    from fido_tx.budget import ByteBudget
+
+    budget = ByteBudget(2500)  # room for about two ~1 KB messages
+    boxes = []
+    for _ in range(2):
+        box = FakeMailbox()
+        for n in range(4):
+            box.add(message(n, b"x" * 1000))
+        boxes.append(box)
+    seen_in_use = []
+
+    class Sink(MemorySink):
+        def store(self, messages):
+            seen_in_use.append((budget.in_use, sum(m.size for m in messages)))
+            return super().store(messages)
+
+    sink = Sink()
+    settings = ImapSettings(command_timeout=5, batch_messages=2, batch_bytes=10**6)
+    ds = [imap.fetch_mailbox(reactor, account(server({"INBOX": box}).port, id=f"a{k}"),
+                             sink, settings, budget=budget)
+          for k, box in enumerate(boxes)]
+    results = yield defer.gatherResults(ds)
+    assert all(r.ok and r.fetched == 4 for r in results), [r.debug for r in results]
+    assert len(sink.entries) == 8
+    # a 2-message batch (~2.2 KB) fills the budget: never two batches at once
+    assert seen_in_use and all(in_use == size for in_use, size in seen_in_use)
+    assert budget.in_use == 0 and budget.waiting == 0
+    assert budget.peak <= 2500
