@@ -122,10 +122,17 @@ def run_fido(ctx, workers, accounts, expected):
                               stderr=subprocess.STDOUT, start_new_session=True, env=env)
     sampler = Sampler(daemon.pid)
     sampler.start()
+    startup_cpu = startup_s = None
     try:
         deadline = start + ctx.timeout
         while True:
             done, errors = r("EVAL", _COUNT_SESSIONS, "0")
+            if startup_cpu is None and r("EXISTS", *_instance_keys(r)):
+                # the heartbeat is written once Redis is connected, when the
+                # first sessions start: what came before is start-up
+                startup_s = time.monotonic() - start
+                t = psutil.Process(daemon.pid).cpu_times()
+                startup_cpu = t.user + t.system
             if done >= accounts:
                 break
             if daemon.poll() is not None:
@@ -154,7 +161,8 @@ def run_fido(ctx, workers, accounts, expected):
         with open(stall_file) as f:
             stall = json.load(f)
     return dict(wall_s=wall, cpu_s=cpu, peak_rss_mib=peak / 2**20, server_cpu_s=server,
-                stored=stored, errors=errors, stall_max_ms=stall.get("max_ms"),
+                startup_s=startup_s, startup_cpu_s=startup_cpu,
+                stored=stored, errors=errors, stall_max_ms=stall.get("max_ms"), gc_max_ms=stall.get("gc_max_ms"),
                 stalls_over_100ms=stall.get("over_100ms"))
 
 
@@ -178,7 +186,11 @@ def run_procs(ctx, workers, accounts, expected):
     stored = r("LLEN", BASELINE_LIST)
     return dict(wall_s=wall, cpu_s=usage.ru_utime + usage.ru_stime, peak_rss_mib=peak / 2**20,
                 server_cpu_s=server, stored=stored, errors=1 if proc.returncode else 0,
-                stall_max_ms=None, stalls_over_100ms=None)
+                stall_max_ms=None, gc_max_ms=None, stalls_over_100ms=None)
+
+
+def _instance_keys(r):
+    return r("KEYS", "fido:instance:*") or ["fido:instance:none"]
 
 
 RUNNERS = {"fido": run_fido, "procs": run_procs}
@@ -189,8 +201,9 @@ class Context:
 
 
 def median_row(rows):
-    keys = ("wall_s", "cpu_s", "peak_rss_mib", "server_cpu_s", "stall_max_ms",
-            "stalls_over_100ms", "msg_per_s", "cpu_ms_per_unit")
+    keys = ("wall_s", "cpu_s", "peak_rss_mib", "server_cpu_s", "stall_max_ms", "gc_max_ms",
+            "stalls_over_100ms", "msg_per_s", "cpu_ms_per_unit", "startup_s", "startup_cpu_s",
+            "cpu_ms_per_unit_after_start")
     out = {}
     for k in keys:
         vals = [r[k] for r in rows if r.get(k) is not None]
@@ -222,7 +235,8 @@ def fmt(v, spec):
 def write_table(path, medians, loads):
     lines = []
     head = ("load", "fetcher", "W", "wall s", "msg/s", "client CPU s", "CPU ms/unit",
-            "peak RSS MiB", "server CPU s", "max stall ms")
+            "start-up s (CPU s)", "ms/unit after start", "peak RSS MiB", "server CPU s",
+            "max stall ms")
     rows = []
     for key in sorted(medians, key=lambda k: (loads.index(k[0]), k[1], k[2])):
         load, fetcher, w = key
@@ -230,6 +244,9 @@ def write_table(path, medians, loads):
         rows.append((load, fetcher, str(w), fmt(m["wall_s"], ".2f"),
                      fmt(m["msg_per_s"], ".0f") if m["msg_per_s"] else "-",
                      fmt(m["cpu_s"], ".2f"), fmt(m["cpu_ms_per_unit"], ".3f"),
+                     "-" if m["startup_s"] is None else
+                     f"{m['startup_s']:.2f} ({m['startup_cpu_s']:.2f})",
+                     fmt(m["cpu_ms_per_unit_after_start"], ".3f"),
                      fmt(m["peak_rss_mib"], ".1f"), fmt(m["server_cpu_s"], ".2f"),
                      fmt(m["stall_max_ms"], ".0f")
                      + ("" if m["all_exact"] else " INEXACT")))
@@ -340,6 +357,9 @@ def main(argv=None):
                         res["exact"] = res["stored"] == expected and not res["errors"]
                         res["msg_per_s"] = expected / res["wall_s"] if expected else None
                         res["cpu_ms_per_unit"] = 1000 * res["cpu_s"] / (expected or n)
+                        if res.get("startup_cpu_s") is not None:
+                            res["cpu_ms_per_unit_after_start"] = (
+                                1000 * (res["cpu_s"] - res["startup_cpu_s"]) / (expected or n))
                         rows.setdefault((label, fetcher, w), []).append(res)
                         print(f"run {run} {label:>22} {fetcher:5} W={w:<3} "
                               f"wall {res['wall_s']:6.2f} s  "
@@ -348,6 +368,7 @@ def main(argv=None):
                               f"{'msg' if expected else 'session'})  "
                               f"rss {res['peak_rss_mib']:6.1f} MiB  "
                               f"server {res['server_cpu_s']:5.2f} s  "
+                              f"startup {res.get('startup_s')} s  "
                               f"stall {res['stall_max_ms']} ms  "
                               f"{'ok' if res['exact'] else 'INEXACT stored=%s errors=%s' % (res['stored'], res['errors'])}",
                               flush=True)

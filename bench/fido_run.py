@@ -8,8 +8,11 @@ Environment:
     a reactor stall probe: a timer every ``FIDO_STALL_INTERVAL`` seconds
     (default 0.02) records how late it fires; at shutdown the largest
     lateness, the count of stalls over 100 ms and the probe count are
-    written to PATH as JSON.  A late timer means the reactor thread was busy
+    written to PATH as JSON, with the longest pause of Python's cyclic
+    garbage collector (``gc_max_ms``).  A late timer means the reactor thread was busy
     (or the process was not scheduled) that long: every connection waited.
+``FIDO_GC_FREEZE=1``
+    ``gc.freeze()`` once the reactor runs (an experiment).
 ``FIDO_PROFILE=PATH``
     run the whole daemon under cProfile and dump the stats to PATH at exit.
 """
@@ -21,8 +24,25 @@ import time
 
 
 def _install_probe(reactor, path, interval):
-    state = {"max_ms": 0.0, "over_100ms": 0, "probes": 0, "worst_at_s": None}
+    import gc
+
+    state = {"max_ms": 0.0, "over_100ms": 0, "probes": 0, "worst_at_s": None,
+             "gc_max_ms": 0.0, "gc_max_generation": None, "gc_over_50ms": 0}
     t0 = time.monotonic()
+    gc_start = [0.0]
+
+    def on_gc(phase, info):  # how long the cyclic garbage collector ran
+        if phase == "start":
+            gc_start[0] = time.monotonic()
+            return
+        ms = (time.monotonic() - gc_start[0]) * 1000.0
+        if ms > 50.0:
+            state["gc_over_50ms"] += 1
+        if ms > state["gc_max_ms"]:
+            state["gc_max_ms"] = round(ms, 1)
+            state["gc_max_generation"] = info.get("generation")
+
+    gc.callbacks.append(on_gc)
 
     def tick(expected):
         now = time.monotonic()
@@ -51,6 +71,10 @@ def main():
     from twisted.internet import reactor  # the default (epoll) reactor
     from twisted.scripts.twistd import run
 
+    if os.environ.get("FIDO_GC_FREEZE"):  # experiment: no GC scans of start-up objects
+        import gc
+
+        reactor.callWhenRunning(gc.freeze)
     path = os.environ.get("FIDO_STALL_FILE")
     if path:
         _install_probe(reactor, path, float(os.environ.get("FIDO_STALL_INTERVAL", "0.02")))
