@@ -278,12 +278,14 @@ def chart(path, medians, load, workers):
         ax1.plot(ws, [medians[(load, fetcher, w)]["peak_rss_mib"] for w in ws], style,
                  label=label)
         ax2.plot(ws, [medians[(load, fetcher, w)]["msg_per_s"] for w in ws], style, label=label)
-    ax1.set_xscale("log", base=2)
-    ax2.set_xscale("log", base=2)
+    ticks = sorted({k[2] for k in medians if k[0] == load})
     for ax in (ax1, ax2):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ticks)
+        ax.set_xticklabels([str(t) for t in ticks])
+        ax.minorticks_off()
         ax.set_xlabel("workers")
         ax.grid(True, alpha=0.3)
-        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax1.set_ylabel("peak RSS, all processes (MiB)")
     ax1.set_title(f"Memory, {load} messages")
     ax1.set_ylim(bottom=0)
@@ -312,7 +314,22 @@ def main(argv=None):
                                               "(default bench/results/compare-<stamp>)")
     p.add_argument("--publish", action="store_true",
                    help="copy the chart to docs/bench-memory.png")
+    p.add_argument("--replot", metavar="RESULTS_JSON",
+                   help="only draw the chart again from a results.json")
     args = p.parse_args(argv)
+    if args.replot:
+        with open(args.replot) as f:
+            saved = json.load(f)
+        medians = {}
+        for key, value in saved["medians"].items():
+            load, fetcher, w = key.split(" / ")
+            medians[(load, fetcher, int(w))] = value
+        png = os.path.join(os.path.dirname(os.path.abspath(args.replot)), "memory.png")
+        chart(png, medians, saved["args"]["scenarios"].split(",")[0], None)
+        print(png)
+        if args.publish:
+            shutil.copyfile(png, os.path.join(ROOT, "docs", "bench-memory.png"))
+        return 0
 
     workers = [int(w) for w in args.workers.split(",") if w]
     fido_extra = [int(w) for w in args.fido_workers.split(",") if w]
