@@ -479,7 +479,11 @@ def test_dovecot_behind_random_cuts_marks_only_stored_messages_and_gets_everythi
         sink = MemorySink()
         kinds = []
         settings_ = attr.evolve(SHORT, command_timeout=5, greeting_timeout=5, batch_messages=3)
-        for _ in range(40):
+        for attempt in range(40):
+            if attempt == 20:
+                # Cuts on one chunk in ten can, by chance, fail twenty sessions
+                # in a row; the link heals so the run always converges.
+                proxy.heal()
             result = yield fetch_mailbox(reactor, acct, sink, settings_).addTimeout(30, reactor)
             kinds.append(result.kind)
             seen = {uid for uid, letters in dovecot.flags_by_uid("alice").items()
