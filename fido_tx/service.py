@@ -153,7 +153,6 @@ def make_service(
     created_config=False,
     twistd_logfile="",
     twistd_syslog=False,
-    stdout=None,
     session_factory=None,
     observer=None,
     handle_signals=False,

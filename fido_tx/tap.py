@@ -1,7 +1,6 @@
 """The twistd entry point: ``twistd fido [--config PATH] [--dry-run]``."""
 
 import gc
-import sys
 
 from twisted.python import usage
 
@@ -46,7 +45,6 @@ def makeService(options):
             created_config=created,
             twistd_logfile=twistd.get("logfile") or "",
             twistd_syslog=bool(twistd.get("syslog")),
-            stdout=sys.stdout,
             handle_signals=True,
         )
     except AccountsStartupError as e:
