@@ -71,25 +71,43 @@ class MemoryMessage:
         return self.date
 
 
-@implementer(IMailboxIMAP, ICloseableMailboxIMAP)
-class MemoryMailbox:
-    """One folder: messages in UID order, flags per message."""
+DEFAULT_FLAGS = (r"\Seen", r"\Answered", r"\Flagged", r"\Deleted", r"\Draft", r"\*")
 
-    def __init__(self, messages=()):
-        self.uidvalidity = next(_uidvalidity)
-        self.uidnext = 1
+
+@implementer(IMailboxIMAP, ICloseableMailboxIMAP, imap4.ISearchableMailbox,
+             imap4.IMessageCopier)
+class MemoryMailbox:
+    """One folder: messages in UID order, flags per message.
+
+    ``flags`` are the FLAGS and PERMANENTFLAGS the server announces (``\\*``
+    allows keywords); ``uidvalidity`` defaults to a fresh value per folder.
+    """
+
+    def __init__(self, messages=(), flags=DEFAULT_FLAGS, uidvalidity=None):
+        self.uidvalidity = uidvalidity if uidvalidity is not None else next(_uidvalidity)
+        self.flags = tuple(flags)
+        self.next_uid = 1
         self.messages = []
         self.listeners = []
+        self.writeable = True
         for raw in messages:
-            self.append(raw)
+            self.add(raw)
 
-    def append(self, raw, flags=()):
-        self.messages.append(MemoryMessage(raw, self.uidnext, flags))
-        self.uidnext += 1
+    def add(self, raw, flags=()):
+        """Append a message; returns its UID."""
+        self.messages.append(MemoryMessage(raw, self.next_uid, flags))
+        self.next_uid += 1
+        return self.next_uid - 1
+
+    def by_uid(self, uid):
+        return next(m for m in self.messages if m.uid == uid)
+
+    def uids(self):
+        return [m.uid for m in self.messages]
 
     # IMailboxIMAPInfo / IMailboxIMAP
     def getFlags(self):
-        return [r"\Seen", r"\Answered", r"\Flagged", r"\Deleted", r"\Draft", r"\*"]
+        return list(self.flags)
 
     def getHierarchicalDelimiter(self):
         return "/"
@@ -98,7 +116,7 @@ class MemoryMailbox:
         return self.uidvalidity
 
     def getUIDNext(self):
-        return self.uidnext
+        return self.next_uid
 
     def getUID(self, message):
         return self.messages[message - 1].uid
@@ -113,7 +131,7 @@ class MemoryMailbox:
         return sum(1 for m in self.messages if r"\Seen" not in m.flags)
 
     def isWriteable(self):
-        return True
+        return self.writeable
 
     def destroy(self):
         pass
@@ -128,24 +146,33 @@ class MemoryMailbox:
         self.listeners.remove(listener)
 
     def addMessage(self, message, flags=(), date=None):
-        self.append(message.read(), flags)
-        return self.uidnext - 1
+        return self.add(message.read(), flags)
+
+    def copy(self, message):
+        return self.add(message.raw, message.flags)
 
     def expunge(self):
-        gone = [m.uid for m in self.messages if r"\Deleted" in m.flags]
+        """Sequence numbers of the removed messages, highest first (as
+        EXPUNGE responses must be sent)."""
+        gone = [i for i, m in enumerate(self.messages, 1) if r"\Deleted" in m.flags]
         self.messages = [m for m in self.messages if r"\Deleted" not in m.flags]
-        return gone
+        return list(reversed(gone))
 
     def close(self):
         pass
 
     def _select(self, messages, uid):
         if uid:
-            messages.last = self.uidnext - 1 if self.messages else 1
-            ids = set(messages)
-            return [(i, m) for i, m in enumerate(self.messages, 1) if m.uid in ids]
-        messages.last = len(self.messages)
-        return [(i, self.messages[i - 1]) for i in messages if 0 < i <= len(self.messages)]
+            try:
+                messages.last = self.next_uid - 1 or 1
+            except ValueError:
+                pass
+            return [(i, m) for i, m in enumerate(self.messages, 1) if m.uid in messages]
+        try:
+            messages.last = len(self.messages) or 1
+        except ValueError:
+            pass
+        return [(i, m) for i, m in enumerate(self.messages, 1) if i in messages]
 
     def fetch(self, messages, uid):
         return self._select(messages, uid)
@@ -161,6 +188,27 @@ class MemoryMailbox:
                 m.flags = set(flags)
             result[seq] = m.getFlags()
         return result
+
+    def search(self, query, uid):
+        """UNSEEN, UNKEYWORD k and ALL: what a fetcher asks.  Returns sequence
+        numbers; the server turns them into UIDs for UID SEARCH."""
+        terms = [t.upper() if isinstance(t, bytes) else t for t in query]
+        out = []
+        for seq, m in enumerate(self.messages, 1):
+            ok, i = True, 0
+            while i < len(terms):
+                t = terms[i]
+                if t == b"UNSEEN":
+                    ok = ok and r"\Seen" not in m.flags
+                elif t == b"UNKEYWORD":
+                    i += 1
+                    ok = ok and query[i].decode() not in m.flags
+                elif t != b"ALL":
+                    raise imap4.IllegalQueryError(t)
+                i += 1
+            if ok:
+                out.append(seq)
+        return out
 
 
 class _Account(imap4.MemoryAccount):

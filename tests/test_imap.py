@@ -5,7 +5,6 @@ check what the session did on both sides: the sink's entries and the server's
 flags and messages, and the command lines the server received.
 """
 
-from io import BytesIO
 
 import pytest
 import pytest_twisted
@@ -14,7 +13,7 @@ from twisted.internet import defer, protocol
 from twisted.mail import imap4
 from zope.interface import implementer
 
-from fido_tx import errors, imap
+from fido_tx import errors, imap, memimap
 from fido_tx.accounts import Account
 from fido_tx.config import ImapSettings
 from fido_tx.sink import MemorySink, redis_down
@@ -24,162 +23,12 @@ USER, PASSWORD = "fido@example.test", 'pa"ss\\word'
 # --- an in-memory IMAP server ---------------------------------------------------
 
 
-@implementer(imap4.IMessage, imap4.IMessageFile)
-class FakeMessage:
-    def __init__(self, raw, uid, flags=()):
-        self.raw = raw
-        self.uid = uid
-        self.flags = set(flags)
+class FakeMailbox(memimap.MemoryMailbox):
+    """The package's in-memory mailbox, announcing only the flags these tests
+    need (no ``\\*``, but the too-large keyword) and a fixed UIDVALIDITY."""
 
-    def open(self):
-        return BytesIO(self.raw)
-
-    def getHeaders(self, negate, *names):
-        return {}
-
-    def getBodyFile(self):
-        return BytesIO(self.raw)
-
-    def getSize(self):
-        return len(self.raw)
-
-    def isMultipart(self):
-        return False
-
-    def getSubPart(self, part):
-        raise IndexError(part)
-
-    def getUID(self):
-        return self.uid
-
-    def getFlags(self):
-        return sorted(self.flags)
-
-    def getInternalDate(self):
-        return "Mon, 01 Jan 2024 00:00:00 +0000"
-
-
-@implementer(imap4.IMailbox, imap4.ISearchableMailbox, imap4.IMessageCopier)
-class FakeMailbox:
     def __init__(self, flags=("\\Seen", "\\Deleted", "$FidoTooLarge"), uidvalidity=42):
-        self.messages = []
-        self.next_uid = 1
-        self.flags = flags
-        self.uidvalidity = uidvalidity
-        self.listeners = []
-        self.writeable = True
-
-    def add(self, raw, flags=()):
-        self.messages.append(FakeMessage(raw, self.next_uid, flags))
-        self.next_uid += 1
-        return self.next_uid - 1
-
-    def by_uid(self, uid):
-        return next(m for m in self.messages if m.uid == uid)
-
-    def uids(self):
-        return [m.uid for m in self.messages]
-
-    # IMailboxInfo / IMailbox
-    def getFlags(self):
-        return list(self.flags)
-
-    def getHierarchicalDelimiter(self):
-        return "/"
-
-    def getUIDValidity(self):
-        return self.uidvalidity
-
-    def getUIDNext(self):
-        return self.next_uid
-
-    def getUID(self, seq):
-        return self.messages[seq - 1].uid
-
-    def getMessageCount(self):
-        return len(self.messages)
-
-    def getRecentCount(self):
-        return 0
-
-    def getUnseenCount(self):
-        return sum(1 for m in self.messages if "\\Seen" not in m.flags)
-
-    def isWriteable(self):
-        return self.writeable
-
-    def destroy(self):
-        pass
-
-    def requestStatus(self, names):
-        return {}
-
-    def addListener(self, listener):
-        self.listeners.append(listener)
-
-    def removeListener(self, listener):
-        self.listeners.remove(listener)
-
-    def addMessage(self, message, flags=(), date=None):
-        return self.add(message.read(), flags)
-
-    def copy(self, msg):
-        return self.add(msg.raw, msg.flags)
-
-    def expunge(self):
-        gone = [i for i, m in enumerate(self.messages, 1) if "\\Deleted" in m.flags]
-        self.messages = [m for m in self.messages if "\\Deleted" not in m.flags]
-        return list(reversed(gone))
-
-    def _select(self, messages, uid):
-        if uid:
-            try:
-                messages.last = self.next_uid - 1 or 1
-            except ValueError:
-                pass
-            return [(i, m) for i, m in enumerate(self.messages, 1) if m.uid in messages]
-        try:
-            messages.last = len(self.messages) or 1
-        except ValueError:
-            pass
-        return [(i, m) for i, m in enumerate(self.messages, 1) if i in messages]
-
-    def fetch(self, messages, uid):
-        return self._select(messages, uid)
-
-    def store(self, messages, flags, mode, uid):
-        result = {}
-        for seq, m in self._select(messages, uid):
-            if mode == 1:
-                m.flags.update(flags)
-            elif mode == -1:
-                m.flags.difference_update(flags)
-            else:
-                m.flags = set(flags)
-            result[seq] = m.getFlags()
-        return result
-
-    def search(self, query, uid):
-        terms = [t.upper() if isinstance(t, bytes) else t for t in query]
-        out = []
-        for seq, m in enumerate(self.messages, 1):
-            ok, i = True, 0
-            while i < len(terms):
-                t = terms[i]
-                if t == b"UNSEEN":
-                    ok = ok and "\\Seen" not in m.flags
-                elif t == b"UNKEYWORD":
-                    i += 1
-                    kw = query[i].decode()
-                    ok = ok and kw not in m.flags
-                elif t == b"ALL":
-                    pass
-                else:
-                    raise imap4.IllegalQueryError(t)
-                i += 1
-            if ok:
-                out.append(seq)
-        return out
+        super().__init__(flags=flags, uidvalidity=uidvalidity)
 
 
 @implementer(portal.IRealm)
