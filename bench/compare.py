@@ -46,7 +46,7 @@ if ROOT not in sys.path:
 import psutil  # noqa: E402
 
 from bench.fido_bench import (  # noqa: E402
-    STREAM, proc_cpu_seconds, session_cpu_seconds, write_accounts, write_config)
+    STREAM, proc_cpu_seconds, session_cpu_seconds, stop_daemon, write_accounts, write_config)
 from tests.support import dovecot as dc  # noqa: E402
 from tests.support import redis_server  # noqa: E402
 
@@ -148,13 +148,7 @@ def run_fido(ctx, workers, accounts, expected):
         server = server_cpu(ctx) - s0
         stored = r("XLEN", STREAM)
     finally:
-        if daemon.poll() is None:
-            daemon.send_signal(signal.SIGTERM)
-            try:
-                daemon.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(daemon.pid, signal.SIGKILL)
-                daemon.wait()
+        stop_daemon(daemon)
         out.close()
     stall = {}
     if os.path.exists(stall_file):

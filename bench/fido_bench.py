@@ -37,6 +37,17 @@ STREAM = "fido:messages"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
+def stop_daemon(daemon):
+    """SIGTERM the daemon (a graceful stop), SIGKILL its group after 30 s."""
+    if daemon.poll() is None:
+        daemon.send_signal(signal.SIGTERM)
+        try:
+            daemon.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(daemon.pid, signal.SIGKILL)
+            daemon.wait()
+
+
 def default_command():
     """``twistd -n fido --config {config}`` from this Python's environment."""
     twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
@@ -204,13 +215,7 @@ def run_once(args, server, redis, workdir, config_path, expected):
         time.sleep(0.5)
         final = r("XLEN", STREAM)
     finally:
-        if daemon.poll() is None:
-            daemon.send_signal(signal.SIGTERM)
-            try:
-                daemon.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(daemon.pid, signal.SIGKILL)
-                daemon.wait()
+        stop_daemon(daemon)
         out.close()
     wall = end - start
     stream_bytes = r("MEMORY", "USAGE", STREAM, "SAMPLES", "0") or 0
