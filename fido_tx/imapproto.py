@@ -289,7 +289,6 @@ class SelectInfo:
         self.exists = None
         self.flags = ()
         self.permanent_flags = None
-        self.read_only = False
 
     def keywords_allowed(self, keyword):
         """Whether ``keyword`` can be stored permanently in this mailbox."""

@@ -64,16 +64,12 @@ class Metrics:
         self.store = None
         self.reporter = None
         self.status = None
-        self.backlog = None  # a zero-argument callable, see bind()
-        self._backlog_value = None
         self.registry.register(_BoundCollector(self))
 
-    def bind(self, scheduler=None, store=None, reporter=None, status=None, backlog=None):
+    def bind(self, scheduler=None, store=None, reporter=None, status=None):
         """Give the objects the scrape-time gauges read.  Any may be omitted.
 
-        ``backlog`` is an optional zero-argument callable returning the stream
-        length; by default the store's ``last_stream_length`` is used, or the
-        value last given to :meth:`set_backlog`.
+        The backlog gauge reads the store's ``last_stream_length``.
         """
         if scheduler is not None:
             self.scheduler = scheduler
@@ -83,8 +79,6 @@ class Metrics:
             self.reporter = reporter
         if status is not None:
             self.status = status
-        if backlog is not None:
-            self.backlog = backlog
 
     def observe_session(self, result):
         """Count one :class:`~fido_tx.outcome.SessionResult`."""
@@ -95,14 +89,8 @@ class Metrics:
             self.bytes.inc(result.bytes)
         self.duration.observe(max(0.0, result.seconds))
 
-    def set_backlog(self, length):
-        self._backlog_value = length
-
     def backlog_length(self):
-        if self.backlog is not None:
-            return self.backlog()
-        value = getattr(self.store, "last_stream_length", None)
-        return value if value is not None else self._backlog_value
+        return getattr(self.store, "last_stream_length", None)
 
 
 def _count(value):

@@ -47,7 +47,6 @@ class Health:
         self.store = store
         self.stall_after = stall_after
         self.status = status
-        self._started_at = clock.seconds()
 
     def check(self):
         """``(healthy: bool, body: dict)``."""
