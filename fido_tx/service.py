@@ -217,10 +217,11 @@ def make_service(
         # and session starts spread over reactor turns: thousands starting
         # at once stalled the reactor for seconds (8.5 s for 10,000)
         starts = pacer.StartPacer(reactor)
+        debug = settings.log.level == "debug"
 
         def session_factory(account):
             return imap.fetch_mailbox(reactor, account, store, settings.imap, dry_run=dry_run,
-                                      budget=inflight, pacer=starts)
+                                      budget=inflight, pacer=starts, debug=debug)
 
     sched = scheduler_mod.Scheduler(
         reactor,

@@ -480,7 +480,10 @@ def pki(tmp_path_factory):
     from twisted.internet import ssl
 
     ca_file, server_pem = _make_pki(tmp_path_factory.mktemp("pki"))
-    options = ssl.PrivateCertificate.loadPEM(server_pem).options()
+    pc = ssl.PrivateCertificate.loadPEM(server_pem)
+    # session tickets on, as most IMAP servers have them (Twisted's default is off)
+    options = ssl.CertificateOptions(privateKey=pc.privateKey.original,
+                                     certificate=pc.original, enableSessionTickets=True)
     return ca_file, options
 
 
@@ -561,6 +564,50 @@ def test_starttls_bad_certificate_never_sends_password(tls_server, pki):
     assert result.kind == errors.TLS, (result.kind, result.message)
     assert "LOGIN" not in srv.commands()
     assert srv.commands()[-1] == "STARTTLS"
+
+
+def _debug_texts(events):
+    from twisted.logger import formatEvent
+
+    return [formatEvent(e) for e in events]
+
+
+@pytest_twisted.inlineCallbacks
+def test_tls_session_is_resumed_by_the_next_session_to_the_same_server(tls_server, pki):
+    from twisted.internet import reactor
+    from twisted.logger import Logger
+
+    box = FakeMailbox()
+    srv = tls_server({"INBOX": box})
+    acct = account(srv.port, host="localhost", security="tls", ca_file=pki[0])
+    imap._tls_sessions.clear()
+    runs = []
+    for n in range(2):
+        events = []
+        box.add(message(n + 1))
+        result = yield imap.fetch_mailbox(reactor, acct, MemorySink(), FAST,
+                                          log=Logger(observer=events.append))
+        assert result.ok and result.fetched == 1, result.debug
+        runs.append(_debug_texts(events))
+    assert not any("resumed" in t for t in runs[0])
+    assert "session acme: TLS session resumed" in runs[1]
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_resumable_session_is_never_offered_to_another_host(tls_server, pki):
+    """A session kept for localhost must not let 127.0.0.1 (not in the
+    certificate) skip verification: it still fails before any login."""
+    box = FakeMailbox()
+    srv = tls_server({"INBOX": box})
+    good = account(srv.port, host="localhost", security="tls", ca_file=pki[0])
+    result = yield run(good, MemorySink())
+    assert result.ok, result.debug
+    assert imap._tls_sessions  # kept for localhost
+    bad = account(srv.port, host="127.0.0.1", security="tls", ca_file=pki[0])
+    logins = srv.commands().count("LOGIN")
+    result = yield run(bad, MemorySink())
+    assert result.kind == errors.TLS, (result.kind, result.message)
+    assert srv.commands().count("LOGIN") == logins
 
 
 def test_tls_options_are_shared_per_host_and_ca_file(pki):
