@@ -132,13 +132,11 @@ class StatusTracker:
         self._log_session(account_id, result, dry)
 
         if not dry and self._store is not None:
-            self._store.record_session(result)
+            extra = None
             old_failing = old.failing_since if old is not None else None
             if new.failing_since != old_failing or old is None:
-                self._store.update_account(
-                    account_id,
-                    {"failing_since": iso_utc(new.failing_since) if new.failing_since else ""},
-                )
+                extra = {"failing_since": iso_utc(new.failing_since) if new.failing_since else ""}
+            self._store.record_session(result, extra=extra)
 
         if old is None or old.state != new.state:
             self._log_change(account_id, old, new, result)

@@ -605,14 +605,15 @@ class RedisStore(Service):
         d = self._execute("HSET", b"HSET", account_key(account_id), *args)
         return self._best_effort(f"state of account {account_id}", d)
 
-    def record_session(self, result, started_at_iso=None):
+    def record_session(self, result, started_at_iso=None, extra=None):
         """Keep ``fido:account:<id>`` current after a session; best-effort.
 
         A dry-run session writes nothing.  ``last_attempt_at`` is when the
         session started (``started_at_iso``, else now); a success sets
         ``state=ok`` and ``last_success_at``, a failure ``state=error``,
         ``last_error``, ``last_error_kind`` and ``last_error_at`` (the last
-        error is kept after a success, for history).
+        error is kept after a success, for history).  ``extra`` fields go
+        into the same ``HSET`` (one round trip per session).
         """
         if result.dry_run:
             return defer.succeed(True)
@@ -626,6 +627,8 @@ class RedisStore(Service):
             fields["last_error"] = result.message
             fields["last_error_kind"] = result.kind
             fields["last_error_at"] = now
+        if extra:
+            fields.update(extra)
         return self.update_account(result.account_id, fields)
 
     def heartbeat(self, instance_id, mapping=None, ttl=None):

@@ -427,8 +427,10 @@ def test_record_session_keeps_the_account_hash_current(redis):
         assert state["last_attempt_at"] == "2026-01-01T00:00:00.000Z"
         assert "last_success_at" not in state
 
-        yield store.record_session(SessionResult("acme", fetched=3))
+        yield store.record_session(SessionResult("acme", fetched=3),
+                                   extra={"failing_since": ""})
         state = account()
+        assert state["failing_since"] == ""  # extra fields ride in the same HSET
         assert state["state"] == "ok"
         assert state["last_success_at"].endswith("Z")
         assert state["last_attempt_at"] <= state["last_success_at"]
