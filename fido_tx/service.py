@@ -173,12 +173,16 @@ def make_service(
         pacer,
         reload,
         report,
+        resolve,
         scheduler as scheduler_mod,
         status as status_mod,
         store as store_mod,
         watch,
         web,
     )
+
+    # every session resolves its server's name: answers kept for a minute
+    resolve.install(reactor)
 
     if observer is None and not twistd_syslog:
         observer = logs.make_observer(settings.log, twistd_logfile=twistd_logfile)
