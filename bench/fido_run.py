@@ -14,7 +14,8 @@ Environment:
 ``FIDO_GC_FREEZE=1``
     ``gc.freeze()`` once the reactor runs (an experiment).
 ``FIDO_PROFILE=PATH``
-    run the whole daemon under cProfile and dump the stats to PATH at exit.
+    run the whole daemon under cProfile and dump the stats to PATH at exit
+    (``{pid}`` in PATH is replaced by the daemon's process id).
 """
 
 import json
@@ -57,6 +58,16 @@ def _install_probe(reactor, path, interval):
 
     def dump():
         state["max_ms"] = round(state["max_ms"], 1)
+        if os.environ.get("FIDO_GC_TYPES"):  # what the collector has to walk
+            import collections
+
+            objs = gc.get_objects()
+            state["gc_tracked"] = len(objs)
+            state["gc_types"] = collections.Counter(
+                type(o).__qualname__ for o in objs).most_common(40)
+            del objs
+        times = os.times()  # user vs kernel: how much is Python, how much syscalls
+        state["cpu_user_s"], state["cpu_sys_s"] = round(times.user, 3), round(times.system, 3)
         with open(path, "w", encoding="utf-8") as f:
             json.dump(state, f)
 
@@ -79,7 +90,7 @@ def main():
     if path:
         _install_probe(reactor, path, float(os.environ.get("FIDO_STALL_INTERVAL", "0.02")))
     sys.argv = ["twistd"] + sys.argv[1:]
-    profile = os.environ.get("FIDO_PROFILE")
+    profile = os.environ.get("FIDO_PROFILE", "").replace("{pid}", str(os.getpid()))
     if not profile:
         return run()
     import cProfile

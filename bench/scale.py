@@ -237,7 +237,8 @@ def run_hold(args, workdir, redis, tls_files, ca, hold):
     return {"mode": "idle", "tls": args.tls, "accounts": args.accounts, "held": n,
             "wanted": hold, "ramp_s": round(ramp, 1), "rss_mib": round(rss / 2**20, 1),
             "peak_rss_mib": round(peak / 2**20, 1), "cpu_s": round(cpu, 2),
-            "stall_max_ms": stall.get("max_ms"), "gc_max_ms": stall.get("gc_max_ms"), "stalls_over_100ms": stall.get("over_100ms")}
+            "stall_max_ms": stall.get("max_ms"), "gc_max_ms": stall.get("gc_max_ms"), "stalls_over_100ms": stall.get("over_100ms"),
+            **{k: stall[k] for k in ("gc_tracked", "gc_types") if k in stall}}
 
 
 def main(argv=None):
