@@ -22,13 +22,12 @@ A callback that fails or whose object is not bound yet leaves its metric
 out of that scrape; a scrape never fails.
 """
 
-import collections.abc
-
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from twisted.logger import Logger
 
 from fido_tx import errors
+from fido_tx.health import running_sessions
 
 log = Logger()
 
@@ -91,22 +90,6 @@ class Metrics:
 
     def backlog_length(self):
         return getattr(self.store, "last_stream_length", None)
-
-
-def _count(value):
-    if isinstance(value, bool):
-        return int(value)
-    if isinstance(value, collections.abc.Sized):
-        return len(value)
-    return value
-
-
-def running_sessions(scheduler):
-    """Sessions in progress: ``running_count`` (``running`` of a Service is a flag)."""
-    value = getattr(scheduler, "running_count", None)
-    if value is None:
-        value = getattr(scheduler, "running", None)
-    return None if value is None else _count(value)
 
 
 class _BoundCollector:

@@ -22,77 +22,7 @@ from twisted.web import pages, resource, server
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from fido_tx.metrics import running_sessions
-
-DEFAULT_STALL_AFTER = 300.0
-
-#: pause reasons that are not a failure of this instance
-BENIGN_PAUSES = frozenset(["backlog"])
-
-
-class Health:
-    """Computes the health check from the scheduler and the store.
-
-    :param scheduler: has ``last_completion_at`` (clock seconds or None),
-        ``running_count`` (or ``running``), ``lag()``, ``paused_reasons`` and
-        optionally ``accounts`` (sized).
-    :param store: has ``connected``.
-    :param stall_after: seconds without a completed session while accounts
-        are overdue before the check fails.
-    """
-
-    def __init__(self, clock, scheduler, store, stall_after=DEFAULT_STALL_AFTER, status=None):
-        self._clock = clock
-        self.scheduler = scheduler
-        self.store = store
-        self.stall_after = stall_after
-        self.status = status
-
-    def check(self):
-        """``(healthy: bool, body: dict)``."""
-        s = self.scheduler
-        now = self._clock.seconds()
-        connected = bool(getattr(self.store, "connected", False))
-        paused = sorted(getattr(s, "paused_reasons", ()) or ())
-        lag = float(s.lag())
-        last = s.last_completion_at
-        body = {
-            "status": "ok",
-            "accounts": self._accounts(),
-            "running": running_sessions(s) or 0,
-            "redis": "connected" if connected else "disconnected",
-            "lag": round(lag, 3),
-            "paused": paused,
-            "last_completion_age": None if last is None else round(now - last, 3),
-        }
-        reason = None
-        if not connected:
-            reason = "Redis is not connected"
-        elif lag > self.stall_after and not (set(paused) & BENIGN_PAUSES):
-            recent = last is not None and now - last <= self.stall_after
-            if not recent:
-                since = "never" if last is None else f"{now - last:.0f} s ago"
-                reason = (
-                    f"stalled: an account has been overdue for {lag:.0f} s and the last "
-                    f"session completed {since}"
-                )
-                if paused:
-                    reason += f" (paused: {', '.join(paused)})"
-        if reason is not None:
-            body["status"] = "fail"
-            body["reason"] = reason
-        return reason is None, body
-
-    def _accounts(self):
-        accounts = getattr(self.scheduler, "accounts", None)
-        if accounts is not None and not callable(accounts):
-            try:
-                return len(accounts)
-            except TypeError:
-                pass
-        if self.status is not None:
-            return sum(self.status.summary().values())
-        return None
+from fido_tx.health import BENIGN_PAUSES, DEFAULT_STALL_AFTER, Health  # noqa: F401 (re-exported)
 
 
 class HealthResource(resource.Resource):

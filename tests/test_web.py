@@ -140,3 +140,31 @@ def test_healthz_over_real_http():
         assert body == {**body, "status": "fail", "redis": "disconnected"}
     finally:
         yield port.stopListening()
+
+
+def test_with_the_http_endpoint_off_the_web_stack_is_never_loaded(tmp_path):
+    """twisted.web, prometheus_client and treq cost ~6 MiB and ~50 ms of
+    start-up; a daemon without /metrics and without a reporter needs none."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import sys
+        from twisted.internet.testing import MemoryReactorClock
+        from fido_tx import config, service
+        settings = config.Settings(
+            fido=config.FidoSettings(accounts_file={str(tmp_path / "accounts.json")!r},
+                                     key_file="", state_dir={str(tmp_path)!r}),
+            redis=config.RedisSettings(url="redis://127.0.0.1:1/0"),
+            http=config.HttpSettings(listen=""),
+        )
+        top = service.make_service(settings, MemoryReactorClock(), observer=False)
+        assert top.parts["health"].check() is not None
+        print(sorted(m for m in ("twisted.web.server", "prometheus_client", "treq")
+                     if m in sys.modules))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

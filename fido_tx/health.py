@@ -1,0 +1,103 @@
+"""Whether Fido is making progress: the ``/healthz`` check, without the web.
+
+Kept apart from :mod:`fido_tx.web` so the check (and ``fido status``) does
+not import twisted.web and prometheus_client in a daemon whose HTTP endpoint
+is off: ~5 MiB and ~50 ms of start-up.
+
+``check()`` is ``(True, {"status": "ok", "accounts": N, "running": R,
+"redis": "connected", "lag": S, "paused": [...]})`` while Fido is making
+progress and Redis is reachable, ``(False, {"status": "fail", "reason":
+"...", ...})`` otherwise.  Making progress means: a session completed within
+the last ``stall_after`` seconds, or no account has been overdue for that long
+(nothing to do is healthy), or fetching is paused on purpose (the stream
+backlog is over ``max_backlog``: the importer is behind, not Fido).
+"""
+
+import collections.abc
+
+def _count(value):
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, collections.abc.Sized):
+        return len(value)
+    return value
+
+
+def running_sessions(scheduler):
+    """Sessions in progress: ``running_count`` (``running`` of a Service is a flag)."""
+    value = getattr(scheduler, "running_count", None)
+    if value is None:
+        value = getattr(scheduler, "running", None)
+    return None if value is None else _count(value)
+
+
+
+DEFAULT_STALL_AFTER = 300.0
+
+#: pause reasons that are not a failure of this instance
+BENIGN_PAUSES = frozenset(["backlog"])
+
+
+class Health:
+    """Computes the health check from the scheduler and the store.
+
+    :param scheduler: has ``last_completion_at`` (clock seconds or None),
+        ``running_count`` (or ``running``), ``lag()``, ``paused_reasons`` and
+        optionally ``accounts`` (sized).
+    :param store: has ``connected``.
+    :param stall_after: seconds without a completed session while accounts
+        are overdue before the check fails.
+    """
+
+    def __init__(self, clock, scheduler, store, stall_after=DEFAULT_STALL_AFTER, status=None):
+        self._clock = clock
+        self.scheduler = scheduler
+        self.store = store
+        self.stall_after = stall_after
+        self.status = status
+
+    def check(self):
+        """``(healthy: bool, body: dict)``."""
+        s = self.scheduler
+        now = self._clock.seconds()
+        connected = bool(getattr(self.store, "connected", False))
+        paused = sorted(getattr(s, "paused_reasons", ()) or ())
+        lag = float(s.lag())
+        last = s.last_completion_at
+        body = {
+            "status": "ok",
+            "accounts": self._accounts(),
+            "running": running_sessions(s) or 0,
+            "redis": "connected" if connected else "disconnected",
+            "lag": round(lag, 3),
+            "paused": paused,
+            "last_completion_age": None if last is None else round(now - last, 3),
+        }
+        reason = None
+        if not connected:
+            reason = "Redis is not connected"
+        elif lag > self.stall_after and not (set(paused) & BENIGN_PAUSES):
+            recent = last is not None and now - last <= self.stall_after
+            if not recent:
+                since = "never" if last is None else f"{now - last:.0f} s ago"
+                reason = (
+                    f"stalled: an account has been overdue for {lag:.0f} s and the last "
+                    f"session completed {since}"
+                )
+                if paused:
+                    reason += f" (paused: {', '.join(paused)})"
+        if reason is not None:
+            body["status"] = "fail"
+            body["reason"] = reason
+        return reason is None, body
+
+    def _accounts(self):
+        accounts = getattr(self.scheduler, "accounts", None)
+        if accounts is not None and not callable(accounts):
+            try:
+                return len(accounts)
+            except TypeError:
+                pass
+        if self.status is not None:
+            return sum(self.status.summary().values())
+        return None
