@@ -46,7 +46,8 @@ if ROOT not in sys.path:
 import psutil  # noqa: E402
 
 from bench.fido_bench import (  # noqa: E402
-    STREAM, proc_cpu_seconds, session_cpu_seconds, stop_daemon, write_accounts, write_config)
+    STREAM, compile_fido, proc_cpu_seconds, session_cpu_seconds, stop_daemon, write_accounts,
+    write_config)
 from tests.support import dovecot as dc  # noqa: E402
 from tests.support import redis_server  # noqa: E402
 
@@ -345,6 +346,7 @@ def main(argv=None):
     os.makedirs(ctx.redis.directory, exist_ok=True)
     signal.signal(signal.SIGTERM, lambda s, f: (_ for _ in ()).throw(SystemExit(143)))
     rows = {}
+    compile_fido()
     print(f"compare: {machine()}", flush=True)
     try:
         ctx.dovecot.start()

@@ -43,6 +43,7 @@ if ROOT not in sys.path:
 import psutil  # noqa: E402
 
 from bench.compare import _COUNT_SESSIONS, Sampler, fido_command  # noqa: E402
+from bench.fido_bench import compile_fido  # noqa: E402
 from tests.support import redis_server  # noqa: E402
 from tests.support.dovecot import free_port  # noqa: E402
 
@@ -245,6 +246,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "serve":
         return serve(argv[1:])
+    compile_fido()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("mode", choices=("round", "idle"))
     p.add_argument("--accounts", type=int, default=10000)
