@@ -273,6 +273,26 @@ def parse_search(text):
     return out
 
 
+_STATUS_LIST = re.compile(rb"\(([^()]*)\)\s*$")  # the attribute list ends the response
+
+
+def parse_status(segments):
+    """An untagged STATUS response (``segments`` without ``* ``) -> its
+    attributes, e.g. ``{b"UNSEEN": 0}``; ``{}`` for any other response.
+
+    The mailbox name may be quoted (with parentheses inside) or a literal,
+    so only the parenthesized list that ends the response is read.
+    """
+    if segments[0][:7].upper() != b"STATUS ":
+        return {}
+    m = _STATUS_LIST.search(segments[-1])
+    if m is None:
+        return {}
+    items = m.group(1).split()
+    return {name.upper(): int(value) for name, value in zip(items[0::2], items[1::2])
+            if value.isdigit()}
+
+
 def parse_flag_list(text):
     """``b"(\\\\Seen $Foo \\\\*)"`` inside a response -> tuple of str flags."""
     start, end = text.find(b"("), text.rfind(b")")

@@ -45,6 +45,11 @@ class RecordingServer(imap4.IMAP4Server):
 
     def lineReceived(self, line):
         self.factory.received.append(line)
+        parts = line.split(b" ")
+        refused = self.factory.refuse.get(parts[1].upper() if len(parts) > 1 else b"")
+        if refused is not None:  # answer this command with NO or BAD, as told
+            self.sendLine(parts[0] + b" " + refused + b" not here")
+            return None
         return super().lineReceived(line)
 
 
@@ -59,6 +64,7 @@ class ServerFactory(protocol.Factory):
         self.portal = portal.Portal(Realm(self.account), [checker])
         self.tls = tls
         self.connections = 0
+        self.refuse = {}  # command name -> b"NO" / b"BAD"
 
     def buildProtocol(self, addr):
         self.connections += 1
@@ -151,6 +157,47 @@ def test_happy_path_stores_exact_bytes_and_marks_seen(server):
     assert "LOGOUT" in srv.commands()
     assert any(b"BODY.PEEK[]" in line for line in srv.received)
     assert result.seconds >= 0 and not result.dry_run
+
+
+@pytest_twisted.inlineCallbacks
+def test_nothing_unseen_is_found_by_status_without_selecting(server):
+    box = FakeMailbox()
+    box.add(message(1), flags=["\\Seen"])
+    srv = server({"INBOX": box})
+    sink = MemorySink()
+    result = yield run(account(srv.port), sink)
+    assert result.ok and result.fetched == 0, result.debug
+    commands = srv.commands()
+    assert "STATUS" in commands
+    assert "SELECT" not in commands and "SEARCH" not in " ".join(commands)
+    assert commands[-1] == "LOGOUT"
+
+
+@pytest_twisted.inlineCallbacks
+def test_unseen_mail_reported_by_status_is_fetched(server):
+    box = FakeMailbox()
+    box.add(message(1), flags=["\\Seen"])
+    box.add(message(2))
+    srv = server({"INBOX": box})
+    sink = MemorySink()
+    result = yield run(account(srv.port), sink)
+    assert result.ok and result.fetched == 1, result.debug
+    assert [m.uid for m in sink.entries] == [2]
+    assert srv.commands().index("STATUS") < srv.commands().index("SELECT")
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_server_refusing_status_is_polled_with_select(server):
+    """STATUS is an optimization: NO or BAD to it must never cost mail."""
+    for answer in (b"NO", b"BAD"):
+        box = FakeMailbox()
+        box.add(message(1))
+        srv = server({"INBOX": box})
+        srv.refuse[b"STATUS"] = answer
+        sink = MemorySink()
+        result = yield run(account(srv.port), sink)
+        assert result.ok and result.fetched == 1, (answer, result.debug)
+        assert "STATUS" in srv.commands() and "SELECT" in srv.commands()
 
 
 @pytest_twisted.inlineCallbacks

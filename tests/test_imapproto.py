@@ -310,6 +310,33 @@ class SyntaxTests(SynchronousTestCase):
         with self.assertRaises(ValueError):
             imapproto.parse_fetch([b"1 FETCH (UID 1"])
 
+    def test_parse_status_forms(self):
+        self.assertEqual(imapproto.parse_status([b"STATUS INBOX (UNSEEN 0)"]),
+                         {b"UNSEEN": 0})
+        self.assertEqual(imapproto.parse_status([b'status "a (UNSEEN 3)" (MESSAGES 5 unseen 2)']),
+                         {b"MESSAGES": 5, b"UNSEEN": 2})
+        self.assertEqual(imapproto.parse_status([b"STATUS {5}", b"IN(BO", b" (UNSEEN 7)"]),
+                         {b"UNSEEN": 7})
+        self.assertEqual(imapproto.parse_status([b"STATUS INBOX ()"]), {})
+        self.assertEqual(imapproto.parse_status([b"5 EXISTS"]), {})
+        self.assertEqual(imapproto.parse_status([b"STATUS INBOX (UNSEEN x)"]), {})
+
+    @settings(max_examples=200, deadline=None)
+    @given(name=st.text(min_size=1, max_size=20), counts=st.dictionaries(
+        st.sampled_from([b"MESSAGES", b"UNSEEN", b"UIDNEXT", b"UIDVALIDITY", b"RECENT"]),
+        st.integers(0, 2**32 - 1), max_size=5))
+    def test_parse_status_reads_the_counts_whatever_the_mailbox_is_called(self, name, counts):
+        encoded = name.encode("imap4-utf-7")
+        if imapproto._needs_literal(encoded):
+            segments = [b"STATUS {%d}" % len(encoded), encoded]
+            tail = b" "
+        else:
+            segments = []
+            tail = b"STATUS " + imapproto.quote(encoded) + b" "
+        tail += b"(" + b" ".join(b"%s %d" % kv for kv in counts.items()) + b")"
+        segments.append(tail)
+        self.assertEqual(imapproto.parse_status(segments), counts)
+
     def test_select_info(self):
         info = imapproto.SelectInfo()
         for line in [b"FLAGS (\\Seen \\Deleted)", b"OK [PERMANENTFLAGS (\\Seen \\*)] ok",
