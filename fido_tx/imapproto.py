@@ -394,6 +394,7 @@ class FidoIMAP4Client(imap4.IMAP4Client):
         self.last_response = b""
         self.logging_out = False
         self._timer = None
+        self._deadline = None
         self._timer_seconds = None
         self._timer_what = ""
         self._segments = None
@@ -441,23 +442,45 @@ class FidoIMAP4Client(imap4.IMAP4Client):
 
     # -- timers --------------------------------------------------------------
 
+    # One deadline and one pending timer per connection.  A timer cancelled
+    # and created per command, and reset per chunk of a literal, was a
+    # reactor heap operation each time; now arming and progress only move
+    # the deadline, and the timer, when it fires early, waits for the rest.
+
     def _arm(self, seconds, what):
-        self._disarm()
         self._timer_seconds = seconds
         self._timer_what = what
-        self._timer = self.clock.callLater(seconds, self._timed_out)
+        self._deadline = deadline = self.clock.seconds() + seconds
+        timer = self._timer
+        if timer is None or not timer.active():
+            self._timer = self.clock.callLater(seconds, self._timer_fired)
+        elif timer.getTime() > deadline:  # sooner than the pending call
+            timer.reset(seconds)
 
     def _disarm(self):
+        self._deadline = None  # a pending call finds nothing to do
+
+    def _progress(self):
+        if self._deadline is not None:
+            self._deadline = self.clock.seconds() + self._timer_seconds
+
+    def _cancel_timer(self):
+        """The connection is over: nothing may keep it alive or fire later."""
+        self._deadline = None
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
 
-    def _progress(self):
-        if self._timer is not None and self._timer.active():
-            self._timer.reset(self._timer_seconds)
-
-    def _timed_out(self):
+    def _timer_fired(self):
         self._timer = None
+        deadline = self._deadline
+        if deadline is None:
+            return
+        now = self.clock.seconds()
+        if now < deadline:
+            self._timer = self.clock.callLater(deadline - now, self._timer_fired)
+            return
+        self._deadline = None
         self.fail(
             FidoError(
                 errors.TIMEOUT,
@@ -493,7 +516,7 @@ class FidoIMAP4Client(imap4.IMAP4Client):
         """End the connection because of ``error`` (the first one wins)."""
         if self.error is None:
             self.error = error
-        self._disarm()
+        self._cancel_timer()
         self._stop_rate_check()
         if self.transport is not None and not self.closed:
             self.transport.abortConnection()
@@ -503,7 +526,7 @@ class FidoIMAP4Client(imap4.IMAP4Client):
 
     def connectionLost(self, reason):
         self.closed = True
-        self._disarm()
+        self._cancel_timer()
         self._stop_rate_check()
         if self.error is None:
             self.error = self._lost_error(reason)

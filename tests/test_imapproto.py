@@ -112,12 +112,42 @@ class CommandTests(SynchronousTestCase):
         self.assertIn("UID SEARCH", err.message)
         self.assertEqual(clock.getDelayedCalls(), [])
 
-    def test_timer_cancelled_after_response(self):
-        proto, _, clock = connect()
+    def test_no_timeout_after_the_response(self):
+        proto, transport, clock = connect()
         d = proto.command(b"NOOP")
         proto.dataReceived(b"0001 OK\r\n")
         self.successResultOf(d)
+        clock.advance(proto.command_timeout * 3)
+        self.assertFalse(transport.disconnecting)
+        self.assertIsNone(proto.error)
+        self.assertEqual(clock.getDelayedCalls(), [])  # the idle timer did not re-arm
+
+    def test_a_shorter_timeout_fires_on_time_while_a_longer_one_is_pending(self):
+        proto, transport, clock = connect()
+        first = proto.command(b"NOOP")  # 5 s
+        proto.dataReceived(b"0001 OK\r\n")
+        self.successResultOf(first)
+        clock.advance(1)
+        d = proto.command(b"LOGOUT", timeout=0.5)
+        clock.advance(0.4)
+        self.assertFalse(transport.disconnecting)
+        clock.advance(0.2)
+        self.assertTrue(transport.disconnecting)
+        lose(proto)
+        self.assertEqual(self.failureResultOf(d, FidoError).value.kind, errors.TIMEOUT)
         self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_each_command_gets_its_whole_timeout(self):
+        proto, transport, clock = connect()
+        for tag in (b"0001", b"0002", b"0003"):
+            d = proto.command(b"NOOP")
+            clock.advance(4.9)  # just inside command_timeout, every time
+            proto.dataReceived(tag + b" OK\r\n")
+            self.successResultOf(d)
+        self.assertFalse(transport.disconnecting)
+        d = proto.command(b"NOOP")
+        clock.advance(5.1)
+        self.assertTrue(transport.disconnecting)
 
     def test_command_after_connection_lost_fails_at_once(self):
         proto, _, _ = connect()
@@ -211,6 +241,8 @@ class LiteralTests(SynchronousTestCase):
         self.assertFalse(transport.disconnecting)
         self.successResultOf(d)
         self.assertEqual(got[0][1][b"BODY[]"], b"y" * 20000)
+        clock.advance(proto.command_timeout * 2)
+        self.assertFalse(transport.disconnecting)
         self.assertEqual(clock.getDelayedCalls(), [])
 
     @settings(max_examples=60, deadline=None)
