@@ -16,7 +16,7 @@ a fresh Redis is started; Fido is the real daemon (``twistd -n fido`` through
 ``idle``
     Fido does not keep connections open between polls, so "memory per idle
     connection" is measured on sessions held open: the mock server answers
-    SELECT only after ``--select-delay`` seconds, and Fido runs with
+    STATUS and SELECT only after ``--select-delay`` seconds, and Fido runs with
     ``workers`` = each value of ``--hold``, so that many sessions sit logged
     in and waiting on an open (TLS) connection.  Once every one is
     established, RSS is read; per connection = the RSS difference between two
@@ -66,7 +66,9 @@ def serve(argv):
         return MockMailbox("password", [], uidvalidity=int(m.group(1)))
 
     server = MockIMAPServer(reactor, tls=tls, account_factory=factory, keep_records=False)
-    faults = (Fault("SELECT", "delay", delay=delay),) if delay else ()
+    # held sessions wait on the first command after LOGIN (STATUS), or SELECT
+    faults = (Fault("STATUS", "delay", delay=delay),
+              Fault("SELECT", "delay", delay=delay)) if delay else ()
     server.script(None, Behaviour(faults=faults))
     server.listen(port, "127.0.0.1", implicit_tls=tls is not None, backlog=8192)
     print("listening", flush=True)
@@ -242,10 +244,72 @@ def run_hold(args, workdir, redis, tls_files, ca, hold):
             **{k: stall[k] for k in ("gc_tracked", "gc_types") if k in stall}}
 
 
+def table(path):
+    """The README's scale table, from the JSON lines of ``--json PATH`` runs
+    (the last result of each kind and transport wins)."""
+    last = {}
+    with open(path) as f:
+        for line in f:
+            res = json.loads(line)
+            key = (res["mode"], res["tls"], res.get("held") or res.get("accounts"))
+            last[key] = res
+
+    def pick(mode, tls, held=None):
+        found = [r for (m, t, n), r in last.items() if m == mode and t == tls
+                 and (held is None or n == held)]
+        return found[-1] if found else {}
+
+    def cell(res, key, fmt, unit=""):
+        v = res.get(key)
+        return "-" if v is None else format(v, fmt) + unit
+
+    held_counts = sorted({n for (m, _, n) in last if m == "idle"}, reverse=True)
+    big = held_counts[0] if held_counts else None
+    rows = []
+    rp, rt = pick("round", False), pick("round", True)
+    n = rp.get("accounts") or rt.get("accounts")
+    rows.append((f"full round, {n} empty", cell(rp, "round_s", ".1f", " s"),
+                 cell(rt, "round_s", ".1f", " s"),
+                 f"{rp.get('workers', rt.get('workers'))} workers; "
+                 f"{cell(rp, 'sessions_per_s', '.0f')} / {cell(rt, 'sessions_per_s', '.0f')} "
+                 "sessions/s"))
+    rows.append(("CPU per empty session", cell(rp, "cpu_ms_per_session", ".2f", " ms"),
+                 cell(rt, "cpu_ms_per_session", ".2f", " ms"), "after start-up"))
+    rows.append(("peak RSS in the round", cell(rp, "peak_rss_mib", ".0f", " MiB"),
+                 cell(rt, "peak_rss_mib", ".0f", " MiB"), ""))
+    rows.append(("longest stall, round", cell(rp, "stall_max_ms", ".0f", " ms"),
+                 cell(rt, "stall_max_ms", ".0f", " ms"),
+                 f"of which GC {cell(rp, 'gc_max_ms', '.0f')} / {cell(rt, 'gc_max_ms', '.0f')} ms"))
+    pp, pt = pick("idle-per-connection", False), pick("idle-per-connection", True)
+    between = pp.get("between") or pt.get("between") or ["?", "?"]
+    rows.append(("memory per held session", cell(pp, "kib_per_connection", ".1f", " KiB"),
+                 cell(pt, "kib_per_connection", ".1f", " KiB"),
+                 f"(RSS at {between[0]} - at {between[1]}) / {between[0] - between[1]}"
+                 if all(isinstance(b, int) for b in between) else ""))
+    if big is not None:
+        ip, it = pick("idle", False, big), pick("idle", True, big)
+        rows.append((f"RSS, {big} held", cell(ip, "rss_mib", ".0f", " MiB"),
+                     cell(it, "rss_mib", ".0f", " MiB"), ""))
+        rows.append((f"longest stall, {big} held", cell(ip, "stall_max_ms", ".0f", " ms"),
+                     cell(it, "stall_max_ms", ".0f", " ms"),
+                     f"the garbage collector: {cell(ip, 'gc_max_ms', '.0f')} / "
+                     f"{cell(it, 'gc_max_ms', '.0f')} ms"))
+    head = ("measure", "plain", "TLS", "notes")
+    widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(4)]
+    rule = "  ".join("=" * w for w in widths)
+    out = [rule, "  ".join(h.ljust(w) for h, w in zip(head, widths)).rstrip(), rule]
+    out += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    out.append(rule)
+    print("\n".join(out))
+    return 0
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "serve":
         return serve(argv[1:])
+    if argv and argv[0] == "table":
+        return table(argv[1])
     compile_fido()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("mode", choices=("round", "idle"))
