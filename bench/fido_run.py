@@ -13,6 +13,9 @@ Environment:
     (or the process was not scheduled) that long: every connection waited.
 ``FIDO_GC_FREEZE=1``
     ``gc.freeze()`` once the reactor runs (an experiment).
+``FIDO_CODE=DIR``
+    import ``fido_tx`` from the checkout ``DIR`` (say a ``git worktree`` of
+    an older commit) to measure before and after with the same harness.
 ``FIDO_PROFILE=PATH``
     run the whole daemon under cProfile and dump the stats to PATH at exit
     (``{pid}`` in PATH is replaced by the daemon's process id).
@@ -79,6 +82,9 @@ def _install_probe(reactor, path, interval):
 
 
 def main():
+    code = os.environ.get("FIDO_CODE")
+    if code:  # before/after runs: the daemon imports fido_tx from this checkout
+        sys.path.insert(0, code)
     from twisted.internet import reactor  # the default (epoll) reactor
     from twisted.scripts.twistd import run
 

@@ -205,6 +205,7 @@ def run_round(args, workdir, redis, tls_files, ca):
         "errors": errors, "peak_rss_mib": round(peak / 2**20, 1),
         "mock_cpu_s": round(mock_cpu, 2), "stall_max_ms": stall.get("max_ms"), "gc_max_ms": stall.get("gc_max_ms"),
         "stalls_over_100ms": stall.get("over_100ms"),
+        **{k: stall[k] for k in ("gc_tracked", "gc_types") if k in stall},
     }
 
 
