@@ -69,6 +69,9 @@ def _install_probe(reactor, path, interval):
             state["gc_types"] = collections.Counter(
                 type(o).__qualname__ for o in objs).most_common(40)
             del objs
+        # cumulative collections and objects found unreachable (in cycles),
+        # per generation: what the sessions leave for the collector
+        state["gc_stats"] = gc.get_stats()
         times = os.times()  # user vs kernel: how much is Python, how much syscalls
         state["cpu_user_s"], state["cpu_sys_s"] = round(times.user, 3), round(times.system, 3)
         with open(path, "w", encoding="utf-8") as f:

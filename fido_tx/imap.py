@@ -351,6 +351,7 @@ class _Session:
         self.dry_run = dry_run
         self.log = log
         self.proto = None
+        self.factory = None
         self.connecting = None
         self.cancelled = False
         self.expired = False
@@ -377,6 +378,7 @@ class _Session:
         def deliver(result):
             if deadline is not None and deadline.active():
                 deadline.cancel()
+            self._forget()
             if not outer.called:
                 outer.callback(result)
 
@@ -392,6 +394,21 @@ class _Session:
         inner.addErrback(crashed)
         inner.addCallback(deliver)
         return outer
+
+    def _forget(self):
+        """Drop the connection's objects once the session is over.  They
+        refer to each other (protocol, transport, TLS connection, Deferreds);
+        cut here, they are freed at once instead of waiting, as garbage in
+        cycles, for the collector."""
+        proto, self.proto = self.proto, None
+        if proto is not None:
+            proto.forget()
+        self.creator = None
+        self.tls_connections = []
+        self.connecting = None
+        factory, self.factory = self.factory, None
+        if factory is not None:  # Twisted's connector keeps the factory
+            factory.make = None
 
     def _cancel(self, outer):
         self._abort("session cancelled")
@@ -645,7 +662,8 @@ class _Session:
             timed_out.append(True)
             self.connecting.cancel()
 
-        self.connecting = endpoint.connect(_OneProtocol(make))
+        self.factory = _OneProtocol(make)
+        self.connecting = endpoint.connect(self.factory)
         timer = self.reactor.callLater(settings.connect_timeout, on_timeout)
         try:
             self.proto = await self.connecting

@@ -537,6 +537,14 @@ class FidoIMAP4Client(imap4.IMAP4Client):
         if not self.lost.called:
             self.lost.callback(None)
 
+    def forget(self):
+        """The session is over: drop what refers back to it or to pending
+        work, so the connection's objects are freed without the collector."""
+        self.tls_explain = None
+        self._untagged = None
+        self._literal = None
+        self._segments = None
+
     def _lost_error(self, reason):
         tls = tls_error(reason, getattr(self, "tls_explain", None),
                         getattr(self, "tls_host", None))
