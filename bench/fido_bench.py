@@ -94,7 +94,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def write_config(directory, redis_url, workers, extra=""):
+def write_config(directory, redis_url, workers, extra="", level="info"):
     path = os.path.join(directory, "fido.toml")
     with open(path, "w", encoding="utf-8") as f:
         f.write(f"""\
@@ -118,7 +118,7 @@ url = ""
 listen = ""
 
 [log]
-level = "info"
+level = "{level}"
 file = "fido.log"
 """)
         if extra:

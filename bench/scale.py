@@ -43,7 +43,7 @@ if ROOT not in sys.path:
 import psutil  # noqa: E402
 
 from bench.compare import _COUNT_SESSIONS, Sampler, fido_command  # noqa: E402
-from bench.fido_bench import compile_fido  # noqa: E402
+from bench.fido_bench import compile_fido, write_config  # noqa: E402
 from tests.support import redis_server  # noqa: E402
 from tests.support.dovecot import free_port  # noqa: E402
 
@@ -85,36 +85,11 @@ def write_files(directory, redis_url, port, accounts, workers, tls, ca, command_
     with open(path, "w") as f:
         json.dump({"accounts": acc}, f)
     os.chmod(path, 0o600)
-    os.makedirs(os.path.join(directory, "state"), exist_ok=True)
-    config = os.path.join(directory, "fido.toml")
-    with open(config, "w") as f:
-        f.write(f"""[fido]
-accounts_file = "accounts.json"
-key_file = ""
-workers = {workers}
-poll_interval = 3600
-state_dir = "state"
-
-[redis]
-url = "{redis_url}"
-max_backlog = 10000000
-
-[reporter]
-url = ""
-
-[http]
-listen = ""
-
-[log]
-level = "warn"
-file = "fido.log"
-
-[imap]
+    # warn: no log line per session, thousands of them a second
+    return write_config(directory, redis_url, workers, level="warn", extra=f"""[imap]
 command_timeout = {command_timeout}
 connect_timeout = 120
-greeting_timeout = 120
-""")
-    return config
+greeting_timeout = 120""")
 
 
 def _raise_nofile():

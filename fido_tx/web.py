@@ -3,13 +3,9 @@
 ``/metrics``: the Prometheus text format of :class:`fido_tx.metrics.Metrics`'s
 own registry.
 
-``/healthz``: ``200`` and ``{"status": "ok", "accounts": N, "running": R,
-"redis": "connected", "lag": S, "paused": [...]}`` while Fido is making
-progress and Redis is reachable; ``503`` and ``{"status": "fail", "reason":
-"...", ...}`` otherwise.  Making progress means: a session completed within
-the last ``stall_after`` seconds, or no account has been overdue for that long
-(nothing to do is healthy), or fetching is paused on purpose (the stream
-backlog is over ``max_backlog``: the importer is behind, not Fido).
+``/healthz``: ``200`` while :class:`fido_tx.health.Health` says Fido is
+making progress and Redis is reachable, ``503`` otherwise; the body is the
+check's JSON.
 
 The site writes no access log: a scraper every 15 s would fill the log.
 """
@@ -21,8 +17,6 @@ from twisted.internet.endpoints import serverFromString
 from twisted.web import pages, resource, server
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
-from fido_tx.health import BENIGN_PAUSES, DEFAULT_STALL_AFTER, Health  # noqa: F401 (re-exported)
 
 
 class HealthResource(resource.Resource):

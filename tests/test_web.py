@@ -9,7 +9,8 @@ from twisted.internet import task
 from twisted.trial.unittest import SynchronousTestCase
 
 from fido_tx.metrics import Metrics
-from fido_tx.web import Health, listen, make_site
+from fido_tx.health import Health
+from fido_tx.web import listen, make_site
 
 
 class FakeScheduler:
