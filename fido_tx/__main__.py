@@ -2,6 +2,6 @@
 
 import sys
 
-from fido_tx.cli import main
+from fido_tx.cmd.cli import main
 
 sys.exit(main())

@@ -73,7 +73,7 @@ class BackoffSettings:
 
 def redact_url(url):
     """``repr`` of ``url`` with any password replaced by ``***``."""
-    from fido_tx import redisurl
+    from fido_tx.redis import url as redisurl
 
     return repr(redisurl.redact(url))
 
@@ -529,7 +529,7 @@ def _check_settings(path, s):
             "scheme must be redis://, rediss:// or unix://, got "
             + (f"{scheme}://" if scheme else "no scheme"),
         )
-    from fido_tx import redisurl
+    from fido_tx.redis import url as redisurl
 
     try:
         redisurl.parse(r.url)

@@ -23,7 +23,7 @@ from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
 
 import fido_tx
-from fido_tx import logs
+from fido_tx.observe import logs
 
 log = Logger()
 
@@ -165,20 +165,18 @@ def make_service(
         (``False``: leave logging alone, for tests and the demo).
     :param handle_signals: reload the accounts file on SIGHUP (twistd only).
     """
-    from fido_tx import (
-        backpressure,
-        budget,
-        health as health_mod,
-        imap,
-        pacer,
-        reload,
-        report,
-        resolve,
-        scheduler as scheduler_mod,
-        status as status_mod,
-        store as store_mod,
-        watch,
-    )
+    from fido_tx.schedule import backpressure
+    from fido_tx.schedule import budget
+    from fido_tx.observe import health as health_mod
+    from fido_tx.sources.imap import session as imap
+    from fido_tx.schedule import pacer
+    from fido_tx.accounts import reload
+    from fido_tx.observe import report
+    from fido_tx import resolve
+    from fido_tx.schedule import scheduler as scheduler_mod
+    from fido_tx.observe import status as status_mod
+    from fido_tx.redis import store as store_mod
+    from fido_tx.accounts import watch
 
     # every session resolves its server's name: answers kept for a minute
     resolve.install(reactor)
@@ -215,7 +213,7 @@ def make_service(
     # (~5 MiB and ~50 ms of start-up)
     metrics = None
     if settings.http.listen:
-        from fido_tx import metrics as metrics_mod
+        from fido_tx.observe import metrics as metrics_mod
 
         metrics = metrics_mod.Metrics()
     status = status_mod.StatusTracker(reactor, store, reporter, metrics, dry_run=dry_run)
@@ -299,7 +297,7 @@ def make_service(
 
     health = health_mod.Health(reactor, sched, store, status=status)
     if metrics is not None:
-        from fido_tx import web
+        from fido_tx.observe import web
 
         metrics.bind(scheduler=sched, store=store, reporter=reporter, status=status)
         site = web.make_site(metrics, health)

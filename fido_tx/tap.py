@@ -26,7 +26,8 @@ def makeService(options):
     """Load the configuration and build the daemon's service tree."""
     from twisted.internet import reactor
 
-    from fido_tx import config, service
+    from fido_tx import config
+    from fido_tx import service
 
     try:
         settings, path, created = config.load_settings(
@@ -35,7 +36,7 @@ def makeService(options):
     except config.ConfigError as e:
         # twistd turns a SystemExit message into one line on stderr, no traceback.
         raise SystemExit(f"fido: {e}")
-    from fido_tx.reload import AccountsStartupError
+    from fido_tx.accounts.reload import AccountsStartupError
 
     twistd = getattr(options, "parent", None) or {}
     try:

@@ -9,7 +9,8 @@ import time
 
 from twisted.internet import defer, task
 
-from fido_tx import config, service
+from fido_tx import config
+from fido_tx import service
 
 
 def write_accounts(path, accounts):

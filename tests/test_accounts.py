@@ -10,8 +10,8 @@ from cryptography.fernet import Fernet
 from hypothesis import given, settings, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from fido_tx import accounts
-from fido_tx.accounts import (
+from fido_tx.accounts import model as accounts
+from fido_tx.accounts.model import (
     Account,
     AccountsDiff,
     AccountsFileError,
@@ -254,7 +254,16 @@ class ProblemTests(_FilesMixin, SynchronousTestCase):
             (dict(after_fetch="archive"), "after_fetch", '"seen", "delete" or "move:FOLDER"'),
             (dict(after_fetch="move:"), "after_fetch", "move needs a folder"),
             (dict(after_fetch="move:INBOX"), "after_fetch", "fetched mailbox itself"),
-            (dict(auth="xoauth2"), "auth", '"login" or "plain"'),
+            (dict(auth="cram-md5"), "auth", '"login", "plain"'),
+            (dict(auth="xoauth2"), "oauth", "missing"),
+            (dict(select="all"), "select", '"unseen" or "new"'),
+            (dict(start_from="never"), "start_from", '"all" or "now"'),
+            (dict(idle="yes"), "idle", "true or false"),
+            (dict(delivery="a b"), "delivery", "[delivery.NAME]"),
+            (dict(source="pop3"), "source", '"imap" or "graph"'),
+            (dict(oauth={"client_id": "c", "provider": "x"}), "oauth.provider", '"microsoft"'),
+            (dict(oauth={"provider": "google"}), "oauth.client_id", "missing"),
+            (dict(oauth={"client_id": "c", "secret": "s"}), "oauth.secret", "unknown field"),
             (dict(mailbox=""), "mailbox", "must not be empty"),
             (dict(mailbox="A\r\nB"), "mailbox", "control character"),
             (dict(host=""), "host", "host name"),

@@ -1,11 +1,12 @@
-"""Tests for fido_tx.backoff: the per-account retry delays."""
+"""Tests for fido_tx.schedule.backoff: the per-account retry delays."""
 
 import random
 
 from hypothesis import given, settings, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from fido_tx import backoff, errors
+from fido_tx.schedule import backoff
+from fido_tx import errors
 from fido_tx.config import BackoffSettings
 
 NO_JITTER = BackoffSettings(

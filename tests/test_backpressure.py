@@ -1,7 +1,7 @@
 from twisted.internet import defer, task
 from twisted.trial.unittest import SynchronousTestCase
 
-from fido_tx.backpressure import Backpressure
+from fido_tx.schedule.backpressure import Backpressure
 
 
 class FakeStore:

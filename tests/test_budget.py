@@ -1,10 +1,10 @@
-"""The shared in-flight byte budget (fido_tx.budget)."""
+"""The shared in-flight byte budget (fido_tx.schedule.budget)."""
 
 from hypothesis import given, settings, strategies as st
 from twisted.internet import defer
 from twisted.trial.unittest import SynchronousTestCase
 
-from fido_tx.budget import ByteBudget
+from fido_tx.schedule.budget import ByteBudget
 
 
 class ByteBudgetTests(SynchronousTestCase):

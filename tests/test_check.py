@@ -1,5 +1,5 @@
 """fido check: the static check of fido.toml + accounts file, and --connect
-against a real loopback IMAP server (fido_tx.memimap)."""
+against a real loopback IMAP server (fido_tx.demo.memimap)."""
 
 import io
 import json
@@ -15,8 +15,12 @@ import pytest_twisted
 from twisted.internet import defer, task
 from twisted.trial.unittest import SynchronousTestCase
 
-from fido_tx import accounts, check, cli, config, errors
-from fido_tx.accounts import Account
+from fido_tx.accounts import model as accounts
+from fido_tx.cmd import check
+from fido_tx.cmd import cli
+from fido_tx import config
+from fido_tx import errors
+from fido_tx.accounts.model import Account
 from fido_tx.config import ImapSettings
 from fido_tx.outcome import SessionResult
 
@@ -297,7 +301,7 @@ FAST = ImapSettings(connect_timeout=5, greeting_timeout=5, command_timeout=5, lo
 def test_check_accounts_against_memimap_reads_only():
     from twisted.internet import reactor
 
-    from fido_tx.memimap import MemoryIMAPFactory
+    from fido_tx.demo.memimap import MemoryIMAPFactory
 
     factory = MemoryIMAPFactory({"good": (PASSWORD, {"INBOX": [_message(i) for i in range(3)]})})
     inbox = factory.folders["good"]["INBOX"]
@@ -328,7 +332,7 @@ def test_check_accounts_against_memimap_reads_only():
 SERVER_SCRIPT = """
 import sys
 from twisted.internet import reactor
-from fido_tx.memimap import MemoryIMAPFactory
+from fido_tx.demo.memimap import MemoryIMAPFactory
 raw = b"From: a@example.test\\r\\nSubject: hi\\r\\n\\r\\nhello\\r\\n"
 factory = MemoryIMAPFactory({"good": (sys.argv[1], {"INBOX": [raw] * 4})})
 port = reactor.listenTCP(0, factory, interface="127.0.0.1")

@@ -13,7 +13,9 @@ import types
 from cryptography.fernet import Fernet
 from twisted.trial.unittest import SynchronousTestCase
 
-from fido_tx import accounts, cli, config
+from fido_tx.accounts import model as accounts
+from fido_tx.cmd import cli
+from fido_tx import config
 
 PASSWORD = "cli-secret-password"
 DOCUMENT = {
@@ -333,7 +335,7 @@ class LazyCommandTests(_CliMixin, SynchronousTestCase):
             seen.append((args.config, args.json))
             return 3
 
-        self.fake_module("fido_tx.statuscmd", main, add_arguments)
+        self.fake_module("fido_tx.cmd.status", main, add_arguments)
         self.assertEqual(self.fido("status", "--config", "/x.toml", "--json").status, 3)
         self.assertEqual(self.fido("--config", "/y.toml", "status").status, 3)
         self.assertEqual(self.fido("status").status, 3)
@@ -343,7 +345,7 @@ class LazyCommandTests(_CliMixin, SynchronousTestCase):
         def main(args):
             raise config.ConfigError("/etc/fido/fido.toml: unknown key [fido] wokers")
 
-        self.fake_module("fido_tx.check", main)
+        self.fake_module("fido_tx.cmd.check", main)
         line = self.assertOneLineError(self.fido("check"))
         self.assertEqual(line, "fido: error: /etc/fido/fido.toml: unknown key [fido] wokers")
 
@@ -351,7 +353,7 @@ class LazyCommandTests(_CliMixin, SynchronousTestCase):
         def main(args):
             raise ZeroDivisionError("boom")
 
-        self.fake_module("fido_tx.check", main)
+        self.fake_module("fido_tx.cmd.check", main)
         line = self.assertOneLineError(self.fido("check"))
         self.assertIn("unexpected ZeroDivisionError: boom", line)
         run = self.fido("check", environ={"FIDO_DEBUG": "1"})
@@ -359,8 +361,8 @@ class LazyCommandTests(_CliMixin, SynchronousTestCase):
         self.assertIn("Traceback", run.stderr)
 
     def test_missing_module_is_one_line(self):
-        self.fake_module("fido_tx.check", None)
-        sys.modules["fido_tx.check"] = None  # makes the import fail
+        self.fake_module("fido_tx.cmd.check", None)
+        sys.modules["fido_tx.cmd.check"] = None  # makes the import fail
         line = self.assertOneLineError(self.fido("check"))
         self.assertIn("fido check is not available", line)
 

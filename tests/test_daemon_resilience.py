@@ -358,7 +358,7 @@ def test_backlog_over_max_stops_fetching_until_the_importer_trims_the_stream(
             assert (report["account"], report["kind"]) == ("*", "redis")
             assert "max_backlog" in report["message"] and "8" in report["message"]
             assert collector.authorization == ["Bearer reporter-token-x"]
-            assert len(logs.matching("fido_tx.backpressure", "over max_backlog")) == 1
+            assert len(logs.matching("fido_tx.schedule.backpressure", "over max_backlog")) == 1
 
             # The importer consumes the stream.
             consumed = stream_entries(redis)
@@ -376,8 +376,8 @@ def test_backlog_over_max_stops_fetching_until_the_importer_trims_the_stream(
 
     assert collector.kinds() == ["redis", "recovered"], collector.bodies
     assert collector.bodies[1]["account"] == "*"
-    assert len(logs.matching("fido_tx.backpressure", "over max_backlog")) == 1
-    assert len(logs.matching("fido_tx.backpressure", "fetching resumed")) == 1
+    assert len(logs.matching("fido_tx.schedule.backpressure", "over max_backlog")) == 1
+    assert len(logs.matching("fido_tx.schedule.backpressure", "fetching resumed")) == 1
     entries = consumed + stream_entries(redis)
     assert len(entries) == 12
     assert_no_duplicates(entries)

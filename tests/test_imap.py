@@ -1,4 +1,4 @@
-"""Mailbox sessions (fido_tx.imap) against Twisted's own IMAP4Server.
+"""Mailbox sessions (fido_tx.sources.imap.session) against Twisted's own IMAP4Server.
 
 The server runs over real loopback TCP with an in-memory mailbox; the tests
 check what the session did on both sides: the sink's entries and the server's
@@ -13,10 +13,12 @@ from twisted.internet import defer, protocol
 from twisted.mail import imap4
 from zope.interface import implementer
 
-from fido_tx import errors, imap, memimap
-from fido_tx.accounts import Account
+from fido_tx import errors
+from fido_tx.sources.imap import session as imap
+from fido_tx.demo import memimap
+from fido_tx.accounts.model import Account
 from fido_tx.config import ImapSettings
-from fido_tx.sink import MemorySink, redis_down
+from fido_tx.sinks.base import MemorySink, redis_down
 
 USER, PASSWORD = "fido@example.test", 'pa"ss\\word'
 
@@ -743,7 +745,7 @@ def test_dovecot_seen_and_wrong_password(dovecot):
 def test_sessions_share_the_inflight_budget_and_give_it_back(server):
     from twisted.internet import reactor
 
-    from fido_tx.budget import ByteBudget
+    from fido_tx.schedule.budget import ByteBudget
 
     budget = ByteBudget(2500)  # room for about two ~1 KB messages
     boxes = []
@@ -799,7 +801,7 @@ def test_a_finished_session_leaves_nothing_of_its_own_to_the_garbage_collector(s
         gc.collect()
         # the per-session factory stays in Twisted's connector cycle, emptied
         ours = sorted({type(o).__name__ for o in gc.garbage
-                       if type(o).__module__ in ("fido_tx.imap", "fido_tx.imapproto")}
+                       if type(o).__module__ in ("fido_tx.sources.imap.session", "fido_tx.sources.imap.client")}
                       - {"_OneProtocol"})
     finally:
         gc.set_debug(0)

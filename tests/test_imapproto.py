@@ -1,4 +1,4 @@
-"""The IMAP4Client subclass and IMAP syntax helpers (fido_tx.imapproto).
+"""The IMAP4Client subclass and IMAP syntax helpers (fido_tx.sources.imap.client).
 
 Synchronous: StringTransport and a Clock drive the protocol, so timeouts,
 literal rates and redaction are checked exactly.
@@ -14,12 +14,14 @@ from twisted.mail import imap4
 from twisted.python import failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from fido_tx import errors, imap, imapproto
-from fido_tx.accounts import Account
+from fido_tx import errors
+from fido_tx.sources.imap import session as imap
+from fido_tx.sources.imap import client as imapproto
+from fido_tx.accounts.model import Account
 from fido_tx.config import ImapSettings
 from fido_tx.errors import FidoError
-from fido_tx.imapproto import FidoIMAP4Client
-from fido_tx.sink import MemorySink
+from fido_tx.sources.imap.client import FidoIMAP4Client
+from fido_tx.sinks.base import MemorySink
 
 
 def connect(greeting=b"* OK [CAPABILITY IMAP4rev1 STARTTLS] hello\r\n", rate=1000):

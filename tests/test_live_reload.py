@@ -9,7 +9,8 @@ import attr
 import pytest_twisted
 from twisted.internet import defer, task
 
-from fido_tx import config, service
+from fido_tx import config
+from fido_tx import service
 from tests import daemon
 from tests.support.mockimap import Behaviour, Fault, MockIMAPServer, MockMailbox
 
@@ -84,7 +85,7 @@ class Harness:
         self.top = service.make_service(
             settings, self.reactor, observer=False, session_factory=self._session
         )
-        from fido_tx import imap
+        from fido_tx.sources.imap import session as imap
 
         self._imap = imap
         self._settings = settings

@@ -4,14 +4,14 @@ import json
 from twisted.logger import Logger, LogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from fido_tx import logs
+from fido_tx.observe import logs
 from fido_tx.config import LogSettings
 
 
 def _emit(settings, **kw):
     stream = io.StringIO()
     publisher = LogPublisher(logs.make_observer(settings, stream=stream))
-    log = Logger(namespace="fido_tx.status", observer=publisher)
+    log = Logger(namespace="fido_tx.observe.status", observer=publisher)
     log.info("acme-support ok: {messages} messages, {bytes} bytes", messages=3, bytes=4096, **kw)
     log.debug("a debug line {x}", x=1)
     return stream.getvalue()
@@ -24,7 +24,7 @@ class LogFormatTests(SynchronousTestCase):
         self.assertEqual(len(lines), 1)
         self.assertRegex(
             lines[0],
-            r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ info  \[status\] acme-support ok: 3 messages, 4096 bytes$",
+            r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z info  \[status\] acme-support ok: 3 messages, 4096 bytes$",
         )
 
     def test_json_is_one_object_a_line_with_the_format_fields(self):

@@ -7,10 +7,10 @@ from twisted.internet import task
 from twisted.trial.unittest import SynchronousTestCase
 
 from fido_tx import errors
-from fido_tx.metrics import Metrics
+from fido_tx.observe.metrics import Metrics
 from fido_tx.outcome import SessionResult
-from fido_tx.health import Health
-from fido_tx.web import listen, make_site
+from fido_tx.observe.health import Health
+from fido_tx.observe.web import listen, make_site
 
 
 class FakeScheduler:

@@ -1,9 +1,9 @@
-"""Session starts spread over reactor turns (fido_tx.pacer)."""
+"""Session starts spread over reactor turns (fido_tx.schedule.pacer)."""
 
 from twisted.internet import defer, task
 from twisted.trial.unittest import SynchronousTestCase
 
-from fido_tx.pacer import StartPacer
+from fido_tx.schedule.pacer import StartPacer
 
 
 class TurnClock:

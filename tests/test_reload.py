@@ -15,8 +15,9 @@ from twisted.internet import task
 from twisted.logger import Logger, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
-from fido_tx import accounts, reload
-from fido_tx.accounts import AccountsFileError, LoadResult, Problem
+from fido_tx.accounts import model as accounts
+from fido_tx.accounts import reload
+from fido_tx.accounts.model import AccountsFileError, LoadResult, Problem
 
 
 def entry(i, **over):
@@ -80,7 +81,7 @@ class Harness(SynchronousTestCase):
         kw.setdefault("cache_path", self.cache)
         src = reload.AccountsSource(self.clock, self.path, kw.pop("key_file", ""),
                                     self.apply, self.factory, **kw)
-        src.log = Logger(namespace="fido_tx.reload", observer=self.events.append)
+        src.log = Logger(namespace="fido_tx.accounts.reload", observer=self.events.append)
         return src
 
     def started(self, **kw):
@@ -612,7 +613,7 @@ class OffThreadTests(Harness):
 def test_real_reactor_reloads_off_thread_with_a_real_watcher(tmp_path):
     from twisted.internet import defer, reactor
 
-    from fido_tx import watch
+    from fido_tx.accounts import watch
 
     path = str(tmp_path / "accounts.json")
     with open(path, "wb") as f:

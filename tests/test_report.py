@@ -14,7 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web import resource, server
 
 from fido_tx.config import ReporterSettings
-from fido_tx.report import REDACTED, Reporter, scrub
+from fido_tx.observe.report import REDACTED, Reporter, scrub
 
 TOKEN = "tok-3b1f9c27e8a54d6f"
 PASSWORD = "hunter2-very-secret"

@@ -16,12 +16,13 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock
 from twisted.test import iosim
 
-from fido_tx import errors, imapproto
-from fido_tx.accounts import Account
+from fido_tx import errors
+from fido_tx.sources.imap import client as imapproto
+from fido_tx.accounts.model import Account
 from fido_tx.config import ImapSettings
-from fido_tx.imap import fetch_mailbox
+from fido_tx.sources.imap.session import fetch_mailbox
 from fido_tx.outcome import SessionResult
-from fido_tx.sink import MemorySink
+from fido_tx.sinks.base import MemorySink
 from tests.support.mockimap import (
     TOO_MANY_CONNECTIONS, Behaviour, Fault, MockIMAPServer, MockMailbox, parse_set,
     sample_message)

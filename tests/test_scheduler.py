@@ -1,4 +1,4 @@
-"""Tests for fido_tx.scheduler: round robin over worker slots, on a fake clock."""
+"""Tests for fido_tx.schedule.scheduler: round robin over worker slots, on a fake clock."""
 
 import random
 
@@ -17,11 +17,11 @@ from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from fido_tx import errors
-from fido_tx.accounts import Account
+from fido_tx.accounts.model import Account
 from fido_tx.config import BackoffSettings
 from fido_tx.outcome import SessionResult
-from fido_tx.accounts import AccountsDiff
-from fido_tx.scheduler import Scheduler
+from fido_tx.accounts.model import AccountsDiff
+from fido_tx.schedule.scheduler import Scheduler
 
 NO_JITTER = BackoffSettings(
     initial=100.0, maximum=400.0, auth_initial=1000.0, auth_maximum=5000.0, jitter=0.0

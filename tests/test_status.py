@@ -10,12 +10,12 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web import resource
 
 from fido_tx import errors
-from fido_tx.accounts import Account
+from fido_tx.accounts.model import Account
 from fido_tx.config import ReporterSettings
-from fido_tx.metrics import Metrics
+from fido_tx.observe.metrics import Metrics
 from fido_tx.outcome import SessionResult
-from fido_tx.report import Reporter
-from fido_tx.status import GLOBAL, StatusTracker
+from fido_tx.observe.report import Reporter
+from fido_tx.observe.status import GLOBAL, StatusTracker
 
 PASSWORD = "s3cret-Passw0rd"
 ACCOUNT = Account(
@@ -279,7 +279,7 @@ class LogTests(SynchronousTestCase):
     def test_json_log_lines_carry_the_fields(self):
         import io
 
-        from fido_tx.logs import LineObserver
+        from fido_tx.observe.logs import LineObserver
 
         tracker, clock, store, reporter, events = make()
         tracker.record(ACCOUNT, ok())

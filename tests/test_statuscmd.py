@@ -6,7 +6,8 @@ import json
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from fido_tx import cli, statuscmd
+from fido_tx.cmd import cli
+from fido_tx.cmd import status as statuscmd
 from fido_tx.config import RedisSettings, Settings
 from tests.support.redis_server import free_port
 
@@ -87,7 +88,7 @@ def test_password_and_db_from_settings_and_never_printed(redis):
     r("SELECT", "0")
     r("CONFIG", "SET", "requirepass", "pw-Zq81xv")
     raw = statuscmd.RespConnection  # populate db 3 through an authenticated connection
-    from fido_tx import redisurl
+    from fido_tx.redis import url as redisurl
 
     url = f"redis://:pw-Zq81xv@127.0.0.1:{redis.port}/3"
     with raw(redisurl.parse(url)) as conn:

@@ -1,4 +1,4 @@
-"""Tests for fido_tx.store (the Redis sink) and fido_tx.redisurl.
+"""Tests for fido_tx.redis.store (the Redis sink) and fido_tx.redis.url.
 
 URL parsing and the "never connected" deadline are synchronous unit tests;
 everything else runs against a real redis-server (the ``redis`` fixture, or
@@ -21,11 +21,13 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from fido_tx import errors, redisurl, store as store_mod
+from fido_tx import errors
+from fido_tx.redis import url as redisurl
+from fido_tx.redis import store as store_mod
 from fido_tx.config import RedisSettings
 from fido_tx.outcome import SessionResult
-from fido_tx.sink import IMessageSink, Message
-from fido_tx.store import RedisStore, account_key, uids_key
+from fido_tx.sinks.base import IMessageSink, Message
+from fido_tx.redis.store import RedisStore, account_key, uids_key
 from tests.support import redis_server
 
 

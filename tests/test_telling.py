@@ -14,7 +14,9 @@ from twisted.internet import defer, task
 from twisted.logger import globalLogPublisher
 from twisted.web import resource, server
 
-from fido_tx import config, logs, service
+from fido_tx import config
+from fido_tx.observe import logs
+from fido_tx import service
 from tests import daemon
 from tests.support.mockimap import Behaviour, Fault, MockIMAPServer, MockMailbox
 from tests.support.redis_server import free_port

@@ -12,7 +12,7 @@ from twisted.internet import defer, task
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
-from fido_tx import watch
+from fido_tx.accounts import watch
 
 #: how long "nothing happens" is watched for, seconds
 QUIET = 0.25

@@ -8,9 +8,9 @@ from treq.testing import StubTreq
 from twisted.internet import task
 from twisted.trial.unittest import SynchronousTestCase
 
-from fido_tx.metrics import Metrics
-from fido_tx.health import Health
-from fido_tx.web import listen, make_site
+from fido_tx.observe.metrics import Metrics
+from fido_tx.observe.health import Health
+from fido_tx.observe.web import listen, make_site
 
 
 class FakeScheduler:
@@ -153,7 +153,8 @@ def test_with_the_http_endpoint_off_the_web_stack_is_never_loaded(tmp_path):
     script = textwrap.dedent(f"""
         import sys
         from twisted.internet.testing import MemoryReactorClock
-        from fido_tx import config, service
+        from fido_tx import config
+        from fido_tx import service
         settings = config.Settings(
             fido=config.FidoSettings(accounts_file={str(tmp_path / "accounts.json")!r},
                                      key_file="", state_dir={str(tmp_path)!r}),

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from fido_tx.redisserver import (  # noqa: F401 - re-exported for tests
+from fido_tx.demo.redisserver import (  # noqa: F401 - re-exported for tests
     RedisServer,
     RespClient,
     find_redis_server,

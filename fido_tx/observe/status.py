@@ -45,14 +45,14 @@ import attr
 from twisted.logger import Logger
 
 from fido_tx import errors
-from fido_tx.report import iso_utc
+from fido_tx.observe.report import iso_utc
 
 #: the ``account`` of reports about the whole Fido instance
 GLOBAL = "*"
 
 OK = "ok"
 
-_log = Logger(namespace="fido_tx.status")
+_log = Logger(namespace="fido_tx.observe.status")
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
@@ -81,7 +81,7 @@ class StatusTracker:
     :param clock: ``IReactorTime``.
     :param store: has ``record_session(result)`` and
         ``update_account(account_id, fields)`` (both return Deferreds that
-        never errback, like :class:`fido_tx.store.RedisStore`); may be None.
+        never errback, like :class:`fido_tx.redis.store.RedisStore`); may be None.
     :param reporter: has ``report(account_id, kind, message, debug,
         occurred_at, secrets=())``; may be None.
     :param metrics: has ``observe_session(result)``; may be None.

@@ -1,6 +1,6 @@
 """Whether Fido is making progress: the ``/healthz`` check, without the web.
 
-Kept apart from :mod:`fido_tx.web` so the check (and ``fido status``) does
+Kept apart from :mod:`fido_tx.observe.web` so the check (and ``fido status``) does
 not import twisted.web and prometheus_client in a daemon whose HTTP endpoint
 is off: ~5 MiB and ~50 ms of start-up.
 

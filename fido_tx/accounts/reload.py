@@ -75,7 +75,7 @@ from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from fido_tx import accounts as accounts_mod
+from fido_tx.accounts import model as accounts_mod
 from fido_tx import errors
 
 __all__ = ["AccountsSource", "AccountsStartupError", "run_inline"]

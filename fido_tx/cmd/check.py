@@ -31,10 +31,11 @@ import attr
 from twisted.internet import defer
 from zope.interface import implementer
 
-from fido_tx import accounts as accounts_mod
-from fido_tx import config, errors
+from fido_tx.accounts import model as accounts_mod
+from fido_tx import config
+from fido_tx import errors
 from fido_tx.outcome import SessionResult
-from fido_tx.sink import IMessageSink
+from fido_tx.sinks.base import IMessageSink
 
 DEFAULT_CONCURRENCY = 20
 #: seconds one account may take, and the cap on each network step
@@ -62,7 +63,7 @@ class Report:
     accounts: tuple = ()
     #: the valid accounts of this instance's shard
     shard_accounts: tuple = ()
-    #: :class:`fido_tx.accounts.Problem` per dropped entry
+    #: :class:`fido_tx.accounts.model.Problem` per dropped entry
     problems: tuple = ()
     warnings: tuple = ()
     notes: tuple = ()
@@ -81,7 +82,7 @@ def _config_secrets(settings):
     if settings.reporter.token:
         found.append("[reporter] token")
     try:
-        from fido_tx import redisurl
+        from fido_tx.redis import url as redisurl
 
         if redisurl.parse(settings.redis.url).password:
             found.append("a Redis password")
@@ -93,7 +94,7 @@ def _config_secrets(settings):
 def inspect(settings, config_path):
     """Load the accounts file of ``settings`` -> :class:`Report`.
 
-    :raises fido_tx.accounts.AccountsFileError: the file is unusable.
+    :raises fido_tx.accounts.model.AccountsFileError: the file is unusable.
     """
     fido = settings.fido
     loaded = accounts_mod.load_accounts(fido.accounts_file, fido.key_file)
@@ -193,7 +194,7 @@ def check_accounts(reactor, accounts, imap_settings, concurrency=DEFAULT_CONCURR
     """Log in to each account read-only (a dry-run session), ``concurrency`` at a time.
 
     :param reactor: IReactorTCP + IReactorTime (+ name resolver).
-    :param accounts: :class:`fido_tx.accounts.Account` values.
+    :param accounts: :class:`fido_tx.accounts.model.Account` values.
     :param imap_settings: :class:`fido_tx.config.ImapSettings`; its timeouts
         are capped at ``timeout``.
     :param progress: ``progress(done, total)``, called with 0 first and after
@@ -205,7 +206,7 @@ def check_accounts(reactor, accounts, imap_settings, concurrency=DEFAULT_CONCURR
         order given; it never errbacks.
     """
     if fetch is None:
-        from fido_tx.imap import fetch_mailbox as fetch
+        from fido_tx.sources.imap.session import fetch_mailbox as fetch
     accounts = list(accounts)
     settings = capped_settings(imap_settings, timeout)
     sink = _NullSink()
@@ -453,7 +454,7 @@ def main(args):
 
     ``args``: ``config``, ``connect``, ``json``, ``concurrency``, ``timeout``
     and the ``stdout``/``stderr``/``environ``/``roots`` conveniences of
-    :mod:`fido_tx.cli` (optional).
+    :mod:`fido_tx.cmd.cli` (optional).
     """
     out = getattr(args, "stdout", None) or sys.stdout
     err = getattr(args, "stderr", None) or sys.stderr

@@ -1,9 +1,9 @@
 """``/healthz`` and ``/metrics`` over twisted.web.
 
-``/metrics``: the Prometheus text format of :class:`fido_tx.metrics.Metrics`'s
+``/metrics``: the Prometheus text format of :class:`fido_tx.observe.metrics.Metrics`'s
 own registry.
 
-``/healthz``: ``200`` while :class:`fido_tx.health.Health` says Fido is
+``/healthz``: ``200`` while :class:`fido_tx.observe.health.Health` says Fido is
 making progress and Redis is reachable, ``503`` otherwise; the body is the
 check's JSON.
 

@@ -1,8 +1,8 @@
 """``fido``: the operator's command (also ``python -m fido_tx``).
 
 Subcommands: ``init``, ``keygen``, ``encrypt``, ``decrypt`` (here), and
-``check``, ``status``, ``demo`` (in :mod:`fido_tx.check`,
-:mod:`fido_tx.statuscmd` and :mod:`fido_tx.demo`, imported only when used).
+``check``, ``status``, ``demo`` (in :mod:`fido_tx.cmd.check`,
+:mod:`fido_tx.cmd.status` and :mod:`fido_tx.demo.run`, imported only when used).
 Every failure is one line on stderr, ``fido: error: ...``, with exit status 1
 (2 for a usage error); ``FIDO_DEBUG=1`` adds the traceback of an unexpected
 error.
@@ -14,19 +14,21 @@ import os
 import sys
 import traceback
 
-from fido_tx import __version__, accounts, config
+from fido_tx import __version__
+from fido_tx.accounts import model as accounts
+from fido_tx import config
 
 PROG = "fido"
 
 #: subcommands implemented elsewhere: name -> (module, one-line help)
 LAZY_COMMANDS = {
     "check": (
-        "fido_tx.check",
+        "fido_tx.cmd.check",
         "validate the config and the accounts file",
     ),
-    "status": ("fido_tx.statuscmd", "show each account's state from Redis"),
+    "status": ("fido_tx.cmd.status", "show each account's state from Redis"),
     "demo": (
-        "fido_tx.demo",
+        "fido_tx.demo.run",
         "run the daemon against a built-in IMAP server and a real Redis",
     ),
 }

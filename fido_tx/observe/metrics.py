@@ -27,7 +27,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from twisted.logger import Logger
 
 from fido_tx import errors
-from fido_tx.health import running_sessions
+from fido_tx.observe.health import running_sessions
 
 log = Logger()
 

@@ -21,16 +21,35 @@ SECURITY_DEFAULT_PORTS = {"tls": 993, "starttls": 143, "none": 143}
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
+class OAuth:
+    """An OAuth2 grant (the account's ``oauth`` object).  With a
+    ``refresh_token`` the refresh-token grant, without one client credentials.
+    Secrets are never shown by ``repr``."""
+
+    provider: str = "generic"
+    tenant: str = ""
+    client_id: str = ""
+    client_secret: str = attr.ib(default="", repr=False)
+    refresh_token: str = attr.ib(default="", repr=False)
+    scope: str = ""
+    token_url: str = ""
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
 class Account:
     """One mailbox to fetch from.  Frozen: a change is a new value.
 
-    The password is never shown by ``repr`` or ``str`` (logs, tracebacks).
+    The fields common to every source come first; ``source`` names the
+    source (:mod:`fido_tx.sources`) that reads it, and the source-specific
+    fields (IMAP: ``host`` .. ``idle``; Graph: ``user``, ``graph_endpoint``)
+    have defaults, so that a source requires only what it uses (the parser
+    checks that per source).  Secrets are never shown by ``repr`` or ``str``.
     """
 
     id: str
-    host: str
-    username: str
-    password: str = attr.ib(repr=False)
+    host: str = ""
+    username: str = ""
+    password: str = attr.ib(default="", repr=False)
     port: int = 993
     #: "tls" (implicit), "starttls" (required upgrade) or "none" (explicit plain)
     security: str = "tls"
@@ -39,8 +58,24 @@ class Account:
     after_fetch: str = "seen"
     #: extra trust root (PEM path) for this account's server certificate
     ca_file: str | None = None
-    #: "login" (LOGIN) or "plain" (AUTHENTICATE PLAIN)
+    #: "login" (LOGIN), "plain" (AUTHENTICATE PLAIN), "xoauth2", "oauthbearer"
     auth: str = "login"
+    #: which source reads this account: a name in :data:`fido_tx.sources.SOURCES`
+    source: str = "imap"
+    #: the ``[delivery.NAME]`` table of fido.toml its messages go to
+    delivery: str = "default"
+    #: "unseen" (UNSEEN messages) or "new" (every UID above the last stored)
+    select: str = "unseen"
+    #: "all", or "now": take only mail that arrives after the first session
+    start_from: str = "all"
+    #: hold the connection and use IDLE where the server offers it
+    idle: bool = True
+    #: the OAuth2 grant for xoauth2/oauthbearer and Graph (:class:`OAuth`)
+    oauth: OAuth | None = None
+    #: Graph: the mailbox (UPN or id) whose folder is read
+    user: str | None = None
+    #: Graph: the service's base URL, without the version
+    graph_endpoint: str = "https://graph.microsoft.com"
 
     @property
     def move_target(self):
@@ -53,9 +88,16 @@ class Account:
 #: what an account id may contain (it is part of Redis keys and log lines)
 ID_RE = re.compile(r"\A[A-Za-z0-9._@+-]{1,200}\Z")
 SECURITIES = ("tls", "starttls", "none")
-AUTHS = ("login", "plain")
-REQUIRED = ("id", "host", "username", "password")
+AUTHS = ("login", "plain", "xoauth2", "oauthbearer")
+OAUTH_AUTHS = ("xoauth2", "oauthbearer")
+#: what each source requires beyond ``id``
+REQUIRED = {"imap": ("host", "username", "password"), "memory": (), "graph": ("user", "oauth")}
+SELECTS = ("unseen", "new")
+START_FROMS = ("all", "now")
+OAUTH_PROVIDERS = ("microsoft", "google", "generic")
 FIELDS = frozenset(f.name for f in attr.fields(Account))
+OAUTH_FIELDS = frozenset(f.name for f in attr.fields(OAuth))
+_NAME_RE = re.compile(r"\A[A-Za-z0-9_.-]{1,64}\Z")
 
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 _HOST_RE = re.compile(r"\A[^\s/\\@\x00-\x1f\x7f]{1,253}\Z")
@@ -346,10 +388,8 @@ def _build_account(entry, base_dir):
         if not re.fullmatch(r"[A-Za-z0-9_.-]{1,40}", name):
             name = _short(name, 40)
         raise _Bad(name, "unknown field")
-    for field in REQUIRED:
-        if field not in entry:
-            raise _Bad(field, "missing (required)")
-
+    if "id" not in entry:
+        raise _Bad("id", "missing (required)")
     account_id = _string(entry, "id", required=True)
     if not ID_RE.match(account_id):
         raise _Bad(
@@ -357,15 +397,56 @@ def _build_account(entry, base_dir):
             "must be 1 to 200 characters of A-Z a-z 0-9 . _ @ + -,"
             f" got {_short(account_id)}",
         )
-    host = _string(entry, "host", required=True)
-    if not _HOST_RE.match(host):
-        raise _Bad("host", f"must be a host name or IP address, got {_short(host)}")
-    username = _string(entry, "username", required=True)
-    if not username:
-        raise _Bad("username", "must not be empty")
-    _no_controls("username", username)
-    password = _string(entry, "password", required=True)
-    _no_controls("password", password, secret=True)
+    source = _string(entry, "source", default="imap")
+    if source not in REQUIRED:
+        raise _Bad("source", f'must be "imap" or "graph", got {_short(source)}')
+    auth = _string(entry, "auth", default="login")
+    if auth not in AUTHS:
+        raise _Bad("auth", "must be " + ", ".join(f'"{a}"' for a in AUTHS) + f", got {_short(auth)}")
+    required = REQUIRED[source]
+    if source == "imap" and auth in OAUTH_AUTHS:
+        required = ("host", "username", "oauth")
+    for field in required:
+        if field not in entry:
+            raise _Bad(field, "missing (required)" + ("" if source == "imap" else f" for source {source!r}"))
+    fields = dict(id=account_id, source=source, auth=auth)
+    fields.update(_imap_fields(entry, base_dir, source))
+    fields.update(_common_fields(entry))
+    fields["oauth"] = _oauth(entry)
+    if auth in OAUTH_AUTHS and fields["oauth"] is None:
+        raise _Bad("oauth", f"auth {auth!r} needs an oauth object")
+    user = _string(entry, "user")
+    if user is not None:
+        if not user:
+            raise _Bad("user", "must not be empty")
+        _no_controls("user", user)
+        fields["user"] = user
+    endpoint = _string(entry, "graph_endpoint")
+    if endpoint is not None:
+        _no_controls("graph_endpoint", endpoint)
+        fields["graph_endpoint"] = endpoint.rstrip("/")
+    if source == "graph" and "mailbox" not in entry:
+        fields["mailbox"] = "Inbox"
+    return Account(**fields)
+
+
+def _imap_fields(entry, base_dir, source):
+    out = {}
+    host = _string(entry, "host")
+    if host is not None:
+        if not _HOST_RE.match(host):
+            raise _Bad("host", f"must be a host name or IP address, got {_short(host)}")
+        out["host"] = host
+    username = _string(entry, "username")
+    if username is not None:
+        if not username:
+            raise _Bad("username", "must not be empty")
+        _no_controls("username", username)
+        out["username"] = username
+    password = _string(entry, "password")
+    if password is not None:
+        _no_controls("password", password, secret=True)
+        out["password"] = password
 
     security = _string(entry, "security", default="tls")
     if security not in SECURITIES:
@@ -375,7 +456,24 @@ def _build_account(entry, base_dir):
         raise _Bad("port", f"expected an integer, got a {_json_type(port)}: {_short(port)}")
     if not 1 <= port <= 65535:
         raise _Bad("port", f"must be from 1 to 65535, got {port}")
+    out.update(security=security, port=port)
 
+    ca_file = entry.get("ca_file")
+    if ca_file is not None:
+        if not isinstance(ca_file, str):
+            raise _Bad("ca_file", f"expected a string (a path) or null, got a {_json_type(ca_file)}")
+        if not ca_file:
+            raise _Bad("ca_file", "must not be empty (use null or leave it out)")
+        _no_controls("ca_file", ca_file)
+        out["ca_file"] = os.path.normpath(os.path.join(base_dir, os.path.expanduser(ca_file)))
+    idle = entry.get("idle", True)
+    if not isinstance(idle, bool):
+        raise _Bad("idle", f"expected true or false, got a {_json_type(idle)}")
+    out["idle"] = idle
+    return out
+
+
+def _common_fields(entry):
     mailbox = _string(entry, "mailbox", default="INBOX")
     if not mailbox:
         raise _Bad("mailbox", "must not be empty")
@@ -393,32 +491,45 @@ def _build_account(entry, base_dir):
         raise _Bad(
             "after_fetch", f'must be "seen", "delete" or "move:FOLDER", got {_short(after_fetch)}'
         )
+    out = dict(mailbox=mailbox, after_fetch=after_fetch)
+    for field, choices in (("select", SELECTS), ("start_from", START_FROMS)):
+        value = _string(entry, field, default=choices[0])
+        if value not in choices:
+            raise _Bad(field, " or ".join(f'"{c}"' for c in choices) + f" expected, got {_short(value)}")
+        out[field] = value
+    delivery = _string(entry, "delivery", default="default")
+    if not _NAME_RE.match(delivery):
+        raise _Bad("delivery", f"must name a [delivery.NAME] table, got {_short(delivery)}")
+    out["delivery"] = delivery
+    return out
 
-    ca_file = entry.get("ca_file")
-    if ca_file is not None:
-        if not isinstance(ca_file, str):
-            raise _Bad("ca_file", f"expected a string (a path) or null, got a {_json_type(ca_file)}")
-        if not ca_file:
-            raise _Bad("ca_file", "must not be empty (use null or leave it out)")
-        _no_controls("ca_file", ca_file)
-        ca_file = os.path.normpath(os.path.join(base_dir, os.path.expanduser(ca_file)))
 
-    auth = _string(entry, "auth", default="login")
-    if auth not in AUTHS:
-        raise _Bad("auth", f'must be "login" or "plain", got {_short(auth)}')
-
-    return Account(
-        id=account_id,
-        host=host,
-        username=username,
-        password=password,
-        port=port,
-        security=security,
-        mailbox=mailbox,
-        after_fetch=after_fetch,
-        ca_file=ca_file,
-        auth=auth,
-    )
+def _oauth(entry):
+    value = entry.get("oauth")
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise _Bad("oauth", f"expected a JSON object, got a {_json_type(value)}")
+    unknown = sorted(k for k in value if k not in OAUTH_FIELDS)
+    if unknown:
+        name = unknown[0] if re.fullmatch(r"[A-Za-z0-9_.-]{1,40}", unknown[0]) else "?"
+        raise _Bad(f"oauth.{name}", "unknown field")
+    fields = {}
+    for key in OAUTH_FIELDS:
+        if key in value:
+            if not isinstance(value[key], str):
+                raise _Bad(f"oauth.{key}", f"expected a string, got a {_json_type(value[key])}")
+            _no_controls(f"oauth.{key}", value[key], secret=key in ("client_secret", "refresh_token"))
+            fields[key] = value[key]
+    provider = fields.get("provider", "generic")
+    if provider not in OAUTH_PROVIDERS:
+        raise _Bad("oauth.provider", '"microsoft", "google" or "generic" expected, got '
+                   + _short(provider))
+    if not fields.get("client_id"):
+        raise _Bad("oauth.client_id", "missing (required)")
+    if provider == "generic" and not fields.get("token_url"):
+        raise _Bad("oauth.token_url", "missing (required for provider \"generic\")")
+    return OAuth(**fields)
 
 
 # -- sets ------------------------------------------------------------------

@@ -4,7 +4,7 @@ A free slot takes the next account that is due and runs one mailbox session
 for it (``run_session(account) -> Deferred[SessionResult]``).  When the
 session ends, the account goes to the back of the queue, due again
 ``poll_interval`` seconds after the *start* of that session (later when it
-failed: see :mod:`fido_tx.backoff`).
+failed: see :mod:`fido_tx.schedule.backoff`).
 
 Ordering.  Waiting accounts sit in a heap keyed by ``(due_time, sequence)``:
 the most overdue account goes first, and accounts equally due go in the
@@ -39,9 +39,9 @@ from twisted.internet import defer
 from twisted.logger import Logger, LogLevel
 from twisted.python import failure as _failure
 
-from fido_tx import backoff as _backoff
+from fido_tx.schedule import backoff as _backoff
 from fido_tx import errors
-from fido_tx.accounts import AccountsDiff
+from fido_tx.accounts.model import AccountsDiff
 from fido_tx.outcome import SessionResult
 
 log = Logger()
@@ -249,7 +249,7 @@ class Scheduler(service.Service):
 
     def set_accounts(self, accounts):
         """Make ``accounts`` the current set (matched by id); returns an
-        :class:`~fido_tx.accounts.AccountsDiff`.
+        :class:`~fido_tx.accounts.model.AccountsDiff`.
 
         Added accounts go to the front of the queue, in the order given.
         Removed accounts get no new session, and a session in progress for one

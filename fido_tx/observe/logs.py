@@ -14,6 +14,8 @@ import os
 import sys
 import time
 
+from fido_tx.timefmt import iso_utc
+
 from twisted.logger import (
     FilteringLogObserver,
     ILogObserver,
@@ -40,16 +42,23 @@ _INTERNAL = frozenset(
 )
 
 
+#: package names left out of the module shown in a log line
+_ROOMS = frozenset(["observe", "schedule", "accounts", "sources", "sinks", "cmd"])
+
+
 def _timestamp(event):
-    t = event.get("log_time") or time.time()
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + "Z"
+    return iso_utc(event.get("log_time") or time.time())
 
 
 def _text(event):
     level = event.get("log_level", LogLevel.info).name
     namespace = event.get("log_namespace", "-")
     if namespace.startswith("fido_tx."):
+        # the room is not news to a sysadmin: "[status]", "[imap.session]"
         namespace = namespace[len("fido_tx."):]
+        room, _, rest = namespace.partition(".")
+        if rest and room in _ROOMS:
+            namespace = rest
     message = formatEvent(event)
     failure = event.get("log_failure")
     if failure is not None:
@@ -127,5 +136,5 @@ def make_observer(log_settings, stream=None, twistd_logfile=""):
 
 
 def json_observer():
-    """For ``twistd --logger fido_tx.logs.json_observer``: JSON lines on stdout."""
+    """For ``twistd --logger fido_tx.observe.logs.json_observer``: JSON lines on stdout."""
     return LineObserver(sys.stdout, "json")

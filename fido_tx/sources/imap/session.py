@@ -46,7 +46,7 @@ from zope.interface import implementer
 
 from fido_tx import errors
 from fido_tx.errors import FidoError
-from fido_tx.imapproto import (
+from fido_tx.sources.imap.client import (
     FidoIMAP4Client,
     ImapCommandError,
     SelectInfo,
@@ -63,7 +63,7 @@ from fido_tx.imapproto import (
     uid_set,
 )
 from fido_tx.outcome import SessionResult
-from fido_tx.sink import Message
+from fido_tx.sinks.base import Message
 
 _log = Logger()
 
@@ -79,17 +79,17 @@ def fetch_mailbox(reactor, account, sink, settings, dry_run=False, log=None, bud
 
     :param reactor: IReactorTCP, IReactorTime and
         IReactorPluggableNameResolver.
-    :param account: a :class:`fido_tx.accounts.Account`.
-    :param sink: an :class:`fido_tx.sink.IMessageSink`.
+    :param account: a :class:`fido_tx.accounts.model.Account`.
+    :param sink: an :class:`fido_tx.sinks.base.IMessageSink`.
     :param settings: :class:`fido_tx.config.ImapSettings`.
     :param dry_run: EXAMINE instead of SELECT, fetch no bodies, store and
         mark nothing; the result's ``fetched``/``bytes`` say what would have
         been fetched.
     :param log: a :class:`twisted.logger.Logger` (one debug line per step).
-    :param budget: a :class:`fido_tx.budget.ByteBudget` shared by all
+    :param budget: a :class:`fido_tx.schedule.budget.ByteBudget` shared by all
         sessions: each batch's bytes (by ``RFC822.SIZE``) are acquired before
         its ``UID FETCH`` and released once the sink has answered.
-    :param pacer: a :class:`fido_tx.pacer.StartPacer` shared by all sessions:
+    :param pacer: a :class:`fido_tx.schedule.pacer.StartPacer` shared by all sessions:
         the connection is started when it lets this session through.
     :param debug: ``False`` when nothing reads debug events (``[log] level``
         above debug): the per-step debug lines are then not even emitted,

@@ -118,8 +118,8 @@ class RespClient:
         self.port = port
 
     def __call__(self, *args):
-        from fido_tx import redisurl
-        from fido_tx.resp import RespConnection
+        from fido_tx.redis import url as redisurl
+        from fido_tx.redis.resp import RespConnection
 
         url = redisurl.parse(f"redis://127.0.0.1:{self.port}/0")
         with RespConnection(url, timeout=10) as connection:

@@ -40,6 +40,8 @@ from collections import deque
 from datetime import datetime, timezone
 
 import attr
+
+from fido_tx.timefmt import iso_utc  # noqa: F401  (re-exported for callers)
 from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -115,16 +117,6 @@ def _redact_pairs(text, lower):
         last = pair.end()
     out.append(text[last:])
     return "".join(out)
-
-
-def iso_utc(seconds=None):
-    """POSIX seconds (default: now) as ISO 8601 UTC with a ``Z``, to the millisecond."""
-    when = (
-        datetime.now(timezone.utc)
-        if seconds is None
-        else datetime.fromtimestamp(seconds, timezone.utc)
-    )
-    return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)

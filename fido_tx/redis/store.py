@@ -4,7 +4,7 @@ Keys (``<...>`` are taken verbatim from the account, message or config):
 
 ``<stream>`` (``[redis] stream``, default ``fido:messages``)
     One entry per message, ``XADD <stream> * account … raw`` with the contract
-    fields in the contract's order (:meth:`fido_tx.sink.Message.fields`).
+    fields in the contract's order (:meth:`fido_tx.sinks.base.Message.fields`).
 ``fido:uids:{<account>}:<uidvalidity>:<mailbox>``
     The dedupe record: a set of the UIDs (decimal) of that mailbox and
     UIDVALIDITY that are in the stream.  A new UIDVALIDITY starts a new set;
@@ -35,7 +35,7 @@ trip.  ``store()`` fires with a :class:`ConfirmedUIDs`: every UID of the batch
 (new and stored before), with ``.new`` the ones this call appended.
 
 Connection: a :class:`~twisted.application.internet.ClientService` on the
-endpoint of the URL (:mod:`fido_tx.redisurl`), speaking txredisapi's protocol
+endpoint of the URL (:mod:`fido_tx.redis.url`), speaking txredisapi's protocol
 (``charset=None``, ``convertNumbers=False``: payloads stay bytes).  It
 reconnects by itself with jittered exponential backoff.  Every command has a
 deadline of ``command_timeout`` seconds that covers waiting for a connection
@@ -65,8 +65,9 @@ from twisted.python.failure import Failure
 from twisted.logger import Logger, LogLevel, globalLogPublisher
 from zope.interface import implementer
 
-from fido_tx import errors, redisurl
-from fido_tx.sink import IMessageSink, redis_down, utc_now_iso
+from fido_tx import errors
+from fido_tx.redis import url as redisurl
+from fido_tx.sinks.base import IMessageSink, redis_down, utc_now_iso
 
 log = Logger()
 
@@ -121,7 +122,7 @@ def instance_key(instance_id):
 class ConfirmedUIDs(list):
     """The UIDs a :meth:`RedisStore.store` call confirmed, in the order given.
 
-    A plain list for :class:`~fido_tx.sink.IMessageSink` callers; ``new`` is
+    A plain list for :class:`~fido_tx.sinks.base.IMessageSink` callers; ``new`` is
     the list of those that this call added to the stream (the others were
     stored before).
     """
@@ -150,7 +151,7 @@ def _demote_to_debug(event):
 
 
 class _ClientService(ClientService):
-    _log = Logger(namespace="fido_tx.store.reconnect", observer=_demote_to_debug)
+    _log = Logger(namespace="fido_tx.redis.store.reconnect", observer=_demote_to_debug)
 
 
 @implementer(IStreamClientEndpoint)
@@ -300,7 +301,7 @@ class RedisStore(Service):
         ``<hostname>:<pid>``.
     :param retry_policy: ``f(attempt) -> seconds`` between reconnect attempts
         (tests make it short).
-    :raises fido_tx.redisurl.RedisURLError: a bad ``settings.url``.
+    :raises fido_tx.redis.url.RedisURLError: a bad ``settings.url``.
 
     :ivar connected: True while a connection is up and ready (authenticated,
         db selected).

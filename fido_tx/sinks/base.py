@@ -1,7 +1,7 @@
 """Where fetched messages go: the sink interface, its value type, and a fake.
 
 A sink confirms messages; only confirmed messages are ever marked on the IMAP
-server.  The Redis stream (:mod:`fido_tx.store`) is the first sink; a
+server.  The Redis stream (:mod:`fido_tx.redis.store`) is the first sink; a
 Sidekiq-compatible list or a webhook are later ones, each a new module that
 provides :class:`IMessageSink`.
 
@@ -16,13 +16,7 @@ from twisted.internet import defer
 from zope.interface import Interface, implementer
 
 from fido_tx import errors
-
-
-def utc_now_iso():
-    """The current time as ISO 8601 UTC with a ``Z``, to the millisecond."""
-    return (
-        datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-    )
+from fido_tx.timefmt import utc_now_iso
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)

@@ -1,0 +1,105 @@
+"""The seams of Fido, declared: what each part promises the others.
+
+Every part that another part depends on provides one of these interfaces, and
+so does its fake in :mod:`fido_tx.testing` (the txacme habit: fakes shipped
+next to the interfaces, checked with ``zope.interface.verify.verifyObject``
+against the real objects and the fakes alike).  No module guesses at another
+with ``getattr``.
+
+Data flows one way: accounts -> scheduler -> source session -> sink ->
+marking on the server; outcomes flow to the status side.
+"""
+
+from zope.interface import Attribute, Interface
+
+
+class ISink(Interface):
+    """Where fetched messages go (``[delivery.NAME]`` of one ``kind``).
+
+    Exactly once per message key: a sink deduplicates by
+    :class:`fido_tx.sinks.message.MessageKey`.  A sink's failures are
+    :class:`~fido_tx.errors.FidoError` of the sink's own kind (``redis`` for
+    the Redis sinks, ``delivery`` for a webhook): the session never names the
+    sink it talks to.
+    """
+
+    kind = Attribute("the delivery kind: 'stream', 'list', 'sidekiq', 'webhook'")
+
+    def filter_new(account_id, mailbox, epoch, ids):
+        """Which of ``ids`` (strings) of one mailbox and epoch (IMAP:
+        UIDVALIDITY as a decimal string) are not delivered yet.
+
+        :return: Deferred firing with the list of those ids, in the order
+            given; errbacks with a :class:`~fido_tx.errors.FidoError` when the
+            sink cannot answer (then nothing is fetched).
+        """
+
+    def deliver(messages):
+        """Deliver a batch of :class:`~fido_tx.sinks.message.Message` of one
+        account, each exactly once.
+
+        :return: Deferred firing with a
+            :class:`~fido_tx.sinks.message.Delivery`: the ids now durably
+            delivered (new or before: both may be marked on the server), the
+            ids refused for good (to be flagged and left), and the error that
+            kept the others back.  Errbacks with a ``FidoError`` when nothing
+            can be confirmed; then nothing may be marked.
+        """
+
+
+class ISource(Interface):
+    """Reads one account's mailbox: one poll, as a session.
+
+    Built per account by a factory registered in :mod:`fido_tx.sources`.
+    """
+
+    def poll():
+        """Run one session: fetch what is new, deliver it, mark it.
+
+        :return: Deferred firing with a
+            :class:`~fido_tx.outcome.SessionResult`, never failing; cancelling
+            it aborts the session without marking anything more.
+        """
+
+
+class ICredentials(Interface):
+    """What an account proves itself with: a password or an OAuth2 token.
+
+    The session asks for what to send; the scrubber asks what to hide.
+    """
+
+    def secret():
+        """Deferred firing with the secret to send now (password or token)."""
+
+    def invalidate():
+        """The server refused the last secret: fetch a fresh one next time
+        (a no-op for a password)."""
+
+    def secret_forms():
+        """Every form the secret may be sent or echoed in (raw, escaped,
+        SASL encodings), as strings, for :func:`fido_tx.scrub.scrub`."""
+
+
+class IAccountState(Interface):
+    """The per-account hash ``fido:account:<id>`` (the contract's fields)."""
+
+    def update_account(account_id, fields):
+        """Set hash fields (best effort: never errbacks)."""
+
+    def record_session(result, started_at_iso=None, extra=None):
+        """Write what one session did (best effort: never errbacks)."""
+
+
+class ISchedulerView(Interface):
+    """What the status side may read of the scheduler."""
+
+    def running_count():
+        """Sessions that occupy a worker slot now."""
+
+    def accounts():
+        """The accounts scheduled, in order."""
+
+    def account_state(account_id):
+        """The :class:`~fido_tx.schedule.scheduler.AccountState` of one account."""
+
+    paused = Attribute("True while fetching is paused (Redis down, backlog)")
