@@ -49,7 +49,7 @@ def record(state, kind):
 
 def schedule(settings, state):
     """``(initial, maximum)`` seconds for the state's last failure kind."""
-    if state.last_kind == errors.AUTH:
+    if state.last_kind in (errors.AUTH, errors.REAUTHORIZE):
         return settings.auth_initial, settings.auth_maximum
     return settings.initial, settings.maximum
 

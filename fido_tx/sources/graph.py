@@ -1,0 +1,303 @@
+"""The Microsoft Graph source (``"source": "graph"``): one poll of one folder.
+
+A session (:class:`GraphSession`, an ``ISource``):
+
+1. resolves the folder (``mailbox``, default ``Inbox``) and the ``move:``
+   target once: well-known names (inbox, archive, deleteditems ...) or
+   display names (``Parent/Child`` for a subfolder);
+2. lists what is new: with ``select = "unseen"`` the unread messages
+   (``$filter=isRead eq false``), with ``select = "new"`` the changes after
+   the delta link kept in Redis (``fido:graph:delta:{<account>}:<folder>``;
+   a 410 Gone drops it and starts a full resync, which the dedupe below keeps
+   free of duplicates; ``start_from = "now"`` makes the first session only
+   record where the folder stands); every listing follows ``@odata.nextLink``;
+3. asks the sink which immutable ids are not delivered yet (epoch ``""``),
+   downloads each one's MIME (``/messages/{id}/$value``) byte for byte,
+   bounded by ``max_message_size`` (larger ones are left and named in
+   ``too_large``), in batches, at most 4 requests at once per mailbox;
+4. delivers each batch, then marks per ``after_fetch`` (PATCH isRead,
+   DELETE, or POST move) only what the sink confirmed (and what it had
+   confirmed before: a crash between the two is finished here);
+5. stores the new delta link only after all that.
+
+Nothing is marked in a dry run.  The session never fails: it ends with a
+:class:`~fido_tx.outcome.SessionResult`.
+"""
+
+import json
+
+import attr
+from twisted.internet import defer
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from fido_tx import errors
+from fido_tx.interfaces import ISource
+from fido_tx.outcome import SessionResult
+from fido_tx.sinks.message import Message
+from fido_tx.sources import graphapi
+
+SOURCE = "graph"
+LIST_SELECT = "id,internetMessageId"
+PAGE_SIZE = 50
+
+log = Logger()
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class GraphSettings:
+    """Limits of Graph sessions (the IMAP section's sizes apply alike)."""
+
+    max_message_size: int = 50 * 1024 * 1024
+    batch_messages: int = 25
+    #: seconds of Retry-After one request may wait in all before ``throttled``
+    max_throttle_wait: float = 120.0
+    #: longest a whole session may take
+    session_timeout: float = 1800.0
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class GraphContext:
+    """What Graph sessions share in one process.
+
+    ``http``: :class:`fido_tx.httpclient.HttpClient`; ``providers``:
+    :class:`fido_tx.credentials.oauth.Providers`; ``gates``:
+    :class:`fido_tx.sources.graphapi.Gates`; ``redis``: an object with
+    ``execute(*args) -> Deferred`` for the delta links (``None``: not kept);
+    ``sink_for(account) -> ISink``.
+    """
+
+    reactor: object
+    http: object
+    providers: object
+    gates: object
+    sink_for: object
+    redis: object = None
+    settings: GraphSettings = attr.ib(factory=GraphSettings)
+    dry_run: bool = False
+
+
+def delta_key(account):
+    """The Redis key of the account's delta link."""
+    return f"fido:graph:delta:{{{account.id}}}:{account.mailbox}"
+
+
+def make_session(account, ctx):
+    """The registry's factory: an ``ISource`` for one Graph account."""
+    return GraphSession(account, ctx)
+
+
+def _mebibytes(n):
+    return f"{n / 1048576:.1f} MiB"
+
+
+@implementer(ISource)
+class GraphSession:
+    """One poll of one Graph account (see the module)."""
+
+    def __init__(self, account, ctx):
+        from fido_tx.credentials import oauth
+
+        self.account = account
+        self._ctx = ctx
+        self._reactor = ctx.reactor
+        self._settings = ctx.settings
+        self._sink = ctx.sink_for(account)
+        self.credentials = oauth.for_account(account, ctx.providers)
+        self.client = graphapi.GraphClient(
+            ctx.reactor, ctx.http, self.credentials, account.graph_endpoint, account.user,
+            ctx.gates.for_mailbox(account.graph_endpoint, account.user),
+            ctx.settings.max_throttle_wait)
+        self._counts = dict(fetched=0, bytes=0, marked=0)
+        self._too_large = []
+        self._rejected = []
+
+    def poll(self):
+        started = self._reactor.seconds()
+        d = defer.ensureDeferred(self._run())
+        if self._settings.session_timeout:
+            d.addTimeout(self._settings.session_timeout, self._reactor)
+        d.addCallbacks(lambda _: None, self._failed)
+        d.addCallback(lambda error: self._result(error, started))
+        return d
+
+    def _failed(self, failure):
+        if failure.check(errors.FidoError):
+            return failure.value
+        if failure.check(defer.TimeoutError, defer.CancelledError):
+            return errors.FidoError(errors.TIMEOUT, "the Graph session took longer than"
+                                    f" {self._settings.session_timeout:g} s")
+        if failure.check(graphapi.Gone):
+            return errors.FidoError(errors.PROTOCOL, str(failure.value))
+        log.failure("Graph session of {account_id} failed unexpectedly", failure,
+                    account_id=self.account.id)
+        return errors.FidoError(errors.PROTOCOL, f"unexpected error: {failure.type.__name__}")
+
+    def _result(self, error, started):
+        seconds = max(0.0, self._reactor.seconds() - started)
+        kind = error.kind if error is not None else None
+        message = self._scrub(error.message) if error is not None else ""
+        debug = self._scrub(error.debug) if error is not None else ""
+        if error is None and self._rejected:
+            kind, message = errors.REJECTED, (
+                f"the application refused {len(self._rejected)} message(s) for good;"
+                " they are left unread in the folder")
+        c = self._counts
+        log.info("graph {account_id} {folder}: {fetched} new, {size}, {marked} marked,"
+                 " {throttled:g} s throttled, {seconds:.2f} s{outcome}",
+                 account_id=self.account.id, folder=self.account.mailbox, fetched=c["fetched"],
+                 size=_mebibytes(c["bytes"]), marked=c["marked"],
+                 throttled=self.client.throttled_seconds, seconds=seconds,
+                 outcome=f": {kind}: {message}" if kind else "")
+        return SessionResult(self.account.id, kind=kind, message=message, debug=debug,
+                             fetched=c["fetched"], bytes=c["bytes"], marked=c["marked"],
+                             too_large=tuple(self._too_large), seconds=seconds,
+                             dry_run=self._ctx.dry_run)
+
+    def _scrub(self, text):
+        for form in self.credentials.secret_forms():
+            if len(form) >= 4:
+                text = text.replace(form, "<redacted>")
+        return text
+
+    async def _run(self):
+        account = self.account
+        folder = await self.client.folder_id(account.mailbox)
+        target = None
+        if account.move_target and not self._ctx.dry_run:
+            target = await self.client.folder_id(account.move_target)
+        if account.select == "new":
+            listed, delta_link = await self._list_delta(folder)
+        else:
+            listed, delta_link = await self._list_unread(folder), None
+        if listed:
+            await self._fetch(listed, target)
+        if delta_link is not None and self._ctx.redis is not None and not self._ctx.dry_run:
+            await self._ctx.redis.execute("SET", delta_key(account), delta_link)
+
+    async def _list_unread(self, folder):
+        found = []
+        params = {"$filter": "isRead eq false", "$select": LIST_SELECT, "$top": str(PAGE_SIZE)}
+        await self.client.pages(
+            self.client.url(f"/mailFolders/{folder}/messages", params),
+            lambda doc: found.extend(doc.get("value") or []))
+        return _unique(found)
+
+    async def _list_delta(self, folder):
+        """``(messages, delta link)`` after the stored link (a full resync on 410)."""
+        stored = None
+        if self._ctx.redis is not None:
+            stored = await self._ctx.redis.execute("GET", delta_key(self.account))
+            if isinstance(stored, bytes):
+                stored = stored.decode("utf-8")
+        initial = self.client.url(f"/mailFolders/{folder}/messages/delta",
+                                  {"$select": LIST_SELECT})
+        url = stored or initial
+        try:
+            found, link = await self._delta_round(url)
+        except graphapi.Gone:
+            if not stored:
+                raise
+            log.info("graph {account_id}: the delta link expired (410); resynchronising the"
+                     " folder (delivered messages are not delivered again)",
+                     account_id=self.account.id)
+            await self._ctx.redis.execute("DEL", delta_key(self.account))
+            stored = None
+            found, link = await self._delta_round(initial)
+        if not stored and self.account.start_from == "now":
+            return [], link  # the first session only records where the folder stands
+        return found, link
+
+    async def _delta_round(self, url):
+        found = []
+
+        def page(doc):
+            found.extend(m for m in doc.get("value") or [] if "@removed" not in m)
+
+        last = await self.client.pages(url, page)
+        link = last.get("@odata.deltaLink")
+        if not isinstance(link, str) or not link.startswith(self.client.base):
+            raise errors.FidoError(errors.PROTOCOL, "Microsoft Graph ended a delta round without"
+                                   " an @odata.deltaLink")
+        return _unique(found), link
+
+    async def _fetch(self, listed, target):
+        account = self.account
+        ids = [m["id"] for m in listed]
+        message_ids = {m["id"]: m.get("internetMessageId") or "" for m in listed}
+        new = await self._sink.filter_new(account.id, account.mailbox, "", ids)
+        new_set = set(new)
+        before = [i for i in ids if i not in new_set]
+        if before and not self._ctx.dry_run:
+            await self._mark(before, target)  # delivered earlier, not marked yet
+        for batch in _batches(new, self._settings.batch_messages):
+            messages = await self._download(batch, message_ids)
+            if self._ctx.dry_run:
+                self._counts["fetched"] += len(messages)
+                continue
+            if not messages:
+                continue
+            delivery = await self._sink.deliver(messages)
+            sizes = {m.id: m.size for m in messages}
+            self._counts["fetched"] += len(delivery.new)
+            self._counts["bytes"] += sum(sizes.get(i, 0) for i in delivery.new)
+            self._rejected.extend(delivery.rejected)
+            await self._mark(list(delivery.confirmed), target)
+            if delivery.error is not None:
+                raise delivery.error
+
+    async def _download(self, batch, message_ids):
+        limit = self._settings.max_message_size
+
+        def one(message_id):
+            d = self.client.send(b"GET", self.client.url(f"/messages/{message_id}/$value"),
+                                 max_body=limit)
+
+            def too_large(failure):
+                failure.trap(errors.FidoError)
+                if failure.value.kind != errors.TOO_LARGE:
+                    return failure
+                self._too_large.append(message_id)
+                return None
+
+            return d.addErrback(too_large)
+
+        responses = await defer.gatherResults([one(i) for i in batch], consumeErrors=True) \
+            .addErrback(lambda f: f.value.subFailure)
+        return [Message(self.account.id, self.account.mailbox, "", i, r.body,
+                        message_id=message_ids.get(i, ""), source=SOURCE)
+                for i, r in zip(batch, responses) if r is not None]
+
+    async def _mark(self, ids, target):
+        if not ids:
+            return
+        how = self.account.after_fetch
+
+        def one(message_id):
+            path = self.client.url(f"/messages/{message_id}")
+            if how == "seen":
+                return self.client.send(b"PATCH", path, json.dumps({"isRead": True}).encode())
+            if how == "delete":
+                return self.client.send(b"DELETE", path, ok=(204, 200, 404))
+            return self.client.send(b"POST", path + "/move",
+                                    json.dumps({"destinationId": target}).encode(),
+                                    ok=(201, 200))
+
+        await defer.gatherResults([one(i) for i in ids], consumeErrors=True) \
+            .addErrback(lambda f: f.value.subFailure)
+        self._counts["marked"] += len(ids)
+
+
+def _unique(listed):
+    seen, out = set(), []
+    for m in listed:
+        if isinstance(m, dict) and isinstance(m.get("id"), str) and m["id"] not in seen:
+            seen.add(m["id"])
+            out.append(m)
+    return out
+
+
+def _batches(items, size):
+    size = max(1, int(size))
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
