@@ -134,8 +134,9 @@ class GraphClient:
         attempt = 0
         refreshed = False
         while True:
-            token = yield self._credentials.secret()
-            response = yield self.gate.run(lambda: self._request(method, url, body, max_body, token))
+            # the token is taken once a slot is free: a request queued behind
+            # others must not carry a token that expired while it waited
+            response = yield self.gate.run(lambda: self._request(method, url, body, max_body))
             code = response.code
             if code in ok:
                 return response
@@ -158,13 +159,17 @@ class GraphClient:
                 continue
             raise self._error(method, response)
 
-    def _request(self, method, url, body, max_body, token):
+    @defer.inlineCallbacks
+    def _request(self, method, url, body, max_body):
+        token = yield self._credentials.secret()
         self.requests += 1
         headers = {b"Authorization": [b"Bearer " + token.encode("ascii", "replace")],
                    b"Prefer": [b'IdType="ImmutableId"'], b"Accept": [b"application/json"]}
         if body is not None:
             headers[b"Content-Type"] = [b"application/json"]
-        return self._http.request(method, url, headers=headers, data=body, max_body=max_body)
+        response = yield self._http.request(method, url, headers=headers, data=body,
+                                            max_body=max_body)
+        return response
 
     def _debug(self, response):
         return response.body[:300].decode("utf-8", "replace")

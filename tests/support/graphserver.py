@@ -95,6 +95,7 @@ class FakeGraph(resource.Resource):
         self._serial = itertools.count(1)
         self.mailboxes = {}
         self.log = []  # (time, method, path, query, prefer)
+        self.codes = []  # the status of each answer, in order
         self.throttled = []  # answers still to throttle: Retry-After values
         self.delay = 0.0
         self.in_flight = defaultdict(int)
@@ -141,6 +142,7 @@ class FakeGraph(resource.Resource):
         self.in_flight[user] += 1
         self.most_in_flight[user] = max(self.most_in_flight[user], self.in_flight[user])
         code, headers, body = self._answer(request, path, query)
+        self.codes.append(code)
 
         def finish():
             self.in_flight[user] -= 1

@@ -41,6 +41,8 @@ class FakeTokenEndpoint(resource.Resource):
         self.refresh_tokens = {}
         #: access token -> (client_id, scope, expires_at)
         self.access_tokens = {}
+        #: every access token ever issued, in order
+        self.issued = []
         #: every request: dict of the form fields (secrets included: tests only)
         self.requests = []
         #: refresh tokens presented, in order
@@ -118,6 +120,7 @@ class FakeTokenEndpoint(resource.Resource):
         self.access_tokens[token] = (client_id, form.get("scope", ""),
                                      self.clock.seconds() + self.expires_in)
         answer["access_token"] = token
+        self.issued.append(token)
         request.setHeader(b"Content-Type", b"application/json")
         return json.dumps(answer).encode()
 

@@ -1,0 +1,362 @@
+"""The Microsoft Graph source against the fake Graph service and the fake token
+endpoint, in memory (treq's StubTreq) on a task.Clock."""
+
+import base64
+import os
+
+import attr
+import random
+from urllib.parse import quote, quote_plus
+
+from treq.testing import StubTreq
+from twisted.internet import defer, task
+from twisted.logger import formatEvent, globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.resource import Resource
+from zope.interface.verify import verifyObject
+
+from fido_tx import errors
+from fido_tx.accounts.model import Account, OAuth
+from fido_tx.credentials import oauth
+from fido_tx.httpclient import HttpClient
+from fido_tx.interfaces import ISource
+from fido_tx.sources import graph, graphapi
+from fido_tx.testing import MemorySink
+from tests.support.graphserver import FakeGraph
+from tests.support.oauthserver import FakeTokenEndpoint
+
+USER = "support@contoso.test"
+SECRET = "graph-app-secret-4321"
+
+
+def mime(n, size=None):
+    body = f"Subject: message {n}\r\nMessage-ID: <{n}@contoso.test>\r\n\r\nbody {n}\r\n".encode()
+    if size:
+        body += b"x" * (size - len(body))
+    return body
+
+
+class FakeRedis:
+    """``execute(*args)`` over a dict: GET, SET, DEL."""
+
+    def __init__(self):
+        self.data = {}
+        self.calls = []
+
+    def execute(self, *args):
+        self.calls.append(args)
+        command, key = args[0].upper(), args[1]
+        if command == "GET":
+            return defer.succeed(self.data.get(key))
+        if command == "SET":
+            self.data[key] = args[2].encode() if isinstance(args[2], str) else args[2]
+            return defer.succeed(b"OK")
+        if command == "DEL":
+            return defer.succeed(int(self.data.pop(key, None) is not None))
+        raise AssertionError(args)
+
+
+class Harness:
+    def __init__(self, tmp, expires_in=3600, max_throttle_wait=120.0, **account):
+        self.clock = task.Clock()
+        self.tokens = FakeTokenEndpoint(clock=self.clock, expires_in=expires_in)
+        self.tokens.add_client("app-1", SECRET)
+        self.graph = FakeGraph(tokens=self.tokens, clock=self.clock)
+        self.graph.mailbox(USER)
+        root = Resource()
+        root.putChild(b"token", self.tokens)
+        root.putChild(b"v1.0", self.graph)
+        self.stub = StubTreq(root)
+        self.http = HttpClient(self.clock, http=self.stub)
+        self.providers = oauth.Providers(self.clock, self.http,
+                                         oauth.RefreshTokenStore.in_dir(tmp))
+        self.sink = MemorySink()
+        self.redis = FakeRedis()
+        self.ctx = graph.GraphContext(
+            reactor=self.clock, http=self.http, providers=self.providers,
+            gates=graphapi.Gates(self.clock), sink_for=lambda account: self.sink,
+            redis=self.redis,
+            settings=graph.GraphSettings(max_throttle_wait=max_throttle_wait))
+        fields = dict(id="contoso-support", source="graph", user=USER, mailbox="Inbox",
+                      graph_endpoint="https://graph.test",
+                      oauth=OAuth(provider="microsoft", client_id="app-1", client_secret=SECRET,
+                                  token_url="https://login.test/token"))
+        fields.update(account)
+        self.account = Account(**fields)
+
+    def add(self, n, **kw):
+        return self.graph.add_message(USER, mime(n, **kw))
+
+    def poll(self, step=0.1, limit=10000):
+        session = graph.make_session(self.account, self.ctx)
+        box = []
+        session.poll().addBoth(box.append)
+        for _ in range(limit):
+            self.stub.flush()
+            if box:
+                break
+            self.clock.advance(step)
+        assert box, "the session did not finish"
+        return box[0]
+
+    def unread(self, folder="inbox"):
+        return [m.id for m in self.graph.messages_in(USER, folder) if not m.is_read]
+
+
+class GraphTestCase(SynchronousTestCase):
+    def harness(self, **kw):
+        tmp = self.mktemp()
+        os.makedirs(tmp)
+        return Harness(tmp, **kw)
+
+
+class ListingTests(GraphTestCase):
+    def test_session_is_an_isource(self):
+        h = self.harness()
+        verifyObject(ISource, graph.make_session(h.account, h.ctx))
+
+    def test_three_pages_delivered_once_and_marked_read(self):
+        h = self.harness()
+        ids = [h.add(n) for n in range(120)]
+        result = h.poll()
+        self.assertIsNone(result.kind, result.message)
+        self.assertEqual(result.fetched, 120)
+        self.assertEqual(result.marked, 120)
+        self.assertEqual(sorted(m.id for m in h.sink.entries), sorted(ids))
+        self.assertEqual(h.unread(), [])
+        listings = [q for _, method, path, q, _ in h.graph.log
+                    if "/mailFolders/" in path and path.endswith("/messages")]
+        self.assertEqual([q.get("$skip") for q in listings], [None, "50", "100"])
+        self.assertEqual(listings[0]["$filter"], "isRead eq false")
+        entry = h.sink.entries[0]
+        self.assertEqual((entry.mailbox, entry.epoch, entry.source), ("Inbox", "", "graph"))
+        self.assertTrue(entry.message_id.startswith("<m"))
+        # immutable ids asked for on every request
+        self.assertEqual({prefer for *_, prefer in h.graph.log}, {b'IdType="ImmutableId"'})
+        again = h.poll()
+        self.assertEqual((again.kind, again.fetched), (None, 0))
+
+    def test_two_mebibyte_message_byte_identical(self):
+        h = self.harness()
+        raw = mime(1) + bytes(random.Random(7).getrandbits(8) for _ in range(2 * 1024 * 1024))
+        h.graph.add_message(USER, raw)
+        result = h.poll()
+        self.assertIsNone(result.kind, result.message)
+        self.assertEqual(h.sink.entries[0].raw, raw)
+        self.assertEqual(result.bytes, len(raw))
+
+    def test_too_large_left_unread(self):
+        h = self.harness()
+        h.ctx = attr.evolve(h.ctx, settings=graph.GraphSettings(max_message_size=1000))
+        big = h.add(1, size=5000)
+        small = h.add(2)
+        result = h.poll()
+        self.assertIsNone(result.kind, result.message)
+        self.assertEqual(result.too_large, (big,))
+        self.assertEqual([m.id for m in h.sink.entries], [small])
+        self.assertEqual(h.unread(), [big])
+
+    def test_at_most_four_requests_per_mailbox(self):
+        h = self.harness()
+        h.graph.delay = 1.0
+        for n in range(20):
+            h.add(n)
+        result = h.poll()
+        self.assertIsNone(result.kind, result.message)
+        self.assertEqual(h.graph.most_in_flight[USER.lower()], 4)
+
+    def test_folder_by_display_name_and_move(self):
+        h = self.harness(mailbox="Tickets", after_fetch="move:Tickets/Done")
+        box = h.graph.mailbox(USER)
+        tickets = box.add_folder("Tickets", parent=None)
+        box.add_folder("Done", parent=tickets)
+        n1 = h.graph.add_message(USER, mime(1), folder=tickets)
+        result = h.poll()
+        self.assertIsNone(result.kind, result.message)
+        self.assertEqual([m.id for m in h.sink.entries], [n1])
+        moved = box.messages[n1]
+        self.assertEqual(box.folders[moved.folder]["displayName"], "Done")
+        self.assertEqual(h.sink.entries[0].mailbox, "Tickets")
+
+    def test_delete(self):
+        h = self.harness(after_fetch="delete")
+        n1 = h.add(1)
+        result = h.poll()
+        self.assertEqual((result.kind, result.marked), (None, 1))
+        self.assertEqual([m.id for m in h.graph.messages_in(USER, "deleteditems")], [n1])
+
+    def test_missing_folder_is_mailbox_error(self):
+        h = self.harness(mailbox="Nowhere")
+        result = h.poll()
+        self.assertEqual(result.kind, errors.MAILBOX)
+        self.assertIn("Nowhere", result.message)
+
+    def test_unknown_user_is_mailbox_error(self):
+        h = self.harness(user="nobody@contoso.test")
+        self.assertEqual(h.poll().kind, errors.MAILBOX)
+
+
+class ExactlyOnceTests(GraphTestCase):
+    def test_nothing_marked_unless_the_sink_confirmed(self):
+        h = self.harness()
+        ids = [h.add(n) for n in range(3)]
+        h.sink.fail = errors.FidoError(errors.REDIS, "Redis is down")
+        result = h.poll()
+        self.assertEqual(result.kind, errors.REDIS)
+        self.assertEqual(sorted(h.unread()), sorted(ids))
+        self.assertFalse([m for _, m, *_ in h.graph.log if m in ("PATCH", "DELETE", "POST")])
+        h.sink.fail = None
+        result = h.poll()
+        self.assertEqual((result.kind, result.fetched), (None, 3))
+        self.assertEqual(h.unread(), [])
+
+    def test_delivered_but_unmarked_is_marked_not_redelivered(self):
+        h = self.harness()
+        ids = [h.add(n) for n in range(3)]
+        # a crash after the sink confirmed, before marking: the sink has them
+        h.sink.deliver([graph.Message("contoso-support", "Inbox", "", i, b"x", source="graph")
+                        for i in ids[:2]])
+        result = h.poll()
+        self.assertEqual((result.kind, result.fetched, result.marked), (None, 1, 3))
+        self.assertEqual(len(h.sink.entries), 3)
+        self.assertEqual(h.unread(), [])
+
+    def test_rejected_left_unread_and_reported(self):
+        h = self.harness()
+        n1, n2 = h.add(1), h.add(2)
+        h.sink.reject = {n1}
+        result = h.poll()
+        self.assertEqual(result.kind, errors.REJECTED)
+        self.assertEqual(h.unread(), [n1])
+
+
+class DeltaTests(GraphTestCase):
+    def test_delta_then_410_resync_without_duplicates(self):
+        h = self.harness(select="new", after_fetch="seen")
+        first = [h.add(n) for n in range(25)]  # three delta pages of 10
+        result = h.poll()
+        self.assertEqual((result.kind, result.fetched), (None, 25))
+        key = graph.delta_key(h.account)
+        self.assertIn(b"$deltatoken=", h.redis.data[key])
+        later = [h.add(n) for n in range(100, 103)]
+        result = h.poll()
+        self.assertEqual((result.kind, result.fetched), (None, 3))
+        self.assertEqual(len(h.sink.entries), 28)
+        # the service forgets the sync state: 410, a full resync, no duplicate
+        h.graph.forget_delta_tokens(USER)
+        h.add(200)
+        result = h.poll()
+        self.assertEqual((result.kind, result.fetched), (None, 1), result.message)
+        self.assertTrue(any(path.endswith("/delta") and "$deltatoken" in q
+                            for _, _, path, q, _ in h.graph.log))
+        ids = [m.id for m in h.sink.entries]
+        self.assertEqual(len(ids), len(set(ids)))
+        self.assertEqual(len(ids), 29)
+        self.assertTrue(set(first + later) <= set(ids))
+
+    def test_delta_takes_read_messages_too(self):
+        h = self.harness(select="new", after_fetch="seen")
+        n1 = h.add(1)
+        h.graph.mailbox(USER).messages[n1].is_read = True
+        self.assertEqual(h.poll().fetched, 1)
+
+    def test_start_from_now_records_position_only(self):
+        h = self.harness(select="new", start_from="now")
+        for n in range(5):
+            h.add(n)
+        result = h.poll()
+        self.assertEqual((result.kind, result.fetched), (None, 0))
+        self.assertEqual(len(h.unread()), 5)
+        fresh = h.add(9)
+        result = h.poll()
+        self.assertEqual(result.fetched, 1)
+        self.assertEqual([m.id for m in h.sink.entries], [fresh])
+
+    def test_delta_link_not_stored_when_delivery_failed(self):
+        h = self.harness(select="new")
+        h.add(1)
+        h.sink.fail = errors.FidoError(errors.REDIS, "down")
+        self.assertEqual(h.poll().kind, errors.REDIS)
+        self.assertNotIn(graph.delta_key(h.account), h.redis.data)
+        h.sink.fail = None
+        self.assertEqual(h.poll().fetched, 1)
+
+
+class ThrottlingAndTokenTests(GraphTestCase):
+    def test_retry_after_obeyed(self):
+        h = self.harness()
+        h.add(1)
+        h.graph.throttle(2, retry_after=3)
+        result = h.poll(step=0.05)
+        self.assertIsNone(result.kind, result.message)
+        times = [t for t, *_ in h.graph.log]
+        # the folder lookup was refused twice; each retry came 3 s later
+        self.assertEqual(h.graph.codes[:3], [429, 429, 200])
+        self.assertTrue(3.0 <= times[1] - times[0] < 3.11, times)
+        self.assertTrue(3.0 <= times[2] - times[1] < 3.11, times)
+        self.assertEqual(result.fetched, 1)
+
+    def test_persistent_throttling_is_throttled(self):
+        h = self.harness(max_throttle_wait=10)
+        h.add(1)
+        h.graph.throttle(100, retry_after=4)
+        result = h.poll(step=0.5)
+        self.assertEqual(result.kind, errors.THROTTLED)
+        self.assertIn("429", result.message)
+        self.assertEqual(len(h.graph.log), 3)  # at 0, 4 and 8 s; the next wait is past 10 s
+
+    def test_token_expiring_mid_run_is_refreshed(self):
+        h = self.harness(expires_in=20)
+        h.graph.delay = 2.0  # each answer takes 2 s: the session outlives two tokens
+        for n in range(40):
+            h.add(n)
+        result = h.poll()
+        self.assertIsNone(result.kind, result.message)
+        self.assertEqual(result.fetched, 40)
+        self.assertGreaterEqual(len(h.tokens.requests), 3)
+        self.assertNotIn(401, h.graph.codes)  # refreshed before expiry, never refused
+
+    def test_revoked_token_refetched_once_on_401(self):
+        h = self.harness()
+        h.add(1)
+        self.assertIsNone(h.poll().kind)
+        h.tokens.access_tokens.clear()  # the service forgets every token
+        h.add(2)
+        result = h.poll()
+        self.assertEqual((result.kind, result.fetched), (None, 1))
+        self.assertEqual(len(h.tokens.requests), 2)
+
+    def test_grant_revoked_is_reauthorize(self):
+        h = self.harness(oauth=OAuth(provider="microsoft", client_id="app-1",
+                                     refresh_token="rt-gone-0000", client_secret=SECRET,
+                                     token_url="https://login.test/token"))
+        result = h.poll()
+        self.assertEqual(result.kind, errors.REAUTHORIZE)
+
+    def test_no_secret_in_logs_or_results(self):
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        h = self.harness(expires_in=30)
+        for n in range(5):
+            h.add(n)
+        results = [h.poll()]
+        h.tokens.access_tokens.clear()
+        results.append(h.poll())
+        h.graph.throttle(100, retry_after=100)
+        results.append(h.poll())
+        h.tokens.clients["app-1"] = "rotated-away"
+        h.tokens.access_tokens.clear()
+        h.clock.advance(3600)
+        results.append(h.poll())
+        self.assertEqual(results[-1].kind, errors.AUTH)
+        secrets = [SECRET, "rotated-away"] + h.tokens.issued
+        self.assertGreaterEqual(len(h.tokens.issued), 2)
+        text = "\n".join(formatEvent(e) + repr(e) for e in events)
+        text += "\n".join(repr(r) + r.message + r.debug for r in results)
+        self.assertIn("contoso-support", text)
+        for secret in secrets:
+            for form in (secret, quote(secret, safe=""), quote_plus(secret),
+                         base64.b64encode(secret.encode()).decode()):
+                self.assertNotIn(form, text)
+
