@@ -138,7 +138,7 @@ class ListingTests(GraphTestCase):
 
     def test_two_mebibyte_message_byte_identical(self):
         h = self.harness()
-        raw = mime(1) + bytes(random.Random(7).getrandbits(8) for _ in range(2 * 1024 * 1024))
+        raw = mime(1) + random.Random(7).randbytes(2 * 1024 * 1024)
         h.graph.add_message(USER, raw)
         result = h.poll()
         self.assertIsNone(result.kind, result.message)

@@ -636,6 +636,8 @@ class MockIMAPProtocol(protocol.Protocol):
         refused = self._check_login_allowed(tag)
         if refused:
             return refused
+        if args and args[0].upper() in (b"XOAUTH2", b"OAUTHBEARER") and self.server.bearer_check:
+            return self._bearer(tag, args[0].upper().decode(), args[1:])
         if not args or args[0].upper() != b"PLAIN":
             return tag + b" NO Unsupported mechanism\r\n"
 
@@ -650,6 +652,40 @@ class MockIMAPProtocol(protocol.Protocol):
 
         if len(args) > 1:
             return answer(args[1])
+        self._continuation = lambda line: self._send(answer(line.strip()))
+        return b"+ \r\n"
+
+    def _bearer(self, tag, mechanism, args):
+        """XOAUTH2 / OAUTHBEARER (RFC 7628): on a bad token the error challenge,
+        then, after the client's empty answer, a tagged NO."""
+        status = base64.b64encode(b'{"status":"401","schemes":"bearer",'
+                                  b'"scope":"https://mail.google.com/"}')
+
+        def after_challenge(line):
+            if line.strip():
+                self._send(tag + b" BAD Expected an empty response to the error challenge\r\n")
+            else:
+                self._send(tag + b" NO [AUTHENTICATIONFAILED] Authentication failed\r\n")
+
+        def answer(response):
+            try:
+                fields = base64.b64decode(response, validate=True).decode("utf-8").split("\x01")
+            except (ValueError, TypeError):
+                return tag + b" BAD Invalid " + mechanism.encode() + b" response\r\n"
+            user = fields[0][len("user="):] if mechanism == "XOAUTH2" else \
+                fields[0].split(",")[1][2:].replace("=2C", ",").replace("=3D", "=")
+            auth = [f for f in fields if f.startswith("auth=Bearer ")]
+            token = auth[0][len("auth=Bearer "):] if auth else ""
+            if self.server.keep_records:
+                self.server.bearer_attempts.append((mechanism, user, token))
+            mailbox = self.server.mailbox(user)
+            if mailbox is None or not self.server.bearer_check(user, token):
+                self._continuation = after_challenge
+                return b"+ " + status + b"\r\n"
+            return self._login(tag, user.encode(), mailbox.password.encode(), mechanism)
+
+        if args:
+            return answer(args[0])
         self._continuation = lambda line: self._send(answer(line.strip()))
         return b"+ \r\n"
 
@@ -1040,6 +1076,10 @@ class MockIMAPServer:
         self.keep_records = keep_records
         self.connections = []  # every ConnectionRecord, in order
         self.login_attempts = []  # (method, user, password)
+        #: ``f(user, token) -> bool``: accept AUTHENTICATE XOAUTH2/OAUTHBEARER
+        #: (None: refuse them); an invalid token gets RFC 7628's error challenge
+        self.bearer_check = None
+        self.bearer_attempts = []  # (mechanism, user, token)
         self._protocols = {}  # open connections: id -> MockIMAPProtocol
         self._last_id = 0
         self._waiters = []
