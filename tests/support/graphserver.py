@@ -98,6 +98,7 @@ class FakeGraph(resource.Resource):
         self.codes = []  # the status of each answer, in order
         self.throttled = []  # answers still to throttle: Retry-After values
         self.delay = 0.0
+        self.pending = []  # delayed answers (cancelled by stop)
         self.in_flight = defaultdict(int)
         self.most_in_flight = defaultdict(int)
 
@@ -130,6 +131,13 @@ class FakeGraph(resource.Resource):
         box = self.mailbox(user)
         return [m for m in box.messages.values() if m.folder == box.folder(folder)]
 
+    def stop(self):
+        """Drop the answers still held by ``delay``."""
+        for call in self.pending:
+            if call.active():
+                call.cancel()
+        self.pending = []
+
     # -- HTTP ------------------------------------------------------------
 
     def render(self, request):
@@ -153,7 +161,10 @@ class FakeGraph(resource.Resource):
             request.finish()
 
         if self.delay:
-            self.clock.callLater(self.delay, finish)
+            gone = []
+            request.notifyFinish().addErrback(gone.append)
+            call = self.clock.callLater(self.delay, lambda: None if gone else finish())
+            self.pending = [c for c in self.pending if c.active()] + [call]
         else:
             finish()
         return server.NOT_DONE_YET

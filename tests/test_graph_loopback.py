@@ -1,0 +1,108 @@
+"""The Graph source and the token providers over real loopback HTTP: the fake
+token endpoint and the fake Graph service listening on 127.0.0.1, Fido's own
+HttpClient with its connection pool, real time."""
+
+import base64
+import os
+import time
+from urllib.parse import quote
+
+import pytest_twisted
+from twisted.internet import defer, reactor
+from twisted.logger import formatEvent, globalLogPublisher
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+
+from fido_tx import errors
+from fido_tx.accounts.model import Account, OAuth
+from fido_tx.credentials import oauth
+from fido_tx.httpclient import HttpClient
+from fido_tx.sources import graph, graphapi
+from fido_tx.testing import MemorySink
+from tests.support.graphserver import FakeGraph
+from tests.support.oauthserver import FakeTokenEndpoint
+from tests.test_graph import FakeRedis, mime
+
+USER = "helpdesk@contoso.test"
+SECRET = "loopback-secret-2468"
+
+
+class Loopback:
+    def __init__(self, tmp_path, timeout=10.0):
+        self.tokens = FakeTokenEndpoint(clock=reactor, expires_in=3600)
+        self.tokens.add_client("app-1", SECRET)
+        self.graph = FakeGraph(tokens=self.tokens, clock=reactor)
+        root = Resource()
+        root.putChild(b"token", self.tokens)
+        root.putChild(b"v1.0", self.graph)
+        self.port = reactor.listenTCP(0, Site(root), interface="127.0.0.1")
+        base = f"http://127.0.0.1:{self.port.getHost().port}"
+        self.graph.base_url = base
+        self.graph.mailbox(USER)
+        self.http = HttpClient(reactor, timeout=timeout)
+        self.sink = MemorySink()
+        self.ctx = graph.GraphContext(
+            reactor=reactor, http=self.http,
+            providers=oauth.Providers(reactor, self.http,
+                                      oauth.RefreshTokenStore.in_dir(str(tmp_path))),
+            gates=graphapi.Gates(reactor), sink_for=lambda a: self.sink, redis=FakeRedis())
+        self.account = Account(
+            id="contoso-helpdesk", source="graph", user=USER, mailbox="Inbox",
+            graph_endpoint=base, oauth=OAuth(provider="microsoft", client_id="app-1",
+                                             client_secret=SECRET, token_url=base + "/token"))
+
+    @defer.inlineCallbacks
+    def close(self):
+        self.graph.stop()
+        yield self.http.close()
+        yield self.port.stopListening()
+
+
+@pytest_twisted.inlineCallbacks
+def test_loopback_session_with_retry_after_measured_and_no_secret_logged(tmp_path):
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    lo = Loopback(tmp_path)
+    try:
+        big = mime(0) + os.urandom(2 * 1024 * 1024)
+        ids = [lo.graph.add_message(USER, big)] + [
+            lo.graph.add_message(USER, mime(n)) for n in range(1, 60)]
+        lo.graph.throttle(1, retry_after=1)
+        started = time.monotonic()
+        result = yield graph.make_session(lo.account, lo.ctx).poll()
+        elapsed = time.monotonic() - started
+        assert result.kind is None, result.message
+        assert result.fetched == 60 and result.marked == 60
+        assert sorted(m.id for m in lo.sink.entries) == sorted(ids)
+        assert [m.raw for m in lo.sink.entries if m.id == ids[0]] == [big]
+        times = [t for t, *_ in lo.graph.log]
+        assert lo.graph.codes[0] == 429
+        assert 0.95 <= times[1] - times[0] < 3.0, times[:2]
+        assert elapsed >= 0.95
+        assert lo.graph.most_in_flight[USER.lower()] <= 4
+        # the next session reuses the token: no second token request
+        again = yield graph.make_session(lo.account, lo.ctx).poll()
+        assert (again.kind, again.fetched) == (None, 0)
+        assert len(lo.tokens.requests) == 1
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+        yield lo.close()
+    text = "\n".join(formatEvent(e) + repr(e) for e in events) + repr(result) + result.debug
+    assert "contoso-helpdesk" in text
+    for secret in [SECRET] + lo.tokens.issued:
+        for form in (secret, quote(secret, safe=""), base64.b64encode(secret.encode()).decode()):
+            assert form not in text
+
+
+@pytest_twisted.inlineCallbacks
+def test_loopback_graph_that_never_answers_times_out(tmp_path):
+    lo = Loopback(tmp_path, timeout=1.0)
+    try:
+        lo.graph.delay = 30.0
+        started = time.monotonic()
+        result = yield graph.make_session(lo.account, lo.ctx).poll()
+        assert result.kind == errors.TIMEOUT, result
+        assert time.monotonic() - started < 5
+    finally:
+        lo.graph.delay = 0
+        yield lo.close()
