@@ -36,6 +36,17 @@ def mime(n, size=None):
     return body
 
 
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class SourceContext:
+    """The fields of :class:`fido_tx.sources.SourceContext` a Graph session uses."""
+
+    reactor: object
+    sink: object
+    graph: object
+    credentials: object
+    dry_run: bool = False
+
+
 class FakeRedis:
     """``execute(*args)`` over a dict: GET, SET, DEL."""
 
@@ -72,11 +83,10 @@ class Harness:
                                          oauth.RefreshTokenStore.in_dir(tmp))
         self.sink = MemorySink()
         self.redis = FakeRedis()
-        self.ctx = graph.GraphContext(
-            reactor=self.clock, http=self.http, providers=self.providers,
-            gates=graphapi.Gates(self.clock), sink_for=lambda account: self.sink,
-            redis=self.redis,
-            settings=graph.GraphSettings(max_throttle_wait=max_throttle_wait))
+        self.shared = graph.GraphShared(
+            self.http, graphapi.Gates(self.clock), self.redis,
+            graph.GraphSettings(max_throttle_wait=max_throttle_wait))
+        self.dry_run = False
         fields = dict(id="contoso-support", source="graph", user=USER, mailbox="Inbox",
                       graph_endpoint="https://graph.test",
                       oauth=OAuth(provider="microsoft", client_id="app-1", client_secret=SECRET,
@@ -87,8 +97,15 @@ class Harness:
     def add(self, n, **kw):
         return self.graph.add_message(USER, mime(n, **kw))
 
+    def session(self):
+        ctx = SourceContext(self.clock, self.sink, self.shared, self.credentials, self.dry_run)
+        return graph.build(self.account, ctx)
+
+    def credentials(self, account):
+        return oauth.for_account(account, self.providers)
+
     def poll(self, step=0.1, limit=10000):
-        session = graph.make_session(self.account, self.ctx)
+        session = self.session()
         box = []
         session.poll().addBoth(box.append)
         for _ in range(limit):
@@ -113,7 +130,7 @@ class GraphTestCase(SynchronousTestCase):
 class ListingTests(GraphTestCase):
     def test_session_is_an_isource(self):
         h = self.harness()
-        verifyObject(ISource, graph.make_session(h.account, h.ctx))
+        verifyObject(ISource, h.session())
 
     def test_three_pages_delivered_once_and_marked_read(self):
         h = self.harness()
@@ -147,7 +164,7 @@ class ListingTests(GraphTestCase):
 
     def test_too_large_left_unread(self):
         h = self.harness()
-        h.ctx = attr.evolve(h.ctx, settings=graph.GraphSettings(max_message_size=1000))
+        h.shared = attr.evolve(h.shared, settings=graph.GraphSettings(max_message_size=1000))
         big = h.add(1, size=5000)
         small = h.add(2)
         result = h.poll()

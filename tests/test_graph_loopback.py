@@ -21,7 +21,7 @@ from fido_tx.sources import graph, graphapi
 from fido_tx.testing import MemorySink
 from tests.support.graphserver import FakeGraph
 from tests.support.oauthserver import FakeTokenEndpoint
-from tests.test_graph import FakeRedis, mime
+from tests.test_graph import FakeRedis, SourceContext, mime
 
 USER = "helpdesk@contoso.test"
 SECRET = "loopback-secret-2468"
@@ -41,11 +41,11 @@ class Loopback:
         self.graph.mailbox(USER)
         self.http = HttpClient(reactor, timeout=timeout)
         self.sink = MemorySink()
-        self.ctx = graph.GraphContext(
-            reactor=reactor, http=self.http,
-            providers=oauth.Providers(reactor, self.http,
-                                      oauth.RefreshTokenStore.in_dir(str(tmp_path))),
-            gates=graphapi.Gates(reactor), sink_for=lambda a: self.sink, redis=FakeRedis())
+        providers = oauth.Providers(reactor, self.http,
+                                    oauth.RefreshTokenStore.in_dir(str(tmp_path)))
+        self.ctx = SourceContext(reactor, self.sink,
+                                 graph.GraphShared(self.http, graphapi.Gates(reactor), FakeRedis()),
+                                 lambda account: oauth.for_account(account, providers))
         self.account = Account(
             id="contoso-helpdesk", source="graph", user=USER, mailbox="Inbox",
             graph_endpoint=base, oauth=OAuth(provider="microsoft", client_id="app-1",
@@ -69,7 +69,7 @@ def test_loopback_session_with_retry_after_measured_and_no_secret_logged(tmp_pat
             lo.graph.add_message(USER, mime(n)) for n in range(1, 60)]
         lo.graph.throttle(1, retry_after=1)
         started = time.monotonic()
-        result = yield graph.make_session(lo.account, lo.ctx).poll()
+        result = yield graph.build(lo.account, lo.ctx).poll()
         elapsed = time.monotonic() - started
         assert result.kind is None, result.message
         assert result.fetched == 60 and result.marked == 60
@@ -81,7 +81,7 @@ def test_loopback_session_with_retry_after_measured_and_no_secret_logged(tmp_pat
         assert elapsed >= 0.95
         assert lo.graph.most_in_flight[USER.lower()] <= 4
         # the next session reuses the token: no second token request
-        again = yield graph.make_session(lo.account, lo.ctx).poll()
+        again = yield graph.build(lo.account, lo.ctx).poll()
         assert (again.kind, again.fetched) == (None, 0)
         assert len(lo.tokens.requests) == 1
     finally:
@@ -100,7 +100,7 @@ def test_loopback_graph_that_never_answers_times_out(tmp_path):
     try:
         lo.graph.delay = 30.0
         started = time.monotonic()
-        result = yield graph.make_session(lo.account, lo.ctx).poll()
+        result = yield graph.build(lo.account, lo.ctx).poll()
         assert result.kind == errors.TIMEOUT, result
         assert time.monotonic() - started < 5
     finally:

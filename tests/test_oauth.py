@@ -6,6 +6,8 @@ import json
 import os
 import stat
 
+import attr
+
 from hypothesis import given, strategies as st
 from treq.testing import StubTreq
 from twisted.internet import task
@@ -344,3 +346,36 @@ class SaslTests(SynchronousTestCase):
             text = sasl.decode_error_challenge(challenge)
             self.assertIsInstance(text, str)
             self.assertNotIn("\n", text)
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class CredentialsContext:
+    """The fields of :class:`fido_tx.credentials.CredentialsContext` OAuth uses."""
+
+    reactor: object
+    state_dir: str
+    key_file: str = ""
+
+
+class RegistryTests(SynchronousTestCase):
+    def test_build_shares_providers_per_process(self):
+        clock = task.Clock()
+        tmp = self.mktemp()
+        ctx = CredentialsContext(clock, tmp)
+        one = oauth.build(imap_account(1), ctx)
+        two = oauth.build(imap_account(2), ctx)
+        verifyObject(ICredentials, one)
+        self.assertIs(one.provider, two.provider)
+        self.assertIsNot(oauth.build(imap_account(1), CredentialsContext(clock, tmp + "x")).provider,
+                         one.provider)
+        self.successResultOf(oauth.close_shared())
+        self.assertIsNot(oauth.build(imap_account(1), ctx).provider, one.provider)
+        self.successResultOf(oauth.close_shared())
+
+    def test_build_refuses_plain_http_token_url_as_config(self):
+        account = imap_account()
+        account = attr.evolve(account, oauth=attr.evolve(account.oauth,
+                                                         token_url="http://login.test/t"))
+        with self.assertRaises(errors.FidoError) as e:
+            oauth.build(account, CredentialsContext(task.Clock(), self.mktemp()))
+        self.assertEqual(e.exception.kind, errors.CONFIG)

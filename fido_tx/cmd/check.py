@@ -25,6 +25,7 @@ file cannot be used at all.  No password or token is ever printed.
 
 import argparse
 import json
+import os
 import sys
 
 import attr
@@ -189,8 +190,34 @@ def _scrub(account, result):
     return result
 
 
+def graph_checker(state_dir, key_file="", timeout=DEFAULT_TIMEOUT):
+    """``f(reactor, account) -> Deferred[SessionResult]`` checking Graph accounts
+    (a token from the shared providers, which keep rotated refresh tokens in
+    ``state_dir``; the folder; its unread count)."""
+
+    def check(reactor, account):
+        from fido_tx.credentials import oauth
+        from fido_tx.sources import graph
+
+        shared = graph.GraphShared.create(reactor, timeout=timeout or 60.0)
+        try:
+            credentials = oauth.for_account(
+                account, oauth.shared_providers(reactor, state_dir, key_file))
+        except ValueError as e:
+            return defer.succeed(SessionResult(account.id, kind=errors.CONFIG, message=str(e),
+                                               dry_run=True))
+        d = graph.check_account(reactor, account, shared, credentials)
+
+        def close(result):
+            return shared.close().addBoth(lambda _: result)
+
+        return d.addBoth(close)
+
+    return check
+
+
 def check_accounts(reactor, accounts, imap_settings, concurrency=DEFAULT_CONCURRENCY,
-                   progress=None, timeout=DEFAULT_TIMEOUT, fetch=None):
+                   progress=None, timeout=DEFAULT_TIMEOUT, fetch=None, graph_check=None):
     """Log in to each account read-only (a dry-run session), ``concurrency`` at a time.
 
     :param reactor: IReactorTCP + IReactorTime (+ name resolver).
@@ -202,11 +229,16 @@ def check_accounts(reactor, accounts, imap_settings, concurrency=DEFAULT_CONCURR
     :param timeout: seconds one account may take in all (``None``: no cap
         beyond the settings' own timeouts); then its result is a ``timeout``.
     :param fetch: ``fetch_mailbox``'s signature (tests); the real one by default.
+    :param graph_check: ``f(reactor, account)`` for ``source = "graph"``
+        accounts (:func:`graph_checker`); by default one keeping rotated
+        refresh tokens in the current directory.
     :return: Deferred firing with ``[(account, SessionResult), ...]`` in the
         order given; it never errbacks.
     """
     if fetch is None:
         from fido_tx.sources.imap.session import fetch_mailbox as fetch
+    if graph_check is None:
+        graph_check = graph_checker("", timeout=timeout)
     accounts = list(accounts)
     settings = capped_settings(imap_settings, timeout)
     sink = _NullSink()
@@ -222,7 +254,10 @@ def check_accounts(reactor, accounts, imap_settings, concurrency=DEFAULT_CONCURR
         def elapsed():
             return max(0.0, reactor.seconds() - started)
 
-        d = defer.maybeDeferred(fetch, reactor, account, sink, settings, dry_run=True)
+        if account.source == "graph":
+            d = defer.maybeDeferred(graph_check, reactor, account)
+        else:
+            d = defer.maybeDeferred(fetch, reactor, account, sink, settings, dry_run=True)
         if timeout:
             d.addTimeout(timeout, reactor, onTimeoutCancel=lambda _result, _t: SessionResult(
                 account.id, kind=errors.TIMEOUT, message=f"no result within {timeout:g} s",
@@ -279,13 +314,25 @@ def _by_kind(results):
     return dict(sorted(kinds.items()))
 
 
+def _server(account):
+    if account.source == "graph":
+        from urllib.parse import urlsplit
+
+        return f"{urlsplit(account.graph_endpoint).hostname} {account.user}"
+    return f"{account.host}:{account.port}"
+
+
+def _security(account):
+    return "https" if account.source == "graph" else account.security
+
+
 def format_results(results):
     """The ``--connect`` table and its summary line."""
     if not results:
         return ["checked 0 accounts: none in this shard"]
     lines = _table(
         ["ACCOUNT", "SERVER", "SECURITY", "RESULT", "SECONDS"],
-        [[a.id, f"{a.host}:{a.port}", a.security, result_text(r), f"{r.seconds:.2f}"]
+        [[a.id, _server(a), _security(a), result_text(r), f"{r.seconds:.2f}"]
          for a, r in results],
     )
     kinds = _by_kind(results)
@@ -372,7 +419,8 @@ def _isatty(stream):
         return False
 
 
-def _connect_with_global_reactor(accounts, imap_settings, concurrency, timeout, progress):
+def _connect_with_global_reactor(accounts, imap_settings, concurrency, timeout, progress,
+                                 graph_check=None):
     """:func:`check_accounts` under ``task.react``; ``None`` when interrupted."""
     from twisted.internet import task
     from twisted.python.failure import Failure
@@ -380,8 +428,12 @@ def _connect_with_global_reactor(accounts, imap_settings, concurrency, timeout, 
     box = []
 
     def go(reactor):
-        d = check_accounts(reactor, accounts, imap_settings, concurrency, progress, timeout)
+        from fido_tx.credentials import oauth
+
+        d = check_accounts(reactor, accounts, imap_settings, concurrency, progress, timeout,
+                           graph_check=graph_check)
         d.addBoth(box.append)
+        d.addBoth(lambda _: oauth.close_shared())
         return d
 
     try:
@@ -480,6 +532,9 @@ def main(args):
             report.shard_accounts, settings.imap,
             getattr(args, "concurrency", DEFAULT_CONCURRENCY),
             getattr(args, "timeout", DEFAULT_TIMEOUT), progress,
+            graph_checker(settings.fido.state_dir
+                          or os.path.dirname(settings.fido.accounts_file),
+                          settings.fido.key_file, getattr(args, "timeout", DEFAULT_TIMEOUT)),
         )
         if progress is not None:
             progress.clear()

@@ -376,6 +376,8 @@ class Providers:
         self._store = store
         self._holds = (failure_hold, reauthorize_hold)
         self._providers = {}
+        #: the HttpClient when built by :func:`shared_providers` (closed there)
+        self.http = None
 
     def for_grant(self, grant):
         provider = self._providers.get(grant)
@@ -434,3 +436,43 @@ def for_account(account, providers):
         return OAuthCredentials(providers.for_grant(grant_for(account)), account.user or "")
     return OAuthCredentials(providers.for_grant(grant_for(account)), account.username,
                             account.host, account.port)
+
+
+class _Shared:
+    """The process's :class:`Providers`, one per (reactor, state dir, key file)."""
+
+    providers = {}
+
+
+def shared_providers(reactor, state_dir, key_file="", timeout=30.0):
+    """The :class:`Providers` every account of this process shares (created on
+    first use with its own HTTP pool; :func:`close_shared` on stop)."""
+    key = (reactor, os.path.abspath(state_dir or "."), key_file or "")
+    providers = _Shared.providers.get(key)
+    if providers is None:
+        from fido_tx.httpclient import HttpClient
+
+        http = HttpClient(reactor, timeout=timeout, per_host=2)
+        providers = Providers(reactor, http, RefreshTokenStore.in_dir(key[1], key_file))
+        providers.http = http
+        _Shared.providers[key] = providers
+    return providers
+
+
+def close_shared():
+    """Close the HTTP pools of :func:`shared_providers` (service stop)."""
+    shared, _Shared.providers = _Shared.providers, {}
+    return defer.DeferredList([p.http.close() for p in shared.values()])
+
+
+def build(account, ctx):
+    """The credentials registry's factory (:data:`fido_tx.credentials.AUTHS`):
+    ``ctx`` is the :class:`fido_tx.credentials.CredentialsContext` (its
+    ``reactor``, ``state_dir`` and ``key_file``).
+
+    :raises FidoError: kind ``config`` for an unusable token URL.
+    """
+    try:
+        return for_account(account, shared_providers(ctx.reactor, ctx.state_dir, ctx.key_file))
+    except ValueError as e:
+        raise errors.FidoError(errors.CONFIG, str(e)) from None

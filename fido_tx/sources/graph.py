@@ -57,24 +57,30 @@ class GraphSettings:
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
-class GraphContext:
-    """What Graph sessions share in one process.
+class GraphShared:
+    """What every Graph session of a process shares: built once by the
+    composition root (:meth:`create`), closed on stop (:meth:`close`).
 
-    ``http``: :class:`fido_tx.httpclient.HttpClient`; ``providers``:
-    :class:`fido_tx.credentials.oauth.Providers`; ``gates``:
-    :class:`fido_tx.sources.graphapi.Gates`; ``redis``: an object with
-    ``execute(*args) -> Deferred`` for the delta links (``None``: not kept);
-    ``sink_for(account) -> ISink``.
+    ``http``: :class:`fido_tx.httpclient.HttpClient` (one pool, per host);
+    ``gates``: :class:`fido_tx.sources.graphapi.Gates` (4 requests per
+    mailbox); ``redis``: an object with ``execute(*args) -> Deferred`` (the
+    shared Redis connection) for the delta links, ``None``: not kept.
     """
 
-    reactor: object
     http: object
-    providers: object
     gates: object
-    sink_for: object
     redis: object = None
     settings: GraphSettings = attr.ib(factory=GraphSettings)
-    dry_run: bool = False
+
+    @classmethod
+    def create(cls, reactor, redis=None, settings=None, timeout=60.0):
+        from fido_tx.httpclient import HttpClient
+
+        return cls(HttpClient(reactor, timeout=timeout, per_host=graphapi.MAX_CONCURRENT),
+                   graphapi.Gates(reactor), redis, settings or GraphSettings())
+
+    def close(self):
+        return self.http.close()
 
 
 def delta_key(account):
@@ -82,9 +88,16 @@ def delta_key(account):
     return f"fido:graph:delta:{{{account.id}}}:{account.mailbox}"
 
 
-def make_session(account, ctx):
-    """The registry's factory: an ``ISource`` for one Graph account."""
-    return GraphSession(account, ctx)
+def build(account, ctx, handle=None):
+    """The sources registry's factory (:data:`fido_tx.sources.SOURCES`).
+
+    ``ctx`` is the :class:`fido_tx.sources.SourceContext`: its ``reactor``,
+    ``sink``, ``credentials`` (``f(account) -> ICredentials``), ``dry_run``
+    and ``graph`` (a :class:`GraphShared`).  ``handle`` is unused: a Graph
+    session holds no connection between polls.
+    """
+    return GraphSession(account, ctx.reactor, ctx.graph, ctx.sink,
+                        ctx.credentials(account), dry_run=ctx.dry_run)
 
 
 def _mebibytes(n):
@@ -95,19 +108,18 @@ def _mebibytes(n):
 class GraphSession:
     """One poll of one Graph account (see the module)."""
 
-    def __init__(self, account, ctx):
-        from fido_tx.credentials import oauth
-
+    def __init__(self, account, reactor, shared, sink, credentials, dry_run=False):
         self.account = account
-        self._ctx = ctx
-        self._reactor = ctx.reactor
-        self._settings = ctx.settings
-        self._sink = ctx.sink_for(account)
-        self.credentials = oauth.for_account(account, ctx.providers)
+        self._reactor = reactor
+        self._shared = shared
+        self._settings = shared.settings
+        self._sink = sink
+        self._dry_run = dry_run
+        self.credentials = credentials
         self.client = graphapi.GraphClient(
-            ctx.reactor, ctx.http, self.credentials, account.graph_endpoint, account.user,
-            ctx.gates.for_mailbox(account.graph_endpoint, account.user),
-            ctx.settings.max_throttle_wait)
+            reactor, shared.http, credentials, account.graph_endpoint, account.user,
+            shared.gates.for_mailbox(account.graph_endpoint, account.user),
+            shared.settings.max_throttle_wait)
         self._counts = dict(fetched=0, bytes=0, marked=0)
         self._too_large = []
         self._rejected = []
@@ -152,7 +164,7 @@ class GraphSession:
         return SessionResult(self.account.id, kind=kind, message=message, debug=debug,
                              fetched=c["fetched"], bytes=c["bytes"], marked=c["marked"],
                              too_large=tuple(self._too_large), seconds=seconds,
-                             dry_run=self._ctx.dry_run)
+                             dry_run=self._dry_run)
 
     def _scrub(self, text):
         for form in self.credentials.secret_forms():
@@ -164,7 +176,7 @@ class GraphSession:
         account = self.account
         folder = await self.client.folder_id(account.mailbox)
         target = None
-        if account.move_target and not self._ctx.dry_run:
+        if account.move_target and not self._dry_run:
             target = await self.client.folder_id(account.move_target)
         if account.select == "new":
             listed, delta_link = await self._list_delta(folder)
@@ -172,8 +184,8 @@ class GraphSession:
             listed, delta_link = await self._list_unread(folder), None
         if listed:
             await self._fetch(listed, target)
-        if delta_link is not None and self._ctx.redis is not None and not self._ctx.dry_run:
-            await self._ctx.redis.execute("SET", delta_key(account), delta_link)
+        if delta_link is not None and self._shared.redis is not None and not self._dry_run:
+            await self._shared.redis.execute("SET", delta_key(account), delta_link)
 
     async def _list_unread(self, folder):
         found = []
@@ -186,8 +198,8 @@ class GraphSession:
     async def _list_delta(self, folder):
         """``(messages, delta link)`` after the stored link (a full resync on 410)."""
         stored = None
-        if self._ctx.redis is not None:
-            stored = await self._ctx.redis.execute("GET", delta_key(self.account))
+        if self._shared.redis is not None:
+            stored = await self._shared.redis.execute("GET", delta_key(self.account))
             if isinstance(stored, bytes):
                 stored = stored.decode("utf-8")
         initial = self.client.url(f"/mailFolders/{folder}/messages/delta",
@@ -201,7 +213,7 @@ class GraphSession:
             log.info("graph {account_id}: the delta link expired (410); resynchronising the"
                      " folder (delivered messages are not delivered again)",
                      account_id=self.account.id)
-            await self._ctx.redis.execute("DEL", delta_key(self.account))
+            await self._shared.redis.execute("DEL", delta_key(self.account))
             stored = None
             found, link = await self._delta_round(initial)
         if not stored and self.account.start_from == "now":
@@ -228,11 +240,11 @@ class GraphSession:
         new = await self._sink.filter_new(account.id, account.mailbox, "", ids)
         new_set = set(new)
         before = [i for i in ids if i not in new_set]
-        if before and not self._ctx.dry_run:
+        if before and not self._dry_run:
             await self._mark(before, target)  # delivered earlier, not marked yet
         for batch in _batches(new, self._settings.batch_messages):
             messages = await self._download(batch, message_ids)
-            if self._ctx.dry_run:
+            if self._dry_run:
                 self._counts["fetched"] += len(messages)
                 continue
             if not messages:
@@ -301,3 +313,40 @@ def _batches(items, size):
     size = max(1, int(size))
     for start in range(0, len(items), size):
         yield items[start:start + size]
+
+
+async def _look(client, account):
+    folder = await client.folder_id(account.mailbox)
+    document = await client.get_json(client.url(f"/mailFolders/{folder}"))
+    unread = document.get("unreadItemCount")
+    if account.move_target:
+        await client.folder_id(account.move_target)
+    return unread if isinstance(unread, int) else 0
+
+
+def check_account(reactor, account, shared, credentials):
+    """``fido check --connect`` for a Graph account: a token, the folder (and
+    the ``move:`` target) found, its unread count read; nothing fetched or
+    changed.  Fires with a :class:`SessionResult` (``fetched`` = unread)."""
+    client = graphapi.GraphClient(reactor, shared.http, credentials, account.graph_endpoint,
+                                  account.user,
+                                  shared.gates.for_mailbox(account.graph_endpoint, account.user),
+                                  max_throttle_wait=10.0)
+    started = reactor.seconds()
+    d = defer.ensureDeferred(_look(client, account))
+
+    def done(unread):
+        return SessionResult(account.id, fetched=unread, dry_run=True,
+                             seconds=reactor.seconds() - started)
+
+    def failed(failure):
+        error = failure.value if failure.check(errors.FidoError) else errors.FidoError(
+            errors.PROTOCOL, f"unexpected error: {failure.type.__name__}")
+        text = error.message
+        for form in credentials.secret_forms():
+            if len(form) >= 4:
+                text = text.replace(form, "<redacted>")
+        return SessionResult(account.id, kind=error.kind, message=text, dry_run=True,
+                             seconds=reactor.seconds() - started)
+
+    return d.addCallbacks(done, failed)

@@ -214,7 +214,9 @@ class FakeGraph(resource.Resource):
         if folder is None:
             return self._error(404, "ErrorItemNotFound", "The specified object was not found.")
         if len(rest) == 1:
-            return self._json(200, box.folders[folder])
+            inside = [m for m in box.messages.values() if m.folder == folder]
+            return self._json(200, dict(box.folders[folder], totalItemCount=len(inside),
+                                        unreadItemCount=sum(not m.is_read for m in inside)))
         if rest[1:] == ["messages"]:
             return self._list(box, user, rest[0], folder, query)
         if rest[1:] == ["messages", "delta"]:
