@@ -2,12 +2,14 @@
 endpoint, in memory (treq's StubTreq) on a task.Clock."""
 
 import base64
+import email.utils
 import os
 
 import attr
 import random
 from urllib.parse import quote, quote_plus
 
+from hypothesis import given, strategies as st
 from treq.testing import StubTreq
 from twisted.internet import defer, task
 from twisted.logger import formatEvent, globalLogPublisher
@@ -377,3 +379,21 @@ class ThrottlingAndTokenTests(GraphTestCase):
                          base64.b64encode(secret.encode()).decode()):
                 self.assertNotIn(form, text)
 
+
+
+class RetryAfterParsingTests(SynchronousTestCase):
+    def test_seconds_and_dates(self):
+        now = 1_800_000_000.0
+        self.assertEqual(graphapi.parse_retry_after("3", now), 3.0)
+        self.assertEqual(graphapi.parse_retry_after(" 1.5 ", now), 1.5)
+        self.assertEqual(graphapi.parse_retry_after("-4", now), 0.0)
+        self.assertEqual(graphapi.parse_retry_after("99999", now), graphapi.MAX_RETRY_AFTER)
+        date = email.utils.formatdate(now + 42, usegmt=True)
+        self.assertAlmostEqual(graphapi.parse_retry_after(date, now), 42.0, places=0)
+        for bad in (None, "", "soon", "nan", "Mon, 99 Foo"):
+            self.assertIsNone(graphapi.parse_retry_after(bad, now))
+
+    @given(st.text(max_size=60))
+    def test_never_raises_and_is_bounded(self, value):
+        seconds = graphapi.parse_retry_after(value, 1_800_000_000.0)
+        self.assertTrue(seconds is None or 0.0 <= seconds <= graphapi.MAX_RETRY_AFTER)

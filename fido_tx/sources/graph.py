@@ -155,7 +155,8 @@ class GraphSession:
                 f"the application refused {len(self._rejected)} message(s) for good;"
                 " they are left unread in the folder")
         c = self._counts
-        log.info("graph {account_id} {folder}: {fetched} new, {size}, {marked} marked,"
+        # the status side logs the one line per session; this adds Graph's detail
+        log.debug("graph {account_id} {folder}: {fetched} new, {size}, {marked} marked,"
                  " {throttled:g} s throttled, {seconds:.2f} s{outcome}",
                  account_id=self.account.id, folder=self.account.mailbox, fetched=c["fetched"],
                  size=_mebibytes(c["bytes"]), marked=c["marked"],

@@ -15,6 +15,8 @@ holds every request of the mailbox while Graph asks to wait:
   410 (a delta link the service forgot) is :class:`Gone`.
 """
 
+import email.utils
+from datetime import timezone
 from urllib.parse import quote, urlencode
 
 from twisted.internet import defer, task
@@ -88,14 +90,36 @@ class Gates:
         return gate
 
 
-def retry_after(response, attempt):
-    """Seconds to wait before the next attempt (the header, else 2**attempt)."""
-    value = response.header(b"Retry-After")
+def parse_retry_after(value, now):
+    """Seconds from ``now`` (POSIX time) that a ``Retry-After`` value asks
+    for: delta-seconds or an HTTP date (RFC 9110 10.2.3); ``None`` when
+    absent or unreadable.  Capped at ``MAX_RETRY_AFTER``."""
+    if value is None:
+        return None
+    value = value.strip()
     try:
-        seconds = float(value) if value is not None else float(2 ** attempt)
+        seconds = float(value)
     except ValueError:
-        seconds = float(2 ** attempt)
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when is None:
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=timezone.utc)
+        seconds = when.timestamp() - now
+    if seconds != seconds:  # NaN
+        return None
     return min(max(seconds, 0.0), MAX_RETRY_AFTER)
+
+
+def retry_after(response, attempt, now):
+    """Seconds to wait before the next attempt (the header, else 2**attempt)."""
+    seconds = parse_retry_after(response.header(b"Retry-After"), now)
+    if seconds is None:
+        seconds = min(float(2 ** attempt), MAX_RETRY_AFTER)
+    return seconds
 
 
 class GraphClient:
@@ -145,7 +169,7 @@ class GraphClient:
                 self._credentials.invalidate()
                 continue
             if code in RETRY_CODES:
-                delay = retry_after(response, attempt)
+                delay = retry_after(response, attempt, self._reactor.seconds())
                 attempt += 1
                 if waited + delay > self.max_throttle_wait:
                     kind = errors.THROTTLED if code in (429, 503) else errors.CONNECT
