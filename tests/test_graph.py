@@ -291,6 +291,22 @@ class DeltaTests(GraphTestCase):
         self.assertEqual(result.fetched, 1)
         self.assertEqual([m.id for m in h.sink.entries], [fresh])
 
+    def test_unread_start_from_now_takes_only_later_mail(self):
+        h = self.harness(start_from="now")
+        for n in range(5):
+            h.add(n)
+        h.clock.advance(10)
+        result = h.poll()
+        self.assertEqual((result.kind, result.fetched), (None, 0))
+        self.assertEqual(len(h.unread()), 5)
+        self.assertIn(graph.since_key(h.account), h.redis.data)
+        h.clock.advance(10)
+        fresh = h.add(9)
+        result = h.poll()
+        self.assertEqual((result.kind, result.fetched), (None, 1), result.message)
+        self.assertEqual([m.id for m in h.sink.entries], [fresh])
+        self.assertEqual(len(h.unread()), 5)
+
     def test_delta_link_not_stored_when_delivery_failed(self):
         h = self.harness(select="new")
         h.add(1)

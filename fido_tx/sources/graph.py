@@ -36,6 +36,7 @@ from fido_tx.interfaces import ISource
 from fido_tx.outcome import SessionResult
 from fido_tx.sinks.message import Message
 from fido_tx.sources import graphapi
+from fido_tx.timefmt import iso_utc
 
 SOURCE = "graph"
 LIST_SELECT = "id,internetMessageId"
@@ -86,6 +87,12 @@ class GraphShared:
 def delta_key(account):
     """The Redis key of the account's delta link."""
     return f"fido:graph:delta:{{{account.id}}}:{account.mailbox}"
+
+
+def since_key(account):
+    """The Redis key of the time an unread-listing ``start_from = "now"``
+    account started from."""
+    return f"fido:graph:since:{{{account.id}}}:{account.mailbox}"
 
 
 def build(account, ctx, handle=None):
@@ -188,9 +195,29 @@ class GraphSession:
         if delta_link is not None and self._shared.redis is not None and not self._dry_run:
             await self._shared.redis.execute("SET", delta_key(account), delta_link)
 
+    async def _since(self):
+        """``start_from = "now"`` with unread listing: the time kept in Redis
+        (``fido:graph:since:...``), or ``None`` after recording now (the first
+        session fetches nothing)."""
+        key = since_key(self.account)
+        stored = await self._shared.redis.execute("GET", key)
+        if stored:
+            return stored.decode("ascii") if isinstance(stored, bytes) else stored
+        if not self._dry_run:
+            await self._shared.redis.execute("SET", key, iso_utc(self._reactor.seconds()))
+        return None
+
     async def _list_unread(self, folder):
+        """The unread messages of ``folder``; ``None`` when this session only
+        records the start (``start_from = "now"``)."""
+        condition = "isRead eq false"
+        if self.account.start_from == "now" and self._shared.redis is not None:
+            since = await self._since()
+            if since is None:
+                return None
+            condition += f" and receivedDateTime ge {since}"
         found = []
-        params = {"$filter": "isRead eq false", "$select": LIST_SELECT, "$top": str(PAGE_SIZE)}
+        params = {"$filter": condition, "$select": LIST_SELECT, "$top": str(PAGE_SIZE)}
         await self.client.pages(
             self.client.url(f"/mailFolders/{folder}/messages", params),
             lambda doc: found.extend(doc.get("value") or []))
@@ -218,7 +245,7 @@ class GraphSession:
             stored = None
             found, link = await self._delta_round(initial)
         if not stored and self.account.start_from == "now":
-            return [], link  # the first session only records where the folder stands
+            return None, link  # the first session only records where the folder stands
         return found, link
 
     async def _delta_round(self, url):

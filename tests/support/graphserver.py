@@ -31,12 +31,15 @@ from urllib.parse import quote, unquote
 from twisted.internet import reactor as global_reactor
 from twisted.web import resource, server
 
+from fido_tx.timefmt import iso_utc, parse_iso
+
 WELL_KNOWN = ("inbox", "archive", "deleteditems", "drafts", "junkemail", "sentitems")
 DELTA_PAGE = 10
 
 
 class FakeMessage:
-    def __init__(self, message_id, folder, mime, internet_message_id, seq):
+    def __init__(self, message_id, folder, mime, internet_message_id, seq, received=0.0):
+        self.received = received
         self.id = message_id
         self.folder = folder
         self.mime = mime
@@ -46,7 +49,8 @@ class FakeMessage:
 
     def json(self, select=None):
         full = {"id": self.id, "internetMessageId": self.internet_message_id,
-                "isRead": self.is_read, "parentFolderId": self.folder}
+                "isRead": self.is_read, "parentFolderId": self.folder,
+                "receivedDateTime": iso_utc(self.received)}
         if select:
             return {k: v for k, v in full.items() if k in select}
         return full
@@ -116,7 +120,8 @@ class FakeGraph(resource.Resource):
         message_id = f"AAkALgImm{n:06d}-id_{n}="
         box.seq += 1
         message = FakeMessage(message_id, box.folder(folder), mime,
-                              internet_message_id or f"<m{n}@fake.test>", box.seq)
+                              internet_message_id or f"<m{n}@fake.test>", box.seq,
+                              self.clock.seconds())
         box.messages[message_id] = message
         return message_id
 
@@ -225,8 +230,14 @@ class FakeGraph(resource.Resource):
 
     def _list(self, box, user, name, folder, query):
         found = [m for m in box.messages.values() if m.folder == folder]
-        if query.get("$filter") == "isRead eq false":
-            found = [m for m in found if not m.is_read]
+        for condition in query.get("$filter", "").split(" and "):
+            if condition == "isRead eq false":
+                found = [m for m in found if not m.is_read]
+            elif condition.startswith("receivedDateTime ge "):
+                since = parse_iso(condition[len("receivedDateTime ge "):])
+                found = [m for m in found if m.received >= since]
+            elif condition:
+                return self._error(400, "BadRequest", f"unsupported filter {condition!r}")
         top, skip = int(query.get("$top", 10)), int(query.get("$skip", 0))
         select = query.get("$select", "").split(",") if query.get("$select") else None
         page = {"value": [m.json(select) for m in found[skip:skip + top]]}
