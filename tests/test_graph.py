@@ -260,6 +260,12 @@ class DeltaTests(GraphTestCase):
         later = [h.add(n) for n in range(100, 103)]
         result = h.poll()
         self.assertEqual((result.kind, result.fetched), (None, 3))
+        # the round lists the messages the last one marked read: no PATCH again
+        patches = sum(1 for _, m, *_ in h.graph.log if m == "PATCH")
+        self.assertEqual(patches, 28)
+        quiet = h.poll()
+        self.assertEqual((quiet.kind, quiet.fetched, quiet.marked), (None, 0, 0))
+        self.assertEqual(sum(1 for _, m, *_ in h.graph.log if m == "PATCH"), 28)
         self.assertEqual(len(h.sink.entries), 28)
         # the service forgets the sync state: 410, a full resync, no duplicate
         h.graph.forget_delta_tokens(USER)

@@ -39,7 +39,7 @@ from fido_tx.sources import graphapi
 from fido_tx.timefmt import iso_utc
 
 SOURCE = "graph"
-LIST_SELECT = "id,internetMessageId"
+LIST_SELECT = "id,internetMessageId,isRead"
 PAGE_SIZE = 50
 
 log = Logger()
@@ -130,6 +130,7 @@ class GraphSession:
         self._counts = dict(fetched=0, bytes=0, marked=0)
         self._too_large = []
         self._rejected = []
+        self._read = set()
 
     def poll(self):
         started = self._reactor.seconds()
@@ -265,6 +266,10 @@ class GraphSession:
         account = self.account
         ids = [m["id"] for m in listed]
         message_ids = {m["id"]: m.get("internetMessageId") or "" for m in listed}
+        # "seen" needs no PATCH for a message already read: a delta round lists
+        # the messages the last round marked (a change), and marking them again
+        # would make them a change again, for ever
+        self._read = {m["id"] for m in listed if m.get("isRead") is True}
         new = await self._sink.filter_new(account.id, account.mailbox, "", ids)
         new_set = set(new)
         before = [i for i in ids if i not in new_set]
@@ -309,9 +314,11 @@ class GraphSession:
                 for i, r in zip(batch, responses) if r is not None]
 
     async def _mark(self, ids, target):
+        how = self.account.after_fetch
+        if how == "seen":
+            ids = [i for i in ids if i not in self._read]
         if not ids:
             return
-        how = self.account.after_fetch
 
         def one(message_id):
             path = self.client.url(f"/messages/{message_id}")
