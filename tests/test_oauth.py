@@ -379,3 +379,20 @@ class RegistryTests(SynchronousTestCase):
         with self.assertRaises(errors.FidoError) as e:
             oauth.build(account, CredentialsContext(task.Clock(), self.mktemp()))
         self.assertEqual(e.exception.kind, errors.CONFIG)
+
+
+class AccountsParserTests(SynchronousTestCase):
+    def test_token_url_and_graph_endpoint_must_be_https_off_loopback(self):
+        from fido_tx.accounts.model import Problem, parse_account
+
+        base = {"id": "g", "source": "graph", "user": "u@contoso.test",
+                "oauth": {"provider": "microsoft", "client_id": "c"}}
+        ok = parse_account(dict(base, graph_endpoint="http://127.0.0.1:8080"))
+        self.assertEqual(ok.graph_endpoint, "http://127.0.0.1:8080")
+        bad = parse_account(dict(base, graph_endpoint="http://graph.microsoft.com"))
+        self.assertIsInstance(bad, Problem)
+        self.assertEqual(bad.field, "graph_endpoint")
+        self.assertIn("https://", bad.message)
+        bad = parse_account(dict(base, oauth={"provider": "microsoft", "client_id": "c",
+                                              "token_url": "http://login.test/token"}))
+        self.assertEqual((bad.field, "https://" in bad.message), ("oauth.token_url", True))

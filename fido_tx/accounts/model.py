@@ -424,6 +424,7 @@ def _build_account(entry, base_dir):
     endpoint = _string(entry, "graph_endpoint")
     if endpoint is not None:
         _no_controls("graph_endpoint", endpoint)
+        _https("graph_endpoint", endpoint)
         fields["graph_endpoint"] = endpoint.rstrip("/")
     if source == "graph" and "mailbox" not in entry:
         fields["mailbox"] = "Inbox"
@@ -504,6 +505,15 @@ def _common_fields(entry):
     return out
 
 
+def _https(field, url):
+    from fido_tx.httpclient import check_url
+
+    try:
+        check_url(url, field)
+    except ValueError as e:
+        raise _Bad(field, str(e).split(": ", 1)[1]) from None
+
+
 def _oauth(entry):
     value = entry.get("oauth")
     if value is None:
@@ -529,6 +539,8 @@ def _oauth(entry):
         raise _Bad("oauth.client_id", "missing (required)")
     if provider == "generic" and not fields.get("token_url"):
         raise _Bad("oauth.token_url", "missing (required for provider \"generic\")")
+    if fields.get("token_url"):
+        _https("oauth.token_url", fields["token_url"])
     return OAuth(**fields)
 
 
