@@ -7,6 +7,8 @@ import os
 import time
 from urllib.parse import quote
 
+import attr
+
 import pytest_twisted
 from twisted.internet import defer, reactor
 from twisted.logger import formatEvent, globalLogPublisher
@@ -106,3 +108,46 @@ def test_loopback_graph_that_never_answers_times_out(tmp_path):
     finally:
         lo.graph.delay = 0
         yield lo.close()
+
+
+class BlockingRedis:
+    """``execute(*args) -> Deferred`` over the test helper's blocking client
+    (the shared RedisConnection has the same method)."""
+
+    def __init__(self, server):
+        from tests.support.redis_server import RespClient
+
+        self._client = RespClient(server.port)
+
+    def execute(self, *args):
+        return defer.maybeDeferred(self._client, *args)
+
+
+@pytest_twisted.inlineCallbacks
+def test_delta_link_kept_in_real_redis_across_restarts(tmp_path, redis):
+    lo = Loopback(tmp_path)
+    account = attr.evolve(lo.account, select="new")
+    try:
+        first = [lo.graph.add_message(USER, mime(n)) for n in range(12)]
+        shared = graph.GraphShared(lo.http, graphapi.Gates(reactor), BlockingRedis(redis))
+        ctx = attr.evolve(lo.ctx, graph=shared)
+        result = yield graph.build(account, ctx).poll()
+        assert (result.kind, result.fetched) == (None, 12), result.message
+        link = RespClientFor(redis)("GET", graph.delta_key(account))
+        assert b"$deltatoken=" in link
+        # a restart: new objects, the same Redis
+        later = lo.graph.add_message(USER, mime(99))
+        shared = graph.GraphShared(lo.http, graphapi.Gates(reactor), BlockingRedis(redis))
+        result = yield graph.build(account, attr.evolve(lo.ctx, graph=shared)).poll()
+        assert (result.kind, result.fetched) == (None, 1), result.message
+        assert sorted(m.id for m in lo.sink.entries) == sorted(first + [later])
+        listing = [q for _, _, path, q, _ in lo.graph.log if path.endswith("/delta")]
+        assert any("$deltatoken" in q for q in listing)
+    finally:
+        yield lo.close()
+
+
+def RespClientFor(server):
+    from tests.support.redis_server import RespClient
+
+    return RespClient(server.port)
