@@ -419,3 +419,21 @@ class RetryAfterParsingTests(SynchronousTestCase):
     def test_never_raises_and_is_bounded(self, value):
         seconds = graphapi.parse_retry_after(value, 1_800_000_000.0)
         self.assertTrue(seconds is None or 0.0 <= seconds <= graphapi.MAX_RETRY_AFTER)
+
+
+class BatchTests(GraphTestCase):
+    def test_batches_bounded_by_bytes_and_count(self):
+        h = self.harness()
+        h.shared = attr.evolve(h.shared, settings=graph.GraphSettings(
+            batch_messages=10, batch_bytes=300_000))
+        for n in range(6):
+            h.add(n, size=100_000)  # 3 a batch by bytes (4 downloaded at a time)
+        for n in range(6, 30):
+            h.add(n)
+        result = h.poll()
+        self.assertEqual((result.kind, result.fetched), (None, 30))
+        sizes = [len(ids) for call, *ids in h.sink.calls if call == "deliver"
+                 for ids in ids]
+        self.assertEqual(sum(sizes), 30)
+        self.assertTrue(all(n <= 12 for n in sizes), sizes)
+        self.assertEqual(sizes[0], 4)  # four 100 kB messages pass 300 kB

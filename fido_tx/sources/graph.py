@@ -50,7 +50,10 @@ class GraphSettings:
     """Limits of Graph sessions (the IMAP section's sizes apply alike)."""
 
     max_message_size: int = 50 * 1024 * 1024
+    #: a batch is delivered at this many messages or ``batch_bytes``, whichever
+    #: comes first (a session holds at most a batch plus 4 messages)
     batch_messages: int = 25
+    batch_bytes: int = 8 * 1024 * 1024
     #: seconds of Retry-After one request may wait in all before ``throttled``
     max_throttle_wait: float = 120.0
     #: longest a whole session may take
@@ -275,21 +278,29 @@ class GraphSession:
         before = [i for i in ids if i not in new_set]
         if before and not self._dry_run:
             await self._mark(before, target)  # delivered earlier, not marked yet
-        for batch in _batches(new, self._settings.batch_messages):
-            messages = await self._download(batch, message_ids)
-            if self._dry_run:
-                self._counts["fetched"] += len(messages)
-                continue
-            if not messages:
-                continue
-            delivery = await self._sink.deliver(messages)
-            sizes = {m.id: m.size for m in messages}
-            self._counts["fetched"] += len(delivery.new)
-            self._counts["bytes"] += sum(sizes.get(i, 0) for i in delivery.new)
-            self._rejected.extend(delivery.rejected)
-            await self._mark(list(delivery.confirmed), target)
-            if delivery.error is not None:
-                raise delivery.error
+        pending = []
+        for group in _batches(new, graphapi.MAX_CONCURRENT):
+            pending += await self._download(group, message_ids)
+            if (len(pending) >= self._settings.batch_messages
+                    or sum(m.size for m in pending) >= self._settings.batch_bytes):
+                await self._deliver(pending, target)
+                pending = []
+        if pending:
+            await self._deliver(pending, target)
+
+    async def _deliver(self, messages, target):
+        """Deliver one batch, then mark what the sink confirmed."""
+        if self._dry_run:
+            self._counts["fetched"] += len(messages)
+            return
+        delivery = await self._sink.deliver(messages)
+        sizes = {m.id: m.size for m in messages}
+        self._counts["fetched"] += len(delivery.new)
+        self._counts["bytes"] += sum(sizes.get(i, 0) for i in delivery.new)
+        self._rejected.extend(delivery.rejected)
+        await self._mark(list(delivery.confirmed), target)
+        if delivery.error is not None:
+            raise delivery.error
 
     async def _download(self, batch, message_ids):
         limit = self._settings.max_message_size
