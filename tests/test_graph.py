@@ -169,11 +169,19 @@ class ListingTests(GraphTestCase):
         h.shared = attr.evolve(h.shared, settings=graph.GraphSettings(max_message_size=1000))
         big = h.add(1, size=5000)
         small = h.add(2)
+        h.graph.mailbox(USER).messages[big].categories = ["Blue category"]
         result = h.poll()
         self.assertIsNone(result.kind, result.message)
         self.assertEqual(result.too_large, (big,))
         self.assertEqual([m.id for m in h.sink.entries], [small])
         self.assertEqual(h.unread(), [big])
+        self.assertEqual(h.graph.mailbox(USER).messages[big].categories,
+                         ["Blue category", "FidoTooLarge"])
+        downloads = sum(1 for _, _, path, *_ in h.graph.log if path.endswith("$value"))
+        again = h.poll()  # flagged: not downloaded again
+        self.assertEqual((again.kind, again.too_large), (None, ()))
+        self.assertEqual(downloads, sum(1 for _, _, path, *_ in h.graph.log
+                                        if path.endswith("$value")))
 
     def test_at_most_four_requests_per_mailbox(self):
         h = self.harness()
@@ -246,6 +254,10 @@ class ExactlyOnceTests(GraphTestCase):
         h.sink.reject = {n1}
         result = h.poll()
         self.assertEqual(result.kind, errors.REJECTED)
+        self.assertEqual(h.unread(), [n1])
+        self.assertEqual(h.graph.mailbox(USER).messages[n1].categories, ["FidoRejected"])
+        again = h.poll()  # left alone from now on
+        self.assertEqual((again.kind, again.fetched), (None, 0))
         self.assertEqual(h.unread(), [n1])
 
 

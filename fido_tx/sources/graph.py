@@ -39,7 +39,7 @@ from fido_tx.sources import graphapi
 from fido_tx.timefmt import iso_utc
 
 SOURCE = "graph"
-LIST_SELECT = "id,internetMessageId,isRead"
+LIST_SELECT = "id,internetMessageId,isRead,categories"
 PAGE_SIZE = 50
 
 log = Logger()
@@ -54,6 +54,10 @@ class GraphSettings:
     #: comes first (a session holds at most a batch plus 4 messages)
     batch_messages: int = 25
     batch_bytes: int = 8 * 1024 * 1024
+    #: category set on a message the application refused for good (then skipped)
+    rejected_category: str = "FidoRejected"
+    #: category set on a message over max_message_size (then skipped)
+    too_large_category: str = "FidoTooLarge"
     #: seconds of Retry-After one request may wait in all before ``throttled``
     max_throttle_wait: float = 120.0
     #: longest a whole session may take
@@ -134,6 +138,7 @@ class GraphSession:
         self._too_large = []
         self._rejected = []
         self._read = set()
+        self._categories = {}
 
     def poll(self):
         started = self._reactor.seconds()
@@ -267,6 +272,9 @@ class GraphSession:
 
     async def _fetch(self, listed, target):
         account = self.account
+        skip = {self._settings.rejected_category, self._settings.too_large_category}
+        listed = [m for m in listed if not skip.intersection(m.get("categories") or ())]
+        self._categories = {m["id"]: list(m.get("categories") or ()) for m in listed}
         ids = [m["id"] for m in listed]
         message_ids = {m["id"]: m.get("internetMessageId") or "" for m in listed}
         # "seen" needs no PATCH for a message already read: a delta round lists
@@ -287,6 +295,19 @@ class GraphSession:
                 pending = []
         if pending:
             await self._deliver(pending, target)
+        if not self._dry_run:
+            await self._flag(self._too_large, self._settings.too_large_category)
+
+    async def _flag(self, ids, category):
+        """Add ``category`` to each message (left on the server, skipped from now on)."""
+        def one(message_id):
+            categories = self._categories.get(message_id, []) + [category]
+            return self.client.send(b"PATCH", self.client.url(f"/messages/{message_id}"),
+                                    json.dumps({"categories": categories}).encode())
+
+        if ids:
+            await defer.gatherResults([one(i) for i in ids], consumeErrors=True) \
+                .addErrback(lambda f: f.value.subFailure)
 
     async def _deliver(self, messages, target):
         """Deliver one batch, then mark what the sink confirmed."""
@@ -299,6 +320,7 @@ class GraphSession:
         self._counts["bytes"] += sum(sizes.get(i, 0) for i in delivery.new)
         self._rejected.extend(delivery.rejected)
         await self._mark(list(delivery.confirmed), target)
+        await self._flag(delivery.rejected, self._settings.rejected_category)
         if delivery.error is not None:
             raise delivery.error
 

@@ -45,12 +45,13 @@ class FakeMessage:
         self.mime = mime
         self.internet_message_id = internet_message_id
         self.is_read = False
+        self.categories = []
         self.seq = seq
 
     def json(self, select=None):
         full = {"id": self.id, "internetMessageId": self.internet_message_id,
                 "isRead": self.is_read, "parentFolderId": self.folder,
-                "receivedDateTime": iso_utc(self.received)}
+                "receivedDateTime": iso_utc(self.received), "categories": list(self.categories)}
         if select:
             return {k: v for k, v in full.items() if k in select}
         return full
@@ -259,7 +260,7 @@ class FakeGraph(resource.Resource):
             if "$deltatoken" in query and since < box.forgotten_before:
                 return self._error(410, "SyncStateNotFound", "The sync state is not found;"
                                    " start a full synchronization.")
-        changes = [m.json({"id", "internetMessageId", "isRead"})
+        changes = [m.json({"id", "internetMessageId", "isRead", "categories"})
                    for m in box.messages.values() if m.folder == folder and since < m.seq <= upto]
         if since:
             changes += [{"id": i, "@removed": {"reason": "deleted"}}
@@ -284,7 +285,9 @@ class FakeGraph(resource.Resource):
             change = json.loads(body)
             if "isRead" in change:
                 message.is_read = bool(change["isRead"])
-                box.bump(message)
+            if "categories" in change:
+                message.categories = list(change["categories"])
+            box.bump(message)
             return self._json(200, message.json())
         if not rest and method == "DELETE":
             self._move(box, message, box.well_known["deleteditems"])
