@@ -99,6 +99,13 @@ class OAuthLoginTests(SynchronousTestCase):
         for _, _, token in h.server.bearer_attempts:
             self.assertNotIn(token, failure.value.message + failure.value.debug + h.trace)
 
+    def test_oauthbearer_refused_twice_sends_the_rfc7628_dummy_response(self):
+        h = self.harness(auth="oauthbearer")
+        h.server.bearer_check = lambda user, token: False
+        failure = h.login()
+        self.assertEqual(failure.value.kind, errors.AUTH)  # a BAD would be protocol
+        self.assertIn("status=401", failure.value.message)
+
     def test_revoked_grant_is_reauthorize_without_imap_attempt(self):
         h = self.harness()
         h.tokens.revoke_all()

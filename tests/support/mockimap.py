@@ -661,9 +661,13 @@ class MockIMAPProtocol(protocol.Protocol):
         status = base64.b64encode(b'{"status":"401","schemes":"bearer",'
                                   b'"scope":"https://mail.google.com/"}')
 
+        # RFC 7628 3.2.3: OAUTHBEARER's dummy response is one ^A; Google's
+        # XOAUTH2 wants an empty line
+        dummy = b"AQ==" if mechanism == "OAUTHBEARER" else b""
+
         def after_challenge(line):
-            if line.strip():
-                self._send(tag + b" BAD Expected an empty response to the error challenge\r\n")
+            if line.strip() != dummy:
+                self._send(tag + b" BAD Expected the dummy response to the error challenge\r\n")
             else:
                 self._send(tag + b" NO [AUTHENTICATIONFAILED] Authentication failed\r\n")
 

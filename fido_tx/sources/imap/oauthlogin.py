@@ -5,8 +5,9 @@ in with an access token from the account's credentials
 (:mod:`fido_tx.credentials.oauth`).  The initial response goes on the
 command line when the server offers ``SASL-IR``, else after the first
 ``+``.  A refused token gets the server's *error challenge* (base64 JSON);
-the client answers it with an empty line (RFC 7628 3.2.3; Gmail's XOAUTH2
-expects the same), the server ends with a tagged NO, and the decoded status
+the client answers it with the dummy response (OAUTHBEARER: one %x01, RFC
+7628 3.2.3; XOAUTH2: an empty line, as Google documents), the server ends
+with a tagged NO, and the decoded status
 goes into the error.  On that first refusal the token is invalidated and the
 login tried once more with a fresh one; a second refusal is kind ``auth``.
 Nothing here logs or returns the token: the client traces the command as
@@ -19,6 +20,8 @@ from fido_tx.errors import FidoError
 from fido_tx.sources.imap.client import ImapCommandError, _show
 
 MECHANISMS = {"xoauth2": b"XOAUTH2", "oauthbearer": b"OAUTHBEARER"}
+#: the client's answer to an error challenge (base64): ^A, or nothing
+DUMMY_RESPONSE = {"xoauth2": b"", "oauthbearer": b"AQ=="}
 
 
 def initial_response(account, token):
@@ -38,9 +41,11 @@ async def _attempt(proto, caps, account, token, challenges):
             sent.append(True)
             proto.send_secret(response)
             return
-        # the error challenge: decode it for the report, answer empty (RFC 7628)
+        # the error challenge: decode it for the report and let the server end
+        # the exchange with a NO: OAUTHBEARER wants a dummy response of one
+        # %x01 (RFC 7628 3.2.3), XOAUTH2 an empty one (Google's documentation)
         challenges.append(sasl.decode_error_challenge(rest))
-        proto.send_secret(b"")
+        proto.send_secret(DUMMY_RESPONSE[account.auth])
 
     if b"SASL-IR" in caps:
         sent.append(True)
