@@ -449,3 +449,14 @@ class BatchTests(GraphTestCase):
         self.assertEqual(sum(sizes), 30)
         self.assertTrue(all(n <= 12 for n in sizes), sizes)
         self.assertEqual(sizes[0], 4)  # four 100 kB messages pass 300 kB
+
+
+class SettingsTests(SynchronousTestCase):
+    def test_sizes_follow_the_imap_section(self):
+        from fido_tx.config import ImapSettings
+
+        imap = ImapSettings(max_message_size=1234, batch_messages=7, batch_bytes=99,
+                            session_timeout=60)
+        made = graph.GraphSettings.from_imap(imap)
+        self.assertEqual((made.max_message_size, made.batch_messages, made.batch_bytes,
+                          made.session_timeout), (1234, 7, 99, 60))

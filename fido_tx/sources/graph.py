@@ -58,6 +58,12 @@ class GraphSettings:
     rejected_category: str = "FidoRejected"
     #: category set on a message over max_message_size (then skipped)
     too_large_category: str = "FidoTooLarge"
+    @classmethod
+    def from_imap(cls, imap):
+        """The sizes of ``[imap]`` (:class:`fido_tx.config.ImapSettings`) for Graph too."""
+        return cls(max_message_size=imap.max_message_size, batch_messages=imap.batch_messages,
+                   batch_bytes=imap.batch_bytes, session_timeout=imap.session_timeout)
+
     #: seconds of Retry-After one request may wait in all before ``throttled``
     max_throttle_wait: float = 120.0
     #: longest a whole session may take
