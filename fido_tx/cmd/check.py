@@ -237,12 +237,12 @@ def check_accounts(reactor, accounts, imap_settings, concurrency=DEFAULT_CONCURR
     """
     if fetch is None:
         from fido_tx.sources.imap.session import fetch_mailbox as fetch
-    if graph_check is None:
-        graph_check = graph_checker("", timeout=timeout)
     accounts = list(accounts)
     settings = capped_settings(imap_settings, timeout)
     sink = _NullSink()
     semaphore = defer.DeferredSemaphore(max(1, int(concurrency)))
+    if graph_check is None:
+        graph_check = graph_checker("", timeout=timeout)
     total = len(accounts)
     done = [0]
     if progress is not None:
