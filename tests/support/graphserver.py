@@ -304,3 +304,79 @@ class FakeGraph(resource.Resource):
         box.remove_from(message)
         message.folder = target
         box.bump(message)
+
+
+class StateResource(resource.Resource):
+    """``GET /_state``: per user, the ids of the unread, read and moved
+    messages (JSON), for tests that run the service in another process."""
+
+    isLeaf = True
+
+    def __init__(self, graph):
+        super().__init__()
+        self.graph = graph
+
+    def render_GET(self, request):
+        state = {}
+        for user, box in self.graph.mailboxes.items():
+            inbox = box.well_known["inbox"]
+            state[user] = {
+                "unread": sorted(m.id for m in box.messages.values()
+                                 if m.folder == inbox and not m.is_read),
+                "read": sorted(m.id for m in box.messages.values()
+                               if m.folder == inbox and m.is_read),
+                "elsewhere": sorted(m.id for m in box.messages.values() if m.folder != inbox),
+            }
+        request.setHeader(b"Content-Type", b"application/json")
+        return json.dumps({"state": state, "token_requests": len(self.graph.tokens.requests)
+                           if self.graph.tokens is not None else 0}).encode()
+
+
+def serve(reactor, port, users, messages, size, client_id, client_secret, expires_in=3600,
+          delay=0.0):
+    """Token endpoint at ``/token``, Graph at ``/v1.0``, state at ``/_state``."""
+    from tests.support.oauthserver import FakeTokenEndpoint
+
+    tokens = FakeTokenEndpoint(clock=reactor, expires_in=expires_in)
+    tokens.add_client(client_id, client_secret)
+    graph = FakeGraph(tokens=tokens, clock=reactor)
+    graph.delay = delay
+    root = resource.Resource()
+    root.putChild(b"token", tokens)
+    root.putChild(b"v1.0", graph)
+    root.putChild(b"_state", StateResource(graph))
+    listening = reactor.listenTCP(port, server.Site(root), interface="127.0.0.1")
+    graph.base_url = f"http://127.0.0.1:{listening.getHost().port}"
+    for u in range(users):
+        user = f"user{u:02d}@contoso.test"
+        graph.mailbox(user)
+        for n in range(messages):
+            body = (f"Subject: {u}/{n}\r\nMessage-ID: <{u}.{n}@contoso.test>\r\n\r\n"
+                    .encode() + b"x" * size)
+            graph.add_message(user, body)
+    return listening
+
+
+def main(argv=None):
+    import argparse
+
+    from twisted.internet import reactor
+
+    parser = argparse.ArgumentParser(description="a fake token endpoint and Microsoft Graph")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--users", type=int, default=1)
+    parser.add_argument("--messages", type=int, default=10)
+    parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--client-id", default="app-1")
+    parser.add_argument("--client-secret", default="fake-secret")
+    parser.add_argument("--expires-in", type=int, default=3600)
+    parser.add_argument("--delay", type=float, default=0.0)
+    args = parser.parse_args(argv)
+    serve(reactor, args.port, args.users, args.messages, args.size, args.client_id,
+          args.client_secret, args.expires_in, args.delay)
+    print("ready", flush=True)
+    reactor.run()
+
+
+if __name__ == "__main__":
+    main()
