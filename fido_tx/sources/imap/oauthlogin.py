@@ -65,8 +65,8 @@ async def authenticate(proto, caps, account, credentials):
     """
     mechanism = MECHANISMS[account.auth]
     if b"AUTH=" + mechanism not in caps:
-        raise FidoError(errors.AUTH, f"the server does not offer AUTHENTICATE"
-                        f" {mechanism.decode()} (it offers "
+        raise FidoError(errors.AUTH, f"the server does not offer the SASL mechanism"
+                        f" {mechanism.decode()} (no AUTH={mechanism.decode()}; it offers "
                         + (" ".join(sorted(c.decode("ascii", "replace") for c in caps
                                            if c.startswith(b"AUTH="))) or "no SASL mechanism")
                         + ")")
@@ -77,12 +77,12 @@ async def authenticate(proto, caps, account, credentials):
             return await _attempt(proto, caps, account, token, challenges)
         except ImapCommandError as e:
             if e.status == b"BAD":
-                raise FidoError(errors.PROTOCOL, f"the server rejected AUTHENTICATE"
-                                f" {mechanism.decode()}: {_show(e.text)}") from None
+                raise FidoError(errors.PROTOCOL, f"the server rejected the"
+                                f" {mechanism.decode()} login: {_show(e.text)}") from None
             credentials.invalidate()
             if attempt == 2:
                 said = challenges[-1] if challenges else "no error challenge"
-                raise FidoError(errors.AUTH, f"AUTHENTICATE {mechanism.decode()} refused twice"
+                raise FidoError(errors.AUTH, f"the {mechanism.decode()} login was refused twice"
                                 f" (a fresh token the second time): {_show(e.text)}; {said}."
                                 " Check the mailbox's permission for the application"
                                 " (Exchange: the service principal's mailbox access; Gmail:"
