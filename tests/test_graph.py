@@ -460,3 +460,58 @@ class SettingsTests(SynchronousTestCase):
         made = graph.GraphSettings.from_imap(imap)
         self.assertEqual((made.max_message_size, made.batch_messages, made.batch_bytes,
                           made.session_timeout), (1234, 7, 99, 60))
+
+
+class CrashTests(GraphTestCase):
+    """A session cut at any moment (as by SIGKILL: requests in flight
+    abandoned, nothing in memory kept), then run again: every message is
+    delivered exactly once and ends up marked."""
+
+    def cut_at(self, seconds, **account):
+        h = self.harness(**account)
+        h.graph.delay = 1.0
+        ids = [h.add(n) for n in range(30)]
+        box = []
+        d = h.session().poll()
+        d.addBoth(box.append)
+        for _ in range(int(seconds * 10)):
+            h.clock.advance(0.1)
+            h.stub.flush()
+        self.assertFalse(box, f"the session ended before the cut at {seconds} s")
+        d.cancel()
+        h.stub.flush()
+        self.assertTrue(box, "the cut session did not end")
+        self.assertEqual(box[0].kind, errors.TIMEOUT)
+        h.at_cut = len(h.sink.entries)
+        h.graph.delay = 0.0
+        for _ in range(2):
+            result = h.poll()
+            self.assertIsNone(result.kind, result.message)
+        delivered = [m.id for m in h.sink.entries]
+        self.assertEqual(len(delivered), len(set(delivered)), f"duplicates at {seconds} s")
+        self.assertEqual(sorted(delivered), sorted(ids), f"lost messages at {seconds} s")
+        return h
+
+    def test_cut_anywhere_unread_listing(self):
+        partial = []
+        for seconds in (0.5, 1.5, 2.5, 3.2, 4.5, 6.1, 8.5, 11.0, 15.5):
+            h = self.cut_at(seconds)
+            self.assertEqual(h.unread(), [], f"left unread at {seconds} s")
+            partial.append(h.at_cut)
+        self.assertEqual(partial[0], 0)
+        self.assertTrue([n for n in partial if 0 < n < 30], partial)
+
+    def test_cut_anywhere_delta_with_move(self):
+        for seconds in (0.5, 2.5, 4.5, 6.1, 9.3, 14.0):
+            h = self.cut_at(seconds, select="new", after_fetch="move:archive")
+            self.assertEqual(h.graph.messages_in(USER, "inbox"), [], f"left at {seconds} s")
+
+    def test_session_timeout_cuts_a_slow_session(self):
+        h = self.harness()
+        h.shared = attr.evolve(h.shared, settings=graph.GraphSettings(session_timeout=5))
+        h.graph.delay = 10.0
+        h.add(1)
+        result = h.poll()
+        self.assertEqual(result.kind, errors.TIMEOUT)
+        self.assertIn("longer than 5 s", result.message)
+        self.assertEqual(h.sink.entries, [])

@@ -29,6 +29,7 @@ import json
 import attr
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from fido_tx import errors
@@ -148,19 +149,37 @@ class GraphSession:
 
     def poll(self):
         started = self._reactor.seconds()
-        d = defer.ensureDeferred(self._run())
+        run = defer.ensureDeferred(self._run())
+        stopped = []  # why the session was cut short: "timeout" or "cancelled"
+
+        def stop(why):
+            stopped.append(why)
+            run.cancel()
+
+        d = defer.Deferred(lambda _: stop("cancelled"))
+        timer = None
         if self._settings.session_timeout:
-            d.addTimeout(self._settings.session_timeout, self._reactor)
-        d.addCallbacks(lambda _: None, self._failed)
-        d.addCallback(lambda error: self._result(error, started))
+            timer = self._reactor.callLater(self._settings.session_timeout, stop, "timeout")
+
+        def finished(result):
+            if timer is not None and timer.active():
+                timer.cancel()
+            error = None if not isinstance(result, Failure) else self._failed(result, stopped)
+            if not d.called:
+                d.callback(self._result(error, started))
+
+        run.addBoth(finished)
         return d
 
-    def _failed(self, failure):
+    def _failed(self, failure, stopped=()):
+        if stopped:
+            # whatever a cut request raised, the session was cut short
+            if stopped[0] == "timeout":
+                return errors.FidoError(errors.TIMEOUT, "the Graph session took longer than"
+                                        f" {self._settings.session_timeout:g} s")
+            return errors.FidoError(errors.TIMEOUT, "the Graph session was stopped")
         if failure.check(errors.FidoError):
             return failure.value
-        if failure.check(defer.TimeoutError, defer.CancelledError):
-            return errors.FidoError(errors.TIMEOUT, "the Graph session took longer than"
-                                    f" {self._settings.session_timeout:g} s")
         if failure.check(graphapi.Gone):
             return errors.FidoError(errors.PROTOCOL, str(failure.value))
         log.failure("Graph session of {account_id} failed unexpectedly", failure,
