@@ -103,3 +103,35 @@ class ISchedulerView(Interface):
         """The :class:`~fido_tx.schedule.scheduler.AccountState` of one account."""
 
     paused = Attribute("True while fetching is paused (Redis down, backlog)")
+
+
+# -- Redis (fido_tx.redis) ----------------------------------------------------
+
+
+class IRedisHealth(Interface):
+    """What the status side may read of the shared Redis connection
+    (:class:`fido_tx.redis.connection.RedisConnection`)."""
+
+    connected = Attribute("True while a connection is up and ready (AUTH/SELECT/scripts done)")
+    last_error = Attribute("why the connection is down or last failed (one line, no secret), or None")
+
+    def add_connection_observer(observer):
+        """Call ``observer(connected: bool)`` on every connect and disconnect."""
+
+
+class IBacklog(Interface):
+    """A sink whose queue an importer drains (the stream, the list): what
+    backpressure and ``fido_backlog_messages`` read."""
+
+    last_length = Attribute("the queue's length after the last delivery or backlog(), or None")
+
+    def backlog():
+        """Deferred firing with the queue's length now (``XLEN``/``LLEN``)."""
+
+
+class IHeartbeatWriter(Interface):
+    """Writes ``fido:instance:<id>`` (:mod:`fido_tx.redis.heartbeat`)."""
+
+    def heartbeat(instance_id, mapping, ttl):
+        """``HSET`` the mapping and ``EXPIRE`` the key; best effort: fires
+        True when written, False when not, never errbacks."""

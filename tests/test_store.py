@@ -28,6 +28,7 @@ from fido_tx.config import RedisSettings
 from fido_tx.outcome import SessionResult
 from fido_tx.sinks.base import IMessageSink, Message
 from fido_tx.redis.store import RedisStore, account_key, uids_key
+from fido_tx import private
 from tests.support import redis_server
 
 
@@ -156,7 +157,7 @@ class CommandEncodingTests(SynchronousTestCase):
         import txredisapi
 
         reference = txredisapi.BaseRedisProtocol(charset=None)._build_command(*args)
-        self.assertEqual(store_mod._build_command(*args), reference)
+        self.assertEqual(private.redis_build_command(*args), reference)
 
 
 # -- never connected: deadlines with a fake reactor ---------------------------
@@ -323,12 +324,13 @@ def test_batch_becomes_one_entry_per_message_with_the_contract_fields_byte_exact
         entries = _entries(redis.client())
         assert len(entries) == 4
         for (entry_id, fields), m in zip(entries, messages):
-            assert fields == m.fields()
-            assert fields[-1] == m.raw
+            # the contract's fields in order, then source and route_key
+            assert fields == m.fields() + [b"source", b"imap", b"route_key", b""]
+            assert fields[15] == m.raw
             assert fields[1::2][:4] == [b"acme", b"INBOX", b"1234", str(m.uid).encode()]
         assert [f for f in entries[0][1][0::2]] == [
             b"account", b"mailbox", b"uidvalidity", b"uid",
-            b"message_id", b"size", b"fetched_at", b"raw",
+            b"message_id", b"size", b"fetched_at", b"raw", b"source", b"route_key",
         ]
         assert entries[2][1][11] == b"2097152"  # 2 MiB exactly
         assert store.last_stream_length == 4

@@ -47,6 +47,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 import fido_tx
+from fido_tx.schedule import backoff
 
 REDACTED = "<redacted>"
 
@@ -461,8 +462,7 @@ class Reporter(service.Service):
         self._timers.add(call)
 
     def _backoff(self, attempt):
-        delay = min(self._retry_max, self._retry_initial * (2 ** (attempt - 1)))
-        return delay * self._random.uniform(0.9, 1.1)
+        return backoff.exponential(attempt, self._retry_initial, self._retry_max, 0.1, self._random)
 
     def _finished(self):
         self._in_flight = max(0, self._in_flight - 1)
