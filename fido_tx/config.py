@@ -112,6 +112,19 @@ class LogSettings:
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
+class DeliverySettings:
+    """One ``[delivery.NAME]`` table: its ``kind`` (a key of
+    :data:`fido_tx.sinks.SINKS`) and the kind module's validated options."""
+
+    kind: str = "stream"
+    options: dict = attr.ib(factory=dict)
+
+
+def _default_deliveries():
+    return {"default": DeliverySettings("stream", {"stream": RedisSettings().stream})}
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
 class Settings:
     fido: FidoSettings = attr.ib(factory=FidoSettings)
     imap: ImapSettings = attr.ib(factory=ImapSettings)
@@ -120,6 +133,9 @@ class Settings:
     reporter: ReporterSettings = attr.ib(factory=ReporterSettings)
     http: HttpSettings = attr.ib(factory=HttpSettings)
     log: LogSettings = attr.ib(factory=LogSettings)
+    #: ``[delivery.NAME]`` -> :class:`DeliverySettings`; ``default`` is
+    #: always there (implied from ``[redis] stream`` when the file has none)
+    deliveries: dict = attr.ib(factory=_default_deliveries)
     #: the file these settings came from ("" when built in code)
     path: str = ""
 
@@ -350,6 +366,8 @@ def parse_settings(data, path):
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a TOML document of [sections]")
     for name, table in data.items():
+        if name == DELIVERY_SECTION and isinstance(table, dict):
+            continue
         if name not in SECTIONS:
             if isinstance(table, dict):
                 raise ConfigError(f"{path}: unknown section [{name}]")
@@ -363,9 +381,65 @@ def parse_settings(data, path):
     sections = {
         name: _parse_section(path, base, name, data.get(name, {})) for name in SECTIONS
     }
-    settings = Settings(path=path, **sections)
+    deliveries = _parse_deliveries(path, base, data.get(DELIVERY_SECTION, {}), sections["redis"])
+    settings = Settings(path=path, deliveries=deliveries, **sections)
     _check_settings(path, settings)
     return settings
+
+
+DELIVERY_SECTION = "delivery"
+_DELIVERY_NAME_RE = re.compile(r"\A[A-Za-z0-9_.-]{1,64}\Z")
+
+
+def _parse_deliveries(path, base, tables, redis):
+    """``[delivery.NAME]`` tables -> ``{name: DeliverySettings}``, with
+    ``default`` implied from ``[redis] stream`` when absent."""
+    out = {}
+    for name, table in tables.items():
+        out[name] = _parse_delivery(path, base, name, table)
+    if "default" not in out:
+        out["default"] = DeliverySettings("stream", {"stream": redis.stream})
+    return out
+
+
+def _parse_delivery(path, base, name, table):
+    from fido_tx import sinks
+
+    where = f"[{DELIVERY_SECTION}.{name}]"
+    if not _DELIVERY_NAME_RE.match(name):
+        raise ConfigError(f"{path}: {where}: a delivery name is 1-64 of A-Z a-z 0-9 _ . -")
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: {where} must be a table (section)")
+    kinds = ", ".join(f'"{k}"' for k in sinks.SINKS)
+    kind = table.get("kind")
+    if kind not in sinks.SINKS:
+        got = "nothing" if kind is None else _show(where, "kind", kind)
+        raise ConfigError(f"{path}: {where} kind: must be one of {kinds}, got {got}")
+    try:
+        module = sinks.module(kind)
+    except ImportError:
+        raise ConfigError(
+            f"{path}: {where} kind: {kind!r} is not available in this version of Fido"
+        ) from None
+    options = {}
+    for key, value in table.items():
+        if key == "kind":
+            continue
+        if key not in module.OPTIONS:
+            raise ConfigError(f"{path}: unknown key {where} {key}")
+        default = module.OPTIONS[key]
+        expected = str if default is None else type(default)
+        options[key] = _coerce(path, where[1:-1], key, expected, value)
+    for key, default in module.OPTIONS.items():
+        if key not in options:
+            if default is None:
+                raise ConfigError(f"{path}: {where} {key}: required for kind {kind!r}")
+            options[key] = default
+    try:
+        options = module.validate(options, base)
+    except ValueError as e:
+        raise ConfigError(f"{path}: {where} {_one_line(e)}") from None
+    return DeliverySettings(kind, options)
 
 
 def _parse_section(path, base, section, table):
@@ -437,9 +511,12 @@ def _coerce(path, section, key, expected, value):
                     )
     elif expected is str:
         ok = isinstance(value, str)
+    elif expected not in _TYPE_NAMES:
+        ok = isinstance(value, expected)
     if not ok:
         raise ConfigError(
-            f"{path}: [{section}] {key}: expected {_TYPE_NAMES[expected]},"
+            f"{path}: [{section}] {key}: expected"
+            f" {_TYPE_NAMES.get(expected, 'a ' + expected.__name__)},"
             f" got {_show(section, key, value)}"
         )
     return value

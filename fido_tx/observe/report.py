@@ -45,8 +45,10 @@ from fido_tx.timefmt import iso_utc  # noqa: F401  (re-exported for callers)
 from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
+from zope.interface import implementer
 
 import fido_tx
+from fido_tx.interfaces import IReporterView
 from fido_tx.schedule import backoff
 
 REDACTED = "<redacted>"
@@ -170,6 +172,7 @@ def _parse_retry_after(values):
     return seconds if seconds >= 0 else None
 
 
+@implementer(IReporterView)
 class Reporter(service.Service):
     """Sends error reports to the web application without ever blocking the caller.
 
