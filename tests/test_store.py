@@ -28,7 +28,6 @@ from fido_tx.config import RedisSettings
 from fido_tx.outcome import SessionResult
 from fido_tx.sinks.base import IMessageSink, Message
 from fido_tx.redis.store import RedisStore, account_key, uids_key
-from fido_tx import private
 from tests.support import redis_server
 
 
@@ -148,16 +147,6 @@ class RedisURLPropertyTests(SynchronousTestCase):
         shown = url.redacted()
         self.assertNotIn(secret, shown)
         self.assertEqual(redisurl.parse(shown), attr.evolve(url, password="***"))
-
-
-class CommandEncodingTests(SynchronousTestCase):
-    @hsettings(max_examples=100, deadline=None)
-    @given(st.lists(st.one_of(st.binary(max_size=40), _text, st.integers(-(2**63), 2**63)), min_size=1))
-    def test_same_bytes_as_txredisapi(self, args):
-        import txredisapi
-
-        reference = txredisapi.BaseRedisProtocol(charset=None)._build_command(*args)
-        self.assertEqual(private.redis_build_command(*args), reference)
 
 
 # -- never connected: deadlines with a fake reactor ---------------------------
