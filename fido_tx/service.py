@@ -162,7 +162,6 @@ def make_service(
         (``False``: leave logging alone, for tests and the demo).
     :param handle_signals: reload the accounts file on SIGHUP (twistd only).
     """
-    from fido_tx.schedule import backpressure
     from fido_tx.schedule import budget
     from fido_tx.observe import health as health_mod
     from fido_tx.sources.imap import session as imap
@@ -174,9 +173,7 @@ def make_service(
     from fido_tx.observe import status as status_mod
     from fido_tx.accounts import watch
     from fido_tx import sinks as sinks_mod
-    from fido_tx.redis import connection as connection_mod
     from fido_tx.redis import heartbeat as heartbeat_mod
-    from fido_tx.redis import state as state_mod
 
     # every session resolves its server's name: answers kept for a minute
     resolve.install(reactor)
@@ -202,12 +199,7 @@ def make_service(
     )
 
     ident = instance_id()
-    redis = connection_mod.RedisConnection(reactor, settings.redis)
-    redis.setServiceParent(top)
-    sinks = sinks_mod.delivery_sinks(
-        settings, sinks_mod.SinkContext(reactor, redis, dry_run=dry_run, log=log)
-    )
-    account_state = state_mod.AccountState(redis)
+    redis, sinks, account_state = _redis_parts(top, reactor, settings)
 
     reporter = report.Reporter(reactor, settings.reporter)
     reporter.setServiceParent(top)
@@ -248,30 +240,9 @@ def make_service(
     status.scheduler = sched
     sched.add_result_observer(status.record)
 
-    # Redis down: no new sessions (running ones stop at their next message,
-    # because the sink refuses to confirm).  Start paused until connected.
-    sched.pause("redis")
-
-    def redis_state(connected):
-        if connected:
-            sched.resume("redis")
-        else:
-            sched.pause("redis")
-        status.redis_state(connected)
-
-    redis.add_connection_observer(redis_state)
-
+    _pause_while_redis_is_down(redis, sched, status)
     if not dry_run:
-        # one watcher per delivery whose queue an importer drains
-        for name, sink in sinks.items():
-            if not IBacklog.providedBy(sink):
-                continue
-            pressure = backpressure.Backpressure(
-                reactor, sink, sched, settings.redis.max_backlog, on_change=status.backlog_state,
-                reason="backlog" if name == sinks_mod.DEFAULT_DELIVERY else f"backlog:{name}",
-            )
-            sched.add_result_observer(pressure.after_session)
-            _Stoppable(pressure.stop).setServiceParent(top)
+        _backpressure(top, reactor, sinks, sched, status, settings.redis.max_backlog)
 
     sched.setServiceParent(top)
 
@@ -326,3 +297,47 @@ def make_service(
         scheduler=sched, source=source, health=health,
     )
     return top
+
+
+def _redis_parts(top, reactor, settings):
+    """The one shared Redis connection (a child of ``top``), the sinks of the
+    ``[delivery.NAME]`` tables on it, and the account state on it."""
+    from fido_tx import sinks as sinks_mod
+    from fido_tx.redis import connection as connection_mod
+    from fido_tx.redis import state as state_mod
+
+    redis = connection_mod.RedisConnection(reactor, settings.redis)
+    redis.setServiceParent(top)
+    ctx = sinks_mod.SinkContext(reactor, redis, dry_run=settings.fido.dry_run, log=log)
+    return redis, sinks_mod.delivery_sinks(settings, ctx), state_mod.AccountState(redis)
+
+
+def _pause_while_redis_is_down(redis, sched, status):
+    """Redis down: no new sessions (running ones stop at their next message,
+    because the sink refuses to confirm).  Start paused until connected."""
+    sched.pause("redis")
+
+    def redis_state(connected):
+        if connected:
+            sched.resume("redis")
+        else:
+            sched.pause("redis")
+        status.redis_state(connected)
+
+    redis.add_connection_observer(redis_state)
+
+
+def _backpressure(top, reactor, sinks, sched, status, max_backlog):
+    """One watcher per delivery whose queue an importer drains."""
+    from fido_tx import sinks as sinks_mod
+    from fido_tx.schedule import backpressure
+
+    for name, sink in sinks.items():
+        if not IBacklog.providedBy(sink):
+            continue
+        pressure = backpressure.Backpressure(
+            reactor, sink, sched, max_backlog, on_change=status.backlog_state,
+            reason="backlog" if name == sinks_mod.DEFAULT_DELIVERY else f"backlog:{name}",
+        )
+        sched.add_result_observer(pressure.after_session)
+        _Stoppable(pressure.stop).setServiceParent(top)
