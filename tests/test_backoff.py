@@ -122,9 +122,9 @@ class ExponentialTests(SynchronousTestCase):
 
     def test_the_redis_reconnect_and_the_report_retry_use_it(self):
         from fido_tx.observe.report import Reporter
-        from fido_tx.redis.connection import retry_policy
+        from fido_tx.redis.connection import reconnect_policy
 
-        policy = retry_policy(initial=0.25, maximum=10.0, jitter=0.0)
+        policy = reconnect_policy(initial=0.25, maximum=10.0, jitter=0.0)
         self.assertEqual([policy(n) for n in (1, 2, 7, 100)], [0.25, 0.5, 10.0, 10.0])
 
         class NoJitter:

@@ -51,7 +51,7 @@ def redis_down(message="Redis is unreachable"):
     return errors.FidoError(errors.REDIS, message)
 
 
-def retry_policy(initial=0.25, maximum=10.0, jitter=0.2, rng=None):
+def reconnect_policy(initial=0.25, maximum=10.0, jitter=0.2, rng=None):
     """``f(attempt) -> seconds`` between reconnect attempts (the one formula)."""
     rng = rng or random.Random()
     return lambda attempt: backoff.exponential(attempt, initial, maximum, jitter, rng)
@@ -200,7 +200,7 @@ class RedisConnection(Service):
         self._reactor = reactor
         self._settings = settings
         self.url = redisurl.parse(settings.url)
-        self._retry_policy = retry_policy or globals()["retry_policy"]()
+        self._retry_policy = retry_policy or reconnect_policy()
         self.connected = False
         self.last_error = None
         self._scripts = {}
