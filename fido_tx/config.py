@@ -120,10 +120,6 @@ class DeliverySettings:
     options: dict = attr.ib(factory=dict)
 
 
-def _default_deliveries():
-    return {"default": DeliverySettings("stream", {"stream": RedisSettings().stream})}
-
-
 @attr.s(frozen=True, slots=True, auto_attribs=True)
 class Settings:
     fido: FidoSettings = attr.ib(factory=FidoSettings)
@@ -133,11 +129,20 @@ class Settings:
     reporter: ReporterSettings = attr.ib(factory=ReporterSettings)
     http: HttpSettings = attr.ib(factory=HttpSettings)
     log: LogSettings = attr.ib(factory=LogSettings)
-    #: ``[delivery.NAME]`` -> :class:`DeliverySettings`; ``default`` is
-    #: always there (implied from ``[redis] stream`` when the file has none)
-    deliveries: dict = attr.ib(factory=_default_deliveries)
+    #: ``[delivery.NAME]`` -> :class:`DeliverySettings`; read them with
+    #: :meth:`delivery_tables`, which implies ``default`` from ``[redis] stream``
+    deliveries: dict = attr.ib(factory=dict)
     #: the file these settings came from ("" when built in code)
     path: str = ""
+
+    def delivery_tables(self):
+        """``{name: DeliverySettings}`` with ``default`` always there: when
+        no ``[delivery.default]`` is given, the stream of ``[redis] stream``
+        (configs from before deliveries keep their meaning)."""
+        tables = dict(self.deliveries)
+        if "default" not in tables:
+            tables["default"] = DeliverySettings("stream", {"stream": self.redis.stream})
+        return tables
 
 
 #: ``[section]`` name -> settings class (and the attribute of :class:`Settings`)
@@ -381,7 +386,7 @@ def parse_settings(data, path):
     sections = {
         name: _parse_section(path, base, name, data.get(name, {})) for name in SECTIONS
     }
-    deliveries = _parse_deliveries(path, base, data.get(DELIVERY_SECTION, {}), sections["redis"])
+    deliveries = _parse_deliveries(path, base, data.get(DELIVERY_SECTION, {}))
     settings = Settings(path=path, deliveries=deliveries, **sections)
     _check_settings(path, settings)
     return settings
@@ -391,15 +396,10 @@ DELIVERY_SECTION = "delivery"
 _DELIVERY_NAME_RE = re.compile(r"\A[A-Za-z0-9_.-]{1,64}\Z")
 
 
-def _parse_deliveries(path, base, tables, redis):
-    """``[delivery.NAME]`` tables -> ``{name: DeliverySettings}``, with
-    ``default`` implied from ``[redis] stream`` when absent."""
-    out = {}
-    for name, table in tables.items():
-        out[name] = _parse_delivery(path, base, name, table)
-    if "default" not in out:
-        out["default"] = DeliverySettings("stream", {"stream": redis.stream})
-    return out
+def _parse_deliveries(path, base, tables):
+    """``[delivery.NAME]`` tables -> ``{name: DeliverySettings}`` (the
+    implied ``default`` is added by :meth:`Settings.delivery_tables`)."""
+    return {name: _parse_delivery(path, base, name, table) for name, table in tables.items()}
 
 
 def _parse_delivery(path, base, name, table):

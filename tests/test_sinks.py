@@ -287,7 +287,12 @@ def _settings(text):
 class DeliveryConfigTests(SynchronousTestCase):
     def test_default_is_implied_from_the_redis_stream(self):
         s = _settings('[redis]\nstream = "mail:in"\n')
-        self.assertEqual(s.deliveries, {"default": config.DeliverySettings("stream", {"stream": "mail:in"})})
+        self.assertEqual(s.deliveries, {})
+        self.assertEqual(s.delivery_tables(),
+                         {"default": config.DeliverySettings("stream", {"stream": "mail:in"})})
+        # settings built in code too
+        built = config.Settings(redis=RedisSettings(stream="other"))
+        self.assertEqual(built.delivery_tables()["default"].options, {"stream": "other"})
 
     def test_an_explicit_default_wins_and_options_get_their_defaults(self):
         s = _settings('[delivery.default]\nkind = "list"\n')

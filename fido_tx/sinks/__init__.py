@@ -44,8 +44,8 @@ def module(kind):
 
 def delivery_sinks(settings, ctx):
     """``{name: ISink}``, one per ``[delivery.NAME]`` of ``settings``
-    (:class:`fido_tx.config.Settings`; the deliveries are validated)."""
+    (:class:`fido_tx.config.Settings`, validated), ``default`` included."""
     return {
         name: module(d.kind).build(name, dict(d.options), ctx)
-        for name, d in settings.deliveries.items()
+        for name, d in settings.delivery_tables().items()
     }
