@@ -467,7 +467,8 @@ _TYPE_NAMES = {bool: "a boolean", int: "an integer", float: "a number", str: "a 
 
 def _show(section, key, value):
     """``value`` for a message: its TOML type, and its repr unless secret."""
-    if (section, key) in SECRET_KEYS:
+    if (section, key) in SECRET_KEYS or section.startswith(DELIVERY_SECTION + "."):
+        # a delivery's keys may hold a secret (a webhook's token): type only
         return _toml_type(value)
     text = repr(value)
     if len(text) > 60:

@@ -303,7 +303,7 @@ class DeliveryConfigTests(SynchronousTestCase):
             ('[delivery.x]\nkind = "list"\nstream = "s"\n', "unknown key [delivery.x] stream"),
             ('[delivery.x]\nkey = "s"\n', "[delivery.x] kind: must be one of"),
             ('[delivery.x]\nkind = "carrier-pigeon"\n', "[delivery.x] kind: must be one of"),
-            ('[delivery.x]\nkind = "list"\nkey = 3\n', "[delivery.x] key: expected a string, got integer 3"),
+            ('[delivery.x]\nkind = "list"\nkey = 3\n', "[delivery.x] key: expected a string, got integer"),
             ('[delivery.x]\nkind = "list"\nkey = ""\n', "[delivery.x] key: must not be empty"),
             ('[delivery.x]\nkind = "stream"\nstream = ""\n', "[delivery.x] stream: must not be empty"),
             ('[delivery]\nx = 1\n', "[delivery.x] must be a table"),
@@ -313,6 +313,7 @@ class DeliveryConfigTests(SynchronousTestCase):
                 _settings(text)
             message = str(caught.exception)
             self.assertIn(expected, message)
+            self.assertNotIn("integer 3", message)  # values of delivery keys are never shown
             self.assertNotIn("\n", message)
 
 
