@@ -86,6 +86,19 @@ class RedisSettings:
     max_backlog: int = 100000
     connect_timeout: float = 5.0
     command_timeout: float = 10.0
+    #: WAIT for this many replicas to have each batch before marking it
+    min_replicas: int = 0
+    #: how long (seconds) to wait for them; then nothing is marked
+    replica_timeout: float = 5.0
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class ClusterSettings:
+    #: "shard" (``[fido] shard = "k/n"``) or "lease" (instances share every
+    #: account through leases in Redis)
+    mode: str = "shard"
+    #: seconds a lease lasts unless renewed (renewed every third of it)
+    lease_ttl: float = 60.0
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
@@ -132,6 +145,7 @@ class Settings:
     #: ``[delivery.NAME]`` -> :class:`DeliverySettings`; read them with
     #: :meth:`delivery_tables`, which implies ``default`` from ``[redis] stream``
     deliveries: dict = attr.ib(factory=dict)
+    cluster: ClusterSettings = attr.ib(factory=ClusterSettings)
     #: the file these settings came from ("" when built in code)
     path: str = ""
 
@@ -154,6 +168,7 @@ SECTIONS = {
     "reporter": ReporterSettings,
     "http": HttpSettings,
     "log": LogSettings,
+    "cluster": ClusterSettings,
 }
 
 #: keys holding file system paths, resolved relative to the config file
@@ -173,7 +188,8 @@ SECRET_KEYS = frozenset([("reporter", "token"), ("redis", "url")])
 LOG_LEVELS = ("debug", "info", "warn", "error")
 LOG_FORMATS = ("text", "json")
 WATCH_MODES = ("auto", "poll")
-REDIS_SCHEMES = ("redis", "rediss", "unix")
+REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel")
+CLUSTER_MODES = ("shard", "lease")
 REPORTER_SCHEMES = ("http", "https")
 
 ENV_VAR = "FIDO_CONFIG"
@@ -604,7 +620,7 @@ def _check_settings(path, s):
         bad(
             "redis",
             "url",
-            "scheme must be redis://, rediss:// or unix://, got "
+            "scheme must be redis://, rediss://, unix:// or redis+sentinel://, got "
             + (f"{scheme}://" if scheme else "no scheme"),
         )
     from fido_tx.redis import url as redisurl
@@ -618,6 +634,17 @@ def _check_settings(path, s):
     at_least("redis", "max_backlog", r.max_backlog, 1)
     positive("redis", "connect_timeout", r.connect_timeout)
     positive("redis", "command_timeout", r.command_timeout)
+    at_least("redis", "min_replicas", r.min_replicas, 0)
+    if r.min_replicas > 100:
+        bad("redis", "min_replicas", f"must be at most 100, got {r.min_replicas!r}")
+    positive("redis", "replica_timeout", r.replica_timeout)
+
+    c = s.cluster
+    one_of("cluster", "mode", c.mode, CLUSTER_MODES)
+    if not 3 <= c.lease_ttl <= 3600:
+        bad("cluster", "lease_ttl", f"must be from 3 to 3600 seconds, got {c.lease_ttl!r}")
+    if c.mode == "lease" and f.shard != "1/1":
+        bad("cluster", "mode", '"lease" shares every account: leave [fido] shard at "1/1"')
 
     p = s.reporter
     if p.url:

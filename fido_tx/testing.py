@@ -204,3 +204,72 @@ class FakeStatus:
 
     def summary(self):
         return dict(self.counts)
+class LeaseWorld:
+    """The Redis side of :class:`MemoryLeases`: leases and members with
+    expiry times on one clock, shared by several instances' fakes."""
+
+    def __init__(self, clock):
+        self.clock = clock
+        self.leases = {}  # account id -> (instance id, expires at)
+        self.members = {}  # instance id -> expires at
+        self.fail = None
+
+    def holder(self, account_id):
+        entry = self.leases.get(account_id)
+        if entry is None or entry[1] <= self.clock.seconds():
+            return None
+        return entry[0]
+
+
+class MemoryLeases:
+    """A fake of :class:`fido_tx.redis.lease.RedisLeases` over a :class:`LeaseWorld`."""
+
+    def __init__(self, world, instance_id, ttl):
+        self.world = world
+        self.instance_id = instance_id
+        self.ttl = ttl
+
+    def _call(self, f, *args):
+        if self.world.fail is not None:
+            return defer.fail(self.world.fail)
+        return defer.succeed(f(*args))
+
+    def members(self):
+        def go():
+            now = self.world.clock.seconds()
+            self.world.members[self.instance_id] = now + self.ttl
+            for m, until in list(self.world.members.items()):
+                if until <= now:
+                    del self.world.members[m]
+            return sorted(self.world.members)
+
+        return self._call(go)
+
+    def _held_after(self, ids, take):
+        now = self.world.clock.seconds()
+        held = set()
+        for a in ids:
+            holder = self.world.holder(a)
+            if holder == self.instance_id or (take and holder is None):
+                self.world.leases[a] = (self.instance_id, now + self.ttl)
+                held.add(a)
+        return held
+
+    def acquire(self, account_ids):
+        return self._call(self._held_after, list(account_ids), True)
+
+    def renew(self, account_ids):
+        return self._call(self._held_after, list(account_ids), False)
+
+    def release(self, account_ids, leave=False):
+        def go():
+            n = 0
+            for a in account_ids:
+                if self.world.holder(a) == self.instance_id:
+                    del self.world.leases[a]
+                    n += 1
+            if leave:
+                self.world.members.pop(self.instance_id, None)
+            return n
+
+        return self._call(go)
