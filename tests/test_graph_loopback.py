@@ -151,3 +151,51 @@ def RespClientFor(server):
     from tests.support.redis_server import RespClient
 
     return RespClient(server.port)
+
+
+@pytest_twisted.inlineCallbacks
+def test_graph_into_the_stream_sink_on_the_shared_redis_connection(tmp_path, redis):
+    """The Graph source, the real stream sink and the shared RedisConnection
+    (delta links too) on a real Redis: each message once, byte for byte, with
+    the contract's fields for Graph."""
+    from fido_tx import sinks
+    from fido_tx.config import RedisSettings
+    from fido_tx.redis.connection import RedisConnection
+
+    connection = RedisConnection(reactor, RedisSettings(url=redis.url, connect_timeout=2.0,
+                                                        command_timeout=2.0))
+    connection.startService()
+    if not connection.connected:
+        up = defer.Deferred()
+        connection.add_connection_observer(lambda ok: ok and not up.called and up.callback(1))
+        yield up.addTimeout(10, reactor)
+    module = sinks.module("stream")
+    sink = module.build("default", module.validate(dict(module.OPTIONS), "/"),
+                        sinks.SinkContext(reactor, connection))
+    lo = Loopback(tmp_path)
+    lo.ctx = attr.evolve(lo.ctx, sink=sink, graph=graph.GraphShared(
+        lo.http, graphapi.Gates(reactor), connection))
+    account = attr.evolve(lo.account, select="new")
+    try:
+        raw = {lo.graph.add_message(USER, mime(n) + bytes(range(256))): mime(n) + bytes(range(256))
+               for n in range(12)}
+        first = yield graph.build(account, lo.ctx).poll()
+        assert (first.kind, first.fetched) == (None, 12), first.message
+        lo.graph.forget_delta_tokens(USER)  # a 410 next time: a full resync
+        extra = lo.graph.add_message(USER, mime(50))
+        raw[extra] = mime(50)
+        second = yield graph.build(account, lo.ctx).poll()
+        assert (second.kind, second.fetched) == (None, 1), second.message
+    finally:
+        yield lo.close()
+        yield connection.stopService()
+    client = redis.client()
+    entries = client("XRANGE", "fido:messages", "-", "+")
+    fields = [dict(zip(e[1][::2], e[1][1::2])) for e in entries]
+    assert len(fields) == 13
+    assert sorted(f[b"uid"].decode() for f in fields) == sorted(raw)
+    for f in fields:
+        assert f[b"raw"] == raw[f[b"uid"].decode()]
+        assert (f[b"account"], f[b"mailbox"], f[b"uidvalidity"], f[b"source"]) == (
+            b"contoso-helpdesk", b"Inbox", b"", b"graph")
+    assert b"$deltatoken=" in client("GET", graph.delta_key(account))
