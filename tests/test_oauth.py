@@ -372,6 +372,12 @@ class RegistryTests(SynchronousTestCase):
         self.assertIsNot(oauth.build(imap_account(1), ctx).provider, one.provider)
         self.successResultOf(oauth.close_shared())
 
+    def test_build_without_a_reactor_is_a_config_error_not_a_crash_later(self):
+        with self.assertRaises(errors.FidoError) as e:
+            oauth.build(imap_account(), CredentialsContext(None, self.mktemp()))
+        self.assertEqual(e.exception.kind, errors.CONFIG)
+        self.assertIn("reactor", e.exception.message)
+
     def test_build_refuses_plain_http_token_url_as_config(self):
         account = imap_account()
         account = attr.evolve(account, oauth=attr.evolve(account.oauth,

@@ -472,6 +472,11 @@ def build(account, ctx):
 
     :raises FidoError: kind ``config`` for an unusable token URL.
     """
+    if ctx.reactor is None:
+        # a wiring mistake, shown as the account's error rather than a crash
+        # when the first token is due
+        raise errors.FidoError(errors.CONFIG, "internal: OAuth2 credentials were built"
+                               " without a reactor (CredentialsContext.reactor)")
     try:
         return for_account(account, shared_providers(ctx.reactor, ctx.state_dir, ctx.key_file))
     except ValueError as e:
