@@ -166,3 +166,31 @@ def deferLater(reactor, seconds):
     from twisted.internet import task
 
     return task.deferLater(reactor, seconds, lambda: None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_write_refused_as_readonly_drops_the_connection_to_find_the_master(sentinels):
+    from twisted.internet import reactor
+
+    from fido_tx import errors
+    from fido_tx.config import RedisSettings
+    from fido_tx.redis.connection import RedisConnection
+    from tests.test_sinks import _up
+
+    replica = f"redis://127.0.0.1:{sentinels.replica.port}/0"
+    conn = RedisConnection(reactor, RedisSettings(url=replica, connect_timeout=2.0,
+                                                  command_timeout=5.0))
+    await _up(conn)
+    states = []
+    conn.add_connection_observer(states.append)
+    try:
+        with pytest.raises(errors.FidoError) as e:
+            await conn.execute("SET", "k", "v")
+        assert "READONLY" in e.value.message and "reconnecting" in e.value.message
+        for _ in range(50):
+            if False in states:
+                break
+            await deferLater(reactor, 0.02)
+        assert False in states  # dropped; it reconnects, through the endpoint, by itself
+    finally:
+        await conn.stopService()

@@ -286,6 +286,13 @@ class RedisConnection(Service):
             )
         elif failure.check(txredisapi.ResponseError):
             message = f"Redis refused {what}: {failure.getErrorMessage()}"
+            if failure.getErrorMessage().startswith("READONLY") and sent_on:
+                # a master demoted by a failover: drop the connection, so that
+                # the reconnect asks the sentinels for the new master
+                message += " (this server is a replica now: reconnecting)"
+                proto = sent_on[-1]
+                if proto.transport is not None:
+                    proto.transport.abortConnection()
         else:
             message = f"Redis connection failed during {what}: {failure.getErrorMessage()}"
         return errors.FidoError(
