@@ -143,6 +143,22 @@ class _Stoppable(service.Service):
         return super().stopService()
 
 
+class StoreExecute:
+    """``execute(*args) -> Deferred``: one Redis command on the store's connection.
+
+    The tiny object the observe modules (:mod:`fido_tx.observe.history`) talk
+    to Redis through.  Today it adapts ``RedisStore._execute(what, *args)``;
+    with the shared ``RedisConnection`` it is just ``connection.execute``.
+    """
+
+    def __init__(self, store):
+        self._store = store
+
+    def __call__(self, *args):
+        what = args[0].decode("ascii") if isinstance(args[0], bytes) else str(args[0])
+        return self._store._execute(what, *args)
+
+
 def instance_id():
     return f"{socket.gethostname()}:{os.getpid()}"
 
@@ -174,6 +190,8 @@ def make_service(
     from fido_tx.observe import report
     from fido_tx import resolve
     from fido_tx.schedule import scheduler as scheduler_mod
+    from fido_tx.observe import history
+    from fido_tx.observe import restore as restore_mod
     from fido_tx.observe import status as status_mod
     from fido_tx.redis import store as store_mod
     from fido_tx.accounts import watch
@@ -217,6 +235,11 @@ def make_service(
 
         metrics = metrics_mod.Metrics()
     status = status_mod.StatusTracker(reactor, store, reporter, metrics, dry_run=dry_run)
+    execute = StoreExecute(store)
+    # the tracker starts each account from its hash in Redis: reports are
+    # sent on real changes only, across restarts
+    gate = restore_mod.RestoreGate(reactor, status, history.AccountStateReader(execute))
+    sessions = history.SessionLog(reactor, execute)
 
     if session_factory is None:
         # one budget for the bodies in flight of all sessions: memory stays
@@ -240,7 +263,9 @@ def make_service(
         grace_period=fido.grace_period,
     )
     status.scheduler = sched
-    sched.add_result_observer(status.record)
+    sched.add_result_observer(gate.record)
+    if not dry_run:
+        sched.add_result_observer(sessions.record)
 
     # Redis down: no new sessions (running ones stop at their next message,
     # because the store refuses to confirm).  Start paused until connected.
@@ -252,6 +277,7 @@ def make_service(
         else:
             sched.pause("redis")
         status.redis_state(connected)
+        gate.redis_state(connected)
 
     store.add_connection_observer(redis_state)
 
@@ -265,8 +291,10 @@ def make_service(
     sched.setServiceParent(top)
 
     def apply(accounts, diff):
+        gate.add([account.id for account in diff.added])
         sched.set_accounts(accounts)
         for account in diff.removed:
+            gate.forget(account.id)
             status.forget(account.id)
 
     source = reload.AccountsSource(
@@ -296,15 +324,34 @@ def make_service(
         _Heartbeat(reactor, store, sched, ident).setServiceParent(top)
 
     health = health_mod.Health(reactor, sched, store, status=status)
+    view = None
     if metrics is not None:
-        from fido_tx.observe import web
+        from fido_tx.observe import statusview, throughput, web
 
         metrics.bind(scheduler=sched, store=store, reporter=reporter, status=status)
-        site = web.make_site(metrics, health)
+        per_minute = throughput.PerMinute(reactor)
+        sched.add_result_observer(per_minute.record)
+        instances = history.InstanceWatch(reactor, execute)
+        instances.setServiceParent(top)
+        view = statusview.StatusView(
+            reactor, status, scheduler=sched, store=store, throughput=per_minute,
+            instances=instances, sessions=sessions,
+        )
+        site = web.make_site(metrics, health, view, _credentials(settings.http))
         strports.service(settings.http.listen, site).setServiceParent(top)
 
     top.parts.update(
         store=store, reporter=reporter, metrics=metrics, status=status,
-        scheduler=sched, source=source, health=health,
+        scheduler=sched, source=source, health=health, gate=gate, sessions=sessions,
+        view=view,
     )
     return top
+
+
+def _credentials(http):
+    """``(username, password)`` of the status page, or None (config checked them)."""
+    if not http.username:
+        return None
+    from fido_tx import config
+
+    return http.username, config.read_password(http.password_file)
