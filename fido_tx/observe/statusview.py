@@ -100,51 +100,61 @@ class StatusView:
         )
 
     def _sorted_ids(self):
-        """``[(state, id)]`` in page order, cached while nothing changed."""
-        now = self._clock.seconds()
+        """``([(state, id)] in page order, {state: count})``, cached while
+        neither a state nor the account set changed.
+
+        One sort of the ids (strings: C comparisons) and one pass putting
+        them in three lists; only the failing ones are sorted again, by
+        when they began failing.
+        """
         accounts = self._accounts()
         states = self.tracker.accounts()
         key = (getattr(self.tracker, "version", None), frozenset(accounts))
         if self._order is not None and key == self._order_key and key[0] is not None:
             return self._order
-        ids = set(accounts) | set(states)
-        keyed = []
-        for account_id in ids:
-            status = states.get(account_id)
-            if status is None:
-                keyed.append(((1, 0.0, account_id), NEW, account_id))
-            elif status.state == OK:
-                keyed.append(((2, 0.0, account_id), OK, account_id))
+        now = self._clock.seconds()
+        failing, new, ok = [], [], []
+        counts = {}
+        get = states.get
+        for account_id in sorted(accounts.keys() | states.keys()):
+            status = get(account_id)
+            state = NEW if status is None else status.state
+            counts[state] = counts.get(state, 0) + 1
+            if state == OK:
+                ok.append((OK, account_id))
+            elif state == NEW:
+                new.append((NEW, account_id))
             else:
-                since = status.failing_since if status.failing_since is not None else now
-                keyed.append(((0, since, account_id), status.state, account_id))
-        keyed.sort()
-        self._order = [(state, account_id) for _key, state, account_id in keyed]
+                since = status.failing_since
+                failing.append((now if since is None else since, state, account_id))
+        failing.sort(key=lambda f: f[0])  # stable: ids stay in order within a time
+        order = [(state, account_id) for _since, state, account_id in failing] + new + ok
+        self._order = (order, counts)
         self._order_key = key
         return self._order
 
     def page(self, state="", query="", page=1, per_page=PER_PAGE):
         """One :class:`Page` of accounts, filtered by ``state`` ("", "failing",
         "ok", "new" or an error kind) and ``query`` (part of the id)."""
-        order = self._sorted_ids()
-        counts = {}
-        for s, _ in order:
-            counts[s] = counts.get(s, 0) + 1
+        order, counts = self._sorted_ids()
         query = query.lower()
-        picked = [
-            account_id for s, account_id in order
-            if _state_matches(s, state) and (not query or query in account_id.lower())
-        ]
+        if not state and not query:
+            picked = order
+        else:
+            picked = [
+                entry for entry in order
+                if _state_matches(entry[0], state) and (not query or query in entry[1].lower())
+            ]
         pages = max(1, -(-len(picked) // per_page))
         page = min(max(1, page), pages)
         accounts = self._accounts()
         rows = []
-        for account_id in picked[(page - 1) * per_page: page * per_page]:
+        for _state, account_id in picked[(page - 1) * per_page: page * per_page]:
             row = self.row(account_id, accounts.get(account_id))
             if row is not None:
                 rows.append(row)
         return Page(rows=tuple(rows), matching=len(picked), page=page, pages=pages,
-                    counts=counts)
+                    counts=dict(counts))
 
     # -- the instance --------------------------------------------------------
 
