@@ -324,7 +324,7 @@ def make_service(
         _Heartbeat(reactor, store, sched, ident).setServiceParent(top)
 
     health = health_mod.Health(reactor, sched, store, status=status)
-    view = None
+    view = instances = None
     if metrics is not None:
         from fido_tx.observe import statusview, throughput, web
 
@@ -343,7 +343,7 @@ def make_service(
     top.parts.update(
         store=store, reporter=reporter, metrics=metrics, status=status,
         scheduler=sched, source=source, health=health, gate=gate, sessions=sessions,
-        view=view,
+        view=view, instances=instances,
     )
     return top
 

@@ -56,7 +56,9 @@ a{color:var(--accent)}
 padding:8px 12px;margin-bottom:12px}
 svg.chart{width:100%;height:auto;display:block}
 svg.chart rect.bar{fill:var(--accent)}
-svg.chart text{font-size:10px;fill:var(--mute)}
+svg.chart text{font-size:12px;fill:var(--mute)}
+.t{white-space:nowrap}
+td.id{white-space:nowrap;font-weight:500}
 dl.facts{display:grid;grid-template-columns:max-content 1fr;gap:4px 16px;margin:0}
 dl.facts dt{color:var(--mute)}
 dl.facts dd{margin:0;overflow-wrap:anywhere}
@@ -71,6 +73,8 @@ dl.facts dd{margin:0;overflow-wrap:anywhere}
  tr.failing{border-left:4px solid var(--bad)}
  tr.failing td:first-child{box-shadow:none}
  td{padding:3px 0;border:0}
+ td[data-label]:empty{display:none}
+ td.id{font-size:17px}
  td[data-label]::before{content:attr(data-label) ": ";color:var(--mute);font-size:13px}
  td.num{text-align:left}
  td.err{max-width:none}
@@ -97,23 +101,25 @@ def ago(seconds):
 
 
 def when(value, now):
-    """An ISO text or POSIX seconds as ``2026-11-29 14:01 UTC · 3m ago`` (escaped)."""
+    """An ISO text or POSIX seconds as ``3m ago`` over ``2026-11-29 14:01 UTC`` (escaped)."""
     if value in (None, ""):
         return '<span class="mute">never</span>'
     seconds = value if isinstance(value, (int, float)) else parse_iso(value)
     if seconds is None:
         return esc(value)
-    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(seconds))
+    stamp = esc(time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(seconds)))
     rel = ago(now - seconds)
-    return f'{esc(stamp)}<br><span class="mute">{esc(rel)}</span>' if rel else esc(stamp)
+    if not rel:
+        return f'<span class="t">{stamp}</span>'
+    return f'<span class="t">{esc(rel)}</span><br><span class="mute t">{stamp}</span>'
 
 
-def chart(series, width=600, height=120):
+def chart(series, width=400, height=110):
     """Messages per minute as an inline SVG bar chart (``series``: ``[(t, n)]``)."""
     counts = [n for _t, n in series] or [0]
     top = max(counts) or 1
     n = len(counts)
-    left, bottom = 34, 16
+    left, bottom = 30, 18
     inner_w, inner_h = width - left - 4, height - bottom - 6
     step = inner_w / n
     bars = []
@@ -128,7 +134,7 @@ def chart(series, width=600, height=120):
     axis = (
         f'<line x1="{left}" y1="{6 + inner_h}" x2="{width - 4}" y2="{6 + inner_h}" '
         f'stroke="#c3cad3"/>'
-        f'<text x="{left - 4}" y="12" text-anchor="end">{top if max(counts) else 0}</text>'
+        f'<text x="{left - 4}" y="16" text-anchor="end">{top if max(counts) else 0}</text>'
         f'<text x="{left - 4}" y="{6 + inner_h}" text-anchor="end">0</text>'
         f'<text x="{left}" y="{height - 2}">-{n} min</text>'
         f'<text x="{width - 4}" y="{height - 2}" text-anchor="end">now</text>'

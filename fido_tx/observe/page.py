@@ -107,9 +107,10 @@ class StatusPage(resource.Resource):
         backlog = self.view.backlog()
         instances = self.view.alive()
         rows = "".join(
-            f"<tr><td>{esc(i.get('id'))}</td><td class=\"num\">{esc(i.get('accounts', ''))}"
-            f"</td><td class=\"num\">{esc(i.get('sessions', ''))}</td>"
-            f"<td>{esc(i.get('version', ''))}</td></tr>"
+            f"<tr><td class=\"id\">{esc(i.get('id'))}</td>"
+            f"<td data-label=\"Accounts\" class=\"num\">{esc(i.get('accounts', ''))}</td>"
+            f"<td data-label=\"Sessions\" class=\"num\">{esc(i.get('sessions', ''))}</td>"
+            f"<td data-label=\"Version\">{esc(i.get('version', ''))}</td></tr>"
             for i in instances
         ) or '<tr><td colspan="4" class="mute">no heartbeat read yet</td></tr>'
         return (
@@ -164,7 +165,7 @@ class StatusPage(resource.Resource):
             f'<span class="mute">{esc(r.last_error)}</span>' if r.last_error else "")
         return (
             f'<tr class="{"failing" if r.failing else ""}">'
-            f'<td data-label="Account"><a href="{esc(account_href(r.id))}">{esc(r.id)}</a></td>'
+            f'<td class="id"><a href="{esc(account_href(r.id))}">{esc(r.id)}</a></td>'
             f'<td data-label="State">{_state_badge(r.state)}</td>'
             f'<td data-label="Source">{esc(r.source)} → {esc(r.delivery)}</td>'
             f'<td data-label="Connection">{esc(r.connection)}</td>'
