@@ -99,7 +99,7 @@ class StatusView:
             failures=status.failures,
         )
 
-    def _sorted_ids(self):
+    def _sorted_ids(self, accounts):
         """``([(state, id)] in page order, {state: count})``, cached while
         neither a state nor the account set changed.
 
@@ -107,7 +107,6 @@ class StatusView:
         them in three lists; only the failing ones are sorted again, by
         when they began failing.
         """
-        accounts = self._accounts()
         states = self.tracker.accounts()
         key = (getattr(self.tracker, "version", None), frozenset(accounts))
         if self._order is not None and key == self._order_key and key[0] is not None:
@@ -136,7 +135,8 @@ class StatusView:
     def page(self, state="", query="", page=1, per_page=PER_PAGE):
         """One :class:`Page` of accounts, filtered by ``state`` ("", "failing",
         "ok", "new" or an error kind) and ``query`` (part of the id)."""
-        order, counts = self._sorted_ids()
+        accounts = self._accounts()  # the scheduler's is a copy: take it once
+        order, counts = self._sorted_ids(accounts)
         query = query.lower()
         if not state and not query:
             picked = order
@@ -147,7 +147,6 @@ class StatusView:
             ]
         pages = max(1, -(-len(picked) // per_page))
         page = min(max(1, page), pages)
-        accounts = self._accounts()
         rows = []
         for _state, account_id in picked[(page - 1) * per_page: page * per_page]:
             row = self.row(account_id, accounts.get(account_id))
