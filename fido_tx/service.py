@@ -326,14 +326,14 @@ def make_service(
     health = health_mod.Health(reactor, sched, store, status=status)
     view = instances = None
     if metrics is not None:
-        from fido_tx.observe import statusview, throughput, web
+        from fido_tx.observe import rate, view as view_mod, web
 
         metrics.bind(scheduler=sched, store=store, reporter=reporter, status=status)
-        per_minute = throughput.PerMinute(reactor)
+        per_minute = rate.PerMinute(reactor)
         sched.add_result_observer(per_minute.record)
         instances = history.InstanceWatch(reactor, execute)
         instances.setServiceParent(top)
-        view = statusview.StatusView(
+        view = view_mod.StatusView(
             reactor, status, scheduler=sched, store=store, throughput=per_minute,
             instances=instances, sessions=sessions,
         )

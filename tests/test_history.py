@@ -10,7 +10,7 @@ from fido_tx.accounts.model import Account
 from fido_tx.observe.history import (
     AccountStateReader, InstanceWatch, SessionLog, pairs_to_dict,
 )
-from fido_tx.observe.throughput import PerMinute
+from fido_tx.observe.rate import PerMinute
 from fido_tx.outcome import SessionResult
 from tests.support.fake_redis import FakeRedisExecute
 

@@ -15,8 +15,8 @@ from fido_tx.observe.health import Health
 from fido_tx.observe.history import SessionLog
 from fido_tx.observe.metrics import Metrics
 from fido_tx.observe.status import StatusTracker
-from fido_tx.observe.statusview import StatusView
-from fido_tx.observe.throughput import PerMinute
+from fido_tx.observe.view import StatusView
+from fido_tx.observe.rate import PerMinute
 from fido_tx.observe.web import make_site
 from fido_tx.outcome import SessionResult
 from fido_tx.schedule.scheduler import Scheduler

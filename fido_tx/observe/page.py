@@ -1,7 +1,7 @@
 """The status page: ``/`` (all accounts) and ``/account/<id>`` (one account).
 
 Server-rendered by twisted.web from a
-:class:`~fido_tx.observe.statusview.StatusView`; no JavaScript.  ``/`` takes
+:class:`~fido_tx.observe.view.StatusView`; no JavaScript.  ``/`` takes
 ``?state=`` (``failing``, ``ok``, ``new`` or an error kind), ``?q=`` (part
 of an account id) and ``?page=`` (100 accounts a page).  The account page
 reads the account's recent sessions from Redis (one ``LRANGE``).
@@ -19,7 +19,7 @@ from twisted.logger import Logger
 from twisted.web import resource, server
 
 from fido_tx.observe.html import chart, document, esc, when
-from fido_tx.observe.statusview import FAILING, NEW, OK
+from fido_tx.observe.view import FAILING, NEW, OK
 
 log = Logger(namespace="fido_tx.observe.page")
 

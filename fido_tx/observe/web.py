@@ -75,7 +75,7 @@ class QuietSite(server.Site):
 
 def make_site(metrics, health, view=None, credentials=None):
     """A twisted.web ``Site`` serving ``/metrics``, ``/healthz`` and, with a
-    :class:`~fido_tx.observe.statusview.StatusView`, the status page.
+    :class:`~fido_tx.observe.view.StatusView`, the status page.
 
     :param credentials: ``(username, password)`` for the status page, or None.
     """
