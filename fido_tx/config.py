@@ -104,6 +104,8 @@ class HttpSettings:
     username: str = ""
     #: file holding the password (its first line); "" = none
     password_file: str = ""
+    #: sessions kept per account in Redis for the account page (0 = none)
+    recent_sessions: int = 50
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
@@ -565,6 +567,8 @@ def _check_settings(path, s):
 
 
 def _check_http(h, bad):
+    if h.recent_sessions < 0:
+        bad("http", "recent_sessions", f"must be 0 or more, got {h.recent_sessions!r}")
     if bool(h.username) != bool(h.password_file):
         bad("http", "username" if h.password_file else "password_file",
             "username and password_file go together: set both, or neither")

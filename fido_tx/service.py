@@ -239,7 +239,7 @@ def make_service(
     # the tracker starts each account from its hash in Redis: reports are
     # sent on real changes only, across restarts
     gate = restore_mod.RestoreGate(reactor, status, history.AccountStateReader(execute))
-    sessions = history.SessionLog(reactor, execute)
+    sessions = history.SessionLog(reactor, execute, keep=settings.http.recent_sessions)
 
     if session_factory is None:
         # one budget for the bodies in flight of all sessions: memory stays

@@ -74,6 +74,12 @@ class SessionLogTests(SynchronousTestCase):
         self.assertEqual([r["fetched"] for r in recent], [7, 6, 5, 4, 3])
         self.assertEqual(recent[0]["kind"], "ok")
         self.assertTrue(recent[0]["t"].endswith("Z"))
+        self.assertEqual(self.redis.ttls[b"fido:sessions:acme"], 30 * 86400)
+
+    def test_keep_zero_writes_nothing(self):
+        log = SessionLog(self.clock, self.redis, keep=0)
+        self.assertFalse(self.successResultOf(log.record(self.account, SessionResult("acme"))))
+        self.assertEqual(self.redis.commands, [])
 
     def test_an_error_keeps_the_servers_words_and_never_the_password(self):
         result = SessionResult("acme", kind="auth",

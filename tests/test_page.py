@@ -247,3 +247,12 @@ class ConfigTests(SynchronousTestCase):
         self.assertIn("empty", str(e.exception))
         with self.assertRaises(config.ConfigError):
             self._load(tmp, 'username = "ops"\npassword_file = "missing"')
+
+    def test_recent_sessions(self):
+        tmp = self.mktemp()
+        os.makedirs(tmp)
+        self.assertEqual(self._load(tmp, "").http.recent_sessions, 50)
+        self.assertEqual(self._load(tmp, "recent_sessions = 0").http.recent_sessions, 0)
+        with self.assertRaises(config.ConfigError) as e:
+            self._load(tmp, "recent_sessions = -1")
+        self.assertIn("[http] recent_sessions", str(e.exception))

@@ -13,8 +13,10 @@ Everything here talks to Redis only through ``execute(*args) -> Deferred``
 
 :class:`SessionLog`
     The last ``keep`` sessions of each account in ``fido:sessions:<id>``
-    (``LPUSH`` then ``LTRIM``), newest first, one compact JSON object per
-    session::
+    (``LPUSH``, ``LTRIM``, and ``EXPIRE`` after ``ttl`` seconds so the history
+    of a removed account goes away by itself), newest first, one compact JSON
+    object per session (about 110 bytes: 50 sessions of 10,000 accounts take
+    some 55 MB of Redis; ``[http] recent_sessions`` sets ``keep``, 0 = none)::
 
         {"t": "2026-11-29T14:01:02Z", "kind": "ok", "fetched": 3, "bytes": 5120,
          "marked": 3, "seconds": 0.41, "error": ""}
@@ -43,6 +45,8 @@ ACCOUNT_PREFIX = "fido:account:"
 SESSIONS_PREFIX = "fido:sessions:"
 INSTANCE_PREFIX = "fido:instance:"
 KEEP_SESSIONS = 50
+#: a removed account's history expires a month after its last session
+SESSIONS_TTL = 30 * 86400
 READ_BATCH = 500
 
 
@@ -135,20 +139,25 @@ def _secrets(account):
 class SessionLog:
     """The recent sessions of each account, bounded, in Redis."""
 
-    def __init__(self, clock, execute, keep=KEEP_SESSIONS):
+    def __init__(self, clock, execute, keep=KEEP_SESSIONS, ttl=SESSIONS_TTL):
         self._clock = clock
         self._execute = execute
         self.keep = keep
+        self.ttl = ttl
 
     def record(self, account, result):
         """The scheduler's result observer; dry-run sessions are not kept."""
-        if result.dry_run:
+        if result.dry_run or self.keep <= 0:
             return defer.succeed(False)
         account_id = result.account_id or getattr(account, "id", str(account))
         key = SESSIONS_PREFIX + account_id
         entry = session_entry(result, iso_utc(self._clock.seconds()), _secrets(account))
         d = defer.gatherResults(
-            [self._execute("LPUSH", key, entry), self._execute("LTRIM", key, 0, self.keep - 1)],
+            [
+                self._execute("LPUSH", key, entry),
+                self._execute("LTRIM", key, 0, self.keep - 1),
+                self._execute("EXPIRE", key, int(self.ttl)),
+            ],
             consumeErrors=True,
         )
 

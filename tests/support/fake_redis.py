@@ -69,6 +69,11 @@ class FakeRedisExecute:
         del lst[:int(start)]
         return b"OK"
 
+    def _expire(self, key, seconds):
+        self.ttls = getattr(self, "ttls", {})
+        self.ttls[key] = int(seconds)
+        return 1 if key in self.data else 0
+
     def _lrange(self, key, start, stop):
         return list(self._list(key)[int(start):int(stop) + 1])
 
