@@ -5,6 +5,7 @@ import base64
 import os
 import time
 
+from hypothesis import given, settings as hsettings, strategies as st
 from treq.testing import StubTreq
 from twisted.internet import defer, task
 from twisted.trial.unittest import SynchronousTestCase
@@ -256,3 +257,16 @@ class ConfigTests(SynchronousTestCase):
         with self.assertRaises(config.ConfigError) as e:
             self._load(tmp, "recent_sessions = -1")
         self.assertIn("[http] recent_sessions", str(e.exception))
+
+
+class EscapingProperties(SynchronousTestCase):
+    @given(account_id=st.text(min_size=1, max_size=30).filter(lambda t: t.strip("/") == t),
+           error=st.text(max_size=60))
+    @hsettings(max_examples=60, deadline=None)
+    def test_no_markup_from_an_account_or_a_server_reaches_the_page(self, account_id, error):
+        marker = "<b id=x>"
+        stub, *_ = world(n_ok=1, failing=((account_id + marker, errors.PROTOCOL,
+                                           error + marker),))
+        _, body = get(stub, self, "/")
+        self.assertNotIn(marker, body)
+        self.assertIn("&lt;b id=x&gt;", body)

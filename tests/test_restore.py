@@ -1,5 +1,6 @@
 """The tracker starting from the account hashes: reports across restarts."""
 
+from hypothesis import given, settings as hsettings, strategies as st
 from twisted.internet import defer, task
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -179,3 +180,25 @@ class GateTests(SynchronousTestCase):
         self.gate.forget("gone")
         self.reader.reads[0][1].callback({"gone": {"state": "ok"}})
         self.assertIsNone(self.tracker.state_of("gone"))
+
+
+class HashParsingTests(SynchronousTestCase):
+    """Whatever an account hash holds (another version, a person with
+    redis-cli), reading it back never raises."""
+
+    @given(st.dictionaries(
+        st.sampled_from(["state", "last_error_kind", "last_error", "failing_since",
+                         "last_error_at", "last_success_at", "fetched_total", "reported", "x"]),
+        st.text(max_size=40),
+    ))
+    @hsettings(max_examples=300, deadline=None)
+    def test_any_hash_reads_back_or_is_new(self, fields):
+        tracker = StatusTracker(task.Clock(), None, FakeReporter())
+        status = tracker.restore("a", fields)
+        if fields.get("state"):
+            self.assertIsNotNone(status)
+            self.assertIsInstance(status.fetched_total, int)
+            tracker.record(ACME, SessionResult("a"))  # and the next result works
+            self.assertEqual(tracker.state_of("a").state, "ok")
+        else:
+            self.assertIsNone(status)
