@@ -238,7 +238,9 @@ def make_service(
     execute = StoreExecute(store)
     # the tracker starts each account from its hash in Redis: reports are
     # sent on real changes only, across restarts
-    gate = restore_mod.RestoreGate(reactor, status, history.AccountStateReader(execute))
+    gate = restore_mod.RestoreGate(
+        reactor, status, history.AccountStateReader(execute), connected=False
+    )
     sessions = history.SessionLog(reactor, execute, keep=settings.http.recent_sessions)
 
     if session_factory is None:

@@ -156,6 +156,17 @@ class GateTests(SynchronousTestCase):
             {"acme": {"state": "error", "last_error_kind": "auth", "reported": "auth"}})
         self.assertEqual(self.reporter.kinds, [("acme", "recovered")])
 
+    def test_nothing_is_read_before_redis_is_up(self):
+        gate = RestoreGate(self.clock, self.tracker, self.reader, connected=False)
+        gate.add(["acme"])
+        gate.record(ACME, AUTH)
+        self.assertEqual(self.reader.reads, [])
+        gate.redis_state(False)
+        self.assertEqual(self.reader.reads, [])
+        gate.redis_state(True)
+        self.reader.reads[0][1].callback({"acme": {"state": "ok", "reported": "ok"}})
+        self.assertEqual(self.reporter.kinds, [("acme", "auth")])
+
     def test_accounts_added_during_a_read_are_read_next(self):
         self.gate.add(["a"])
         self.gate.add(["b"])

@@ -23,7 +23,10 @@ log = Logger(namespace="fido_tx.observe.restore")
 
 
 class RestoreGate:
-    def __init__(self, clock, tracker, reader, give_up_after=300.0):
+    def __init__(self, clock, tracker, reader, give_up_after=300.0, connected=True):
+        """``connected=False``: read nothing before :meth:`redis_state` says
+        Redis is up (the daemon starts before its Redis connection does)."""
+        self._connected = connected
         self._clock = clock
         self._tracker = tracker
         self._reader = reader
@@ -61,12 +64,13 @@ class RestoreGate:
 
     def redis_state(self, connected):
         """A connection observer: Redis is back, read what is still waiting."""
+        self._connected = connected
         if connected:
             self.read()
 
     def read(self):
         """Read the waiting accounts (one read at a time); never errbacks."""
-        if self._reading is not None or not self._waiting:
+        if self._reading is not None or not self._waiting or not self._connected:
             return self._reading or defer.succeed(None)
         ids = list(self._waiting)
         again = []
