@@ -328,19 +328,9 @@ def make_service(
     health = health_mod.Health(reactor, sched, store, status=status)
     view = instances = None
     if metrics is not None:
-        from fido_tx.observe import rate, view as view_mod, web
-
         metrics.bind(scheduler=sched, store=store, reporter=reporter, status=status)
-        per_minute = rate.PerMinute(reactor)
-        sched.add_result_observer(per_minute.record)
-        instances = history.InstanceWatch(reactor, execute)
-        instances.setServiceParent(top)
-        view = view_mod.StatusView(
-            reactor, status, scheduler=sched, store=store, throughput=per_minute,
-            instances=instances, sessions=sessions,
-        )
-        site = web.make_site(metrics, health, view, _credentials(settings.http))
-        strports.service(settings.http.listen, site).setServiceParent(top)
+        view, instances = _serve_http(reactor, settings.http, top, metrics, health, view_parts=dict(
+            tracker=status, scheduler=sched, store=store, execute=execute, sessions=sessions))
 
     top.parts.update(
         store=store, reporter=reporter, metrics=metrics, status=status,
@@ -348,6 +338,26 @@ def make_service(
         view=view, instances=instances,
     )
     return top
+
+
+def _serve_http(reactor, http, top, metrics, health, view_parts):
+    """The status page, ``/healthz`` and ``/metrics`` on ``http.listen``.
+
+    :return: ``(StatusView, InstanceWatch)``.
+    """
+    from fido_tx.observe import history, rate, view as view_mod, web
+
+    parts = dict(view_parts)
+    per_minute = rate.PerMinute(reactor)
+    parts["scheduler"].add_result_observer(per_minute.record)
+    instances = history.InstanceWatch(reactor, parts.pop("execute"))
+    instances.setServiceParent(top)
+    view = view_mod.StatusView(
+        reactor, parts.pop("tracker"), throughput=per_minute, instances=instances, **parts
+    )
+    site = web.make_site(metrics, health, view, _credentials(http))
+    strports.service(http.listen, site).setServiceParent(top)
+    return view, instances
 
 
 def _credentials(http):
