@@ -170,10 +170,12 @@ class PageTests(SynchronousTestCase):
         timings = {}
         for path in ("/", "/?page=50", "/?state=failing", "/?q=good0999", "/account/bad0007"):
             get(stub, self, path)  # the first request sorts
-            started = time.perf_counter()
-            for _ in range(5):
+            runs = []
+            for _ in range(7):
+                started = time.perf_counter()
                 get(stub, self, path)
-            timings[path] = (time.perf_counter() - started) / 5 * 1000
+                runs.append((time.perf_counter() - started) * 1000)
+            timings[path] = sorted(runs)[len(runs) // 2]  # the median: the machine is shared
         # a state change forces a re-sort: the worst case
         tracker.record(view.scheduler.accounts["good00001"],
                        SessionResult("good00001", kind="timeout", message="slow"))

@@ -128,7 +128,10 @@ class StatusView:
                 failing.append((now if since is None else since, state, account_id))
         failing.sort(key=lambda f: f[0])  # stable: ids stay in order within a time
         order = [(state, account_id) for _since, state, account_id in failing] + new + ok
-        self._order = (order, counts)
+        by_state = {FAILING: order[:len(failing)], NEW: new, OK: ok}
+        for state, account_id in by_state[FAILING]:
+            by_state.setdefault(state, []).append((state, account_id))
+        self._order = (order, counts, by_state)
         self._order_key = key
         return self._order
 
@@ -136,15 +139,11 @@ class StatusView:
         """One :class:`Page` of accounts, filtered by ``state`` ("", "failing",
         "ok", "new" or an error kind) and ``query`` (part of the id)."""
         accounts = self._accounts()  # the scheduler's is a copy: take it once
-        order, counts = self._sorted_ids(accounts)
-        query = query.lower()
-        if not state and not query:
-            picked = order
-        else:
-            picked = [
-                entry for entry in order
-                if _state_matches(entry[0], state) and (not query or query in entry[1].lower())
-            ]
+        order, counts, by_state = self._sorted_ids(accounts)
+        picked = by_state.get(state, []) if state else order
+        if query:
+            query = query.lower()
+            picked = [entry for entry in picked if query in entry[1].lower()]
         pages = max(1, -(-len(picked) // per_page))
         page = min(max(1, page), pages)
         rows = []
@@ -174,11 +173,3 @@ class StatusView:
 
     def now(self):
         return self._clock.seconds()
-
-
-def _state_matches(state, wanted):
-    if not wanted:
-        return True
-    if wanted == FAILING:
-        return state not in (OK, NEW)
-    return state == wanted
