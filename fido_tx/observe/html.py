@@ -28,6 +28,8 @@ margin-bottom:16px}
 .card{background:var(--card);border:1px solid var(--line);border-radius:8px;padding:12px 16px}
 .card h2{font-size:14px;text-transform:uppercase;letter-spacing:.04em;color:var(--mute);
 margin:0 0 8px}
+.card h2.acct{text-transform:none;letter-spacing:0;font-size:20px;color:var(--ink);
+overflow-wrap:anywhere}
 .big{font-size:28px;font-weight:600}
 .filters{display:flex;flex-wrap:wrap;gap:8px;align-items:center;margin:8px 0 12px}
 .chip{display:inline-block;padding:3px 10px;border-radius:999px;border:1px solid var(--line);
@@ -78,6 +80,8 @@ dl.facts dd{margin:0;overflow-wrap:anywhere}
  td[data-label]::before{content:attr(data-label) ": ";color:var(--mute);font-size:13px}
  td.num{text-align:left}
  td.err{max-width:none}
+ dl.facts{grid-template-columns:1fr;gap:0}
+ dl.facts dd{margin-bottom:8px}
 }
 """
 

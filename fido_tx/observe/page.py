@@ -251,14 +251,14 @@ class AccountPage(resource.Resource):
             ("Connection", esc(row.connection)),
             ("Last success", when(row.last_success_at, now)),
             ("Failing since", when(row.failing_since, now) if row.failing_since else "—"),
-            ("Failed sessions in a row", str(row.failures)),
+            ("Failures in a row", str(row.failures)),
             ("Last error", f'<span style="color:var(--bad)">{esc(row.last_error)}</span>'
              f" <span class=\"mute\">{when(row.last_error_at, now) if row.last_error_at else ''}"
              "</span>" if row.last_error else "—"),
             ("Messages fetched", str(row.fetched_total)),
         ]
         dl = "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in facts)
-        body = (f'<p><a href="/">← all accounts</a></p><div class="card"><h2>{esc(row.id)}</h2>'
+        body = (f'<p><a href="/">← all accounts</a></p><div class="card"><h2 class="acct">{esc(row.id)}</h2>'
                 f'<dl class="facts">{dl}</dl></div><h2>Recent sessions</h2>')
         body += self._sessions(recent, now) if recent is not None else ""
         if note:
