@@ -176,12 +176,16 @@ class PageTests(SynchronousTestCase):
                 get(stub, self, path)
                 runs.append((time.perf_counter() - started) * 1000)
             timings[path] = sorted(runs)[len(runs) // 2]  # the median: the machine is shared
-        # a state change forces a re-sort: the worst case
-        tracker.record(view.scheduler.accounts["good00001"],
-                       SessionResult("good00001", kind="timeout", message="slow"))
-        started = time.perf_counter()
-        get(stub, self, "/")
-        timings["/ after a change"] = (time.perf_counter() - started) * 1000
+        # a state change forces a new order: the worst case
+        runs = []
+        for i in range(7):
+            account_id = f"good{i:05d}"
+            tracker.record(view.scheduler.accounts[account_id],
+                           SessionResult(account_id, kind="timeout", message="slow"))
+            started = time.perf_counter()
+            get(stub, self, "/")
+            runs.append((time.perf_counter() - started) * 1000)
+        timings["/ after a change"] = sorted(runs)[len(runs) // 2]
         print(f"\nstatus page, 10,000 accounts ({type(view.scheduler).__name__}), "
               "ms per request: " + ", ".join(
             f"{p} {ms:.1f}" for p, ms in timings.items()))

@@ -106,7 +106,9 @@ class RestartTests(SynchronousTestCase):
         status = run.tracker.state_of("acme")
         self.assertEqual((status.state, status.reported, status.fetched_total),
                          ("auth", "auth", 41))
+        self.assertEqual(run.tracker.failing_ids(), {"acme"})
         run.session(OK)
+        self.assertEqual(run.tracker.failing_ids(), set())
         self.assertEqual(run.reporter.kinds, [("acme", "recovered")])
         self.assertIn("2026-11-28T09:00:00", run.reporter.reports[0]["debug"])
 

@@ -122,6 +122,7 @@ class StatusTracker:
         self._accounts = {}
         #: bumped whenever an account's state changes, appears or goes
         self.version = 0
+        self._failing = set()
         self._connections = {}
         #: key -> (kind, message, since) of global problems reported
         self._global = {}
@@ -143,7 +144,7 @@ class StatusTracker:
         self._log_session(account_id, result, dry)
 
         if old is None or old.state != new.state:
-            self.version += 1
+            self._state_changed(account_id, new)
             self._log_change(account_id, old, new, result)
 
         server = _server(account)
@@ -248,8 +249,19 @@ class StatusTracker:
         if account_id in self._accounts or not fields.get("state"):
             return None
         self._accounts[account_id] = status = status_from_hash(fields, self._clock.seconds())
-        self.version += 1
+        self._state_changed(account_id, status)
         return status
+
+    def _state_changed(self, account_id, status):
+        self.version += 1
+        if status is not None and status.state != OK:
+            self._failing.add(account_id)
+        else:
+            self._failing.discard(account_id)
+
+    def failing_ids(self):
+        """The ids of the accounts not ok now (the tracker's own set: do not change it)."""
+        return self._failing
 
     def set_connection(self, account_id, connection):
         """The source says how it reaches the mailbox: "polled", "idle", "held"."""
@@ -269,7 +281,7 @@ class StatusTracker:
     def forget(self, account_id):
         """The account was removed from the set: drop what is known about it."""
         if self._accounts.pop(account_id, None) is not None:
-            self.version += 1
+            self._state_changed(account_id, None)
         self._connections.pop(account_id, None)
 
     def state_of(self, account_id):

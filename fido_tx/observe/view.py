@@ -64,6 +64,7 @@ class StatusView:
         self.sessions = sessions
         self._order = None
         self._order_key = None
+        self._ids = self._sorted = None
 
     # -- accounts ----------------------------------------------------------
 
@@ -100,38 +101,38 @@ class StatusView:
         )
 
     def _sorted_ids(self, accounts):
-        """``([(state, id)] in page order, {state: count})``, cached while
-        neither a state nor the account set changed.
+        """``(ids in page order, {state: count}, {filter: ids})``, cached
+        while neither a state nor the account set changed.
 
-        One sort of the ids (strings: C comparisons) and one pass putting
-        them in three lists; only the failing ones are sorted again, by
-        when they began failing.
+        The ids are sorted once per change of the account set; a change of
+        state only splits them again, with set operations and one
+        comprehension (the tracker keeps the set of failing ids), and sorts
+        the failing ones by when they began failing.
         """
         states = self.tracker.accounts()
         key = (getattr(self.tracker, "version", None), frozenset(accounts))
         if self._order is not None and key == self._order_key and key[0] is not None:
             return self._order
+        ids = key[1] | states.keys()
+        if ids != self._ids:  # the set changed: sort it again
+            self._ids, self._sorted = ids, sorted(ids)
         now = self._clock.seconds()
-        failing, new, ok = [], [], []
-        counts = {}
-        get = states.get
-        for account_id in sorted(accounts.keys() | states.keys()):
-            status = get(account_id)
-            state = NEW if status is None else status.state
+        failing_set = self.tracker.failing_ids() & ids
+        new_set = ids - states.keys()
+        failing = sorted(
+            failing_set,
+            key=lambda i: (states[i].failing_since or now, i),
+        )
+        new = [i for i in self._sorted if i in new_set] if new_set else []
+        skip = failing_set | new_set
+        ok = [i for i in self._sorted if i not in skip] if skip else list(self._sorted)
+        by_state = {FAILING: failing, NEW: new, OK: ok}
+        counts = {OK: len(ok), NEW: len(new)}
+        for account_id in failing:
+            state = states[account_id].state
             counts[state] = counts.get(state, 0) + 1
-            if state == OK:
-                ok.append((OK, account_id))
-            elif state == NEW:
-                new.append((NEW, account_id))
-            else:
-                since = status.failing_since
-                failing.append((now if since is None else since, state, account_id))
-        failing.sort(key=lambda f: f[0])  # stable: ids stay in order within a time
-        order = [(state, account_id) for _since, state, account_id in failing] + new + ok
-        by_state = {FAILING: order[:len(failing)], NEW: new, OK: ok}
-        for state, account_id in by_state[FAILING]:
-            by_state.setdefault(state, []).append((state, account_id))
-        self._order = (order, counts, by_state)
+            by_state.setdefault(state, []).append(account_id)
+        self._order = (failing + new + ok, counts, by_state)
         self._order_key = key
         return self._order
 
@@ -143,16 +144,16 @@ class StatusView:
         picked = by_state.get(state, []) if state else order
         if query:
             query = query.lower()
-            picked = [entry for entry in picked if query in entry[1].lower()]
+            picked = [account_id for account_id in picked if query in account_id.lower()]
         pages = max(1, -(-len(picked) // per_page))
         page = min(max(1, page), pages)
         rows = []
-        for _state, account_id in picked[(page - 1) * per_page: page * per_page]:
+        for account_id in picked[(page - 1) * per_page: page * per_page]:
             row = self.row(account_id, accounts.get(account_id))
             if row is not None:
                 rows.append(row)
         return Page(rows=tuple(rows), matching=len(picked), page=page, pages=pages,
-                    counts=dict(counts))
+                    counts={k: v for k, v in counts.items() if v or k in (OK, NEW)})
 
     # -- the instance --------------------------------------------------------
 
