@@ -133,6 +133,16 @@ class PageTests(SynchronousTestCase):
         _, body = get(stub, self, "/?page=banana")
         self.assertIn("page 1 of 3", body)
 
+    def test_an_instance_wide_problem_is_a_banner_and_redis_down_shows(self):
+        stub, view, tracker, _clock = world()
+        tracker.report_global(errors.REDIS, f"the Redis stream holds 9 entries {EVIL}",
+                              key="backlog")
+        view.store.connected = False
+        _, body = get(stub, self, "/")
+        self.assertIn('<div class="problem"><b>redis</b>: the Redis stream holds 9 entries', body)
+        self.assertNotIn(EVIL, body)
+        self.assertIn("Redis DISCONNECTED", body)
+
     def test_account_page_lists_recent_sessions(self):
         stub, _view, tracker, _clock = world()
         response, body = get(stub, self, "/account/broken")
