@@ -14,6 +14,7 @@ from twisted.internet import task
 
 from fido_tx.observe.metrics import Metrics
 from fido_tx.observe.status import StatusTracker
+from fido_tx.testing import FakeBacklog, FakeRedis, FakeReporter, FakeScheduler
 from tests.support.redis_server import require
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,30 +36,17 @@ def run(*args):
     return done.stdout
 
 
-class _Scheduler:
-    last_completion_at = None
-    running_count = 0
-    paused_reasons = frozenset()
-
-    def lag(self):
-        return 0.0
-
-
-class _Store:
-    connected = True
-    last_stream_length = 0
-
-
-class _Reporter:
-    queue_length = 0
-    dropped = 0
+def _backlog():
+    backlog = FakeBacklog()
+    backlog.last_length = 0
+    return backlog
 
 
 def exported_names():
     """Every sample name /metrics has with every object bound."""
     metrics = Metrics()
-    metrics.bind(scheduler=_Scheduler(), store=_Store(), reporter=_Reporter(),
-                 status=StatusTracker(task.Clock(), None, None))
+    metrics.bind(scheduler=FakeScheduler(), redis=FakeRedis(), reporter=FakeReporter(),
+                 status=StatusTracker(task.Clock(), None, None), backlog=_backlog())
     text = generate_latest(metrics.registry).decode()
     return {line.split("{")[0].split(" ")[0] for line in text.splitlines()
             if line and not line.startswith("#")}

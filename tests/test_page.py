@@ -21,6 +21,7 @@ from fido_tx.observe.rate import PerMinute
 from fido_tx.observe.web import make_site
 from fido_tx.outcome import SessionResult
 from fido_tx.schedule.scheduler import Scheduler
+from fido_tx.testing import FakeBacklog, FakeRedis
 from tests.support.fake_redis import FakeRedisExecute
 
 EVIL = '<script>alert("x")</script>'
@@ -35,11 +36,6 @@ class FakeScheduler:
 
     def lag(self):
         return 0.0
-
-
-class FakeStore:
-    connected = True
-    last_stream_length = 1234
 
 
 class FakeInstances:
@@ -69,9 +65,11 @@ def world(n_ok=2, failing=(("broken", errors.AUTH, "[AUTHENTICATIONFAILED] Inval
         tracker.record(account, result)
         sessions.record(account, result)
     scheduler = FakeScheduler(accounts)
-    view = StatusView(clock, tracker, scheduler=scheduler, store=FakeStore(), throughput=ring,
-                      instances=FakeInstances(), sessions=sessions)
-    site = make_site(Metrics(), Health(clock, scheduler, FakeStore()), view, credentials)
+    backlog = FakeBacklog()
+    backlog.last_length = 1234
+    view = StatusView(clock, tracker, scheduler=scheduler, redis=FakeRedis(), backlog=backlog,
+                      throughput=ring, instances=FakeInstances(), sessions=sessions)
+    site = make_site(Metrics(), Health(clock, scheduler, FakeRedis()), view, credentials)
     return StubTreq(site.resource), view, tracker, clock
 
 
@@ -137,7 +135,7 @@ class PageTests(SynchronousTestCase):
         stub, view, tracker, _clock = world()
         tracker.report_global(errors.REDIS, f"the Redis stream holds 9 entries {EVIL}",
                               key="backlog")
-        view.store.connected = False
+        view.redis.connected = False
         _, body = get(stub, self, "/")
         self.assertIn('<div class="problem"><b>redis</b>: the Redis stream holds 9 entries', body)
         self.assertNotIn(EVIL, body)

@@ -11,7 +11,7 @@ from fido_tx.observe.restore import RestoreGate
 from fido_tx.observe.status import StatusTracker
 from fido_tx.outcome import SessionResult
 from tests.support.fake_redis import FakeRedisExecute
-from tests.test_status import FakeReporter
+from fido_tx.testing import FakeReporter
 
 ACME = Account(id="acme", host="imap.example.com", password="pw-secret")
 AUTH = SessionResult("acme", kind=errors.AUTH, message="[AUTHENTICATIONFAILED] bad password")

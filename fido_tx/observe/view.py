@@ -3,7 +3,7 @@
 :class:`StatusView` joins the scheduler's account set (source, delivery), the
 :class:`~fido_tx.observe.status.StatusTracker`'s states (restored from Redis at
 start, then kept current by every session), the per-minute throughput, the
-store's last known stream length and the heartbeats read by
+default delivery's last known queue length and the heartbeats read by
 :class:`~fido_tx.observe.history.InstanceWatch`.  Only the account page reads
 Redis (its recent sessions: one ``LRANGE``).
 
@@ -53,12 +53,14 @@ class Page:
 
 
 class StatusView:
-    def __init__(self, clock, tracker, scheduler=None, store=None, throughput=None,
-                 instances=None, sessions=None):
+    def __init__(self, clock, tracker, scheduler=None, redis=None, backlog=None,
+                 throughput=None, instances=None, sessions=None):
         self._clock = clock
         self.tracker = tracker
         self.scheduler = scheduler
-        self.store = store
+        #: ``IRedisHealth`` (``connected``) and ``IBacklog`` (``last_length``)
+        self.redis = redis
+        self.backlog_source = backlog
         self.throughput = throughput
         self.instances = instances
         self.sessions = sessions
@@ -158,10 +160,10 @@ class StatusView:
     # -- the instance --------------------------------------------------------
 
     def backlog(self):
-        return getattr(self.store, "last_stream_length", None)
+        return getattr(self.backlog_source, "last_length", None)
 
     def redis_connected(self):
-        return bool(getattr(self.store, "connected", False))
+        return bool(getattr(self.redis, "connected", False))
 
     def per_minute(self):
         return self.throughput.series() if self.throughput is not None else []
