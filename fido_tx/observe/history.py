@@ -38,12 +38,10 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from fido_tx.observe.report import iso_utc
+from fido_tx.redis import keys
 
 log = Logger(namespace="fido_tx.observe.history")
 
-ACCOUNT_PREFIX = "fido:account:"
-SESSIONS_PREFIX = "fido:sessions:"
-INSTANCE_PREFIX = "fido:instance:"
 KEEP_SESSIONS = 50
 #: a removed account's history expires a month after its last session
 SESSIONS_TTL = 30 * 86400
@@ -83,7 +81,7 @@ class AccountStateReader:
         for start in range(0, len(ids), self.batch):
             chunk = ids[start:start + self.batch]
             sent = [
-                self._execute("HGETALL", ACCOUNT_PREFIX + account_id).addCallbacks(
+                self._execute("HGETALL", keys.account(account_id)).addCallbacks(
                     lambda reply: (True, reply), lambda f: (False, f)
                 )
                 for account_id in chunk
@@ -150,7 +148,7 @@ class SessionLog:
         if result.dry_run or self.keep <= 0:
             return defer.succeed(False)
         account_id = result.account_id or getattr(account, "id", str(account))
-        key = SESSIONS_PREFIX + account_id
+        key = keys.sessions(account_id)
         entry = session_entry(result, iso_utc(self._clock.seconds()), _secrets(account))
         d = defer.gatherResults(
             [
@@ -170,7 +168,7 @@ class SessionLog:
 
     def recent(self, account_id, count=KEEP_SESSIONS):
         """``Deferred[list of dicts]``, newest first (bad entries skipped)."""
-        d = self._execute("LRANGE", SESSIONS_PREFIX + account_id, 0, max(0, count - 1))
+        d = self._execute("LRANGE", keys.sessions(account_id), 0, max(0, count - 1))
 
         def parse(reply):
             out = []
@@ -210,21 +208,21 @@ class InstanceWatch(Service):
 
     @defer.inlineCallbacks
     def _read(self):
-        keys, cursor = [], "0"
+        found_keys, cursor = [], "0"
         while True:
             reply = yield self._execute(
-                "SCAN", cursor, "MATCH", INSTANCE_PREFIX + "*", "COUNT", self.scan_count
+                "SCAN", cursor, "MATCH", keys.INSTANCE_PREFIX + "*", "COUNT", self.scan_count
             )
             cursor = _text(reply[0])
-            keys.extend(_text(k) for k in reply[1])
+            found_keys.extend(_text(k) for k in reply[1])
             if cursor == "0":
                 break
-        hashes = yield defer.gatherResults([self._execute("HGETALL", k) for k in keys])
+        hashes = yield defer.gatherResults([self._execute("HGETALL", k) for k in found_keys])
         found = []
-        for key, reply in zip(keys, hashes):
+        for key, reply in zip(found_keys, hashes):
             fields = pairs_to_dict(reply)
             if fields:
-                fields["id"] = key[len(INSTANCE_PREFIX):]
+                fields["id"] = key[len(keys.INSTANCE_PREFIX):]
                 found.append(fields)
         return sorted(found, key=lambda f: f["id"])
 
