@@ -50,3 +50,11 @@ def sessions(account_id):
 #: a counter written before ``WAIT`` (``[redis] min_replicas``): a write that
 #: is always replicated, so a replica that has it has every earlier write
 REPLICATION_PROBE = b"fido:replication:probe"
+
+#: ``[cluster] mode = "lease"``: the live instances (a sorted set) and one
+#: lease per account (the account is the Redis Cluster hash tag)
+CLUSTER = b"fido:cluster"
+
+
+def lease(account_id):
+    return f"fido:lease:{{{account_id}}}".encode("utf-8")
