@@ -23,6 +23,7 @@ from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
 
 import fido_tx
+from fido_tx import private
 from fido_tx.observe import logs
 
 log = Logger()
@@ -70,7 +71,7 @@ class FidoService(service.MultiService):
             # so a SIGTERM'd daemon would exit -15.  Every session has
             # finished its batch or been aborted unmarked by now: that is a
             # clean stop, and it exits 0.
-            self.clean_exit_reactor._exitSignal = None
+            private.clear_exit_signal(self.clean_exit_reactor)
             log.info("Fido stopped cleanly")
 
 
