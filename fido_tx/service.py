@@ -2,7 +2,7 @@
 
 Data flows one way::
 
-    accounts file -> AccountsSource -> Scheduler -> fetch_mailbox -> RedisStore
+    accounts file -> AccountsSource -> Scheduler -> sources.make_session -> sink (RedisStore)
                                            \\-> StatusTracker -> Reporter, metrics, account hash
 
 This is the only module (with the CLI and the twistd entry point) that is
@@ -21,9 +21,11 @@ from twisted.application import service, strports
 from twisted.internet import defer, task
 from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
+from zope.interface import implementer
 
 import fido_tx
 from fido_tx import private
+from fido_tx.interfaces import ISink
 from fido_tx.observe import logs
 
 log = Logger()
@@ -148,6 +150,85 @@ def instance_id():
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+def _session_factory(reactor, settings, sink, dry_run, memory=None):
+    """``f(account) -> Deferred[SessionResult]``: a new session of the
+    account's source (:func:`fido_tx.sources.make_session`), polled."""
+    from fido_tx import sources
+    from fido_tx.credentials import for_account
+    from fido_tx.schedule import budget, pacer
+    from fido_tx.sources.imap.connect import Connector
+
+    ctx = sources.SourceContext(
+        reactor=reactor,
+        sink=sink,
+        settings=settings.imap,
+        # one budget for the bodies in flight of all sessions: memory stays
+        # bounded whatever the number of workers
+        budget=budget.ByteBudget(settings.imap.max_inflight_bytes),
+        # and session starts spread over reactor turns: thousands starting
+        # at once stalled the reactor for seconds (8.5 s for 10,000)
+        pacer=pacer.StartPacer(reactor),
+        # endpoints, TLS options and resumable TLS sessions, shared
+        connector=Connector(reactor),
+        credentials=for_account,
+        dry_run=dry_run,
+        debug=settings.log.level == "debug",
+        memory=memory,
+    )
+
+    def session_factory(account, handle=None):
+        return sources.make_session(account, ctx, handle).poll()
+
+    return session_factory
+
+
+# --- to delete when the stream sink of the new contract is merged (h-redis) ---------
+
+
+@implementer(ISink)
+class LegacySinkAdapter:
+    """The old :class:`~fido_tx.redis.store.RedisStore` sink (``filter_new``
+    on int UIDs, ``store`` -> confirmed UIDs) behind the new
+    :class:`~fido_tx.interfaces.ISink`.  TEMPORARY: the lead deletes it when
+    the rewritten ``fido_tx.sinks.stream`` lands; nothing else refers to it."""
+
+    kind = "stream"
+
+    def __init__(self, store):
+        self.store = store
+
+    def filter_new(self, account_id, mailbox, epoch, ids):
+        d = defer.maybeDeferred(self.store.filter_new, account_id, mailbox, int(epoch),
+                                [int(i) for i in ids])
+        d.addCallbacks(lambda uids: [str(u) for u in uids], _as_redis_error)
+        return d
+
+    def deliver(self, messages):
+        from fido_tx.sinks.base import Message as OldMessage
+        from fido_tx.sinks.message import Delivery
+
+        old = [OldMessage(m.account, m.mailbox, int(m.epoch), int(m.id), m.raw,
+                          message_id=m.message_id, fetched_at=m.fetched_at)
+               for m in messages]
+        d = defer.maybeDeferred(self.store.store, old)
+        d.addCallbacks(lambda confirmed: Delivery(
+            tuple(str(u) for u in confirmed),
+            tuple(str(u) for u in getattr(confirmed, "new", ()))), _as_redis_error)
+        return d
+
+
+def _as_redis_error(f):
+    from fido_tx import errors
+    from fido_tx.errors import FidoError
+
+    if f.check(FidoError, defer.CancelledError):
+        return f
+    raise FidoError(errors.REDIS, f"sink failed: {f.type.__name__}: {f.getErrorMessage()}")
+
+
+# --- end of the temporary adapter ---------------------------------------------------
+
+
 def make_service(
     settings,
     reactor,
@@ -160,17 +241,14 @@ def make_service(
 ):
     """Build the service tree for ``settings``.
 
-    :param session_factory: ``f(account) -> Deferred[SessionResult]``; the
-        IMAP session by default (tests may pass another source).
+    :param session_factory: ``f(account) -> Deferred[SessionResult]``; by
+        default a session of the account's source (:mod:`fido_tx.sources`).
     :param observer: a log observer to install instead of the configured one
         (``False``: leave logging alone, for tests and the demo).
     :param handle_signals: reload the accounts file on SIGHUP (twistd only).
     """
     from fido_tx.schedule import backpressure
-    from fido_tx.schedule import budget
     from fido_tx.observe import health as health_mod
-    from fido_tx.sources.imap import session as imap
-    from fido_tx.schedule import pacer
     from fido_tx.accounts import reload
     from fido_tx.observe import report
     from fido_tx import resolve
@@ -219,18 +297,10 @@ def make_service(
         metrics = metrics_mod.Metrics()
     status = status_mod.StatusTracker(reactor, store, reporter, metrics, dry_run=dry_run)
 
+    handles = session_factory is None  # a given factory takes the account only
     if session_factory is None:
-        # one budget for the bodies in flight of all sessions: memory stays
-        # bounded whatever the number of workers
-        inflight = budget.ByteBudget(settings.imap.max_inflight_bytes)
-        # and session starts spread over reactor turns: thousands starting
-        # at once stalled the reactor for seconds (8.5 s for 10,000)
-        starts = pacer.StartPacer(reactor)
-        debug = settings.log.level == "debug"
-
-        def session_factory(account):
-            return imap.fetch_mailbox(reactor, account, store, settings.imap, dry_run=dry_run,
-                                      budget=inflight, pacer=starts, debug=debug)
+        session_factory = _session_factory(reactor, settings, LegacySinkAdapter(store),
+                                           dry_run)
 
     sched = scheduler_mod.Scheduler(
         reactor,
@@ -239,6 +309,7 @@ def make_service(
         poll_interval=fido.poll_interval,
         backoff=settings.backoff,
         grace_period=fido.grace_period,
+        handles=handles,
     )
     status.scheduler = sched
     sched.add_result_observer(status.record)

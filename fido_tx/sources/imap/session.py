@@ -123,17 +123,22 @@ class ImapSession:
     """One session on one account (see the module docstring)."""
 
     def __init__(self, reactor, account, sink, settings, connector=None, credentials=None,
-                 dry_run=False, log=None, budget=None, pacer=None, debug=True):
+                 dry_run=False, log=None, budget=None, pacer=None, debug=True,
+                 credentials_factory=None, handle=None):
         self.reactor = reactor
         self.account = account
         self.sink = sink
         self.settings = settings
         self.connector = connector if connector is not None else Connector(reactor)
         self.credentials = credentials
+        #: ``f(account) -> ICredentials``, asked when ``credentials`` is None
+        self.credentials_factory = credentials_factory or for_account
         self.dry_run = dry_run
         self.log = log or _log
         self.budget = budget
         self.pacer = pacer
+        #: the scheduler's SessionHandle (IDLE releases its slot through it)
+        self.handle = handle
         self.session_id = new_session_id()
         self.step = StepLog(self.log, account.id, self.session_id, debug)
         #: why the session was stopped (``None`` while it was not)
@@ -226,7 +231,7 @@ class ImapSession:
         if self.pacer is not None:
             await self.pacer.wait()
         if self.credentials is None:
-            self.credentials = for_account(self.account)
+            self.credentials = self.credentials_factory(self.account)
         self.login = Login(self.reactor, self.connector, self.account, self.settings,
                            self.credentials, self.step)
         conn = await self.login.run()
