@@ -43,7 +43,11 @@ TRICKS = {
 # trust root of one's own is the private ``IOpenSSLTrustRoot`` interface
 # (one method, ``_addCACertsToContext``).
 
-from twisted.internet._sslverify import IOpenSSLTrustRoot  # noqa: E402
+try:
+    from twisted.internet._sslverify import IOpenSSLTrustRoot  # noqa: E402
+except ImportError as e:  # pragma: no cover - only after an upgrade
+    raise ImportError(f"private API trick 'IOpenSSLTrustRoot' broke "
+                      f"({TRICKS['IOpenSSLTrustRoot']}): {e}") from e
 
 
 @implementer(IOpenSSLTrustRoot)

@@ -180,12 +180,12 @@ def capped_settings(imap_settings, timeout):
 
 def _scrub(account, result):
     """Belt and braces: the session redacts already; make sure."""
-    secret = account.password
-    if not secret or len(secret) < 3:
-        return result
-    if secret in result.message or secret in result.debug:
-        return attr.evolve(result, message=result.message.replace(secret, "<redacted>"),
-                           debug=result.debug.replace(secret, "<redacted>"))
+    from fido_tx.scrub import scrub, secret_forms
+
+    forms = secret_forms(account.password, account.username)
+    message, debug = scrub(result.message, forms), scrub(result.debug, forms)
+    if message != result.message or debug != result.debug:
+        return attr.evolve(result, message=message, debug=debug)
     return result
 
 

@@ -433,8 +433,11 @@ def _server(account):
 
 
 def _secrets(account):
+    """Every form of the account's password (raw, escaped, SASL PLAIN...)."""
+    from fido_tx.scrub import secret_forms
+
     password = getattr(account, "password", None)
-    return (password,) if password else ()
+    return secret_forms(password, getattr(account, "username", None)) if password else ()
 
 
 def _debug(debug, server, since, extra=""):
