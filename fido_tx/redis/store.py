@@ -67,6 +67,7 @@ from zope.interface import implementer
 
 from fido_tx import errors
 from fido_tx.redis import url as redisurl
+from fido_tx.scrub import scrub
 from fido_tx.sinks.base import IMessageSink, redis_down, utc_now_iso
 
 log = Logger()
@@ -638,7 +639,9 @@ class RedisStore(Service):
             fields["last_success_at"] = now
         else:
             fields["state"] = "error"
-            fields["last_error"] = result.message
+            # the session scrubbed it with the account's secrets; the
+            # patterns once more for whatever a library wrote into it
+            fields["last_error"] = scrub(result.message)
             fields["last_error_kind"] = result.kind
             fields["last_error_at"] = now
         if extra:
