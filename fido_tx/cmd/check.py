@@ -31,11 +31,11 @@ import attr
 from twisted.internet import defer
 from zope.interface import implementer
 
+from fido_tx.interfaces import ISink
 from fido_tx.accounts import model as accounts_mod
 from fido_tx import config
 from fido_tx import errors
 from fido_tx.outcome import SessionResult
-from fido_tx.sinks.base import IMessageSink
 
 DEFAULT_CONCURRENCY = 20
 #: seconds one account may take, and the cap on each network step
@@ -154,15 +154,17 @@ def format_report(report):
 # -- connecting ------------------------------------------------------------------
 
 
-@implementer(IMessageSink)
+@implementer(ISink)
 class _NullSink:
-    """A sink for dry runs: every UID is new, nothing is ever stored."""
+    """A sink for dry runs: every message is new, nothing is ever delivered."""
 
-    def filter_new(self, account_id, mailbox, uidvalidity, uids):
-        return defer.succeed(list(uids))
+    kind = "null"
 
-    def store(self, messages):  # a dry run never stores
-        return defer.fail(errors.FidoError(errors.REDIS, "fido check stores nothing"))
+    def filter_new(self, account_id, mailbox, epoch, ids):
+        return defer.succeed(list(ids))
+
+    def deliver(self, messages):  # a dry run never delivers
+        return defer.fail(errors.FidoError(errors.CONFIG, "fido check delivers nothing"))
 
 
 def capped_settings(imap_settings, timeout):

@@ -110,6 +110,11 @@ class DueQueue:
             self._stale -= 1
         return None
 
+    def earliest_due(self):
+        """The earliest due time of a waiting account (``None``: none waits)."""
+        dues = [e.due for e in (self.peek_front_oldest(), self.peek_heap()) if e is not None]
+        return min(dues) if dues else None
+
     def peek(self):
         """The next account to run (front first), or ``None``."""
         entry = self.peek_front()

@@ -164,17 +164,8 @@ class Scheduler(service.Service):
         0 when none is overdue.  Reported also while paused or stopped: it is
         the real wait, and the health check wants to see it grow.
         """
-        now = self._clock.seconds()
-        worst = None
-        oldest = self._queue.peek_front_oldest()
-        if oldest is not None:
-            worst = oldest.due
-        top = self._queue.peek_heap()
-        if top is not None and (worst is None or top.due < worst):
-            worst = top.due
-        if worst is None:
-            return 0.0
-        return max(0.0, now - worst)
+        worst = self._queue.earliest_due()
+        return 0.0 if worst is None else max(0.0, self._clock.seconds() - worst)
 
     def account_state(self, account_id):
         """An :class:`AccountState` for the id, ``None`` when not in the set."""
