@@ -824,3 +824,66 @@ def test_a_finished_session_leaves_nothing_of_its_own_to_the_garbage_collector(s
         del gc.garbage[:]
         gc.enable()
     assert ours == []
+
+
+# --- the sink contract: rejected ids, a partial delivery, a sink's bug -------------
+
+
+@pytest_twisted.inlineCallbacks
+def test_rejected_messages_are_flagged_left_and_reported(server):
+    box = FakeMailbox(flags=("\\Seen", "\\Deleted", "$FidoTooLarge", "$FidoRejected"))
+    for n in range(3):
+        box.add(message(n))
+    srv = server({"INBOX": box})
+    sink = MemorySink()
+    sink.reject = {"2"}
+    result = yield run(account(srv.port), sink)
+    assert result.kind == errors.REJECTED, (result.kind, result.message)
+    assert "UID 2" in result.message and "$FidoRejected" in result.message
+    assert result.fetched == 2 and result.marked == 2
+    assert "$FidoRejected" in box.by_uid(2).flags and "\\Seen" not in box.by_uid(2).flags
+    # the next poll leaves it alone: the search skips the keyword
+    result = yield run(account(srv.port), sink)
+    assert result.ok, result.message
+    assert any(b"UNKEYWORD $FidoRejected" in line for line in srv.received)
+    assert [int(m.id) for m in sink.entries] == [1, 3]
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_delivery_error_marks_the_confirmed_and_ends_with_that_error(server):
+    from fido_tx.errors import FidoError
+    from fido_tx.sinks.message import Delivery
+
+    box = FakeMailbox()
+    for n in range(3):
+        box.add(message(n))
+    srv = server({"INBOX": box})
+
+    class HalfSink(MemorySink):
+        def deliver(self, messages):
+            d = super().deliver(messages[:1])
+            return d.addCallback(lambda r: Delivery(
+                r.confirmed, r.new, (), FidoError(errors.DELIVERY, "webhook answered 503")))
+
+    result = yield run(account(srv.port), HalfSink())
+    assert (result.kind, result.message) == (errors.DELIVERY, "webhook answered 503")
+    assert result.fetched == 1 and result.marked == 1
+    assert "\\Seen" in box.by_uid(1).flags
+    assert all("\\Seen" not in box.by_uid(u).flags for u in (2, 3))
+    assert srv.commands()[-1] == "LOGOUT"  # a sink's failure: the server was fine
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_sink_bug_is_an_internal_protocol_error_not_redis(server):
+    box = FakeMailbox()
+    box.add(message(1))
+    srv = server({"INBOX": box})
+
+    class BuggySink(MemorySink):
+        def deliver(self, messages):
+            raise KeyError("oops")
+
+    result = yield run(account(srv.port), BuggySink())
+    assert result.kind == errors.PROTOCOL
+    assert "internal error" in result.message and "KeyError" in result.message
+    assert "\\Seen" not in box.by_uid(1).flags
