@@ -18,10 +18,14 @@ from fido_tx.sources.imap import session as imap
 from fido_tx.demo import memimap
 from fido_tx.accounts.model import Account
 from fido_tx.config import ImapSettings
-from fido_tx.sinks.base import redis_down
 from fido_tx.sources.imap.connect import Connector, TlsContexts
 from fido_tx.sinks.message import Delivery
 from fido_tx.testing import MemorySink
+
+def redis_down():
+    """What a Redis sink fails with while Redis is down (its own kind)."""
+    return errors.FidoError(errors.REDIS, "Redis is not connected")
+
 
 USER, PASSWORD = "fido@example.test", 'pa"ss\\word'
 
