@@ -600,3 +600,48 @@ class ConnectPhaseTests(SynchronousTestCase):
         account = Account(id="a", host="h", username="u", password="p", security="ssl")
         d = imap.fetch_mailbox(MemoryReactorClock(), account, MemorySink(), ImapSettings())
         self.assertEqual(self.successResultOf(d).kind, errors.CONFIG)
+
+
+class OAuthMechanismTests(SynchronousTestCase):
+    """XOAUTH2 through the credentials interface (the token comes from them)."""
+
+    def test_xoauth2_error_challenge_is_answered_and_the_token_invalidated(self):
+        import base64
+
+        from zope.interface import implementer
+
+        from fido_tx.interfaces import ICredentials
+
+        @implementer(ICredentials)
+        class Token:
+            invalidated = 0
+
+            def secret(self):
+                return defer.succeed("tok-123")
+
+            def invalidate(self):
+                self.invalidated += 1
+
+            def secret_forms(self):
+                return ("tok-123",)
+
+        account = Account(id="a", host="h", username="u@x.test", password="unused",
+                          security="tls", auth="xoauth2")
+        creds = Token()
+        login = Login(task.Clock(), None, account, ImapSettings(), creds, _no_steps)
+        proto, transport, _ = connect()
+        login.connection = ImapConnection(account, proto, None)
+        login.connection.caps = frozenset([b"AUTH=XOAUTH2"])
+        d = defer.ensureDeferred(login.authenticate())
+        self.assertEqual(transport.value(), b"0001 AUTHENTICATE XOAUTH2\r\n")
+        transport.clear()
+        proto.dataReceived(b"+ \r\n")
+        self.assertEqual(base64.b64decode(transport.value().strip()),
+                         b"user=u@x.test\x01auth=Bearer tok-123\x01\x01")
+        transport.clear()
+        proto.dataReceived(b"+ eyJzdGF0dXMiOiI0MDEifQ==\r\n")
+        self.assertEqual(transport.value(), b"\r\n")  # the empty answer, not a cancel
+        proto.dataReceived(b"0001 NO [AUTHENTICATIONFAILED] Invalid credentials\r\n")
+        self.assertEqual(self.failureResultOf(d, FidoError).value.kind, errors.AUTH)
+        self.assertEqual(creds.invalidated, 1)
+        self.assertNotIn("tok-123", "\n".join(proto.trace))

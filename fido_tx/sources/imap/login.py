@@ -29,6 +29,8 @@ from fido_tx.sources.imap.parse import (
 
 __all__ = ["ImapConnection", "Login", "auth_error"]
 
+_SASL_AFTER_ERROR = {b"XOAUTH2": b"", b"OAUTHBEARER": b"AQ=="}
+
 
 def auth_error(exc, forms=()):
     """Classify a failed LOGIN/AUTHENTICATE answer (the server's text is
@@ -264,15 +266,22 @@ class Login:
         """``AUTHENTICATE <mechanism>`` with ``response`` (base64), as an
         initial response when the server has SASL-IR."""
         proto = self.connection.proto
-        if b"SASL-IR" in self.connection.caps:
-            return await proto.command(b"AUTHENTICATE", mechanism + b" " + response)
+        # a second challenge: PLAIN has nothing more to say (cancel); the
+        # OAuth mechanisms get an error report and answer with a dummy
+        # response (XOAUTH2: empty; OAUTHBEARER: %x01, RFC 7628), then NO
+        after_error = _SASL_AFTER_ERROR.get(mechanism, b"*")
         sent = []
 
         def continuation(rest):
             if sent:
-                proto.send_secret(b"*")  # cancel: the server wants more (or an error)
+                proto.send_secret(after_error)
                 return
             sent.append(True)
             proto.send_secret(response)
+
+        if b"SASL-IR" in self.connection.caps:
+            sent.append(True)
+            return await proto.command(b"AUTHENTICATE", mechanism + b" " + response,
+                                       continuation=continuation)
 
         return await proto.command(b"AUTHENTICATE", mechanism, continuation=continuation)
