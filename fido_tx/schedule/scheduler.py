@@ -84,6 +84,12 @@ class Scheduler(service.Service):
     :param random: a :class:`random.Random` for the backoff jitter.
     :param grace_period: seconds :meth:`stopService` waits for running
         sessions before cancelling them.
+    :param handles: call ``run_session(account, handle)`` with a
+        :class:`~fido_tx.schedule.sessions.SessionHandle`, through which a
+        session that becomes long-lived releases its worker slot.
+
+    A session that ends with ``SessionResult(skipped=True)`` is neither
+    backed off nor reported to the result observers.
     """
 
     name = "scheduler"
