@@ -208,7 +208,13 @@ def check_accounts(reactor, accounts, imap_settings, concurrency=DEFAULT_CONCURR
         order given; it never errbacks.
     """
     if fetch is None:
-        from fido_tx.sources.imap.session import fetch_mailbox as fetch
+        import functools
+
+        from fido_tx.sources.imap.connect import Connector
+        from fido_tx.sources.imap.session import fetch_mailbox
+
+        # one Connector: TLS options built once per server, not per account
+        fetch = functools.partial(fetch_mailbox, connector=Connector(reactor))
     accounts = list(accounts)
     settings = capped_settings(imap_settings, timeout)
     sink = _NullSink()
