@@ -2,8 +2,12 @@
 
 Data flows one way::
 
-    accounts file -> AccountsSource -> Scheduler -> sources.make_session -> sink (RedisStore)
+    accounts file -> AccountsSource -> Scheduler -> sources.make_session -> sink of the account's delivery
                                            \\-> StatusTracker -> Reporter, metrics, account hash
+
+One :class:`~fido_tx.redis.connection.RedisConnection` is shared by the
+sinks (``[delivery.NAME]``), the account state, the heartbeat and
+backpressure; its state pauses and resumes the scheduler.
 
 This is the only module (with the CLI and the twistd entry point) that is
 handed the real reactor; everything below gets it as a parameter.  Children
@@ -15,23 +19,19 @@ connection close, so a session never loses its sink mid-batch.
 
 import os
 import signal
-import socket
 
 from twisted.application import service, strports
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
-from zope.interface import implementer
 
 import fido_tx
 from fido_tx import private
-from fido_tx.interfaces import ISink
+from fido_tx.interfaces import IBacklog
 from fido_tx.observe import logs
+from fido_tx.redis.heartbeat import instance_id
 
 log = Logger()
-
-HEARTBEAT_INTERVAL = 15.0
-HEARTBEAT_TTL = 45
 
 
 class FidoService(service.MultiService):
@@ -77,37 +77,6 @@ class FidoService(service.MultiService):
             log.info("Fido stopped cleanly")
 
 
-class _Heartbeat(service.Service):
-    """Writes ``fido:instance:<id>`` with a TTL so others can see we are alive."""
-
-    def __init__(self, clock, store, scheduler, instance_id):
-        self._store = store
-        self._scheduler = scheduler
-        self.instance_id = instance_id
-        self._loop = task.LoopingCall(self._beat)
-        self._loop.clock = clock
-
-    def _beat(self):
-        mapping = {
-            "host": socket.gethostname(),
-            "pid": str(os.getpid()),
-            "version": fido_tx.__version__,
-            "accounts": str(len(self._scheduler.accounts)),
-            "sessions": str(self._scheduler.running_count),
-        }
-        d = self._store.heartbeat(self.instance_id, mapping, HEARTBEAT_TTL)
-        d.addErrback(lambda f: None)  # Redis down: the store logs that once
-
-    def startService(self):
-        super().startService()
-        self._loop.start(HEARTBEAT_INTERVAL, now=True)
-
-    def stopService(self):
-        if self._loop.running:
-            self._loop.stop()
-        return super().stopService()
-
-
 class _ReloadOnHangup(service.Service):
     """SIGHUP (``systemctl reload fido``) reloads the accounts file now.
 
@@ -146,13 +115,42 @@ class _Stoppable(service.Service):
         return super().stopService()
 
 
-def instance_id():
-    return f"{socket.gethostname()}:{os.getpid()}"
+class DeliveryCheck:
+    """Drops the accounts whose ``delivery`` names no ``[delivery.NAME]``
+    table: one error line (and one ``config`` report) per account and
+    problem, like the other bad entries of the accounts file."""
+
+    def __init__(self, deliveries, report=None):
+        self._names = frozenset(deliveries)
+        self._report = report
+        self._reported = frozenset()
+
+    def __call__(self, accounts):
+        kept, problems = [], {}
+        for account in accounts:
+            if account.delivery in self._names:
+                kept.append(account)
+            else:
+                problems[account.id] = (
+                    f"account {account.id}: delivery {account.delivery!r} names no "
+                    f"[delivery.{account.delivery}] table in fido.toml (known: "
+                    f"{', '.join(sorted(self._names))}); this account is left out until it is fixed"
+                )
+        for account_id, message in problems.items():
+            if message not in self._reported:
+                log.error("{problem}", problem=message, account_id=account_id)
+                if self._report is not None:
+                    self._report(message=message, account=account_id)
+        self._reported = frozenset(problems.values())
+        return tuple(kept)
 
 
-def _session_factory(reactor, settings, sink, dry_run, memory=None):
-    """``f(account) -> Deferred[SessionResult]``: a new session of the
-    account's source (:func:`fido_tx.sources.make_session`), polled."""
+def _session_factory(reactor, settings, sinks, dry_run, memory=None):
+    """``f(account, handle=None) -> Deferred[SessionResult]``: a new session
+    of the account's source (:func:`fido_tx.sources.make_session`) delivering
+    to the sink of its ``delivery`` (``sinks``: name -> ISink), polled."""
+    import attr
+
     from fido_tx import sources
     from fido_tx.credentials import for_account
     from fido_tx.schedule import budget, pacer
@@ -160,7 +158,7 @@ def _session_factory(reactor, settings, sink, dry_run, memory=None):
 
     ctx = sources.SourceContext(
         reactor=reactor,
-        sink=sink,
+        sink=None,
         settings=settings.imap,
         # one budget for the bodies in flight of all sessions: memory stays
         # bounded whatever the number of workers
@@ -176,57 +174,13 @@ def _session_factory(reactor, settings, sink, dry_run, memory=None):
         memory=memory,
     )
 
+    # one context per delivery: a session sees only its own sink
+    contexts = {name: attr.evolve(ctx, sink=sink) for name, sink in sinks.items()}
+
     def session_factory(account, handle=None):
-        return sources.make_session(account, ctx, handle).poll()
+        return sources.make_session(account, contexts[account.delivery], handle).poll()
 
     return session_factory
-
-
-# --- to delete when the stream sink of the new contract is merged (h-redis) ---------
-
-
-@implementer(ISink)
-class LegacySinkAdapter:
-    """The old :class:`~fido_tx.redis.store.RedisStore` sink (``filter_new``
-    on int UIDs, ``store`` -> confirmed UIDs) behind the new
-    :class:`~fido_tx.interfaces.ISink`.  TEMPORARY: the lead deletes it when
-    the rewritten ``fido_tx.sinks.stream`` lands; nothing else refers to it."""
-
-    kind = "stream"
-
-    def __init__(self, store):
-        self.store = store
-
-    def filter_new(self, account_id, mailbox, epoch, ids):
-        d = defer.maybeDeferred(self.store.filter_new, account_id, mailbox, int(epoch),
-                                [int(i) for i in ids])
-        d.addCallbacks(lambda uids: [str(u) for u in uids], _as_redis_error)
-        return d
-
-    def deliver(self, messages):
-        from fido_tx.sinks.base import Message as OldMessage
-        from fido_tx.sinks.message import Delivery
-
-        old = [OldMessage(m.account, m.mailbox, int(m.epoch), int(m.id), m.raw,
-                          message_id=m.message_id, fetched_at=m.fetched_at)
-               for m in messages]
-        d = defer.maybeDeferred(self.store.store, old)
-        d.addCallbacks(lambda confirmed: Delivery(
-            tuple(str(u) for u in confirmed),
-            tuple(str(u) for u in getattr(confirmed, "new", ()))), _as_redis_error)
-        return d
-
-
-def _as_redis_error(f):
-    from fido_tx import errors
-    from fido_tx.errors import FidoError
-
-    if f.check(FidoError, defer.CancelledError):
-        return f
-    raise FidoError(errors.REDIS, f"sink failed: {f.type.__name__}: {f.getErrorMessage()}")
-
-
-# --- end of the temporary adapter ---------------------------------------------------
 
 
 def make_service(
@@ -247,15 +201,15 @@ def make_service(
         (``False``: leave logging alone, for tests and the demo).
     :param handle_signals: reload the accounts file on SIGHUP (twistd only).
     """
-    from fido_tx.schedule import backpressure
     from fido_tx.observe import health as health_mod
     from fido_tx.accounts import reload
     from fido_tx.observe import report
     from fido_tx import resolve
     from fido_tx.schedule import scheduler as scheduler_mod
     from fido_tx.observe import status as status_mod
-    from fido_tx.redis import store as store_mod
     from fido_tx.accounts import watch
+    from fido_tx import sinks as sinks_mod
+    from fido_tx.redis import heartbeat as heartbeat_mod
 
     # every session resolves its server's name: answers kept for a minute
     resolve.install(reactor)
@@ -281,8 +235,7 @@ def make_service(
     )
 
     ident = instance_id()
-    store = store_mod.RedisStore(reactor, settings.redis, instance_id=ident)
-    store.setServiceParent(top)
+    redis, sinks, account_state = _redis_parts(top, reactor, settings)
 
     reporter = report.Reporter(reactor, settings.reporter)
     reporter.setServiceParent(top)
@@ -295,12 +248,12 @@ def make_service(
         from fido_tx.observe import metrics as metrics_mod
 
         metrics = metrics_mod.Metrics()
-    status = status_mod.StatusTracker(reactor, store, reporter, metrics, dry_run=dry_run)
+    status = status_mod.StatusTracker(reactor, account_state, reporter, metrics, dry_run=dry_run,
+                                      redis=redis)
 
     handles = session_factory is None  # a given factory takes the account only
     if session_factory is None:
-        session_factory = _session_factory(reactor, settings, LegacySinkAdapter(store),
-                                           dry_run)
+        session_factory = _session_factory(reactor, settings, sinks, dry_run)
 
     sched = scheduler_mod.Scheduler(
         reactor,
@@ -314,30 +267,16 @@ def make_service(
     status.scheduler = sched
     sched.add_result_observer(status.record)
 
-    # Redis down: no new sessions (running ones stop at their next message,
-    # because the store refuses to confirm).  Start paused until connected.
-    sched.pause("redis")
-
-    def redis_state(connected):
-        if connected:
-            sched.resume("redis")
-        else:
-            sched.pause("redis")
-        status.redis_state(connected)
-
-    store.add_connection_observer(redis_state)
-
+    _pause_while_redis_is_down(redis, sched, status)
     if not dry_run:
-        pressure = backpressure.Backpressure(
-            reactor, store, sched, settings.redis.max_backlog, on_change=status.backlog_state
-        )
-        sched.add_result_observer(pressure.after_session)
-        _Stoppable(pressure.stop).setServiceParent(top)
+        _backpressure(top, reactor, sinks, sched, status, settings.redis.max_backlog)
 
     sched.setServiceParent(top)
 
+    routable = DeliveryCheck(sinks, report=status.report_config)
+
     def apply(accounts, diff):
-        sched.set_accounts(accounts)
+        sched.set_accounts(routable(accounts))
         for account in diff.removed:
             status.forget(account.id)
 
@@ -365,18 +304,67 @@ def make_service(
         top.clean_exit_reactor = reactor
 
     if not dry_run:
-        _Heartbeat(reactor, store, sched, ident).setServiceParent(top)
+        heartbeat_mod.Heartbeat(
+            reactor, heartbeat_mod.HeartbeatWriter(redis), sched, ident
+        ).setServiceParent(top)
 
-    health = health_mod.Health(reactor, sched, store, status=status)
+    health = health_mod.Health(reactor, sched, redis, status=status)
     if metrics is not None:
         from fido_tx.observe import web
 
-        metrics.bind(scheduler=sched, store=store, reporter=reporter, status=status)
+        default = sinks.get(sinks_mod.DEFAULT_DELIVERY)
+        metrics.bind(scheduler=sched, redis=redis, reporter=reporter, status=status,
+                     backlog=default if IBacklog.providedBy(default) else None)
         site = web.make_site(metrics, health)
         strports.service(settings.http.listen, site).setServiceParent(top)
 
     top.parts.update(
-        store=store, reporter=reporter, metrics=metrics, status=status,
+        redis=redis, sinks=sinks, account_state=account_state,
+        reporter=reporter, metrics=metrics, status=status,
         scheduler=sched, source=source, health=health,
     )
     return top
+
+
+def _redis_parts(top, reactor, settings):
+    """The one shared Redis connection (a child of ``top``), the sinks of the
+    ``[delivery.NAME]`` tables on it, and the account state on it."""
+    from fido_tx import sinks as sinks_mod
+    from fido_tx.redis import connection as connection_mod
+    from fido_tx.redis import state as state_mod
+
+    redis = connection_mod.RedisConnection(reactor, settings.redis)
+    redis.setServiceParent(top)
+    ctx = sinks_mod.SinkContext(reactor, redis, dry_run=settings.fido.dry_run, log=log)
+    return redis, sinks_mod.delivery_sinks(settings, ctx), state_mod.AccountState(redis)
+
+
+def _pause_while_redis_is_down(redis, sched, status):
+    """Redis down: no new sessions (running ones stop at their next message,
+    because the sink refuses to confirm).  Start paused until connected."""
+    sched.pause("redis")
+
+    def redis_state(connected):
+        if connected:
+            sched.resume("redis")
+        else:
+            sched.pause("redis")
+        status.redis_state(connected)
+
+    redis.add_connection_observer(redis_state)
+
+
+def _backpressure(top, reactor, sinks, sched, status, max_backlog):
+    """One watcher per delivery whose queue an importer drains."""
+    from fido_tx import sinks as sinks_mod
+    from fido_tx.schedule import backpressure
+
+    for name, sink in sinks.items():
+        if not IBacklog.providedBy(sink):
+            continue
+        pressure = backpressure.Backpressure(
+            reactor, sink, sched, max_backlog, on_change=status.backlog_state,
+            reason="backlog" if name == sinks_mod.DEFAULT_DELIVERY else f"backlog:{name}",
+        )
+        sched.add_result_observer(pressure.after_session)
+        _Stoppable(pressure.stop).setServiceParent(top)

@@ -42,11 +42,6 @@ class RegistryTests(SynchronousTestCase):
     def test_fakes_provide_their_interfaces(self):
         self.assertTrue(verifyObject(ISink, MemorySink()))
 
-    def test_the_legacy_adapter_is_an_isink(self):
-        from fido_tx.service import LegacySinkAdapter
-
-        self.assertTrue(verifyObject(ISink, LegacySinkAdapter(object())))
-
 
 class MemorySourceTests(SynchronousTestCase):
     def poll(self, account, ctx):

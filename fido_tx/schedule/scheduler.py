@@ -36,9 +36,11 @@ from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger, LogLevel
 from twisted.python import failure as _failure
+from zope.interface import implementer
 
 from fido_tx.schedule import backoff as _backoff
 from fido_tx import errors
+from fido_tx.interfaces import ISchedulerView
 from fido_tx.outcome import SessionResult
 from fido_tx.schedule.queue import DueQueue, apply_accounts
 from fido_tx.schedule.sessions import RunningSession, RunningSessions, SessionHandle  # noqa: F401
@@ -69,6 +71,7 @@ class AccountState:
     last_started_at: float | None
 
 
+@implementer(ISchedulerView)
 class Scheduler(service.Service):
     """Round-robin mailbox sessions over ``workers`` slots.
 
