@@ -335,7 +335,9 @@ def _redis_parts(top, reactor, settings):
 
     redis = connection_mod.RedisConnection(reactor, settings.redis)
     redis.setServiceParent(top)
-    ctx = sinks_mod.SinkContext(reactor, redis, dry_run=settings.fido.dry_run, log=log)
+    ctx = sinks_mod.SinkContext(reactor, redis, dry_run=settings.fido.dry_run, log=log,
+                                min_replicas=settings.redis.min_replicas,
+                                replica_timeout=settings.redis.replica_timeout)
     return redis, sinks_mod.delivery_sinks(settings, ctx), state_mod.AccountState(redis)
 
 

@@ -37,3 +37,7 @@ def account(account_id):
 
 def instance(instance_id):
     return f"{INSTANCE_PREFIX}{instance_id}".encode("utf-8")
+
+#: a counter written before ``WAIT`` (``[redis] min_replicas``): a write that
+#: is always replicated, so a replica that has it has every earlier write
+REPLICATION_PROBE = b"fido:replication:probe"
