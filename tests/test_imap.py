@@ -807,7 +807,10 @@ def test_a_finished_session_leaves_nothing_of_its_own_to_the_garbage_collector(s
     box = FakeMailbox()
     box.add(message(1))
     srv = server({"INBOX": box})
-    result = yield run(account(srv.port), MemorySink())  # warm up: imports, caches
+    # one Connector for the process, as the composition root has it: the
+    # sessions' own objects are what must not be left in cycles
+    connector = Connector(reactor)
+    result = yield run(account(srv.port), MemorySink(), connector=connector)  # warm up
     assert result.ok, result.debug
     box.add(message(2))
     yield task.deferLater(reactor, 0.05, lambda: None)
@@ -815,7 +818,7 @@ def test_a_finished_session_leaves_nothing_of_its_own_to_the_garbage_collector(s
     gc.disable()
     gc.set_debug(gc.DEBUG_SAVEALL)
     try:
-        result = yield run(account(srv.port), MemorySink())
+        result = yield run(account(srv.port), MemorySink(), connector=connector)
         assert result.ok and result.fetched == 1, result.debug
         yield task.deferLater(reactor, 0.05, lambda: None)  # connectionLost
         gc.collect()
