@@ -38,6 +38,7 @@ from fido_tx.errors import FidoError
 _LITERAL_AT_END = re.compile(rb"\{(\d+)\}\Z")
 _TAGGED = re.compile(rb"([A-Za-z]+)(?: (.*))?\Z", re.S)
 _RESP_CODE = re.compile(rb"\[([^\]]*)\]")
+_UID_ITEM = re.compile(rb"\bUID (\d{1,10})\b", re.I)
 
 
 class ImapCommandError(imap4.IMAP4Exception):
@@ -362,8 +363,32 @@ class FidoIMAP4Client(imap4.IMAP4Client):
     TRACE_WIDTH = 200
     #: seconds between checks of the literal transfer rate
     literal_check_interval = 5.0
-    #: largest literal accepted (a session sets it from max_message_size)
+
+    # Bounds (see README "Bounds").  Every byte the server sends is counted
+    # against one of them BEFORE it is held: a literal is refused when it is
+    # announced, not after it has arrived.  The per-command ones start again
+    # at every :meth:`command` (which may override the literal ones).
+    #: literal bytes of ONE response, all its literals together (a FETCH
+    #: answer may chain any number); a session sets it from max_message_size
     max_literal = 1024 * 1024 * 1024
+    #: literal bytes of all the responses to one command; a command that
+    #: fetches bodies passes ``literal_total`` (what RFC822.SIZE claimed)
+    max_command_literal = 1024 * 1024
+    #: literals in one response (a FETCH of BODY[] has one)
+    max_response_literals = 64
+    #: bytes of the text lines of one response held while its literals arrive
+    max_response_text = 1024 * 1024
+    #: untagged responses to one command (endless ``* OK`` lines end here)
+    max_untagged = 200_000
+    #: bytes of all the lines the server sends while one command runs
+    max_untagged_bytes = 64 * 1024 * 1024
+    #: UIDs passed on from the SEARCH responses of one command; the rest is
+    #: dropped unparsed (``search_ignored`` counts them): fetched next poll
+    max_search_uids = 100_000
+    #: slack over a message's claimed RFC822.SIZE allowed for its BODY[]
+    #: literal (:meth:`body_limits`): fixed bytes plus a fraction of the claim
+    BODY_SLACK_BYTES = 64 * 1024
+    BODY_SLACK_FRACTION = 8  # 1/8 of the claim
 
     def __init__(
         self,
@@ -403,6 +428,111 @@ class FidoIMAP4Client(imap4.IMAP4Client):
         self._literal_window = 0
         self._rate_check = None
         self._untagged = None
+        self._limits(None, None, None)
+
+    # -- bounds ----------------------------------------------------------------
+
+    def _limits(self, literal_each, literal_total, literal_caps):
+        """Start the per-command counters (and the overrides of one command)."""
+        self._each_limit = self.max_literal if literal_each is None else literal_each
+        self._total_limit = self.max_command_literal if literal_total is None else literal_total
+        self._literal_caps = literal_caps
+        self._cmd_literal = 0
+        self._cmd_untagged = 0
+        self._cmd_bytes = 0
+        self._cmd_search_uids = 0
+        #: UIDs of SEARCH responses dropped by ``max_search_uids`` (last command)
+        self.search_ignored = 0
+        self._resp_literal = 0
+        self._resp_text = 0
+
+    @classmethod
+    def body_limits(cls, claimed, largest):
+        """The literal bounds of a ``UID FETCH`` of bodies, as ``command()``
+        keyword arguments: each literal at most the largest claimed size plus
+        slack (never over ``largest``: max_message_size plus slack), all of
+        them at most the claims' sum plus slack, and per UID its own claim
+        plus slack.  ``claimed``: ``{uid: RFC822.SIZE}``.
+        """
+        caps = {uid: min(largest, size + cls.BODY_SLACK_BYTES + size // cls.BODY_SLACK_FRACTION)
+                for uid, size in claimed.items()}
+        return dict(literal_each=max(caps.values(), default=0),
+                    literal_total=sum(caps.values()), literal_caps=caps)
+
+    def _admit_literal(self, line, size):
+        """Count an announced literal against every bound before any of it is held."""
+        self._resp_literal += size
+        self._cmd_literal += size
+        self._resp_text += len(line)
+        literals = len(self._segments) // 2 + 1 if self._segments else 1
+        what = self._timer_what or "the server"
+        caps = self._literal_caps
+        if caps:
+            texts = (self._segments[0::2] if self._segments else []) + [line]
+            m = _UID_ITEM.search(b" ".join(texts))
+            uid = int(m.group(1)) if m else None
+            if uid is not None and uid in caps and size > caps[uid]:
+                raise FidoError(
+                    errors.PROTOCOL,
+                    f"server sent a {size} byte message body for UID {uid} after "
+                    f"claiming a smaller RFC822.SIZE (at most {caps[uid]} bytes allowed): "
+                    f"cut off; the server is broken or hostile",
+                )
+        if size > self._each_limit or self._resp_literal > self._each_limit:
+            raise FidoError(
+                errors.PROTOCOL,
+                f"server announced {self._resp_literal} bytes of literal data in one response "
+                f"to {what}, over the limit of {self._each_limit} bytes: cut off",
+            )
+        if self._cmd_literal > self._total_limit:
+            raise FidoError(
+                errors.PROTOCOL,
+                f"server sent {self._cmd_literal} bytes of literal data in answer to {what}, "
+                f"over the limit of {self._total_limit} bytes for that command: cut off",
+            )
+        if literals > self.max_response_literals or self._resp_text > self.max_response_text:
+            raise FidoError(
+                errors.PROTOCOL,
+                f"server chained more than {self.max_response_literals} literals or "
+                f"{self.max_response_text} bytes of text in one response to {what}: cut off",
+            )
+
+    def _count_line(self, line):
+        self._cmd_bytes += len(line) + 2
+        if self._cmd_bytes > self.max_untagged_bytes:
+            raise FidoError(
+                errors.PROTOCOL,
+                f"server sent more than {self.max_untagged_bytes} bytes of responses to "
+                f"{self._timer_what or 'one command'} without completing it: cut off",
+            )
+
+    def _count_untagged(self):
+        self._cmd_untagged += 1
+        if self._cmd_untagged > self.max_untagged:
+            raise FidoError(
+                errors.PROTOCOL,
+                f"server sent more than {self.max_untagged} untagged responses to "
+                f"{self._timer_what or 'one command'} without completing it: cut off",
+            )
+
+    def _bound_search(self, text):
+        """A SEARCH response cut to what ``max_search_uids`` still admits
+        (``None``: nothing), before anything parses it."""
+        count = text.count(b" ")
+        room = self.max_search_uids - self._cmd_search_uids
+        if count <= room:
+            self._cmd_search_uids += count
+            return text
+        self.search_ignored += count - max(room, 0)
+        if room <= 0:
+            return None
+        self._cmd_search_uids += room
+        pos = 0
+        for _ in range(room + 1):
+            pos = text.find(b" ", pos + 1)
+            if pos == -1:
+                return text
+        return text[:pos]
 
     # -- tracing -----------------------------------------------------------
 
@@ -518,6 +648,9 @@ class FidoIMAP4Client(imap4.IMAP4Client):
             self.error = error
         self._cancel_timer()
         self._stop_rate_check()
+        # what the server sent past the failure is never read: drop it now
+        self.clearLineBuffer()
+        self._literal = self._segments = None
         if self.transport is not None and not self.closed:
             self.transport.abortConnection()
 
@@ -597,18 +730,14 @@ class FidoIMAP4Client(imap4.IMAP4Client):
             return
         self._progress()
         self._trace("S", line)
+        self._count_line(line)
         m = _LITERAL_AT_END.search(line)
         if m is not None:
+            size = int(m.group(1))
+            self._admit_literal(line, size)
             if self._segments is None:
                 self._segments = []
             self._segments.append(line)
-            size = int(m.group(1))
-            if size > self.max_literal:
-                raise FidoError(
-                    errors.PROTOCOL,
-                    f"server announced a {size} byte literal, over the limit of "
-                    f"{self.max_literal} bytes",
-                )
             self._literal = []
             self._literal_remaining = size
             self._literal_window = 0
@@ -625,6 +754,7 @@ class FidoIMAP4Client(imap4.IMAP4Client):
             segments, self._segments = self._segments, None
         else:
             segments = [line]
+        self._resp_literal = self._resp_text = 0  # the response is complete
         self._dispatch(segments)
 
     def rawDataReceived(self, data):
@@ -697,13 +827,20 @@ class FidoIMAP4Client(imap4.IMAP4Client):
         cmd.continuation(rest)
 
     def _untagged_response(self, segments):
+        self._count_untagged()
         text = segments[0]
         if len(segments) == 1 and text[:4].upper() == b"BYE " or text.upper() == b"BYE":
             self.bye = text[4:]
             return
         handler = self._untagged
-        if handler is not None:
-            handler(segments)
+        if handler is None:
+            return
+        if len(segments) == 1 and text[:6].upper() == b"SEARCH":
+            text = self._bound_search(text)
+            if text is None:
+                return
+            segments = [text]
+        handler(segments)
 
     def _tagged(self, tag, rest):
         cmd = self.tags.pop(tag, None) if self.tags is not None else None
@@ -737,12 +874,20 @@ class FidoIMAP4Client(imap4.IMAP4Client):
             raise RuntimeError("FidoIMAP4Client runs one command at a time")
         return super().sendCommand(cmd)
 
-    def command(self, name, args=None, untagged=None, continuation=None, timeout=None, what=None):
+    def command(self, name, args=None, untagged=None, continuation=None, timeout=None, what=None,
+                literal_each=None, literal_total=None, literal_caps=None):
         """Send one command; fire with the tagged OK text.
 
         :param untagged: called with the segments of each untagged response
-            (``[text]``, or ``[text, literal, text, ...]``) while it runs.
+            (``[text]``, or ``[text, literal, text, ...]``) while it runs;
+            SEARCH responses arrive cut to ``max_search_uids`` UIDs.
         :param continuation: called with the text of each ``+`` request.
+        :param literal_each: literal bytes of one response (default
+            :attr:`max_literal`); ``literal_total``: of all the responses
+            (default :attr:`max_command_literal`); ``literal_caps``:
+            ``{uid: bytes}``, the largest literal of a response naming that
+            UID before its literal.  :meth:`body_limits` computes all three
+            from the claimed sizes.
         :return: Deferred; errbacks with :class:`ImapCommandError` on NO/BAD,
             with :class:`FidoError` when the connection fails.
         """
@@ -753,6 +898,8 @@ class FidoIMAP4Client(imap4.IMAP4Client):
             if name == b"UID" and args:
                 what += " " + args.split(b" ", 1)[0].decode("ascii", "replace")
         self._untagged = untagged
+        self._timer_what = what
+        self._limits(literal_each, literal_total, literal_caps)
         d = self.sendCommand(cmd)
         if not d.called:
             self._arm(self.command_timeout if timeout is None else timeout, what)

@@ -607,7 +607,7 @@ class _Session:
         for batch in self._batches(fetchable, sizes):
             self.grant = await self._acquire(sum(sizes[u] for u in batch))
             try:
-                await self._fetch_batch(batch, info.uidvalidity)
+                await self._fetch_batch(batch, info.uidvalidity, sizes)
             finally:
                 self._release()
             self._check()
@@ -647,6 +647,7 @@ class _Session:
             proto.tls_explain = self._explain_untrusted
             # a body is never larger than its RFC822.SIZE (<= max_message_size)
             proto.max_literal = settings.max_message_size + 1024 * 1024
+            proto.max_search_uids = getattr(settings, "max_search_uids", proto.max_search_uids)
             proto.tls_host = account.host
             return proto
 
@@ -875,6 +876,11 @@ class _Session:
         except ImapCommandError as e:
             raise _command_error(e, errors.PROTOCOL, "UID SEARCH")
         uids = sorted(found)
+        if self.proto.search_ignored:
+            self.log.info("session {account_id}: {n} unseen messages; taking the first {taken} "
+                          "([imap] max_search_uids), the rest next poll",
+                          account_id=self.account.id, n=len(uids) + self.proto.search_ignored,
+                          taken=len(uids))
         self._debug_step("{n} unseen messages", n=len(uids))
         return uids
 
@@ -888,8 +894,9 @@ class _Session:
         except Exception as e:
             raise FidoError(errors.REDIS, f"sink failed: {type(e).__name__}: {e}")
 
-    async def _fetch_items(self, uids, items, collect):
-        """``UID FETCH`` in chunks; ``collect(uid, items)`` per response."""
+    async def _fetch_items(self, uids, items, collect, **limits):
+        """``UID FETCH`` in chunks; ``collect(uid, items)`` per response;
+        ``limits``: literal bounds for ``command()`` (one chunk only)."""
         for i in range(0, len(uids), SIZE_CHUNK):
             chunk = uids[i:i + SIZE_CHUNK]
 
@@ -906,7 +913,7 @@ class _Session:
 
             try:
                 await self.proto.command(b"UID", b"FETCH " + uid_set(chunk) + b" " + items,
-                                         untagged=untagged)
+                                         untagged=untagged, **limits)
             except ImapCommandError as e:
                 raise _command_error(e, errors.PROTOCOL, "UID FETCH")
             self._check()
@@ -937,7 +944,7 @@ class _Session:
         if batch:
             yield batch
 
-    async def _fetch_batch(self, batch, uidvalidity):
+    async def _fetch_batch(self, batch, uidvalidity, sizes):
         bodies = {}
         wanted = set(batch)
 
@@ -946,7 +953,11 @@ class _Session:
             if uid in wanted and isinstance(body, bytes):
                 bodies[uid] = body
 
-        await self._fetch_items(batch, b"(UID BODY.PEEK[])", collect)
+        # a body may not be (much) larger than its RFC822.SIZE: what arrives
+        # is bounded by what the budget granted, whatever the server claimed
+        limits = FidoIMAP4Client.body_limits(
+            {u: sizes[u] for u in batch}, self.settings.max_message_size + 1024 * 1024)
+        await self._fetch_items(batch, b"(UID BODY.PEEK[])", collect, **limits)
         messages = [
             Message(self.account.id, self.mailbox, uidvalidity, uid, bodies[uid],
                     message_id=extract_message_id(bodies[uid]))
