@@ -17,7 +17,7 @@ import os
 import signal
 import socket
 
-from twisted.application import service, strports
+from twisted.application import service
 from twisted.internet import defer, task
 from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
@@ -29,6 +29,13 @@ log = Logger()
 
 HEARTBEAT_INTERVAL = 15.0
 HEARTBEAT_TTL = 45
+
+
+class StartupError(Exception):
+    """The daemon cannot start; ``str()`` is one line (no traceback)."""
+
+    def __init__(self, message):
+        super().__init__(" ".join(str(message).split()))
 
 
 class FidoService(service.MultiService):
@@ -102,6 +109,27 @@ class _Heartbeat(service.Service):
     def stopService(self):
         if self._loop.running:
             self._loop.stop()
+        return super().stopService()
+
+
+class _RedisAtStart(service.Service):
+    """Redis unreachable from the start (down, wrong password, NOAUTH) is
+    an outage like one that begins later: the status tracker reports it
+    after the same grace period.  The store notifies its observers only of
+    connections made and lost, so this says "down" once at start unless the
+    connection is already up; the first connection cancels it."""
+
+    def __init__(self, store, status):
+        self._store = store
+        self._status = status
+
+    def startService(self):
+        super().startService()
+        if not getattr(self._store, "connected", False):
+            self._status.redis_state(False)
+
+    def stopService(self):
+        self._status.stop()
         return super().stopService()
 
 
@@ -182,7 +210,12 @@ def make_service(
     resolve.install(reactor)
 
     if observer is None and not twistd_syslog:
-        observer = logs.make_observer(settings.log, twistd_logfile=twistd_logfile)
+        try:
+            observer = logs.make_observer(settings.log, twistd_logfile=twistd_logfile)
+        except OSError as e:
+            where = settings.log.file or twistd_logfile
+            raise StartupError(f"cannot open the log file {where} ([log] file): "
+                               f"{e.strerror or e}") from None
     top = FidoService(observer or None)
     fido = settings.fido
     dry_run = fido.dry_run
@@ -254,6 +287,7 @@ def make_service(
         status.redis_state(connected)
 
     store.add_connection_observer(redis_state)
+    _RedisAtStart(store, status).setServiceParent(top)
 
     if not dry_run:
         pressure = backpressure.Backpressure(
@@ -296,12 +330,23 @@ def make_service(
         _Heartbeat(reactor, store, sched, ident).setServiceParent(top)
 
     health = health_mod.Health(reactor, sched, store, status=status)
+    sched.add_result_observer(health.observe)
     if metrics is not None:
         from fido_tx.observe import web
 
         metrics.bind(scheduler=sched, store=store, reporter=reporter, status=status)
         site = web.make_site(metrics, health)
-        strports.service(settings.http.listen, site).setServiceParent(top)
+        # listen now: a port in use or a bad address stops the start with one line
+        port = web.listen_now(reactor, settings.http.listen, site)
+        web.HttpService(port).setServiceParent(top)
+        exposed = web.beyond_loopback(port)
+        if exposed:
+            log.warn(
+                "/metrics and /healthz listen on {address}, beyond loopback, with no "
+                "authentication: anyone who can reach it reads them. Set [http] listen "
+                'to "tcp:9119:interface=127.0.0.1" or firewall the port.',
+                address=exposed,
+            )
 
     top.parts.update(
         store=store, reporter=reporter, metrics=metrics, status=status,
