@@ -379,9 +379,10 @@ class FidoIMAP4Client(imap4.IMAP4Client):
     #: bytes of the text lines of one response held while its literals arrive
     max_response_text = 1024 * 1024
     #: untagged responses to one command (endless ``* OK`` lines end here)
-    max_untagged = 200_000
-    #: bytes of all the lines the server sends while one command runs
-    max_untagged_bytes = 64 * 1024 * 1024
+    max_untagged = 50_000
+    #: bytes of all the lines the server sends while one command runs (two
+    #: of the longest lines, MAX_LENGTH: a SEARCH of a million UIDs)
+    max_untagged_bytes = 16 * 1024 * 1024
     #: UIDs passed on from the SEARCH responses of one command; the rest is
     #: dropped unparsed (``search_ignored`` counts them): fetched next poll
     max_search_uids = 100_000
