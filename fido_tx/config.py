@@ -622,7 +622,7 @@ def listen_problem(description):
 
     try:
         serverFromString(_NoReactor(), description)
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, OSError) as e:  # OSError: ssl: key files
         text = _one_line(e) or type(e).__name__
         return (f'cannot use {description!r} ({text}); write it like '
                 f'"tcp:9119:interface=127.0.0.1", or "" for off')

@@ -95,7 +95,7 @@ def listen_now(reactor, endpoint_description, site):
     """
     try:
         d = serverFromString(reactor, endpoint_description).listen(site)
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, OSError) as e:
         raise ListenError(f"[http] listen {endpoint_description!r}: {e}") from None
     box = []
     d.addBoth(box.append)
