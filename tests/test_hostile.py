@@ -210,3 +210,22 @@ def test_a_reused_uid_is_stored_as_a_new_message_not_marked_blind():
         yield server.stop()
     assert other in [m.raw for m in sink.entries], "the reused UID's message was never stored"
     assert second.kind == errors.PROTOCOL
+
+
+@pytest_twisted.inlineCallbacks
+def test_fido_check_connect_meets_the_same_bounds(watch):
+    from fido_tx.cmd import check
+
+    server = MockIMAPServer(reactor, {"bad": mailbox("bad"), "good": mailbox("good")})
+    server.script("bad", Behaviour(hostile="status_chain", hostile_size=256 * 1024))
+    port = server.listen()
+    try:
+        results = yield check.check_accounts(
+            reactor, [account("bad", port), account("good", port)], SETTINGS, timeout=20)
+    finally:
+        yield server.stop()
+    (_, bad), (_, good) = results
+    assert bad.kind == errors.PROTOCOL, bad
+    assert "STATUS" in bad.message
+    assert good.ok and good.fetched == 3
+    assert watch.peak <= FidoIMAP4Client.max_command_literal + 4096
