@@ -595,7 +595,7 @@ def held_bytes(proto):
     """Bytes of server data the protocol holds right now (partial response)."""
     held = sum(len(s) for s in proto._segments or ())
     held += sum(len(c) for c in proto._literal or ())
-    return held + len(proto._buffer)
+    return held + sum(len(p) for p in proto._pending)
 
 
 class BoundsTests(SynchronousTestCase):

@@ -430,6 +430,13 @@ class FidoIMAP4Client(imap4.IMAP4Client):
         self._rate_check = None
         self._untagged = None
         self._limits(None, None, None)
+        # the reader: pieces of an incomplete line, the read being scanned
+        self._pending = []
+        self._pending_len = 0
+        self._data = b""
+        self._pos = 0
+        self._receiving = False
+        self._backlog = []
 
     # -- bounds ----------------------------------------------------------------
 
@@ -711,11 +718,79 @@ class FidoIMAP4Client(imap4.IMAP4Client):
 
     # -- input ---------------------------------------------------------------
 
+    # The reader (not LineReceiver's): a line that arrives in many reads is
+    # kept as a list of pieces and joined once, and each line is cut out of a
+    # read by position.  LineReceiver re-copied its whole buffer for every
+    # read and every line: a hostile server's 8 MiB lines or thousands of
+    # short lines per read cost seconds of CPU (quadratic).
+
+    def _receive(self, data):
+        if self._receiving:  # re-entered from a callback: read it afterwards
+            self._backlog.append(data)
+            return
+        self._receiving = True
+        try:
+            self._data, self._pos = data, 0
+            self._scan()
+            while self._backlog and self.error is None:
+                self._data, self._pos = self._backlog.pop(0), 0
+                self._scan()
+        finally:
+            self._receiving = False
+            self._data, self._pos = b"", 0
+
+    def _scan(self):
+        while self.error is None:
+            data, pos = self._data, self._pos
+            if pos >= len(data):
+                return
+            if not self.line_mode:
+                n = self._literal_remaining
+                if len(data) - pos < n:
+                    self._take_literal(data[pos:] if pos else data)
+                    self._pos = len(data)
+                    return
+                self._take_literal(data[pos:pos + n])
+                self._pos = pos + n
+                self._end_literal()
+                continue
+            pending = self._pending
+            if pending and pending[-1][-1:] == b"\r" and data[pos:pos + 1] == b"\n":
+                line = b"".join(pending)[:-1]  # the delimiter came in two reads
+                self._pos = pos + 1
+            else:
+                end = data.find(b"\r\n", pos)
+                if end == -1:
+                    piece = data[pos:] if pos else data
+                    self._pos = len(data)
+                    pending.append(piece)
+                    self._pending_len += len(piece)
+                    if self._pending_len > self.MAX_LENGTH + 1:
+                        self._pending, self._pending_len = [], 0
+                        self.lineLengthExceeded(piece)
+                    return
+                line = data[pos:end]
+                if pending:
+                    line = b"".join(pending) + line
+                self._pos = end + 2
+            self._pending, self._pending_len = [], 0
+            if len(line) > self.MAX_LENGTH:
+                self.lineLengthExceeded(line)
+                return
+            self.lineReceived(line)
+
+    def clearLineBuffer(self):
+        """What was received and not yet read (and forget it)."""
+        rest = b"".join(self._pending) + self._data[self._pos:]
+        self._pending, self._pending_len = [], 0
+        self._pos = len(self._data)
+        return rest
+
     def dataReceived(self, data):
         if self.error is not None:
             return
         try:
-            super().dataReceived(data)
+            self._receive(data)
         except FidoError as e:
             self.fail(e)
         except Exception as e:
@@ -746,9 +821,9 @@ class FidoIMAP4Client(imap4.IMAP4Client):
                 self._rate_check = self.clock.callLater(
                     self.literal_check_interval, self._check_rate
                 )
-            self.setRawMode()
+            self.line_mode = 0
             if self._literal_remaining == 0:
-                self._end_literal(b"")
+                self._end_literal()
             return
         if self._segments is not None:
             self._segments.append(line)
@@ -758,21 +833,16 @@ class FidoIMAP4Client(imap4.IMAP4Client):
         self._resp_literal = self._resp_text = 0  # the response is complete
         self._dispatch(segments)
 
-    def rawDataReceived(self, data):
-        if self.error is not None:
-            return
-        self._progress()
-        n = self._literal_remaining
-        if len(data) < n:
-            self._literal.append(data)
-            self._literal_remaining -= len(data)
-            self._literal_window += len(data)
-            return
-        self._literal_window += n
-        self._literal.append(data[:n] if len(data) > n else data)
-        self._end_literal(data[n:])
+    def rawDataReceived(self, data):  # not used: _scan reads literals
+        self._receive(data)
 
-    def _end_literal(self, rest):
+    def _take_literal(self, chunk):
+        self._progress()
+        self._literal.append(chunk)
+        self._literal_remaining -= len(chunk)
+        self._literal_window += len(chunk)
+
+    def _end_literal(self):
         chunks, self._literal = self._literal, None
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         del chunks
@@ -780,7 +850,7 @@ class FidoIMAP4Client(imap4.IMAP4Client):
         self._trace_lines.append(f"S: <literal {len(body)} bytes>")
         self._segments.append(body)
         self._literal_remaining = 0
-        self.setLineMode(rest)
+        self.line_mode = 1
 
     def _dispatch(self, segments):
         first = segments[0]
