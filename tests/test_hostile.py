@@ -229,3 +229,39 @@ def test_fido_check_connect_meets_the_same_bounds(watch):
     assert "STATUS" in bad.message
     assert good.ok and good.fetched == 3
     assert watch.peak <= FidoIMAP4Client.max_command_literal + 4096
+
+
+@pytest_twisted.inlineCallbacks
+def test_healthz_fails_while_every_store_fails_with_redis_connected(tmp_path, redis):
+    import os
+
+    from tests import daemon
+
+    client = redis.client()
+    client("SET", "fido:messages", "a string where the stream should be")  # WRONGTYPE
+    server = MockIMAPServer(reactor, {"box": mailbox("box", 3)})
+    port = server.listen()
+    daemon.write_accounts(os.path.join(str(tmp_path), "accounts.json"), [
+        {"id": "box", "host": "127.0.0.1", "port": port, "security": "none",
+         "username": "box", "password": PASSWORD}])
+    settings = daemon.settings_for(str(tmp_path), redis.url, poll_interval=0.2)
+    settings = attr.evolve(settings, backoff=attr.evolve(
+        settings.backoff, initial=0.1, maximum=0.2, jitter=0.1))
+    run = daemon.InProcessDaemon(reactor, settings)
+    health = run.top.parts["health"]
+    health.store_fail_after = 1.0
+    run.start()
+    try:
+        yield daemon.until(reactor, lambda: any(r.kind == errors.REDIS for _, r in run.results),
+                           10, "a failed store")
+        yield daemon.until(reactor, lambda: not health.check()[0], 10, "/healthz to fail")
+        healthy, body = health.check()
+        assert body["redis"] == "connected"
+        assert "every store has failed" in body["reason"]
+        assert "WRONGTYPE" in body["reason"]
+        client("DEL", "fido:messages")
+        yield daemon.until(reactor, lambda: health.check()[0], 10, "/healthz to recover")
+    finally:
+        yield run.stop()
+        yield server.stop()
+    assert [c for c in server.commands("box") if c.name == "UID STORE"]  # stored, then marked
