@@ -224,20 +224,12 @@ class ReporterEscapeTests(SynchronousTestCase):
         self.assertEqual(report_mod.escape("plain été"), "plain été")
 
 
-class _Scheduler:
-    last_completion_at = None
-    running_count = 0
-    paused_reasons = ()
-
-    def lag(self):
-        return 0.0
-
-
 class HealthStoreFailureTests(SynchronousTestCase):
     def setUp(self):
         self.clock = task.Clock()
-        self.store = types.SimpleNamespace(connected=True)
-        self.health = health_mod.Health(self.clock, _Scheduler(), self.store)
+        from fido_tx.testing import FakeRedis, FakeScheduler
+
+        self.health = health_mod.Health(self.clock, FakeScheduler(), FakeRedis(connected=True))
 
     def result(self, kind=None, fetched=0):
         return SessionResult("a", kind=kind, message="WRONGTYPE Operation against a key"
