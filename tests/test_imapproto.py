@@ -21,6 +21,7 @@ from fido_tx.accounts.model import Account
 from fido_tx.config import ImapSettings
 from fido_tx.errors import FidoError
 from fido_tx.sources.imap.client import FidoIMAP4Client
+from fido_tx.sources.imap.reader import LinearLineReader
 from fido_tx.sinks.base import MemorySink
 
 
@@ -799,3 +800,49 @@ class HostileResponseProperties(SynchronousTestCase):
         d.addBoth(results.append)
         if results and isinstance(results[0], failure.Failure):  # else: still waiting, or OK
             self.assertIsInstance(results[0].value, (FidoError, imapproto.ImapCommandError))
+
+
+class _Lines(LinearLineReader):
+    """The reader alone: lines only, collected."""
+
+    MAX_LENGTH = 1000
+    error = None
+    line_mode = 1
+
+    def __init__(self):
+        self._reader_init()
+        self.lines = []
+        self.too_long = []
+
+    def lineReceived(self, line):
+        self.lines.append(line)
+
+    def lineLengthExceeded(self, line):
+        self.too_long.append(line)
+        self.error = "too long"
+
+
+class LinearReaderProperties(SynchronousTestCase):
+    @settings(max_examples=200, deadline=None)
+    @given(lines=st.lists(st.binary(max_size=40).filter(lambda b: b"\r\n" not in b
+                                                        and not b.endswith(b"\r")),
+                          max_size=20),
+           cuts=st.lists(st.integers(0, 900), max_size=30))
+    def test_any_chunking_gives_the_lines_split_at_crlf(self, lines, cuts):
+        reader = _Lines()
+        wire = b"".join(line + b"\r\n" for line in lines)
+        pos = 0
+        for cut in sorted(set(cuts)) + [len(wire)]:
+            if pos < cut <= len(wire):
+                reader._receive(wire[pos:cut])
+                pos = cut
+        self.assertEqual(reader.lines, lines)
+        self.assertEqual(reader.clearLineBuffer(), b"")
+
+    def test_a_line_over_max_length_in_pieces(self):
+        reader = _Lines()
+        for _ in range(11):
+            reader._receive(b"x" * 100)
+        self.assertEqual(reader.lines, [])
+        self.assertEqual(len(reader.too_long), 1)
+        self.assertEqual(reader.pending_bytes, 0)

@@ -34,11 +34,12 @@ from twisted.python import failure
 
 from fido_tx import errors
 from fido_tx.errors import FidoError
+from fido_tx.sources.imap import bounds
+from fido_tx.sources.imap.reader import LinearLineReader
 
 _LITERAL_AT_END = re.compile(rb"\{(\d+)\}\Z")
 _TAGGED = re.compile(rb"([A-Za-z]+)(?: (.*))?\Z", re.S)
 _RESP_CODE = re.compile(rb"\[([^\]]*)\]")
-_UID_ITEM = re.compile(rb"\bUID (\d{1,10})\b", re.I)
 
 
 class ImapCommandError(imap4.IMAP4Exception):
@@ -348,7 +349,7 @@ class SelectInfo:
 # --- the protocol -------------------------------------------------------------
 
 
-class FidoIMAP4Client(imap4.IMAP4Client):
+class FidoIMAP4Client(LinearLineReader, imap4.IMAP4Client):
     """One IMAP connection with per-command timeouts and a debug trace.
 
     Use :meth:`command` for every command (one at a time); wait for
@@ -386,10 +387,6 @@ class FidoIMAP4Client(imap4.IMAP4Client):
     #: UIDs passed on from the SEARCH responses of one command; the rest is
     #: dropped unparsed (``search_ignored`` counts them): fetched next poll
     max_search_uids = 100_000
-    #: slack over a message's claimed RFC822.SIZE allowed for its BODY[]
-    #: literal (:meth:`body_limits`): fixed bytes plus a fraction of the claim
-    BODY_SLACK_BYTES = 64 * 1024
-    BODY_SLACK_FRACTION = 8  # 1/8 of the claim
 
     def __init__(
         self,
@@ -430,117 +427,33 @@ class FidoIMAP4Client(imap4.IMAP4Client):
         self._rate_check = None
         self._untagged = None
         self._limits(None, None, None)
-        # the reader: pieces of an incomplete line, the read being scanned
-        self._pending = []
-        self._pending_len = 0
-        self._data = b""
-        self._pos = 0
-        self._receiving = False
-        self._backlog = []
+        self._reader_init()
 
     # -- bounds ----------------------------------------------------------------
 
-    def _limits(self, literal_each, literal_total, literal_caps):
-        """Start the per-command counters (and the overrides of one command)."""
-        self._each_limit = self.max_literal if literal_each is None else literal_each
-        self._total_limit = self.max_command_literal if literal_total is None else literal_total
-        self._literal_caps = literal_caps
-        self._cmd_literal = 0
-        self._cmd_untagged = 0
-        self._cmd_bytes = 0
-        self._cmd_search_uids = 0
-        #: UIDs of SEARCH responses dropped by ``max_search_uids`` (last command)
-        self.search_ignored = 0
-        self._resp_literal = 0
-        self._resp_text = 0
+    #: ``body_limits(claimed, largest)``: command() keyword arguments bounding a
+    #: UID FETCH of bodies by their claimed sizes (see fido_tx.sources.imap.bounds)
+    body_limits = staticmethod(bounds.body_limits)
+    BODY_SLACK_BYTES = bounds.BODY_SLACK_BYTES
+    BODY_SLACK_FRACTION = bounds.BODY_SLACK_FRACTION
 
-    @classmethod
-    def body_limits(cls, claimed, largest):
-        """The literal bounds of a ``UID FETCH`` of bodies, as ``command()``
-        keyword arguments: each literal at most the largest claimed size plus
-        slack (never over ``largest``: max_message_size plus slack), all of
-        them at most the claims' sum plus slack, and per UID its own claim
-        plus slack.  ``claimed``: ``{uid: RFC822.SIZE}``.
-        """
-        caps = {uid: min(largest, size + cls.BODY_SLACK_BYTES + size // cls.BODY_SLACK_FRACTION)
-                for uid, size in claimed.items()}
-        return dict(literal_each=max(caps.values(), default=0),
-                    literal_total=sum(caps.values()), literal_caps=caps)
+    def _limits(self, literal_each, literal_total, literal_caps, what=""):
+        """Start the counters of a command (with its own literal bounds)."""
+        self._bounds = bounds.CommandBounds(bounds.Limits(
+            literal_each=self.max_literal if literal_each is None else literal_each,
+            literal_total=self.max_command_literal if literal_total is None else literal_total,
+            literal_caps=literal_caps,
+            response_literals=self.max_response_literals,
+            response_text=self.max_response_text,
+            untagged=self.max_untagged,
+            untagged_bytes=self.max_untagged_bytes,
+            search_uids=self.max_search_uids,
+        ), what)
 
-    def _admit_literal(self, line, size):
-        """Count an announced literal against every bound before any of it is held."""
-        self._resp_literal += size
-        self._cmd_literal += size
-        self._resp_text += len(line)
-        literals = len(self._segments) // 2 + 1 if self._segments else 1
-        what = self._timer_what or "the server"
-        caps = self._literal_caps
-        if caps:
-            texts = (self._segments[0::2] if self._segments else []) + [line]
-            m = _UID_ITEM.search(b" ".join(texts))
-            uid = int(m.group(1)) if m else None
-            if uid is not None and uid in caps and size > caps[uid]:
-                raise FidoError(
-                    errors.PROTOCOL,
-                    f"server sent a {size} byte message body for UID {uid} after "
-                    f"claiming a smaller RFC822.SIZE (at most {caps[uid]} bytes allowed): "
-                    f"cut off; the server is broken or hostile",
-                )
-        if size > self._each_limit or self._resp_literal > self._each_limit:
-            raise FidoError(
-                errors.PROTOCOL,
-                f"server announced {self._resp_literal} bytes of literal data in one response "
-                f"to {what}, over the limit of {self._each_limit} bytes: cut off",
-            )
-        if self._cmd_literal > self._total_limit:
-            raise FidoError(
-                errors.PROTOCOL,
-                f"server sent {self._cmd_literal} bytes of literal data in answer to {what}, "
-                f"over the limit of {self._total_limit} bytes for that command: cut off",
-            )
-        if literals > self.max_response_literals or self._resp_text > self.max_response_text:
-            raise FidoError(
-                errors.PROTOCOL,
-                f"server chained more than {self.max_response_literals} literals or "
-                f"{self.max_response_text} bytes of text in one response to {what}: cut off",
-            )
-
-    def _count_line(self, line):
-        self._cmd_bytes += len(line) + 2
-        if self._cmd_bytes > self.max_untagged_bytes:
-            raise FidoError(
-                errors.PROTOCOL,
-                f"server sent more than {self.max_untagged_bytes} bytes of responses to "
-                f"{self._timer_what or 'one command'} without completing it: cut off",
-            )
-
-    def _count_untagged(self):
-        self._cmd_untagged += 1
-        if self._cmd_untagged > self.max_untagged:
-            raise FidoError(
-                errors.PROTOCOL,
-                f"server sent more than {self.max_untagged} untagged responses to "
-                f"{self._timer_what or 'one command'} without completing it: cut off",
-            )
-
-    def _bound_search(self, text):
-        """A SEARCH response cut to what ``max_search_uids`` still admits
-        (``None``: nothing), before anything parses it."""
-        count = text.count(b" ")
-        room = self.max_search_uids - self._cmd_search_uids
-        if count <= room:
-            self._cmd_search_uids += count
-            return text
-        self.search_ignored += count - max(room, 0)
-        if room <= 0:
-            return None
-        self._cmd_search_uids += room
-        pos = 0
-        for _ in range(room + 1):
-            pos = text.find(b" ", pos + 1)
-            if pos == -1:
-                return text
-        return text[:pos]
+    @property
+    def search_ignored(self):
+        """UIDs of the last command's SEARCH responses dropped by ``max_search_uids``."""
+        return self._bounds.search_ignored
 
     # -- tracing -----------------------------------------------------------
 
@@ -718,74 +631,6 @@ class FidoIMAP4Client(imap4.IMAP4Client):
 
     # -- input ---------------------------------------------------------------
 
-    # The reader (not LineReceiver's): a line that arrives in many reads is
-    # kept as a list of pieces and joined once, and each line is cut out of a
-    # read by position.  LineReceiver re-copied its whole buffer for every
-    # read and every line: a hostile server's 8 MiB lines or thousands of
-    # short lines per read cost seconds of CPU (quadratic).
-
-    def _receive(self, data):
-        if self._receiving:  # re-entered from a callback: read it afterwards
-            self._backlog.append(data)
-            return
-        self._receiving = True
-        try:
-            self._data, self._pos = data, 0
-            self._scan()
-            while self._backlog and self.error is None:
-                self._data, self._pos = self._backlog.pop(0), 0
-                self._scan()
-        finally:
-            self._receiving = False
-            self._data, self._pos = b"", 0
-
-    def _scan(self):
-        while self.error is None:
-            data, pos = self._data, self._pos
-            if pos >= len(data):
-                return
-            if not self.line_mode:
-                n = self._literal_remaining
-                if len(data) - pos < n:
-                    self._take_literal(data[pos:] if pos else data)
-                    self._pos = len(data)
-                    return
-                self._take_literal(data[pos:pos + n])
-                self._pos = pos + n
-                self._end_literal()
-                continue
-            pending = self._pending
-            if pending and pending[-1][-1:] == b"\r" and data[pos:pos + 1] == b"\n":
-                line = b"".join(pending)[:-1]  # the delimiter came in two reads
-                self._pos = pos + 1
-            else:
-                end = data.find(b"\r\n", pos)
-                if end == -1:
-                    piece = data[pos:] if pos else data
-                    self._pos = len(data)
-                    pending.append(piece)
-                    self._pending_len += len(piece)
-                    if self._pending_len > self.MAX_LENGTH + 1:
-                        self._pending, self._pending_len = [], 0
-                        self.lineLengthExceeded(piece)
-                    return
-                line = data[pos:end]
-                if pending:
-                    line = b"".join(pending) + line
-                self._pos = end + 2
-            self._pending, self._pending_len = [], 0
-            if len(line) > self.MAX_LENGTH:
-                self.lineLengthExceeded(line)
-                return
-            self.lineReceived(line)
-
-    def clearLineBuffer(self):
-        """What was received and not yet read (and forget it)."""
-        rest = b"".join(self._pending) + self._data[self._pos:]
-        self._pending, self._pending_len = [], 0
-        self._pos = len(self._data)
-        return rest
-
     def dataReceived(self, data):
         if self.error is not None:
             return
@@ -806,11 +651,12 @@ class FidoIMAP4Client(imap4.IMAP4Client):
             return
         self._progress()
         self._trace("S", line)
-        self._count_line(line)
+        self._bounds.count_line(len(line) + 2)
         m = _LITERAL_AT_END.search(line)
         if m is not None:
             size = int(m.group(1))
-            self._admit_literal(line, size)
+            texts = (self._segments[0::2] if self._segments else []) + [line]
+            self._bounds.admit_literal(texts, size)
             if self._segments is None:
                 self._segments = []
             self._segments.append(line)
@@ -830,7 +676,7 @@ class FidoIMAP4Client(imap4.IMAP4Client):
             segments, self._segments = self._segments, None
         else:
             segments = [line]
-        self._resp_literal = self._resp_text = 0  # the response is complete
+        self._bounds.response_done()
         self._dispatch(segments)
 
     def rawDataReceived(self, data):  # not used: _scan reads literals
@@ -898,7 +744,7 @@ class FidoIMAP4Client(imap4.IMAP4Client):
         cmd.continuation(rest)
 
     def _untagged_response(self, segments):
-        self._count_untagged()
+        self._bounds.count_untagged()
         text = segments[0]
         if len(segments) == 1 and text[:4].upper() == b"BYE " or text.upper() == b"BYE":
             self.bye = text[4:]
@@ -907,7 +753,7 @@ class FidoIMAP4Client(imap4.IMAP4Client):
         if handler is None:
             return
         if len(segments) == 1 and text[:6].upper() == b"SEARCH":
-            text = self._bound_search(text)
+            text = self._bounds.bound_search(text)
             if text is None:
                 return
             segments = [text]
@@ -970,7 +816,7 @@ class FidoIMAP4Client(imap4.IMAP4Client):
                 what += " " + args.split(b" ", 1)[0].decode("ascii", "replace")
         self._untagged = untagged
         self._timer_what = what
-        self._limits(literal_each, literal_total, literal_caps)
+        self._limits(literal_each, literal_total, literal_caps, what)
         d = self.sendCommand(cmd)
         if not d.called:
             self._arm(self.command_timeout if timeout is None else timeout, what)
