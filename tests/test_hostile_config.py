@@ -199,8 +199,13 @@ class CheckTests(_Dir, SynchronousTestCase):
         self.assertEqual(status, 0, out + err)
 
     def test_listening_beyond_loopback_is_a_warning(self):
-        status, out, err = self.run_check('[http]\nlisten = "tcp:0:interface=0.0.0.0"\n')
-        self.assertIn("listens beyond loopback", out)
+        # the status page has a password then; /metrics and /healthz have none
+        self.write("page.pw", "a-page-password\n")
+        os.chmod(self.path("page.pw"), 0o600)
+        status, out, err = self.run_check(
+            '[http]\nlisten = "tcp:0:interface=0.0.0.0"\nusername = "ops"\n'
+            'password_file = "page.pw"\n')
+        self.assertIn("listens beyond loopback", out, err)
 
     def test_a_log_file_that_cannot_be_created(self):
         self.write("blocker", "a file where a directory should be")
