@@ -42,9 +42,19 @@ def account(account_id):
 def instance(instance_id):
     return f"{INSTANCE_PREFIX}{instance_id}".encode("utf-8")
 
+
+def sessions(account_id):
+    return f"{SESSIONS_PREFIX}{account_id}".encode("utf-8")
+
+
 #: a counter written before ``WAIT`` (``[redis] min_replicas``): a write that
 #: is always replicated, so a replica that has it has every earlier write
 REPLICATION_PROBE = b"fido:replication:probe"
 
-def sessions(account_id):
-    return f"{SESSIONS_PREFIX}{account_id}".encode("utf-8")
+#: ``[cluster] mode = "lease"``: the live instances (a sorted set) and one
+#: lease per account (the account is the Redis Cluster hash tag)
+CLUSTER = b"fido:cluster"
+
+
+def lease(account_id):
+    return f"fido:lease:{{{account_id}}}".encode("utf-8")
