@@ -173,17 +173,22 @@ class DeliveryCheck:
         return tuple(kept)
 
 
-def _session_factory(reactor, settings, sinks, dry_run, memory=None):
+def _session_factory(reactor, settings, sinks, dry_run, memory=None, graph=None):
     """``f(account, handle=None) -> Deferred[SessionResult]``: a new session
     of the account's source (:func:`fido_tx.sources.make_session`) delivering
     to the sink of its ``delivery`` (``sinks``: name -> ISink), polled."""
     import attr
 
     from fido_tx import sources
-    from fido_tx.credentials import for_account
+    from fido_tx.credentials import CredentialsContext, for_account
     from fido_tx.schedule import budget, pacer
     from fido_tx.sources.imap.connect import Connector
 
+    # OAuth2 token providers are shared per grant; Microsoft's rotated refresh
+    # tokens are kept in the state dir, encrypted with the key file
+    credentials_ctx = CredentialsContext(
+        reactor=reactor, key_file=settings.fido.key_file,
+        state_dir=settings.fido.state_dir or os.path.dirname(settings.fido.accounts_file))
     ctx = sources.SourceContext(
         reactor=reactor,
         sink=None,
@@ -196,10 +201,12 @@ def _session_factory(reactor, settings, sinks, dry_run, memory=None):
         pacer=pacer.StartPacer(reactor),
         # endpoints, TLS options and resumable TLS sessions, shared
         connector=Connector(reactor),
-        credentials=for_account,
+        credentials=lambda account: for_account(account, credentials_ctx),
         dry_run=dry_run,
         debug=settings.log.level == "debug",
         memory=memory,
+        # Graph: one HTTP pool, the per-mailbox gates, the Redis connection
+        graph=graph,
     )
 
     # one context per delivery: a session sees only its own sink
@@ -294,7 +301,13 @@ def make_service(
 
     handles = session_factory is None  # a given factory takes the account only
     if session_factory is None:
-        session_factory = _session_factory(reactor, settings, sinks, dry_run)
+        from fido_tx.credentials import oauth
+        from fido_tx.sources import graph as graph_mod
+
+        graph = graph_mod.GraphShared.create(
+            reactor, redis=redis, settings=graph_mod.GraphSettings.from_imap(settings.imap))
+        _Stoppable(lambda: (graph.close(), oauth.close_shared())).setServiceParent(top)
+        session_factory = _session_factory(reactor, settings, sinks, dry_run, graph=graph)
 
     sched = scheduler_mod.Scheduler(
         reactor,

@@ -643,9 +643,19 @@ class OAuthMechanismTests(SynchronousTestCase):
         transport.clear()
         proto.dataReceived(b"+ eyJzdGF0dXMiOiI0MDEifQ==\r\n")
         self.assertEqual(transport.value(), b"\r\n")  # the empty answer, not a cancel
+        transport.clear()
         proto.dataReceived(b"0001 NO [AUTHENTICATIONFAILED] Invalid credentials\r\n")
-        self.assertEqual(self.failureResultOf(d, FidoError).value.kind, errors.AUTH)
+        # refused: the token is invalidated and the login tried once more
         self.assertEqual(creds.invalidated, 1)
+        self.assertEqual(transport.value(), b"0002 AUTHENTICATE XOAUTH2\r\n")
+        transport.clear()
+        proto.dataReceived(b"+ \r\n")
+        proto.dataReceived(b"+ eyJzdGF0dXMiOiI0MDEifQ==\r\n")
+        proto.dataReceived(b"0002 NO [AUTHENTICATIONFAILED] Invalid credentials\r\n")
+        failure = self.failureResultOf(d, FidoError)
+        self.assertEqual(failure.value.kind, errors.AUTH)
+        self.assertIn("status=401", failure.value.message)
+        self.assertEqual(creds.invalidated, 2)
         self.assertNotIn("tok-123", "\n".join(proto.trace))
 # -- bounds: what a hostile server meets (README "Bounds") ------------------------
 

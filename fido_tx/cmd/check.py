@@ -314,7 +314,8 @@ def graph_checker(state_dir, key_file="", timeout=DEFAULT_TIMEOUT):
 
 
 def check_accounts(reactor, accounts, imap_settings, concurrency=DEFAULT_CONCURRENCY,
-                   progress=None, timeout=DEFAULT_TIMEOUT, fetch=None, graph_check=None):
+                   progress=None, timeout=DEFAULT_TIMEOUT, fetch=None, graph_check=None,
+                   state_dir="", key_file=""):
     """Log in to each account read-only (a dry-run session), ``concurrency`` at a time.
 
     :param reactor: IReactorTCP + IReactorTime (+ name resolver).
@@ -360,7 +361,14 @@ def check_accounts(reactor, accounts, imap_settings, concurrency=DEFAULT_CONCURR
         if account.source == "graph":
             d = defer.maybeDeferred(graph_check, reactor, account)
         else:
-            d = defer.maybeDeferred(fetch, reactor, account, sink, settings, dry_run=True)
+            kw = {}
+            if account.auth in accounts_mod.OAUTH_AUTHS:
+                # tokens from the shared providers (rotated refresh tokens kept)
+                from fido_tx.credentials import CredentialsContext, for_account
+
+                kw["credentials"] = for_account(account, CredentialsContext(
+                    reactor=reactor, state_dir=state_dir, key_file=key_file))
+            d = defer.maybeDeferred(fetch, reactor, account, sink, settings, dry_run=True, **kw)
         if timeout:
             d.addTimeout(timeout, reactor, onTimeoutCancel=lambda _result, _t: SessionResult(
                 account.id, kind=errors.TIMEOUT, message=f"no result within {timeout:g} s",
@@ -524,7 +532,7 @@ def _isatty(stream):
 
 
 def _connect_with_global_reactor(accounts, imap_settings, concurrency, timeout, progress,
-                                 graph_check=None):
+                                 graph_check=None, state_dir="", key_file=""):
     """:func:`check_accounts` under ``task.react``; ``None`` when interrupted."""
     from twisted.internet import task
     from twisted.python.failure import Failure
@@ -535,7 +543,7 @@ def _connect_with_global_reactor(accounts, imap_settings, concurrency, timeout, 
         from fido_tx.credentials import oauth
 
         d = check_accounts(reactor, accounts, imap_settings, concurrency, progress, timeout,
-                           graph_check=graph_check)
+                           graph_check=graph_check, state_dir=state_dir, key_file=key_file)
         d.addBoth(box.append)
         d.addBoth(lambda _: oauth.close_shared())
         return d
@@ -639,6 +647,8 @@ def main(args):
             graph_checker(settings.fido.state_dir
                           or os.path.dirname(settings.fido.accounts_file),
                           settings.fido.key_file, getattr(args, "timeout", DEFAULT_TIMEOUT)),
+            state_dir=settings.fido.state_dir or os.path.dirname(settings.fido.accounts_file),
+            key_file=settings.fido.key_file,
         )
         if progress is not None:
             progress.clear()

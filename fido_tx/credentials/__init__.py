@@ -40,6 +40,8 @@ class CredentialsContext:
     agent: object = None
     state_dir: str = ""
     log: object = None
+    #: the Fernet key file: OAuth2's rotated refresh tokens are kept encrypted with it
+    key_file: str = ""
 
 
 def for_account(account, ctx=None):
@@ -48,7 +50,8 @@ def for_account(account, ctx=None):
     :raise FidoError: kind ``config`` for an unknown auth, or an OAuth2 auth
         while OAuth support is not installed.
     """
-    auth = account.auth
+    # a Graph account always proves itself with its OAuth2 grant
+    auth = "xoauth2" if account.source == "graph" else account.auth
     path = AUTHS.get(auth)
     if path is None:
         raise FidoError(errors.CONFIG, f"unknown auth {auth!r}")

@@ -19,6 +19,7 @@ __all__ = ["SOURCES", "SourceContext", "make_session"]
 SOURCES = {
     "imap": "fido_tx.sources.imap",
     "memory": "fido_tx.sources.memory",
+    "graph": "fido_tx.sources.graph",
 }
 
 
@@ -46,6 +47,9 @@ class SourceContext:
     log: object = None
     #: the memory source's :class:`~fido_tx.sources.memory.MemoryMailboxes`
     memory: object = None
+    #: Graph: the shared :class:`~fido_tx.sources.graph.GraphShared` (HTTP pool,
+    #: per-mailbox gates, the Redis connection for delta links)
+    graph: object = None
 
 
 def make_session(account, ctx, handle=None):

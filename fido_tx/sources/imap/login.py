@@ -23,8 +23,6 @@ from fido_tx.sources.imap.parse import (
     parse_capabilities,
     plain_response,
     response_code,
-    sasl_oauthbearer,
-    sasl_xoauth2,
 )
 
 __all__ = ["ImapConnection", "Login", "auth_error"]
@@ -213,16 +211,19 @@ class Login:
     async def authenticate(self):
         conn = self.connection
         mechanism = self._mechanism()
+        if mechanism in ("xoauth2", "oauthbearer"):
+            # the token's SASL exchange: the error challenge decoded, one
+            # retry with a fresh token (fido_tx.sources.imap.oauthlogin)
+            from fido_tx.sources.imap import oauthlogin
+
+            text = await oauthlogin.authenticate(conn.proto, conn.caps, self.account,
+                                                 self.credentials)
+            return await self._logged_in(text)
         user = self.account.username.encode("utf-8")
         secret = (await self.credentials.secret()).encode("utf-8")
         try:
             if mechanism == "plain":
                 text = await self._sasl(b"PLAIN", plain_response(user, secret))
-            elif mechanism == "xoauth2":
-                text = await self._sasl(b"XOAUTH2", sasl_xoauth2(user, secret))
-            elif mechanism == "oauthbearer":
-                text = await self._sasl(b"OAUTHBEARER", sasl_oauthbearer(
-                    user, self.account.host, self.account.port, secret))
             else:
                 text = await self._login(user, secret)
         except ImapCommandError as e:
@@ -232,6 +233,10 @@ class Login:
             raise error
         finally:
             del secret
+        await self._logged_in(text)
+
+    async def _logged_in(self, text):
+        conn = self.connection
         self.step("logged in")
         new_caps = greeting_capabilities(text)
         if new_caps is None:
