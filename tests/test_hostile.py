@@ -20,7 +20,7 @@ from twisted.internet import defer, reactor
 from fido_tx import errors
 from fido_tx.accounts.model import Account
 from fido_tx.config import ImapSettings
-from fido_tx.sinks.base import MemorySink
+from fido_tx.testing import MemorySink
 from fido_tx.sources.imap.client import FidoIMAP4Client
 from fido_tx.sources.imap.session import fetch_mailbox
 from tests.support.mockimap import Behaviour, MockIMAPServer, MockMailbox, sample_message
@@ -97,7 +97,7 @@ def run_pair(behaviour, imap_settings=SETTINGS, dry_run=False, healthy_messages=
 def assert_healthy_unharmed(good, sink, n=30):
     assert good.ok, good
     assert good.fetched == n
-    assert sorted(m.uid for m in sink.entries if m.account == "acct-good") == list(range(1, n + 1))
+    assert sorted(int(m.id) for m in sink.entries if m.account == "acct-good") == list(range(1, n + 1))
 
 
 def assert_nothing_marked(server):
@@ -174,7 +174,7 @@ def test_more_unseen_messages_than_max_search_uids_are_fetched_over_several_poll
     finally:
         yield server.stop()
     assert polls == [10, 10, 5]
-    assert sorted(m.uid for m in sink.entries) == list(range(1, 26))
+    assert sorted(int(m.id) for m in sink.entries) == list(range(1, 26))
 
 
 # -- for the lead, after the session split: flip these once handled ------------
