@@ -20,6 +20,12 @@
 ``fido:sessions:<id>``
     List, the account's last sessions for the status page, newest first,
     bounded and expiring (:mod:`fido_tx.observe.history`).
+``fido:graph:delta:{<account>}:<folder>``
+    String, a Graph account's delta link (``select = "new"``), written after
+    a round's messages are delivered and marked (:mod:`fido_tx.sources.graph`).
+``fido:graph:since:{<account>}:<folder>``
+    String, the time an unread-listing Graph account with ``start_from =
+    "now"`` started from (ISO 8601 UTC).
 """
 
 ACCOUNT_PREFIX = "fido:account:"
@@ -58,3 +64,11 @@ CLUSTER = b"fido:cluster"
 
 def lease(account_id):
     return f"fido:lease:{{{account_id}}}".encode("utf-8")
+
+
+def graph_delta(account_id, folder):
+    return f"fido:graph:delta:{{{account_id}}}:{folder}".encode("utf-8")
+
+
+def graph_since(account_id, folder):
+    return f"fido:graph:since:{{{account_id}}}:{folder}".encode("utf-8")

@@ -35,6 +35,7 @@ from zope.interface import implementer
 from fido_tx import errors
 from fido_tx.interfaces import ISource
 from fido_tx.outcome import SessionResult
+from fido_tx.redis import keys
 from fido_tx.sinks.message import Message
 from fido_tx.sources import graphapi
 from fido_tx.timefmt import iso_utc
@@ -99,14 +100,14 @@ class GraphShared:
 
 
 def delta_key(account):
-    """The Redis key of the account's delta link."""
-    return f"fido:graph:delta:{{{account.id}}}:{account.mailbox}"
+    """The Redis key of the account's delta link (:mod:`fido_tx.redis.keys`)."""
+    return keys.graph_delta(account.id, account.mailbox)
 
 
 def since_key(account):
     """The Redis key of the time an unread-listing ``start_from = "now"``
     account started from."""
-    return f"fido:graph:since:{{{account.id}}}:{account.mailbox}"
+    return keys.graph_since(account.id, account.mailbox)
 
 
 def build(account, ctx, handle=None):
