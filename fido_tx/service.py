@@ -308,6 +308,10 @@ def make_service(
             reactor, redis=redis, settings=graph_mod.GraphSettings.from_imap(settings.imap))
         _Stoppable(lambda: (graph.close(), oauth.close_shared())).setServiceParent(top)
         session_factory = _session_factory(reactor, settings, sinks, dry_run, graph=graph)
+    balancer = None
+    if settings.cluster.mode == "lease":
+        balancer, session_factory = _leases(reactor, settings, redis, ident, session_factory,
+                                            handles)
 
     sched = scheduler_mod.Scheduler(
         reactor,
@@ -330,12 +334,21 @@ def make_service(
         _backpressure(top, reactor, sinks, sched, status, settings.redis.max_backlog)
 
     sched.setServiceParent(top)
+    if balancer is not None:
+        balancer.is_busy = lambda account_id: account_id in sched.running_ids()
+        balancer.on_lost = sched.stop_session
+        balancer.on_change = sched.poll_soon
+        redis.add_connection_observer(lambda up: up and balancer.kick())
+        balancer.setServiceParent(top)
 
     routable = DeliveryCheck(sinks, report=status.report_config)
 
     def apply(accounts, diff):
         gate.add([account.id for account in diff.added])
-        sched.set_accounts(routable(accounts))
+        accounts = routable(accounts)
+        if balancer is not None:
+            balancer.set_accounts(account.id for account in accounts)
+        sched.set_accounts(accounts)
         for account in diff.removed:
             gate.forget(account.id)
             status.forget(account.id)
@@ -365,7 +378,8 @@ def make_service(
 
     if not dry_run:
         heartbeat_mod.Heartbeat(
-            reactor, heartbeat_mod.HeartbeatWriter(redis), sched, ident
+            reactor, heartbeat_mod.HeartbeatWriter(redis), sched, ident,
+            accounts=(lambda: len(balancer.held)) if balancer is not None else None,
         ).setServiceParent(top)
 
     health = health_mod.Health(reactor, sched, redis, status=status)
@@ -383,9 +397,28 @@ def make_service(
         redis=redis, sinks=sinks, account_state=account_state,
         reporter=reporter, metrics=metrics, status=status,
         scheduler=sched, source=source, health=health, gate=gate, sessions=sessions,
-        view=view, instances=instances,
+        view=view, instances=instances, balancer=balancer,
     )
     return top
+
+
+def _leases(reactor, settings, redis, ident, session_factory, handles):
+    """``[cluster] mode = "lease"``: the balancer, and a session factory that
+    runs a session only while this instance holds the account's lease (the
+    others end at once as ``skipped``: not backed off, not reported)."""
+    from fido_tx.outcome import SessionResult
+    from fido_tx.redis.lease import RedisLeases
+    from fido_tx.schedule.cluster import LeaseBalancer
+
+    ttl = settings.cluster.lease_ttl
+    balancer = LeaseBalancer(reactor, RedisLeases(redis, ident, ttl), ttl)
+
+    def leased(account, *handle):
+        if not balancer.holds(account.id):
+            return defer.succeed(SessionResult(account.id, skipped=True))
+        return session_factory(account, *handle)
+
+    return balancer, leased
 
 
 def _redis_parts(top, reactor, settings):
