@@ -52,7 +52,11 @@ def server(request):
     module = {"cyrus": cyrus_support, "courier": courier_support}[name]
     _require_unpacked(name, module)
     cls = {"cyrus": cyrus_support.Cyrus, "courier": courier_support.Courier}[name]
-    with cls() as started:
+    try:
+        started = cls().start()
+    except RuntimeError as e:
+        pytest.fail(f"{name} did not start: {e}", pytrace=False)
+    with started:
         print(f"\n{started.describe()} on 127.0.0.1:{started.port} "
               f"(implicit TLS {started.ssl_port})")
         yield started
