@@ -35,6 +35,8 @@ from twisted.python import failure
 from fido_tx import errors
 from fido_tx.errors import FidoError
 
+#: what ends every line Fido sends
+CRLF = b"\r\n"
 _LITERAL_AT_END = re.compile(rb"\{(\d+)\}\Z")
 _TAGGED = re.compile(rb"([A-Za-z]+)(?: (.*))?\Z", re.S)
 _RESP_CODE = re.compile(rb"\[([^\]]*)\]")
@@ -364,6 +366,12 @@ class FidoIMAP4Client(imap4.IMAP4Client):
     literal_check_interval = 5.0
     #: largest literal accepted (a session sets it from max_message_size)
     max_literal = 1024 * 1024 * 1024
+    #: Tolerant reading, strict writing: a line the server sends ends at LF;
+    #: the CR before it is stripped, and a line without one (a bare LF, as
+    #: some servers send) is read all the same and counted in
+    #: :attr:`deviations`.  What Fido writes always ends in CRLF (:data:`CRLF`
+    #: in :meth:`sendLine` and :meth:`send_secret`, never ``delimiter``).
+    delimiter = b"\n"
 
     def __init__(
         self,
@@ -403,6 +411,9 @@ class FidoIMAP4Client(imap4.IMAP4Client):
         self._literal_window = 0
         self._rate_check = None
         self._untagged = None
+        #: harmless deviations from RFC 3501 read anyway: {kind: count}
+        #: (``bare_lf``: a line ended by LF alone)
+        self.deviations = collections.Counter()
 
     # -- tracing -----------------------------------------------------------
 
@@ -433,12 +444,12 @@ class FidoIMAP4Client(imap4.IMAP4Client):
             self._trace_lines.append("C: " + _show(shown))
         else:
             self._trace("C", line)
-        return super().sendLine(line)
+        return self.transport.write(line + CRLF)
 
     def send_secret(self, line):
         """Send a continuation line that carries credentials (not traced)."""
         self._trace_lines.append("C: <redacted>")
-        self.transport.write(line + self.delimiter)
+        self.transport.write(line + CRLF)
 
     # -- timers --------------------------------------------------------------
 
@@ -595,6 +606,10 @@ class FidoIMAP4Client(imap4.IMAP4Client):
     def lineReceived(self, line):
         if self.error is not None:
             return
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        else:
+            self.deviations["bare_lf"] += 1
         self._progress()
         self._trace("S", line)
         m = _LITERAL_AT_END.search(line)

@@ -451,6 +451,7 @@ class _Session:
             too_large=tuple(self.too_large),
             seconds=seconds,
             dry_run=self.dry_run,
+            deviations=tuple(sorted(self.proto.deviations.items())) if self.proto else (),
         )
         if error is None:
             return SessionResult(**fields)
