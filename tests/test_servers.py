@@ -210,3 +210,50 @@ def test_move_to_a_missing_folder_stores_once_and_reports_mailbox(server, redis,
         assert server.count(user) == 2
         assert "T" not in "".join(server.flags(user).values())
         assert not server.has_folder(user, "Nowhere")
+
+
+# -- TLS session resumption ----------------------------------------------------
+
+#: Does a later session resume the TLS session of an earlier one (at least
+#: once in three)?  ``None``: it varies from run to run (not asserted).
+#: Fido offers the last session over implicit TLS and STARTTLS alike; the
+#: servers differ: Cyrus builds a new TLS context (a new ticket key) on
+#: every STARTTLS, and its implicit-TLS resumption depends on which imapd
+#: process takes the connection; Courier's couriertls resumes neither.
+RESUMES = {
+    "dovecot": {"tls": True, "starttls": True},
+    "cyrus": {"tls": None, "starttls": False},
+    "courier": {"tls": False, "starttls": False},
+}
+
+
+@pytest_twisted.inlineCallbacks
+def test_tls_session_resumption_over_implicit_tls_and_starttls(server):
+    from twisted.internet import reactor
+    from twisted.logger import Logger, formatEvent
+
+    from fido_tx.accounts.model import Account
+    from fido_tx.config import ImapSettings
+    from fido_tx.sinks.base import MemorySink
+    from fido_tx.sources.imap import session as imap_session
+
+    [user] = new_users(server, 1, "resume")
+    seen = {}
+    for security in ("tls", "starttls"):
+        imap_session._tls_sessions.clear()
+        acct = Account(id=user, host="localhost", username=user, password=server.users[user],
+                       port=server.ssl_port if security == "tls" else server.port,
+                       security=security, ca_file=server.ca_file)
+        resumed = []
+        for n in range(4):
+            events = []
+            result = yield imap_session.fetch_mailbox(
+                reactor, acct, MemorySink(), ImapSettings(), log=Logger(observer=events.append))
+            assert result.ok, result.debug
+            resumed.append(any("TLS session resumed" in formatEvent(e) for e in events))
+        assert not resumed[0]
+        seen[security] = any(resumed[1:])
+    print(f"\n{server.describe()}: TLS session resumed: {seen}")
+    for security, expected in RESUMES[server.name].items():
+        if expected is not None:
+            assert seen[security] == expected, (security, seen)
