@@ -85,25 +85,30 @@ def by_account(entries):
 #: personal namespace (prefix, separator).  README.rst's table says the same.
 EXPECTED = {
     "dovecot": dict(MOVE=True, UIDPLUS=True, CONDSTORE=True, QRESYNC=True, IDLE=True,
-                    namespace=("", ".")),
+                    namespace=("", "."), uidnext_in_select=True),
     "cyrus": dict(MOVE=True, UIDPLUS=True, CONDSTORE=True, QRESYNC=True, IDLE=True,
-                  namespace=("INBOX.", ".")),
+                  namespace=("INBOX.", "."), uidnext_in_select=True),
     "courier": dict(MOVE=False, UIDPLUS=True, CONDSTORE=False, QRESYNC=False, IDLE=True,
-                    namespace=("INBOX.", ".")),
+                    namespace=("INBOX.", "."), uidnext_in_select=False),
 }
 
 
-def personal_namespace(server, user):
+def namespace_and_select(server, user):
+    """The first personal namespace (prefix, separator) and whether SELECT
+    INBOX answers with a UIDNEXT."""
     client = server.imap("starttls", user)
     try:
         typ, data = client.namespace()
         assert typ == "OK", data
         text = data[0].decode("utf-8")
+        typ, _ = client.select("INBOX", readonly=True)
+        assert typ == "OK"
+        uidnext = "UIDNEXT" in client.untagged_responses
     finally:
         client.logout()
-    # (("INBOX." ".")) ...: the first personal namespace
+    # (("INBOX." ".")) ...
     prefix, separator = text.split('"')[1], text.split('"')[3]
-    return prefix, separator
+    return (prefix, separator), uidnext
 
 
 def test_capabilities_as_fido_sees_them(server):
@@ -111,7 +116,12 @@ def test_capabilities_as_fido_sees_them(server):
     caps = server.capabilities(user)
     print(f"\n{server.describe()}: {' '.join(caps)}")
     seen = {name: name in caps for name in ("MOVE", "UIDPLUS", "CONDSTORE", "QRESYNC", "IDLE")}
-    seen["namespace"] = personal_namespace(server, user)
+    seen["namespace"], seen["uidnext_in_select"] = namespace_and_select(server, user)
+    client = server.imap("none")
+    try:
+        assert client.welcome.startswith(b"* OK [CAPABILITY "), client.welcome
+    finally:
+        client.shutdown()
     assert seen == EXPECTED[server.name]
     assert server.prefix == seen["namespace"][0]
 
