@@ -93,6 +93,7 @@ allowanonymouslogin: no
 allowplaintext: yes
 autocreate_quota: 0
 umask: 077
+failedloginpause: 0
 sasl_pwcheck_method: auxprop
 sasl_auxprop_plugin: sasldb
 sasl_sasldb_path: {self.sasldb}
