@@ -14,7 +14,12 @@ import os
 
 import pytest
 import pytest_twisted
+from twisted.logger import Logger, formatEvent
 
+from fido_tx.accounts.model import Account
+from fido_tx.config import ImapSettings
+from fido_tx.sinks.base import MemorySink
+from fido_tx.sources.imap import session as imap_session
 from tests import daemon
 from tests.support import courier as courier_support
 from tests.support import cyrus as cyrus_support
@@ -240,12 +245,6 @@ RESUMES = {
 @pytest_twisted.inlineCallbacks
 def test_tls_session_resumption_over_implicit_tls_and_starttls(server):
     from twisted.internet import reactor
-    from twisted.logger import Logger, formatEvent
-
-    from fido_tx.accounts.model import Account
-    from fido_tx.config import ImapSettings
-    from fido_tx.sinks.base import MemorySink
-    from fido_tx.sources.imap import session as imap_session
 
     [user] = new_users(server, 1, "resume")
     seen = {}

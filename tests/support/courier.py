@@ -35,7 +35,9 @@ COURIERTCPD = "usr/sbin/couriertcpd"
 AUTHDAEMOND = "usr/lib/courier/courier-authlib/authdaemond"
 MAKEDAT = "usr/lib/courier/courier-authlib/makedatprog"
 MAILDIRMAKE = "usr/bin/maildirmake.courier"
-CAPABILITY = "IMAP4rev1 UIDPLUS CHILDREN NAMESPACE THREAD=ORDEREDSUBJECT THREAD=REFERENCES SORT QUOTA IDLE"
+#: Debian's IMAP_CAPABILITY (/etc/courier/imapd)
+CAPABILITY = ("IMAP4rev1 UIDPLUS CHILDREN NAMESPACE THREAD=ORDEREDSUBJECT THREAD=REFERENCES "
+              "SORT QUOTA IDLE")
 
 
 def find():

@@ -33,10 +33,11 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 
 from tests.support import tlsca
-from tests.support.dovecot import FLAG_LETTERS, encode_mutf7
+from tests.support.dovecot import FLAG_LETTERS, MailUser, encode_mutf7, free_port
 
 LETTER_FLAGS = {letter: flag for flag, letter in FLAG_LETTERS.items()}
 
@@ -106,10 +107,6 @@ class ImapBackedServer:
     host = "localhost"
 
     def __init__(self, base_dir=None):
-        import tempfile
-
-        from tests.support.dovecot import MailUser, free_port
-
         self._own_base_dir = base_dir is None
         self.base_dir = os.path.abspath(base_dir or tempfile.mkdtemp(prefix=f"fido-{self.name}-"))
         os.chmod(self.base_dir, 0o755)
