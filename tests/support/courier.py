@@ -43,7 +43,8 @@ CAPABILITY = ("IMAP4rev1 UIDPLUS CHILDREN NAMESPACE THREAD=ORDEREDSUBJECT THREAD
 def find():
     tree, versions = imapserver.unpacked("courier")
     reason = imapserver.missing_reason(
-        "courier", tree, [IMAPD, COURIERTCPD, AUTHDAEMOND, MAKEDAT, MAILDIRMAKE])
+        "courier", tree, [IMAPD, COURIERTCPD, AUTHDAEMOND, MAKEDAT, MAILDIRMAKE],
+        lib_dirs=["usr/lib/x86_64-linux-gnu", "usr/lib"])
     return tree, versions, reason
 
 

@@ -34,7 +34,9 @@ ADMIN = "cyrusadmin"
 def find():
     """``(tree, versions, reason)``: reason is ``None`` when Cyrus can start here."""
     tree, versions = imapserver.unpacked("cyrus")
-    return tree, versions, imapserver.missing_reason("cyrus", tree, [MASTER, IMAPD, SASLPASSWD])
+    reason = imapserver.missing_reason("cyrus", tree, [MASTER, IMAPD, SASLPASSWD],
+                                       lib_dirs=["usr/lib/x86_64-linux-gnu"])
+    return tree, versions, reason
 
 
 def version():

@@ -59,8 +59,10 @@ def unpacked(name):
     return tree, versions
 
 
-def missing_reason(name, tree, binaries):
-    """Why an unpacked server cannot start here, or ``None``."""
+def missing_reason(name, tree, binaries, lib_dirs=()):
+    """Why an unpacked server cannot start here, or ``None``.  ``lib_dirs``
+    (relative to the tree) are searched for shared libraries, as the server
+    will: a library that ``ldd`` cannot find is named in the reason."""
     if tree is None:
         return (f"{name} is not unpacked under {servers_root()}: run .ci/test-servers "
                 f"(and install its libraries: .ci/test-servers --libs)")
@@ -71,7 +73,28 @@ def missing_reason(name, tree, binaries):
     for binary in binaries:
         if not os.access(os.path.join(tree, binary.lstrip("/")), os.X_OK):
             return f"{name}: {binary} missing under {tree}: run .ci/test-servers again"
+    missing = _missing_libraries(tree, binaries, lib_dirs)
+    if missing:
+        return (f"{name} needs {', '.join(missing)}: install the libraries "
+                f"`.ci/test-servers --libs` lists (apt-get install)")
     return None
+
+
+def _missing_libraries(tree, binaries, lib_dirs):
+    if shutil.which("ldd") is None:
+        return []
+    env = dict(os.environ, LD_LIBRARY_PATH=":".join(os.path.join(tree, d) for d in lib_dirs))
+    missing = set()
+    for binary in binaries:
+        try:
+            out = subprocess.run(["ldd", os.path.join(tree, binary.lstrip("/"))], env=env,
+                                 capture_output=True, timeout=20).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        for line in out.decode("utf-8", "replace").splitlines():
+            if "not found" in line:
+                missing.add(line.split("=>", 1)[0].strip())
+    return sorted(missing)
 
 
 def debian_version(package_version):
