@@ -27,7 +27,7 @@ from fido_tx.sinks.base import MemorySink
 from fido_tx.sources.imap import client as imapproto
 from fido_tx.sources.imap.client import FidoIMAP4Client
 from fido_tx.sources.imap.session import fetch_mailbox
-from tests.support import mockimap
+from tests.support import mockimap, tlsca
 from tests.support.mockimap import Behaviour, Fault, MockIMAPServer, MockMailbox, sample_message
 
 PASSWORD = "tolerant-secret"
@@ -156,8 +156,9 @@ class DeviationMetricTests(SynchronousTestCase):
 
 
 def account(user, port, **kw):
-    return Account(id="acct-" + user, host="127.0.0.1", port=port, username=user,
-                   password=PASSWORD, security="none", **kw)
+    kw.setdefault("security", "none")
+    kw.setdefault("host", "127.0.0.1")
+    return Account(id="acct-" + user, port=port, username=user, password=PASSWORD, **kw)
 
 
 @pytest.fixture
@@ -167,17 +168,24 @@ def server():
     pytest_twisted.blockon(s.stop())
 
 
-@pytest.mark.parametrize("after_fetch", ["seen", "delete", "move:Archive"])
-@pytest.mark.parametrize("auth", ["login", "plain"])
+@pytest.mark.parametrize("after_fetch,auth,security", [
+    ("seen", "login", "none"), ("seen", "plain", "starttls"), ("seen", "login", "tls"),
+    ("delete", "plain", "none"), ("delete", "login", "starttls"),
+    ("move:Archive", "login", "none"), ("move:Archive", "plain", "tls"),
+])
 @pytest_twisted.inlineCallbacks
-def test_a_server_ending_every_line_with_a_bare_lf_works(server, after_fetch, auth):
+def test_a_server_ending_every_line_with_a_bare_lf_works(server, after_fetch, auth, security):
+    pki = tlsca.files()
+    server.tls = (pki.localhost.cert, pki.localhost.key)
     messages = [sample_message(i, "lf", size=3000) for i in range(1, 4)]
     server.accounts["lf"] = MockMailbox(PASSWORD, messages, uidvalidity=7, folders=("Archive",))
     caps = ("IMAP4rev1", "UIDPLUS", "AUTH=PLAIN")  # no MOVE: COPY, STORE, UID EXPUNGE
-    server.script("lf", Behaviour(bare_lf=True, capabilities=caps))
-    server.script(None, Behaviour(bare_lf=True, capabilities=caps))
+    server.script("lf", Behaviour(bare_lf=True, capabilities=caps, starttls=True))
+    server.script(None, Behaviour(bare_lf=True, capabilities=caps, starttls=True))
     sink = MemorySink()
-    acct = account("lf", server.listen(), after_fetch=after_fetch, auth=auth)
+    port = server.listen(implicit_tls=security == "tls")
+    acct = account("lf", port, after_fetch=after_fetch, auth=auth, security=security,
+                   host="localhost", ca_file=pki.ca)
     result = yield fetch_mailbox(reactor, acct, sink, SETTINGS)
     assert result.ok, (result.message, result.debug)
     assert sorted(m.raw for m in sink.entries) == sorted(messages)
@@ -189,9 +197,9 @@ def test_a_server_ending_every_line_with_a_bare_lf_works(server, after_fetch, au
         assert inbox == []
     if after_fetch.startswith("move:"):
         assert len(server.mailbox("lf").folders["Archive"].messages) == 3
-    # strict writing: every command the server received ended in CRLF
-    for command in server.commands("lf"):
-        assert command.name  # parsed: the mock only parses CRLF-terminated lines
+    assert [r.tls for r in server.connections] == [security != "none"]
+    if auth == "plain":
+        assert [m for m, _, _ in server.login_attempts] == ["AUTHENTICATE PLAIN"]
 
 
 @pytest_twisted.inlineCallbacks
