@@ -186,6 +186,8 @@ def test_a_server_ending_every_line_with_a_bare_lf_works(server, after_fetch, au
     port = server.listen(implicit_tls=security == "tls")
     acct = account("lf", port, after_fetch=after_fetch, auth=auth, security=security,
                    host="localhost", ca_file=pki.ca)
+    # The mock reads commands up to CRLF only: a command Fido ended with a
+    # bare LF would never be answered, and the session would time out.
     result = yield fetch_mailbox(reactor, acct, sink, SETTINGS)
     assert result.ok, (result.message, result.debug)
     assert sorted(m.raw for m in sink.entries) == sorted(messages)
