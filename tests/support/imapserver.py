@@ -70,6 +70,9 @@ def missing_reason(name, tree, binaries, lib_dirs=()):
         return f"{name} runs in a private mount/PID namespace: the tests must run as root"
     if shutil.which("unshare") is None:
         return f"{name} needs unshare(1) (util-linux)"
+    refused = _namespaces_refused()
+    if refused:
+        return f"{name} runs in a private mount/PID namespace, which is refused here: {refused}"
     for binary in binaries:
         if not os.access(os.path.join(tree, binary.lstrip("/")), os.X_OK):
             return f"{name}: {binary} missing under {tree}: run .ci/test-servers again"
@@ -78,6 +81,20 @@ def missing_reason(name, tree, binaries, lib_dirs=()):
         return (f"{name} needs {', '.join(missing)}: install the libraries "
                 f"`.ci/test-servers --libs` lists (apt-get install)")
     return None
+
+
+def _namespaces_refused():
+    """Why ``unshare`` cannot make the namespaces here (an unprivileged
+    container), or ``""``."""
+    try:
+        done = subprocess.run(["unshare", "--mount", "--propagation", "private", "--pid",
+                               "--fork", "true"], capture_output=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return str(e)
+    if done.returncode == 0:
+        return ""
+    lines = done.stderr.decode("utf-8", "replace").strip().splitlines()
+    return lines[-1] if lines else f"unshare exited with {done.returncode}"
 
 
 def _missing_libraries(tree, binaries, lib_dirs):
