@@ -31,6 +31,11 @@ class SessionResult:
     #: harmless protocol deviations the server made and Fido read anyway:
     #: ``(("bare_lf", lines), ...)``, sorted (counted in the metrics)
     deviations: tuple = ()
+    #: the short random id on every log line of the session (``3f9a2c``)
+    session_id: str = ""
+    #: True when the source had nothing to do this turn (e.g. a held
+    #: connection polls instead): not backed off, not reported, not counted
+    skipped: bool = False
 
     @property
     def ok(self):

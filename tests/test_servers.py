@@ -18,8 +18,9 @@ from twisted.logger import Logger, formatEvent
 
 from fido_tx.accounts.model import Account
 from fido_tx.config import ImapSettings
-from fido_tx.sinks.base import MemorySink
+from fido_tx.testing import MemorySink
 from fido_tx.sources.imap import session as imap_session
+from fido_tx.sources.imap.connect import Connector
 from tests import daemon
 from tests.support import courier as courier_support
 from tests.support import cyrus as cyrus_support
@@ -231,7 +232,8 @@ def test_move_to_a_missing_folder_stores_once_and_reports_mailbox(server, redis,
 
 #: Does a later session resume the TLS session of an earlier one (at least
 #: once in three)?  ``None``: it varies from run to run (not asserted).
-#: Fido offers the last session over implicit TLS and STARTTLS alike; the
+#: Fido offers the last session over implicit TLS and STARTTLS alike (the
+#: Connector's cache, per host, trust roots and port); the
 #: servers differ: Cyrus builds a new TLS context (a new ticket key) on
 #: every STARTTLS, and its implicit-TLS resumption depends on which imapd
 #: process takes the connection; Courier's couriertls resumes neither.
@@ -249,7 +251,7 @@ def test_tls_session_resumption_over_implicit_tls_and_starttls(server):
     [user] = new_users(server, 1, "resume")
     seen = {}
     for security in ("tls", "starttls"):
-        imap_session._tls_sessions.clear()
+        connector = Connector(reactor)  # its own TLS session cache
         acct = Account(id=user, host="localhost", username=user, password=server.users[user],
                        port=server.ssl_port if security == "tls" else server.port,
                        security=security, ca_file=server.ca_file)
@@ -257,7 +259,8 @@ def test_tls_session_resumption_over_implicit_tls_and_starttls(server):
         for n in range(4):
             events = []
             result = yield imap_session.fetch_mailbox(
-                reactor, acct, MemorySink(), ImapSettings(), log=Logger(observer=events.append))
+                reactor, acct, MemorySink(), ImapSettings(), log=Logger(observer=events.append),
+                connector=connector)
             assert result.ok, result.debug
             resumed.append(any("TLS session resumed" in formatEvent(e) for e in events))
         assert not resumed[0]
