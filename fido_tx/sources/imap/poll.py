@@ -319,8 +319,6 @@ class MailboxPoll:
                 if body is not _ABSENT:  # a flag update of another message is fine
                     wrong.append(f"the body of UID {uid}, which was not asked for")
                 return
-            if body is _ABSENT and b"FLAGS" in values:
-                return  # an unsolicited flag update of a message asked for
             answered.add(uid)
             if isinstance(body, bytes):
                 if uid in bodies:
