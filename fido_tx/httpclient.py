@@ -163,18 +163,25 @@ class HttpClient:
     def __init__(self, reactor, timeout=30.0, per_host=4, http=None):
         self._reactor = reactor
         self.timeout = timeout
+        self._per_host = per_host
         self._pool = None
-        if http is None:
-            from treq.client import HTTPClient
-
-            self._pool = web_client.HTTPConnectionPool(reactor, persistent=True)
-            self._pool.maxPersistentPerHost = per_host
-            self._pool.cachedConnectionTimeout = 120
-            self._pool.retryAutomatically = False  # callers decide what is safe to repeat
-            agent = web_client.Agent(reactor, pool=self._pool, connectTimeout=timeout)
-            http = HTTPClient(agent)
         self._http = http
         self._pending = set()
+
+    def _client(self):
+        # built on the first request: a daemon without OAuth2 or Graph
+        # accounts never loads treq
+        if self._http is None:
+            from treq.client import HTTPClient
+
+            self._pool = web_client.HTTPConnectionPool(self._reactor, persistent=True)
+            self._pool.maxPersistentPerHost = self._per_host
+            self._pool.cachedConnectionTimeout = 120
+            self._pool.retryAutomatically = False  # callers decide what is safe to repeat
+            agent = web_client.Agent(self._reactor, pool=self._pool,
+                                     connectTimeout=self.timeout)
+            self._http = HTTPClient(agent)
+        return self._http
 
     def request(self, method, url, headers=None, data=None, max_body=MAX_JSON, timeout=None):
         """Deferred firing with an :class:`HttpResponse`; errbacks with a
@@ -184,7 +191,7 @@ class HttpClient:
             method = method.decode("ascii")
         timeout = self.timeout if timeout is None else timeout
         try:
-            d = self._http.request(method, url, headers=headers, data=data, unbuffered=True,
+            d = self._client().request(method, url, headers=headers, data=data, unbuffered=True,
                                    allow_redirects=False, reactor=self._reactor)
         except Exception as e:
             return defer.fail(errors.FidoError(errors.CONFIG, f"cannot send to {host}: {e}"))
