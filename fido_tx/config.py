@@ -112,6 +112,13 @@ class LogSettings:
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
+class RoutingSettings:
+    #: GitLab's incoming_email.address format, "incoming+%{key}@host";
+    #: "" = no route keys (see fido_tx.routing)
+    template: str = ""
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
 class Settings:
     fido: FidoSettings = attr.ib(factory=FidoSettings)
     imap: ImapSettings = attr.ib(factory=ImapSettings)
@@ -120,6 +127,7 @@ class Settings:
     reporter: ReporterSettings = attr.ib(factory=ReporterSettings)
     http: HttpSettings = attr.ib(factory=HttpSettings)
     log: LogSettings = attr.ib(factory=LogSettings)
+    routing: RoutingSettings = attr.ib(factory=RoutingSettings)
     #: the file these settings came from ("" when built in code)
     path: str = ""
 
@@ -133,6 +141,7 @@ SECTIONS = {
     "reporter": ReporterSettings,
     "http": HttpSettings,
     "log": LogSettings,
+    "routing": RoutingSettings,
 }
 
 #: keys holding file system paths, resolved relative to the config file
@@ -554,6 +563,13 @@ def _check_settings(path, s):
     one_of("log", "format", g.format, LOG_FORMATS)
     positive("log", "rotate_length", g.rotate_length)
     at_least("log", "max_rotated_files", g.max_rotated_files, 1)
+
+    from fido_tx import routing
+
+    try:
+        routing.check_template(s.routing.template)
+    except ValueError as e:
+        bad("routing", "template", str(e))
 
 
 def _one_line(text):
