@@ -25,9 +25,12 @@ def b64url(data):
     return base64.urlsafe_b64encode(data).rstrip(b"=")
 
 
+_HEADER = b64url(b'{"typ":"JWT","alg":"HS256"}')
+
+
 def encode_hs256(claims, key):
     """The compact JWS of ``claims`` (a dict) signed with HMAC-SHA256."""
-    header = b64url(json.dumps({"typ": "JWT", "alg": "HS256"}, separators=(",", ":")).encode())
+    header = _HEADER
     payload = b64url(json.dumps(claims, separators=(",", ":"), sort_keys=True).encode())
     signing_input = header + b"." + payload
     signature = hmac.new(key, signing_input, hashlib.sha256).digest()

@@ -1,0 +1,150 @@
+"""Delivery benchmark: the same messages through the ``webhook``, ``sidekiq``
+and ``stream`` sinks, messages/s and the client's CPU per message.
+
+    python bench/deliver.py [--messages 1000] [--runs 5] [--size 4096]
+
+Starts a fresh local Redis and a GitLab-like endpoint (its own process, so
+its CPU is not counted; it checks every JWT with PyJWT, as GitLab would).
+Each run delivers ``--messages`` new messages (about ``--size`` bytes) in
+batches of 25 with 8 batches in flight (8 sessions), and measures wall time
+and this process's CPU time (user + sys: Fido's side only, Redis and the
+endpoint run elsewhere).  Prints one line per kind: median of the runs.
+"""
+
+import argparse
+import base64
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import attr  # noqa: E402
+from twisted.internet import defer, task  # noqa: E402
+
+from tests.support import redis_server  # noqa: E402
+
+BATCH, IN_FLIGHT = 25, 8
+
+ENDPOINT = """
+import sys
+from twisted.internet import reactor
+from tests.support.gitlab_endpoint import GitLabEndpoint
+ep = GitLabEndpoint(reactor, open(sys.argv[1]).read()).start()
+print(ep.port, flush=True)
+reactor.run()
+"""
+
+
+@attr.s(auto_attribs=True)
+class Ctx:
+    reactor: object
+    redis: object
+    dry_run: bool = False
+    log: object = None
+
+
+def messages(run, count, size, new_message):
+    filler = (b"x" * 76 + b"\r\n") * max(1, size // 78)
+    return [
+        new_message(f"bench-{run}", i, b"From: a@b.test\r\nSubject: %d\r\n\r\n" % i + filler)
+        for i in range(1, count + 1)
+    ]
+
+
+async def timed(reactor, deliver, batch_list):
+    """Deliver the batches with IN_FLIGHT at once: (seconds, cpu seconds)."""
+    limit = defer.DeferredSemaphore(IN_FLIGHT)
+    wall, cpu = time.perf_counter(), time.process_time()
+    results = await defer.gatherResults([limit.run(deliver, b) for b in batch_list])
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    return wall, cpu, results
+
+
+def batches(items):
+    return [items[i : i + BATCH] for i in range(0, len(items), BATCH)]
+
+
+async def bench(reactor, opts):
+    from fido_tx.config import RedisSettings
+    from fido_tx.redis.store import RedisStore
+    from fido_tx.sinks import base, sidekiq, webhook
+    from fido_tx.sinks.message import Message
+    from tests.support.redisconn import SharedRedisStandIn
+
+    work = tempfile.mkdtemp(prefix="fido-deliver-bench-")
+    secret = os.path.join(work, "secret")
+    with open(secret, "w") as f:
+        f.write(base64.b64encode(os.urandom(32)).decode())
+    server = redis_server.RedisServer(redis_server.find_redis_server()).start()
+    endpoint = subprocess.Popen(
+        [sys.executable, "-c", ENDPOINT, secret], cwd=ROOT, stdout=subprocess.PIPE,
+        env=dict(os.environ, PYTHONPATH=ROOT),
+    )
+    port = int(endpoint.stdout.readline())
+    url = f"http://127.0.0.1:{port}/api/v4/internal/mail_room/incoming_email"
+    conn = await SharedRedisStandIn(reactor, server.port).connect()
+    store = RedisStore(reactor, RedisSettings(url=server.url))
+    store.startService()
+    hook = webhook.build("gitlab", webhook.validate(
+        {"url": url, "auth": "gitlab-jwt", "secret_file": secret, "concurrency": 8}, work),
+        Ctx(reactor, conn))
+    jobs = sidekiq.build("jobs", sidekiq.validate({}, work), Ctx(reactor, conn))
+
+    def new_message(account, i, raw):
+        return Message(account, "INBOX", "1", str(i), raw)
+
+    def old_message(account, i, raw):
+        return base.Message(account, "INBOX", 1, i, raw)
+
+    kinds = {
+        "stream": (lambda b: store.store(b), old_message),
+        "sidekiq": (jobs.deliver, new_message),
+        "webhook": (hook.deliver, new_message),
+    }
+    rows = {k: [] for k in kinds}
+    try:
+        for run in range(opts.runs):
+            for kind, (deliver, make) in kinds.items():
+                msgs = messages(f"{kind}-{run}", opts.messages, opts.size, make)
+                wall, cpu, results = await timed(reactor, deliver, batches(msgs))
+                if kind == "stream":
+                    done = sum(len(r.new) for r in results)
+                else:
+                    done = sum(len(r.new) for r in results)
+                    errors = [r.error for r in results if r.error]
+                    assert not errors, errors[0]
+                assert done == opts.messages, (kind, done)
+                rows[kind].append((opts.messages / wall, cpu * 1e6 / opts.messages))
+        print(f"{opts.messages} messages of ~{opts.size} bytes x {opts.runs} runs,"
+              f" batches of {BATCH}, {IN_FLIGHT} in flight (median):")
+        for kind, values in rows.items():
+            rate = statistics.median(v[0] for v in values)
+            cpu = statistics.median(v[1] for v in values)
+            print(f"  {kind:8s} {rate:8.0f} messages/s   {cpu:6.0f} us client CPU/message")
+    finally:
+        await hook.stopService()
+        await store.stopService()
+        await conn.disconnect()
+        endpoint.terminate()
+        endpoint.wait()
+        server.close()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--messages", type=int, default=1000)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--size", type=int, default=4096)
+    opts = parser.parse_args()
+    task.react(lambda reactor: defer.ensureDeferred(bench(reactor, opts)))
+
+
+if __name__ == "__main__":
+    main()
