@@ -365,3 +365,68 @@ async def test_dry_run_posts_nothing(tmp_path, endpoint, conn):
     d = await sink.deliver([message(1)])
     assert d.confirmed == () and endpoint.requests == []
     await sink.stopService()
+
+
+ENDPOINT_PROCESS = """
+import json, sys
+from twisted.internet import reactor
+from tests.support.gitlab_endpoint import GitLabEndpoint
+ep = GitLabEndpoint(reactor, open(sys.argv[1]).read()).start()
+log = open(sys.argv[2], "a")
+old = ep._site.resource.render_POST
+def render(request):
+    result = old(request)
+    r = ep.requests[-1]
+    log.write(json.dumps({"key": r.headers.get("idempotency-key"), "ok": r.jwt_ok,
+                          "body": r.body.decode()}) + "\\n")
+    log.flush()
+    return result
+ep._site.resource.render_POST = render
+print(ep.port, flush=True)
+reactor.run()
+"""
+
+
+def test_sigkill_between_post_and_record_repeats_only_those_posts(redis, tmp_path):
+    """A real crash: the child POSTs 5 messages, GitLab answers 200, and the
+    child is SIGKILLed while its dedupe write is stuck.  The next run POSTs
+    each of them once more with the same Idempotency-Key; the run after that
+    POSTs nothing."""
+    import json
+    import signal
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root)
+    secret = secret_file(tmp_path)
+    log = tmp_path / "posts.jsonl"
+    server = subprocess.Popen([sys.executable, "-c", ENDPOINT_PROCESS, secret, str(log)],
+                              cwd=root, env=env, stdout=subprocess.PIPE)
+    try:
+        url = f"http://127.0.0.1:{int(server.stdout.readline())}/api/v4/internal/mail_room/incoming_email"
+        args = [sys.executable, "-m", "tests.support.webhook_child", str(redis.port), url, secret, "5"]
+        child = subprocess.Popen(args + ["stall"], cwd=root, env=env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE)
+        try:
+            line = child.stdout.readline()
+            assert line == b"stalled\n", child.stderr.read()
+        finally:
+            child.send_signal(signal.SIGKILL)
+            child.wait()
+        first = [json.loads(x) for x in log.read_text().splitlines()]
+        assert len(first) == 5 and all(p["ok"] for p in first)
+        assert redis.client()("EXISTS", dedupe.dedupe_key("acme", "INBOX", "7")) == 0
+        again = subprocess.run(args + ["run"], cwd=root, env=env, capture_output=True, timeout=60)
+        assert again.stdout.split() == [b"new", b"1", b"2", b"3", b"4", b"5"], again.stderr
+        third = subprocess.run(args + ["run"], cwd=root, env=env, capture_output=True, timeout=60)
+        assert third.stdout.split() == [b"new"], third.stderr
+        posts = [json.loads(x) for x in log.read_text().splitlines()]
+        assert len(posts) == 10  # each message exactly twice: the crash repeated only those
+        by_body = {}
+        for p in posts:
+            by_body.setdefault(p["body"], set()).add(p["key"])
+        assert len(by_body) == 5 and all(len(keys) == 1 for keys in by_body.values())
+    finally:
+        server.terminate()
+        server.wait()
