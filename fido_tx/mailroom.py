@@ -218,7 +218,7 @@ class _Mailbox:
         ow = f"{where}: :inbox_options"
         a["source"] = "graph"
         a["user"] = email
-        self.say("inbox_method", MAPPED, 'source = "graph"')
+        self.say("inbox_method", MAPPED, 'source = "graph"' + _graph_note())
         self.say("email", MAPPED, f"user = {email!r}")
         a["mailbox"] = "Inbox" if name.lower() == "inbox" else name
         if "name" in box:
@@ -284,6 +284,20 @@ class _Mailbox:
         name = _share(self.out.deliveries, name, table)
         self.account["delivery"] = name
         self.say("delivery_method", MAPPED, f"[delivery.{name}] kind = {table['kind']!r}")
+
+
+def _graph_note():
+    """A warning while this Fido has no Graph source (it is built apart)."""
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec("fido_tx.sources.graph") is not None
+    except ImportError:
+        found = False
+    return "" if found else (
+        " (this Fido has no Microsoft Graph source yet: the daemon will not"
+        " fetch this account until it has one)"
+    )
 
 
 def _share(deliveries, name, table):

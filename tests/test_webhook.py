@@ -290,6 +290,18 @@ async def test_wrong_secret_is_refused_by_the_endpoint(tmp_path, endpoint, conn)
 
 
 @pytest_twisted.ensureDeferred
+async def test_429_is_transient_and_says_retry_after(tmp_path, endpoint, conn):
+    sink = make_sink(tmp_path, endpoint, conn)
+    try:
+        endpoint.mode = "throttled"
+        d = await sink.deliver([message(1)])
+        assert d.confirmed == () and d.rejected == () and d.error.kind == errors.DELIVERY
+        assert "answered 429 (Retry-After: 120); will retry" in d.error.message
+    finally:
+        await sink.stopService()
+
+
+@pytest_twisted.ensureDeferred
 async def test_400_is_rejected_not_delivered(tmp_path, endpoint, conn):
     sink = make_sink(tmp_path, endpoint, conn)
     try:

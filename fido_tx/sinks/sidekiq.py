@@ -108,9 +108,14 @@ def _own_connection(url, ctx):
     """A connection of this delivery's own (``redis_url``): Sidekiq's Redis
     is not Fido's.  The dedupe record then lives there too, beside the jobs,
     so that the two stay one atomic step."""
-    from fido_tx.redis.connection import RedisConnection  # the shared class
-
-    return RedisConnection.for_url(ctx.reactor, url)
+    try:
+        from fido_tx.redis.connection import RedisConnection  # the shared class
+    except ImportError:
+        raise ValueError(
+            "redis_url: this Fido cannot open a second Redis connection yet;"
+            " leave redis_url empty to use [redis] url"
+        ) from None
+    return RedisConnection.for_url(ctx.reactor, url)  # wired at merge: see README
 
 
 def message_text(raw, binary="latin1"):

@@ -226,6 +226,7 @@ class _Answer:
     status: int = 0
     failure: str = ""
     body: bytes = b""
+    retry_after: str = ""
 
 
 @implementer(ISink)
@@ -329,8 +330,10 @@ class WebhookSink(Service):
         d = self._agent.request(b"POST", self.url.encode("ascii"), self._headers(message), body)
 
         def answered(response):
+            wait = (response.headers.getRawHeaders(b"retry-after") or [b""])[0]
             return _read_body(response).addCallback(
-                lambda data: _Answer(status=response.code, body=data)
+                lambda data: _Answer(status=response.code, body=data,
+                                     retry_after=wait.decode("latin-1")[:40])
             )
 
         d.addCallback(answered)
@@ -384,6 +387,8 @@ class WebhookSink(Service):
             )
         if status in (408, 429) or status >= 500 or 300 <= status < 400:
             hint = "; check the url" if 300 <= status < 400 else "; will retry"
+            if answer.retry_after:
+                hint = f" (Retry-After: {answer.retry_after}){hint}"
             return errors.FidoError(errors.DELIVERY, f"{where} answered {status}{hint}", debug)
         self._log.warn(
             "{where} refused {account}/{mailbox} uid {id} for good ({status}):"

@@ -8,7 +8,7 @@ base64-decoded secret file (which must be 32 bytes).
 ``mode`` picks the answer: ``ok`` (200 ``{"success":true}``),
 ``bad_request`` (400 ``{"success":false}``, as GitLab answers after it has
 bounced an oversized mail), ``unauthorized`` (401), ``error`` (500),
-``hang`` (never answers).  ``stop()``/``start()`` take it down and back up on
+``throttled`` (429 with ``Retry-After: 120``), ``hang`` (never answers).  ``stop()``/``start()`` take it down and back up on
 the same port.  Every request is kept in ``requests``.
 """
 
@@ -77,7 +77,7 @@ class _MailRoom(resource.Resource):
         body = request.content.read()
         path = request.path.decode()
         status = {"ok": 200, "bad_request": 400, "unauthorized": 401,
-                  "error": 500, "hang": 0}[ep.mode]
+                  "error": 500, "hang": 0, "throttled": 429}[ep.mode]
         if why and ep.check_jwt:
             status = 401
         if not path.startswith("/api/v4/internal/mail_room/"):
@@ -88,6 +88,8 @@ class _MailRoom(resource.Resource):
             return server.NOT_DONE_YET
         request.setResponseCode(status)
         request.setHeader(b"Content-Type", b"application/json")
+        if status == 429:
+            request.setHeader(b"Retry-After", b"120")
         if status == 200:
             return json.dumps({"success": True}).encode()
         if status == 400:
