@@ -252,3 +252,38 @@ class ImportTests(SynchronousTestCase):
         self.assertEqual([line.key for line in conv.unmapped], ["delivery_method"])
         self.assertTrue(all(isinstance(line, mailroom.Line) for line in conv.lines))
         self.assertEqual(json.loads(mailroom.accounts_json(conv))["accounts"][0]["id"], "e@x")
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+KEYS = ["host", "port", "ssl", "start_tls", "email", "password", "name", "delete_after_delivery",
+        "search_command", "delivery_method", "delivery_options", "inbox_method", "inbox_options",
+        "delivery_url", "url", "delivery_token", "username", "jwt_auth_header", "jwt_secret_path",
+        "jwt_algorithm", "redis_url", "redis_db", "worker", "queue", "namespace", "sentinels",
+        "tenant_id", "client_id", "client_secret", "graph_endpoint", "azure_ad_endpoint", "x"]
+scalars = st.one_of(st.none(), st.booleans(), st.integers(-5, 70000), st.text(max_size=12),
+                    st.sampled_from(["postback", "sidekiq", "microsoft_graph", "NEW", "UNSEEN",
+                                     "http://h/x", "redis://r", "HS256"]))
+values = st.recursive(
+    scalars,
+    lambda inner: st.lists(inner, max_size=3)
+    | st.dictionaries(st.sampled_from(KEYS), inner, max_size=6),
+    max_leaves=12,
+)
+
+
+class ConvertPropertyTests(SynchronousTestCase):
+    @settings(max_examples=150, deadline=None)
+    @given(st.dictionaries(st.sampled_from(["mailboxes", "x"]),
+                           st.lists(st.dictionaries(st.sampled_from(KEYS), values, max_size=10),
+                                    max_size=3) | values, max_size=2))
+    def test_any_document_converts_or_fails_with_one_line(self, document):
+        try:
+            conversion = mailroom.convert(document, "f.yml")
+        except mailroom.MailRoomError as e:
+            self.assertNotIn("\n", str(e))
+            self.assertTrue(str(e).startswith("f.yml"))
+            return
+        self.assertEqual(len(conversion.accounts), len(document["mailboxes"]))
+        json.loads(mailroom.accounts_json(conversion))
