@@ -76,7 +76,7 @@ async def bench(reactor, opts):
     from fido_tx.redis.store import RedisStore
     from fido_tx.sinks import base, sidekiq, webhook
     from fido_tx.sinks.message import Message
-    from tests.support.redisconn import SharedRedisStandIn
+    from tests.support import redisconn
 
     work = tempfile.mkdtemp(prefix="fido-deliver-bench-")
     secret = os.path.join(work, "secret")
@@ -89,7 +89,7 @@ async def bench(reactor, opts):
     )
     port = int(endpoint.stdout.readline())
     url = f"http://127.0.0.1:{port}/api/v4/internal/mail_room/incoming_email"
-    conn = await SharedRedisStandIn(reactor, server.port).connect()
+    conn = await redisconn.shared_connection(reactor, server.port)
     store = RedisStore(reactor, RedisSettings(url=server.url))
     store.startService()
     hook = webhook.build("gitlab", webhook.validate(
@@ -131,7 +131,7 @@ async def bench(reactor, opts):
     finally:
         await hook.stopService()
         await store.stopService()
-        await conn.disconnect()
+        await redisconn.close(conn)
         endpoint.terminate()
         endpoint.wait()
         server.close()

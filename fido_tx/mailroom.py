@@ -440,9 +440,26 @@ class _Sidekiq:
             hosts = ",".join(f"{s.get('host')}:{s.get('port', 26379)}" for s in sentinels)
             master = parts.hostname or "mymaster"
             path = parts.path.strip("/") or "0"
-            self.lines("sentinels", MAPPED, f"redis+sentinel:// URL with master {master!r}")
-            return f"redis+sentinel://{hosts}/{master}/{path}"
+            url = f"redis+sentinel://{hosts}/{master}/{path}"
+            if sentinel_supported():
+                self.lines("sentinels", MAPPED, f"redis+sentinel:// URL with master {master!r}")
+            else:
+                self.lines("sentinels", UNMAPPED, "this Fido cannot use Redis Sentinel yet:"
+                           " the redis+sentinel:// URL is written, replace it with the"
+                           " current master's redis:// URL")
+            return url
         return urlunsplit(parts)
+
+
+def sentinel_supported():
+    """Whether this Fido's Redis URL parser takes ``redis+sentinel://``."""
+    from fido_tx.redis import url as redisurl
+
+    try:
+        redisurl.parse("redis+sentinel://127.0.0.1:26379/mymaster/0")
+    except Exception:
+        return False
+    return True
 
 
 def accounts_json(conversion):

@@ -20,7 +20,7 @@ from zope.interface.verify import verifyObject
 from fido_tx.interfaces import ISink
 from fido_tx.sinks import dedupe, sidekiq
 from fido_tx.sinks.message import Message
-from tests.support.redisconn import SharedRedisStandIn
+from tests.support import redisconn
 from tests.support.sidekiq import Sidekiq
 
 ASCII = b"From: a@b.test\r\nSubject: plain\r\n\r\nhello\r\n"
@@ -106,9 +106,9 @@ class JobTests(SynchronousTestCase):
 
 @pytest.fixture
 def conn(redis):
-    c = pytest_twisted.blockon(SharedRedisStandIn(_reactor(), redis.port).connect())
+    c = pytest_twisted.blockon(redisconn.shared_connection(_reactor(), redis.port))
     yield c
-    pytest_twisted.blockon(c.disconnect())
+    pytest_twisted.blockon(redisconn.close(c))
 
 
 @pytest_twisted.ensureDeferred
@@ -212,11 +212,11 @@ import sys
 from twisted.internet import defer, task
 from fido_tx.sinks import sidekiq
 from tests.support.push_child import Ctx
-from tests.support.redisconn import SharedRedisStandIn
+from tests.support import redisconn
 from tests.test_sidekiq import sample_messages
 
 async def main(reactor, port):
-    conn = await SharedRedisStandIn(reactor, int(port)).connect()
+    conn = await redisconn.shared_connection(reactor, int(port))
     sink = sidekiq.build("jobs", sidekiq.validate({}, "."), Ctx(reactor, conn))
     msgs = sample_messages(200)
     fresh = set(await sink.filter_new("acme", "INBOX", "42", [m.id for m in msgs]))
@@ -224,7 +224,7 @@ async def main(reactor, port):
     assert len(result.confirmed) == 200
     assert set(result.new) == fresh, (sorted(result.new), sorted(fresh))
     print(len(result.new))
-    await conn.disconnect()
+    await redisconn.close(conn)
 
 task.react(lambda reactor, port: defer.ensureDeferred(main(reactor, port)), sys.argv[1:])
 """

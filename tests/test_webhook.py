@@ -22,7 +22,7 @@ from fido_tx.interfaces import ISink
 from fido_tx.sinks import dedupe, jwt, webhook
 from fido_tx.sinks.message import Message, MessageKey
 from tests.support.gitlab_endpoint import GitLabEndpoint, check_token
-from tests.support.redisconn import SharedRedisStandIn
+from tests.support import redisconn
 
 SECRET = base64.b64encode(bytes(range(32))).decode() + "\n"
 
@@ -175,9 +175,9 @@ def endpoint():
 
 @pytest.fixture
 def conn(redis):
-    c = pytest_twisted.blockon(SharedRedisStandIn(_reactor(), redis.port).connect())
+    c = pytest_twisted.blockon(redisconn.shared_connection(_reactor(), redis.port))
     yield c
-    pytest_twisted.blockon(c.disconnect())
+    pytest_twisted.blockon(redisconn.close(c))
 
 
 def make_sink(tmp_path, endpoint, conn, **extra):

@@ -10,7 +10,7 @@ import attr
 from twisted.internet import defer, task
 
 from fido_tx.sinks import sidekiq
-from tests.support.redisconn import SharedRedisStandIn
+from tests.support import redisconn
 from tests.test_sidekiq import sample_messages
 
 
@@ -23,7 +23,7 @@ class Ctx:
 
 
 async def main(reactor, port, count):
-    conn = await SharedRedisStandIn(reactor, int(port)).connect()
+    conn = await redisconn.shared_connection(reactor, int(port))
     sink = sidekiq.build("jobs", sidekiq.validate({}, "."), Ctx(reactor, conn))
     for m in sample_messages(int(count)):
         result = await sink.deliver([m])

@@ -66,3 +66,25 @@ class SharedRedisStandIn:
 
     def script(self, source):
         return Script(self, source)
+
+
+def shared_connection(reactor, port):
+    """Deferred: the real shared connection
+    (:class:`fido_tx.redis.connection.RedisConnection`) when this Fido has it,
+    else the stand-in above, connected to ``127.0.0.1:port``."""
+    try:
+        from fido_tx.redis.connection import RedisConnection
+    except ImportError:
+        return SharedRedisStandIn(reactor, port).connect()
+    from fido_tx.config import RedisSettings
+
+    conn = RedisConnection(reactor, RedisSettings(url=f"redis://127.0.0.1:{port}/0"))
+    conn.startService()
+    return defer.succeed(conn)
+
+
+def close(conn):
+    """Deferred: ``conn`` (from :func:`shared_connection`) closed."""
+    if isinstance(conn, SharedRedisStandIn):
+        return conn.disconnect()
+    return defer.maybeDeferred(conn.stopService)

@@ -15,7 +15,7 @@ from twisted.internet import defer, task
 
 from fido_tx.sinks import webhook
 from fido_tx.sinks.message import Message
-from tests.support.redisconn import SharedRedisStandIn
+from tests.support import redisconn
 
 
 @attr.s(auto_attribs=True)
@@ -45,7 +45,7 @@ def sample(count):
 
 
 async def main(reactor, port, url, secret, count, mode):
-    conn = await SharedRedisStandIn(reactor, int(port)).connect()
+    conn = await redisconn.shared_connection(reactor, int(port))
     redis = StallsOnSADD(conn) if mode == "stall" else conn
     options = webhook.validate({"url": url, "auth": "gitlab-jwt", "secret_file": secret}, ".")
     sink = webhook.build("gitlab", options, Ctx(reactor, redis))
