@@ -228,3 +228,33 @@ async def main(reactor, port):
 
 task.react(lambda reactor, port: defer.ensureDeferred(main(reactor, port)), sys.argv[1:])
 """
+
+
+@pytest_twisted.ensureDeferred
+async def test_redis_url_of_its_own_holds_jobs_and_record(conn, redis):
+    """``redis_url``: Sidekiq's Redis is not Fido's; the jobs and the dedupe
+    record go there together (one atomic step), nothing into Fido's."""
+    from tests.support import redis_server
+
+    try:
+        import fido_tx.redis.connection  # noqa: F401
+    except ImportError:
+        with pytest.raises(ValueError, match="redis_url: this Fido cannot open a second"):
+            sidekiq.build("jobs", sidekiq.validate({"redis_url": "redis://127.0.0.1:1/0"}, "."),
+                          Ctx(_reactor(), conn))
+        return
+    other = redis_server.RedisServer(redis_server.find_redis_server()).start()
+    try:
+        sink = sidekiq.build("jobs", sidekiq.validate({"redis_url": other.url}, "."),
+                             Ctx(_reactor(), conn))
+        sink.startService()
+        try:
+            d = await sink.deliver(sample_messages(2))
+            assert d.new == ("1", "2")
+        finally:
+            await sink.stopService()
+        assert other.client()("LLEN", "queue:default") == 2
+        assert other.client()("SCARD", dedupe.dedupe_key("acme", "INBOX", "42")) == 2
+        assert redis.client()("EXISTS", "queue:default") == 0
+    finally:
+        other.close()

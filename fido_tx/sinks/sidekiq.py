@@ -35,6 +35,7 @@ a message that is not UTF-8, ``binary`` decides:
 import json
 import os
 
+from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -97,17 +98,17 @@ def validate(options, base_dir):
 
 
 def build(name, options, ctx):
-    redis = ctx.redis
+    own = None
     if options["redis_url"]:
-        redis = _own_connection(options["redis_url"], ctx)
-    return SidekiqSink(name, options, ctx.reactor, redis, dry_run=ctx.dry_run,
-                       log=getattr(ctx, "log", None) or _log)
+        own = _own_connection(options["redis_url"], ctx)
+    return SidekiqSink(name, options, ctx.reactor, own or ctx.redis, dry_run=ctx.dry_run,
+                       log=getattr(ctx, "log", None) or _log, owns_connection=own is not None)
 
 
 def _own_connection(url, ctx):
     """A connection of this delivery's own (``redis_url``): Sidekiq's Redis
     is not Fido's.  The dedupe record then lives there too, beside the jobs,
-    so that the two stay one atomic step."""
+    so that the two stay one atomic step.  The sink starts and stops it."""
     try:
         from fido_tx.redis.connection import RedisConnection  # the shared class
     except ImportError:
@@ -115,7 +116,9 @@ def _own_connection(url, ctx):
             "redis_url: this Fido cannot open a second Redis connection yet;"
             " leave redis_url empty to use [redis] url"
         ) from None
-    return RedisConnection.for_url(ctx.reactor, url)  # wired at merge: see README
+    from fido_tx.config import RedisSettings
+
+    return RedisConnection(ctx.reactor, RedisSettings(url=url))
 
 
 def message_text(raw, binary="latin1"):
@@ -147,13 +150,16 @@ def job_json(message, options, now, jid=None):
 
 
 @implementer(ISink)
-class SidekiqSink:
-    """One ``[delivery.NAME]`` of kind sidekiq."""
+class SidekiqSink(Service):
+    """One ``[delivery.NAME]`` of kind sidekiq (a Service: with a
+    ``redis_url`` of its own, it starts and stops that connection)."""
 
     kind = KIND
 
-    def __init__(self, name, options, reactor, redis, dry_run=False, log=None):
-        self.name = name
+    def __init__(self, name, options, reactor, redis, dry_run=False, log=None,
+                 owns_connection=False):
+        self.delivery = name
+        self._owns = owns_connection
         self._options = options
         self._reactor = reactor
         self._redis = redis
@@ -163,6 +169,16 @@ class SidekiqSink:
         self.queues_key = f"{prefix}queues".encode("utf-8")
         self.queue_key = f"{prefix}queue:{options['queue']}".encode("utf-8")
         self._script = redis.script(PUSH_LUA) if redis is not None else None
+
+    def startService(self):
+        super().startService()
+        if self._owns:
+            self._redis.startService()
+
+    def stopService(self):
+        super().stopService()
+        if self._owns:
+            return self._redis.stopService()
 
     def filter_new(self, account_id, mailbox, epoch, ids):
         return dedupe.filter_new(self._redis, account_id, mailbox, epoch, ids)

@@ -237,7 +237,8 @@ class WebhookSink(Service):
     kind = KIND
 
     def __init__(self, name, options, reactor, redis, dry_run=False, log=None, agent=None):
-        self.name = name
+        # not Service.name: a delivery may be called "redis" like the connection
+        self.delivery = name
         self.url = options["url"]
         self._shown_url = _show_url(self.url)
         self._options = options
@@ -269,7 +270,7 @@ class WebhookSink(Service):
             return defer.succeed(Delivery())
         if self._dry_run:
             self._log.info(
-                "webhook {name}: dry run, {n} messages not posted", name=self.name, n=len(messages)
+                "webhook {name}: dry run, {n} messages not posted", name=self.delivery, n=len(messages)
             )
             return defer.succeed(Delivery())
         return defer.ensureDeferred(self._deliver(messages))
@@ -368,7 +369,7 @@ class WebhookSink(Service):
     def _judge(self, message, answer):
         """"ok", "rejected", or the FidoError that keeps ``message`` back."""
         status = answer.status
-        where = f"webhook {self.name} ({self._shown_url})"
+        where = f"webhook {self.delivery} ({self._shown_url})"
         debug = f"message {message.account}/{message.mailbox}/{message.epoch}/{message.id}"
         if answer.body:
             debug += "; answer: " + answer.body[:500].decode("utf-8", "replace")
