@@ -114,20 +114,13 @@ async def bench(reactor, opts):
             for kind, (deliver, make) in kinds.items():
                 msgs = messages(f"{kind}-{run}", opts.messages, opts.size, make)
                 wall, cpu, results = await timed(reactor, deliver, batches(msgs))
-                if kind == "stream":
-                    done = sum(len(r.new) for r in results)
-                else:
-                    done = sum(len(r.new) for r in results)
+                done = sum(len(r.new) for r in results)
+                if kind != "stream":
                     errors = [r.error for r in results if r.error]
                     assert not errors, errors[0]
                 assert done == opts.messages, (kind, done)
                 rows[kind].append((opts.messages / wall, cpu * 1e6 / opts.messages))
-        print(f"{opts.messages} messages of ~{opts.size} bytes x {opts.runs} runs,"
-              f" batches of {BATCH}, {IN_FLIGHT} in flight (median):")
-        for kind, values in rows.items():
-            rate = statistics.median(v[0] for v in values)
-            cpu = statistics.median(v[1] for v in values)
-            print(f"  {kind:8s} {rate:8.0f} messages/s   {cpu:6.0f} us client CPU/message")
+        report(opts, rows)
     finally:
         await hook.stopService()
         await store.stopService()
@@ -135,6 +128,15 @@ async def bench(reactor, opts):
         endpoint.terminate()
         endpoint.wait()
         server.close()
+
+
+def report(opts, rows):
+    print(f"{opts.messages} messages of ~{opts.size} bytes x {opts.runs} runs,"
+          f" batches of {BATCH}, {IN_FLIGHT} in flight (median):")
+    for kind, values in rows.items():
+        rate = statistics.median(v[0] for v in values)
+        cpu = statistics.median(v[1] for v in values)
+        print(f"  {kind:8s} {rate:8.0f} messages/s   {cpu:6.0f} us client CPU/message")
 
 
 def main():

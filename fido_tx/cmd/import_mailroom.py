@@ -47,19 +47,8 @@ def main(args):
     except mailroom.MailRoomError as e:
         raise CliError(str(e)) from None
 
-    config_path = os.path.abspath(args.out_config)
+    config_path, accounts_path, key_path = _paths(args)
     base = os.path.dirname(config_path)
-    default_accounts = "accounts.json.enc" if args.key else "accounts.json"
-    accounts_path = os.path.abspath(args.out_accounts or os.path.join(base, default_accounts))
-    key_path = os.path.abspath(args.key) if args.key else ""
-    for path in (config_path, accounts_path):
-        if not os.path.isdir(os.path.dirname(path)):
-            raise CliError(f"{os.path.dirname(path)}: no such directory (for {path})")
-    if key_path:
-        try:
-            accounts.read_keys(key_path)
-        except accounts.AccountsFileError as e:
-            raise CliError(str(e)) from None
     check = accounts.parse_document(json.loads(mailroom.accounts_json(conversion)), "import", base)
     for problem in check.problems:
         conversion.lines.append(mailroom.Line(args.file, "mailboxes", mailroom.UNMAPPED, str(problem)))
@@ -90,6 +79,24 @@ def main(args):
         say(f"{len(conversion.unmapped)} keys could not be mapped: edit the files before running Fido")
         return 1
     return 0
+
+
+def _paths(args):
+    """The absolute output paths and key file, checked before any write."""
+    config_path = os.path.abspath(args.out_config)
+    base = os.path.dirname(config_path)
+    default_accounts = "accounts.json.enc" if args.key else "accounts.json"
+    accounts_path = os.path.abspath(args.out_accounts or os.path.join(base, default_accounts))
+    key_path = os.path.abspath(args.key) if args.key else ""
+    for path in (config_path, accounts_path):
+        if not os.path.isdir(os.path.dirname(path)):
+            raise CliError(f"{os.path.dirname(path)}: no such directory (for {path})")
+    if key_path:
+        try:
+            accounts.read_keys(key_path)
+        except accounts.AccountsFileError as e:
+            raise CliError(str(e)) from None
+    return config_path, accounts_path, key_path
 
 
 def _toml_value(value):
