@@ -7,8 +7,8 @@ Starts a fresh local Redis and a GitLab-like endpoint (its own process, so
 its CPU is not counted; it checks every JWT with PyJWT, as GitLab would).
 Each run delivers ``--messages`` new messages (about ``--size`` bytes) in
 batches of 25 with 8 batches in flight (8 sessions), and measures wall time
-and this process's CPU time (user + sys: Fido's side only, Redis and the
-endpoint run elsewhere).  Prints one line per kind: median of the runs.
+and this process's CPU time, user and sys apart (Fido's side only: Redis and
+the endpoint run elsewhere).  Prints one line per kind: median of the runs.
 """
 
 import argparse
@@ -61,10 +61,11 @@ def messages(run, count, size, new_message):
 async def timed(reactor, deliver, batch_list):
     """Deliver the batches with IN_FLIGHT at once: (seconds, cpu seconds)."""
     limit = defer.DeferredSemaphore(IN_FLIGHT)
-    wall, cpu = time.perf_counter(), time.process_time()
+    wall, before = time.perf_counter(), os.times()
     results = await defer.gatherResults([limit.run(deliver, b) for b in batch_list])
-    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    return wall, cpu, results
+    after = os.times()
+    wall = time.perf_counter() - wall
+    return wall, (after.user - before.user, after.system - before.system), results
 
 
 def batches(items):
@@ -119,7 +120,8 @@ async def bench(reactor, opts):
                     errors = [r.error for r in results if r.error]
                     assert not errors, errors[0]
                 assert done == opts.messages, (kind, done)
-                rows[kind].append((opts.messages / wall, cpu * 1e6 / opts.messages))
+                n = opts.messages
+                rows[kind].append((n / wall, cpu[0] * 1e6 / n, cpu[1] * 1e6 / n))
         report(opts, rows)
     finally:
         await hook.stopService()
@@ -134,9 +136,9 @@ def report(opts, rows):
     print(f"{opts.messages} messages of ~{opts.size} bytes x {opts.runs} runs,"
           f" batches of {BATCH}, {IN_FLIGHT} in flight (median):")
     for kind, values in rows.items():
-        rate = statistics.median(v[0] for v in values)
-        cpu = statistics.median(v[1] for v in values)
-        print(f"  {kind:8s} {rate:8.0f} messages/s   {cpu:6.0f} us client CPU/message")
+        rate, user, system = (statistics.median(v[i] for v in values) for i in range(3))
+        print(f"  {kind:8s} {rate:8.0f} messages/s   client CPU/message: {user:5.0f} us user"
+              f" + {system:5.0f} us sys")
 
 
 def main():
