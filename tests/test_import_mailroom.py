@@ -13,7 +13,7 @@ import tomllib
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from fido_tx import mailroom
+from fido_tx import config, mailroom
 from fido_tx.accounts import model
 from fido_tx.cmd import cli
 from fido_tx.sinks import sidekiq, webhook
@@ -75,13 +75,19 @@ class ImportTests(SynchronousTestCase):
         self.assertEqual(key, key_file)
         result = model.load_accounts(accounts_path, key)
         self.assertEqual(result.problems, ())
-        sinks = {"webhook": webhook, "sidekiq": sidekiq}
-        deliveries = {
-            name: sinks[table["kind"]].validate(
-                {k: v for k, v in table.items() if k != "kind"}, self.dir
-            )
-            for name, table in document.get("delivery", {}).items()
-        }
+        # the daemon's own reading of the file: [delivery.NAME] through the
+        # sink registry, each kind's validate() included
+        settings = config.read_settings(os.path.join(self.dir, "fido.toml"))
+        tables = settings.delivery_tables()
+        deliveries = {name: dict(tables[name].options, kind=tables[name].kind)
+                      for name in document.get("delivery", {})}
+        for name, table in deliveries.items():
+            sinks = {"webhook": webhook, "sidekiq": sidekiq}
+            self.assertEqual(sinks[table["kind"]].KIND, table["kind"])
+        out, err = io.StringIO(), io.StringIO()
+        status = cli.main(["check", "--config", os.path.join(self.dir, "fido.toml")],
+                          stdout=out, stderr=err, environ={})
+        self.assertEqual(status, 0, out.getvalue() + err.getvalue())
         return document, {a.id: a for a in result.accounts}, deliveries
 
     def test_gitlab_webhook(self):
