@@ -309,7 +309,14 @@ def _redis_parts(top, reactor, settings):
     redis = connection_mod.RedisConnection(reactor, settings.redis)
     redis.setServiceParent(top)
     ctx = sinks_mod.SinkContext(reactor, redis, dry_run=settings.fido.dry_run, log=log)
-    return redis, sinks_mod.delivery_sinks(settings, ctx), state_mod.AccountState(redis)
+    sinks = sinks_mod.delivery_sinks(settings, ctx)
+    for sink in sinks.values():
+        # a sink with resources of its own (the webhook's connection pool, a
+        # sidekiq redis_url connection) is a Service: started after the shared
+        # connection, stopped before it
+        if service.IService.providedBy(sink):
+            sink.setServiceParent(top)
+    return redis, sinks, state_mod.AccountState(redis)
 
 
 def _pause_while_redis_is_down(redis, sched, status):
