@@ -134,6 +134,16 @@ def _urls(draw):
         return redisurl.RedisURL(
             scheme="unix", path=draw(_paths), db=db, username=username, password=password
         )
+    if scheme in redisurl.SENTINEL_SCHEMES:
+        sentinels = tuple(draw(st.lists(
+            st.tuples(_hosts, st.integers(1, 65535)), min_size=1, max_size=3)))
+        return redisurl.RedisURL(
+            scheme=scheme, host=sentinels[0][0], port=sentinels[0][1], db=db,
+            username=username, password=password, sentinels=sentinels,
+            master=draw(_text.filter(bool)),
+            sentinel_password=draw(st.one_of(st.none(), _text.filter(bool))),
+            ca_file=draw(st.one_of(st.just(""), _paths)) if scheme == "rediss+sentinel" else "",
+        )
     return redisurl.RedisURL(
         scheme=scheme, host=draw(_hosts), port=draw(st.integers(1, 65535)), db=db,
         username=username, password=password,
@@ -154,7 +164,10 @@ class RedisURLPropertyTests(SynchronousTestCase):
         url = attr.evolve(url, password=secret)
         shown = url.redacted()
         self.assertNotIn(secret, shown)
-        self.assertEqual(redisurl.parse(shown), attr.evolve(url, password="***"))
+        expected = attr.evolve(url, password="***")
+        if url.sentinel_password is not None:
+            expected = attr.evolve(expected, sentinel_password="***")
+        self.assertEqual(redisurl.parse(shown), expected)
 
 
 # -- never connected: deadlines with a fake reactor ---------------------------
