@@ -18,7 +18,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from fido_tx.interfaces import ISink
-from fido_tx.sinks import dedupe, sidekiq
+from fido_tx.redis import keys
+from fido_tx.sinks import sidekiq
 from fido_tx.sinks.message import Message
 from tests.support import redisconn
 from tests.support.sidekiq import Sidekiq
@@ -124,7 +125,7 @@ async def test_push_is_atomic_with_the_record_and_once(conn, redis):
     r = redis.client()
     assert r("LLEN", "ns:queue:default") == 4
     assert r("SMEMBERS", "ns:queues") == [b"default"]
-    assert sorted(r("SMEMBERS", dedupe.dedupe_key("acme", "INBOX", "42"))) == [b"1", b"2", b"3", b"4"]
+    assert sorted(r("SMEMBERS", keys.dedupe("acme", "INBOX", "42"))) == [b"1", b"2", b"3", b"4"]
     # oldest first at the right end: Sidekiq's BRPOP takes them in order
     jobs = [json.loads(j) for j in r("LRANGE", "ns:queue:default", 0, -1)]
     assert [j["args"][0].rsplit("#", 1)[1].strip() for j in reversed(jobs)] == ["1", "2", "3", "4"]
@@ -254,7 +255,26 @@ async def test_redis_url_of_its_own_holds_jobs_and_record(conn, redis):
         finally:
             await sink.stopService()
         assert other.client()("LLEN", "queue:default") == 2
-        assert other.client()("SCARD", dedupe.dedupe_key("acme", "INBOX", "42")) == 2
+        assert other.client()("SCARD", keys.dedupe("acme", "INBOX", "42")) == 2
         assert redis.client()("EXISTS", "queue:default") == 0
     finally:
         other.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_min_replicas_confirms_nothing_until_replicas_have_it(conn, redis):
+    """``[redis] min_replicas``: with no replica answering, the push stays
+    unconfirmed (nothing is marked on the server), and so does the dedupe
+    check that finds it pushed; without the setting the same push confirms."""
+    from fido_tx import errors
+
+    ctx = Ctx(_reactor(), conn)
+    sink = sidekiq.SidekiqSink("jobs", sidekiq.validate({}, "."), _reactor(), conn,
+                               min_replicas=1, replica_timeout=0.2)
+    with pytest.raises(errors.FidoError, match="only 0 of 1 Redis replicas"):
+        await sink.deliver(sample_messages(1))
+    assert redis.client()("LLEN", "queue:default") == 1  # pushed, not confirmed
+    with pytest.raises(errors.FidoError, match="only 0 of 1 Redis replicas"):
+        await sink.filter_new("acme", "INBOX", "42", ["1"])
+    plain = sidekiq.build("jobs", sidekiq.validate({}, "."), ctx)
+    assert await plain.filter_new("acme", "INBOX", "42", ["1"]) == []

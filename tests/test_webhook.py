@@ -19,7 +19,8 @@ from zope.interface.verify import verifyObject
 
 from fido_tx import errors
 from fido_tx.interfaces import ISink
-from fido_tx.sinks import dedupe, jwt, webhook
+from fido_tx.redis import keys
+from fido_tx.sinks import jwt, webhook
 from fido_tx.sinks.message import Message, MessageKey
 from tests.support.gitlab_endpoint import GitLabEndpoint, check_token
 from tests.support import redisconn
@@ -212,7 +213,7 @@ async def test_delivers_raw_message_as_gitlab_expects(tmp_path, endpoint, conn, 
             assert r.headers["idempotency-key"] == webhook.idempotency_key(m.key)
         assert by_body[msgs[0].raw].headers["x-fido-route-key"] == "group-proj-1-issue-"
         assert "x-fido-route-key" not in by_body[raw8].headers
-        members = redis.client()("SMEMBERS", dedupe.dedupe_key("acme", "INBOX", "7"))
+        members = redis.client()("SMEMBERS", keys.dedupe("acme", "INBOX", "7"))
         assert sorted(members) == [b"1", b"2"]
         # delivered before: confirmed again, not posted again
         assert await sink.filter_new("acme", "INBOX", "7", ["1", "2", "3"]) == ["3"]
@@ -336,16 +337,24 @@ async def test_hang_ends_at_the_deadline_with_bounded_concurrency(tmp_path, endp
 
 
 class _LosesSADD:
-    """The shared connection, but SADD fails: a crash after the 2xx and
-    before the record, seen from the sink."""
+    """The shared connection, but the record after the 2xx fails: a crash
+    between the POST and the record, seen from the sink."""
 
     def __init__(self, conn):
         self._conn = conn
 
     def execute(self, *args):
-        if args[0] == b"SADD":
-            return defer.fail(errors.FidoError(errors.REDIS, "Redis connection lost"))
         return self._conn.execute(*args)
+
+    def script(self, source):
+        if source != webhook.RECORD_LUA:
+            return self._conn.script(source)
+        return _FailingScript()
+
+
+class _FailingScript:
+    def run(self, keys, args, what="script", then=None):
+        return defer.fail(errors.FidoError(errors.REDIS, "Redis connection lost"))
 
 
 @pytest_twisted.ensureDeferred
@@ -428,7 +437,7 @@ def test_sigkill_between_post_and_record_repeats_only_those_posts(redis, tmp_pat
             child.wait()
         first = [json.loads(x) for x in log.read_text().splitlines()]
         assert len(first) == 5 and all(p["ok"] for p in first)
-        assert redis.client()("EXISTS", dedupe.dedupe_key("acme", "INBOX", "7")) == 0
+        assert redis.client()("EXISTS", keys.dedupe("acme", "INBOX", "7")) == 0
         again = subprocess.run(args + ["run"], cwd=root, env=env, capture_output=True, timeout=60)
         assert again.stdout.split() == [b"new", b"1", b"2", b"3", b"4", b"5"], again.stderr
         third = subprocess.run(args + ["run"], cwd=root, env=env, capture_output=True, timeout=60)

@@ -66,6 +66,82 @@ def _text(value):
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
+def filter_new(connection, account_id, mailbox, epoch, ids, min_replicas=0,
+               replica_timeout=5.0):
+    """Deferred: the ids of ``ids`` not in the dedupe set, in the order given
+    (the items themselves).  With ``min_replicas``, an answer that some are
+    delivered already waits for the replicas first (see the module
+    docstring).  Every sink with a dedupe record in Redis uses this."""
+    ids = list(ids)
+    if not ids:
+        return defer.succeed([])
+    dedupe = keys.dedupe(account_id, mailbox, epoch)
+    if not min_replicas:
+        d = connection.execute(b"SMISMEMBER", dedupe, *ids)
+        return d.addCallback(lambda flags: [i for i, f in zip(ids, flags) if not int(f)])
+
+    def send(proto):
+        d = proto.execute_command(b"SMISMEMBER", dedupe, *ids)
+
+        def flags(flags):
+            new = [i for i, f in zip(ids, flags) if not int(f)]
+            if len(new) == len(ids):
+                return new
+            return wait_for_replicas(proto, min_replicas, replica_timeout).addCallback(
+                lambda _: new)
+
+        return d.addCallback(flags)
+
+    return connection.run("dedupe check", send)
+
+
+def wait_for_replicas(proto, min_replicas, replica_timeout):
+    """``INCR`` the probe and ``WAIT`` for the replicas on ``proto`` (see the
+    module docstring); errback with a ``redis`` FidoError when too few answer."""
+    d = proto.execute_command(b"INCR", keys.REPLICATION_PROBE)
+    d.addCallback(lambda _: proto.execute_command(
+        b"WAIT", min_replicas, int(replica_timeout * 1000)))
+
+    def counted(n):
+        if int(n) < min_replicas:
+            raise errors.FidoError(
+                errors.REDIS,
+                f"only {int(n)} of {min_replicas} Redis replicas confirmed the "
+                f"writes within {replica_timeout:g} s ([redis] min_replicas): "
+                "nothing is marked until they catch up; check the replicas",
+            )
+        return n
+
+    return d.addCallback(counted)
+
+
+def legacy_store(sink, messages):
+    """Legacy: :meth:`store` of the old ``IMessageSink`` over ``sink.deliver``
+    for :class:`fido_tx.sinks.base.Message` values (int UIDVALIDITY and UID);
+    fires with a :class:`ConfirmedUIDs` of ints.  Ids the application refused
+    for good or kept back are not confirmed (the legacy session cannot flag
+    them: they stay unmarked and come again); a delivery error errbacks, after
+    the confirmed ones are recorded (the next poll marks those).  Goes when
+    the IMAP session speaks :class:`~fido_tx.interfaces.ISink`."""
+    messages = list(messages)
+    batch = [
+        Message(m.account, m.mailbox, str(m.uidvalidity), str(m.uid), m.raw,
+                message_id=m.message_id, fetched_at=m.fetched_at)
+        for m in messages
+    ]
+    if any(m.account != messages[0].account for m in messages):
+        return defer.fail(ValueError("store() takes the messages of one account"))
+
+    def done(delivery):
+        if delivery.error is not None:
+            raise delivery.error
+        confirmed = set(delivery.confirmed)
+        return ConfirmedUIDs([m.uid for m in messages if str(m.uid) in confirmed],
+                             [int(i) for i in delivery.new])
+
+    return sink.deliver(batch).addCallback(done)
+
+
 class RedisBatchSink:
     """Base of the Redis sinks: subclasses set ``kind``, ``STRIDE``,
     ``SOURCE`` (from :func:`batch_script`), ``LENGTH`` and ``encode(message)
@@ -91,45 +167,11 @@ class RedisBatchSink:
     def filter_new(self, account_id, mailbox, epoch, ids):
         """The ids of ``ids`` not delivered yet, in the order given (the
         items themselves, so a caller's ints come back as ints)."""
-        ids = list(ids)
-        if not ids:
-            return defer.succeed([])
-        dedupe = keys.dedupe(account_id, mailbox, epoch)
-        if not self.min_replicas:
-            d = self._connection.execute(b"SMISMEMBER", dedupe, *ids)
-            return d.addCallback(lambda flags: [i for i, f in zip(ids, flags) if not int(f)])
-
-        def send(proto):
-            d = proto.execute_command(b"SMISMEMBER", dedupe, *ids)
-
-            def flags(flags):
-                new = [i for i, f in zip(ids, flags) if not int(f)]
-                if len(new) == len(ids):
-                    return new
-                return self._wait(proto).addCallback(lambda _: new)
-
-            return d.addCallback(flags)
-
-        return self._connection.run("dedupe check", send)
+        return filter_new(self._connection, account_id, mailbox, epoch, ids,
+                          self.min_replicas, self.replica_timeout)
 
     def _wait(self, proto):
-        """``INCR`` the probe and ``WAIT`` for the replicas (see the module
-        docstring); errback with a ``redis`` FidoError when too few answer."""
-        d = proto.execute_command(b"INCR", keys.REPLICATION_PROBE)
-        d.addCallback(lambda _: proto.execute_command(
-            b"WAIT", self.min_replicas, int(self.replica_timeout * 1000)))
-
-        def counted(n):
-            if int(n) < self.min_replicas:
-                raise errors.FidoError(
-                    errors.REDIS,
-                    f"only {int(n)} of {self.min_replicas} Redis replicas confirmed the "
-                    f"writes within {self.replica_timeout:g} s ([redis] min_replicas): "
-                    "nothing is marked until they catch up; check the replicas",
-                )
-            return n
-
-        return d.addCallback(counted)
+        return wait_for_replicas(proto, self.min_replicas, self.replica_timeout)
 
     def deliver(self, messages):
         """Write the messages not delivered yet; fire with a Delivery.
@@ -184,18 +226,7 @@ class RedisBatchSink:
         """Legacy: deliver :class:`fido_tx.sinks.base.Message` values (int
         UIDVALIDITY and UID); fire with a :class:`ConfirmedUIDs` of ints.
         Goes when the IMAP session speaks :class:`~fido_tx.interfaces.ISink`."""
-        messages = list(messages)
-        batch = [
-            Message(m.account, m.mailbox, str(m.uidvalidity), str(m.uid), m.raw,
-                    message_id=m.message_id, fetched_at=m.fetched_at)
-            for m in messages
-        ]
-        if any(m.account != messages[0].account for m in messages):
-            return defer.fail(ValueError("store() takes the messages of one account"))
-        d = self.deliver(batch)
-        return d.addCallback(
-            lambda done: ConfirmedUIDs([m.uid for m in messages], [int(i) for i in done.new])
-        )
+        return legacy_store(self, messages)
 
 
 class ConfirmedUIDs(list):

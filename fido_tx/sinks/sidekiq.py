@@ -5,8 +5,8 @@ as their one argument: GitLab's ``EmailReceiverWorker`` and
 ``ServiceDeskEmailReceiverWorker``, as mail_room's sidekiq delivery feeds
 them.
 
-The job and the dedupe record (:mod:`fido_tx.sinks.dedupe`) are written by
-one Lua script, so they are one atomic step: a message is pushed exactly
+The job and the dedupe record (``fido:uids:{<account>}:<epoch>:<mailbox>``,
+shared with the other deliveries) are written by one Lua script, so they are one atomic step: a message is pushed exactly
 once whatever crashes.  With ``namespace`` the Sidekiq keys get the prefix
 ``<namespace>:`` (mail_room's ``namespace``, Redis::Namespace); the dedupe
 record never does.
@@ -42,7 +42,8 @@ from zope.interface import implementer
 
 from fido_tx import errors
 from fido_tx.interfaces import ISink
-from fido_tx.sinks import dedupe
+from fido_tx.redis import keys
+from fido_tx.sinks import redisbatch
 from fido_tx.sinks.message import Delivery
 from fido_tx.sinks.options import one_of, typed
 
@@ -61,18 +62,22 @@ OPTIONS = {
 BINARY_MODES = ("latin1", "verbatim")
 TIMESTAMP_MODES = ("seconds", "milliseconds")
 
-#: KEYS: the Sidekiq queues set, the queue list, the dedupe set;
-#: ARGV: the queue name, then (id, job) pairs.  Returns the ids pushed.
+#: KEYS: the Sidekiq queues set, the queue list, the dedupe set, the account
+#: hash; ARGV: the queue name, then (id, job) pairs.  Returns the ids pushed.
+#: Check, push, record (as the Redis sinks): an error inside can at worst
+#: leave a job without its record, never a record without its job.
 PUSH_LUA = """
 local pushed = {}
 for i = 2, #ARGV, 2 do
-  if redis.call('SADD', KEYS[3], ARGV[i]) == 1 then
+  if redis.call('SISMEMBER', KEYS[3], ARGV[i]) == 0 then
     redis.call('LPUSH', KEYS[2], ARGV[i + 1])
+    redis.call('SADD', KEYS[3], ARGV[i])
     pushed[#pushed + 1] = ARGV[i]
   end
 end
 if #pushed > 0 then
   redis.call('SADD', KEYS[1], ARGV[1])
+  redis.call('HINCRBY', KEYS[4], 'fetched_total', #pushed)
 end
 return pushed
 """
@@ -102,7 +107,9 @@ def build(name, options, ctx):
     if options["redis_url"]:
         own = _own_connection(options["redis_url"], ctx)
     return SidekiqSink(name, options, ctx.reactor, own or ctx.redis, dry_run=ctx.dry_run,
-                       log=getattr(ctx, "log", None) or _log, owns_connection=own is not None)
+                       log=getattr(ctx, "log", None) or _log, owns_connection=own is not None,
+                       min_replicas=getattr(ctx, "min_replicas", 0),
+                       replica_timeout=getattr(ctx, "replica_timeout", 5.0))
 
 
 def _own_connection(url, ctx):
@@ -157,9 +164,11 @@ class SidekiqSink(Service):
     kind = KIND
 
     def __init__(self, name, options, reactor, redis, dry_run=False, log=None,
-                 owns_connection=False):
+                 owns_connection=False, min_replicas=0, replica_timeout=5.0):
         self.delivery = name
         self._owns = owns_connection
+        self.min_replicas = min_replicas
+        self.replica_timeout = replica_timeout
         self._options = options
         self._reactor = reactor
         self._redis = redis
@@ -181,7 +190,13 @@ class SidekiqSink(Service):
             return self._redis.stopService()
 
     def filter_new(self, account_id, mailbox, epoch, ids):
-        return dedupe.filter_new(self._redis, account_id, mailbox, epoch, ids)
+        return redisbatch.filter_new(self._redis, account_id, mailbox, epoch, ids,
+                                     self.min_replicas, self.replica_timeout)
+
+    def store(self, messages):
+        """Legacy: the old ``IMessageSink.store`` for today's IMAP session
+        (:func:`fido_tx.sinks.redisbatch.legacy_store`)."""
+        return redisbatch.legacy_store(self, messages)
 
     def deliver(self, messages):
         messages = list(messages)
@@ -199,9 +214,18 @@ class SidekiqSink(Service):
             args = [self._options["queue"].encode("utf-8")]
             for m in group:
                 args += [m.id.encode("utf-8"), job_json(m, self._options, now)]
-            keys = [self.queues_key, self.queue_key, dedupe.dedupe_key(account, mailbox, epoch)]
+            script_keys = [self.queues_key, self.queue_key,
+                           keys.dedupe(account, mailbox, epoch), keys.account(account)]
+            then = None
+            if self.min_replicas:
+                def then(proto, reply):
+                    return redisbatch.wait_for_replicas(
+                        proto, self.min_replicas, self.replica_timeout).addCallback(
+                            lambda _: reply)
             try:
-                pushed = await self._script.run(keys, args)
+                pushed = await self._script.run(script_keys, args,
+                                                what=f"push of {len(group)} Sidekiq jobs",
+                                                then=then)
             except errors.FidoError as e:
                 error = error or e
                 continue

@@ -13,7 +13,8 @@ text/plain``), but counting only a 2xx answer as delivered.
   timeouts and refused connections are transient (kind ``delivery``, the
   message stays unmarked and is retried with backoff); any other 4xx is a
   permanent refusal (the id goes to ``Delivery.rejected``).
-* Exactly once: ids already in the dedupe set (:mod:`fido_tx.sinks.dedupe`)
+* Exactly once: ids already in the dedupe set
+  (``fido:uids:{<account>}:<epoch>:<mailbox>``, shared with the Redis sinks)
   are confirmed without a POST; after a 2xx the id is added to the set
   *before* it is confirmed, so a crash in between repeats at most that one
   POST, with the same ``Idempotency-Key``.
@@ -37,7 +38,8 @@ from zope.interface import implementer
 
 from fido_tx import errors
 from fido_tx.interfaces import ISink
-from fido_tx.sinks import dedupe, jwt
+from fido_tx.redis import keys
+from fido_tx.sinks import jwt, redisbatch
 from fido_tx.sinks.message import Delivery
 from fido_tx.sinks.options import one_of, read_secret_file, resolve_path, typed
 
@@ -59,6 +61,16 @@ OPTIONS = {
 }
 
 AUTH_KINDS = ("gitlab-jwt", "bearer", "basic", "none")
+
+#: after the 2xx answers: the ids into the dedupe set (KEYS[1]) and the new
+#: ones counted into the account hash's fetched_total (KEYS[2])
+RECORD_LUA = """
+local new = redis.call('SADD', KEYS[1], unpack(ARGV))
+if new > 0 then
+  redis.call('HINCRBY', KEYS[2], 'fetched_total', new)
+end
+return new
+"""
 
 #: bytes of an answer's body kept for the debug text (the rest is drained)
 BODY_KEEP = 2048
@@ -244,6 +256,7 @@ class WebhookSink(Service):
         self._options = options
         self._reactor = reactor
         self._redis = redis
+        self._record = redis.script(RECORD_LUA) if redis is not None else None
         self._dry_run = dry_run
         self._log = log or _log
         self._auth = _Auth(options, reactor)
@@ -262,7 +275,9 @@ class WebhookSink(Service):
     # -- ISink
 
     def filter_new(self, account_id, mailbox, epoch, ids):
-        return dedupe.filter_new(self._redis, account_id, mailbox, epoch, ids)
+        # no WAIT for replicas: a record lost in a failover costs one more
+        # POST with the same Idempotency-Key, never a message
+        return redisbatch.filter_new(self._redis, account_id, mailbox, epoch, ids)
 
     def deliver(self, messages):
         messages = list(messages)
@@ -303,13 +318,20 @@ class WebhookSink(Service):
                     errs.append(verdict)
             if done:
                 try:
-                    await dedupe.record(self._redis, account, mailbox, epoch, done)
+                    await self._record.run(
+                        [keys.dedupe(account, mailbox, epoch), keys.account(account)], done,
+                        what=f"record of {len(done)} webhook deliveries")
                 except errors.FidoError as e:
                     errs.append(e)
                     continue
                 confirmed.extend(done)
                 new.extend(done)
         return Delivery(tuple(confirmed), tuple(new), tuple(rejected), errs[0] if errs else None)
+
+    def store(self, messages):
+        """Legacy: the old ``IMessageSink.store`` for today's IMAP session
+        (:func:`fido_tx.sinks.redisbatch.legacy_store`)."""
+        return redisbatch.legacy_store(self, messages)
 
     # -- one request
 

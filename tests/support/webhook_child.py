@@ -26,15 +26,24 @@ class Ctx:
     log: object = None
 
 
-class StallsOnSADD:
+class StallsOnRecord:
+    """The shared connection, but the record after the 2xx answers never
+    completes: the process is killed there."""
+
     def __init__(self, conn):
         self._conn = conn
 
     def execute(self, *args):
-        if args[0] == b"SADD":
-            print("stalled", flush=True)
-            return defer.Deferred()  # never fires: killed here
         return self._conn.execute(*args)
+
+    def script(self, source):
+        if source != webhook.RECORD_LUA:
+            return self._conn.script(source)
+        return self
+
+    def run(self, keys, args, what="script", then=None):
+        print("stalled", flush=True)
+        return defer.Deferred()  # never fires: killed here
 
 
 def sample(count):
@@ -46,7 +55,7 @@ def sample(count):
 
 async def main(reactor, port, url, secret, count, mode):
     conn = await redisconn.shared_connection(reactor, int(port))
-    redis = StallsOnSADD(conn) if mode == "stall" else conn
+    redis = StallsOnRecord(conn) if mode == "stall" else conn
     options = webhook.validate({"url": url, "auth": "gitlab-jwt", "secret_file": secret}, ".")
     sink = webhook.build("gitlab", options, Ctx(reactor, redis))
     result = await sink.deliver(sample(int(count)))
