@@ -75,6 +75,11 @@ async def test_imap_to_gitlab_webhook(server, redis, tmp_path):  # noqa: F811
         assert redis.client()("HGET", keys.account("acme"), "fetched_total") == b"2"
         result = await run(acct, sink)  # nothing new: no POST
         assert result.ok and len(endpoint.requests) == 6
+        box.add(message(3))
+        endpoint.mode = "bad_request"  # refused for good: never marked \Seen
+        result = await run(acct, sink)
+        assert not result.ok and "refused 1 message(s) for good (UIDs 3)" in result.message
+        assert not seen(box, 3)
     finally:
         await sink.stopService()
         await redisconn.close(conn)

@@ -119,9 +119,9 @@ def legacy_store(sink, messages):
     """Legacy: :meth:`store` of the old ``IMessageSink`` over ``sink.deliver``
     for :class:`fido_tx.sinks.base.Message` values (int UIDVALIDITY and UID);
     fires with a :class:`ConfirmedUIDs` of ints.  Ids the application refused
-    for good or kept back are not confirmed (the legacy session cannot flag
-    them: they stay unmarked and come again); a delivery error errbacks, after
-    the confirmed ones are recorded (the next poll marks those).  Goes when
+    for good or kept back are not confirmed; a delivery error, or refused
+    ids (the legacy session cannot flag them), errback after the confirmed
+    ones are recorded (the next poll marks those, after a backoff).  Goes when
     the IMAP session speaks :class:`~fido_tx.interfaces.ISink`."""
     messages = list(messages)
     batch = [
@@ -135,6 +135,14 @@ def legacy_store(sink, messages):
     def done(delivery):
         if delivery.error is not None:
             raise delivery.error
+        if delivery.rejected:
+            # the legacy session cannot flag them: an error makes it back off
+            # instead of offering them again every poll
+            raise errors.FidoError(
+                errors.REJECTED,
+                f"the delivery refused {len(delivery.rejected)} message(s) for good"
+                f" (UIDs {', '.join(delivery.rejected[:10])}); they stay unmarked",
+            )
         confirmed = set(delivery.confirmed)
         return ConfirmedUIDs([m.uid for m in messages if str(m.uid) in confirmed],
                              [int(i) for i in delivery.new])
