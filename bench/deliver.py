@@ -3,7 +3,8 @@ and ``stream`` sinks, messages/s and the client's CPU per message.
 
     python bench/deliver.py [--messages 1000] [--runs 5] [--size 4096]
 
-Starts a fresh local Redis and a GitLab-like endpoint (its own process, so
+All three on one shared RedisConnection, as in the daemon.  Starts a fresh
+local Redis and a GitLab-like endpoint (its own process, so
 its CPU is not counted; it checks every JWT with PyJWT, as GitLab would).
 Each run delivers ``--messages`` new messages (about ``--size`` bytes) in
 batches of 25 with 8 batches in flight (8 sessions), and measures wall time
@@ -14,6 +15,7 @@ the endpoint run elsewhere).  Prints one line per kind: median of the runs.
 import argparse
 import base64
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -25,7 +27,6 @@ ROOT = os.path.dirname(HERE)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import attr  # noqa: E402
 from twisted.internet import defer, task  # noqa: E402
 
 from tests.support import redis_server  # noqa: E402
@@ -40,14 +41,6 @@ ep = GitLabEndpoint(reactor, open(sys.argv[1]).read()).start()
 print(ep.port, flush=True)
 reactor.run()
 """
-
-
-@attr.s(auto_attribs=True)
-class Ctx:
-    reactor: object
-    redis: object
-    dry_run: bool = False
-    log: object = None
 
 
 def messages(run, count, size, new_message):
@@ -73,10 +66,7 @@ def batches(items):
 
 
 async def bench(reactor, opts):
-    from fido_tx.config import RedisSettings
-    from fido_tx.redis.store import RedisStore
-    from fido_tx.sinks import base, sidekiq, webhook
-    from fido_tx.sinks.message import Message
+    from fido_tx.sinks import SinkContext, sidekiq, stream, webhook
     from tests.support import redisconn
 
     work = tempfile.mkdtemp(prefix="fido-deliver-bench-")
@@ -88,48 +78,52 @@ async def bench(reactor, opts):
         [sys.executable, "-c", ENDPOINT, secret], cwd=ROOT, stdout=subprocess.PIPE,
         env=dict(os.environ, PYTHONPATH=ROOT),
     )
-    port = int(endpoint.stdout.readline())
-    url = f"http://127.0.0.1:{port}/api/v4/internal/mail_room/incoming_email"
-    conn = await redisconn.shared_connection(reactor, server.port)
-    store = RedisStore(reactor, RedisSettings(url=server.url))
-    store.startService()
-    hook = webhook.build("gitlab", webhook.validate(
-        {"url": url, "auth": "gitlab-jwt", "secret_file": secret, "concurrency": 8}, work),
-        Ctx(reactor, conn))
-    jobs = sidekiq.build("jobs", sidekiq.validate({}, work), Ctx(reactor, conn))
+    conn = hook = None
+    try:
+        port = int(endpoint.stdout.readline())
+        url = f"http://127.0.0.1:{port}/api/v4/internal/mail_room/incoming_email"
+        conn = await redisconn.shared_connection(reactor, server.port)
+        ctx = SinkContext(reactor, conn)
+        streamed = stream.build("default", stream.validate({"stream": "fido:messages"}, work), ctx)
+        hook = webhook.build("gitlab", webhook.validate(
+            {"url": url, "auth": "gitlab-jwt", "secret_file": secret, "concurrency": 8}, work),
+            ctx)
+        jobs = sidekiq.build("jobs", sidekiq.validate({}, work), ctx)
+        await measure(reactor, opts, streamed, jobs, hook)
+    finally:
+        if hook is not None:
+            await hook.stopService()
+        if conn is not None:
+            await redisconn.close(conn)
+        endpoint.terminate()
+        endpoint.wait()
+        server.close()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+async def measure(reactor, opts, streamed, jobs, hook):
+    from fido_tx.sinks.message import Message
 
     def new_message(account, i, raw):
         return Message(account, "INBOX", "1", str(i), raw)
 
-    def old_message(account, i, raw):
-        return base.Message(account, "INBOX", 1, i, raw)
-
     kinds = {
-        "stream": (lambda b: store.store(b), old_message),
+        "stream": (streamed.deliver, new_message),
         "sidekiq": (jobs.deliver, new_message),
         "webhook": (hook.deliver, new_message),
     }
     rows = {k: [] for k in kinds}
-    try:
-        for run in range(opts.runs):
-            for kind, (deliver, make) in kinds.items():
-                msgs = messages(f"{kind}-{run}", opts.messages, opts.size, make)
-                wall, cpu, results = await timed(reactor, deliver, batches(msgs))
-                done = sum(len(r.new) for r in results)
-                if kind != "stream":
-                    errors = [r.error for r in results if r.error]
-                    assert not errors, errors[0]
-                assert done == opts.messages, (kind, done)
-                n = opts.messages
-                rows[kind].append((n / wall, cpu[0] * 1e6 / n, cpu[1] * 1e6 / n))
-        report(opts, rows)
-    finally:
-        await hook.stopService()
-        await store.stopService()
-        await redisconn.close(conn)
-        endpoint.terminate()
-        endpoint.wait()
-        server.close()
+    for run in range(opts.runs):
+        for kind, (deliver, make) in kinds.items():
+            msgs = messages(f"{kind}-{run}", opts.messages, opts.size, make)
+            wall, cpu, results = await timed(reactor, deliver, batches(msgs))
+            done = sum(len(r.new) for r in results)
+            errors = [r.error for r in results if r.error]
+            assert not errors, errors[0]
+            assert done == opts.messages, (kind, done)
+            n = opts.messages
+            rows[kind].append((n / wall, cpu[0] * 1e6 / n, cpu[1] * 1e6 / n))
+    report(opts, rows)
 
 
 def report(opts, rows):
