@@ -2,7 +2,7 @@
 
 Data flows one way::
 
-    accounts file -> AccountsSource -> Scheduler -> fetch_mailbox -> sink of the account's delivery
+    accounts file -> AccountsSource -> Scheduler -> sources.make_session -> sink of the account's delivery
                                            \\-> StatusTracker -> Reporter, metrics, account hash
 
 One :class:`~fido_tx.redis.connection.RedisConnection` is shared by the
@@ -20,17 +20,25 @@ connection close, so a session never loses its sink mid-batch.
 import os
 import signal
 
-from twisted.application import service, strports
+from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
 
 import fido_tx
+from fido_tx import private
 from fido_tx.interfaces import IBacklog
 from fido_tx.observe import logs
 from fido_tx.redis.heartbeat import instance_id
 
 log = Logger()
+
+
+class StartupError(Exception):
+    """The daemon cannot start; ``str()`` is one line (no traceback)."""
+
+    def __init__(self, message):
+        super().__init__(" ".join(str(message).split()))
 
 
 class FidoService(service.MultiService):
@@ -72,8 +80,29 @@ class FidoService(service.MultiService):
             # so a SIGTERM'd daemon would exit -15.  Every session has
             # finished its batch or been aborted unmarked by now: that is a
             # clean stop, and it exits 0.
-            self.clean_exit_reactor._exitSignal = None
+            private.clear_exit_signal(self.clean_exit_reactor)
             log.info("Fido stopped cleanly")
+
+
+class _RedisAtStart(service.Service):
+    """Redis unreachable from the start (down, wrong password, NOAUTH) is
+    an outage like one that begins later: the status tracker reports it
+    after the same grace period.  The store notifies its observers only of
+    connections made and lost, so this says "down" once at start unless the
+    connection is already up; the first connection cancels it."""
+
+    def __init__(self, store, status):
+        self._store = store
+        self._status = status
+
+    def startService(self):
+        super().startService()
+        if not getattr(self._store, "connected", False):
+            self._status.redis_state(False)
+
+    def stopService(self):
+        self._status.stop()
+        return super().stopService()
 
 
 class _ReloadOnHangup(service.Service):
@@ -144,6 +173,44 @@ class DeliveryCheck:
         return tuple(kept)
 
 
+def _session_factory(reactor, settings, sinks, dry_run, memory=None):
+    """``f(account, handle=None) -> Deferred[SessionResult]``: a new session
+    of the account's source (:func:`fido_tx.sources.make_session`) delivering
+    to the sink of its ``delivery`` (``sinks``: name -> ISink), polled."""
+    import attr
+
+    from fido_tx import sources
+    from fido_tx.credentials import for_account
+    from fido_tx.schedule import budget, pacer
+    from fido_tx.sources.imap.connect import Connector
+
+    ctx = sources.SourceContext(
+        reactor=reactor,
+        sink=None,
+        settings=settings.imap,
+        # one budget for the bodies in flight of all sessions: memory stays
+        # bounded whatever the number of workers
+        budget=budget.ByteBudget(settings.imap.max_inflight_bytes),
+        # and session starts spread over reactor turns: thousands starting
+        # at once stalled the reactor for seconds (8.5 s for 10,000)
+        pacer=pacer.StartPacer(reactor),
+        # endpoints, TLS options and resumable TLS sessions, shared
+        connector=Connector(reactor),
+        credentials=for_account,
+        dry_run=dry_run,
+        debug=settings.log.level == "debug",
+        memory=memory,
+    )
+
+    # one context per delivery: a session sees only its own sink
+    contexts = {name: attr.evolve(ctx, sink=sink) for name, sink in sinks.items()}
+
+    def session_factory(account, handle=None):
+        return sources.make_session(account, contexts[account.delivery], handle).poll()
+
+    return session_factory
+
+
 def make_service(
     settings,
     reactor,
@@ -156,16 +223,13 @@ def make_service(
 ):
     """Build the service tree for ``settings``.
 
-    :param session_factory: ``f(account) -> Deferred[SessionResult]``; the
-        IMAP session by default (tests may pass another source).
+    :param session_factory: ``f(account) -> Deferred[SessionResult]``; by
+        default a session of the account's source (:mod:`fido_tx.sources`).
     :param observer: a log observer to install instead of the configured one
         (``False``: leave logging alone, for tests and the demo).
     :param handle_signals: reload the accounts file on SIGHUP (twistd only).
     """
-    from fido_tx.schedule import budget
     from fido_tx.observe import health as health_mod
-    from fido_tx.sources.imap import session as imap
-    from fido_tx.schedule import pacer
     from fido_tx.accounts import reload
     from fido_tx.observe import report
     from fido_tx import resolve
@@ -181,7 +245,12 @@ def make_service(
     resolve.install(reactor)
 
     if observer is None and not twistd_syslog:
-        observer = logs.make_observer(settings.log, twistd_logfile=twistd_logfile)
+        try:
+            observer = logs.make_observer(settings.log, twistd_logfile=twistd_logfile)
+        except OSError as e:
+            where = settings.log.file or twistd_logfile
+            raise StartupError(f"cannot open the log file {where} ([log] file): "
+                               f"{e.strerror or e}") from None
     top = FidoService(observer or None)
     fido = settings.fido
     dry_run = fido.dry_run
@@ -223,19 +292,13 @@ def make_service(
     )
     sessions = history.SessionLog(reactor, redis.execute, keep=settings.http.recent_sessions)
 
+    handles = session_factory is None  # a given factory takes the account only
     if session_factory is None:
-        # one budget for the bodies in flight of all sessions: memory stays
-        # bounded whatever the number of workers
-        inflight = budget.ByteBudget(settings.imap.max_inflight_bytes)
-        # and session starts spread over reactor turns: thousands starting
-        # at once stalled the reactor for seconds (8.5 s for 10,000)
-        starts = pacer.StartPacer(reactor)
-        debug = settings.log.level == "debug"
-
-        def session_factory(account):
-            return imap.fetch_mailbox(reactor, account, sinks[account.delivery], settings.imap,
-                                      dry_run=dry_run,
-                                      budget=inflight, pacer=starts, debug=debug)
+        session_factory = _session_factory(reactor, settings, sinks, dry_run)
+    balancer = None
+    if settings.cluster.mode == "lease":
+        balancer, session_factory = _leases(reactor, settings, redis, ident, session_factory,
+                                            handles)
 
     sched = scheduler_mod.Scheduler(
         reactor,
@@ -244,6 +307,7 @@ def make_service(
         poll_interval=fido.poll_interval,
         backoff=settings.backoff,
         grace_period=fido.grace_period,
+        handles=handles,
     )
     status.scheduler = sched
     sched.add_result_observer(gate.record)
@@ -251,16 +315,27 @@ def make_service(
         sched.add_result_observer(sessions.record)
 
     _pause_while_redis_is_down(redis, sched, status, gate)
+    # never connected yet: reported like an outage that begins later
+    _RedisAtStart(redis, status).setServiceParent(top)
     if not dry_run:
         _backpressure(top, reactor, sinks, sched, status, settings.redis.max_backlog)
 
     sched.setServiceParent(top)
+    if balancer is not None:
+        balancer.is_busy = lambda account_id: account_id in sched.running_ids()
+        balancer.on_lost = sched.stop_session
+        balancer.on_change = sched.poll_soon
+        redis.add_connection_observer(lambda up: up and balancer.kick())
+        balancer.setServiceParent(top)
 
     routable = DeliveryCheck(sinks, report=status.report_config)
 
     def apply(accounts, diff):
         gate.add([account.id for account in diff.added])
-        sched.set_accounts(routable(accounts))
+        accounts = routable(accounts)
+        if balancer is not None:
+            balancer.set_accounts(account.id for account in accounts)
+        sched.set_accounts(accounts)
         for account in diff.removed:
             gate.forget(account.id)
             status.forget(account.id)
@@ -290,10 +365,12 @@ def make_service(
 
     if not dry_run:
         heartbeat_mod.Heartbeat(
-            reactor, heartbeat_mod.HeartbeatWriter(redis), sched, ident
+            reactor, heartbeat_mod.HeartbeatWriter(redis), sched, ident,
+            accounts=(lambda: len(balancer.held)) if balancer is not None else None,
         ).setServiceParent(top)
 
     health = health_mod.Health(reactor, sched, redis, status=status)
+    sched.add_result_observer(health.observe)
     view = instances = None
     if metrics is not None:
         default = sinks.get(sinks_mod.DEFAULT_DELIVERY)
@@ -307,9 +384,28 @@ def make_service(
         redis=redis, sinks=sinks, account_state=account_state,
         reporter=reporter, metrics=metrics, status=status,
         scheduler=sched, source=source, health=health, gate=gate, sessions=sessions,
-        view=view, instances=instances,
+        view=view, instances=instances, balancer=balancer,
     )
     return top
+
+
+def _leases(reactor, settings, redis, ident, session_factory, handles):
+    """``[cluster] mode = "lease"``: the balancer, and a session factory that
+    runs a session only while this instance holds the account's lease (the
+    others end at once as ``skipped``: not backed off, not reported)."""
+    from fido_tx.outcome import SessionResult
+    from fido_tx.redis.lease import RedisLeases
+    from fido_tx.schedule.cluster import LeaseBalancer
+
+    ttl = settings.cluster.lease_ttl
+    balancer = LeaseBalancer(reactor, RedisLeases(redis, ident, ttl), ttl)
+
+    def leased(account, *handle):
+        if not balancer.holds(account.id):
+            return defer.succeed(SessionResult(account.id, skipped=True))
+        return session_factory(account, *handle)
+
+    return balancer, leased
 
 
 def _redis_parts(top, reactor, settings):
@@ -382,7 +478,17 @@ def _serve_http(reactor, http, top, metrics, health, view_parts):
         reactor, parts.pop("tracker"), throughput=per_minute, instances=instances, **parts
     )
     site = web.make_site(metrics, health, view, _credentials(http))
-    strports.service(http.listen, site).setServiceParent(top)
+    # listen now: a port in use or a bad address stops the start with one line
+    port = web.listen_now(reactor, http.listen, site)
+    web.HttpService(port).setServiceParent(top)
+    exposed = web.beyond_loopback(port)
+    if exposed:
+        log.warn(
+            "/metrics and /healthz listen on {address}, beyond loopback, with no "
+            "authentication: anyone who can reach it reads them. Set [http] listen "
+            'to "tcp:9119:interface=127.0.0.1" or firewall the port.',
+            address=exposed,
+        )
     return view, instances
 
 

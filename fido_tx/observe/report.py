@@ -35,7 +35,6 @@ the caller passes in ``secrets``.
 
 import json
 import random as _random
-import re
 from collections import deque
 from datetime import datetime, timezone
 
@@ -43,7 +42,7 @@ import attr
 
 from fido_tx.timefmt import iso_utc  # noqa: F401  (re-exported for callers)
 from twisted.application import service
-from twisted.internet import defer
+from twisted.internet import defer, protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -51,75 +50,20 @@ import fido_tx
 from fido_tx.interfaces import IReporterView
 from fido_tx.schedule import backoff
 
-REDACTED = "<redacted>"
+from fido_tx.scrub import REDACTED  # noqa: F401 - re-exported
+from fido_tx.scrub import scrub as _scrub
 
 #: Deliveries running at the same time.
 DEFAULT_CONCURRENCY = 4
-
-# "a001 LOGIN user secret", "AUTHENTICATE PLAIN AGZvbwBiYXI=": keep the verb,
-# redact the rest of the line; but keep prose such as "LOGIN rejected: ...".
-_IMAP_AUTH = re.compile(
-    r"""(?ix)\b(LOGIN|AUTHENTICATE)\b[ \t]+
-    (?!(?:rejected|failed|failure|refused|disabled|denied|not|is|was|ok|no|bad|
-          timed|took|succeeded|error)\b|:)
-    [^\r\n]*"""
-)
-# password=..., "password": "...", passwd: ..., token=..., secret=...
-_KEY_VALUE = re.compile(
-    r"""(?ix)
-    ((?:password|passwd|pwd|passphrase|secret|token|api[_-]?key)[\w-]*["']?)
-    (\s*[:=]\s*)
-    ("(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*'|[^\s,;&}\]]+)
-    """
-)
-_KEYWORD = re.compile(r"password|passwd|pwd|passphrase|secret|token|api[_-]?key")
-# scheme://user:password@host
-_URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^\s:/@]*):[^\s/@]*@")
-# Authorization: Bearer xyz / Basic xyz
-_AUTH_HEADER = re.compile(r"(?i)\b(authorization\s*[:=]\s*)(\w+\s+)?[^\s,;]+")
 
 #: Literal secrets shorter than this are not searched for (they would mangle text).
 MIN_SECRET_LENGTH = 4
 
 
 def scrub(text, secrets=()):
-    """``text`` with credentials redacted.  Defensive: callers redact too."""
-    if not text:
-        return text or ""
-    for secret in secrets:
-        if secret and len(secret) >= MIN_SECRET_LENGTH:
-            text = text.replace(secret, REDACTED)
-    # Cheap tests first: most text has none of these, and a burst of reports
-    # (a DNS outage fails every account at once) is scrubbed on the reactor.
-    lower = text.lower()
-    if "login" in lower or "authenticate" in lower:
-        text = _IMAP_AUTH.sub(lambda m: f"{m.group(1)} {REDACTED}", text)
-    if "authorization" in lower:
-        text = _AUTH_HEADER.sub(lambda m: f"{m.group(1)}{m.group(2) or ''}{REDACTED}", text)
-    if _KEYWORD.search(lower):
-        text = _redact_pairs(text, lower)
-    if "@" in text and "://" in text:
-        text = _URL_USERINFO.sub(lambda m: f"{m.group(1)}:{REDACTED}@", text)
-    return text
-
-
-def _redact_pairs(text, lower):
-    """``password=...``-like pairs: find the key words fast, then match there."""
-    if len(lower) != len(text):  # lower() changed offsets (rare non-ASCII)
-        return _KEY_VALUE.sub(lambda m: f"{m.group(1)}{m.group(2)}{REDACTED}", text)
-    out = []
-    last = 0
-    for found in _KEYWORD.finditer(lower):
-        if found.start() < last:
-            continue
-        pair = _KEY_VALUE.match(text, found.start())
-        if pair is None:
-            continue
-        out.append(text[last:pair.start(3)])
-        out.append(REDACTED)
-        last = pair.end()
-    out.append(text[last:])
-    return "".join(out)
+    """``text`` with credentials redacted (:func:`fido_tx.scrub.scrub`, the
+    one scrubber).  Defensive: callers redact too."""
+    return _scrub(text, [s for s in secrets if s and len(s) >= MIN_SECRET_LENGTH])
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
@@ -405,12 +349,14 @@ class Reporter(service.Service):
 
     def _read_response(self, response):
         code = response.code
-        d = response.content()  # read the body: frees the connection for reuse
+        # read the body (frees the connection for reuse), but keep only its
+        # start and stop reading a long one: an endpoint cannot fill memory
+        d = read_head(response)
 
         def check(body):
             if 200 <= code < 300:
                 return None
-            snippet = body[:200].decode("utf-8", "replace").strip()
+            snippet = escape(body.decode("utf-8", "replace").strip())[:BODY_SHOWN]
             if code == 429 or code >= 500:
                 delay = _parse_retry_after(response.headers.getRawHeaders(b"Retry-After"))
                 raise _Retry(f"HTTP {code}", delay)
@@ -477,6 +423,67 @@ class Reporter(service.Service):
             waiters, self._idle_waiters = self._idle_waiters, []
             for d in waiters:
                 d.callback(None)
+
+
+#: bytes of a response body kept (for the log line of a rejected report)
+BODY_KEPT = 4096
+#: bytes of a response body read at most; past them the connection is closed
+#: instead of being read to its end for reuse
+BODY_READ = 64 * 1024
+#: characters of the (escaped) body shown in the log
+BODY_SHOWN = 500
+
+
+class _Head(protocol.Protocol):
+    """Keeps the first ``keep`` bytes of a response body, discards the rest,
+    and stops the transfer after ``limit`` bytes."""
+
+    def __init__(self, done, keep, limit):
+        self.done = done
+        self.keep = keep
+        self.limit = limit
+        self.head = bytearray()
+        self.seen = 0
+        self.stopped = False
+
+    def dataReceived(self, data):
+        room = self.keep - len(self.head)
+        if room > 0:
+            self.head += data[:room]
+        self.seen += len(data)
+        if self.seen > self.limit and not self.stopped:
+            self.stopped = True
+            self.transport.stopProducing()
+
+    def connectionLost(self, reason):
+        if not self.done.called:
+            self.done.callback(bytes(self.head))
+
+
+def read_head(response, keep=BODY_KEPT, limit=BODY_READ):
+    """A Deferred firing with the first ``keep`` bytes of ``response``'s body,
+    having read at most about ``limit`` bytes of it (never all of a huge one)."""
+    head = None
+
+    def cancel(_d):
+        if head is not None and head.transport is not None and not head.stopped:
+            head.stopped = True
+            head.transport.stopProducing()
+
+    done = defer.Deferred(cancel)
+    head = _Head(done, keep, limit)
+    response.deliverBody(head)
+    return done
+
+
+def escape(text):
+    """``text`` safe for one log line: control characters (newlines, ESC,
+    bidi overrides and the like) as ``\\xNN``/``\\uNNNN`` escapes."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else
+                   (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
+                   for c in text)
 
 
 def _worth_logging(count):

@@ -59,7 +59,10 @@ class Heartbeat(service.Service):
     """
 
     def __init__(self, clock, writer, scheduler, instance_id,
-                 interval=HEARTBEAT_INTERVAL, ttl=HEARTBEAT_TTL):
+                 interval=HEARTBEAT_INTERVAL, ttl=HEARTBEAT_TTL, accounts=None):
+        """``accounts``: ``f() -> int``, the accounts this instance fetches
+        (default: every account scheduled; with leases, those held)."""
+        self._accounts = accounts or (lambda: len(self._scheduler.accounts))
         self._writer = writer
         self._scheduler = scheduler
         self.instance_id = instance_id
@@ -73,7 +76,7 @@ class Heartbeat(service.Service):
             "host": socket.gethostname(),
             "pid": str(os.getpid()),
             "version": fido_tx.__version__,
-            "accounts": str(len(self._scheduler.accounts)),
+            "accounts": str(self._accounts()),
             "sessions": str(self._scheduler.running_count),
         }
         d = self._writer.heartbeat(self.instance_id, mapping, self._ttl)

@@ -31,7 +31,7 @@ from twisted.internet import defer
 
 from fido_tx import errors
 from fido_tx.redis import keys
-from fido_tx.sinks.message import Delivery, Message
+from fido_tx.sinks.message import Delivery
 
 #: the script's frame: KEYS = target, account hash, dedupe sets...; ARGV per
 #: message = set index, id, then the sink's values.  %(write)s writes one
@@ -115,41 +115,6 @@ def wait_for_replicas(proto, min_replicas, replica_timeout):
     return d.addCallback(counted)
 
 
-def legacy_store(sink, messages):
-    """Legacy: :meth:`store` of the old ``IMessageSink`` over ``sink.deliver``
-    for :class:`fido_tx.sinks.base.Message` values (int UIDVALIDITY and UID);
-    fires with a :class:`ConfirmedUIDs` of ints.  Ids the application refused
-    for good or kept back are not confirmed; a delivery error, or refused
-    ids (the legacy session cannot flag them), errback after the confirmed
-    ones are recorded (the next poll marks those, after a backoff).  Goes when
-    the IMAP session speaks :class:`~fido_tx.interfaces.ISink`."""
-    messages = list(messages)
-    batch = [
-        Message(m.account, m.mailbox, str(m.uidvalidity), str(m.uid), m.raw,
-                message_id=m.message_id, fetched_at=m.fetched_at)
-        for m in messages
-    ]
-    if any(m.account != messages[0].account for m in messages):
-        return defer.fail(ValueError("store() takes the messages of one account"))
-
-    def done(delivery):
-        if delivery.error is not None:
-            raise delivery.error
-        if delivery.rejected:
-            # the legacy session cannot flag them: an error makes it back off
-            # instead of offering them again every poll
-            raise errors.FidoError(
-                errors.REJECTED,
-                f"the delivery refused {len(delivery.rejected)} message(s) for good"
-                f" (UIDs {', '.join(delivery.rejected[:10])}); they stay unmarked",
-            )
-        confirmed = set(delivery.confirmed)
-        return ConfirmedUIDs([m.uid for m in messages if str(m.uid) in confirmed],
-                             [int(i) for i in delivery.new])
-
-    return sink.deliver(batch).addCallback(done)
-
-
 class RedisBatchSink:
     """Base of the Redis sinks: subclasses set ``kind``, ``STRIDE``,
     ``SOURCE`` (from :func:`batch_script`), ``LENGTH`` and ``encode(message)
@@ -227,20 +192,3 @@ class RedisBatchSink:
             return self.last_length
 
         return self._connection.execute(self.LENGTH.encode("ascii"), self.target).addCallback(got)
-
-    # -- the old IMessageSink name, until the session calls deliver() --------
-
-    def store(self, messages):
-        """Legacy: deliver :class:`fido_tx.sinks.base.Message` values (int
-        UIDVALIDITY and UID); fire with a :class:`ConfirmedUIDs` of ints.
-        Goes when the IMAP session speaks :class:`~fido_tx.interfaces.ISink`."""
-        return legacy_store(self, messages)
-
-
-class ConfirmedUIDs(list):
-    """Legacy :meth:`RedisBatchSink.store` answer: every UID of the batch
-    (a list), with ``new`` the UIDs this call added."""
-
-    def __init__(self, confirmed, new):
-        super().__init__(confirmed)
-        self.new = new

@@ -193,10 +193,6 @@ class SidekiqSink(Service):
         return redisbatch.filter_new(self._redis, account_id, mailbox, epoch, ids,
                                      self.min_replicas, self.replica_timeout)
 
-    def store(self, messages):
-        """Legacy: the old ``IMessageSink.store`` for today's IMAP session
-        (:func:`fido_tx.sinks.redisbatch.legacy_store`)."""
-        return redisbatch.legacy_store(self, messages)
 
     def deliver(self, messages):
         messages = list(messages)

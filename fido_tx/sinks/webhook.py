@@ -328,10 +328,6 @@ class WebhookSink(Service):
                 new.extend(done)
         return Delivery(tuple(confirmed), tuple(new), tuple(rejected), errs[0] if errs else None)
 
-    def store(self, messages):
-        """Legacy: the old ``IMessageSink.store`` for today's IMAP session
-        (:func:`fido_tx.sinks.redisbatch.legacy_store`)."""
-        return redisbatch.legacy_store(self, messages)
 
     # -- one request
 

@@ -23,7 +23,6 @@ It also holds the small parsers of IMAP syntax the session needs
 (capabilities, SELECT data, FETCH items, UID sets, quoting).
 """
 
-import base64
 import collections
 import re
 
@@ -34,10 +33,30 @@ from twisted.python import failure
 
 from fido_tx import errors
 from fido_tx.errors import FidoError
+from fido_tx.scrub import MIN_FORM_LENGTH
+from fido_tx.sources.imap.parse import (  # noqa: F401 - re-exported for callers
+    SelectInfo,
+    _LITERAL_AT_END,
+    _needs_literal,
+    _RESP_CODE,
+    _show,
+    astring_parts,
+    greeting_capabilities,
+    mailbox_name,
+    parse_capabilities,
+    parse_fetch,
+    parse_flag_list,
+    parse_search,
+    parse_status,
+    plain_response,
+    quote,
+    response_code,
+    uid_set,
+)
+from fido_tx.sources.imap import bounds
+from fido_tx.sources.imap.reader import LinearLineReader
 
-_LITERAL_AT_END = re.compile(rb"\{(\d+)\}\Z")
 _TAGGED = re.compile(rb"([A-Za-z]+)(?: (.*))?\Z", re.S)
-_RESP_CODE = re.compile(rb"\[([^\]]*)\]")
 
 
 class ImapCommandError(imap4.IMAP4Exception):
@@ -59,295 +78,10 @@ class ImapCommandError(imap4.IMAP4Exception):
         return response_code(self.text)
 
 
-def _show(data, limit=300):
-    """Bytes from the server as a printable one-line str, truncated."""
-    if isinstance(data, str):
-        text = data
-    else:
-        text = data[:limit].decode("utf-8", "replace")
-    text = "".join(c if c.isprintable() else "\\x%02x" % ord(c) for c in text[:limit])
-    if len(data) > limit:
-        text += "..."
-    return text
-
-
-def response_code(text):
-    """The ``[CODE ...]`` word at the start of a response text, upper-case."""
-    m = _RESP_CODE.match(text.lstrip())
-    if not m:
-        return b""
-    return m.group(1).split(b" ", 1)[0].upper()
-
-
-def parse_capabilities(text):
-    """``b"IMAP4rev1 STARTTLS AUTH=PLAIN"`` -> a frozenset of upper-case atoms."""
-    return frozenset(t.upper() for t in text.split())
-
-
-def greeting_capabilities(text):
-    """The capabilities in a greeting's ``[CAPABILITY ...]`` code, or ``None``."""
-    m = _RESP_CODE.match(text.lstrip())
-    if not m:
-        return None
-    words = m.group(1).split()
-    if not words or words[0].upper() != b"CAPABILITY":
-        return None
-    return frozenset(w.upper() for w in words[1:])
-
-
-def uid_set(uids):
-    """Sorted, compact IMAP UID set: ``[1, 2, 3, 5, 7, 8]`` -> ``b"1:3,5,7:8"``."""
-    out = []
-    start = prev = None
-    for uid in sorted(set(uids)):
-        if start is None:
-            start = prev = uid
-        elif uid == prev + 1:
-            prev = uid
-        else:
-            out.append(_range(start, prev))
-            start = prev = uid
-    if start is not None:
-        out.append(_range(start, prev))
-    return b",".join(out)
-
-
-def _range(a, b):
-    return b"%d" % a if a == b else b"%d:%d" % (a, b)
-
-
-def _needs_literal(value):
-    return any(c in (0, 10, 13) or c > 127 for c in value)
-
-
-def _quotable(value):
-    """Plain enough to quote without escapes (servers differ on ``\\`` escapes)."""
-    return not any(c < 32 or c > 126 or c in (34, 92) for c in value)
-
-
-def quote(value):
-    """An IMAP quoted string of ``value`` (bytes without CR, LF, NUL, 8-bit)."""
-    return b'"' + value.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
-
-
-def astring_parts(value):
-    """How to send ``value`` as an astring: ``(head, literal_or_None)``.
-
-    ``head`` goes on the current line; when ``literal`` is not ``None`` the
-    server must answer ``+`` before it is sent.
-    """
-    if not _quotable(value):
-        return b"{%d}" % len(value), value
-    return quote(value), None
-
-
-def mailbox_name(name):
-    """A mailbox name as sent on the wire: modified UTF-7, quoted."""
-    encoded = name.encode("imap4-utf-7")
-    if _needs_literal(encoded):  # CR/LF in a folder name: not sendable quoted
-        raise FidoError(errors.MAILBOX, f"invalid mailbox name {name!r}")
-    return quote(encoded)
-
-
-# --- untagged response parsing ---------------------------------------------
-
-
-class _Tokens:
-    """Tokenize IMAP response data given as text segments and literals."""
-
-    def __init__(self, segments):
-        self.items = []
-        for i, seg in enumerate(segments):
-            if i % 2:
-                self.items.append(("lit", seg))
-            else:
-                if i < len(segments) - 1:
-                    seg = _LITERAL_AT_END.sub(b"", seg)
-                self._tokenize(seg)
-        self.pos = 0
-
-    def _tokenize(self, s):
-        i, n = 0, len(s)
-        add = self.items.append
-        while i < n:
-            c = s[i]
-            if c == 32:  # space
-                i += 1
-            elif c == 40:  # (
-                add(("(", None))
-                i += 1
-            elif c == 41:  # )
-                add((")", None))
-                i += 1
-            elif c == 34:  # "
-                j = i + 1
-                buf = bytearray()
-                while j < n and s[j] != 34:
-                    if s[j] == 92 and j + 1 < n:
-                        j += 1
-                    buf.append(s[j])
-                    j += 1
-                if j >= n:
-                    raise ValueError("unterminated quoted string")
-                add(("str", bytes(buf)))
-                i = j + 1
-            else:
-                j = i
-                depth = 0
-                while j < n:
-                    c = s[j]
-                    if c == 91:  # [
-                        depth += 1
-                    elif c == 93:  # ]
-                        depth -= 1
-                    elif depth <= 0 and c in (32, 40, 41):
-                        break
-                    j += 1
-                add(("atom", s[i:j]))
-                i = j
-
-    def next(self):
-        if self.pos >= len(self.items):
-            raise ValueError("response ends early")
-        item = self.items[self.pos]
-        self.pos += 1
-        return item
-
-    def value(self):
-        kind, val = self.next()
-        if kind == "(":
-            out = []
-            while True:
-                if self.pos >= len(self.items):
-                    raise ValueError("unbalanced parentheses")
-                if self.items[self.pos][0] == ")":
-                    self.pos += 1
-                    return out
-                out.append(self.value())
-        if kind == ")":
-            raise ValueError("unexpected ')'")
-        if kind == "atom" and val.upper() == b"NIL":
-            return None
-        return val
-
-
-def parse_fetch(segments):
-    """Parse ``n FETCH (...)`` given as segments (text, literal, text, ...).
-
-    :return: ``(sequence_number, {ITEM: value})``; item names are upper-case
-        bytes with any ``<origin>`` removed (``b"BODY[]"``, ``b"UID"``); values
-        are bytes, ``None`` (NIL) or lists.
-    :raise ValueError: on a malformed response.
-    """
-    toks = _Tokens(segments)
-    kind, seq = toks.next()
-    if kind != "atom" or not seq.isdigit():
-        raise ValueError("FETCH without a sequence number")
-    kind, word = toks.next()
-    if kind != "atom" or word.upper() != b"FETCH":
-        raise ValueError("not a FETCH response")
-    if toks.next()[0] != "(":
-        raise ValueError("FETCH without '('")
-    items = {}
-    while True:
-        kind, key = toks.next()
-        if kind == ")":
-            break
-        if kind != "atom":
-            raise ValueError("bad FETCH item name")
-        key = key.upper()
-        if key.endswith(b">") and b"<" in key:
-            key = key[: key.rindex(b"<")]
-        items[key] = toks.value()
-    return int(seq), items
-
-
-def parse_search(text):
-    """``b"SEARCH 1 2 3"`` -> ``[1, 2, 3]`` (ignores a ``(MODSEQ n)`` suffix)."""
-    words = text.split()
-    out = []
-    for w in words[1:]:
-        if w.startswith(b"("):
-            break
-        out.append(int(w))
-    return out
-
-
-_STATUS_LIST = re.compile(rb"\(([^()]*)\)\s*$")  # the attribute list ends the response
-
-
-def parse_status(segments):
-    """An untagged STATUS response (``segments`` without ``* ``) -> its
-    attributes, e.g. ``{b"UNSEEN": 0}``; ``{}`` for any other response.
-
-    The mailbox name may be quoted (with parentheses inside) or a literal,
-    so only the parenthesized list that ends the response is read.
-    """
-    if segments[0][:7].upper() != b"STATUS ":
-        return {}
-    m = _STATUS_LIST.search(segments[-1])
-    if m is None:
-        return {}
-    items = m.group(1).split()
-    return {name.upper(): int(value) for name, value in zip(items[0::2], items[1::2])
-            if value.isdigit()}
-
-
-def parse_flag_list(text):
-    """``b"(\\\\Seen $Foo \\\\*)"`` inside a response -> tuple of str flags."""
-    start, end = text.find(b"("), text.rfind(b")")
-    if start == -1 or end < start:
-        return ()
-    return tuple(f.decode("ascii", "replace") for f in text[start + 1 : end].split())
-
-
-class SelectInfo:
-    """What SELECT/EXAMINE told us."""
-
-    def __init__(self):
-        self.uidvalidity = None
-        self.exists = None
-        self.flags = ()
-        self.permanent_flags = None
-
-    def keywords_allowed(self, keyword):
-        """Whether ``keyword`` can be stored permanently in this mailbox."""
-        perm = self.permanent_flags
-        if perm is None:  # RFC 3501: absent means all FLAGS are permanent
-            return keyword.lower() in (f.lower() for f in self.flags)
-        return "\\*" in perm or keyword.lower() in (f.lower() for f in perm)
-
-    def keyword_known(self, keyword):
-        """Whether a SEARCH on ``keyword`` is meaningful (storable or defined)."""
-        return self.keywords_allowed(keyword) or keyword.lower() in (
-            f.lower() for f in self.flags
-        )
-
-    def feed(self, text):
-        """One untagged response of SELECT (without ``* ``)."""
-        upper = text.upper()
-        if upper.startswith(b"OK ["):
-            code = text[4 : text.find(b"]")] if b"]" in text else text[4:]
-            word = code.split(b" ", 1)[0].upper()
-            if word == b"UIDVALIDITY":
-                try:
-                    self.uidvalidity = int(code.split()[1])
-                except (IndexError, ValueError):
-                    raise ValueError("bad UIDVALIDITY")
-            elif word == b"PERMANENTFLAGS":
-                self.permanent_flags = parse_flag_list(text)
-        elif upper.startswith(b"FLAGS "):
-            self.flags = parse_flag_list(text)
-        else:
-            parts = text.split(None, 2)
-            if len(parts) >= 2 and parts[1].upper() == b"EXISTS" and parts[0].isdigit():
-                self.exists = int(parts[0])
-
-
 # --- the protocol -------------------------------------------------------------
 
 
-class FidoIMAP4Client(imap4.IMAP4Client):
+class FidoIMAP4Client(LinearLineReader, imap4.IMAP4Client):
     """One IMAP connection with per-command timeouts and a debug trace.
 
     Use :meth:`command` for every command (one at a time); wait for
@@ -362,8 +96,29 @@ class FidoIMAP4Client(imap4.IMAP4Client):
     TRACE_WIDTH = 200
     #: seconds between checks of the literal transfer rate
     literal_check_interval = 5.0
-    #: largest literal accepted (a session sets it from max_message_size)
+
+    # Bounds (see README "Bounds").  Every byte the server sends is counted
+    # against one of them BEFORE it is held: a literal is refused when it is
+    # announced, not after it has arrived.  The per-command ones start again
+    # at every :meth:`command` (which may override the literal ones).
+    #: literal bytes of ONE response, all its literals together (a FETCH
+    #: answer may chain any number); a session sets it from max_message_size
     max_literal = 1024 * 1024 * 1024
+    #: literal bytes of all the responses to one command; a command that
+    #: fetches bodies passes ``literal_total`` (what RFC822.SIZE claimed)
+    max_command_literal = 1024 * 1024
+    #: literals in one response (a FETCH of BODY[] has one)
+    max_response_literals = 64
+    #: bytes of the text lines of one response held while its literals arrive
+    max_response_text = 1024 * 1024
+    #: untagged responses to one command (endless ``* OK`` lines end here)
+    max_untagged = 50_000
+    #: bytes of all the lines the server sends while one command runs (two
+    #: of the longest lines, MAX_LENGTH: a SEARCH of a million UIDs)
+    max_untagged_bytes = 16 * 1024 * 1024
+    #: UIDs passed on from the SEARCH responses of one command; the rest is
+    #: dropped unparsed (``search_ignored`` counts them): fetched next poll
+    max_search_uids = 100_000
 
     def __init__(
         self,
@@ -403,13 +158,63 @@ class FidoIMAP4Client(imap4.IMAP4Client):
         self._literal_window = 0
         self._rate_check = None
         self._untagged = None
+        self._limits(None, None, None)
+        self._reader_init()
+
+    # -- bounds ----------------------------------------------------------------
+
+    #: ``body_limits(claimed, largest)``: command() keyword arguments bounding a
+    #: UID FETCH of bodies by their claimed sizes (see fido_tx.sources.imap.bounds)
+    body_limits = staticmethod(bounds.body_limits)
+    BODY_SLACK_BYTES = bounds.BODY_SLACK_BYTES
+    BODY_SLACK_FRACTION = bounds.BODY_SLACK_FRACTION
+
+    def _limits(self, literal_each, literal_total, literal_caps, what=""):
+        """Start the counters of a command (with its own literal bounds)."""
+        self._bounds = bounds.CommandBounds(bounds.Limits(
+            literal_each=self.max_literal if literal_each is None else literal_each,
+            literal_total=self.max_command_literal if literal_total is None else literal_total,
+            literal_caps=literal_caps,
+            response_literals=self.max_response_literals,
+            response_text=self.max_response_text,
+            untagged=self.max_untagged,
+            untagged_bytes=self.max_untagged_bytes,
+            search_uids=self.max_search_uids,
+        ), what)
+
+    @property
+    def search_ignored(self):
+        """UIDs of the last command's SEARCH responses dropped by ``max_search_uids``."""
+        return self._bounds.search_ignored
 
     # -- tracing -----------------------------------------------------------
 
+    #: callable returning the secret's forms (credentials' ``secret_forms``):
+    #: removed from traced server lines before they are cut
+    scrub_forms = None
+    _scrub_bytes = None
+
     def _trace(self, direction, line):
-        if len(line) > self.TRACE_WIDTH:
-            line = line[: self.TRACE_WIDTH] + b"... (%d bytes)" % len(line)
+        size = len(line)
+        if self.scrub_forms is not None:
+            line = self._scrubbed(line)
+        if size > self.TRACE_WIDTH:
+            line = line[: self.TRACE_WIDTH] + b"... (%d bytes)" % size
         self._trace_lines.append((direction, line))
+
+    def _scrubbed(self, line):
+        forms = self._scrub_bytes
+        if forms is None:
+            forms = self._scrub_bytes = tuple(
+                f.encode("utf-8") for f in self.scrub_forms() if len(f) >= MIN_FORM_LENGTH)
+        if not forms:
+            return line
+        # a form that starts inside the kept width is whole in this prefix
+        head = line[: self.TRACE_WIDTH + len(forms[0])]
+        for form in forms:
+            if form in head:
+                head = head.replace(form, b"<redacted>")
+        return head
 
     @property
     def trace(self):
@@ -518,6 +323,9 @@ class FidoIMAP4Client(imap4.IMAP4Client):
             self.error = error
         self._cancel_timer()
         self._stop_rate_check()
+        # what the server sent past the failure is never read: drop it now
+        self.clearLineBuffer()
+        self._literal = self._segments = None
         if self.transport is not None and not self.closed:
             self.transport.abortConnection()
 
@@ -581,7 +389,7 @@ class FidoIMAP4Client(imap4.IMAP4Client):
         if self.error is not None:
             return
         try:
-            super().dataReceived(data)
+            self._receive(data)
         except FidoError as e:
             self.fail(e)
         except Exception as e:
@@ -597,18 +405,15 @@ class FidoIMAP4Client(imap4.IMAP4Client):
             return
         self._progress()
         self._trace("S", line)
+        self._bounds.count_line(len(line) + 2)
         m = _LITERAL_AT_END.search(line)
         if m is not None:
+            size = int(m.group(1))
+            texts = (self._segments[0::2] if self._segments else []) + [line]
+            self._bounds.admit_literal(texts, size)
             if self._segments is None:
                 self._segments = []
             self._segments.append(line)
-            size = int(m.group(1))
-            if size > self.max_literal:
-                raise FidoError(
-                    errors.PROTOCOL,
-                    f"server announced a {size} byte literal, over the limit of "
-                    f"{self.max_literal} bytes",
-                )
             self._literal = []
             self._literal_remaining = size
             self._literal_window = 0
@@ -616,32 +421,28 @@ class FidoIMAP4Client(imap4.IMAP4Client):
                 self._rate_check = self.clock.callLater(
                     self.literal_check_interval, self._check_rate
                 )
-            self.setRawMode()
+            self.line_mode = 0
             if self._literal_remaining == 0:
-                self._end_literal(b"")
+                self._end_literal()
             return
         if self._segments is not None:
             self._segments.append(line)
             segments, self._segments = self._segments, None
         else:
             segments = [line]
+        self._bounds.response_done()
         self._dispatch(segments)
 
-    def rawDataReceived(self, data):
-        if self.error is not None:
-            return
-        self._progress()
-        n = self._literal_remaining
-        if len(data) < n:
-            self._literal.append(data)
-            self._literal_remaining -= len(data)
-            self._literal_window += len(data)
-            return
-        self._literal_window += n
-        self._literal.append(data[:n] if len(data) > n else data)
-        self._end_literal(data[n:])
+    def rawDataReceived(self, data):  # not used: _scan reads literals
+        self._receive(data)
 
-    def _end_literal(self, rest):
+    def _take_literal(self, chunk):
+        self._progress()
+        self._literal.append(chunk)
+        self._literal_remaining -= len(chunk)
+        self._literal_window += len(chunk)
+
+    def _end_literal(self):
         chunks, self._literal = self._literal, None
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         del chunks
@@ -649,7 +450,7 @@ class FidoIMAP4Client(imap4.IMAP4Client):
         self._trace_lines.append(f"S: <literal {len(body)} bytes>")
         self._segments.append(body)
         self._literal_remaining = 0
-        self.setLineMode(rest)
+        self.line_mode = 1
 
     def _dispatch(self, segments):
         first = segments[0]
@@ -697,13 +498,20 @@ class FidoIMAP4Client(imap4.IMAP4Client):
         cmd.continuation(rest)
 
     def _untagged_response(self, segments):
+        self._bounds.count_untagged()
         text = segments[0]
         if len(segments) == 1 and text[:4].upper() == b"BYE " or text.upper() == b"BYE":
             self.bye = text[4:]
             return
         handler = self._untagged
-        if handler is not None:
-            handler(segments)
+        if handler is None:
+            return
+        if len(segments) == 1 and text[:6].upper() == b"SEARCH":
+            text = self._bounds.bound_search(text)
+            if text is None:
+                return
+            segments = [text]
+        handler(segments)
 
     def _tagged(self, tag, rest):
         cmd = self.tags.pop(tag, None) if self.tags is not None else None
@@ -737,12 +545,20 @@ class FidoIMAP4Client(imap4.IMAP4Client):
             raise RuntimeError("FidoIMAP4Client runs one command at a time")
         return super().sendCommand(cmd)
 
-    def command(self, name, args=None, untagged=None, continuation=None, timeout=None, what=None):
+    def command(self, name, args=None, untagged=None, continuation=None, timeout=None, what=None,
+                literal_each=None, literal_total=None, literal_caps=None):
         """Send one command; fire with the tagged OK text.
 
         :param untagged: called with the segments of each untagged response
-            (``[text]``, or ``[text, literal, text, ...]``) while it runs.
+            (``[text]``, or ``[text, literal, text, ...]``) while it runs;
+            SEARCH responses arrive cut to ``max_search_uids`` UIDs.
         :param continuation: called with the text of each ``+`` request.
+        :param literal_each: literal bytes of one response (default
+            :attr:`max_literal`); ``literal_total``: of all the responses
+            (default :attr:`max_command_literal`); ``literal_caps``:
+            ``{uid: bytes}``, the largest literal of a response naming that
+            UID before its literal.  :meth:`body_limits` computes all three
+            from the claimed sizes.
         :return: Deferred; errbacks with :class:`ImapCommandError` on NO/BAD,
             with :class:`FidoError` when the connection fails.
         """
@@ -753,6 +569,8 @@ class FidoIMAP4Client(imap4.IMAP4Client):
             if name == b"UID" and args:
                 what += " " + args.split(b" ", 1)[0].decode("ascii", "replace")
         self._untagged = untagged
+        self._timer_what = what
+        self._limits(literal_each, literal_total, literal_caps, what)
         d = self.sendCommand(cmd)
         if not d.called:
             self._arm(self.command_timeout if timeout is None else timeout, what)
@@ -829,8 +647,3 @@ def _ssl_text(exc):
     except (IndexError, TypeError):
         parts = []
     return "; ".join(parts) or str(exc) or type(exc).__name__
-
-
-def plain_response(username, password):
-    """The base64 SASL PLAIN initial response (authzid empty)."""
-    return base64.b64encode(b"\0" + username + b"\0" + password)
