@@ -735,6 +735,13 @@ def _check_settings(path, s):
     if g.file and os.path.isdir(g.file):
         bad("log", "file", f"{g.file} is a directory; name a file in it")
 
+    from fido_tx import routing
+
+    try:
+        routing.check_template(s.routing.template)
+    except ValueError as e:
+        bad("routing", "template", str(e))
+
 
 class _NoReactor:
     """Stands in for the reactor while an endpoint description is only parsed."""
@@ -766,13 +773,6 @@ def _without_userinfo(url):
     if "@" not in parts.netloc:
         return url
     return parts._replace(netloc="<user info>@" + parts.netloc.rsplit("@", 1)[1]).geturl()
-
-    from fido_tx import routing
-
-    try:
-        routing.check_template(s.routing.template)
-    except ValueError as e:
-        bad("routing", "template", str(e))
 
 
 def _check_http(h, bad):

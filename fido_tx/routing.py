@@ -16,9 +16,14 @@ an error: routing must not lose a message.
 
 import email.utils
 import re
+
+import attr
+from zope.interface import implementer
 from email.header import decode_header, make_header
 from email.parser import BytesHeaderParser
 from email.policy import compat32
+
+from fido_tx.interfaces import ISink
 
 PLACEHOLDER = "%{key}"
 
@@ -127,3 +132,32 @@ class Router:
         if self._pattern is None:
             return ""
         return route_key(raw, self.template, self._pattern)
+
+
+@implementer(ISink)
+class RoutedSink:
+    """An :class:`~fido_tx.interfaces.ISink` that gives each message its
+    ``route_key`` (by ``router``) before handing the batch to ``sink``: the
+    composition root puts it between every source and its delivery, so no
+    source needs to know about routing.  A message that has a route key
+    already keeps it."""
+
+    def __init__(self, sink, router):
+        self.sink = sink
+        self.router = router
+        self.kind = sink.kind
+
+    def filter_new(self, account_id, mailbox, epoch, ids):
+        return self.sink.filter_new(account_id, mailbox, epoch, ids)
+
+    def deliver(self, messages):
+        return self.sink.deliver([
+            m if m.route_key else attr.evolve(m, route_key=self.router(m.raw))
+            for m in messages
+        ])
+
+
+def routed(sink, router):
+    """``sink`` with route keys set by ``router`` (a :class:`Router`), or
+    ``sink`` itself when the router has no template."""
+    return RoutedSink(sink, router) if router.template else sink

@@ -179,7 +179,7 @@ def _session_factory(reactor, settings, sinks, dry_run, memory=None):
     to the sink of its ``delivery`` (``sinks``: name -> ISink), polled."""
     import attr
 
-    from fido_tx import sources
+    from fido_tx import routing, sources
     from fido_tx.credentials import for_account
     from fido_tx.schedule import budget, pacer
     from fido_tx.sources.imap.connect import Connector
@@ -202,8 +202,11 @@ def _session_factory(reactor, settings, sinks, dry_run, memory=None):
         memory=memory,
     )
 
-    # one context per delivery: a session sees only its own sink
-    contexts = {name: attr.evolve(ctx, sink=sink) for name, sink in sinks.items()}
+    # one context per delivery: a session sees only its own sink, which sets
+    # each message's route_key when [routing] template is set
+    router = routing.Router(settings.routing.template)
+    contexts = {name: attr.evolve(ctx, sink=routing.routed(sink, router))
+                for name, sink in sinks.items()}
 
     def session_factory(account, handle=None):
         return sources.make_session(account, contexts[account.delivery], handle).poll()

@@ -43,23 +43,22 @@ async def test_imap_to_gitlab_webhook(server, redis, tmp_path):  # noqa: F811
     options = webhook.validate(
         {"url": endpoint.url(), "auth": "gitlab-jwt", "secret_file": "secret"}, str(tmp_path))
     sink = webhook.build("gitlab", options, Ctx(_reactor(), conn))
-    box = FakeMailbox()
+    box = FakeMailbox(flags=("\\Seen", "\\Deleted", "$FidoTooLarge", "$FidoRejected"))
     raws = [message(1), message(2, b"8-bit \xe9\xff and NUL \x00")]
     for raw in raws:
         box.add(raw)
     srv = server({"INBOX": box})
     acct = account(srv.port)
     try:
-        # (today's session reports every sink failure as kind "redis"; the
-        # sink's own kind, "delivery", reaches the report once the session
-        # speaks ISink: the message is the sink's either way)
         endpoint.mode = "error"  # GitLab answers 500: nothing is marked
         result = await run(acct, sink)
-        assert not result.ok and "answered 500; will retry" in result.message, result
+        assert not result.ok and result.kind == "delivery", result
+        assert "answered 500; will retry" in result.message
         assert not seen(box, 1) and not seen(box, 2)
         endpoint.mode = "unauthorized"  # wrong secret: nothing is marked
         result = await run(acct, sink)
-        assert not result.ok and "answered 401: check the secret_file" in result.message
+        assert result.kind == "delivery"
+        assert "answered 401: check the secret_file" in result.message
         assert not seen(box, 1) and not seen(box, 2)
         endpoint.mode = "ok"
         result = await run(acct, sink)
@@ -76,10 +75,13 @@ async def test_imap_to_gitlab_webhook(server, redis, tmp_path):  # noqa: F811
         result = await run(acct, sink)  # nothing new: no POST
         assert result.ok and len(endpoint.requests) == 6
         box.add(message(3))
-        endpoint.mode = "bad_request"  # refused for good: never marked \Seen
+        endpoint.mode = "bad_request"  # refused for good: flagged, never \Seen
         result = await run(acct, sink)
-        assert not result.ok and "refused 1 message(s) for good (UIDs 3)" in result.message
-        assert not seen(box, 3)
+        assert result.kind == "rejected", result
+        assert not seen(box, 3) and "$FidoRejected" in box.by_uid(3).flags
+        posts = len(endpoint.requests)
+        result = await run(acct, sink)  # not offered again
+        assert len(endpoint.requests) == posts
     finally:
         await sink.stopService()
         await redisconn.close(conn)

@@ -127,3 +127,45 @@ class PropertyTests(SynchronousTestCase):
         lines = [f"{h}: incoming+{h.lower()}@gitlab.example.com".encode() for h in present]
         first = min(present, key=routing.HEADERS.index)
         self.assertEqual(routing.route_key(msg(*reversed(lines)), T), first.lower())
+
+
+class RoutedSinkTests(SynchronousTestCase):
+    def test_sets_route_keys_and_passes_the_rest_through(self):
+        from zope.interface.verify import verifyObject
+
+        from fido_tx.interfaces import ISink
+        from fido_tx.sinks.message import Message
+        from fido_tx.testing import MemorySink
+
+        inner = MemorySink()
+        sink = routing.routed(inner, routing.Router(T))
+        self.assertTrue(verifyObject(ISink, sink))
+        self.assertEqual(sink.kind, inner.kind)
+        msgs = [Message("a", "INBOX", "1", "1", msg(b"To: incoming+k1@gitlab.example.com")),
+                Message("a", "INBOX", "1", "2", msg(b"To: other@x.test")),
+                Message("a", "INBOX", "1", "3", msg(b"To: x@y.test"), route_key="kept")]
+        self.successResultOf(sink.deliver(msgs))
+        self.assertEqual([m.route_key for m in inner.entries], ["k1", "", "kept"])
+        self.assertEqual([m.raw for m in inner.entries], [m.raw for m in msgs])
+        self.assertEqual(self.successResultOf(sink.filter_new("a", "INBOX", "1", ["1", "4"])), ["4"])
+        self.assertIs(routing.routed(inner, routing.Router("")), inner)
+
+    def test_the_daemons_sessions_deliver_route_keys(self):
+        """The composition root's session factory: a memory-source account's
+        message reaches its delivery with the route key of [routing] template."""
+        from twisted.internet import task
+
+        from fido_tx import service
+        from fido_tx.accounts.model import Account
+        from fido_tx.sources.memory import MemoryMailboxes
+        from fido_tx.testing import MemorySink
+
+        settings = config.parse_settings({"routing": {"template": T}}, "/nonexistent/fido.toml")
+        sink, memory, clock = MemorySink(), MemoryMailboxes(), task.Clock()
+        factory = service._session_factory(clock, settings, {"default": sink}, False,
+                                           memory=memory)
+        memory["m"].add(msg(b"Delivered-To: incoming+group-1-issue-@gitlab.example.com"))
+        d = factory(Account(id="m", source="memory"))
+        clock.advance(1)
+        self.assertTrue(self.successResultOf(d).ok)
+        self.assertEqual([m.route_key for m in sink.entries], ["group-1-issue-"])
