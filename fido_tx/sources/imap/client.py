@@ -403,6 +403,9 @@ class FidoIMAP4Client(imap4.IMAP4Client):
         self._literal_window = 0
         self._rate_check = None
         self._untagged = None
+        #: called with the segments of EVERY untagged response, whatever
+        #: command runs (or none): a held connection's watch for EXISTS
+        self.observer = None
 
     # -- tracing -----------------------------------------------------------
 
@@ -542,6 +545,7 @@ class FidoIMAP4Client(imap4.IMAP4Client):
         work, so the connection's objects are freed without the collector."""
         self.tls_explain = None
         self._untagged = None
+        self.observer = None
         self._literal = None
         self._segments = None
 
@@ -701,6 +705,9 @@ class FidoIMAP4Client(imap4.IMAP4Client):
         if len(segments) == 1 and text[:4].upper() == b"BYE " or text.upper() == b"BYE":
             self.bye = text[4:]
             return
+        observer = self.observer
+        if observer is not None:
+            observer(segments)
         handler = self._untagged
         if handler is not None:
             handler(segments)
@@ -764,6 +771,11 @@ class FidoIMAP4Client(imap4.IMAP4Client):
 
         d.addBoth(done)
         return d
+
+    def rearm(self, seconds, what):
+        """Give the running command a new deadline: ``seconds`` of silence
+        from now (IDLE waits minutes for its answer, then seconds for DONE's)."""
+        self._arm(seconds, what)
 
     def start_tls(self, context_factory):
         """Switch the transport to TLS (after a tagged OK to STARTTLS).
