@@ -57,6 +57,11 @@ class ImapSettings:
     max_message_size: int = 50 * MIB
     #: keyword set on messages left on the server because they are too large
     too_large_keyword: str = "$FidoTooLarge"
+    #: held connections: seconds before IDLE is ended and re-issued (< 29 min)
+    idle_refresh: float = 600.0
+    #: held connections: at most this many per server host name (more
+    #: accounts on that host poll with fresh connections)
+    max_connections_per_host: int = 1000
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
@@ -492,6 +497,10 @@ def _check_settings(path, s):
     at_least("fido", "grace_period", f.grace_period, 0)
 
     i = s.imap
+    if not 0 < i.idle_refresh < 29 * 60:
+        bad("imap", "idle_refresh", "must be greater than 0 and under 1740 (29 minutes: "
+            f"servers end an IDLE after 30), got {i.idle_refresh!r}")
+    at_least("imap", "max_connections_per_host", i.max_connections_per_host, 1)
     for key in ("connect_timeout", "greeting_timeout", "command_timeout", "logout_timeout"):
         positive("imap", key, getattr(i, key))
     at_least("imap", "min_literal_rate", i.min_literal_rate, 0)

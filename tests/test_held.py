@@ -502,3 +502,40 @@ class TransitionTests(SynchronousTestCase):
         self.assertEqual(s.poll_interval, 60.0)
         self.assertEqual(s.reconnect.initial, 1.0)
         self.assertLess(s.idle_refresh, 29 * 60)
+
+
+class ConfigTests(SynchronousTestCase):
+    """The ``[imap]`` keys of held connections."""
+
+    def load(self, text):
+        import os
+        import tempfile
+
+        from fido_tx.config import Roots, load_settings
+
+        base = tempfile.mkdtemp()
+        self.addCleanup(__import__("shutil").rmtree, base)
+        path = os.path.join(base, "fido.toml")
+        with open(path, "w") as f:
+            f.write(text)
+        roots = Roots(etc=os.path.join(base, "etc"), deploy_globs=(),
+                      home=os.path.join(base, "home"), is_root=False)
+        return load_settings(path, {}, roots)[0]
+
+    def test_defaults_and_values(self):
+        s = self.load("")
+        self.assertEqual((s.imap.idle_refresh, s.imap.max_connections_per_host), (600.0, 1000))
+        s = self.load("[imap]\nidle_refresh = 120\nmax_connections_per_host = 5\n")
+        self.assertEqual((s.imap.idle_refresh, s.imap.max_connections_per_host), (120, 5))
+        self.assertEqual(held.HeldSettings.from_settings(s).idle_refresh, 120)
+
+    def test_bad_values_name_the_key(self):
+        from fido_tx.config import ConfigError
+
+        for text, key in [("[imap]\nidle_refresh = 1740\n", "[imap] idle_refresh"),
+                          ("[imap]\nidle_refresh = 0\n", "[imap] idle_refresh"),
+                          ("[imap]\nmax_connections_per_host = 0\n",
+                           "[imap] max_connections_per_host")]:
+            e = self.assertRaises(ConfigError, self.load, text)
+            self.assertIn(key, str(e))
+            self.assertNotIn("\n", str(e))
