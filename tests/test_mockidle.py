@@ -120,3 +120,22 @@ def test_something_else_than_done_is_bad(server):
     c.transport.write(b"a4 NOOP\r\n")
     out = yield c.until(rb"a3 BAD[^\r\n]*\r\n")
     assert b"Expected DONE" in out
+
+
+@pytest_twisted.inlineCallbacks
+def test_control_channel_delivers_and_pushes_exists(server):
+    from twisted.internet import endpoints
+
+    c, _ = yield selected(server)
+    c.transport.write(b"a3 IDLE\r\n")
+    yield c.until(rb"\+ idling\r\n")
+    listening = mockimap.listen_control(reactor, server, 0)
+    ctl = yield endpoints.connectProtocol(
+        endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", listening.getHost().port),
+        mockimap.RawClient(reactor))
+    ctl.transport.write(b"DELIVER u1\nDELIVER nobody\nHELLO\n")
+    out = yield ctl.until(rb"BAD\n")
+    assert out == b"OK 2\nNO unknown user\nBAD\n"
+    yield c.until(rb"\* 2 EXISTS\r\n")
+    ctl.transport.loseConnection()
+    yield listening.stopListening()

@@ -440,6 +440,40 @@ class IdleServerSupport:
                    if p.idling and (user is None or p.record.user == user))
 
 
+class _Control(protocol.Protocol):
+    """``DELIVER <user>`` lines: append a sample message (and push EXISTS);
+    answers ``OK <uid>``.  For benchmarks running the server in its own
+    process (``--control-port``)."""
+
+    def __init__(self, server):
+        self.server = server
+        self.buffer = b""
+        self.count = 0
+
+    def dataReceived(self, data):
+        self.buffer += data
+        while b"\n" in self.buffer:
+            line, self.buffer = self.buffer.split(b"\n", 1)
+            words = line.strip().split()
+            if len(words) == 2 and words[0].upper() == b"DELIVER":
+                user = words[1].decode("utf-8", "replace")
+                if self.server.mailbox(user) is None:
+                    self.transport.write(b"NO unknown user\n")
+                    continue
+                self.count += 1
+                uid = self.server.deliver(user, sample_message(10**6 + self.count, user))
+                self.transport.write(b"OK %d\n" % uid)
+            else:
+                self.transport.write(b"BAD\n")
+
+
+def listen_control(reactor, server, port, interface="127.0.0.1"):
+    """Listen for :class:`_Control` lines; returns the listening port."""
+    factory = protocol.Factory.forProtocol(lambda: _Control(server))
+    factory.noisy = False
+    return reactor.listenTCP(port, factory, interface=interface)
+
+
 class MockIMAPProtocol(IdleProtocolSupport, protocol.Protocol):
     """One server-side connection.  States: ``greeting`` -> ``unauth`` ->
     ``auth`` -> ``selected`` -> ``logout``."""
@@ -1335,6 +1369,9 @@ def main(argv=None):
     parser.add_argument("--greeting-delay", type=float, default=0.0)
     parser.add_argument("--backlog", type=int, default=4096,
                         help="listen backlog (capped by net.core.somaxconn)")
+    parser.add_argument("--idle", action="store_true", help="offer IDLE")
+    parser.add_argument("--control-port", type=int, default=None,
+                        help="accept 'DELIVER <user>' lines here (new mail, EXISTS pushed)")
     opts = parser.parse_args(argv)
 
     import resource
@@ -1355,10 +1392,15 @@ def main(argv=None):
 
     server = MockIMAPServer(reactor, tls=opts.tls, account_factory=factory, keep_records=False)
     server.script(None, Behaviour(starttls=opts.tls is not None,
-                                  greeting_delay=opts.greeting_delay))
+                                  greeting_delay=opts.greeting_delay,
+                                  capabilities=IDLE_CAPABILITIES if opts.idle
+                                  else DEFAULT_CAPABILITIES))
     port = server.listen(opts.port, opts.interface, implicit_tls=opts.implicit_tls,
                          backlog=opts.backlog)
     print(f"mockimap listening on {opts.interface}:{port}", flush=True)
+    if opts.control_port is not None:
+        control = listen_control(reactor, server, opts.control_port, opts.interface)
+        print(f"mockimap control on {opts.interface}:{control.getHost().port}", flush=True)
     reactor.run()
     return 0
 
