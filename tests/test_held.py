@@ -333,6 +333,26 @@ class LossTests(SynchronousTestCase):
         self.assertEqual(len(h.servers), 2)
         self.assertTrue(all(r.ok for r in h.reports))
 
+    def test_polls_that_keep_dying_are_reported_even_after_long_holds(self):
+        h = Harness(self)
+
+        def dies(conn):
+            h.polls.append((h.clock.seconds(), conn))
+            h.clock.callLater(0, h.server.drop)
+            return task.deferLater(h.clock, 0.5, lambda: SessionResult(
+                account_id="a1", kind=errors.TIMEOUT, message="no response to UID FETCH"))
+
+        h.machine.poll = dies
+        h.machine.start()
+        polls_at_first_report = None
+        for _ in range(40):
+            h.turn(1)
+            if h.reports and polls_at_first_report is None:
+                polls_at_first_report = len(h.polls)
+        self.assertEqual(polls_at_first_report, 3)  # the third failure in a row
+        self.assertEqual({r.kind for r in h.reports}, {errors.TIMEOUT})
+        self.assertEqual(h.machine.state, held.BACKOFF)
+
     def test_redis_failure_is_reported_and_the_connection_kept(self):
         h = Harness(self)
         h.poll_results = [defer.succeed(SessionResult(account_id="a1", kind=errors.REDIS,

@@ -192,11 +192,16 @@ class _Stopped(Exception):
 
 
 class _Lost(Exception):
-    """Internal: the held connection is gone (``error`` says why)."""
+    """Internal: the held connection is gone (``error`` says why).
 
-    def __init__(self, error):
+    ``routine`` is False when it went down during a poll: that poll failed,
+    so the loss counts towards a report even after a long hold.
+    """
+
+    def __init__(self, error, routine=True):
         super().__init__(error)
         self.error = error
+        self.routine = routine
 
 
 class HeldAccount:
@@ -352,7 +357,7 @@ class HeldAccount:
         try:
             await self._hold(conn)
         except _Lost as e:
-            lost = e.error
+            lost, routine = e.error, e.routine
         finally:
             self.pool.held -= 1
             conn.client.observer = None
@@ -367,7 +372,7 @@ class HeldAccount:
         self.reconnects += 1
         self.pool.reconnects += 1
         held_for = self.clock.seconds() - opened
-        if self._backoff.failures == 0 and held_for >= self.settings.min_hold:
+        if routine and self._backoff.failures == 0 and held_for >= self.settings.min_hold:
             self.log.debug("held {account_id}: connection lost after {seconds:.0f} s "
                            "({why}); reconnecting", account_id=self.account_id,
                            seconds=held_for, why=lost.message)
@@ -452,15 +457,18 @@ class HeldAccount:
             try:
                 result = await self._polling
             except defer.CancelledError:
-                raise _Lost(FidoError(errors.TIMEOUT, "poll cancelled"))
+                raise _Lost(FidoError(errors.TIMEOUT, "poll cancelled"), routine=False)
             except Exception as e:  # a poll never errbacks: a bug, keep holding safe
                 self.log.failure("held {account_id}: poll failed", account_id=self.account_id)
-                raise _Lost(_as_error(e, errors.PROTOCOL))
+                raise _Lost(_as_error(e, errors.PROTOCOL), routine=False)
             finally:
                 self._polling = None
             if conn.client.closed or conn.client.error is not None:
-                raise _Lost(_as_error(conn.client.error, result.kind or errors.PROTOCOL,
-                                      result.message))
+                if result.ok:  # it finished its work, then the server went away
+                    self.report(result)
+                    raise _Lost(_as_error(conn.client.error, errors.PROTOCOL))
+                raise _Lost(FidoError(result.kind, result.message, result.debug),
+                            routine=False)
             if result.ok:
                 self._backoff = backoff.HEALTHY
             self.report(result)
