@@ -139,3 +139,18 @@ def test_control_channel_delivers_and_pushes_exists(server):
     yield c.until(rb"\* 2 EXISTS\r\n")
     ctl.transport.loseConnection()
     yield listening.stopListening()
+
+
+@pytest_twisted.inlineCallbacks
+def test_mail_between_idles_is_announced_when_the_next_idle_starts(server):
+    c, _ = yield selected(server)
+    server.deliver("u1", sample_message(2, "u1"))  # selected, not idling
+    c.transport.write(b"a3 IDLE\r\n")
+    out = yield c.until(rb"\* \d+ EXISTS\r\n")
+    assert out == b"+ idling\r\n* 2 EXISTS\r\n"
+    c.transport.write(b"DONE\r\n")
+    yield c.until(rb"a3 OK[^\r\n]*\r\n")
+    c.transport.write(b"a4 IDLE\r\n")
+    yield c.until(rb"\+ idling\r\n")
+    yield task.deferLater(reactor, 0.1, lambda: None)
+    assert c.buffer == b""  # announced once

@@ -366,6 +366,9 @@ class IdleProtocolSupport:
     """The protocol side of IDLE: ``+``, EXISTS pushed while idling, DONE."""
 
     _idle_tag = None
+    #: new mail came while this connection had the folder selected but was
+    #: not idling: announced when its next IDLE starts (as servers do)
+    _exists_pending = False
 
     @property
     def idling(self):
@@ -381,7 +384,11 @@ class IdleProtocolSupport:
             self._after = self._go_silent
         elif b.drop_after is not None:
             self._later(b.drop_after, self._idle_drop, b)
-        return b"+ idling\r\n"
+        reply = b"+ idling\r\n"
+        if self._exists_pending and self._folder is not None:
+            reply += b"* %d EXISTS\r\n" % len(self._folder[1].messages)
+        self._exists_pending = False
+        return reply
 
     def _idle_line(self, line):
         tag, self._idle_tag = self._idle_tag, None
@@ -408,10 +415,15 @@ class IdleProtocolSupport:
             self._close()
 
     def notify_exists(self, folder_name):
-        """New mail in ``folder_name``: tell this connection if it idles there."""
-        if self.idling and self._folder is not None and self._folder[0] == folder_name \
-                and self.state == "selected":
+        """New mail in ``folder_name``: tell this connection if it idles
+        there, or when its next IDLE starts."""
+        if self._folder is None or self._folder[0] != folder_name \
+                or self.state != "selected":
+            return
+        if self.idling:
             self._send(b"* %d EXISTS\r\n" % len(self._folder[1].messages))
+        else:
+            self._exists_pending = True
 
 
 class IdleServerSupport:
