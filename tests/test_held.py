@@ -472,6 +472,42 @@ class StopTests(SynchronousTestCase):
         self.assertEqual(h.pool.fallback, 0)
 
 
+class SlotTests(SynchronousTestCase):
+    def test_every_poll_takes_the_slot_ready_gives_and_releases_it(self):
+        h = Harness(self, poll_interval=60, fallback_retry=120)
+        events = []
+
+        def ready():
+            events.append("take")
+            return defer.succeed(lambda: events.append("release"))
+
+        h.machine.ready = ready
+        h.machine.poll = lambda conn: (events.append("poll"),
+                                       defer.succeed(SessionResult(account_id="a1")))[1]
+        h.machine.start()
+        h.turn()
+        h.server.send(b"* 1 EXISTS")
+        h.turn()
+        self.assertEqual(events, ["take", "poll", "release"] * 2)
+        h.server.drop()
+        h.open_errors = [FidoError(errors.CONNECT, "[LIMIT] Too many connections")]
+        h.machine.poll_fresh = lambda: (events.append("fresh"),
+                                        defer.succeed(SessionResult(account_id="a1")))[1]
+        del events[:]
+        h.turn(1)
+        self.assertEqual(events[:3], ["take", "fresh", "release"])
+
+    def test_release_even_when_the_poll_dies(self):
+        h = Harness(self)
+        released = []
+        h.machine.ready = lambda: defer.succeed(lambda: released.append(1))
+        h.poll_results = [defer.fail(ZeroDivisionError())]
+        h.machine.start()
+        h.turn()
+        self.assertEqual(released, [1])
+        self.flushLoggedErrors(ZeroDivisionError)
+
+
 class BackpressureTests(SynchronousTestCase):
     def test_woken_while_paused_waits_then_fetches(self):
         h = Harness(self)

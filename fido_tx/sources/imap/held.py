@@ -24,9 +24,11 @@ injected, so it does not care how a connection is opened or a poll is run:
   ``tls``, ``config`` and ``mailbox``, which reconnecting will not cure);
 - ``poll_fresh()`` (optional) -> Deferred[SessionResult]: one ordinary
   session on a fresh connection, for the fallback;
-- ``ready()`` (optional) -> Deferred fired when fetching may go on: while
-  backpressure or a Redis outage pauses fetching, a woken connection waits
-  here (it stops fetching, not listening: it stays logged in).
+- ``ready()`` (optional) -> Deferred fired when fetching may go on, with a
+  ``release()`` callable (or ``None``) called once the poll is over: the
+  scheduler's worker slot.  While backpressure or a Redis outage pauses
+  fetching, a woken connection waits here (it stops fetching, not
+  listening: it stays logged in).
 
 Checks: new mail announced by IDLE (EXISTS/RECENT) starts a fetch at once;
 without IDLE (``idle = false`` or a server without it) the held connection
@@ -449,31 +451,45 @@ class HeldAccount:
         """Poll on the held connection (again while new mail came meanwhile)."""
         self._enter(FETCHING)
         for _ in range(3):
-            if self.ready is not None:
-                await self._wait(self.ready())
-            self._dirty = False
-            self._last_check = self.clock.seconds()
-            self._polling = defer.maybeDeferred(self.poll, conn)
+            release = await self._ready()
             try:
-                result = await self._polling
-            except defer.CancelledError:
-                raise _Lost(FidoError(errors.TIMEOUT, "poll cancelled"), routine=False)
-            except Exception as e:  # a poll never errbacks: a bug, keep holding safe
-                self.log.failure("held {account_id}: poll failed", account_id=self.account_id)
-                raise _Lost(_as_error(e, errors.PROTOCOL), routine=False)
+                result = await self._poll_once(conn)
             finally:
-                self._polling = None
-            if conn.client.closed or conn.client.error is not None:
-                if result.ok:  # it finished its work, then the server went away
-                    self.report(result)
-                    raise _Lost(_as_error(conn.client.error, errors.PROTOCOL))
-                raise _Lost(FidoError(result.kind, result.message, result.debug),
-                            routine=False)
+                if release is not None:
+                    release()
             if result.ok:
                 self._backoff = backoff.HEALTHY
             self.report(result)
             if not self._dirty or self._stopping:
                 return
+
+    async def _ready(self):
+        """Wait for ``ready()``: the ``release`` it gives, or ``None``."""
+        if self.ready is None:
+            return None
+        release = await self._wait(self.ready())
+        return release if callable(release) else None
+
+    async def _poll_once(self, conn):
+        self._dirty = False
+        self._last_check = self.clock.seconds()
+        self._polling = defer.maybeDeferred(self.poll, conn)
+        try:
+            result = await self._polling
+        except defer.CancelledError:
+            raise _Lost(FidoError(errors.TIMEOUT, "poll cancelled"), routine=False)
+        except Exception as e:  # a poll never errbacks: a bug, keep holding safe
+            self.log.failure("held {account_id}: poll failed", account_id=self.account_id)
+            raise _Lost(_as_error(e, errors.PROTOCOL), routine=False)
+        finally:
+            self._polling = None
+        if conn.client.closed or conn.client.error is not None:
+            if result.ok:  # it finished its work, then the server went away
+                self.report(result)
+                raise _Lost(_as_error(conn.client.error, errors.PROTOCOL))
+            raise _Lost(FidoError(result.kind, result.message, result.debug),
+                        routine=False)
+        return result
 
     def _observer(self, conn):
         """Watch every untagged response of the held connection."""
@@ -522,11 +538,14 @@ class HeldAccount:
         try:
             while self.clock.seconds() < self._fallback_until:
                 if self.poll_fresh is not None:
+                    release = await self._ready()
                     self._polling = defer.maybeDeferred(self.poll_fresh)
                     try:
                         self.report(await self._wait(self._polling))
                     finally:
                         self._polling = None
+                        if release is not None:
+                            release()
                 await self._sleep(min(self.settings.poll_interval,
                                       self._fallback_until - self.clock.seconds()))
         finally:
