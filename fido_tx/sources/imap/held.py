@@ -270,6 +270,14 @@ class HeldAccount:
             d.addBoth(lambda r: (timer.cancel() if timer.active() else None, r)[1])
         return d
 
+    def closed(self):
+        """A Deferred fired once the machine is closed (stopped or crashed)."""
+        if self.state == CLOSED:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._closed_waiters.append(d)
+        return d
+
     @property
     def idling(self):
         return self.state == IDLING
@@ -454,12 +462,14 @@ class HeldAccount:
             release = await self._ready()
             try:
                 result = await self._poll_once(conn)
+                if result.ok:
+                    self._backoff = backoff.HEALTHY
+                # reported before the slot is given back, as a session ending
+                # is: backpressure judges it before another fetch may start
+                self.report(result)
             finally:
                 if release is not None:
                     release()
-            if result.ok:
-                self._backoff = backoff.HEALTHY
-            self.report(result)
             if not self._dirty or self._stopping:
                 return
 
