@@ -91,6 +91,19 @@ class RedisSettings:
     max_backlog: int = 100000
     connect_timeout: float = 5.0
     command_timeout: float = 10.0
+    #: WAIT for this many replicas to have each batch before marking it
+    min_replicas: int = 0
+    #: how long (seconds) to wait for them; then nothing is marked
+    replica_timeout: float = 5.0
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class ClusterSettings:
+    #: "shard" (``[fido] shard = "k/n"``) or "lease" (instances share every
+    #: account through leases in Redis)
+    mode: str = "shard"
+    #: seconds a lease lasts unless renewed (renewed every third of it)
+    lease_ttl: float = 60.0
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
@@ -117,6 +130,15 @@ class LogSettings:
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
+class DeliverySettings:
+    """One ``[delivery.NAME]`` table: its ``kind`` (a key of
+    :data:`fido_tx.sinks.SINKS`) and the kind module's validated options."""
+
+    kind: str = "stream"
+    options: dict = attr.ib(factory=dict)
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
 class Settings:
     fido: FidoSettings = attr.ib(factory=FidoSettings)
     imap: ImapSettings = attr.ib(factory=ImapSettings)
@@ -125,8 +147,21 @@ class Settings:
     reporter: ReporterSettings = attr.ib(factory=ReporterSettings)
     http: HttpSettings = attr.ib(factory=HttpSettings)
     log: LogSettings = attr.ib(factory=LogSettings)
+    #: ``[delivery.NAME]`` -> :class:`DeliverySettings`; read them with
+    #: :meth:`delivery_tables`, which implies ``default`` from ``[redis] stream``
+    deliveries: dict = attr.ib(factory=dict)
+    cluster: ClusterSettings = attr.ib(factory=ClusterSettings)
     #: the file these settings came from ("" when built in code)
     path: str = ""
+
+    def delivery_tables(self):
+        """``{name: DeliverySettings}`` with ``default`` always there: when
+        no ``[delivery.default]`` is given, the stream of ``[redis] stream``
+        (configs from before deliveries keep their meaning)."""
+        tables = dict(self.deliveries)
+        if "default" not in tables:
+            tables["default"] = DeliverySettings("stream", {"stream": self.redis.stream})
+        return tables
 
 
 #: ``[section]`` name -> settings class (and the attribute of :class:`Settings`)
@@ -138,6 +173,7 @@ SECTIONS = {
     "reporter": ReporterSettings,
     "http": HttpSettings,
     "log": LogSettings,
+    "cluster": ClusterSettings,
 }
 
 #: keys holding file system paths, resolved relative to the config file
@@ -157,7 +193,8 @@ SECRET_KEYS = frozenset([("reporter", "token"), ("redis", "url")])
 LOG_LEVELS = ("debug", "info", "warn", "error")
 LOG_FORMATS = ("text", "json")
 WATCH_MODES = ("auto", "poll")
-REDIS_SCHEMES = ("redis", "rediss", "unix")
+REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel")
+CLUSTER_MODES = ("shard", "lease")
 REPORTER_SCHEMES = ("http", "https")
 
 ENV_VAR = "FIDO_CONFIG"
@@ -355,6 +392,8 @@ def parse_settings(data, path):
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a TOML document of [sections]")
     for name, table in data.items():
+        if name == DELIVERY_SECTION and isinstance(table, dict):
+            continue
         if name not in SECTIONS:
             if isinstance(table, dict):
                 raise ConfigError(f"{path}: unknown section [{name}]")
@@ -368,9 +407,60 @@ def parse_settings(data, path):
     sections = {
         name: _parse_section(path, base, name, data.get(name, {})) for name in SECTIONS
     }
-    settings = Settings(path=path, **sections)
+    deliveries = _parse_deliveries(path, base, data.get(DELIVERY_SECTION, {}))
+    settings = Settings(path=path, deliveries=deliveries, **sections)
     _check_settings(path, settings)
     return settings
+
+
+DELIVERY_SECTION = "delivery"
+_DELIVERY_NAME_RE = re.compile(r"\A[A-Za-z0-9_.-]{1,64}\Z")
+
+
+def _parse_deliveries(path, base, tables):
+    """``[delivery.NAME]`` tables -> ``{name: DeliverySettings}`` (the
+    implied ``default`` is added by :meth:`Settings.delivery_tables`)."""
+    return {name: _parse_delivery(path, base, name, table) for name, table in tables.items()}
+
+
+def _parse_delivery(path, base, name, table):
+    from fido_tx import sinks
+
+    where = f"[{DELIVERY_SECTION}.{name}]"
+    if not _DELIVERY_NAME_RE.match(name):
+        raise ConfigError(f"{path}: {where}: a delivery name is 1-64 of A-Z a-z 0-9 _ . -")
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: {where} must be a table (section)")
+    kinds = ", ".join(f'"{k}"' for k in sinks.SINKS)
+    kind = table.get("kind")
+    if kind not in sinks.SINKS:
+        got = "nothing" if kind is None else _show(where, "kind", kind)
+        raise ConfigError(f"{path}: {where} kind: must be one of {kinds}, got {got}")
+    try:
+        module = sinks.module(kind)
+    except ImportError:
+        raise ConfigError(
+            f"{path}: {where} kind: {kind!r} is not available in this version of Fido"
+        ) from None
+    options = {}
+    for key, value in table.items():
+        if key == "kind":
+            continue
+        if key not in module.OPTIONS:
+            raise ConfigError(f"{path}: unknown key {where} {key}")
+        default = module.OPTIONS[key]
+        expected = str if default is None else type(default)
+        options[key] = _coerce(path, where[1:-1], key, expected, value)
+    for key, default in module.OPTIONS.items():
+        if key not in options:
+            if default is None:
+                raise ConfigError(f"{path}: {where} {key}: required for kind {kind!r}")
+            options[key] = default
+    try:
+        options = module.validate(options, base)
+    except ValueError as e:
+        raise ConfigError(f"{path}: {where} {_one_line(e)}") from None
+    return DeliverySettings(kind, options)
 
 
 def _parse_section(path, base, section, table):
@@ -398,7 +488,8 @@ _TYPE_NAMES = {bool: "a boolean", int: "an integer", float: "a number", str: "a 
 
 def _show(section, key, value):
     """``value`` for a message: its TOML type, and its repr unless secret."""
-    if (section, key) in SECRET_KEYS:
+    if (section, key) in SECRET_KEYS or section.startswith(DELIVERY_SECTION + "."):
+        # a delivery's keys may hold a secret (a webhook's token): type only
         return _toml_type(value)
     text = repr(value)
     if len(text) > 60:
@@ -442,9 +533,12 @@ def _coerce(path, section, key, expected, value):
                     )
     elif expected is str:
         ok = isinstance(value, str)
+    elif expected not in _TYPE_NAMES:
+        ok = isinstance(value, expected)
     if not ok:
         raise ConfigError(
-            f"{path}: [{section}] {key}: expected {_TYPE_NAMES[expected]},"
+            f"{path}: [{section}] {key}: expected"
+            f" {_TYPE_NAMES.get(expected, 'a ' + expected.__name__)},"
             f" got {_show(section, key, value)}"
         )
     return value
@@ -535,7 +629,7 @@ def _check_settings(path, s):
         bad(
             "redis",
             "url",
-            "scheme must be redis://, rediss:// or unix://, got "
+            "scheme must be redis://, rediss://, unix:// or redis+sentinel://, got "
             + (f"{scheme}://" if scheme else "no scheme"),
         )
     from fido_tx.redis import url as redisurl
@@ -549,6 +643,17 @@ def _check_settings(path, s):
     at_least("redis", "max_backlog", r.max_backlog, 1)
     positive("redis", "connect_timeout", r.connect_timeout)
     positive("redis", "command_timeout", r.command_timeout)
+    at_least("redis", "min_replicas", r.min_replicas, 0)
+    if r.min_replicas > 100:
+        bad("redis", "min_replicas", f"must be at most 100, got {r.min_replicas!r}")
+    positive("redis", "replica_timeout", r.replica_timeout)
+
+    c = s.cluster
+    one_of("cluster", "mode", c.mode, CLUSTER_MODES)
+    if not 3 <= c.lease_ttl <= 3600:
+        bad("cluster", "lease_ttl", f"must be from 3 to 3600 seconds, got {c.lease_ttl!r}")
+    if c.mode == "lease" and f.shard != "1/1":
+        bad("cluster", "mode", '"lease" shares every account: leave [fido] shard at "1/1"')
 
     p = s.reporter
     if p.url:

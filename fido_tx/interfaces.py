@@ -91,15 +91,74 @@ class IAccountState(Interface):
 
 
 class ISchedulerView(Interface):
-    """What the status side may read of the scheduler."""
+    """What the status side (health, metrics, status, heartbeat) may read of
+    the scheduler, and the two calls backpressure and the Redis observer make.
 
-    def running_count():
-        """Sessions that occupy a worker slot now."""
+    Attributes, not methods, where the scheduler has properties
+    (``running_count`` is a count; ``running`` is ``Service.running``, a flag).
+    """
 
-    def accounts():
-        """The accounts scheduled, in order."""
+    running_count = Attribute("sessions that occupy a worker slot now (an int)")
+    accounts = Attribute("the current set: {id: Account}")
+    paused_reasons = Attribute("frozenset of the reasons fetching is paused ('redis', 'backlog')")
+    paused = Attribute("True while fetching is paused for any reason")
+    last_completion_at = Attribute("clock seconds of the last completed session, or None")
+
+    def lag():
+        """Seconds the most overdue waiting account has waited past its due time."""
 
     def account_state(account_id):
-        """The :class:`~fido_tx.schedule.scheduler.AccountState` of one account."""
+        """The :class:`~fido_tx.schedule.scheduler.AccountState` of one
+        account, None when not in the set."""
 
-    paused = Attribute("True while fetching is paused (Redis down, backlog)")
+    def pause(reason):
+        """Start no new session until every reason is resumed."""
+
+    def resume(reason):
+        """Drop one pause reason."""
+
+
+class IReporterView(Interface):
+    """What metrics read of the error reporter."""
+
+    queue_length = Attribute("reports not yet delivered")
+    dropped = Attribute("reports dropped because the queue was full")
+
+
+class IStatusSummary(Interface):
+    """What metrics and health read of the status tracker."""
+
+    def summary():
+        """``{state: number of accounts}`` (``ok`` and error kinds)."""
+
+
+# -- Redis (fido_tx.redis) ----------------------------------------------------
+
+
+class IRedisHealth(Interface):
+    """What the status side may read of the shared Redis connection
+    (:class:`fido_tx.redis.connection.RedisConnection`)."""
+
+    connected = Attribute("True while a connection is up and ready (AUTH/SELECT/scripts done)")
+    last_error = Attribute("why the connection is down or last failed (one line, no secret), or None")
+
+    def add_connection_observer(observer):
+        """Call ``observer(connected: bool)`` on every connect and disconnect."""
+
+
+class IBacklog(Interface):
+    """A sink whose queue an importer drains (the stream, the list): what
+    backpressure and ``fido_backlog_messages`` read."""
+
+    last_length = Attribute("the queue's length after the last delivery or backlog(), or None")
+
+    def backlog():
+        """Deferred firing with the queue's length now (``XLEN``/``LLEN``)."""
+
+
+class IHeartbeatWriter(Interface):
+    """Writes ``fido:instance:<id>`` (:mod:`fido_tx.redis.heartbeat`)."""
+
+    def heartbeat(instance_id, mapping, ttl):
+        """``HSET`` the mapping and ``EXPIRE`` the key; best effort: fires
+        True when written, False when not, never errbacks."""

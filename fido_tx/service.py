@@ -2,8 +2,12 @@
 
 Data flows one way::
 
-    accounts file -> AccountsSource -> Scheduler -> fetch_mailbox -> RedisStore
+    accounts file -> AccountsSource -> Scheduler -> fetch_mailbox -> sink of the account's delivery
                                            \\-> StatusTracker -> Reporter, metrics, account hash
+
+One :class:`~fido_tx.redis.connection.RedisConnection` is shared by the
+sinks (``[delivery.NAME]``), the account state, the heartbeat and
+backpressure; its state pauses and resumes the scheduler.
 
 This is the only module (with the CLI and the twistd entry point) that is
 handed the real reactor; everything below gets it as a parameter.  Children
@@ -15,20 +19,18 @@ connection close, so a session never loses its sink mid-batch.
 
 import os
 import signal
-import socket
 
 from twisted.application import service, strports
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
 
 import fido_tx
+from fido_tx.interfaces import IBacklog
 from fido_tx.observe import logs
+from fido_tx.redis.heartbeat import instance_id
 
 log = Logger()
-
-HEARTBEAT_INTERVAL = 15.0
-HEARTBEAT_TTL = 45
 
 
 class FidoService(service.MultiService):
@@ -74,37 +76,6 @@ class FidoService(service.MultiService):
             log.info("Fido stopped cleanly")
 
 
-class _Heartbeat(service.Service):
-    """Writes ``fido:instance:<id>`` with a TTL so others can see we are alive."""
-
-    def __init__(self, clock, store, scheduler, instance_id):
-        self._store = store
-        self._scheduler = scheduler
-        self.instance_id = instance_id
-        self._loop = task.LoopingCall(self._beat)
-        self._loop.clock = clock
-
-    def _beat(self):
-        mapping = {
-            "host": socket.gethostname(),
-            "pid": str(os.getpid()),
-            "version": fido_tx.__version__,
-            "accounts": str(len(self._scheduler.accounts)),
-            "sessions": str(self._scheduler.running_count),
-        }
-        d = self._store.heartbeat(self.instance_id, mapping, HEARTBEAT_TTL)
-        d.addErrback(lambda f: None)  # Redis down: the store logs that once
-
-    def startService(self):
-        super().startService()
-        self._loop.start(HEARTBEAT_INTERVAL, now=True)
-
-    def stopService(self):
-        if self._loop.running:
-            self._loop.stop()
-        return super().stopService()
-
-
 class _ReloadOnHangup(service.Service):
     """SIGHUP (``systemctl reload fido``) reloads the accounts file now.
 
@@ -143,8 +114,34 @@ class _Stoppable(service.Service):
         return super().stopService()
 
 
-def instance_id():
-    return f"{socket.gethostname()}:{os.getpid()}"
+class DeliveryCheck:
+    """Drops the accounts whose ``delivery`` names no ``[delivery.NAME]``
+    table: one error line (and one ``config`` report) per account and
+    problem, like the other bad entries of the accounts file."""
+
+    def __init__(self, deliveries, report=None):
+        self._names = frozenset(deliveries)
+        self._report = report
+        self._reported = frozenset()
+
+    def __call__(self, accounts):
+        kept, problems = [], {}
+        for account in accounts:
+            if account.delivery in self._names:
+                kept.append(account)
+            else:
+                problems[account.id] = (
+                    f"account {account.id}: delivery {account.delivery!r} names no "
+                    f"[delivery.{account.delivery}] table in fido.toml (known: "
+                    f"{', '.join(sorted(self._names))}); this account is left out until it is fixed"
+                )
+        for account_id, message in problems.items():
+            if message not in self._reported:
+                log.error("{problem}", problem=message, account_id=account_id)
+                if self._report is not None:
+                    self._report(message=message, account=account_id)
+        self._reported = frozenset(problems.values())
+        return tuple(kept)
 
 
 def make_service(
@@ -165,7 +162,6 @@ def make_service(
         (``False``: leave logging alone, for tests and the demo).
     :param handle_signals: reload the accounts file on SIGHUP (twistd only).
     """
-    from fido_tx.schedule import backpressure
     from fido_tx.schedule import budget
     from fido_tx.observe import health as health_mod
     from fido_tx.sources.imap import session as imap
@@ -175,8 +171,9 @@ def make_service(
     from fido_tx import resolve
     from fido_tx.schedule import scheduler as scheduler_mod
     from fido_tx.observe import status as status_mod
-    from fido_tx.redis import store as store_mod
     from fido_tx.accounts import watch
+    from fido_tx import sinks as sinks_mod
+    from fido_tx.redis import heartbeat as heartbeat_mod
 
     # every session resolves its server's name: answers kept for a minute
     resolve.install(reactor)
@@ -202,8 +199,7 @@ def make_service(
     )
 
     ident = instance_id()
-    store = store_mod.RedisStore(reactor, settings.redis, instance_id=ident)
-    store.setServiceParent(top)
+    redis, sinks, account_state = _redis_parts(top, reactor, settings)
 
     reporter = report.Reporter(reactor, settings.reporter)
     reporter.setServiceParent(top)
@@ -216,7 +212,8 @@ def make_service(
         from fido_tx.observe import metrics as metrics_mod
 
         metrics = metrics_mod.Metrics()
-    status = status_mod.StatusTracker(reactor, store, reporter, metrics, dry_run=dry_run)
+    status = status_mod.StatusTracker(reactor, account_state, reporter, metrics, dry_run=dry_run,
+                                      redis=redis)
 
     if session_factory is None:
         # one budget for the bodies in flight of all sessions: memory stays
@@ -228,7 +225,8 @@ def make_service(
         debug = settings.log.level == "debug"
 
         def session_factory(account):
-            return imap.fetch_mailbox(reactor, account, store, settings.imap, dry_run=dry_run,
+            return imap.fetch_mailbox(reactor, account, sinks[account.delivery], settings.imap,
+                                      dry_run=dry_run,
                                       budget=inflight, pacer=starts, debug=debug)
 
     sched = scheduler_mod.Scheduler(
@@ -242,30 +240,16 @@ def make_service(
     status.scheduler = sched
     sched.add_result_observer(status.record)
 
-    # Redis down: no new sessions (running ones stop at their next message,
-    # because the store refuses to confirm).  Start paused until connected.
-    sched.pause("redis")
-
-    def redis_state(connected):
-        if connected:
-            sched.resume("redis")
-        else:
-            sched.pause("redis")
-        status.redis_state(connected)
-
-    store.add_connection_observer(redis_state)
-
+    _pause_while_redis_is_down(redis, sched, status)
     if not dry_run:
-        pressure = backpressure.Backpressure(
-            reactor, store, sched, settings.redis.max_backlog, on_change=status.backlog_state
-        )
-        sched.add_result_observer(pressure.after_session)
-        _Stoppable(pressure.stop).setServiceParent(top)
+        _backpressure(top, reactor, sinks, sched, status, settings.redis.max_backlog)
 
     sched.setServiceParent(top)
 
+    routable = DeliveryCheck(sinks, report=status.report_config)
+
     def apply(accounts, diff):
-        sched.set_accounts(accounts)
+        sched.set_accounts(routable(accounts))
         for account in diff.removed:
             status.forget(account.id)
 
@@ -293,18 +277,67 @@ def make_service(
         top.clean_exit_reactor = reactor
 
     if not dry_run:
-        _Heartbeat(reactor, store, sched, ident).setServiceParent(top)
+        heartbeat_mod.Heartbeat(
+            reactor, heartbeat_mod.HeartbeatWriter(redis), sched, ident
+        ).setServiceParent(top)
 
-    health = health_mod.Health(reactor, sched, store, status=status)
+    health = health_mod.Health(reactor, sched, redis, status=status)
     if metrics is not None:
         from fido_tx.observe import web
 
-        metrics.bind(scheduler=sched, store=store, reporter=reporter, status=status)
+        default = sinks.get(sinks_mod.DEFAULT_DELIVERY)
+        metrics.bind(scheduler=sched, redis=redis, reporter=reporter, status=status,
+                     backlog=default if IBacklog.providedBy(default) else None)
         site = web.make_site(metrics, health)
         strports.service(settings.http.listen, site).setServiceParent(top)
 
     top.parts.update(
-        store=store, reporter=reporter, metrics=metrics, status=status,
+        redis=redis, sinks=sinks, account_state=account_state,
+        reporter=reporter, metrics=metrics, status=status,
         scheduler=sched, source=source, health=health,
     )
     return top
+
+
+def _redis_parts(top, reactor, settings):
+    """The one shared Redis connection (a child of ``top``), the sinks of the
+    ``[delivery.NAME]`` tables on it, and the account state on it."""
+    from fido_tx import sinks as sinks_mod
+    from fido_tx.redis import connection as connection_mod
+    from fido_tx.redis import state as state_mod
+
+    redis = connection_mod.RedisConnection(reactor, settings.redis)
+    redis.setServiceParent(top)
+    ctx = sinks_mod.SinkContext(reactor, redis, dry_run=settings.fido.dry_run, log=log)
+    return redis, sinks_mod.delivery_sinks(settings, ctx), state_mod.AccountState(redis)
+
+
+def _pause_while_redis_is_down(redis, sched, status):
+    """Redis down: no new sessions (running ones stop at their next message,
+    because the sink refuses to confirm).  Start paused until connected."""
+    sched.pause("redis")
+
+    def redis_state(connected):
+        if connected:
+            sched.resume("redis")
+        else:
+            sched.pause("redis")
+        status.redis_state(connected)
+
+    redis.add_connection_observer(redis_state)
+
+
+def _backpressure(top, reactor, sinks, sched, status, max_backlog):
+    """One watcher per delivery whose queue an importer drains."""
+    from fido_tx import sinks as sinks_mod
+    from fido_tx.schedule import backpressure
+
+    for name, sink in sinks.items():
+        if not IBacklog.providedBy(sink):
+            continue
+        pressure = backpressure.Backpressure(
+            reactor, sink, sched, max_backlog, on_change=status.backlog_state,
+            reason="backlog" if name == sinks_mod.DEFAULT_DELIVERY else f"backlog:{name}",
+        )
+        sched.add_result_observer(pressure.after_session)
+        _Stoppable(pressure.stop).setServiceParent(top)

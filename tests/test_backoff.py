@@ -103,3 +103,37 @@ class DelayTests(SynchronousTestCase):
         self.assertLessEqual(value, maximum)
         self.assertGreaterEqual(value, base * (1 - jitter) - 1e-9)
         self.assertLessEqual(value, base * (1 + jitter) + 1e-9)
+
+
+class ExponentialTests(SynchronousTestCase):
+    """The one formula: accounts, Redis reconnects and report retries."""
+
+    def test_doubles_from_initial_and_caps_without_jitter(self):
+        rng = random.Random(1)
+        got = [backoff.exponential(n, 0.25, 10.0, 0.0, rng) for n in range(0, 9)]
+        self.assertEqual(got, [0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 10.0, 10.0])
+
+    def test_jitter_stays_within_its_fraction_and_under_the_cap(self):
+        rng = random.Random(9)
+        for n in range(1, 200):
+            value = backoff.exponential(n, 1.0, 300.0, 0.1, rng)
+            base = min(2.0 ** (n - 1), 300.0)
+            self.assertTrue(base * 0.9 <= value <= min(base * 1.1, 300.0), (n, value))
+
+    def test_the_redis_reconnect_and_the_report_retry_use_it(self):
+        from fido_tx.observe.report import Reporter
+        from fido_tx.redis.connection import reconnect_policy
+
+        policy = reconnect_policy(initial=0.25, maximum=10.0, jitter=0.0)
+        self.assertEqual([policy(n) for n in (1, 2, 7, 100)], [0.25, 0.5, 10.0, 10.0])
+
+        class NoJitter:
+            def uniform(self, a, b):
+                return (a + b) / 2
+
+        from twisted.internet import task
+        from fido_tx.config import ReporterSettings
+
+        r = Reporter(task.Clock(), ReporterSettings(), retry_initial=1.0, retry_max=300.0,
+                     random=NoJitter())
+        self.assertEqual([r._backoff(n) for n in (1, 4, 20)], [1.0, 8.0, 300.0])

@@ -2,37 +2,13 @@ from twisted.internet import defer, task
 from twisted.trial.unittest import SynchronousTestCase
 
 from fido_tx.schedule.backpressure import Backpressure
-
-
-class FakeStore:
-    def __init__(self):
-        self.last_stream_length = None
-        self.length = 0
-        self.fail = False
-        self.reads = 0
-
-    def backlog(self):
-        self.reads += 1
-        if self.fail:
-            return defer.fail(RuntimeError("redis down"))
-        return defer.succeed(self.length)
-
-
-class FakeScheduler:
-    def __init__(self):
-        self.reasons = set()
-
-    def pause(self, reason):
-        self.reasons.add(reason)
-
-    def resume(self, reason):
-        self.reasons.discard(reason)
+from fido_tx.testing import FakeBacklog, FakeScheduler
 
 
 class BackpressureTests(SynchronousTestCase):
     def setUp(self):
         self.clock = task.Clock()
-        self.store = FakeStore()
+        self.store = FakeBacklog()
         self.scheduler = FakeScheduler()
         self.changes = []
         self.bp = Backpressure(
@@ -41,19 +17,19 @@ class BackpressureTests(SynchronousTestCase):
         )
 
     def test_stream_at_the_limit_does_not_pause(self):
-        self.store.last_stream_length = 100
+        self.store.last_length = 100
         self.bp.after_session(None, None)
         self.assertEqual(self.scheduler.reasons, set())
 
     def test_stream_over_the_limit_pauses_once_and_reports_once(self):
-        self.store.last_stream_length = 101
+        self.store.last_length = 101
         self.bp.after_session(None, None)
         self.bp.after_session(None, None)
         self.assertEqual(self.scheduler.reasons, {"backlog"})
         self.assertEqual(self.changes, [(True, 101)])
 
     def test_resumes_when_the_importer_catches_up(self):
-        self.store.last_stream_length = 500
+        self.store.last_length = 500
         self.bp.after_session(None, None)
         self.store.length = 300
         self.clock.advance(5)
@@ -67,7 +43,7 @@ class BackpressureTests(SynchronousTestCase):
         self.assertEqual(self.store.reads, reads, "no reads once resumed")
 
     def test_failed_reads_keep_the_pause_and_the_check_going(self):
-        self.store.last_stream_length = 500
+        self.store.last_length = 500
         self.bp.after_session(None, None)
         self.store.fail = True
         self.clock.advance(5)
@@ -79,7 +55,7 @@ class BackpressureTests(SynchronousTestCase):
         self.assertEqual(self.scheduler.reasons, set())
 
     def test_stop_ends_the_check(self):
-        self.store.last_stream_length = 500
+        self.store.last_length = 500
         self.bp.after_session(None, None)
         self.bp.stop()
         self.assertEqual(self.clock.getDelayedCalls(), [])

@@ -339,6 +339,31 @@ class ParseTests(_TmpDirMixin, SynchronousTestCase):
         self.assertEqual(str(ConfigError("a\nb")), "a b")
 
 
+class ClusterAndReplicaTests(_TmpDirMixin, SynchronousTestCase):
+    setUp = ParseTests.setUp
+    load = ParseTests.load
+    error = ParseTests.error
+
+    def test_lease_mode_sentinel_url_and_replicas_are_read(self):
+        s = self.load(
+            '[cluster]\nmode = "lease"\nlease_ttl = 30\n'
+            '[redis]\nurl = "redis+sentinel://127.0.0.1:26379,127.0.0.1:26380/m/0"\n'
+            "min_replicas = 1\n"
+        )
+        self.assertEqual((s.cluster.mode, s.cluster.lease_ttl), ("lease", 30.0))
+        self.assertEqual(s.redis.min_replicas, 1)
+
+    def test_bad_cluster_and_replica_values_are_one_line(self):
+        for text, words in [
+            ('[cluster]\nmode = "raft"\n', "[cluster] mode: must be one of"),
+            ("[cluster]\nlease_ttl = 1\n", "[cluster] lease_ttl: must be from 3"),
+            ('[cluster]\nmode = "lease"\n[fido]\nshard = "1/2"\n', 'leave [fido] shard'),
+            ("[redis]\nmin_replicas = -1\n", "[redis] min_replicas: must be at least 0"),
+            ('[redis]\nurl = "redis+sentinel://h1"\n', "name the master"),
+        ]:
+            self.assertIn(words, self.error(text))
+
+
 class ShardParseTests(SynchronousTestCase):
     def test_parse_shard(self):
         self.assertEqual(config.parse_shard("1/1"), (1, 1))

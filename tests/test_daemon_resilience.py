@@ -161,7 +161,7 @@ def diagnose(d, dovecot=None, redis=None):
     sched = d.scheduler
     lines = [
         f"stream length {xlen(redis) if redis is not None else '?'}; "
-        f"store connected {d.top.parts['store'].connected}; "
+        f"store connected {d.top.parts['redis'].connected}; "
         f"paused {sorted(sched.paused_reasons)}; running {sorted(sched.running_ids())}",
         "last results: " + "; ".join(
             f"{r.account_id} {r.kind or 'ok'} {r.fetched} {r.message}" for _, r in d.results[-8:]
@@ -214,7 +214,7 @@ def test_nothing_is_marked_while_redis_is_down_and_the_daemon_reconnects_by_itse
     accounts = [daemon.dovecot_account(dovecot, u, "none") for u in users]
     aof_redis.stop()  # down before the daemon starts
     d = in_process(reactor, tmp_path, aof_redis.url, accounts, poll_interval=0.5)
-    store = d.top.parts["store"]
+    store = d.top.parts["redis"]
     d.start()
     try:
         yield sleep(2.0)
@@ -279,7 +279,7 @@ def test_redis_killed_mid_fetch_leaves_nothing_marked_that_is_not_stored(
     # a store waits for Redis to come back at most command_timeout
     d = in_process(reactor, tmp_path, aof_redis.url, accounts, workers=3, poll_interval=0.5,
                    imap={"batch_messages": 2}, redis={"command_timeout": 2.0})
-    store = d.top.parts["store"]
+    store = d.top.parts["redis"]
 
     def explain():
         return diagnose(d, dovecot, aof_redis)

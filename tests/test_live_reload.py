@@ -98,7 +98,7 @@ class Harness:
     def _session(self, account):
         self.starts.append((time.monotonic(), account.id, account.password))
         return self._imap.fetch_mailbox(
-            self.reactor, account, self.top.parts["store"], self._settings.imap
+            self.reactor, account, self.top.parts["sinks"]["default"], self._settings.imap
         )
 
     def ids(self):

@@ -11,32 +11,19 @@ from fido_tx.observe.metrics import Metrics
 from fido_tx.outcome import SessionResult
 from fido_tx.observe.health import Health
 from fido_tx.observe.web import listen, make_site
+from fido_tx.testing import FakeBacklog, FakeRedis, FakeReporter, FakeScheduler, FakeStatus
 
 
-class FakeScheduler:
-    running = True
-    running_count = 4
-    paused_reasons = frozenset(["backlog"])
-    last_completion_at = None
-    accounts = {}
-
-    def lag(self):
-        return 12.5
+def _scheduler():
+    scheduler = FakeScheduler(running_count=4, lag=12.5)
+    scheduler.pause("backlog")
+    return scheduler
 
 
-class FakeStore:
-    connected = True
-    last_stream_length = 4242
-
-
-class FakeReporter:
-    queue_length = 3
-    dropped = 7
-
-
-class FakeStatus:
-    def summary(self):
-        return {"ok": 10, "auth": 2}
+def _backlog():
+    backlog = FakeBacklog()
+    backlog.last_length = 4242
+    return backlog
 
 
 def samples(text):
@@ -50,7 +37,8 @@ def samples(text):
 
 def bound():
     m = Metrics()
-    m.bind(scheduler=FakeScheduler(), store=FakeStore(), reporter=FakeReporter(), status=FakeStatus())
+    m.bind(scheduler=_scheduler(), redis=FakeRedis(), reporter=FakeReporter(queue_length=3, dropped=7),
+           status=FakeStatus({"ok": 10, "auth": 2}), backlog=_backlog())
     return m
 
 
@@ -93,7 +81,7 @@ class MetricsTests(SynchronousTestCase):
         self.assertEqual(got[("fido_reporter_queue_length", frozenset())], 3)
         self.assertEqual(got[("fido_reporter_dropped_total", frozenset())], 7)
         self.assertEqual(got[("fido_backlog_messages", frozenset())], 4242)
-        m.store.connected = False
+        m.redis.connected = False
         m.reporter.dropped = 8
         got = scrape(m)
         self.assertEqual(got[("fido_redis_connected", frozenset())], 0)
@@ -107,7 +95,7 @@ class MetricsTests(SynchronousTestCase):
             def lag(self):
                 raise RuntimeError("boom")
 
-        m.bind(scheduler=Broken())
+        m.bind(scheduler=Broken(running_count=4))
         got = scrape(m)
         self.assertNotIn(("fido_queue_lag_seconds", frozenset()), got)
         self.assertEqual(got[("fido_sessions_running", frozenset())], 4)
@@ -120,7 +108,7 @@ def test_metrics_scraped_over_real_http_parse():
 
     m = bound()
     m.observe_session(SessionResult("a", fetched=2, bytes=20, seconds=1.0))
-    health = Health(task.Clock(), m.scheduler, m.store)
+    health = Health(task.Clock(), m.scheduler, m.redis)
     port = yield listen(reactor, "tcp:0:interface=127.0.0.1", make_site(m, health))
     try:
         response = yield treq.get(

@@ -16,56 +16,13 @@ from fido_tx.observe.metrics import Metrics
 from fido_tx.outcome import SessionResult
 from fido_tx.observe.report import Reporter
 from fido_tx.observe.status import GLOBAL, StatusTracker
+from fido_tx.testing import FakeRedis, FakeReporter, FakeScheduler
 
 PASSWORD = "s3cret-Passw0rd"
 ACCOUNT = Account(
     id="acme-support", host="imap.example.com", port=993, username="support@acme.test",
     password=PASSWORD,
 )
-
-
-class FakeStore:
-    def __init__(self):
-        self.sessions = []
-        self.updates = []
-        self.connected = True
-
-    def record_session(self, result, extra=None):
-        self.sessions.append(result)
-        if extra:  # written with the session's fields, in one HSET
-            self.updates.append((result.account_id, dict(extra)))
-        return defer.succeed(True)
-
-    def update_account(self, account_id, fields):
-        self.updates.append((account_id, dict(fields)))
-        return defer.succeed(True)
-
-
-class FakeReporter:
-    def __init__(self):
-        self.reports = []
-
-    def report(self, account_id, kind, message, debug="", occurred_at=None, secrets=()):
-        self.reports.append(
-            dict(account=account_id, kind=kind, message=message, debug=debug,
-                 occurred_at=occurred_at, secrets=tuple(secrets))
-        )
-
-    @property
-    def kinds(self):
-        return [(r["account"], r["kind"]) for r in self.reports]
-
-
-class FakeScheduler:
-    def __init__(self, clock):
-        self.clock = clock
-        self.due = {}
-
-    def account_state(self, account_id):
-        class S:
-            next_due = self.due.get(account_id)
-
-        return S()
 
 
 def ok(account_id="acme-support", **kw):
@@ -85,11 +42,11 @@ def failed(kind=errors.AUTH, message="LOGIN rejected: [AUTHENTICATIONFAILED] Aut
 def make(**kw):
     clock = task.Clock()
     clock.advance(1_700_000_000)
-    store = FakeStore()
+    store = FakeRedis()
     reporter = kw.pop("reporter", None) or FakeReporter()
     events = []
     tracker = StatusTracker(
-        clock, store, reporter, kw.pop("metrics", None),
+        clock, store, reporter, kw.pop("metrics", None), redis=store,
         log=Logger(namespace="test", observer=events.append), **kw
     )
     return tracker, clock, store, reporter, events
@@ -255,7 +212,7 @@ class LogTests(SynchronousTestCase):
     def test_failure_line_with_retry_and_a_state_change_line(self):
         scheduler = None
         tracker, clock, store, reporter, events = make()
-        tracker.scheduler = scheduler = FakeScheduler(clock)
+        tracker.scheduler = scheduler = FakeScheduler()
         tracker.record(ACCOUNT, ok())
         scheduler.due["acme-support"] = clock.seconds() + 600
         tracker.record(ACCOUNT, failed())

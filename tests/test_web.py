@@ -11,31 +11,15 @@ from twisted.trial.unittest import SynchronousTestCase
 from fido_tx.observe.metrics import Metrics
 from fido_tx.observe.health import Health
 from fido_tx.observe.web import listen, make_site
-
-
-class FakeScheduler:
-    def __init__(self, clock):
-        self.clock = clock
-        self.last_completion_at = None
-        self.running_count = 3
-        self.running = True  # Service.running: a flag, not the session count
-        self.paused_reasons = frozenset()
-        self.accounts = {"a": 1, "b": 2}
-        self._lag = 0.0
-
-    def lag(self):
-        return self._lag
-
-
-class FakeStore:
-    connected = True
+from fido_tx.testing import FakeRedis, FakeScheduler
 
 
 def make(stall_after=300.0):
     clock = task.Clock()
     clock.advance(1000)
-    scheduler = FakeScheduler(clock)
-    store = FakeStore()
+    # running: Service.running would be a flag; the count is running_count
+    scheduler = FakeScheduler(running_count=3, accounts={"a": 1, "b": 2})
+    store = FakeRedis()
     return Health(clock, scheduler, store, stall_after=stall_after), clock, scheduler, store
 
 
@@ -60,7 +44,7 @@ class HealthTests(SynchronousTestCase):
     def test_overdue_accounts_and_no_recent_completion_is_a_stall(self):
         health, clock, scheduler, store = make(stall_after=300)
         scheduler.last_completion_at = clock.seconds()
-        scheduler._lag = 400
+        scheduler.lag_seconds = 400
         clock.advance(200)
         self.assertTrue(health.check()[0])  # completions are still happening
         clock.advance(101)
@@ -73,18 +57,31 @@ class HealthTests(SynchronousTestCase):
     def test_never_completed_but_nothing_overdue_is_healthy(self):
         health, clock, scheduler, store = make(stall_after=300)
         clock.advance(10000)
-        scheduler._lag = 299
+        scheduler.lag_seconds = 299
         self.assertTrue(health.check()[0])
-        scheduler._lag = 301
+        scheduler.lag_seconds = 301
         self.assertFalse(health.check()[0])
 
     def test_paused_for_backlog_is_not_a_stall(self):
         health, clock, scheduler, store = make(stall_after=300)
-        scheduler._lag = 5000
-        scheduler.paused_reasons = frozenset(["backlog"])
+        scheduler.lag_seconds = 5000
+        scheduler.pause("backlog")
         healthy, body = health.check()
         self.assertTrue(healthy)
         self.assertEqual(body["paused"], ["backlog"])
+
+    def test_paused_for_another_deliverys_backlog_is_not_a_stall_either(self):
+        health, clock, scheduler, store = make(stall_after=300)
+        scheduler.lag_seconds = 5000
+        scheduler.pause("backlog:queue")
+        self.assertTrue(health.check()[0])
+        scheduler.pause("redis")
+        self.assertTrue(health.check()[0])  # still a backlog pause among them
+
+    def test_running_is_the_count_even_when_zero(self):
+        health, clock, scheduler, store = make()
+        scheduler.running_count = 0
+        self.assertEqual(health.check()[1]["running"], 0)
 
 
 class SiteTests(SynchronousTestCase):

@@ -25,8 +25,8 @@ from datetime import datetime, timezone
 
 from fido_tx.redis.resp import RedisReplyError, RespConnection, text as _s
 
-ACCOUNT_PREFIX = "fido:account:"
-INSTANCE_PREFIX = "fido:instance:"
+from fido_tx.redis.keys import ACCOUNT_PREFIX, INSTANCE_PREFIX
+
 MESSAGE_WIDTH = 72
 
 

@@ -13,38 +13,31 @@ the last ``stall_after`` seconds, or no account has been overdue for that long
 backlog is over ``max_backlog``: the importer is behind, not Fido).
 """
 
-import collections.abc
-
-def _count(value):
-    if isinstance(value, bool):
-        return int(value)
-    if isinstance(value, collections.abc.Sized):
-        return len(value)
-    return value
-
 
 def running_sessions(scheduler):
-    """Sessions in progress: ``running_count`` (``running`` of a Service is a flag)."""
-    value = getattr(scheduler, "running_count", None)
-    if value is None:
-        value = getattr(scheduler, "running", None)
-    return None if value is None else _count(value)
-
+    """Sessions in progress: the scheduler's ``running_count`` (an
+    :class:`~fido_tx.interfaces.ISchedulerView`; never ``Service.running``,
+    which is a flag)."""
+    return int(scheduler.running_count)
 
 
 DEFAULT_STALL_AFTER = 300.0
 
-#: pause reasons that are not a failure of this instance
+#: pause reasons that are not a failure of this instance (a delivery's
+#: backlog: "backlog" for the default, "backlog:<name>" for the others)
 BENIGN_PAUSES = frozenset(["backlog"])
+
+
+def _benign(reason):
+    return reason in BENIGN_PAUSES or reason.startswith("backlog:")
 
 
 class Health:
     """Computes the health check from the scheduler and the store.
 
-    :param scheduler: has ``last_completion_at`` (clock seconds or None),
-        ``running_count`` (or ``running``), ``lag()``, ``paused_reasons`` and
-        optionally ``accounts`` (sized).
-    :param store: has ``connected``.
+    :param scheduler: an :class:`~fido_tx.interfaces.ISchedulerView`.
+    :param store: an :class:`~fido_tx.interfaces.IRedisHealth` (the shared
+        Redis connection).
     :param stall_after: seconds without a completed session while accounts
         are overdue before the check fails.
     """
@@ -60,14 +53,14 @@ class Health:
         """``(healthy: bool, body: dict)``."""
         s = self.scheduler
         now = self._clock.seconds()
-        connected = bool(getattr(self.store, "connected", False))
-        paused = sorted(getattr(s, "paused_reasons", ()) or ())
+        connected = bool(self.store.connected)
+        paused = sorted(s.paused_reasons)
         lag = float(s.lag())
         last = s.last_completion_at
         body = {
             "status": "ok",
-            "accounts": self._accounts(),
-            "running": running_sessions(s) or 0,
+            "accounts": len(s.accounts),
+            "running": running_sessions(s),
             "redis": "connected" if connected else "disconnected",
             "lag": round(lag, 3),
             "paused": paused,
@@ -76,7 +69,7 @@ class Health:
         reason = None
         if not connected:
             reason = "Redis is not connected"
-        elif lag > self.stall_after and not (set(paused) & BENIGN_PAUSES):
+        elif lag > self.stall_after and not any(_benign(r) for r in paused):
             recent = last is not None and now - last <= self.stall_after
             if not recent:
                 since = "never" if last is None else f"{now - last:.0f} s ago"
@@ -90,14 +83,3 @@ class Health:
             body["status"] = "fail"
             body["reason"] = reason
         return reason is None, body
-
-    def _accounts(self):
-        accounts = getattr(self.scheduler, "accounts", None)
-        if accounts is not None and not callable(accounts):
-            try:
-                return len(accounts)
-            except TypeError:
-                pass
-        if self.status is not None:
-            return sum(self.status.summary().values())
-        return None

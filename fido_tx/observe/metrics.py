@@ -13,13 +13,16 @@ Read at scrape time from the objects given to :meth:`Metrics.bind`:
 ``fido_queue_lag_seconds``                  how long the most overdue account has waited (scheduler ``lag()``)
 ``fido_sessions_running``                   sessions in progress
 ``fido_sessions_paused``                    1 while the scheduler is paused (any reason)
-``fido_redis_connected``                    1 when the store's connection is up
+``fido_redis_connected``                    1 when the shared Redis connection is up
 ``fido_reporter_queue_length``              reports not yet delivered
 ``fido_reporter_dropped_total``             reports dropped because the queue was full
-``fido_backlog_messages``                   length of the Redis stream (last known)
+``fido_backlog_messages``                   length of the default delivery's queue (last known)
 
-A callback that fails or whose object is not bound yet leaves its metric
-out of that scrape; a scrape never fails.
+The bound objects are read through their declared interfaces
+(:mod:`fido_tx.interfaces`): ``ISchedulerView``, ``IRedisHealth``,
+``IReporterView``, ``IStatusSummary``, ``IBacklog``.  A callback that fails or
+whose object is not bound yet leaves its metric out of that scrape; a scrape
+never fails.
 """
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -60,24 +63,29 @@ class Metrics:
         for outcome in STATES:
             self.sessions.labels(outcome=outcome)
         self.scheduler = None
-        self.store = None
+        self.redis = None
         self.reporter = None
         self.status = None
+        self.backlog = None
         self.registry.register(_BoundCollector(self))
 
-    def bind(self, scheduler=None, store=None, reporter=None, status=None):
+    def bind(self, scheduler=None, redis=None, reporter=None, status=None, backlog=None):
         """Give the objects the scrape-time gauges read.  Any may be omitted.
 
-        The backlog gauge reads the store's ``last_stream_length``.
+        :param scheduler: ``ISchedulerView``; :param redis: ``IRedisHealth``;
+        :param reporter: ``IReporterView``; :param status: ``IStatusSummary``;
+        :param backlog: ``IBacklog`` (the default delivery, when it has a queue).
         """
         if scheduler is not None:
             self.scheduler = scheduler
-        if store is not None:
-            self.store = store
+        if redis is not None:
+            self.redis = redis
         if reporter is not None:
             self.reporter = reporter
         if status is not None:
             self.status = status
+        if backlog is not None:
+            self.backlog = backlog
 
     def observe_session(self, result):
         """Count one :class:`~fido_tx.outcome.SessionResult`."""
@@ -89,7 +97,7 @@ class Metrics:
         self.duration.observe(max(0.0, result.seconds))
 
     def backlog_length(self):
-        return getattr(self.store, "last_stream_length", None)
+        return None if self.backlog is None else self.backlog.last_length
 
 
 class _BoundCollector:
@@ -119,13 +127,13 @@ class _BoundCollector:
         yield from self._one(
             lambda s: _gauge("fido_sessions_paused",
                              "1 while fetching is paused (Redis down, backlog).",
-                             int(bool(getattr(s, "paused_reasons", ())))),
+                             int(bool(s.paused_reasons))),
             m.scheduler,
         )
         yield from self._one(
             lambda s: _gauge("fido_redis_connected", "1 when the Redis connection is up.",
                              int(bool(s.connected))),
-            m.store,
+            m.redis,
         )
         yield from self._one(
             lambda r: _gauge("fido_reporter_queue_length", "Error reports not yet delivered.",

@@ -45,8 +45,11 @@ from fido_tx.timefmt import iso_utc  # noqa: F401  (re-exported for callers)
 from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
+from zope.interface import implementer
 
 import fido_tx
+from fido_tx.interfaces import IReporterView
+from fido_tx.schedule import backoff
 
 REDACTED = "<redacted>"
 
@@ -169,6 +172,7 @@ def _parse_retry_after(values):
     return seconds if seconds >= 0 else None
 
 
+@implementer(IReporterView)
 class Reporter(service.Service):
     """Sends error reports to the web application without ever blocking the caller.
 
@@ -461,8 +465,7 @@ class Reporter(service.Service):
         self._timers.add(call)
 
     def _backoff(self, attempt):
-        delay = min(self._retry_max, self._retry_initial * (2 ** (attempt - 1)))
-        return delay * self._random.uniform(0.9, 1.1)
+        return backoff.exponential(attempt, self._retry_initial, self._retry_max, 0.1, self._random)
 
     def _finished(self):
         self._in_flight = max(0, self._in_flight - 1)

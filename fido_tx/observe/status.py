@@ -43,8 +43,10 @@ lines say what would have been).
 
 import attr
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from fido_tx import errors
+from fido_tx.interfaces import IStatusSummary
 from fido_tx.observe.report import iso_utc
 
 #: the ``account`` of reports about the whole Fido instance
@@ -75,13 +77,13 @@ class AccountStatus:
     too_large: frozenset = frozenset()
 
 
+@implementer(IStatusSummary)
 class StatusTracker:
     """Tracks each account's state; logs, writes the account hash, reports changes.
 
     :param clock: ``IReactorTime``.
-    :param store: has ``record_session(result)`` and
-        ``update_account(account_id, fields)`` (both return Deferreds that
-        never errback, like :class:`fido_tx.redis.store.RedisStore`); may be None.
+    :param store: an :class:`~fido_tx.interfaces.IAccountState` (like
+        :class:`fido_tx.redis.state.AccountState`); may be None.
     :param reporter: has ``report(account_id, kind, message, debug,
         occurred_at, secrets=())``; may be None.
     :param metrics: has ``observe_session(result)``; may be None.
@@ -90,6 +92,8 @@ class StatusTracker:
         the ``scheduler`` attribute.
     :param redis_down_after: seconds Redis must stay unreachable before it is
         reported (a restart or failover is not worth a report).
+    :param redis: an :class:`~fido_tx.interfaces.IRedisHealth` (the shared
+        connection); None counts as connected.
     """
 
     def __init__(
@@ -102,8 +106,10 @@ class StatusTracker:
         dry_run=False,
         scheduler=None,
         redis_down_after=30.0,
+        redis=None,
     ):
         self._clock = clock
+        self._redis = redis
         self._store = store
         self._reporter = reporter
         self._metrics = metrics
@@ -144,8 +150,7 @@ class StatusTracker:
         server = _server(account)
         secrets = _secrets(account)
         if result.kind == errors.REDIS:
-            store_up = getattr(self._store, "connected", True)
-            if store_up:  # a Redis problem the connection state does not show
+            if self._redis_connected():  # a Redis problem the connection state does not show
                 self.report_global(errors.REDIS, result.message, debug=result.debug)
         elif result.ok and not dry:
             self._clear_redis_if_raised_by_results()
@@ -299,7 +304,7 @@ class StatusTracker:
             self.report_global(
                 errors.REDIS,
                 f"Redis has been unreachable for {self.redis_down_after:g} s; fetching is paused",
-                debug=str(getattr(self._store, "_last_error", "") or ""),
+                debug=str(self._redis.last_error or "") if self._redis is not None else "",
             )
 
         if self.redis_down_after <= 0:
@@ -308,10 +313,11 @@ class StatusTracker:
             self._redis_timer = self._clock.callLater(self.redis_down_after, down)
 
     def _clear_redis_if_raised_by_results(self):
-        if "redis" in self._global and self._redis_timer is None and getattr(
-            self._store, "connected", True
-        ):
+        if "redis" in self._global and self._redis_timer is None and self._redis_connected():
             self.clear_global("redis", "Redis accepts writes again")
+
+    def _redis_connected(self):
+        return self._redis is None or self._redis.connected
 
     def backlog_state(self, paused, length):
         """Backpressure's ``on_change(paused, length)``."""

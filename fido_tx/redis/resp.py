@@ -27,6 +27,13 @@ class RespConnection:
 
     def connect(self):
         url = self.url
+        if url.sentinel:  # ask the sentinels where the master is now
+            from fido_tx.redis.sentinel import SentinelError, resolve_master
+
+            try:
+                url = resolve_master(url, self.timeout)
+            except SentinelError as e:
+                raise ConnectionError(str(e)) from None
         if url.scheme == "unix":
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.settimeout(self.timeout)

@@ -6,6 +6,9 @@ Accepted forms (``[redis] url`` in ``fido.toml``)::
     rediss://[[user]:password@]host[:port][/db]    TLS; the certificate is
                                                    verified against the host name
     unix://[[user]:password@]/path/to/redis.sock[?db=N]
+    redis+sentinel://[[user]:password@]s1[:26379],s2[:26379]/MASTER[/db]
+    rediss+sentinel://...                          the same over TLS (sentinels
+                                                   and the master)
 
 ``user`` and ``password`` are percent-decoded (write ``%40`` for ``@``); an
 empty user with a password (``redis://:secret@host``) authenticates with the
@@ -14,6 +17,12 @@ brackets: ``redis://[::1]:6379``.  ``?db=N`` is also accepted for
 ``redis://`` and ``rediss://`` when the path carries no db.  ``rediss://``
 takes one more query parameter, ``ca_file=/path/ca.pem``: trust that CA
 (instead of the system's trust store) for a server with a private CA.
+
+Sentinel URLs name several sentinels (port 26379 by default) and the master
+name; Fido asks the sentinels where the master is on every connect
+(:mod:`fido_tx.redis.sentinel`), so it follows a failover without a restart.
+``user:password@`` is the master's; sentinels that require their own
+password take ``?sentinel_password=...`` (and ``sentinel_username``).
 
 Nothing here ever puts the password into a message: :meth:`RedisURL.redacted`
 is what goes into logs (``redis://user:***@host:6379/0``), and
@@ -25,7 +34,9 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 import attr
 
 DEFAULT_PORT = 6379
-SCHEMES = ("redis", "rediss", "unix")
+SENTINEL_PORT = 26379
+SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
+SCHEMES = ("redis", "rediss", "unix") + SENTINEL_SCHEMES
 
 
 class RedisURLError(ValueError):
@@ -46,10 +57,28 @@ class RedisURL:
     path: str = ""
     #: trust root for ``rediss://`` ("" = the system trust store)
     ca_file: str = ""
+    #: Sentinel URLs: the sentinels' (host, port) pairs, in the order given
+    sentinels: tuple = ()
+    #: Sentinel URLs: the master's name
+    master: str = ""
+    sentinel_username: str | None = None
+    sentinel_password: str | None = attr.ib(default=None, repr=False)
 
     @property
     def tls(self):
-        return self.scheme == "rediss"
+        return self.scheme in ("rediss", "rediss+sentinel")
+
+    @property
+    def sentinel(self):
+        return self.scheme in SENTINEL_SCHEMES
+
+    def at(self, host, port):
+        """The plain URL of the server at ``host:port`` with this URL's
+        credentials, db and TLS settings (a master found through Sentinel)."""
+        return attr.evolve(
+            self, scheme="rediss" if self.tls else "redis", host=host, port=port,
+            sentinels=(), master="", sentinel_username=None, sentinel_password=None,
+        )
 
     def to_url(self, redact=False):
         """The URL as text; ``redact=True`` puts ``***`` for the password."""
@@ -63,11 +92,20 @@ class RedisURL:
         if self.scheme == "unix":
             url = f"unix://{auth}{quote(self.path, safe='/')}"
             return url + (f"?db={self.db}" if self.db else "")
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        url = f"{self.scheme}://{auth}{host}:{self.port}/{self.db}"
+        query = []
+        if self.sentinel:
+            hosts = ",".join(_hostport(h, p) for h, p in self.sentinels)
+            url = f"{self.scheme}://{auth}{hosts}/{quote(self.master, safe='')}/{self.db}"
+            if self.sentinel_username is not None:
+                query.append("sentinel_username=" + quote(self.sentinel_username, safe=""))
+            if self.sentinel_password is not None:
+                secret = "***" if redact else quote(self.sentinel_password, safe="")
+                query.append("sentinel_password=" + secret)
+        else:
+            url = f"{self.scheme}://{auth}{_hostport(self.host, self.port)}/{self.db}"
         if self.ca_file:
-            url += "?ca_file=" + quote(self.ca_file, safe="/")
-        return url
+            query.append("ca_file=" + quote(self.ca_file, safe="/"))
+        return url + ("?" + "&".join(query) if query else "")
 
     def redacted(self):
         """The URL for logs and messages: the password replaced by ``***``."""
@@ -75,6 +113,10 @@ class RedisURL:
 
     def __str__(self):
         return self.redacted()
+
+
+def _hostport(host, port):
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _redact_raw(text):
@@ -88,8 +130,13 @@ def _redact_raw(text):
         return "<unparsable Redis URL>"
     userinfo, at, hostpart = rest.rpartition("@")
     if not at:
-        return text
+        userinfo, hostpart = "", rest
+        if "sentinel_password=" not in hostpart:
+            return text
     user = userinfo.split(":", 1)[0]
+    if "sentinel_password=" in hostpart:
+        head, _, tail = hostpart.partition("sentinel_password=")
+        hostpart = head + "sentinel_password=***" + tail[len(tail.split("&", 1)[0]):]
     return f"{scheme}://{user}:***@{hostpart}"
 
 
@@ -123,7 +170,8 @@ def parse(text):
     scheme = parts.scheme.lower()
     if scheme not in SCHEMES:
         raise RedisURLError(
-            f"Redis URL {shown}: scheme must be redis://, rediss:// or unix://"
+            f"Redis URL {shown}: scheme must be redis://, rediss://, unix:// "
+            "or redis+sentinel://"
         )
     if parts.fragment:
         raise RedisURLError(f"Redis URL {shown}: a #fragment is not allowed")
@@ -143,7 +191,9 @@ def parse(text):
         query = parse_qs(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
     except ValueError:
         raise RedisURLError(f"Redis URL {shown}: malformed query") from None
-    allowed = {"db"} | ({"ca_file"} if scheme == "rediss" else set())
+    allowed = {"db"} | ({"ca_file"} if scheme in ("rediss", "rediss+sentinel") else set())
+    if scheme in SENTINEL_SCHEMES:
+        allowed |= {"sentinel_username", "sentinel_password"}
     for key, values in query.items():
         if key not in allowed:
             raise RedisURLError(f"Redis URL {shown}: unknown parameter {key!r}")
@@ -163,6 +213,9 @@ def parse(text):
             scheme="unix", host="", port=DEFAULT_PORT, db=db or 0,
             username=username, password=password, path=path,
         )
+
+    if scheme in SENTINEL_SCHEMES:
+        return _parse_sentinel(scheme, hostinfo, parts.path, query, db, username, password, shown)
 
     try:
         host = parts.hostname or ""
@@ -190,6 +243,41 @@ def parse(text):
     )
 
 
+def _parse_sentinel(scheme, hostinfo, path, query, db, username, password, shown):
+    sentinels = []
+    for item in hostinfo.split(","):
+        try:
+            probe = urlsplit("//" + item)
+            host, port = probe.hostname or "", probe.port
+        except ValueError:
+            raise RedisURLError(f"Redis URL {shown}: bad sentinel address") from None
+        if not host:
+            raise RedisURLError(f"Redis URL {shown}: a sentinel's host is missing")
+        if port == 0:
+            raise RedisURLError(f"Redis URL {shown}: port 0 is not a port")
+        sentinels.append((host, port or SENTINEL_PORT))
+    parts = [p for p in path.split("/")[1:]]
+    if not parts or not parts[0]:
+        raise RedisURLError(
+            f"Redis URL {shown}: name the master: redis+sentinel://host:26379/MASTER/db"
+        )
+    if len(parts) > 2:
+        raise RedisURLError(f"Redis URL {shown}: expected /MASTER or /MASTER/db")
+    master = unquote(parts[0])
+    path_db = _int(parts[1], "db", shown) if len(parts) == 2 and parts[1] else None
+    if path_db is not None and db is not None and path_db != db:
+        raise RedisURLError(f"Redis URL {shown}: db given twice")
+    one = {k: v[0] for k, v in query.items()}
+    return RedisURL(
+        scheme=scheme, host=sentinels[0][0], port=sentinels[0][1],
+        db=path_db if path_db is not None else (db or 0),
+        username=username, password=password, ca_file=one.get("ca_file", ""),
+        sentinels=tuple(sentinels), master=master,
+        sentinel_username=one.get("sentinel_username") or None,
+        sentinel_password=one.get("sentinel_password"),
+    )
+
+
 def endpoint(reactor, url, connect_timeout):
     """A Twisted client endpoint for ``url`` (a :class:`RedisURL`).
 
@@ -198,6 +286,10 @@ def endpoint(reactor, url, connect_timeout):
     """
     from twisted.internet import endpoints, ssl
 
+    if url.sentinel:
+        from fido_tx.redis.sentinel import SentinelEndpoint
+
+        return SentinelEndpoint(reactor, url, connect_timeout)
     if url.scheme == "unix":
         return endpoints.UNIXClientEndpoint(reactor, url.path, timeout=connect_timeout)
     tcp = endpoints.HostnameEndpoint(reactor, url.host, url.port, timeout=connect_timeout)

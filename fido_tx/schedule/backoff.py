@@ -7,6 +7,10 @@ one server is down, do not retry in lockstep).  Authentication failures use
 the longer ``auth_initial`` / ``auth_maximum`` schedule: retrying a wrong
 password every few seconds gets accounts locked by their providers.
 
+:func:`exponential` is the ONE backoff formula of Fido: the accounts here,
+the Redis reconnects (:mod:`fido_tx.redis.connection`) and the error-report
+retries (:mod:`fido_tx.observe.report`) all wait that long.
+
 A success resets the count.  A ``redis`` failure is not the account's fault
 (the sink is down; the scheduler is paused globally for that), so it neither
 counts as a failure nor resets the count.
@@ -47,6 +51,20 @@ def record(state, kind):
     return BackoffState(failures=state.failures + 1, last_kind=kind)
 
 
+def exponential(attempt, initial, maximum, jitter, random):
+    """Seconds before retry ``attempt`` (1, 2, ...): ``initial * 2 **
+    (attempt - 1)`` capped at ``maximum``, spread by +/- ``jitter`` (a
+    fraction) and never over ``maximum`` nor below 0.  ``random`` is a
+    :class:`random.Random` (tests pass a seeded one); 0 for ``attempt < 1``."""
+    if attempt < 1:
+        return 0.0
+    exponent = min(attempt - 1, _MAX_EXPONENT)
+    base = float(min(initial * 2.0**exponent, maximum))
+    jitter = max(0.0, float(jitter))
+    value = base * random.uniform(1.0 - jitter, 1.0 + jitter) if jitter else base
+    return max(0.0, min(value, float(maximum)))
+
+
 def schedule(settings, state):
     """``(initial, maximum)`` seconds for the state's last failure kind."""
     if state.last_kind == errors.AUTH:
@@ -70,10 +88,5 @@ def delay(settings, state, random):
     schedule's maximum (nor drops below 0).  ``random`` is a
     :class:`random.Random` (a parameter, so tests are deterministic).
     """
-    base = base_delay(settings, state)
-    if base <= 0.0:
-        return 0.0
-    _, maximum = schedule(settings, state)
-    jitter = max(0.0, float(settings.jitter))
-    value = base * (1.0 + random.uniform(-jitter, jitter)) if jitter else base
-    return max(0.0, min(value, float(maximum)))
+    initial, maximum = schedule(settings, state)
+    return exponential(state.failures, initial, maximum, settings.jitter, random)

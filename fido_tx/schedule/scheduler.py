@@ -38,10 +38,12 @@ from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger, LogLevel
 from twisted.python import failure as _failure
+from zope.interface import implementer
 
 from fido_tx.schedule import backoff as _backoff
 from fido_tx import errors
 from fido_tx.accounts.model import AccountsDiff
+from fido_tx.interfaces import ISchedulerView
 from fido_tx.outcome import SessionResult
 
 log = Logger()
@@ -102,6 +104,7 @@ class _Session:
         self.cancelled = False
 
 
+@implementer(ISchedulerView)
 class Scheduler(service.Service):
     """Round-robin mailbox sessions over ``workers`` slots.
 

@@ -1,4 +1,6 @@
-"""Tests for fido_tx.redis.store (the Redis sink) and fido_tx.redis.url.
+"""Tests for the Redis parts on the shared connection (fido_tx.redis.connection,
+the stream sink, the account state, the heartbeat), the legacy RedisStore
+wrappers, and fido_tx.redis.url.
 
 URL parsing and the "never connected" deadline are synchronous unit tests;
 everything else runs against a real redis-server (the ``redis`` fixture, or
@@ -23,11 +25,17 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from fido_tx import errors
 from fido_tx.redis import url as redisurl
-from fido_tx.redis import store as store_mod
 from fido_tx.config import RedisSettings
+from fido_tx.interfaces import ISink
 from fido_tx.outcome import SessionResult
-from fido_tx.sinks.base import IMessageSink, Message
-from fido_tx.redis.store import RedisStore, account_key, uids_key
+from fido_tx.redis.connection import RedisConnection
+from fido_tx.redis.heartbeat import HeartbeatWriter
+from fido_tx.redis.keys import account as account_key, dedupe as uids_key
+from fido_tx.redis.state import AccountState
+from fido_tx.redis.store import RedisStore
+from fido_tx.sinks import base as legacy
+from fido_tx.sinks.message import Delivery, Message
+from fido_tx.sinks.stream import StreamSink, entry_fields
 from tests.support import redis_server
 
 
@@ -98,9 +106,9 @@ class RedisURLTests(SynchronousTestCase):
         self.assertEqual(redisurl.redact("redis://u:p/w@h:x"), "redis://u:***@h:x")
         self.assertEqual(redisurl.redact("redis://u:pw@h"), "redis://u:***@h:6379/0")
 
-    def test_store_refuses_a_bad_url_at_construction(self):
+    def test_the_connection_refuses_a_bad_url_at_construction(self):
         self.assertRaises(
-            redisurl.RedisURLError, RedisStore, MemoryReactorClock(), RedisSettings(url="http://x")
+            redisurl.RedisURLError, RedisConnection, MemoryReactorClock(), RedisSettings(url="http://x")
         )
 
 
@@ -126,6 +134,16 @@ def _urls(draw):
         return redisurl.RedisURL(
             scheme="unix", path=draw(_paths), db=db, username=username, password=password
         )
+    if scheme in redisurl.SENTINEL_SCHEMES:
+        sentinels = tuple(draw(st.lists(
+            st.tuples(_hosts, st.integers(1, 65535)), min_size=1, max_size=3)))
+        return redisurl.RedisURL(
+            scheme=scheme, host=sentinels[0][0], port=sentinels[0][1], db=db,
+            username=username, password=password, sentinels=sentinels,
+            master=draw(_text.filter(bool)),
+            sentinel_password=draw(st.one_of(st.none(), _text.filter(bool))),
+            ca_file=draw(st.one_of(st.just(""), _paths)) if scheme == "rediss+sentinel" else "",
+        )
     return redisurl.RedisURL(
         scheme=scheme, host=draw(_hosts), port=draw(st.integers(1, 65535)), db=db,
         username=username, password=password,
@@ -146,17 +164,10 @@ class RedisURLPropertyTests(SynchronousTestCase):
         url = attr.evolve(url, password=secret)
         shown = url.redacted()
         self.assertNotIn(secret, shown)
-        self.assertEqual(redisurl.parse(shown), attr.evolve(url, password="***"))
-
-
-class CommandEncodingTests(SynchronousTestCase):
-    @hsettings(max_examples=100, deadline=None)
-    @given(st.lists(st.one_of(st.binary(max_size=40), _text, st.integers(-(2**63), 2**63)), min_size=1))
-    def test_same_bytes_as_txredisapi(self, args):
-        import txredisapi
-
-        reference = txredisapi.BaseRedisProtocol(charset=None)._build_command(*args)
-        self.assertEqual(store_mod._build_command(*args), reference)
+        expected = attr.evolve(url, password="***")
+        if url.sentinel_password is not None:
+            expected = attr.evolve(expected, sentinel_password="***")
+        self.assertEqual(redisurl.parse(shown), expected)
 
 
 # -- never connected: deadlines with a fake reactor ---------------------------
@@ -167,17 +178,19 @@ class NeverConnectedTests(SynchronousTestCase):
 
     def setUp(self):
         self.clock = MemoryReactorClock()
-        self.store = RedisStore(
+        self.connection = RedisConnection(
             self.clock, RedisSettings(url="redis://127.0.0.1:1/0", command_timeout=3.0)
         )
-        self.store.startService()
-        self.addCleanup(self.store.stopService)
+        self.sink = StreamSink("default", self.connection, "fido:messages")
+        self.state = AccountState(self.connection)
+        self.connection.startService()
+        self.addCleanup(self.connection.stopService)
 
     def test_provides_the_sink_interface(self):
-        self.assertTrue(IMessageSink.providedBy(self.store))
+        self.assertTrue(ISink.providedBy(self.sink))
 
-    def test_store_errbacks_kind_redis_at_the_deadline(self):
-        d = self.store.store([Message("a", "INBOX", 1, 1, b"x")])
+    def test_deliver_errbacks_kind_redis_at_the_deadline(self):
+        d = self.sink.deliver([Message("a", "INBOX", "1", "1", b"x")])
         self.assertNoResult(d)
         self.clock.advance(2.9)
         self.assertNoResult(d)
@@ -188,8 +201,9 @@ class NeverConnectedTests(SynchronousTestCase):
 
     def test_every_command_has_the_deadline(self):
         pending = [
-            self.store.filter_new("a", "INBOX", 1, [1, 2]),
-            self.store.backlog(),
+            self.sink.filter_new("a", "INBOX", "1", ["1", "2"]),
+            self.sink.backlog(),
+            self.connection.execute(b"PING"),
         ]
         self.clock.advance(3.01)
         for d in pending:
@@ -197,34 +211,35 @@ class NeverConnectedTests(SynchronousTestCase):
 
     def test_best_effort_writes_fire_false_instead_of_failing(self):
         pending = [
-            self.store.update_account("a", {"state": "ok"}),
-            self.store.record_session(SessionResult("a")),
-            self.store.heartbeat("me", {"pid": 1}, 30),
+            self.state.update_account("a", {"state": "ok"}),
+            self.state.record_session(SessionResult("a")),
+            HeartbeatWriter(self.connection).heartbeat("me", {"pid": 1}, 30),
         ]
         self.clock.advance(3.01)
         self.assertEqual([self.successResultOf(d) for d in pending], [False, False, False])
 
     def test_stop_fails_waiting_commands_at_once(self):
-        d = self.store.backlog()
-        self.store.stopService()
+        d = self.sink.backlog()
+        self.connection.stopService()
         self.assertEqual(self.failureResultOf(d, errors.FidoError).value.kind, errors.REDIS)
-        later = self.store.store([Message("a", "INBOX", 1, 1, b"x")])
+        later = self.sink.deliver([Message("a", "INBOX", "1", "1", b"x")])
         self.failureResultOf(later, errors.FidoError)
 
     def test_dry_run_session_writes_nothing(self):
-        d = self.store.record_session(SessionResult("a", dry_run=True))
+        d = self.state.record_session(SessionResult("a", dry_run=True))
         self.assertEqual(self.successResultOf(d), True)
 
     def test_empty_calls_need_no_redis(self):
-        self.assertEqual(self.successResultOf(self.store.store([])), [])
-        self.assertEqual(self.successResultOf(self.store.filter_new("a", "I", 1, [])), [])
+        self.assertEqual(self.successResultOf(self.sink.deliver([])), Delivery())
+        self.assertEqual(self.successResultOf(self.sink.filter_new("a", "I", "1", [])), [])
 
     def test_a_batch_of_several_accounts_is_refused(self):
-        d = self.store.store([Message("a", "INBOX", 1, 1, b"x"), Message("b", "INBOX", 1, 2, b"y")])
+        d = self.sink.deliver([Message("a", "INBOX", "1", "1", b"x"),
+                               Message("b", "INBOX", "1", "2", b"y")])
         self.failureResultOf(d, ValueError)
 
     def test_not_connected(self):
-        self.assertFalse(self.store.connected)
+        self.assertFalse(self.connection.connected)
 
 
 # -- real Redis ---------------------------------------------------------------
@@ -240,21 +255,32 @@ def _fast_retry(attempt):
     return 0.05 * attempt
 
 
+@attr.s(frozen=True, auto_attribs=True)
+class _Redis:
+    """The Redis parts of a daemon on one shared connection."""
+
+    connection: RedisConnection
+    sink: StreamSink
+    state: AccountState
+    beats: HeartbeatWriter
+
+
 def _make_store(url, **kw):
     settings = RedisSettings(
         url=url,
         connect_timeout=kw.pop("connect_timeout", 2.0),
         command_timeout=kw.pop("command_timeout", 2.0),
-        stream=kw.pop("stream", "fido:messages"),
     )
-    store = RedisStore(_reactor(), settings, retry_policy=kw.pop("retry_policy", _fast_retry), **kw)
-    store.startService()
-    return store
+    c = RedisConnection(_reactor(), settings, retry_policy=kw.pop("retry_policy", _fast_retry))
+    parts = _Redis(c, StreamSink("default", c, kw.pop("stream", "fido:messages")),
+                   AccountState(c), HeartbeatWriter(c))
+    c.startService()
+    return parts
 
 
 def _next_state(store, wanted, timeout=10):
     """A Deferred that fires when the store's connection state becomes ``wanted``."""
-    if store.connected == wanted:
+    if store.connection.connected == wanted:
         return defer.succeed(wanted)
     d = defer.Deferred()
 
@@ -262,7 +288,7 @@ def _next_state(store, wanted, timeout=10):
         if up == wanted and not d.called:
             d.callback(up)
 
-    store.add_connection_observer(observer)
+    store.connection.add_connection_observer(observer)
     return d.addTimeout(timeout, _reactor())
 
 
@@ -279,7 +305,7 @@ def _entries(client, stream="fido:messages"):
 def _msg(uid, raw=None, account="acme", mailbox="INBOX", uidvalidity=1234, **kw):
     if raw is None:
         raw = b"Subject: %d\r\n\r\nbody %d\r\n" % (uid, uid)
-    return Message(account, mailbox, uidvalidity, uid, raw, **kw)
+    return Message(account, mailbox, str(uidvalidity), str(uid), raw, **kw)
 
 
 class _Logs:
@@ -317,24 +343,26 @@ def test_batch_becomes_one_entry_per_message_with_the_contract_fields_byte_exact
             _msg(3, b"X" * (2 * 1024 * 1024 - 6) + b"\r\n\x00\xff\r\n"),
             _msg(4, b"", message_id="<caf\udce9@x>"),
         ]
-        confirmed = yield store.store(messages)
-        assert list(confirmed) == [1, 2, 3, 4]
-        assert confirmed.new == [1, 2, 3, 4]
+        confirmed = yield store.sink.deliver(messages)
+        assert confirmed.confirmed == ("1", "2", "3", "4")
+        assert confirmed.new == ("1", "2", "3", "4")
         entries = _entries(redis.client())
         assert len(entries) == 4
         for (entry_id, fields), m in zip(entries, messages):
-            assert fields == m.fields()
-            assert fields[-1] == m.raw
-            assert fields[1::2][:4] == [b"acme", b"INBOX", b"1234", str(m.uid).encode()]
+            # the contract's fields in order, then source and route_key
+            assert fields == entry_fields(m)
+            assert fields[-4:] == [b"source", b"imap", b"route_key", b""]
+            assert fields[15] == m.raw
+            assert fields[1::2][:4] == [b"acme", b"INBOX", b"1234", m.id.encode()]
         assert [f for f in entries[0][1][0::2]] == [
             b"account", b"mailbox", b"uidvalidity", b"uid",
-            b"message_id", b"size", b"fetched_at", b"raw",
+            b"message_id", b"size", b"fetched_at", b"raw", b"source", b"route_key",
         ]
         assert entries[2][1][11] == b"2097152"  # 2 MiB exactly
-        assert store.last_stream_length == 4
-        assert (yield store.backlog()) == 4
+        assert store.sink.last_length == 4
+        assert (yield store.sink.backlog()) == 4
     finally:
-        yield store.stopService()
+        yield store.connection.stopService()
 
 
 @pytest_twisted.inlineCallbacks
@@ -343,20 +371,20 @@ def test_storing_the_same_messages_again_adds_nothing_and_still_confirms(redis):
     try:
         yield _next_state(store, True)
         first = [_msg(u) for u in (10, 11, 12)]
-        yield store.store(first)
+        yield store.sink.deliver(first)
         again = [_msg(u) for u in (11, 12, 13)]  # later fetch: new fetched_at
-        confirmed = yield store.store(again)
-        assert list(confirmed) == [11, 12, 13]
-        assert confirmed.new == [13]
+        confirmed = yield store.sink.deliver(again)
+        assert confirmed.confirmed == ("11", "12", "13")
+        assert confirmed.new == ("13",)
         entries = _entries(redis.client())
         assert [e[1][7] for e in entries] == [b"10", b"11", b"12", b"13"]
-        assert store.last_stream_length == 4
-        confirmed = yield store.store(first + again)
-        assert confirmed.new == []
+        assert store.sink.last_length == 4
+        confirmed = yield store.sink.deliver(first + again)
+        assert confirmed.new == ()
         assert len(_entries(redis.client())) == 4
         assert redis.client()("HGET", account_key("acme"), "fetched_total") == b"4"
     finally:
-        yield store.stopService()
+        yield store.connection.stopService()
 
 
 @pytest_twisted.inlineCallbacks
@@ -364,16 +392,16 @@ def test_dedupe_is_per_account_mailbox_and_uidvalidity(redis):
     store = _make_store(redis.url)
     try:
         yield _next_state(store, True)
-        yield store.store([_msg(1), _msg(1, mailbox="Sent"), _msg(2, uidvalidity=99)])
-        other = yield store.store([_msg(1, account="globex")])
-        assert other.new == [1]
+        yield store.sink.deliver([_msg(1), _msg(1, mailbox="Sent"), _msg(2, uidvalidity=99)])
+        other = yield store.sink.deliver([_msg(1, account="globex")])
+        assert other.new == ("1",)
         assert len(_entries(redis.client())) == 4
         assert redis.client()("SMEMBERS", uids_key("acme", "INBOX", 1234)) == [b"1"]
-        assert (yield store.filter_new("acme", "INBOX", 99, [1, 2, 3])) == [1, 3]
+        assert (yield store.sink.filter_new("acme", "INBOX", "99", ["1", "2", "3"])) == ["1", "3"]
         assert redis.client()("HGET", account_key("acme"), "fetched_total") == b"3"
         assert redis.client()("HGET", account_key("globex"), "fetched_total") == b"1"
     finally:
-        yield store.stopService()
+        yield store.connection.stopService()
 
 
 @pytest_twisted.inlineCallbacks
@@ -381,16 +409,16 @@ def test_filter_new_returns_the_unstored_uids_in_order(redis):
     store = _make_store(redis.url)
     try:
         yield _next_state(store, True)
-        assert (yield store.filter_new("acme", "INBOX", 1234, [5, 3, 9])) == [5, 3, 9]
-        yield store.store([_msg(3), _msg(7)])
-        assert (yield store.filter_new("acme", "INBOX", 1234, [9, 7, 5, 3, 1])) == [9, 5, 1]
-        assert (yield store.filter_new("acme", "INBOX", 1235, [3, 7])) == [3, 7]
-        many = list(range(1, 20001))
-        assert (yield store.filter_new("acme", "INBOX", 1234, many)) == [
-            u for u in many if u not in (3, 7)
+        assert (yield store.sink.filter_new("acme", "INBOX", "1234", ["5", "3", "9"])) == ["5", "3", "9"]
+        yield store.sink.deliver([_msg(3), _msg(7)])
+        assert (yield store.sink.filter_new("acme", "INBOX", "1234", ["9", "7", "5", "3", "1"])) == ["9", "5", "1"]
+        assert (yield store.sink.filter_new("acme", "INBOX", "1235", ["3", "7"])) == ["3", "7"]
+        many = [str(u) for u in range(1, 20001)]
+        assert (yield store.sink.filter_new("acme", "INBOX", "1234", many)) == [
+            u for u in many if u not in ("3", "7")
         ]
     finally:
-        yield store.stopService()
+        yield store.connection.stopService()
 
 
 @pytest_twisted.inlineCallbacks
@@ -399,11 +427,11 @@ def test_fetched_total_counts_only_new_entries(redis):
     try:
         yield _next_state(store, True)
         for batch in ([1, 2], [2, 3, 4], [1, 4], [5]):
-            yield store.store([_msg(u) for u in batch])
+            yield store.sink.deliver([_msg(u) for u in batch])
         assert redis.client()("HGET", account_key("acme"), "fetched_total") == b"5"
         assert len(_entries(redis.client())) == 5
     finally:
-        yield store.stopService()
+        yield store.connection.stopService()
 
 
 @pytest_twisted.inlineCallbacks
@@ -417,7 +445,7 @@ def test_record_session_keeps_the_account_hash_current(redis):
 
     try:
         yield _next_state(store, True)
-        ok = yield store.record_session(
+        ok = yield store.state.record_session(
             SessionResult("acme", kind=errors.AUTH, message="login refused"),
             started_at_iso="2026-01-01T00:00:00.000Z",
         )
@@ -429,7 +457,7 @@ def test_record_session_keeps_the_account_hash_current(redis):
         assert state["last_attempt_at"] == "2026-01-01T00:00:00.000Z"
         assert "last_success_at" not in state
 
-        yield store.record_session(SessionResult("acme", fetched=3),
+        yield store.state.record_session(SessionResult("acme", fetched=3),
                                    extra={"failing_since": ""})
         state = account()
         assert state["failing_since"] == ""  # extra fields ride in the same HSET
@@ -439,50 +467,50 @@ def test_record_session_keeps_the_account_hash_current(redis):
         assert state["last_error_kind"] == "auth"  # kept for history
 
         before = account()
-        yield store.record_session(SessionResult("acme", kind=errors.CONNECT, dry_run=True))
+        yield store.state.record_session(SessionResult("acme", kind=errors.CONNECT, dry_run=True))
         assert account() == before
 
-        yield store.update_account("acme", {"state": "backoff", "next_attempt_at": 5})
+        yield store.state.update_account("acme", {"state": "backoff", "next_attempt_at": 5})
         assert account()["next_attempt_at"] == "5"
     finally:
-        yield store.stopService()
+        yield store.connection.stopService()
 
 
 @pytest_twisted.inlineCallbacks
 def test_heartbeat_writes_the_instance_hash_with_a_ttl(redis):
-    store = _make_store(redis.url, instance_id="host-a:42")
+    store = _make_store(redis.url)
     try:
         yield _next_state(store, True)
-        assert (yield store.heartbeat("host-a:42", {"pid": 42, "sessions": "3"}, 30)) is True
-        assert (yield store.heartbeat({"accounts": 7}, 60)) is True  # own instance id
+        assert (yield store.beats.heartbeat("host-a:42", {"pid": 42, "sessions": "3"}, 30)) is True
+        assert (yield store.beats.heartbeat("host-a:42", {"accounts": 7}, 60)) is True
         client = redis.client()
         assert client("HGET", "fido:instance:host-a:42", "sessions") == b"3"
         assert client("HGET", "fido:instance:host-a:42", "accounts") == b"7"
         assert 50 < client("TTL", "fido:instance:host-a:42") <= 60
     finally:
-        yield store.stopService()
+        yield store.connection.stopService()
 
 
 @pytest_twisted.inlineCallbacks
 def test_redis_down_fails_commands_in_time_and_tells_observers_then_reconnects(redis):
     store = _make_store(redis.url, command_timeout=0.5)
     states = []
-    store.add_connection_observer(states.append)
+    store.connection.add_connection_observer(states.append)
     try:
         with _Logs() as logs:
             yield _next_state(store, True)
-            yield store.store([_msg(1)])
+            yield store.sink.deliver([_msg(1)])
             lost = _next_state(store, False)
             redis.stop()
             yield lost
-            assert store.connected is False
+            assert store.connection.connected is False
             assert states == [True, False]
 
             # commands issued while disconnected: txredisapi alone would hang
             for call in (
-                lambda: store.store([_msg(2)]),
-                lambda: store.filter_new("acme", "INBOX", 1234, [2]),
-                lambda: store.backlog(),
+                lambda: store.sink.deliver([_msg(2)]),
+                lambda: store.sink.filter_new("acme", "INBOX", "1234", ["2"]),
+                lambda: store.sink.backlog(),
             ):
                 started = time.monotonic()
                 with pytest.raises(errors.FidoError) as caught:
@@ -494,8 +522,8 @@ def test_redis_down_fails_commands_in_time_and_tells_observers_then_reconnects(r
             redis.start()
             yield back
             assert states == [True, False, True]
-            confirmed = yield store.store([_msg(2)])
-            assert confirmed.new == [2]
+            confirmed = yield store.sink.deliver([_msg(2)])
+            assert confirmed.new == ("2",)
         text = logs.text()
         assert text.count("Redis connection lost") == 1
         assert "fetching paused until it is back" in text
@@ -503,7 +531,7 @@ def test_redis_down_fails_commands_in_time_and_tells_observers_then_reconnects(r
         retries = [line for line in logs.lines if "Scheduling retry" in line]
         assert retries and all(line.startswith("[debug]") for line in retries)
     finally:
-        yield store.stopService()
+        yield store.connection.stopService()
 
 
 @pytest_twisted.inlineCallbacks
@@ -514,14 +542,14 @@ def test_a_command_waiting_for_the_connection_runs_when_redis_comes_back(redis):
         lost = _next_state(store, False)
         redis.stop()
         yield lost
-        d = store.store([_msg(1)])
+        d = store.sink.deliver([_msg(1)])
         yield _sleep(0.2)
         assert not d.called
         redis.start()
         confirmed = yield d
-        assert confirmed.new == [1]
+        assert confirmed.new == ("1",)
     finally:
-        yield store.stopService()
+        yield store.connection.stopService()
 
 
 @pytest_twisted.inlineCallbacks
@@ -531,19 +559,19 @@ def test_restart_with_appendonly_keeps_the_dedupe_record(redis):
     store = _make_store(server.url)
     try:
         yield _next_state(store, True)
-        yield store.store([_msg(u) for u in (1, 2, 3)])
+        yield store.sink.deliver([_msg(u) for u in (1, 2, 3)])
         lost = _next_state(store, False)
         server.stop(kill=True)
         yield lost
         back = _next_state(store, True)
         server.start()
         yield back
-        confirmed = yield store.store([_msg(u) for u in (2, 3, 4)])
-        assert list(confirmed) == [2, 3, 4]
-        assert confirmed.new == [4]
+        confirmed = yield store.sink.deliver([_msg(u) for u in (2, 3, 4)])
+        assert confirmed.confirmed == ("2", "3", "4")
+        assert confirmed.new == ("4",)
         assert [e[1][7] for e in _entries(server.client())] == [b"1", b"2", b"3", b"4"]
     finally:
-        yield store.stopService()
+        yield store.connection.stopService()
         server.stop()
 
 
@@ -553,7 +581,7 @@ def test_redis_killed_while_a_store_is_in_flight_fails_it_and_recovers(redis):
     try:
         yield _next_state(store, True)
         big = [_msg(u, b"y" * (4 * 1024 * 1024)) for u in range(1, 9)]
-        d = store.store(big)
+        d = store.sink.deliver(big)
         redis.stop(kill=True)
         with pytest.raises(errors.FidoError) as caught:
             yield d
@@ -561,9 +589,9 @@ def test_redis_killed_while_a_store_is_in_flight_fails_it_and_recovers(redis):
         back = _next_state(store, True)
         redis.start()
         yield back
-        assert (yield store.filter_new("acme", "INBOX", 1234, [1])) == [1]
+        assert (yield store.sink.filter_new("acme", "INBOX", "1234", ["1"])) == ["1"]
     finally:
-        yield store.stopService()
+        yield store.connection.stopService()
 
 
 @pytest_twisted.inlineCallbacks
@@ -576,28 +604,28 @@ def test_a_stuck_redis_times_out_the_command_and_the_connection_is_replaced(redi
         try:
             started = time.monotonic()
             with pytest.raises(errors.FidoError) as caught:
-                yield store.store([_msg(1)])
+                yield store.sink.deliver([_msg(1)])
             assert caught.value.kind == errors.REDIS
             assert "did not answer" in caught.value.message
             assert time.monotonic() - started < 1.5
-            assert store.connected is False  # aborted: a late reply cannot be misread
+            assert store.connection.connected is False  # aborted: a late reply cannot be misread
             # the kernel still accepts connections, but none becomes ready,
             # and each such attempt counts for the backoff
             with _Logs() as logs:
                 yield _sleep(1.0)
-            assert store.connected is False
-            assert "no answer to AUTH/SELECT/SCRIPT LOAD within 0.3 s" in store._last_error
+            assert store.connection.connected is False
+            assert "no answer to AUTH/SELECT/SCRIPT LOAD within 0.3 s" in store.connection.last_error
             retries = [line for line in logs.lines if "Scheduling retry" in line]
             assert 1 <= len(retries) <= 3
         finally:
             os.kill(pid, signal.SIGCONT)
         yield _next_state(store, True)
         # the stuck store did run once Redis woke up; storing again dedupes
-        confirmed = yield store.store([_msg(1), _msg(2)])
-        assert list(confirmed) == [1, 2]
+        confirmed = yield store.sink.deliver([_msg(1), _msg(2)])
+        assert confirmed.confirmed == ("1", "2")
         assert len(_entries(redis.client())) == 2
     finally:
-        yield store.stopService()
+        yield store.connection.stopService()
 
 
 @pytest_twisted.inlineCallbacks
@@ -605,12 +633,12 @@ def test_stop_service_closes_and_does_not_reconnect(redis):
     store = _make_store(redis.url)
     yield _next_state(store, True)
     states = []
-    store.add_connection_observer(states.append)
-    yield store.stopService()
-    assert store.connected is False
+    store.connection.add_connection_observer(states.append)
+    yield store.connection.stopService()
+    assert store.connection.connected is False
     assert states == [False]
     yield _sleep(0.3)
-    assert store.connected is False
+    assert store.connection.connected is False
     clients = redis.client()("CLIENT", "LIST")
     assert clients.count(b"\n") == 1  # only the asking client
 
@@ -675,12 +703,12 @@ def test_unix_socket_url_works(unix_redis):
     store = _make_store(f"unix://{unix_redis}?db=2")
     try:
         yield _next_state(store, True)
-        confirmed = yield store.store([_msg(1)])
-        assert confirmed.new == [1]
-        assert (yield store.filter_new("acme", "INBOX", 1234, [1, 2])) == [2]
-        assert (yield store.backlog()) == 1
+        confirmed = yield store.sink.deliver([_msg(1)])
+        assert confirmed.new == ("1",)
+        assert (yield store.sink.filter_new("acme", "INBOX", "1234", ["1", "2"])) == ["2"]
+        assert (yield store.sink.backlog()) == 1
     finally:
-        yield store.stopService()
+        yield store.connection.stopService()
 
 
 @pytest.fixture
@@ -708,10 +736,10 @@ def test_password_authenticates_and_never_reaches_the_log(password_redis):
         store = _make_store(f"redis://:Pa55-w0rd%21@127.0.0.1:{password_redis}/1")
         try:
             yield _next_state(store, True)
-            yield store.store([_msg(1)])
-            assert (yield store.backlog()) == 1
+            yield store.sink.deliver([_msg(1)])
+            assert (yield store.sink.backlog()) == 1
         finally:
-            yield store.stopService()
+            yield store.connection.stopService()
     assert "Connected to Redis at redis://:***@127.0.0.1" in logs.text()
     assert "Pa55" not in logs.text()
 
@@ -724,14 +752,14 @@ def test_wrong_password_keeps_it_down_and_says_why_without_the_password(password
         )
         try:
             with pytest.raises(errors.FidoError) as caught:
-                yield store.backlog()
+                yield store.sink.backlog()
             assert caught.value.kind == errors.REDIS
-            assert store.connected is False
+            assert store.connection.connected is False
             shown = str(caught.value) + caught.value.debug
             assert "auth" in shown.lower()
             assert "wrong-Secret" not in shown
         finally:
-            yield store.stopService()
+            yield store.connection.stopService()
     assert "wrong-Secret" not in logs.text()
     assert logs.text().count("Cannot connect to Redis") == 1
 
@@ -769,10 +797,10 @@ def test_rediss_verifies_the_server_and_works(tls_redis):
     store = _make_store(f"rediss://localhost:{port}/0?ca_file={pki.ca}")
     try:
         yield _next_state(store, True)
-        confirmed = yield store.store([_msg(1, b"over TLS \x00\xff")])
-        assert confirmed.new == [1]
+        confirmed = yield store.sink.deliver([_msg(1, b"over TLS \x00\xff")])
+        assert confirmed.new == ("1",)
     finally:
-        yield store.stopService()
+        yield store.connection.stopService()
 
 
 @pytest_twisted.inlineCallbacks
@@ -782,9 +810,35 @@ def test_rediss_refuses_a_server_it_cannot_verify(tls_redis):
     store = _make_store(f"rediss://localhost:{port}/0?ca_file={pki.other_ca}", command_timeout=0.7)
     try:
         with pytest.raises(errors.FidoError) as caught:
-            yield store.backlog()
+            yield store.sink.backlog()
         assert caught.value.kind == errors.REDIS
         assert "certificate verify failed" in caught.value.message
-        assert store.connected is False
+        assert store.connection.connected is False
+    finally:
+        yield store.connection.stopService()
+
+
+# -- the legacy wrappers, until the session calls deliver() ---------------------
+
+
+@pytest_twisted.inlineCallbacks
+def test_legacy_redis_store_keeps_the_old_names_working(redis):
+    settings = RedisSettings(url=redis.url, connect_timeout=2.0, command_timeout=2.0)
+    store = RedisStore(_reactor(), settings, instance_id="host-b:7", retry_policy=_fast_retry)
+    assert legacy.IMessageSink.providedBy(store)
+    store.startService()
+    try:
+        yield _next_state(store, True)
+        old = [legacy.Message("acme", "INBOX", 1234, u, b"x%d" % u) for u in (1, 2)]
+        confirmed = yield store.store(old)
+        assert (list(confirmed), confirmed.new) == ([1, 2], [1, 2])
+        assert (yield store.store(old[1:])).new == []
+        assert (yield store.filter_new("acme", "INBOX", 1234, [2, 3])) == [3]
+        assert store.last_stream_length == 2 and (yield store.backlog()) == 2
+        assert (yield store.heartbeat({"accounts": 7}, 60)) is True  # own instance id
+        assert redis.client()("HGET", "fido:instance:host-b:7", "accounts") == b"7"
+        assert (yield store.record_session(SessionResult("acme"))) is True
+        assert redis.client()("HGET", "fido:account:acme", "state") == b"ok"
+        assert store.connected and store.last_error is None
     finally:
         yield store.stopService()

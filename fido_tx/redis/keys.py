@@ -1,0 +1,39 @@
+"""Every Redis key name Fido writes, in one place.
+
+``<...>`` are taken verbatim from the account, message or config:
+
+``<stream>`` (``[delivery.NAME] stream``; ``[redis] stream`` for the implied
+``[delivery.default]``, default ``fido:messages``)
+    The stream sink's entries (:mod:`fido_tx.sinks.stream`).
+``<list>`` (``[delivery.NAME] key``, default ``fido:messages:list``)
+    The list sink's JSON documents (:mod:`fido_tx.sinks.list`).
+``fido:uids:{<account>}:<epoch>:<mailbox>``
+    The dedupe record of both sinks: a set of the ids delivered from that
+    mailbox and epoch (IMAP: UIDVALIDITY and UIDs in decimal).  A new epoch
+    starts a new set; old sets are left for the operator to delete.  The
+    braces make the account a Redis Cluster hash tag.
+``fido:account:<id>``
+    Hash, the contract's per-account state (:mod:`fido_tx.redis.state`).
+``fido:instance:<instance id>``
+    Hash with a TTL: the heartbeat of one Fido process
+    (:mod:`fido_tx.redis.heartbeat`).
+"""
+
+ACCOUNT_PREFIX = "fido:account:"
+INSTANCE_PREFIX = "fido:instance:"
+DEFAULT_STREAM = "fido:messages"
+DEFAULT_LIST = "fido:messages:list"
+
+
+def dedupe(account_id, mailbox, epoch):
+    """The dedupe set of one (account, mailbox, epoch); ``epoch`` a string
+    (an int is accepted: IMAP's UIDVALIDITY in decimal either way)."""
+    return f"fido:uids:{{{account_id}}}:{epoch}:{mailbox}".encode("utf-8")
+
+
+def account(account_id):
+    return f"{ACCOUNT_PREFIX}{account_id}".encode("utf-8")
+
+
+def instance(instance_id):
+    return f"{INSTANCE_PREFIX}{instance_id}".encode("utf-8")

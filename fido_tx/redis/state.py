@@ -1,0 +1,81 @@
+"""The per-account hash ``fido:account:<id>`` (the contract's fields).
+
+``state`` (``ok``/``error``; other modules may set more), ``last_attempt_at``,
+``last_success_at``, ``last_error``, ``last_error_kind``, ``last_error_at``
+(an addition: when ``last_error`` happened); ``fetched_total`` is counted by
+the sinks' scripts, so it counts exactly the messages delivered.  Every write
+is best effort: a Redis outage is logged (once, by the connection) and never
+fails a session.
+"""
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from fido_tx.interfaces import IAccountState
+from fido_tx.redis import keys
+from fido_tx.timefmt import utc_now_iso
+
+log = Logger(namespace="fido_tx.redis.state")
+
+
+def hash_args(mapping):
+    """``[field, value, ...]`` for ``HSET``: values as bytes."""
+    args = []
+    for name, value in dict(mapping or {}).items():
+        args.append(name)
+        args.append(value if isinstance(value, bytes) else str(value).encode("utf-8"))
+    return args
+
+
+def best_effort(connection, what, d):
+    """Fire True when ``d`` succeeds, False (logged: warn while connected,
+    debug while the outage is already logged) when it fails."""
+
+    def failed(failure):
+        level = log.warn if connection.connected else log.debug
+        level("{what} not written: {error}", what=what, error=failure.getErrorMessage())
+        return False
+
+    return d.addCallbacks(lambda _: True, failed)
+
+
+@implementer(IAccountState)
+class AccountState:
+    """Writes ``fido:account:<id>`` on a shared
+    :class:`~fido_tx.redis.connection.RedisConnection`."""
+
+    def __init__(self, connection):
+        self._connection = connection
+
+    def update_account(self, account_id, fields):
+        """``HSET`` the fields; fires True when written, False when not."""
+        if not fields:
+            return defer.succeed(True)
+        d = self._connection.execute(b"HSET", keys.account(account_id), *hash_args(fields))
+        return best_effort(self._connection, f"state of account {account_id}", d)
+
+    def record_session(self, result, started_at_iso=None, extra=None):
+        """Keep the hash current after a session; a dry run writes nothing.
+
+        ``last_attempt_at`` is when the session started (``started_at_iso``,
+        else now); a success sets ``state=ok`` and ``last_success_at``, a
+        failure ``state=error``, ``last_error``, ``last_error_kind`` and
+        ``last_error_at`` (the last error is kept after a success, for
+        history).  ``extra`` goes into the same ``HSET`` (one round trip).
+        """
+        if result.dry_run:
+            return defer.succeed(True)
+        now = utc_now_iso()
+        fields = {"last_attempt_at": started_at_iso or now}
+        if result.ok:
+            fields["state"] = "ok"
+            fields["last_success_at"] = now
+        else:
+            fields["state"] = "error"
+            fields["last_error"] = result.message
+            fields["last_error_kind"] = result.kind
+            fields["last_error_at"] = now
+        if extra:
+            fields.update(extra)
+        return self.update_account(result.account_id, fields)

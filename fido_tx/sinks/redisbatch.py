@@ -1,0 +1,152 @@
+"""What the Redis sinks (stream, list) share: the dedupe sets and the one
+Lua call per batch.
+
+Exactly once: a sink's :meth:`RedisBatchSink.deliver` sends ONE script call
+per batch.  For each message the script checks the dedupe set
+``fido:uids:{<account>}:<epoch>:<mailbox>``, writes the message (``XADD`` or
+``LPUSH``), then ``SADD``\\ s its id; Redis runs a script atomically and, with
+``appendonly``, persists its writes as one unit, so a crash leaves every
+message either delivered and recorded, or neither.  The order (check, write,
+record) means an error inside the script can at worst leave a message without
+its record (a possible duplicate later), never a record without its message
+(a lost one).  The script also counts the new messages into the account
+hash's ``fetched_total`` and returns the queue's length, kept in
+``last_length`` for backpressure without another round trip.
+"""
+
+from twisted.internet import defer
+
+from fido_tx.redis import keys
+from fido_tx.sinks.message import Delivery, Message
+
+#: the script's frame: KEYS = target, account hash, dedupe sets...; ARGV per
+#: message = set index, id, then the sink's values.  %(write)s writes one
+#: message from ARGV[i + 2 ...]; %(length)s is the queue length command.
+_SCRIPT = """
+local target = KEYS[1]
+local new = 0
+local reply = {0}
+for i = 1, #ARGV, %(stride)d do
+  local set = KEYS[tonumber(ARGV[i])]
+  local id = ARGV[i + 1]
+  if redis.call('SISMEMBER', set, id) == 0 then
+    %(write)s
+    redis.call('SADD', set, id)
+    new = new + 1
+    reply[new + 1] = id
+  end
+end
+if new > 0 then
+  redis.call('HINCRBY', KEYS[2], 'fetched_total', new)
+end
+reply[1] = redis.call('%(length)s', target)
+return reply
+"""
+
+
+def batch_script(stride, write, length):
+    return (_SCRIPT % {"stride": stride, "write": write, "length": length}).encode("ascii")
+
+
+def _text(value):
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+class RedisBatchSink:
+    """Base of the Redis sinks: subclasses set ``kind``, ``STRIDE``,
+    ``SOURCE`` (from :func:`batch_script`), ``LENGTH`` and ``encode(message)
+    -> [values]`` (``STRIDE - 2`` of them).
+
+    :ivar last_length: the queue's length after the last delivery or
+        :meth:`backlog`, or None.
+    """
+
+    kind = None
+
+    def __init__(self, name, connection, target, dry_run=False):
+        self.name = name
+        self.target = target.encode("utf-8") if isinstance(target, str) else target
+        self.dry_run = dry_run
+        self.last_length = None
+        self._connection = connection
+        self._script = connection.script(self.SOURCE)
+
+    def filter_new(self, account_id, mailbox, epoch, ids):
+        """The ids of ``ids`` not delivered yet, in the order given (the
+        items themselves, so a caller's ints come back as ints)."""
+        ids = list(ids)
+        if not ids:
+            return defer.succeed([])
+        d = self._connection.execute(
+            b"SMISMEMBER", keys.dedupe(account_id, mailbox, epoch), *ids
+        )
+        return d.addCallback(lambda flags: [i for i, f in zip(ids, flags) if not int(f)])
+
+    def deliver(self, messages):
+        """Write the messages not delivered yet; fire with a Delivery.
+
+        In a dry run nothing is written and nothing confirmed.
+        """
+        messages = list(messages)
+        if not messages or self.dry_run:
+            return defer.succeed(Delivery())
+        account = messages[0].account
+        if any(m.account != account for m in messages):
+            return defer.fail(ValueError("deliver() takes the messages of one account"))
+        script_keys = [self.target, keys.account(account)]
+        index, args = {}, []
+        for m in messages:
+            set_key = keys.dedupe(m.account, m.mailbox, m.epoch)
+            if set_key not in index:
+                script_keys.append(set_key)
+                index[set_key] = len(script_keys)
+            args.append(index[set_key])
+            args.append(m.id)
+            args.extend(self.encode(m))
+        d = self._script.run(script_keys, args, what=f"delivery of {len(messages)} messages")
+
+        def delivered(reply):
+            self.last_length = int(reply[0])
+            return Delivery(
+                confirmed=tuple(m.id for m in messages),
+                new=tuple(_text(i) for i in reply[1:]),
+            )
+
+        return d.addCallback(delivered)
+
+    def backlog(self):
+        """The queue's length now."""
+
+        def got(n):
+            self.last_length = int(n)
+            return self.last_length
+
+        return self._connection.execute(self.LENGTH.encode("ascii"), self.target).addCallback(got)
+
+    # -- the old IMessageSink name, until the session calls deliver() --------
+
+    def store(self, messages):
+        """Legacy: deliver :class:`fido_tx.sinks.base.Message` values (int
+        UIDVALIDITY and UID); fire with a :class:`ConfirmedUIDs` of ints.
+        Goes when the IMAP session speaks :class:`~fido_tx.interfaces.ISink`."""
+        messages = list(messages)
+        batch = [
+            Message(m.account, m.mailbox, str(m.uidvalidity), str(m.uid), m.raw,
+                    message_id=m.message_id, fetched_at=m.fetched_at)
+            for m in messages
+        ]
+        if any(m.account != messages[0].account for m in messages):
+            return defer.fail(ValueError("store() takes the messages of one account"))
+        d = self.deliver(batch)
+        return d.addCallback(
+            lambda done: ConfirmedUIDs([m.uid for m in messages], [int(i) for i in done.new])
+        )
+
+
+class ConfirmedUIDs(list):
+    """Legacy :meth:`RedisBatchSink.store` answer: every UID of the batch
+    (a list), with ``new`` the UIDs this call added."""
+
+    def __init__(self, confirmed, new):
+        super().__init__(confirmed)
+        self.new = new

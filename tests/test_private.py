@@ -1,0 +1,57 @@
+"""One test per private API trick in fido_tx/private.py: each fails loudly,
+naming the trick, when an upgrade removes what it relies on."""
+
+from hypothesis import given, settings as hsettings, strategies as st
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import SynchronousTestCase
+
+from fido_tx import private
+
+
+# -- txredisapi: _build_command -----------------------------------------------------
+
+
+class TxredisapiBuildCommandTests(SynchronousTestCase):
+    TRICK = (
+        "fido_tx.private.piecewise_redis_protocol overrides txredisapi's private "
+        "BaseRedisProtocol._build_command"
+    )
+
+    def test_txredisapi_build_command(self):
+        import txredisapi
+
+        base = txredisapi.BaseRedisProtocol
+        self.assertTrue(
+            callable(getattr(base, private.TXREDISAPI_BUILD_COMMAND, None)),
+            f"{self.TRICK}: txredisapi no longer has it; find the new place where "
+            "execute_command encodes a command",
+        )
+        # execute_command must still write what _build_command returns: the
+        # override writes the pieces itself and returns b""
+        proto = private.piecewise_redis_protocol(txredisapi.RedisProtocol)(charset=None)
+        sequences = []
+
+        class Recording(StringTransport):
+            def writeSequence(self, data):
+                sequences.append(list(data))
+                super().writeSequence(data)
+
+        transport = Recording()
+        proto.makeConnection(transport)
+        transport.clear()
+        proto.connected = 1
+        proto.execute_command(b"SET", b"k", b"v\x00")
+        self.assertEqual(
+            transport.value(), b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$2\r\nv\x00\r\n",
+            f"{self.TRICK}: execute_command no longer writes the command through it",
+        )
+        self.assertEqual(len(sequences), 1, f"{self.TRICK}: the override was not called")
+
+    @hsettings(max_examples=100, deadline=None)
+    @given(st.lists(st.one_of(st.binary(max_size=40), st.text(st.characters(blacklist_categories=("Cs",)), max_size=20),
+                              st.integers(-(2**63), 2**63 - 1)), min_size=1, max_size=8))
+    def test_same_bytes_as_txredisapi(self, args):
+        import txredisapi
+
+        reference = txredisapi.BaseRedisProtocol(charset=None)._build_command(*args)
+        self.assertEqual(private.redis_build_command(*args), reference, self.TRICK)
