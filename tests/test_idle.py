@@ -164,6 +164,14 @@ class IdleTests(SynchronousTestCase):
         self.assertEqual(sent(transport), [])
         self.assertIsNone(idler._timer)
 
+    def test_idling_keeps_no_old_protocol_lines(self):
+        client, transport, clock, idler, d, tag = self.start()
+        self.assertTrue(client.trace)
+        client.dataReceived(b"+ idling\r\n")
+        self.assertEqual(client.trace, [])
+        client.dataReceived(b"* 4 EXISTS\r\n")
+        self.assertEqual(client.trace, ["S: * 4 EXISTS", "C: DONE"])
+
     def test_on_idling_called_once_server_accepts(self):
         calls = []
         client, transport, clock, idler, d, tag = self.start(on_idling=lambda: calls.append(1))

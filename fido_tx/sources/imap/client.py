@@ -777,6 +777,11 @@ class FidoIMAP4Client(imap4.IMAP4Client):
         d.addBoth(done)
         return d
 
+    def clear_trace(self):
+        """Forget the traced lines: a held connection waiting in IDLE keeps
+        no debug text of its login (about 3 KiB per connection)."""
+        self._trace_lines.clear()
+
     def rearm(self, seconds, what):
         """Give the running command a new deadline: ``seconds`` of silence
         from now (IDLE waits minutes for its answer, then seconds for DONE's)."""

@@ -289,8 +289,8 @@ class HeldAccount:
             raise AssertionError(f"held {self.account_id}: {self.state} -> {state}")
         self.state = state
         self.history.append(state)
-        if len(self.history) > 64:
-            del self.history[:32]
+        if len(self.history) > 16:  # thousands of these: keep it small
+            del self.history[:8]
 
     def _interrupt(self):
         if self._idler is not None:

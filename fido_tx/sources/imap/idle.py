@@ -141,6 +141,7 @@ class Idle:
             return
         # silence is normal now: the deadline is the refresh, then DONE's answer
         self.client.rearm(self.refresh + self.done_timeout, "IDLE")
+        self.client.clear_trace()  # thousands wait here: keep no old lines
         self._timer = self.clock.callLater(self.refresh, self._end, REFRESH)
         if self.on_idling is not None:
             self.on_idling()
