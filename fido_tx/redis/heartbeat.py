@@ -59,9 +59,11 @@ class Heartbeat(service.Service):
     """
 
     def __init__(self, clock, writer, scheduler, instance_id,
-                 interval=HEARTBEAT_INTERVAL, ttl=HEARTBEAT_TTL):
+                 interval=HEARTBEAT_INTERVAL, ttl=HEARTBEAT_TTL, held=None):
         self._writer = writer
         self._scheduler = scheduler
+        #: held IMAP connections (``snapshot()``), shown by ``fido status``
+        self._held = held
         self.instance_id = instance_id
         self._ttl = ttl
         self._interval = interval
@@ -76,6 +78,10 @@ class Heartbeat(service.Service):
             "accounts": str(len(self._scheduler.accounts)),
             "sessions": str(self._scheduler.running_count),
         }
+        if self._held is not None:
+            held = self._held.snapshot()
+            mapping.update(held=str(held["held"]), idle=str(held["idling"]),
+                           reconnects=str(held["reconnects"]))
         d = self._writer.heartbeat(self.instance_id, mapping, self._ttl)
         d.addErrback(lambda f: None)  # never: best effort; the loop must not die
 
