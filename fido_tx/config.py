@@ -8,6 +8,7 @@ file and resolves the paths in it relative to the file's directory.
 
 import glob
 import importlib.resources
+import ipaddress
 import math
 import os
 import re
@@ -117,6 +118,12 @@ class ReporterSettings:
 @attr.s(frozen=True, slots=True, auto_attribs=True)
 class HttpSettings:
     listen: str = "tcp:9119:interface=127.0.0.1"
+    #: basic authentication of the status page ("" = none; required off loopback)
+    username: str = ""
+    #: file holding the password (its first line); "" = none
+    password_file: str = ""
+    #: sessions kept per account in Redis for the account page (0 = none)
+    recent_sessions: int = 50
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
@@ -184,6 +191,7 @@ PATH_KEYS = frozenset(
         ("fido", "key_file"),
         ("fido", "state_dir"),
         ("log", "file"),
+        ("http", "password_file"),
     ]
 )
 
@@ -663,11 +671,60 @@ def _check_settings(path, s):
     positive("reporter", "timeout", p.timeout)
     at_least("reporter", "queue_size", p.queue_size, 1)
 
+    _check_http(s.http, bad)
+
     g = s.log
     one_of("log", "level", g.level, LOG_LEVELS)
     one_of("log", "format", g.format, LOG_FORMATS)
     positive("log", "rotate_length", g.rotate_length)
     at_least("log", "max_rotated_files", g.max_rotated_files, 1)
+
+
+def _check_http(h, bad):
+    if h.recent_sessions < 0:
+        bad("http", "recent_sessions", f"must be 0 or more, got {h.recent_sessions!r}")
+    if bool(h.username) != bool(h.password_file):
+        bad("http", "username" if h.password_file else "password_file",
+            "username and password_file go together: set both, or neither")
+    if h.password_file:
+        try:
+            read_password(h.password_file)
+        except (OSError, ValueError) as e:
+            bad("http", "password_file", _one_line(e))
+    if h.listen and not h.username and not listen_is_local(h.listen):
+        bad("http", "listen",
+            f"{h.listen!r} is reachable beyond this machine: set [http] username and "
+            "password_file to protect the status page, or listen on 127.0.0.1")
+
+
+def read_password(path):
+    """The status page's password: the first line of ``path`` (ValueError if empty)."""
+    with open(path, encoding="utf-8") as f:
+        password = f.readline().rstrip("\r\n")
+    if not password:
+        raise ValueError(f"{path}: the first line is empty: write the password there")
+    return password
+
+
+def listen_is_local(description):
+    """Whether a Twisted server endpoint description only listens on this machine:
+    ``unix:``, or ``tcp``/``tcp6``/``ssl`` with a loopback ``interface=``."""
+    parts = re.split(r"(?<!\\):", description)
+    kind = parts[0].lower()
+    if kind == "unix":
+        return True
+    if kind not in ("tcp", "tcp6", "ssl"):
+        return False
+    for part in parts[1:]:
+        if part.startswith("interface="):
+            address = part[len("interface="):].replace("\\:", ":")
+            if address == "localhost":
+                return True
+            try:
+                return ipaddress.ip_address(address).is_loopback
+            except ValueError:
+                return False
+    return False
 
 
 def _one_line(text):

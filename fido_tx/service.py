@@ -170,6 +170,8 @@ def make_service(
     from fido_tx.observe import report
     from fido_tx import resolve
     from fido_tx.schedule import scheduler as scheduler_mod
+    from fido_tx.observe import history
+    from fido_tx.observe import restore as restore_mod
     from fido_tx.observe import status as status_mod
     from fido_tx.accounts import watch
     from fido_tx import sinks as sinks_mod
@@ -214,6 +216,12 @@ def make_service(
         metrics = metrics_mod.Metrics()
     status = status_mod.StatusTracker(reactor, account_state, reporter, metrics, dry_run=dry_run,
                                       redis=redis)
+    # the tracker starts each account from its hash in Redis: reports are
+    # sent on real changes only, across restarts
+    gate = restore_mod.RestoreGate(
+        reactor, status, history.AccountStateReader(redis.execute), connected=False
+    )
+    sessions = history.SessionLog(reactor, redis.execute, keep=settings.http.recent_sessions)
 
     if session_factory is None:
         # one budget for the bodies in flight of all sessions: memory stays
@@ -238,9 +246,11 @@ def make_service(
         grace_period=fido.grace_period,
     )
     status.scheduler = sched
-    sched.add_result_observer(status.record)
+    sched.add_result_observer(gate.record)
+    if not dry_run:
+        sched.add_result_observer(sessions.record)
 
-    _pause_while_redis_is_down(redis, sched, status)
+    _pause_while_redis_is_down(redis, sched, status, gate)
     if not dry_run:
         _backpressure(top, reactor, sinks, sched, status, settings.redis.max_backlog)
 
@@ -249,8 +259,10 @@ def make_service(
     routable = DeliveryCheck(sinks, report=status.report_config)
 
     def apply(accounts, diff):
+        gate.add([account.id for account in diff.added])
         sched.set_accounts(routable(accounts))
         for account in diff.removed:
+            gate.forget(account.id)
             status.forget(account.id)
 
     source = reload.AccountsSource(
@@ -282,19 +294,20 @@ def make_service(
         ).setServiceParent(top)
 
     health = health_mod.Health(reactor, sched, redis, status=status)
+    view = instances = None
     if metrics is not None:
-        from fido_tx.observe import web
-
         default = sinks.get(sinks_mod.DEFAULT_DELIVERY)
+        backlog = default if IBacklog.providedBy(default) else None
         metrics.bind(scheduler=sched, redis=redis, reporter=reporter, status=status,
-                     backlog=default if IBacklog.providedBy(default) else None)
-        site = web.make_site(metrics, health)
-        strports.service(settings.http.listen, site).setServiceParent(top)
+                     backlog=backlog)
+        view, instances = _serve_http(reactor, settings.http, top, metrics, health, view_parts=dict(
+            tracker=status, scheduler=sched, redis=redis, backlog=backlog, sessions=sessions))
 
     top.parts.update(
         redis=redis, sinks=sinks, account_state=account_state,
         reporter=reporter, metrics=metrics, status=status,
-        scheduler=sched, source=source, health=health,
+        scheduler=sched, source=source, health=health, gate=gate, sessions=sessions,
+        view=view, instances=instances,
     )
     return top
 
@@ -308,11 +321,13 @@ def _redis_parts(top, reactor, settings):
 
     redis = connection_mod.RedisConnection(reactor, settings.redis)
     redis.setServiceParent(top)
-    ctx = sinks_mod.SinkContext(reactor, redis, dry_run=settings.fido.dry_run, log=log)
+    ctx = sinks_mod.SinkContext(reactor, redis, dry_run=settings.fido.dry_run, log=log,
+                                min_replicas=settings.redis.min_replicas,
+                                replica_timeout=settings.redis.replica_timeout)
     return redis, sinks_mod.delivery_sinks(settings, ctx), state_mod.AccountState(redis)
 
 
-def _pause_while_redis_is_down(redis, sched, status):
+def _pause_while_redis_is_down(redis, sched, status, gate):
     """Redis down: no new sessions (running ones stop at their next message,
     because the sink refuses to confirm).  Start paused until connected."""
     sched.pause("redis")
@@ -323,6 +338,7 @@ def _pause_while_redis_is_down(redis, sched, status):
         else:
             sched.pause("redis")
         status.redis_state(connected)
+        gate.redis_state(connected)
 
     redis.add_connection_observer(redis_state)
 
@@ -341,3 +357,32 @@ def _backpressure(top, reactor, sinks, sched, status, max_backlog):
         )
         sched.add_result_observer(pressure.after_session)
         _Stoppable(pressure.stop).setServiceParent(top)
+
+
+def _serve_http(reactor, http, top, metrics, health, view_parts):
+    """The status page, ``/healthz`` and ``/metrics`` on ``http.listen``.
+
+    :return: ``(StatusView, InstanceWatch)``.
+    """
+    from fido_tx.observe import history, rate, view as view_mod, web
+
+    parts = dict(view_parts)
+    per_minute = rate.PerMinute(reactor)
+    parts["scheduler"].add_result_observer(per_minute.record)
+    instances = history.InstanceWatch(reactor, parts["redis"].execute)
+    instances.setServiceParent(top)
+    view = view_mod.StatusView(
+        reactor, parts.pop("tracker"), throughput=per_minute, instances=instances, **parts
+    )
+    site = web.make_site(metrics, health, view, _credentials(http))
+    strports.service(http.listen, site).setServiceParent(top)
+    return view, instances
+
+
+def _credentials(http):
+    """``(username, password)`` of the status page, or None (config checked them)."""
+    if not http.username:
+        return None
+    from fido_tx import config
+
+    return http.username, config.read_password(http.password_file)

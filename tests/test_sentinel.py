@@ -112,3 +112,85 @@ async def test_no_reachable_sentinel_is_one_clear_error(sentinels):
     with pytest.raises(SentinelError) as e:
         await SentinelEndpoint(reactor, url, 2).locate()
     assert "no master named 'nosuch'" in str(e.value)
+
+
+@pytest_twisted.ensureDeferred
+async def test_min_replicas_confirms_only_what_a_replica_has(sentinels):
+    """[redis] min_replicas: a batch is confirmed (and so marked) only once a
+    replica has it; with the replica gone nothing is confirmed, and an id
+    already delivered is not reported as delivered either, so the session
+    marks nothing until the replica is back."""
+    from twisted.internet import reactor
+
+    from fido_tx import errors
+    from fido_tx.config import RedisSettings
+    from fido_tx.redis.connection import RedisConnection
+    from fido_tx.sinks.message import Message
+    from fido_tx.sinks.stream import StreamSink
+    from tests.test_sinks import _up
+
+    master = f"redis://127.0.0.1:{sentinels.master.port}/0"
+    conn = RedisConnection(reactor, RedisSettings(url=master, connect_timeout=2.0,
+                                                  command_timeout=5.0))
+    await _up(conn)
+    try:
+        sink = StreamSink("default", conn, "s", min_replicas=1, replica_timeout=0.5)
+        msg = lambda i: Message("acme", "INBOX", "7", str(i), b"Subject: x\r\n\r\n%d" % i)
+        done = await sink.deliver([msg(1), msg(2)])
+        assert done.confirmed == ("1", "2")
+        assert sentinels.replica.client()("XLEN", "s") == 2
+
+        sentinels.replica.stop(kill=True)
+        with pytest.raises(errors.FidoError) as e:
+            await sink.deliver([msg(3)])
+        assert e.value.kind == errors.REDIS
+        assert "only 0 of 1 Redis replicas" in e.value.message
+        with pytest.raises(errors.FidoError):  # 3 is delivered, but not safe yet
+            await sink.filter_new("acme", "INBOX", "7", ["3", "4"])
+
+        sentinels.replica.start().wait_ping()
+        await deferLater(reactor, 0.5)
+        for _ in range(50):
+            try:
+                new = await sink.filter_new("acme", "INBOX", "7", ["3", "4"])
+                break
+            except errors.FidoError:
+                await deferLater(reactor, 0.2)
+        assert new == ["4"]
+        assert sentinels.replica.client()("XLEN", "s") == 3
+    finally:
+        await conn.stopService()
+
+
+def deferLater(reactor, seconds):
+    from twisted.internet import task
+
+    return task.deferLater(reactor, seconds, lambda: None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_write_refused_as_readonly_drops_the_connection_to_find_the_master(sentinels):
+    from twisted.internet import reactor
+
+    from fido_tx import errors
+    from fido_tx.config import RedisSettings
+    from fido_tx.redis.connection import RedisConnection
+    from tests.test_sinks import _up
+
+    replica = f"redis://127.0.0.1:{sentinels.replica.port}/0"
+    conn = RedisConnection(reactor, RedisSettings(url=replica, connect_timeout=2.0,
+                                                  command_timeout=5.0))
+    await _up(conn)
+    states = []
+    conn.add_connection_observer(states.append)
+    try:
+        with pytest.raises(errors.FidoError) as e:
+            await conn.execute("SET", "k", "v")
+        assert "READONLY" in e.value.message and "reconnecting" in e.value.message
+        for _ in range(50):
+            if False in states:
+                break
+            await deferLater(reactor, 0.02)
+        assert False in states  # dropped; it reconnects, through the endpoint, by itself
+    finally:
+        await conn.stopService()

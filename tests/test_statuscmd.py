@@ -146,3 +146,90 @@ def test_through_the_fido_command_redis_down(tmp_path):
     status = cli.main(["status", "--config", str(conf)], stdout=out, stderr=err, environ={})
     assert status == 1
     assert err.getvalue().startswith("fido: error: ") and err.getvalue().count("\n") == 1
+
+
+class _Stop:
+    """A sleep that lets ``n`` redraws happen, then is Ctrl-C."""
+
+    def __init__(self, n, between=None):
+        self.n = n
+        self.slept = []
+        self.between = between
+
+    def __call__(self, seconds):
+        self.slept.append(seconds)
+        if len(self.slept) >= self.n:
+            raise KeyboardInterrupt
+        if self.between is not None:
+            self.between(len(self.slept))
+
+
+def test_watch_redraws_until_ctrl_c_and_exits_0(redis):
+    r = redis.client()
+    populate(r)
+
+    def between(i):  # an account recovers between two redraws
+        r("HSET", "fido:account:globex", "state", "ok")
+
+    sleep = _Stop(2, between)
+    ns, out, err = args(redis_url=redis.url, watch=5.0, sleep=sleep)
+    assert statuscmd.main(ns) == 0, err.getvalue()
+    screens = out.getvalue().split(statuscmd.CLEAR)[1:]
+    assert len(screens) == 2
+    assert sleep.slept == [5.0, 5.0]
+    assert screens[0].startswith("Every 5 s: fido status")
+    assert "2 failing" in screens[0]
+    assert "1 failing" in screens[1] and "globex" not in screens[1]
+
+
+def test_watch_through_the_fido_command_defaults_to_two_seconds(redis):
+    for argv, watch in ((["status", "--watch", "--redis-url", redis.url], 2.0),
+                        (["status", "--watch", "0.5"], 0.5), (["status"], None)):
+        assert cli.build_parser(argv=argv).parse_args(argv).watch == watch
+
+
+class WatchUnitTests(SynchronousTestCase):
+    def test_redis_down_is_a_line_on_the_screen_and_the_watch_goes_on(self):
+        port = free_port()
+        sleep = _Stop(3)
+        ns, out, err = args(redis_url=f"redis://127.0.0.1:{port}/0", watch=1.0, sleep=sleep)
+        self.assertEqual(statuscmd.main(ns), 0)
+        screens = out.getvalue().split(statuscmd.CLEAR)[1:]
+        self.assertEqual(len(screens), 3)
+        self.assertIn("cannot read Redis", screens[-1])
+
+    def test_watch_with_json_or_no_time_is_one_line_and_exit_1(self):
+        for kw in (dict(watch=2.0, json=True), dict(watch=0.0)):
+            ns, out, err = args(redis_url="redis://127.0.0.1:1/0", **kw)
+            self.assertEqual(statuscmd.main(ns), 1)
+            self.assertEqual(len(err.getvalue().splitlines()), 1)
+            self.assertIn("--watch", err.getvalue())
+
+
+def test_ctrl_c_ends_a_real_watch_with_exit_0(redis, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    populate(redis.client())
+    env = dict(os.environ, PYTHONPATH=os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fido_tx", "status", "--watch", "0.2", "--redis-url", redis.url],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        seen = b""
+        while seen.count(statuscmd.CLEAR.encode()) < 2 and time.monotonic() < deadline:
+            seen += os.read(proc.stdout.fileno(), 65536)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert seen.count(statuscmd.CLEAR.encode()) >= 2, seen
+    assert proc.returncode == 0, err
+    assert b"Traceback" not in err

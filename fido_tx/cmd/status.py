@@ -28,6 +28,9 @@ from fido_tx.redis.resp import RedisReplyError, RespConnection, text as _s
 from fido_tx.redis.keys import ACCOUNT_PREFIX, INSTANCE_PREFIX
 
 MESSAGE_WIDTH = 72
+WATCH_INTERVAL = 2.0
+#: cursor home + clear screen (what watch(1) and top do)
+CLEAR = "\x1b[H\x1b[2J"
 
 
 class StatusError(Exception):
@@ -230,6 +233,15 @@ def add_arguments(parser):
         "--json", action="store_true", help="print one JSON document instead of a table"
     )
     parser.add_argument(
+        "--watch",
+        metavar="SECONDS",
+        nargs="?",
+        type=float,
+        const=WATCH_INTERVAL,
+        default=None,
+        help=f"redraw the summary every SECONDS (default {WATCH_INTERVAL:g}) until Ctrl-C",
+    )
+    parser.add_argument(
         "--redis-url",
         metavar="URL",
         default=None,
@@ -276,12 +288,14 @@ def main(args, settings=None):
 
     out = getattr(args, "stdout", None) or sys.stdout
     err = getattr(args, "stderr", None) or sys.stderr
+    watch = getattr(args, "watch", None)
     try:
+        if watch is not None and (watch <= 0 or getattr(args, "json", False)):
+            raise StatusError("--watch takes a number of seconds > 0, and not --json")
         url, timeout = _redis_url(args, settings)
-        try:
-            doc = read_status(url, timeout)
-        except (OSError, ConnectionError, RedisReplyError) as e:
-            raise StatusError(f"cannot read Redis at {url.redacted()}: {_reason(e)}") from None
+        if watch is not None:
+            return _watch(args, url, timeout, watch, out)
+        doc = _read(url, timeout)
     except StatusError as e:
         err.write(f"fido: error: {e}\n")
         return 1
@@ -297,6 +311,40 @@ def main(args, settings=None):
     else:
         out.write("\n".join(format_text(doc)) + "\n")
     return 0
+
+
+def _read(url, timeout):
+    try:
+        return read_status(url, timeout)
+    except (OSError, ConnectionError, RedisReplyError) as e:
+        raise StatusError(f"cannot read Redis at {url.redacted()}: {_reason(e)}") from None
+
+
+def _watch(args, url, timeout, interval, out):
+    """Clear the screen and redraw every ``interval`` s; Ctrl-C exits 0.
+
+    Redis unreachable shows as one line on the screen and the watch goes on
+    (it is often what one is watching).  ``args.sleep`` and ``args.now``
+    replace :func:`time.sleep` and the clock (tests).
+    """
+    import time
+
+    sleep = getattr(args, "sleep", None) or time.sleep
+    now = getattr(args, "now", None) or (lambda: datetime.now(timezone.utc))
+    try:
+        while True:
+            moment = now()
+            head = f"Every {interval:g} s: fido status    {moment:%Y-%m-%d %H:%M:%S} UTC"
+            try:
+                lines = format_text(_read(url, timeout), moment)
+            except StatusError as e:
+                lines = [f"fido: error: {e}"]
+            out.write(CLEAR + head + "\n\n" + "\n".join(lines) + "\n")
+            out.flush()
+            sleep(interval)
+    except KeyboardInterrupt:
+        out.write("\n")
+        return 0
 
 
 def _reason(e):

@@ -48,11 +48,13 @@ from zope.interface import implementer
 from fido_tx import errors
 from fido_tx.interfaces import IStatusSummary
 from fido_tx.observe.report import iso_utc
+from fido_tx.timefmt import parse_iso
 
 #: the ``account`` of reports about the whole Fido instance
 GLOBAL = "*"
 
 OK = "ok"
+POLLED = "polled"
 
 _log = Logger(namespace="fido_tx.observe.status")
 
@@ -75,6 +77,12 @@ class AccountStatus:
     last_message: str = ""
     #: UIDs already reported as too large
     too_large: frozenset = frozenset()
+    #: ISO UTC time of the last successful session ("" = none known)
+    last_success_at: str = ""
+    #: ISO UTC time of the last failed session ("" = none known)
+    last_error_at: str = ""
+    #: messages fetched over the account's life (from its hash, then counted)
+    fetched_total: int = 0
 
 
 @implementer(IStatusSummary)
@@ -118,6 +126,10 @@ class StatusTracker:
         self.scheduler = scheduler
         self.redis_down_after = redis_down_after
         self._accounts = {}
+        #: bumped whenever an account's state changes, appears or goes
+        self.version = 0
+        self._failing = set()
+        self._connections = {}
         #: key -> (kind, message, since) of global problems reported
         self._global = {}
         self._redis_timer = None
@@ -137,14 +149,8 @@ class StatusTracker:
         self._accounts[account_id] = new
         self._log_session(account_id, result, dry)
 
-        if not dry and self._store is not None:
-            extra = None
-            old_failing = old.failing_since if old is not None else None
-            if new.failing_since != old_failing or old is None:
-                extra = {"failing_since": iso_utc(new.failing_since) if new.failing_since else ""}
-            self._store.record_session(result, extra=extra)
-
         if old is None or old.state != new.state:
+            self._state_changed(account_id, new)
             self._log_change(account_id, old, new, result)
 
         server = _server(account)
@@ -157,9 +163,12 @@ class StatusTracker:
 
         report = self._report_for(account_id, old, new, result, server)
         if report is not None:
-            kind, message, debug = report
-            new = attr.evolve(new, reported=OK if kind == errors.RECOVERED else kind)
+            new = attr.evolve(new, reported=OK if report[0] == errors.RECOVERED else report[0])
             self._accounts[account_id] = new
+        if not dry and self._store is not None:
+            self._store.record_session(result, extra=_changed_fields(old, new))
+        if report is not None:
+            kind, message, debug = report
             self._send(account_id, kind, message, debug, now, dry, secrets)
 
         uids = frozenset(result.too_large)
@@ -184,6 +193,7 @@ class StatusTracker:
         state = OK if result.ok else result.kind
         if old is None:
             old = AccountStatus(state=state, since=now)
+        old = attr.evolve(old, fetched_total=old.fetched_total + result.fetched)
         if result.ok:
             return attr.evolve(
                 old,
@@ -191,12 +201,14 @@ class StatusTracker:
                 since=old.since if old.state == OK else now,
                 failing_since=None,
                 failures=0,
+                last_success_at=iso_utc(now),
             )
         if result.kind == errors.REDIS:
             # not the account's fault: keep its streak as it was
             return attr.evolve(old, state=state, since=old.since if old.state == state else now)
         return attr.evolve(
             old,
+            last_error_at=iso_utc(now),
             state=state,
             since=old.since if old.state == state and old.failures else now,
             failing_since=old.failing_since if old.failing_since is not None else now,
@@ -229,9 +241,53 @@ class StatusTracker:
             return None
         return (result.kind, result.message, _debug(result.debug, server, new.since))
 
+    def restore(self, account_id, fields):
+        """Start an account from its hash ``fido:account:<id>`` (``{str: str}``).
+
+        Called before the account's first result of this run (see
+        :class:`fido_tx.observe.restore.RestoreGate`); does nothing when the
+        account already has a state here, or the hash is empty.  ``reported``
+        (what the web application was last told, written with every state
+        change) is taken as is; a hash written before that field existed
+        counts its error kind as reported, so a failure is not reported twice.
+        """
+        if account_id in self._accounts or not fields.get("state"):
+            return None
+        self._accounts[account_id] = status = status_from_hash(fields, self._clock.seconds())
+        self._state_changed(account_id, status)
+        return status
+
+    def _state_changed(self, account_id, status):
+        self.version += 1
+        if status is not None and status.state != OK:
+            self._failing.add(account_id)
+        else:
+            self._failing.discard(account_id)
+
+    def failing_ids(self):
+        """The ids of the accounts not ok now (the tracker's own set: do not change it)."""
+        return self._failing
+
+    def set_connection(self, account_id, connection):
+        """The source says how it reaches the mailbox: "polled", "idle", "held"."""
+        if connection == POLLED:
+            self._connections.pop(account_id, None)
+        else:
+            self._connections[account_id] = connection
+
+    def connection_of(self, account_id):
+        """"polled" (the default, until a source says otherwise), "idle", "held"."""
+        return self._connections.get(account_id, POLLED)
+
+    def accounts(self):
+        """``{account_id: AccountStatus}`` (the tracker's own dict: do not change it)."""
+        return self._accounts
+
     def forget(self, account_id):
         """The account was removed from the set: drop what is known about it."""
-        self._accounts.pop(account_id, None)
+        if self._accounts.pop(account_id, None) is not None:
+            self._state_changed(account_id, None)
+        self._connections.pop(account_id, None)
 
     def state_of(self, account_id):
         """The :class:`AccountStatus` of an account, or None."""
@@ -428,6 +484,42 @@ class StatusTracker:
                 error=result.message,
                 **fields,
             )
+
+
+def _changed_fields(old, new):
+    """The extra hash fields a session changed: ``failing_since``, ``reported``."""
+    fields = {}
+    if old is None or new.failing_since != old.failing_since:
+        fields["failing_since"] = iso_utc(new.failing_since) if new.failing_since else ""
+    if old is None or new.reported != old.reported:
+        fields["reported"] = new.reported
+    return fields or None
+
+
+def status_from_hash(fields, now):
+    """An :class:`AccountStatus` from the account hash's ``{str: str}``."""
+    kind = fields.get("last_error_kind") or "error"
+    failing = fields.get("state") != OK
+    state = kind if failing else OK
+    failing_since = parse_iso(fields.get("failing_since", "")) if failing else None
+    if failing and failing_since is None:
+        failing_since = parse_iso(fields.get("last_error_at", ""))
+    reported = fields.get("reported") or (kind if failing and kind != errors.REDIS else OK)
+    try:
+        fetched = int(fields.get("fetched_total") or 0)
+    except ValueError:
+        fetched = 0
+    return AccountStatus(
+        state=state,
+        since=failing_since if failing and failing_since is not None else now,
+        failing_since=failing_since if failing and kind != errors.REDIS else None,
+        failures=1 if failing and kind != errors.REDIS else 0,
+        reported=reported,
+        last_message=fields.get("last_error", ""),
+        last_success_at=fields.get("last_success_at", ""),
+        last_error_at=fields.get("last_error_at", ""),
+        fetched_total=fetched,
+    )
 
 
 def _server(account):

@@ -1,4 +1,10 @@
-"""``/healthz`` and ``/metrics`` over twisted.web.
+"""``/`` (the status page), ``/healthz`` and ``/metrics`` over twisted.web.
+
+``/`` and ``/account/<id>``: the status page (:mod:`fido_tx.observe.page`),
+behind HTTP basic authentication when ``[http] username`` is set.  The
+authentication does NOT cover ``/healthz`` and ``/metrics``: load balancers
+and Prometheus read them, and they carry counts only (no account id, no
+server text).  Keep them off the public network with ``listen``.
 
 ``/metrics``: the Prometheus text format of :class:`fido_tx.observe.metrics.Metrics`'s
 own registry.
@@ -67,11 +73,23 @@ class QuietSite(server.Site):
         pass
 
 
-def make_site(metrics, health):
-    """A twisted.web ``Site`` serving ``/metrics`` and ``/healthz``."""
+def make_site(metrics, health, view=None, credentials=None):
+    """A twisted.web ``Site`` serving ``/metrics``, ``/healthz`` and, with a
+    :class:`~fido_tx.observe.view.StatusView`, the status page.
+
+    :param credentials: ``(username, password)`` for the status page, or None.
+    """
     root = _Root()
     root.putChild(b"metrics", MetricsResource(metrics))
     root.putChild(b"healthz", HealthResource(health))
+    if view is not None:
+        from fido_tx.observe import page
+
+        def guard(child):
+            return page.BasicAuth(child, *credentials) if credentials else child
+
+        root.putChild(b"", guard(page.StatusPage(view)))
+        root.putChild(b"account", guard(page.AccountPages(view)))
     site = QuietSite(root)
     site.noisy = False
     site.displayTracebacks = False

@@ -65,9 +65,22 @@ class Script:
         self.sha = hashlib.sha1(self.source).hexdigest().encode("ascii")
         self._connection = connection
 
-    def run(self, keys, args, what="script"):
-        """``EVALSHA`` (``EVAL`` on ``NOSCRIPT``) within the command deadline."""
-        return self._connection.run(what, lambda proto: self._evalsha(proto, list(keys), list(args)))
+    def run(self, keys, args, what="script", then=None):
+        """``EVALSHA`` (``EVAL`` on ``NOSCRIPT``) within the command deadline.
+
+        ``then(proto, reply) -> Deferred`` runs next on the same connection
+        (a ``WAIT`` that must follow the script's writes), within the same
+        deadline; its result is the call's result.
+        """
+        keys, args = list(keys), list(args)
+
+        def send(proto):
+            d = self._evalsha(proto, keys, args)
+            if then is not None:
+                d.addCallback(lambda reply: then(proto, reply))
+            return d
+
+        return self._connection.run(what, send)
 
     def _evalsha(self, proto, keys, args):
         import txredisapi
@@ -273,6 +286,13 @@ class RedisConnection(Service):
             )
         elif failure.check(txredisapi.ResponseError):
             message = f"Redis refused {what}: {failure.getErrorMessage()}"
+            if failure.getErrorMessage().startswith("READONLY") and sent_on:
+                # a master demoted by a failover: drop the connection, so that
+                # the reconnect asks the sentinels for the new master
+                message += " (this server is a replica now: reconnecting)"
+                proto = sent_on[-1]
+                if proto.transport is not None:
+                    proto.transport.abortConnection()
         else:
             message = f"Redis connection failed during {what}: {failure.getErrorMessage()}"
         return errors.FidoError(

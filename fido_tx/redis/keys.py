@@ -17,10 +17,14 @@
 ``fido:instance:<instance id>``
     Hash with a TTL: the heartbeat of one Fido process
     (:mod:`fido_tx.redis.heartbeat`).
+``fido:sessions:<id>``
+    List, the account's last sessions for the status page, newest first,
+    bounded and expiring (:mod:`fido_tx.observe.history`).
 """
 
 ACCOUNT_PREFIX = "fido:account:"
 INSTANCE_PREFIX = "fido:instance:"
+SESSIONS_PREFIX = "fido:sessions:"
 DEFAULT_STREAM = "fido:messages"
 DEFAULT_LIST = "fido:messages:list"
 
@@ -37,3 +41,20 @@ def account(account_id):
 
 def instance(instance_id):
     return f"{INSTANCE_PREFIX}{instance_id}".encode("utf-8")
+
+
+def sessions(account_id):
+    return f"{SESSIONS_PREFIX}{account_id}".encode("utf-8")
+
+
+#: a counter written before ``WAIT`` (``[redis] min_replicas``): a write that
+#: is always replicated, so a replica that has it has every earlier write
+REPLICATION_PROBE = b"fido:replication:probe"
+
+#: ``[cluster] mode = "lease"``: the live instances (a sorted set) and one
+#: lease per account (the account is the Redis Cluster hash tag)
+CLUSTER = b"fido:cluster"
+
+
+def lease(account_id):
+    return f"fido:lease:{{{account_id}}}".encode("utf-8")

@@ -24,12 +24,10 @@ Every call is one script, one round trip, whatever the number of accounts.
 
 from twisted.internet import defer
 
-CLUSTER_KEY = "fido:cluster"
+from fido_tx.redis import keys
 
-
-def lease_key(account_id):
-    # braces: the account is the Redis Cluster hash tag, as for its dedupe sets
-    return "fido:lease:{%s}" % account_id
+CLUSTER_KEY = keys.CLUSTER
+lease_key = keys.lease
 
 
 #: KEYS[1] the cluster set; ARGV: instance id, ttl ms -> the live members

@@ -34,6 +34,10 @@ class SinkContext:
     redis: object
     dry_run: bool = False
     log: object = None
+    #: ``[redis] min_replicas`` / ``replica_timeout``: the Redis sinks WAIT
+    #: for that many replicas before they confirm anything
+    min_replicas: int = 0
+    replica_timeout: float = 5.0
 
 
 def module(kind):

@@ -65,4 +65,5 @@ def validate(options, base_dir):
 
 
 def build(name, options, ctx):
-    return ListSink(name, ctx.redis, options["key"], dry_run=ctx.dry_run)
+    return ListSink(name, ctx.redis, options["key"], dry_run=ctx.dry_run,
+                    min_replicas=ctx.min_replicas, replica_timeout=ctx.replica_timeout)

@@ -12,10 +12,24 @@ its record (a possible duplicate later), never a record without its message
 (a lost one).  The script also counts the new messages into the account
 hash's ``fetched_total`` and returns the queue's length, kept in
 ``last_length`` for backpressure without another round trip.
+
+Replicas (``[redis] min_replicas = N``): Redis replicates asynchronously, so
+a write acknowledged by a master that dies before a replica has it is lost
+at a failover.  With N > 0 nothing is confirmed (so nothing is marked on the
+mail server) until N replicas have it: after the script, on the same
+connection, ``INCR fido:replication:probe`` then ``WAIT N timeout``.  The
+probe is a write that is always replicated, and replication is one ordered
+stream, so a replica that has the probe has every earlier write, this
+connection's and any earlier connection's.  ``filter_new`` does the same
+before it answers that some ids are delivered already (those are marked
+without a new delivery, so they must be safe too).  Fewer than N answers in
+time is a ``redis`` error: nothing is marked, fetching pauses, and the next
+poll finds the batch delivered and waits again.
 """
 
 from twisted.internet import defer
 
+from fido_tx import errors
 from fido_tx.redis import keys
 from fido_tx.sinks.message import Delivery, Message
 
@@ -63,8 +77,11 @@ class RedisBatchSink:
 
     kind = None
 
-    def __init__(self, name, connection, target, dry_run=False):
+    def __init__(self, name, connection, target, dry_run=False, min_replicas=0,
+                 replica_timeout=5.0):
         self.name = name
+        self.min_replicas = min_replicas
+        self.replica_timeout = replica_timeout
         self.target = target.encode("utf-8") if isinstance(target, str) else target
         self.dry_run = dry_run
         self.last_length = None
@@ -77,10 +94,42 @@ class RedisBatchSink:
         ids = list(ids)
         if not ids:
             return defer.succeed([])
-        d = self._connection.execute(
-            b"SMISMEMBER", keys.dedupe(account_id, mailbox, epoch), *ids
-        )
-        return d.addCallback(lambda flags: [i for i, f in zip(ids, flags) if not int(f)])
+        dedupe = keys.dedupe(account_id, mailbox, epoch)
+        if not self.min_replicas:
+            d = self._connection.execute(b"SMISMEMBER", dedupe, *ids)
+            return d.addCallback(lambda flags: [i for i, f in zip(ids, flags) if not int(f)])
+
+        def send(proto):
+            d = proto.execute_command(b"SMISMEMBER", dedupe, *ids)
+
+            def flags(flags):
+                new = [i for i, f in zip(ids, flags) if not int(f)]
+                if len(new) == len(ids):
+                    return new
+                return self._wait(proto).addCallback(lambda _: new)
+
+            return d.addCallback(flags)
+
+        return self._connection.run("dedupe check", send)
+
+    def _wait(self, proto):
+        """``INCR`` the probe and ``WAIT`` for the replicas (see the module
+        docstring); errback with a ``redis`` FidoError when too few answer."""
+        d = proto.execute_command(b"INCR", keys.REPLICATION_PROBE)
+        d.addCallback(lambda _: proto.execute_command(
+            b"WAIT", self.min_replicas, int(self.replica_timeout * 1000)))
+
+        def counted(n):
+            if int(n) < self.min_replicas:
+                raise errors.FidoError(
+                    errors.REDIS,
+                    f"only {int(n)} of {self.min_replicas} Redis replicas confirmed the "
+                    f"writes within {self.replica_timeout:g} s ([redis] min_replicas): "
+                    "nothing is marked until they catch up; check the replicas",
+                )
+            return n
+
+        return d.addCallback(counted)
 
     def deliver(self, messages):
         """Write the messages not delivered yet; fire with a Delivery.
@@ -103,7 +152,13 @@ class RedisBatchSink:
             args.append(index[set_key])
             args.append(m.id)
             args.extend(self.encode(m))
-        d = self._script.run(script_keys, args, what=f"delivery of {len(messages)} messages")
+        then = None
+        if self.min_replicas:
+            def then(proto, reply):
+                return self._wait(proto).addCallback(lambda _: reply)
+
+        d = self._script.run(script_keys, args, what=f"delivery of {len(messages)} messages",
+                             then=then)
 
         def delivered(reply):
             self.last_length = int(reply[0])

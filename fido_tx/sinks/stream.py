@@ -67,4 +67,5 @@ def validate(options, base_dir):
 
 
 def build(name, options, ctx):
-    return StreamSink(name, ctx.redis, options["stream"], dry_run=ctx.dry_run)
+    return StreamSink(name, ctx.redis, options["stream"], dry_run=ctx.dry_run,
+                      min_replicas=ctx.min_replicas, replica_timeout=ctx.replica_timeout)
