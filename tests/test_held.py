@@ -595,3 +595,16 @@ class ConfigTests(SynchronousTestCase):
             e = self.assertRaises(ConfigError, self.load, text)
             self.assertIn(key, str(e))
             self.assertNotIn("\n", str(e))
+
+
+class PoolTests(SynchronousTestCase):
+    def test_on_idle_called_each_time_a_connection_starts_idling(self):
+        calls = []
+        pool = held.HeldPool(on_idle=lambda: calls.append(1))
+        h = Harness(self, pool=pool)
+        h.machine.start()
+        h.turn()
+        h.server.send(b"* 1 EXISTS")
+        h.turn()
+        self.assertEqual(len(calls), 2)
+        self.assertEqual(pool.idling, 1)

@@ -152,10 +152,15 @@ class HeldSettings:
 
 class HeldPool:
     """What all held connections share: the per-host limit and the counts
-    for /metrics and ``fido status``."""
+    for /metrics and ``fido status``.
 
-    def __init__(self, max_per_host=1000):
+    :param on_idle: called each time a connection starts to wait in IDLE
+        (the daemon freezes the collector's view of settled connections).
+    """
+
+    def __init__(self, max_per_host=1000, on_idle=None):
         self.max_per_host = max_per_host
+        self.on_idle = on_idle
         self._hosts = {}
         #: connections logged in and held now
         self.held = 0
@@ -180,6 +185,14 @@ class HeldPool:
             self._hosts[host] = n
         else:
             self._hosts.pop(host, None)
+
+    def idle_started(self):
+        self.idling += 1
+        if self.on_idle is not None:
+            self.on_idle()
+
+    def idle_ended(self):
+        self.idling -= 1
 
     def per_host(self, host):
         return self._hosts.get(host, 0)
@@ -413,7 +426,7 @@ class HeldAccount:
 
         def on_idling():
             counted.append(True)
-            self.pool.idling += 1
+            self.pool.idle_started()
 
         refresh = min(self.settings.idle_refresh, self._due())
         self._idler = _idle.Idle(conn.client, self.clock, refresh, self.settings.command_timeout,
@@ -432,7 +445,7 @@ class HeldAccount:
         finally:
             self._idler = None
             if counted:
-                self.pool.idling -= 1
+                self.pool.idle_ended()
         if self._stopping:
             return
         if end.woken:
