@@ -420,6 +420,30 @@ class StopTests(SynchronousTestCase):
         self.assertEqual(h.pool.per_host("imap.test"), 0)
         self.assertEqual(h.clock.getDelayedCalls(), [])
 
+    def test_on_close_called_once_closed(self):
+        h = Harness(self)
+        closed = []
+        opener = h.open
+
+        def open_():
+            d = opener()
+            d.addCallback(lambda conn: (setattr(conn, "on_close", lambda: closed.append(
+                conn.client.closed)), conn)[1])
+            return d
+
+        h.machine.open = open_
+        h.machine.start()
+        h.turn()
+        h.server.drop()
+        h.turn()
+        self.assertEqual(closed, [True])  # the lost one
+        h.turn(1)  # reconnected after its backoff
+        self.assertEqual(len(h.servers), 2)
+        d = h.machine.stop()
+        h.turn()
+        self.successResultOf(d)
+        self.assertEqual(closed, [True, True])  # and the one stopped
+
     def test_stop_waits_for_the_running_poll(self):
         h = Harness(self)
         slow = defer.Deferred()

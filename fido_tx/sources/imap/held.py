@@ -105,12 +105,15 @@ class HeldConnection:
     :ivar exists: the message count SELECT reported (kept up to date).
     :ivar state: anything the opener wants ``poll`` to get back (the
         session object, the UIDVALIDITY, ...).
+    :ivar on_close: called once the connection is closed (drop what refers
+        to it, so it is freed at once, not by the collector).
     """
 
     client = attr.ib()
     capabilities = attr.ib(default=frozenset())
     exists = attr.ib(default=None)
     state = attr.ib(default=None)
+    on_close = attr.ib(default=None)
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
@@ -390,6 +393,8 @@ class HeldAccount:
             elif not conn.client.closed and conn.client.transport is not None:
                 conn.client.transport.abortConnection()
             self.conn = None
+            if conn.on_close is not None:
+                conn.on_close()
         if lost is None or self._stopping:
             return
         self.reconnects += 1
