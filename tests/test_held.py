@@ -428,7 +428,7 @@ class StopTests(SynchronousTestCase):
         def open_():
             d = opener()
             d.addCallback(lambda conn: (setattr(conn, "on_close", lambda: closed.append(
-                conn.client.closed)), conn)[1])
+                conn.client.closed or conn.client.transport.disconnecting)), conn)[1])
             return d
 
         h.machine.open = open_

@@ -105,8 +105,8 @@ class HeldConnection:
     :ivar exists: the message count SELECT reported (kept up to date).
     :ivar state: anything the opener wants ``poll`` to get back (the
         session object, the UIDVALIDITY, ...).
-    :ivar on_close: called once the connection is closed (drop what refers
-        to it, so it is freed at once, not by the collector).
+    :ivar on_close: called once the connection is closed or being aborted
+        (drop what refers to it, so it is freed at once, not by the collector).
     """
 
     client = attr.ib()
