@@ -58,6 +58,8 @@ class ImapSettings:
     max_message_size: int = 50 * MIB
     #: keyword set on messages left on the server because they are too large
     too_large_keyword: str = "$FidoTooLarge"
+    #: keyword set on messages the sink refused for good (left on the server)
+    rejected_keyword: str = "$FidoRejected"
     #: held connections: seconds before IDLE is ended and re-issued (< 29 min)
     idle_refresh: float = 600.0
     #: held connections: at most this many per server host name (more
@@ -609,13 +611,15 @@ def _check_settings(path, s):
     at_least("imap", "session_timeout", i.session_timeout, 0)
     for key in ("batch_messages", "batch_bytes", "max_message_size", "max_inflight_bytes"):
         positive("imap", key, getattr(i, key))
-    if not _KEYWORD_RE.match(i.too_large_keyword) or i.too_large_keyword.startswith("\\"):
-        bad(
-            "imap",
-            "too_large_keyword",
-            "must be an IMAP keyword (letters, digits, $ . _ -; no spaces),"
-            f" got {i.too_large_keyword!r}",
-        )
+    for key in ("too_large_keyword", "rejected_keyword"):
+        value = getattr(i, key)
+        if not _KEYWORD_RE.match(value) or value.startswith("\\"):
+            bad(
+                "imap",
+                key,
+                "must be an IMAP keyword (letters, digits, $ . _ -; no spaces),"
+                f" got {value!r}",
+            )
 
     b = s.backoff
     for key in ("initial", "maximum", "auth_initial", "auth_maximum"):

@@ -17,10 +17,15 @@ PROTOCOL = "protocol"
 TOO_LARGE = "too_large"
 REDIS = "redis"
 RECOVERED = "recovered"
+DELIVERY = "delivery"
+REJECTED = "rejected"
+REAUTHORIZE = "reauthorize"
+THROTTLED = "throttled"
 
 #: Kinds that describe a failure (``recovered`` is the report sent after one).
 FAILURE_KINDS = frozenset(
-    [CONFIG, DNS, CONNECT, TIMEOUT, TLS, AUTH, MAILBOX, PROTOCOL, TOO_LARGE, REDIS]
+    [CONFIG, DNS, CONNECT, TIMEOUT, TLS, AUTH, MAILBOX, PROTOCOL, TOO_LARGE, REDIS,
+     DELIVERY, REJECTED, REAUTHORIZE, THROTTLED]
 )
 
 

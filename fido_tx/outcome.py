@@ -28,6 +28,11 @@ class SessionResult:
     seconds: float = 0.0
     #: True when the session ran in dry-run mode
     dry_run: bool = False
+    #: the short random id on every log line of the session (``3f9a2c``)
+    session_id: str = ""
+    #: True when the source had nothing to do this turn (e.g. a held
+    #: connection polls instead): not backed off, not reported, not counted
+    skipped: bool = False
 
     @property
     def ok(self):

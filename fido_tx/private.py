@@ -5,7 +5,120 @@ API does the job (each says why).  ``tests/test_private.py`` has one test per
 trick that fails loudly, naming the trick, when an upgrade removes it: read
 that failure before anything else after upgrading Twisted, pyOpenSSL or
 txredisapi.
+
+Replaced by public APIs (so not here): ``twisted.internet._resolver.
+HostResolution`` (:mod:`fido_tx.resolve` implements the public
+``IHostResolution`` itself).
 """
+
+from zope.interface import implementer
+
+__all__ = [
+    "TRICKS",
+    "PlatformAndExtraRoots",
+    "clear_exit_signal",
+    "piecewise_redis_protocol",
+    "redis_build_command",
+    "redis_command_pieces",
+    "release_idle_buffers",
+    "session_reused",
+]
+
+#: trick name -> what breaks without it (named by the tests' failures)
+TRICKS = {
+    "IOpenSSLTrustRoot": "twisted.internet._sslverify.IOpenSSLTrustRoot: trusting the "
+                         "platform's roots AND an account's ca_file at once",
+    "createConnection.__self__": "options._createConnection.__self__ (Twisted's "
+                                 "ClientTLSOptions context): SSL_MODE_RELEASE_BUFFERS",
+    "SSL_session_reused": "OpenSSL._util.lib.SSL_session_reused: the 'TLS session "
+                          "resumed' debug line",
+    "_exitSignal": "reactor._exitSignal (twistd): a SIGTERM'd daemon that stopped "
+                   "cleanly exits 0",
+}
+
+
+# --- Twisted: a trust root of the platform's roots plus a PEM file --------------
+#
+# Public Twisted offers ``platformTrust()`` (the platform's roots only) and
+# ``trustRootFromCertificates()`` (the given certificates only); an account
+# with a ``ca_file`` (a private CA) on a server whose other accounts use a
+# public CA needs both, and the only way to give ``optionsForClientTLS`` a
+# trust root of one's own is the private ``IOpenSSLTrustRoot`` interface
+# (one method, ``_addCACertsToContext``).
+
+try:
+    from twisted.internet._sslverify import IOpenSSLTrustRoot  # noqa: E402
+except ImportError as e:  # pragma: no cover - only after an upgrade
+    raise ImportError(f"private API trick 'IOpenSSLTrustRoot' broke "
+                      f"({TRICKS['IOpenSSLTrustRoot']}): {e}") from e
+
+
+@implementer(IOpenSSLTrustRoot)
+class PlatformAndExtraRoots:
+    """Trust the platform's roots and ``certificates`` (pyOpenSSL X509)."""
+
+    def __init__(self, certificates):
+        self.certificates = certificates
+
+    def _addCACertsToContext(self, context):
+        from OpenSSL import crypto
+
+        context.set_default_verify_paths()
+        store = context.get_cert_store()
+        for cert in self.certificates:
+            try:
+                store.add_cert(cert)
+            except crypto.Error:  # the same root twice
+                pass
+
+
+# --- Twisted: the OpenSSL context behind ClientTLSOptions -------------------------
+
+
+def release_idle_buffers(options):
+    """Let OpenSSL free a connection's read/write buffers (~34 KiB) while it
+    is idle (``SSL_MODE_RELEASE_BUFFERS``): thousands of sessions mostly wait
+    for a server.  ``optionsForClientTLS`` does not expose its context; the
+    bound method ``_createConnection`` belongs to the ``CertificateOptions``
+    that owns it.  Best effort: returns whether the mode was set."""
+    from OpenSSL import SSL
+
+    try:
+        context = options._createConnection.__self__.getContext()
+    except AttributeError:  # another Twisted layout: keep the default
+        return False
+    context.set_mode(SSL.MODE_RELEASE_BUFFERS)
+    return True
+
+
+# --- pyOpenSSL: whether a connection resumed its TLS session ----------------------
+
+
+def session_reused(connection):
+    """Whether ``connection`` (an ``OpenSSL.SSL.Connection``) resumed a TLS
+    session; ``None`` when pyOpenSSL cannot tell.  pyOpenSSL has no public
+    ``session_reused()``; its cffi binding does."""
+    try:
+        from OpenSSL._util import lib
+
+        return bool(lib.SSL_session_reused(connection._ssl))
+    except Exception:
+        return None
+
+
+# --- Twisted: the signal twistd re-raises on exit ---------------------------------
+
+
+def clear_exit_signal(reactor):
+    """Make twistd exit 0 after a clean stop on SIGTERM.
+
+    twistd ends by re-raising the signal recorded in ``reactor._exitSignal``
+    (so the process would exit -15); there is no public way to say "the stop
+    was clean".  Returns whether the reactor had the attribute."""
+    if not hasattr(reactor, "_exitSignal"):
+        return False
+    reactor._exitSignal = None
+    return True
 
 
 # -- txredisapi: write a command's pieces without joining them ------------------

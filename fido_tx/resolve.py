@@ -14,9 +14,9 @@ the next connection.  The composition root installs it on the reactor
 (:func:`install`), so the Redis connection and the reporter share it.
 """
 
-from twisted.internet._resolver import HostResolution
 from twisted.internet.interfaces import (
     IHostnameResolver,
+    IHostResolution,
     IReactorPluggableNameResolver,
     IResolutionReceiver,
 )
@@ -26,6 +26,18 @@ __all__ = ["CachingResolver", "install"]
 
 DEFAULT_TTL = 60.0
 MAX_ENTRIES = 4096
+
+
+@implementer(IHostResolution)
+class HostResolution:
+    """A resolution answered from the cache (the public ``IHostResolution``:
+    Twisted's own class of that name is private)."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def cancel(self):
+        """Already complete: nothing to cancel."""
 
 
 @implementer(IHostnameResolver)

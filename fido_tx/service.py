@@ -2,7 +2,7 @@
 
 Data flows one way::
 
-    accounts file -> AccountsSource -> Scheduler -> fetch_mailbox -> sink of the account's delivery
+    accounts file -> AccountsSource -> Scheduler -> sources.make_session -> sink of the account's delivery
                                            \\-> StatusTracker -> Reporter, metrics, account hash
 
 One :class:`~fido_tx.redis.connection.RedisConnection` is shared by the
@@ -26,6 +26,7 @@ from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
 
 import fido_tx
+from fido_tx import private
 from fido_tx.interfaces import IBacklog
 from fido_tx.observe import logs
 from fido_tx.redis.heartbeat import instance_id
@@ -72,7 +73,7 @@ class FidoService(service.MultiService):
             # so a SIGTERM'd daemon would exit -15.  Every session has
             # finished its batch or been aborted unmarked by now: that is a
             # clean stop, and it exits 0.
-            self.clean_exit_reactor._exitSignal = None
+            private.clear_exit_signal(self.clean_exit_reactor)
             log.info("Fido stopped cleanly")
 
 
@@ -144,6 +145,44 @@ class DeliveryCheck:
         return tuple(kept)
 
 
+def _session_factory(reactor, settings, sinks, dry_run, memory=None):
+    """``f(account, handle=None) -> Deferred[SessionResult]``: a new session
+    of the account's source (:func:`fido_tx.sources.make_session`) delivering
+    to the sink of its ``delivery`` (``sinks``: name -> ISink), polled."""
+    import attr
+
+    from fido_tx import sources
+    from fido_tx.credentials import for_account
+    from fido_tx.schedule import budget, pacer
+    from fido_tx.sources.imap.connect import Connector
+
+    ctx = sources.SourceContext(
+        reactor=reactor,
+        sink=None,
+        settings=settings.imap,
+        # one budget for the bodies in flight of all sessions: memory stays
+        # bounded whatever the number of workers
+        budget=budget.ByteBudget(settings.imap.max_inflight_bytes),
+        # and session starts spread over reactor turns: thousands starting
+        # at once stalled the reactor for seconds (8.5 s for 10,000)
+        pacer=pacer.StartPacer(reactor),
+        # endpoints, TLS options and resumable TLS sessions, shared
+        connector=Connector(reactor),
+        credentials=for_account,
+        dry_run=dry_run,
+        debug=settings.log.level == "debug",
+        memory=memory,
+    )
+
+    # one context per delivery: a session sees only its own sink
+    contexts = {name: attr.evolve(ctx, sink=sink) for name, sink in sinks.items()}
+
+    def session_factory(account, handle=None):
+        return sources.make_session(account, contexts[account.delivery], handle).poll()
+
+    return session_factory
+
+
 def make_service(
     settings,
     reactor,
@@ -156,16 +195,13 @@ def make_service(
 ):
     """Build the service tree for ``settings``.
 
-    :param session_factory: ``f(account) -> Deferred[SessionResult]``; the
-        IMAP session by default (tests may pass another source).
+    :param session_factory: ``f(account) -> Deferred[SessionResult]``; by
+        default a session of the account's source (:mod:`fido_tx.sources`).
     :param observer: a log observer to install instead of the configured one
         (``False``: leave logging alone, for tests and the demo).
     :param handle_signals: reload the accounts file on SIGHUP (twistd only).
     """
-    from fido_tx.schedule import budget
     from fido_tx.observe import health as health_mod
-    from fido_tx.sources.imap import session as imap
-    from fido_tx.schedule import pacer
     from fido_tx.accounts import reload
     from fido_tx.observe import report
     from fido_tx import resolve
@@ -223,19 +259,9 @@ def make_service(
     )
     sessions = history.SessionLog(reactor, redis.execute, keep=settings.http.recent_sessions)
 
+    handles = session_factory is None  # a given factory takes the account only
     if session_factory is None:
-        # one budget for the bodies in flight of all sessions: memory stays
-        # bounded whatever the number of workers
-        inflight = budget.ByteBudget(settings.imap.max_inflight_bytes)
-        # and session starts spread over reactor turns: thousands starting
-        # at once stalled the reactor for seconds (8.5 s for 10,000)
-        starts = pacer.StartPacer(reactor)
-        debug = settings.log.level == "debug"
-
-        def session_factory(account):
-            return imap.fetch_mailbox(reactor, account, sinks[account.delivery], settings.imap,
-                                      dry_run=dry_run,
-                                      budget=inflight, pacer=starts, debug=debug)
+        session_factory = _session_factory(reactor, settings, sinks, dry_run)
 
     sched = scheduler_mod.Scheduler(
         reactor,
@@ -244,6 +270,7 @@ def make_service(
         poll_interval=fido.poll_interval,
         backoff=settings.backoff,
         grace_period=fido.grace_period,
+        handles=handles,
     )
     status.scheduler = sched
     sched.add_result_observer(gate.record)

@@ -222,9 +222,15 @@ class CheckAccountsTests(SynchronousTestCase):
         clock, fetch = task.Clock(), _FakeFetch()
         check.check_accounts(clock, _accounts(1), ImapSettings(), fetch=fetch)
         sink = fetch.calls[0][1]
-        self.assertEqual(self.successResultOf(sink.filter_new("a0", "INBOX", 1, [3, 1, 2])),
-                         [3, 1, 2])
-        self.failureResultOf(sink.store([]), errors.FidoError)
+        self.assertEqual(self.successResultOf(sink.filter_new("a0", "INBOX", "1",
+                                                              ["3", "1", "2"])),
+                         ["3", "1", "2"])
+        self.failureResultOf(sink.deliver([]), errors.FidoError)
+        from zope.interface.verify import verifyObject
+
+        from fido_tx.interfaces import ISink
+
+        self.assertTrue(verifyObject(ISink, sink))
 
     def test_account_over_its_deadline_is_a_timeout_and_is_cancelled(self):
         clock, fetch = task.Clock(), _FakeFetch()

@@ -18,7 +18,14 @@ from fido_tx.sources.imap import session as imap
 from fido_tx.demo import memimap
 from fido_tx.accounts.model import Account
 from fido_tx.config import ImapSettings
-from fido_tx.sinks.base import MemorySink, redis_down
+from fido_tx.sources.imap.connect import Connector, TlsContexts
+from fido_tx.sinks.message import Delivery
+from fido_tx.testing import MemorySink
+
+def redis_down():
+    """What a Redis sink fails with while Redis is down (its own kind)."""
+    return errors.FidoError(errors.REDIS, "Redis is not connected")
+
 
 USER, PASSWORD = "fido@example.test", 'pa"ss\\word'
 
@@ -121,10 +128,11 @@ FAST = ImapSettings(connect_timeout=5, greeting_timeout=5, command_timeout=5,
                     logout_timeout=2)
 
 
-def run(acct, sink, settings=FAST, dry_run=False):
+def run(acct, sink, settings=FAST, dry_run=False, connector=None):
     from twisted.internet import reactor
 
-    return imap.fetch_mailbox(reactor, acct, sink, settings, dry_run=dry_run)
+    return imap.fetch_mailbox(reactor, acct, sink, settings, dry_run=dry_run,
+                              connector=connector)
 
 
 def message(n, body=b"hello", extra=b""):
@@ -148,9 +156,10 @@ def test_happy_path_stores_exact_bytes_and_marks_seen(server):
     result = yield run(account(srv.port), sink)
     assert result.ok, (result.kind, result.message, result.debug)
     assert [m.raw for m in sink.entries] == raws
-    assert [m.uid for m in sink.entries] == [1, 2, 3]
+    assert [int(m.id) for m in sink.entries] == [1, 2, 3]
     assert [m.message_id for m in sink.entries] == ["<m1@example.test>", "<m2@example.test>", ""]
-    assert {m.uidvalidity for m in sink.entries} == {42}
+    assert {m.epoch for m in sink.entries} == {"42"}
+    assert {m.source for m in sink.entries} == {"imap"}
     assert {m.mailbox for m in sink.entries} == {"INBOX"}
     assert result.fetched == 3 and result.marked == 3
     assert result.bytes == sum(len(r) for r in raws)
@@ -184,7 +193,7 @@ def test_unseen_mail_reported_by_status_is_fetched(server):
     sink = MemorySink()
     result = yield run(account(srv.port), sink)
     assert result.ok and result.fetched == 1, result.debug
-    assert [m.uid for m in sink.entries] == [2]
+    assert [int(m.id) for m in sink.entries] == [2]
     assert srv.commands().index("STATUS") < srv.commands().index("SELECT")
 
 
@@ -214,7 +223,7 @@ def test_batches_by_count_and_by_bytes(server):
     settings = ImapSettings(command_timeout=5, batch_messages=3, batch_bytes=3000)
     result = yield run(account(srv.port), sink, settings)
     assert result.ok, result.debug
-    stores = [c[1] for c in sink.calls if c[0] == "store"]
+    stores = [tuple(map(int, c[1])) for c in sink.calls if c[0] == "deliver"]
     # 7 x ~1090 bytes: at most 2 fit in 3000 bytes
     assert stores == [(1, 2), (3, 4), (5, 6), (7,), (8,), (9,)]
     settings = ImapSettings(command_timeout=5, batch_messages=2, batch_bytes=10**6)
@@ -224,7 +233,8 @@ def test_batches_by_count_and_by_bytes(server):
     srv2 = server({"INBOX": box2})
     sink2 = MemorySink()
     result = yield run(account(srv2.port), sink2, settings)
-    assert [c[1] for c in sink2.calls if c[0] == "store"] == [(1, 2), (3, 4), (5,)]
+    assert [tuple(map(int, c[1])) for c in sink2.calls if c[0] == "deliver"] == [
+        (1, 2), (3, 4), (5,)]
     assert result.fetched == 5
 
 
@@ -235,10 +245,10 @@ def test_already_stored_uids_are_marked_without_fetching(server):
         box.add(message(n))
     srv = server({"INBOX": box})
     sink = MemorySink()
-    sink._keys.add(("acme", "INBOX", 42, 2))  # stored before a crash, never marked
+    sink._keys.add(("acme", "INBOX", "42", "2"))  # stored before a crash, never marked
     result = yield run(account(srv.port), sink)
     assert result.ok, result.debug
-    assert [m.uid for m in sink.entries] == [1, 3]
+    assert [int(m.id) for m in sink.entries] == [1, 3]
     assert result.fetched == 2 and result.marked == 3
     assert all("\\Seen" in m.flags for m in box.messages)
     fetch_lines = [line for line in srv.received if b"BODY.PEEK" in line]
@@ -253,8 +263,8 @@ def test_sink_failure_marks_nothing(server):
     srv = server({"INBOX": box})
 
     class FailingStore(MemorySink):
-        def store(self, messages):
-            self.calls.append(("store", tuple(m.uid for m in messages)))
+        def deliver(self, messages):
+            self.calls.append(("deliver", tuple(m.id for m in messages)))
             return defer.fail(redis_down())
 
     sink = FailingStore()
@@ -263,7 +273,7 @@ def test_sink_failure_marks_nothing(server):
     assert result.fetched == 0 and result.marked == 0
     assert all("\\Seen" not in m.flags for m in box.messages)
     assert "UID STORE" not in srv.commands()
-    assert len([c for c in sink.calls if c[0] == "store"]) == 1  # stopped at once
+    assert len([c for c in sink.calls if c[0] == "deliver"]) == 1  # stopped at once
 
 
 @pytest_twisted.inlineCallbacks
@@ -330,7 +340,7 @@ def test_dry_run_changes_nothing(server):
     assert result.ok and result.dry_run
     assert result.fetched == 3 and result.marked == 0
     assert result.bytes == sum(m.getSize() for m in box.messages)
-    assert not [c for c in sink.calls if c[0] == "store"]
+    assert not [c for c in sink.calls if c[0] == "deliver"]
     assert all(not m.flags for m in box.messages)
     assert "EXAMINE" in srv.commands() and "SELECT" not in srv.commands()
     assert "UID STORE" not in srv.commands()
@@ -378,7 +388,7 @@ def test_oversized_message_skipped_and_flagged(server):
     result = yield run(account(srv.port), sink, settings)
     assert result.ok, result.debug
     assert result.too_large == (big,)
-    assert [m.uid for m in sink.entries] == [1, 3]
+    assert [int(m.id) for m in sink.entries] == [1, 3]
     assert box.by_uid(big).flags == {"$FidoTooLarge"}
     # the next session does not even see it
     result = yield run(account(srv.port), sink, settings)
@@ -406,10 +416,10 @@ def test_5000_uid_search_reply(server):
     srv = server({"INBOX": box})
     sink = MemorySink()
     for n in range(1, 4999):  # all but two are stored already: mark them only
-        sink._keys.add(("acme", "INBOX", 42, n))
+        sink._keys.add(("acme", "INBOX", "42", str(n)))
     result = yield run(account(srv.port), sink, ImapSettings(command_timeout=10))
     assert result.ok, result.debug
-    assert [m.uid for m in sink.entries] == [4999, 5000]
+    assert [int(m.id) for m in sink.entries] == [4999, 5000]
     assert result.marked == 5000
     assert all("\\Seen" in m.flags for m in box.messages)
 
@@ -422,21 +432,21 @@ def test_cancel_aborts_the_connection(server):
     gate = defer.Deferred()
 
     class SlowSink(MemorySink):
-        def store(self, messages):
-            self.calls.append(("store", tuple(m.uid for m in messages)))
+        def deliver(self, messages):
+            self.calls.append(("deliver", tuple(m.id for m in messages)))
             return gate
 
     sink = SlowSink()
     d = run(account(srv.port), sink)
     for _ in range(200):
-        if any(c[0] == "store" for c in sink.calls):
+        if any(c[0] == "deliver" for c in sink.calls):
             break
         yield deferLater(0.01)
-    assert any(c[0] == "store" for c in sink.calls)
+    assert any(c[0] == "deliver" for c in sink.calls)
     d.cancel()
     with pytest.raises(defer.CancelledError):
         yield d
-    gate.callback([1])  # the sink confirms late: nothing may be marked now
+    gate.callback(Delivery(("1",), ("1",)))  # the sink confirms late: nothing may be marked now
     yield deferLater(0.05)
     assert box.messages[0].flags == set()
     assert "UID STORE" not in srv.commands()
@@ -629,17 +639,22 @@ def test_tls_session_is_resumed_by_the_next_session_to_the_same_server(tls_serve
     box = FakeMailbox()
     srv = tls_server({"INBOX": box})
     acct = account(srv.port, host="localhost", security="tls", ca_file=pki[0])
-    imap._tls_sessions.clear()
+    connector = Connector(reactor)
     runs = []
     for n in range(2):
         events = []
         box.add(message(n + 1))
         result = yield imap.fetch_mailbox(reactor, acct, MemorySink(), FAST,
-                                          log=Logger(observer=events.append))
+                                          log=Logger(observer=events.append),
+                                          connector=connector)
         assert result.ok and result.fetched == 1, result.debug
         runs.append(_debug_texts(events))
     assert not any("resumed" in t for t in runs[0])
-    assert "session acme: TLS session resumed" in runs[1]
+    resumed = [t for t in runs[1] if t.endswith(": TLS session resumed")]
+    assert resumed and resumed[0].startswith("session acme s="), runs[1]
+    # every debug line of one session carries the same session id
+    ids = {t.split(" ")[2].rstrip(":") for t in runs[1] if t.startswith("session acme ")}
+    assert len(ids) == 1 and len(ids.pop()) == len("s=3f9a2c")
 
 
 @pytest_twisted.inlineCallbacks
@@ -648,27 +663,32 @@ def test_a_resumable_session_is_never_offered_to_another_host(tls_server, pki):
     certificate) skip verification: it still fails before any login."""
     box = FakeMailbox()
     srv = tls_server({"INBOX": box})
+    from twisted.internet import reactor
+
+    connector = Connector(reactor)
     good = account(srv.port, host="localhost", security="tls", ca_file=pki[0])
-    result = yield run(good, MemorySink())
+    result = yield run(good, MemorySink(), connector=connector)
     assert result.ok, result.debug
-    assert imap._tls_sessions  # kept for localhost
+    assert connector.tls.sessions  # kept for localhost
     bad = account(srv.port, host="127.0.0.1", security="tls", ca_file=pki[0])
     logins = srv.commands().count("LOGIN")
-    result = yield run(bad, MemorySink())
+    result = yield run(bad, MemorySink(), connector=connector)
     assert result.kind == errors.TLS, (result.kind, result.message)
     assert srv.commands().count("LOGIN") == logins
 
 
 def test_tls_options_are_shared_per_host_and_ca_file(pki):
-    a = imap.tls_options("mail.example.test", pki[0])
-    assert imap.tls_options("mail.example.test", pki[0]) is a
-    assert imap.tls_options("other.example.test", pki[0]) is not a
-    assert imap.tls_options("mail.example.test") is not a
+    tls = TlsContexts()
+    a = tls.options("mail.example.test", pki[0])
+    assert tls.options("mail.example.test", pki[0]) is a
+    assert tls.options("other.example.test", pki[0]) is not a
+    assert tls.options("mail.example.test") is not a
+    assert TlsContexts().options("mail.example.test", pki[0]) is not a  # no global
 
 
 def test_unreadable_ca_file_is_a_config_error(tmp_path):
     with pytest.raises(errors.FidoError) as e:
-        imap.tls_options("x.example.test", str(tmp_path / "missing.pem"))
+        TlsContexts().options("x.example.test", str(tmp_path / "missing.pem"))
     assert e.value.kind == errors.CONFIG
 
 
@@ -757,9 +777,9 @@ def test_sessions_share_the_inflight_budget_and_give_it_back(server):
     seen_in_use = []
 
     class Sink(MemorySink):
-        def store(self, messages):
+        def deliver(self, messages):
             seen_in_use.append((budget.in_use, sum(m.size for m in messages)))
-            return super().store(messages)
+            return super().deliver(messages)
 
     sink = Sink()
     settings = ImapSettings(command_timeout=5, batch_messages=2, batch_bytes=10**6)
@@ -787,7 +807,10 @@ def test_a_finished_session_leaves_nothing_of_its_own_to_the_garbage_collector(s
     box = FakeMailbox()
     box.add(message(1))
     srv = server({"INBOX": box})
-    result = yield run(account(srv.port), MemorySink())  # warm up: imports, caches
+    # one Connector for the process, as the composition root has it: the
+    # sessions' own objects are what must not be left in cycles
+    connector = Connector(reactor)
+    result = yield run(account(srv.port), MemorySink(), connector=connector)  # warm up
     assert result.ok, result.debug
     box.add(message(2))
     yield task.deferLater(reactor, 0.05, lambda: None)
@@ -795,16 +818,79 @@ def test_a_finished_session_leaves_nothing_of_its_own_to_the_garbage_collector(s
     gc.disable()
     gc.set_debug(gc.DEBUG_SAVEALL)
     try:
-        result = yield run(account(srv.port), MemorySink())
+        result = yield run(account(srv.port), MemorySink(), connector=connector)
         assert result.ok and result.fetched == 1, result.debug
         yield task.deferLater(reactor, 0.05, lambda: None)  # connectionLost
         gc.collect()
         # the per-session factory stays in Twisted's connector cycle, emptied
         ours = sorted({type(o).__name__ for o in gc.garbage
-                       if type(o).__module__ in ("fido_tx.sources.imap.session", "fido_tx.sources.imap.client")}
+                       if type(o).__module__.startswith("fido_tx.sources.imap.")}
                       - {"_OneProtocol"})
     finally:
         gc.set_debug(0)
         del gc.garbage[:]
         gc.enable()
     assert ours == []
+
+
+# --- the sink contract: rejected ids, a partial delivery, a sink's bug -------------
+
+
+@pytest_twisted.inlineCallbacks
+def test_rejected_messages_are_flagged_left_and_reported(server):
+    box = FakeMailbox(flags=("\\Seen", "\\Deleted", "$FidoTooLarge", "$FidoRejected"))
+    for n in range(3):
+        box.add(message(n))
+    srv = server({"INBOX": box})
+    sink = MemorySink()
+    sink.reject = {"2"}
+    result = yield run(account(srv.port), sink)
+    assert result.kind == errors.REJECTED, (result.kind, result.message)
+    assert "UID 2" in result.message and "$FidoRejected" in result.message
+    assert result.fetched == 2 and result.marked == 2
+    assert "$FidoRejected" in box.by_uid(2).flags and "\\Seen" not in box.by_uid(2).flags
+    # the next poll leaves it alone: the search skips the keyword
+    result = yield run(account(srv.port), sink)
+    assert result.ok, result.message
+    assert any(b"UNKEYWORD $FidoRejected" in line for line in srv.received)
+    assert [int(m.id) for m in sink.entries] == [1, 3]
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_delivery_error_marks_the_confirmed_and_ends_with_that_error(server):
+    from fido_tx.errors import FidoError
+    from fido_tx.sinks.message import Delivery
+
+    box = FakeMailbox()
+    for n in range(3):
+        box.add(message(n))
+    srv = server({"INBOX": box})
+
+    class HalfSink(MemorySink):
+        def deliver(self, messages):
+            d = super().deliver(messages[:1])
+            return d.addCallback(lambda r: Delivery(
+                r.confirmed, r.new, (), FidoError(errors.DELIVERY, "webhook answered 503")))
+
+    result = yield run(account(srv.port), HalfSink())
+    assert (result.kind, result.message) == (errors.DELIVERY, "webhook answered 503")
+    assert result.fetched == 1 and result.marked == 1
+    assert "\\Seen" in box.by_uid(1).flags
+    assert all("\\Seen" not in box.by_uid(u).flags for u in (2, 3))
+    assert srv.commands()[-1] == "LOGOUT"  # a sink's failure: the server was fine
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_sink_bug_is_an_internal_protocol_error_not_redis(server):
+    box = FakeMailbox()
+    box.add(message(1))
+    srv = server({"INBOX": box})
+
+    class BuggySink(MemorySink):
+        def deliver(self, messages):
+            raise KeyError("oops")
+
+    result = yield run(account(srv.port), BuggySink())
+    assert result.kind == errors.PROTOCOL
+    assert "internal error" in result.message and "KeyError" in result.message
+    assert "\\Seen" not in box.by_uid(1).flags

@@ -15,13 +15,18 @@ from twisted.python import failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from fido_tx import errors
-from fido_tx.sources.imap import session as imap
 from fido_tx.sources.imap import client as imapproto
+from fido_tx.sources.imap import login as imaplogin
+from fido_tx.sources.imap import parse as imapparse
+from fido_tx.sources.imap import session as imap
+from fido_tx.sources.imap.login import ImapConnection, Login
+from fido_tx.sources.imap.poll import MailboxPoll
+from fido_tx.credentials.password import PasswordCredentials
 from fido_tx.accounts.model import Account
 from fido_tx.config import ImapSettings
 from fido_tx.errors import FidoError
 from fido_tx.sources.imap.client import FidoIMAP4Client
-from fido_tx.sinks.base import MemorySink
+from fido_tx.testing import MemorySink
 
 
 def connect(greeting=b"* OK [CAPABILITY IMAP4rev1 STARTTLS] hello\r\n", rate=1000):
@@ -33,6 +38,18 @@ def connect(greeting=b"* OK [CAPABILITY IMAP4rev1 STARTTLS] hello\r\n", rate=100
     if greeting:
         proto.dataReceived(greeting)
     return proto, transport, clock
+
+
+def _no_steps(text, **kw):
+    pass
+
+
+_no_steps.enabled = False
+
+
+def _login(account):
+    creds = PasswordCredentials(account.username, account.password)
+    return Login(task.Clock(), None, account, ImapSettings(), creds, _no_steps)
 
 
 def lose(proto):
@@ -390,7 +407,7 @@ class SyntaxTests(SynchronousTestCase):
 
 class MessageIdTests(SynchronousTestCase):
     def test_forms(self):
-        f = imap.extract_message_id
+        f = imapparse.extract_message_id
         self.assertEqual(f(b"Message-ID: <a@b>\r\n\r\nbody"), "<a@b>")
         self.assertEqual(f(b"X: y\r\nmessage-id:\r\n  <folded@b>\r\n\r\n"), "<folded@b>")
         self.assertEqual(f(b"X: y\n\nMessage-ID: <in-body@b>\n"), "")
@@ -401,12 +418,12 @@ class MessageIdTests(SynchronousTestCase):
     @settings(max_examples=100, deadline=None)
     @given(st.binary(max_size=500))
     def test_never_fails(self, raw):
-        self.assertIsInstance(imap.extract_message_id(raw), str)
+        self.assertIsInstance(imapparse.extract_message_id(raw), str)
 
 
 class AuthClassificationTests(SynchronousTestCase):
     def kind(self, status, text):
-        return imap._auth_error(imapproto.ImapCommandError("LOGIN", status, text)).kind
+        return imaplogin.auth_error(imapproto.ImapCommandError("LOGIN", status, text)).kind
 
     def test_kinds(self):
         self.assertEqual(self.kind(b"NO", b"[AUTHENTICATIONFAILED] Invalid credentials"),
@@ -425,23 +442,22 @@ class MarkingCommandTests(SynchronousTestCase):
     def session(self, caps, after_fetch):
         account = Account(id="a", host="h", username="u", password="p",
                           after_fetch=after_fetch)
-        clock = task.Clock()
-        session = imap._Session(clock, account, MemorySink(), ImapSettings(), False, Logger())
         proto, transport, _ = connect()
-        session.proto = proto
-        session.caps = frozenset(caps)
+        conn = ImapConnection(account, proto, None)
+        conn.caps = frozenset(caps)
+        session = MailboxPoll(conn, account, MemorySink(), ImapSettings(), _no_steps)
         return session, proto, transport
 
     def test_uid_move(self):
         session, proto, transport = self.session([b"MOVE"], "move:Done/Ärchiv")
-        d = defer.ensureDeferred(session._mark([1, 2, 3, 9]))
+        d = defer.ensureDeferred(session.mark([1, 2, 3, 9]))
         self.assertEqual(transport.value(), b'0001 UID MOVE 1:3,9 "Done/&AMQ-rchiv"\r\n')
         proto.dataReceived(b"* OK [COPYUID 1 1:3,9 5:8] moved\r\n* 1 EXPUNGE\r\n0001 OK done\r\n")
         self.successResultOf(d)
 
     def test_move_failure_is_mailbox_error(self):
         session, proto, transport = self.session([b"MOVE"], "move:Gone")
-        d = defer.ensureDeferred(session._mark([1]))
+        d = defer.ensureDeferred(session.mark([1]))
         proto.dataReceived(b"0001 NO [TRYCREATE] no such mailbox\r\n")
         err = self.failureResultOf(d, FidoError).value
         self.assertEqual(err.kind, errors.MAILBOX)
@@ -449,7 +465,7 @@ class MarkingCommandTests(SynchronousTestCase):
 
     def test_delete_with_uidplus_expunges_only_those_uids(self):
         session, proto, transport = self.session([b"UIDPLUS"], "delete")
-        d = defer.ensureDeferred(session._mark([4, 5]))
+        d = defer.ensureDeferred(session.mark([4, 5]))
         self.assertEqual(transport.value(), b"0001 UID STORE 4:5 +FLAGS.SILENT (\\Deleted)\r\n")
         transport.clear()
         proto.dataReceived(b"0001 OK\r\n")
@@ -459,7 +475,7 @@ class MarkingCommandTests(SynchronousTestCase):
 
     def test_move_with_uidplus_but_no_move(self):
         session, proto, transport = self.session([b"UIDPLUS"], "move:Done")
-        d = defer.ensureDeferred(session._mark([4]))
+        d = defer.ensureDeferred(session.mark([4]))
         for expected in [b'0001 UID COPY 4 "Done"\r\n',
                          b"0002 UID STORE 4 +FLAGS.SILENT (\\Deleted)\r\n",
                          b"0003 UID EXPUNGE 4\r\n"]:
@@ -475,35 +491,34 @@ class AuthChoiceTests(SynchronousTestCase):
     def session(self, caps, security="tls", auth="login", password="pw"):
         account = Account(id="a", host="h", username="u", password=password,
                           security=security, auth=auth)
-        session = imap._Session(task.Clock(), account, MemorySink(), ImapSettings(),
-                                False, Logger())
+        session = _login(account)
         proto, transport, _ = connect()
-        session.proto = proto
-        session.caps = frozenset(caps)
+        session.connection = ImapConnection(account, proto, None)
+        session.connection.caps = frozenset(caps)
         return session, proto, transport
 
     def test_logindisabled_uses_plain_over_tls(self):
         session, proto, transport = self.session([b"LOGINDISABLED", b"AUTH=PLAIN"])
-        d = defer.ensureDeferred(session._authenticate())
+        d = defer.ensureDeferred(session.authenticate())
         self.assertEqual(transport.value(), b"0001 AUTHENTICATE PLAIN\r\n")
         transport.clear()
         proto.dataReceived(b"+ \r\n")
         self.assertEqual(transport.value(), b"AHUAcHc=\r\n")  # base64 "\0u\0pw"
         proto.dataReceived(b"0001 OK [CAPABILITY IMAP4rev1 MOVE] in\r\n")
         self.successResultOf(d)
-        self.assertEqual(session.caps, frozenset([b"IMAP4REV1", b"MOVE"]))
+        self.assertEqual(session.connection.caps, frozenset([b"IMAP4REV1", b"MOVE"]))
         self.assertNotIn("AHUAcHc", "\n".join(proto.trace))
 
     def test_logindisabled_without_tls_sends_nothing(self):
         session, proto, transport = self.session([b"LOGINDISABLED", b"AUTH=PLAIN"],
                                                  security="none")
-        d = defer.ensureDeferred(session._authenticate())
+        d = defer.ensureDeferred(session.authenticate())
         self.assertEqual(self.failureResultOf(d, FidoError).value.kind, errors.AUTH)
         self.assertEqual(transport.value(), b"")
 
     def test_login_with_literal_password(self):
         session, proto, transport = self.session([], password='a"b')
-        d = defer.ensureDeferred(session._authenticate())
+        d = defer.ensureDeferred(session.authenticate())
         self.assertEqual(transport.value(), b'0001 LOGIN "u" {3}\r\n')
         transport.clear()
         proto.dataReceived(b"+ Ready\r\n")
@@ -514,18 +529,17 @@ class AuthChoiceTests(SynchronousTestCase):
 
     def test_sasl_ir(self):
         session, proto, transport = self.session([b"SASL-IR", b"AUTH=PLAIN"], auth="plain")
-        defer.ensureDeferred(session._authenticate())
+        defer.ensureDeferred(session.authenticate())
         self.assertEqual(transport.value(), b"0001 AUTHENTICATE PLAIN AHUAcHc=\r\n")
         self.assertIn("C: 0001 AUTHENTICATE PLAIN <redacted>", proto.trace)
 
     def test_starttls_with_preauth_is_refused(self):
         account = Account(id="a", host="h", username="u", password="pw",
                           security="starttls")
-        session = imap._Session(task.Clock(), account, MemorySink(), ImapSettings(),
-                                False, Logger())
+        session = _login(account)
         proto, transport, _ = connect(greeting=b"* PREAUTH [CAPABILITY IMAP4rev1] hi\r\n")
-        session.proto = proto
-        d = defer.ensureDeferred(session._greeting_and_tls())
+        session.connection = ImapConnection(account, proto, None)
+        d = defer.ensureDeferred(session.greeting_and_tls())
         self.assertEqual(self.failureResultOf(d, FidoError).value.kind, errors.TLS)
         self.assertEqual(transport.value(), b"")
 
@@ -586,3 +600,48 @@ class ConnectPhaseTests(SynchronousTestCase):
         account = Account(id="a", host="h", username="u", password="p", security="ssl")
         d = imap.fetch_mailbox(MemoryReactorClock(), account, MemorySink(), ImapSettings())
         self.assertEqual(self.successResultOf(d).kind, errors.CONFIG)
+
+
+class OAuthMechanismTests(SynchronousTestCase):
+    """XOAUTH2 through the credentials interface (the token comes from them)."""
+
+    def test_xoauth2_error_challenge_is_answered_and_the_token_invalidated(self):
+        import base64
+
+        from zope.interface import implementer
+
+        from fido_tx.interfaces import ICredentials
+
+        @implementer(ICredentials)
+        class Token:
+            invalidated = 0
+
+            def secret(self):
+                return defer.succeed("tok-123")
+
+            def invalidate(self):
+                self.invalidated += 1
+
+            def secret_forms(self):
+                return ("tok-123",)
+
+        account = Account(id="a", host="h", username="u@x.test", password="unused",
+                          security="tls", auth="xoauth2")
+        creds = Token()
+        login = Login(task.Clock(), None, account, ImapSettings(), creds, _no_steps)
+        proto, transport, _ = connect()
+        login.connection = ImapConnection(account, proto, None)
+        login.connection.caps = frozenset([b"AUTH=XOAUTH2"])
+        d = defer.ensureDeferred(login.authenticate())
+        self.assertEqual(transport.value(), b"0001 AUTHENTICATE XOAUTH2\r\n")
+        transport.clear()
+        proto.dataReceived(b"+ \r\n")
+        self.assertEqual(base64.b64decode(transport.value().strip()),
+                         b"user=u@x.test\x01auth=Bearer tok-123\x01\x01")
+        transport.clear()
+        proto.dataReceived(b"+ eyJzdGF0dXMiOiI0MDEifQ==\r\n")
+        self.assertEqual(transport.value(), b"\r\n")  # the empty answer, not a cancel
+        proto.dataReceived(b"0001 NO [AUTHENTICATIONFAILED] Invalid credentials\r\n")
+        self.assertEqual(self.failureResultOf(d, FidoError).value.kind, errors.AUTH)
+        self.assertEqual(creds.invalidated, 1)
+        self.assertNotIn("tok-123", "\n".join(proto.trace))

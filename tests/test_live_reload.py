@@ -173,8 +173,10 @@ def test_changed_password_takes_effect_on_the_next_session(tmp_path, redis):
                      "the failed login")
         assert _entries_for(redis, "acme") == []
         _write(h.path, [_account(h.port, "acme", "right-password")], "rename")
-        yield _until(reactor, lambda: len(_entries_for(redis, "acme")) == 2, 5,
-                     "the mail after the password change")
+        # the entries are in Redis before their session has marked them,
+        # logged out and reported: wait for its result too
+        yield _until(reactor, lambda: len(_entries_for(redis, "acme")) == 2
+                     and h.results[-1][1].ok, 5, "the mail after the password change")
         passwords = [p for _, a, p in h.starts]
         first_right = passwords.index("right-password")
         assert all(p == "right-password" for p in passwords[first_right:])

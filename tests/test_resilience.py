@@ -22,7 +22,7 @@ from fido_tx.accounts.model import Account
 from fido_tx.config import ImapSettings
 from fido_tx.sources.imap.session import fetch_mailbox
 from fido_tx.outcome import SessionResult
-from fido_tx.sinks.base import MemorySink
+from fido_tx.testing import MemorySink
 from tests.support.mockimap import (
     TOO_MANY_CONNECTIONS, Behaviour, Fault, MockIMAPServer, MockMailbox, parse_set,
     sample_message)
@@ -58,7 +58,7 @@ def marked_uids(server, user):
 
 
 def stored_uids(sink, account_id):
-    return {m.uid for m in sink.entries if m.account == account_id}
+    return {int(m.id) for m in sink.entries if m.account == account_id}
 
 
 def check_invariants(server, user, sink):
@@ -305,7 +305,7 @@ def test_uidvalidity_change_stores_messages_again_under_the_new_one(server):
         box.append(sample_message(n, "u"))
     result, _, sink = yield run_with_healthy(server, "u", acct, sink=sink)
     assert result.ok and result.fetched == 4, result
-    assert sorted((m.uidvalidity, m.uid) for m in sink.entries) == [
+    assert sorted((int(m.epoch), int(m.id)) for m in sink.entries) == [
         (5, 1), (5, 2), (5, 3), (6, 1), (6, 2), (6, 3), (6, 4)]
     assert server.mailbox("u").uids() == [] and len(box.uids("Archive")) == 7
 

@@ -31,11 +31,11 @@ import attr
 from twisted.internet import defer
 from zope.interface import implementer
 
+from fido_tx.interfaces import ISink
 from fido_tx.accounts import model as accounts_mod
 from fido_tx import config
 from fido_tx import errors
 from fido_tx.outcome import SessionResult
-from fido_tx.sinks.base import IMessageSink
 
 DEFAULT_CONCURRENCY = 20
 #: seconds one account may take, and the cap on each network step
@@ -154,15 +154,17 @@ def format_report(report):
 # -- connecting ------------------------------------------------------------------
 
 
-@implementer(IMessageSink)
+@implementer(ISink)
 class _NullSink:
-    """A sink for dry runs: every UID is new, nothing is ever stored."""
+    """A sink for dry runs: every message is new, nothing is ever delivered."""
 
-    def filter_new(self, account_id, mailbox, uidvalidity, uids):
-        return defer.succeed(list(uids))
+    kind = "null"
 
-    def store(self, messages):  # a dry run never stores
-        return defer.fail(errors.FidoError(errors.REDIS, "fido check stores nothing"))
+    def filter_new(self, account_id, mailbox, epoch, ids):
+        return defer.succeed(list(ids))
+
+    def deliver(self, messages):  # a dry run never delivers
+        return defer.fail(errors.FidoError(errors.CONFIG, "fido check delivers nothing"))
 
 
 def capped_settings(imap_settings, timeout):
@@ -180,12 +182,12 @@ def capped_settings(imap_settings, timeout):
 
 def _scrub(account, result):
     """Belt and braces: the session redacts already; make sure."""
-    secret = account.password
-    if not secret or len(secret) < 3:
-        return result
-    if secret in result.message or secret in result.debug:
-        return attr.evolve(result, message=result.message.replace(secret, "<redacted>"),
-                           debug=result.debug.replace(secret, "<redacted>"))
+    from fido_tx.scrub import scrub, secret_forms
+
+    forms = secret_forms(account.password, account.username)
+    message, debug = scrub(result.message, forms), scrub(result.debug, forms)
+    if message != result.message or debug != result.debug:
+        return attr.evolve(result, message=message, debug=debug)
     return result
 
 
@@ -206,7 +208,13 @@ def check_accounts(reactor, accounts, imap_settings, concurrency=DEFAULT_CONCURR
         order given; it never errbacks.
     """
     if fetch is None:
-        from fido_tx.sources.imap.session import fetch_mailbox as fetch
+        import functools
+
+        from fido_tx.sources.imap.connect import Connector
+        from fido_tx.sources.imap.session import fetch_mailbox
+
+        # one Connector: TLS options built once per server, not per account
+        fetch = functools.partial(fetch_mailbox, connector=Connector(reactor))
     accounts = list(accounts)
     settings = capped_settings(imap_settings, timeout)
     sink = _NullSink()

@@ -35,7 +35,6 @@ the caller passes in ``secrets``.
 
 import json
 import random as _random
-import re
 from collections import deque
 from datetime import datetime, timezone
 
@@ -51,75 +50,20 @@ import fido_tx
 from fido_tx.interfaces import IReporterView
 from fido_tx.schedule import backoff
 
-REDACTED = "<redacted>"
+from fido_tx.scrub import REDACTED  # noqa: F401 - re-exported
+from fido_tx.scrub import scrub as _scrub
 
 #: Deliveries running at the same time.
 DEFAULT_CONCURRENCY = 4
-
-# "a001 LOGIN user secret", "AUTHENTICATE PLAIN AGZvbwBiYXI=": keep the verb,
-# redact the rest of the line; but keep prose such as "LOGIN rejected: ...".
-_IMAP_AUTH = re.compile(
-    r"""(?ix)\b(LOGIN|AUTHENTICATE)\b[ \t]+
-    (?!(?:rejected|failed|failure|refused|disabled|denied|not|is|was|ok|no|bad|
-          timed|took|succeeded|error)\b|:)
-    [^\r\n]*"""
-)
-# password=..., "password": "...", passwd: ..., token=..., secret=...
-_KEY_VALUE = re.compile(
-    r"""(?ix)
-    ((?:password|passwd|pwd|passphrase|secret|token|api[_-]?key)[\w-]*["']?)
-    (\s*[:=]\s*)
-    ("(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*'|[^\s,;&}\]]+)
-    """
-)
-_KEYWORD = re.compile(r"password|passwd|pwd|passphrase|secret|token|api[_-]?key")
-# scheme://user:password@host
-_URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^\s:/@]*):[^\s/@]*@")
-# Authorization: Bearer xyz / Basic xyz
-_AUTH_HEADER = re.compile(r"(?i)\b(authorization\s*[:=]\s*)(\w+\s+)?[^\s,;]+")
 
 #: Literal secrets shorter than this are not searched for (they would mangle text).
 MIN_SECRET_LENGTH = 4
 
 
 def scrub(text, secrets=()):
-    """``text`` with credentials redacted.  Defensive: callers redact too."""
-    if not text:
-        return text or ""
-    for secret in secrets:
-        if secret and len(secret) >= MIN_SECRET_LENGTH:
-            text = text.replace(secret, REDACTED)
-    # Cheap tests first: most text has none of these, and a burst of reports
-    # (a DNS outage fails every account at once) is scrubbed on the reactor.
-    lower = text.lower()
-    if "login" in lower or "authenticate" in lower:
-        text = _IMAP_AUTH.sub(lambda m: f"{m.group(1)} {REDACTED}", text)
-    if "authorization" in lower:
-        text = _AUTH_HEADER.sub(lambda m: f"{m.group(1)}{m.group(2) or ''}{REDACTED}", text)
-    if _KEYWORD.search(lower):
-        text = _redact_pairs(text, lower)
-    if "@" in text and "://" in text:
-        text = _URL_USERINFO.sub(lambda m: f"{m.group(1)}:{REDACTED}@", text)
-    return text
-
-
-def _redact_pairs(text, lower):
-    """``password=...``-like pairs: find the key words fast, then match there."""
-    if len(lower) != len(text):  # lower() changed offsets (rare non-ASCII)
-        return _KEY_VALUE.sub(lambda m: f"{m.group(1)}{m.group(2)}{REDACTED}", text)
-    out = []
-    last = 0
-    for found in _KEYWORD.finditer(lower):
-        if found.start() < last:
-            continue
-        pair = _KEY_VALUE.match(text, found.start())
-        if pair is None:
-            continue
-        out.append(text[last:pair.start(3)])
-        out.append(REDACTED)
-        last = pair.end()
-    out.append(text[last:])
-    return "".join(out)
+    """``text`` with credentials redacted (:func:`fido_tx.scrub.scrub`, the
+    one scrubber).  Defensive: callers redact too."""
+    return _scrub(text, [s for s in secrets if s and len(s) >= MIN_SECRET_LENGTH])
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)

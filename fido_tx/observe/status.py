@@ -435,6 +435,7 @@ class StatusTracker:
         suffix = " (dry run)" if dry else ""
         fields = dict(
             account_id=account_id,
+            session_id=result.session_id,
             outcome=OK if result.ok else result.kind,
             kind=result.kind,
             messages=result.fetched,
@@ -445,9 +446,11 @@ class StatusTracker:
             dry_run=dry,
         )
         extra = ", {too_large} too large left on the server" if result.too_large else ""
+        # the session's id (s=3f9a2c) on its summary line: grep gives its whole story
+        head = "{account_id} s={session_id}" if result.session_id else "{account_id}"
         if result.ok:
             self.log.info(
-                "{account_id} ok: {messages} messages, {bytes} bytes, marked {marked}, "
+                head + " ok: {messages} messages, {bytes} bytes, marked {marked}, "
                 "{seconds:.2f} s" + extra + suffix,
                 **fields,
             )
@@ -459,7 +462,7 @@ class StatusTracker:
         if result.fetched:
             tail = ", after {messages} messages, {bytes} bytes, marked {marked}" + tail
         self.log.info(
-            "{account_id} failed ({kind}): {error}" + tail + extra + suffix,
+            head + " failed ({kind}): {error}" + tail + extra + suffix,
             **fields,
         )
 
@@ -531,8 +534,11 @@ def _server(account):
 
 
 def _secrets(account):
+    """Every form of the account's password (raw, escaped, SASL PLAIN...)."""
+    from fido_tx.scrub import secret_forms
+
     password = getattr(account, "password", None)
-    return (password,) if password else ()
+    return secret_forms(password, getattr(account, "username", None)) if password else ()
 
 
 def _debug(debug, server, since, extra=""):

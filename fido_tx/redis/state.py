@@ -14,6 +14,7 @@ from zope.interface import implementer
 
 from fido_tx.interfaces import IAccountState
 from fido_tx.redis import keys
+from fido_tx.scrub import scrub
 from fido_tx.timefmt import utc_now_iso
 
 log = Logger(namespace="fido_tx.redis.state")
@@ -73,7 +74,9 @@ class AccountState:
             fields["last_success_at"] = now
         else:
             fields["state"] = "error"
-            fields["last_error"] = result.message
+            # the session scrubbed it with the account's secrets; the
+            # patterns once more for whatever a library wrote into it
+            fields["last_error"] = scrub(result.message)
             fields["last_error_kind"] = result.kind
             fields["last_error_at"] = now
         if extra:

@@ -29,8 +29,6 @@ two sessions at once; an account is polled no more often than
 account is never lost, whatever its session does.
 """
 
-import collections
-import heapq
 import random as _random
 
 import attr
@@ -42,17 +40,16 @@ from zope.interface import implementer
 
 from fido_tx.schedule import backoff as _backoff
 from fido_tx import errors
-from fido_tx.accounts.model import AccountsDiff
 from fido_tx.interfaces import ISchedulerView
 from fido_tx.outcome import SessionResult
+from fido_tx.schedule.queue import DueQueue, apply_accounts
+from fido_tx.schedule.sessions import RunningSession, RunningSessions, SessionHandle  # noqa: F401
 
 log = Logger()
 
 #: a due time this close to now counts as now (float rounding of callLater)
 _EPSILON = 1e-9
 
-#: compact the heap when more than this many stale items and half of it
-_COMPACT_MIN = 1024
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
@@ -64,44 +61,14 @@ class AccountState:
     failures: int
     #: kind of the last counted failure, ``None`` when healthy
     last_kind: str | None
-    #: "queued" (waiting for its turn), "running", or "blocked" (re-added while
-    #: the session of its removed predecessor is still being cancelled)
+    #: "queued" (waiting for its turn), "running", "held" (a long-lived
+    #: session that released its slot), or "blocked" (re-added while the
+    #: session of its removed predecessor is still being cancelled)
     state: str
     #: clock seconds when it is due again; ``None`` while running or blocked
     next_due: float | None
     #: clock seconds of the start of its last session, ``None`` if never run
     last_started_at: float | None
-
-
-class _Entry:
-    """Mutable bookkeeping for one account in the current set."""
-
-    __slots__ = ("account", "state", "due", "seq", "front", "removed", "blocked", "started_at")
-
-    def __init__(self, account, due):
-        self.account = account
-        self.state = _backoff.HEALTHY
-        #: real due time (clock seconds); for a new account, when it was added
-        self.due = due
-        #: sequence number of its queue item; ``None`` when not queued
-        self.seq = None
-        #: queued in the front FIFO (new account) rather than the heap
-        self.front = False
-        self.removed = False
-        self.blocked = False
-        self.started_at = None
-
-
-class _Session:
-    __slots__ = ("entry", "account", "started_at", "deferred", "cancelled")
-
-    def __init__(self, entry, account, started_at):
-        self.entry = entry
-        self.account = account
-        self.started_at = started_at
-        self.deferred = None
-        #: the scheduler cancelled it (account removed, or stop grace over)
-        self.cancelled = False
 
 
 @implementer(ISchedulerView)
@@ -120,12 +87,19 @@ class Scheduler(service.Service):
     :param random: a :class:`random.Random` for the backoff jitter.
     :param grace_period: seconds :meth:`stopService` waits for running
         sessions before cancelling them.
+    :param handles: call ``run_session(account, handle)`` with a
+        :class:`~fido_tx.schedule.sessions.SessionHandle`, through which a
+        session that becomes long-lived releases its worker slot.
+
+    A session that ends with ``SessionResult(skipped=True)`` is neither
+    backed off nor reported to the result observers.
     """
 
     name = "scheduler"
 
     def __init__(
-        self, clock, run_session, workers, poll_interval, backoff, random=None, grace_period=20.0
+        self, clock, run_session, workers, poll_interval, backoff, random=None, grace_period=20.0,
+        handles=False,
     ):
         if int(workers) < 1:
             raise ValueError(f"workers must be at least 1, not {workers!r}")
@@ -133,30 +107,23 @@ class Scheduler(service.Service):
             raise ValueError(f"poll_interval must not be negative, not {poll_interval!r}")
         self._clock = clock
         self._run_session = run_session
+        self._handles = handles
         self.workers = int(workers)
         self.poll_interval = float(poll_interval)
         self.backoff = backoff
         self._random = random if random is not None else _random.Random()
         self.grace_period = float(grace_period)
 
-        #: account id -> _Entry, in the order the accounts were added
+        #: account id -> Entry, in the order the accounts were added
         self._entries = {}
-        #: account id -> _Session (includes sessions of removed accounts until they end)
-        self._sessions = {}
-        #: new accounts, latest addition first: deque of (seq, entry)
-        self._front = collections.deque()
-        #: waiting accounts: heap of (due, seq, entry)
-        self._heap = []
-        self._stale = 0
-        self._seq = 0
+        self._sessions = RunningSessions(clock, self.grace_period)
+        self._queue = DueQueue()
         self._paused = set()
         self._observers = []
 
         self._timer = None
         self._timer_due = None
         self._dispatching = False
-        self._stop_waiters = []
-        self._grace_call = None
 
         self.last_dispatch_at = None
         self.last_completion_at = None
@@ -170,7 +137,12 @@ class Scheduler(service.Service):
         (``running`` is taken: it is ``Service.running``, the started flag
         Twisted's service machinery relies on.)
         """
-        return len(self._sessions)
+        return self._sessions.busy
+
+    @property
+    def held_count(self):
+        """Sessions in progress that released their slot (held connections)."""
+        return self._sessions.held
 
     @property
     def queued(self):
@@ -201,17 +173,8 @@ class Scheduler(service.Service):
         0 when none is overdue.  Reported also while paused or stopped: it is
         the real wait, and the health check wants to see it grow.
         """
-        now = self._clock.seconds()
-        worst = None
-        oldest = self._peek_front_oldest()
-        if oldest is not None:
-            worst = oldest.due
-        top = self._peek_heap()
-        if top is not None and (worst is None or top.due < worst):
-            worst = top.due
-        if worst is None:
-            return 0.0
-        return max(0.0, now - worst)
+        worst = self._queue.earliest_due()
+        return 0.0 if worst is None else max(0.0, self._clock.seconds() - worst)
 
     def account_state(self, account_id):
         """An :class:`AccountState` for the id, ``None`` when not in the set."""
@@ -220,7 +183,7 @@ class Scheduler(service.Service):
             return None
         session = self._sessions.get(account_id)
         if session is not None and session.entry is entry:
-            state, due = "running", None
+            state, due = ("held" if session.held else "running"), None
         elif entry.blocked:
             state, due = "blocked", None
         else:
@@ -269,64 +232,12 @@ class Scheduler(service.Service):
         # its slot at once, and the added accounts must be first to take it).
         held, self._dispatching = self._dispatching, True
         try:
-            changes = self._apply(new)
+            changes = apply_accounts(self._entries, self._queue, self._sessions, new,
+                                     self._clock.seconds(), self.poll_interval)
         finally:
             self._dispatching = held
         self._dispatch()
         return changes
-
-    def _apply(self, new):
-        now = self._clock.seconds()
-        added, removed, changed, unchanged = [], [], [], []
-        to_front = []
-
-        for account_id in [i for i in self._entries if i not in new]:
-            entry = self._entries.pop(account_id)
-            removed.append(entry.account)
-            entry.removed = True
-            if entry.seq is not None:
-                entry.seq = None
-                self._stale += 1
-            session = self._sessions.get(account_id)
-            if session is not None and session.entry is entry:
-                log.debug("cancelling the session of removed account {account_id}",
-                          account_id=account_id)
-                self._cancel(session)
-
-        for account_id, account in new.items():
-            entry = self._entries.get(account_id)
-            if entry is None:
-                added.append(account)
-                entry = _Entry(account, now)
-                self._entries[account_id] = entry
-                if account_id in self._sessions:
-                    # The removed predecessor's session has not ended yet
-                    # (a canceller that does not fire at once); wait for it.
-                    entry.blocked = True
-                else:
-                    to_front.append(entry)
-            elif entry.account == account:
-                unchanged.append(account)
-            else:
-                changed.append(account)
-                entry.account = account
-                if entry.state.failures and account_id not in self._sessions:
-                    # An operator fixed what made it fail (a new password,
-                    # host or mailbox): try again at the next poll_interval
-                    # boundary, not after an auth backoff of hours.
-                    entry.state = _backoff.HEALTHY
-                    if entry.seq is not None and not entry.front:
-                        since = entry.started_at if entry.started_at is not None else now
-                        due = max(now, since + self.poll_interval)
-                        if due < entry.due:
-                            self._stale += 1
-                            self._push_back(entry, due)
-
-        # This batch goes before everything waiting, earlier additions too.
-        for entry in reversed(to_front):
-            self._push_front(entry)
-        self._maybe_compact()
-        return AccountsDiff(tuple(added), tuple(removed), tuple(changed), tuple(unchanged))
 
     def pause(self, reason):
         """Start no new session until every pause reason is resumed."""
@@ -349,91 +260,13 @@ class Scheduler(service.Service):
         """
         super().stopService()
         self._reschedule()
-        if not self._sessions:
-            return defer.succeed(None)
-        waiter = defer.Deferred()
-        self._stop_waiters.append(waiter)
-        if self._grace_call is None:
-            self._grace_call = self._clock.callLater(self.grace_period, self._grace_over)
-        return waiter
-
-    # -- queue ---------------------------------------------------------
-
-    def _next_seq(self):
-        self._seq += 1
-        return self._seq
-
-    def _push_front(self, entry):
-        entry.seq = self._next_seq()
-        entry.front = True
-        self._front.appendleft((entry.seq, entry))
-
-    def _push_back(self, entry, due):
-        entry.due = due
-        entry.seq = self._next_seq()
-        entry.front = False
-        heapq.heappush(self._heap, (due, entry.seq, entry))
-
-    def _peek_front(self):
-        front = self._front
-        while front:
-            seq, entry = front[0]
-            if entry.seq == seq and not entry.removed:
-                return entry
-            front.popleft()
-            self._stale -= 1
-        return None
-
-    def _peek_front_oldest(self):
-        """The longest waiting new account (the right end: batches go in on the left)."""
-        front = self._front
-        while front:
-            seq, entry = front[-1]
-            if entry.seq == seq and not entry.removed:
-                return entry
-            front.pop()
-            self._stale -= 1
-        return None
-
-    def _peek_heap(self):
-        heap = self._heap
-        while heap:
-            _, seq, entry = heap[0]
-            if entry.seq == seq and not entry.removed:
-                return entry
-            heapq.heappop(heap)
-            self._stale -= 1
-        return None
-
-    def _peek(self):
-        """The next account to run (front first), or ``None``."""
-        entry = self._peek_front()
-        if entry is not None:
-            return entry
-        return self._peek_heap()
-
-    def _pop(self, entry):
-        if entry.front:
-            self._front.popleft()
-        else:
-            heapq.heappop(self._heap)
-        entry.seq = None
-        entry.front = False
-
-    def _maybe_compact(self):
-        if self._stale <= _COMPACT_MIN or self._stale * 2 <= len(self._heap) + len(self._front):
-            return
-        self._heap = [item for item in self._heap if item[2].seq == item[1] and not item[2].removed]
-        heapq.heapify(self._heap)
-        self._front = collections.deque(
-            item for item in self._front if item[1].seq == item[0] and not item[1].removed
-        )
-        self._stale = 0
+        return self._sessions.wait_until_empty()
 
     # -- dispatch ------------------------------------------------------
 
     def _can_start(self):
-        return self.running and not self._paused and len(self._sessions) < self.workers
+        return (self.running and not self._paused
+                and self._sessions.busy < self.workers)
 
     def _dispatch(self):
         if self._dispatching:
@@ -446,12 +279,12 @@ class Scheduler(service.Service):
             # poll_interval of 0 cannot spin here forever.
             budget = len(self._entries) + self.workers
             while self._can_start() and budget > 0:
-                entry = self._peek()
+                entry = self._queue.peek()
                 if entry is None or (
                     not entry.front and entry.due > self._clock.seconds() + _EPSILON
                 ):
                     break  # (a new account is always due, whatever the clock did)
-                self._pop(entry)
+                self._queue.pop(entry)
                 budget -= 1
                 self._start(entry)
         finally:
@@ -462,7 +295,7 @@ class Scheduler(service.Service):
         """Keep the one timer at the earliest due time, or none when it cannot help."""
         due = None
         if self._can_start():
-            entry = self._peek()
+            entry = self._queue.peek()
             if entry is not None:
                 due = self._clock.seconds() if again or entry.front else entry.due
         if due is None:
@@ -492,9 +325,12 @@ class Scheduler(service.Service):
         now = self._clock.seconds()
         entry.started_at = now
         self.last_dispatch_at = now
-        session = _Session(entry, account, now)
+        session = RunningSession(entry, account, now)
         self._sessions[account.id] = session
-        d = defer.maybeDeferred(self._run_session, account)
+        if self._handles:
+            d = defer.maybeDeferred(self._run_session, account, SessionHandle(self._sessions, session, self._dispatch))
+        else:
+            d = defer.maybeDeferred(self._run_session, account)
         session.deferred = d
         d.addCallbacks(
             self._session_done, self._session_failed,
@@ -534,21 +370,21 @@ class Scheduler(service.Service):
                     level=LogLevel.critical, account_id=session.account.id)
         # Never lose the account: make sure the slot is free and it is queued.
         account_id = session.account.id
-        if self._sessions.get(account_id) is session:
-            del self._sessions[account_id]
+        self._sessions.forget(session)
         entry = session.entry
         if (not entry.removed and entry.seq is None and not entry.blocked
                 and account_id not in self._sessions):
-            self._push_back(entry, session.started_at + self.poll_interval)
+            self._queue.push_back(entry, session.started_at + self.poll_interval)
         self._after_session()
 
     def _finish(self, session, result):
         """Account back in the queue, observers told, next session dispatched."""
         now = self._clock.seconds()
         account_id = session.account.id
-        if self._sessions.get(account_id) is session:
-            del self._sessions[account_id]
+        self._sessions.forget(session)
         self.last_completion_at = now
+        if result is not None and result.skipped:
+            result = None  # the source had nothing to do: no backoff, no report
         entry = session.entry
         if not entry.removed:
             due = session.started_at + self.poll_interval
@@ -557,13 +393,13 @@ class Scheduler(service.Service):
                 if _backoff.counts_as_failure(result.kind):
                     wait = _backoff.delay(self.backoff, entry.state, self._random)
                     due = max(due, now + wait)
-            self._push_back(entry, due)
+            self._queue.push_back(entry, due)
         else:
             successor = self._entries.get(account_id)
             if successor is not None and successor.blocked:
                 successor.blocked = False
                 successor.due = now  # waiting (for lag) from now on
-                self._push_front(successor)
+                self._queue.push_front(successor)
         if result is not None:
             for observer in list(self._observers):
                 try:
@@ -575,41 +411,5 @@ class Scheduler(service.Service):
         self._after_session()
 
     def _after_session(self):
-        if not self._sessions and self._stop_waiters:
-            self._stopped()
+        self._sessions.check_empty()
         self._dispatch()
-
-    def _cancel(self, session):
-        session.cancelled = True
-        session.deferred.cancel()
-
-    # -- stopping ------------------------------------------------------
-
-    def _grace_over(self):
-        self._grace_call = None
-        sessions = list(self._sessions.values())
-        if not sessions:
-            return
-        ids = sorted(s.account.id for s in sessions)
-        log.warn(
-            "stopping: cancelling {count} sessions still running after the "
-            "{grace}s grace period: {ids}",
-            count=len(ids), grace=self.grace_period,
-            ids=", ".join(ids[:20]) + (", ..." if len(ids) > 20 else ""),
-        )
-        for session in sessions:
-            self._cancel(session)
-        if self._sessions and self._stop_waiters:
-            log.error(
-                "stopping: {count} sessions did not end when cancelled; not waiting for them",
-                count=len(self._sessions),
-            )
-            self._stopped()
-
-    def _stopped(self):
-        if self._grace_call is not None:
-            self._grace_call.cancel()
-            self._grace_call = None
-        waiters, self._stop_waiters = self._stop_waiters, []
-        for waiter in waiters:
-            waiter.callback(None)

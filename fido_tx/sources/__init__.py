@@ -1,3 +1,58 @@
 """Where mail comes from: one module per source, picked by the account's
 ``source`` field through :data:`SOURCES` (mail_room's delivery registry is
-the example: a new source is a new file and one line here)."""
+the example: a new source is a new file and one line here).
+
+Each source module defines ``build(account, ctx, handle=None) -> ISource``
+(:class:`fido_tx.interfaces.ISource`: ``poll() -> Deferred[SessionResult]``)
+where ``ctx`` is the :class:`SourceContext` the composition root builds once
+and ``handle`` the scheduler's :class:`~fido_tx.schedule.sessions.SessionHandle`
+(a session that keeps its connection calls ``handle.release_slot()``).
+"""
+
+import importlib
+
+import attr
+
+__all__ = ["SOURCES", "SourceContext", "make_session"]
+
+#: source name -> module path (imported on first use)
+SOURCES = {
+    "imap": "fido_tx.sources.imap",
+    "memory": "fido_tx.sources.memory",
+}
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class SourceContext:
+    """What every session of every source shares (built by the composition root)."""
+
+    reactor: object
+    #: the :class:`~fido_tx.interfaces.ISink` messages go to
+    sink: object
+    #: :class:`fido_tx.config.ImapSettings` (timeouts, batches, size limits, keywords)
+    settings: object
+    #: the shared :class:`~fido_tx.schedule.budget.ByteBudget` (or ``None``)
+    budget: object = None
+    #: the shared :class:`~fido_tx.schedule.pacer.StartPacer` (or ``None``)
+    pacer: object = None
+    #: IMAP: the shared :class:`~fido_tx.sources.imap.connect.Connector`
+    connector: object = None
+    #: ``f(account) -> ICredentials`` (default :func:`fido_tx.credentials.for_account`)
+    credentials: object = None
+    dry_run: bool = False
+    #: whether anything reads debug events (per-step lines are skipped if not)
+    debug: bool = True
+    #: a :class:`twisted.logger.Logger` (``None``: the source's own)
+    log: object = None
+    #: the memory source's :class:`~fido_tx.sources.memory.MemoryMailboxes`
+    memory: object = None
+
+
+def make_session(account, ctx, handle=None):
+    """A new :class:`~fido_tx.interfaces.ISource` session for ``account``.
+
+    :raise KeyError: for a source not in :data:`SOURCES` (the accounts
+        parser refuses those first).
+    """
+    module = importlib.import_module(SOURCES[account.source])
+    return module.build(account, ctx, handle)

@@ -1,1 +1,16 @@
-"""sources/imap"""
+"""The IMAP source: ``parse`` (IMAP syntax), ``client`` (the protocol),
+``connect`` (endpoints, TLS), ``login`` (to a logged-in connection), ``poll``
+(one poll of a mailbox) and ``session`` (login, poll, logout)."""
+
+
+def build(account, ctx, handle=None):
+    """The :data:`fido_tx.sources.SOURCES` factory: an :class:`ImapSession`."""
+    from fido_tx.sources.imap.connect import Connector
+    from fido_tx.sources.imap.session import ImapSession
+
+    return ImapSession(
+        ctx.reactor, account, ctx.sink, ctx.settings,
+        connector=ctx.connector if ctx.connector is not None else Connector(ctx.reactor),
+        credentials_factory=ctx.credentials, dry_run=ctx.dry_run, log=ctx.log, budget=ctx.budget,
+        pacer=ctx.pacer, debug=ctx.debug, handle=handle,
+    )

@@ -23,7 +23,6 @@ It also holds the small parsers of IMAP syntax the session needs
 (capabilities, SELECT data, FETCH items, UID sets, quoting).
 """
 
-import base64
 import collections
 import re
 
@@ -34,10 +33,28 @@ from twisted.python import failure
 
 from fido_tx import errors
 from fido_tx.errors import FidoError
+from fido_tx.scrub import MIN_FORM_LENGTH
+from fido_tx.sources.imap.parse import (  # noqa: F401 - re-exported for callers
+    SelectInfo,
+    _LITERAL_AT_END,
+    _needs_literal,
+    _RESP_CODE,
+    _show,
+    astring_parts,
+    greeting_capabilities,
+    mailbox_name,
+    parse_capabilities,
+    parse_fetch,
+    parse_flag_list,
+    parse_search,
+    parse_status,
+    plain_response,
+    quote,
+    response_code,
+    uid_set,
+)
 
-_LITERAL_AT_END = re.compile(rb"\{(\d+)\}\Z")
 _TAGGED = re.compile(rb"([A-Za-z]+)(?: (.*))?\Z", re.S)
-_RESP_CODE = re.compile(rb"\[([^\]]*)\]")
 
 
 class ImapCommandError(imap4.IMAP4Exception):
@@ -57,291 +74,6 @@ class ImapCommandError(imap4.IMAP4Exception):
     def code(self):
         """The response code (``b"AUTHENTICATIONFAILED"``), upper-case, or ``b""``."""
         return response_code(self.text)
-
-
-def _show(data, limit=300):
-    """Bytes from the server as a printable one-line str, truncated."""
-    if isinstance(data, str):
-        text = data
-    else:
-        text = data[:limit].decode("utf-8", "replace")
-    text = "".join(c if c.isprintable() else "\\x%02x" % ord(c) for c in text[:limit])
-    if len(data) > limit:
-        text += "..."
-    return text
-
-
-def response_code(text):
-    """The ``[CODE ...]`` word at the start of a response text, upper-case."""
-    m = _RESP_CODE.match(text.lstrip())
-    if not m:
-        return b""
-    return m.group(1).split(b" ", 1)[0].upper()
-
-
-def parse_capabilities(text):
-    """``b"IMAP4rev1 STARTTLS AUTH=PLAIN"`` -> a frozenset of upper-case atoms."""
-    return frozenset(t.upper() for t in text.split())
-
-
-def greeting_capabilities(text):
-    """The capabilities in a greeting's ``[CAPABILITY ...]`` code, or ``None``."""
-    m = _RESP_CODE.match(text.lstrip())
-    if not m:
-        return None
-    words = m.group(1).split()
-    if not words or words[0].upper() != b"CAPABILITY":
-        return None
-    return frozenset(w.upper() for w in words[1:])
-
-
-def uid_set(uids):
-    """Sorted, compact IMAP UID set: ``[1, 2, 3, 5, 7, 8]`` -> ``b"1:3,5,7:8"``."""
-    out = []
-    start = prev = None
-    for uid in sorted(set(uids)):
-        if start is None:
-            start = prev = uid
-        elif uid == prev + 1:
-            prev = uid
-        else:
-            out.append(_range(start, prev))
-            start = prev = uid
-    if start is not None:
-        out.append(_range(start, prev))
-    return b",".join(out)
-
-
-def _range(a, b):
-    return b"%d" % a if a == b else b"%d:%d" % (a, b)
-
-
-def _needs_literal(value):
-    return any(c in (0, 10, 13) or c > 127 for c in value)
-
-
-def _quotable(value):
-    """Plain enough to quote without escapes (servers differ on ``\\`` escapes)."""
-    return not any(c < 32 or c > 126 or c in (34, 92) for c in value)
-
-
-def quote(value):
-    """An IMAP quoted string of ``value`` (bytes without CR, LF, NUL, 8-bit)."""
-    return b'"' + value.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
-
-
-def astring_parts(value):
-    """How to send ``value`` as an astring: ``(head, literal_or_None)``.
-
-    ``head`` goes on the current line; when ``literal`` is not ``None`` the
-    server must answer ``+`` before it is sent.
-    """
-    if not _quotable(value):
-        return b"{%d}" % len(value), value
-    return quote(value), None
-
-
-def mailbox_name(name):
-    """A mailbox name as sent on the wire: modified UTF-7, quoted."""
-    encoded = name.encode("imap4-utf-7")
-    if _needs_literal(encoded):  # CR/LF in a folder name: not sendable quoted
-        raise FidoError(errors.MAILBOX, f"invalid mailbox name {name!r}")
-    return quote(encoded)
-
-
-# --- untagged response parsing ---------------------------------------------
-
-
-class _Tokens:
-    """Tokenize IMAP response data given as text segments and literals."""
-
-    def __init__(self, segments):
-        self.items = []
-        for i, seg in enumerate(segments):
-            if i % 2:
-                self.items.append(("lit", seg))
-            else:
-                if i < len(segments) - 1:
-                    seg = _LITERAL_AT_END.sub(b"", seg)
-                self._tokenize(seg)
-        self.pos = 0
-
-    def _tokenize(self, s):
-        i, n = 0, len(s)
-        add = self.items.append
-        while i < n:
-            c = s[i]
-            if c == 32:  # space
-                i += 1
-            elif c == 40:  # (
-                add(("(", None))
-                i += 1
-            elif c == 41:  # )
-                add((")", None))
-                i += 1
-            elif c == 34:  # "
-                j = i + 1
-                buf = bytearray()
-                while j < n and s[j] != 34:
-                    if s[j] == 92 and j + 1 < n:
-                        j += 1
-                    buf.append(s[j])
-                    j += 1
-                if j >= n:
-                    raise ValueError("unterminated quoted string")
-                add(("str", bytes(buf)))
-                i = j + 1
-            else:
-                j = i
-                depth = 0
-                while j < n:
-                    c = s[j]
-                    if c == 91:  # [
-                        depth += 1
-                    elif c == 93:  # ]
-                        depth -= 1
-                    elif depth <= 0 and c in (32, 40, 41):
-                        break
-                    j += 1
-                add(("atom", s[i:j]))
-                i = j
-
-    def next(self):
-        if self.pos >= len(self.items):
-            raise ValueError("response ends early")
-        item = self.items[self.pos]
-        self.pos += 1
-        return item
-
-    def value(self):
-        kind, val = self.next()
-        if kind == "(":
-            out = []
-            while True:
-                if self.pos >= len(self.items):
-                    raise ValueError("unbalanced parentheses")
-                if self.items[self.pos][0] == ")":
-                    self.pos += 1
-                    return out
-                out.append(self.value())
-        if kind == ")":
-            raise ValueError("unexpected ')'")
-        if kind == "atom" and val.upper() == b"NIL":
-            return None
-        return val
-
-
-def parse_fetch(segments):
-    """Parse ``n FETCH (...)`` given as segments (text, literal, text, ...).
-
-    :return: ``(sequence_number, {ITEM: value})``; item names are upper-case
-        bytes with any ``<origin>`` removed (``b"BODY[]"``, ``b"UID"``); values
-        are bytes, ``None`` (NIL) or lists.
-    :raise ValueError: on a malformed response.
-    """
-    toks = _Tokens(segments)
-    kind, seq = toks.next()
-    if kind != "atom" or not seq.isdigit():
-        raise ValueError("FETCH without a sequence number")
-    kind, word = toks.next()
-    if kind != "atom" or word.upper() != b"FETCH":
-        raise ValueError("not a FETCH response")
-    if toks.next()[0] != "(":
-        raise ValueError("FETCH without '('")
-    items = {}
-    while True:
-        kind, key = toks.next()
-        if kind == ")":
-            break
-        if kind != "atom":
-            raise ValueError("bad FETCH item name")
-        key = key.upper()
-        if key.endswith(b">") and b"<" in key:
-            key = key[: key.rindex(b"<")]
-        items[key] = toks.value()
-    return int(seq), items
-
-
-def parse_search(text):
-    """``b"SEARCH 1 2 3"`` -> ``[1, 2, 3]`` (ignores a ``(MODSEQ n)`` suffix)."""
-    words = text.split()
-    out = []
-    for w in words[1:]:
-        if w.startswith(b"("):
-            break
-        out.append(int(w))
-    return out
-
-
-_STATUS_LIST = re.compile(rb"\(([^()]*)\)\s*$")  # the attribute list ends the response
-
-
-def parse_status(segments):
-    """An untagged STATUS response (``segments`` without ``* ``) -> its
-    attributes, e.g. ``{b"UNSEEN": 0}``; ``{}`` for any other response.
-
-    The mailbox name may be quoted (with parentheses inside) or a literal,
-    so only the parenthesized list that ends the response is read.
-    """
-    if segments[0][:7].upper() != b"STATUS ":
-        return {}
-    m = _STATUS_LIST.search(segments[-1])
-    if m is None:
-        return {}
-    items = m.group(1).split()
-    return {name.upper(): int(value) for name, value in zip(items[0::2], items[1::2])
-            if value.isdigit()}
-
-
-def parse_flag_list(text):
-    """``b"(\\\\Seen $Foo \\\\*)"`` inside a response -> tuple of str flags."""
-    start, end = text.find(b"("), text.rfind(b")")
-    if start == -1 or end < start:
-        return ()
-    return tuple(f.decode("ascii", "replace") for f in text[start + 1 : end].split())
-
-
-class SelectInfo:
-    """What SELECT/EXAMINE told us."""
-
-    def __init__(self):
-        self.uidvalidity = None
-        self.exists = None
-        self.flags = ()
-        self.permanent_flags = None
-
-    def keywords_allowed(self, keyword):
-        """Whether ``keyword`` can be stored permanently in this mailbox."""
-        perm = self.permanent_flags
-        if perm is None:  # RFC 3501: absent means all FLAGS are permanent
-            return keyword.lower() in (f.lower() for f in self.flags)
-        return "\\*" in perm or keyword.lower() in (f.lower() for f in perm)
-
-    def keyword_known(self, keyword):
-        """Whether a SEARCH on ``keyword`` is meaningful (storable or defined)."""
-        return self.keywords_allowed(keyword) or keyword.lower() in (
-            f.lower() for f in self.flags
-        )
-
-    def feed(self, text):
-        """One untagged response of SELECT (without ``* ``)."""
-        upper = text.upper()
-        if upper.startswith(b"OK ["):
-            code = text[4 : text.find(b"]")] if b"]" in text else text[4:]
-            word = code.split(b" ", 1)[0].upper()
-            if word == b"UIDVALIDITY":
-                try:
-                    self.uidvalidity = int(code.split()[1])
-                except (IndexError, ValueError):
-                    raise ValueError("bad UIDVALIDITY")
-            elif word == b"PERMANENTFLAGS":
-                self.permanent_flags = parse_flag_list(text)
-        elif upper.startswith(b"FLAGS "):
-            self.flags = parse_flag_list(text)
-        else:
-            parts = text.split(None, 2)
-            if len(parts) >= 2 and parts[1].upper() == b"EXISTS" and parts[0].isdigit():
-                self.exists = int(parts[0])
 
 
 # --- the protocol -------------------------------------------------------------
@@ -409,10 +141,32 @@ class FidoIMAP4Client(imap4.IMAP4Client):
 
     # -- tracing -----------------------------------------------------------
 
+    #: callable returning the secret's forms (credentials' ``secret_forms``):
+    #: removed from traced server lines before they are cut
+    scrub_forms = None
+    _scrub_bytes = None
+
     def _trace(self, direction, line):
-        if len(line) > self.TRACE_WIDTH:
-            line = line[: self.TRACE_WIDTH] + b"... (%d bytes)" % len(line)
+        size = len(line)
+        if self.scrub_forms is not None:
+            line = self._scrubbed(line)
+        if size > self.TRACE_WIDTH:
+            line = line[: self.TRACE_WIDTH] + b"... (%d bytes)" % size
         self._trace_lines.append((direction, line))
+
+    def _scrubbed(self, line):
+        forms = self._scrub_bytes
+        if forms is None:
+            forms = self._scrub_bytes = tuple(
+                f.encode("utf-8") for f in self.scrub_forms() if len(f) >= MIN_FORM_LENGTH)
+        if not forms:
+            return line
+        # a form that starts inside the kept width is whole in this prefix
+        head = line[: self.TRACE_WIDTH + len(forms[0])]
+        for form in forms:
+            if form in head:
+                head = head.replace(form, b"<redacted>")
+        return head
 
     @property
     def trace(self):
@@ -851,8 +605,3 @@ def _ssl_text(exc):
     except (IndexError, TypeError):
         parts = []
     return "; ".join(parts) or str(exc) or type(exc).__name__
-
-
-def plain_response(username, password):
-    """The base64 SASL PLAIN initial response (authzid empty)."""
-    return base64.b64encode(b"\0" + username + b"\0" + password)

@@ -1,0 +1,250 @@
+"""Reaching an IMAP server: endpoints, TLS options and TLS session resumption.
+
+Two objects, created once by the composition root and shared by every
+session (tests make their own, so nothing global needs clearing):
+
+- :class:`TlsContexts`: the client TLS options per ``(host, ca_file)``
+  (building an OpenSSL context is expensive) and the TLS session of the last
+  logged-in connection per server, offered to the next one (resumption).
+- :class:`Connector`: a :class:`HostnameEndpoint` per (host, port, timeout)
+  and :meth:`Connector.connect`, which opens one connection within
+  ``connect_timeout`` and classifies what went wrong.
+
+TLS: certificates are always verified against the account's host name.  The
+trust roots are the platform's (OpenSSL default paths) plus, when the
+account has a ``ca_file``, every certificate in that PEM file.
+"""
+
+import os
+import ssl
+
+from OpenSSL import crypto
+from twisted.internet import defer
+from twisted.internet import error as ierror
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.internet.protocol import Factory
+from twisted.internet.ssl import optionsForClientTLS
+from zope.interface import implementer
+
+from fido_tx import errors, private
+from fido_tx.errors import FidoError
+
+#: entries kept per cache before it is emptied
+CACHE_MAX = 4096
+
+__all__ = ["CACHE_MAX", "Connector", "TlsContexts", "explain_untrusted", "load_ca_file"]
+
+
+def load_ca_file(path):
+    """The certificates of a PEM file (pyOpenSSL X509); ``config`` error if
+    it cannot be read."""
+    from cryptography import x509
+
+    try:
+        with open(path, "rb") as f:
+            pem = f.read()
+        certs = x509.load_pem_x509_certificates(pem)
+    except (OSError, ValueError) as e:
+        raise FidoError(errors.CONFIG, f"cannot read ca_file {path!r}: {e}")
+    return [crypto.X509.from_cryptography(c) for c in certs]
+
+
+class TlsContexts:
+    """Shared client TLS options and resumable TLS sessions."""
+
+    def __init__(self, max_entries=CACHE_MAX):
+        self.max_entries = max_entries
+        self._options = {}
+        #: (shared options, port) -> TLS session of the last logged-in connection
+        self.sessions = {}
+
+    def options(self, host, ca_file=None):
+        """The client TLS options for ``host`` (and extra roots in ``ca_file``).
+
+        Cached per ``(host, ca_file, ca_file's mtime)``; raises a ``config``
+        :class:`FidoError` when ``ca_file`` cannot be read.
+        """
+        mtime = None
+        if ca_file:
+            try:
+                mtime = os.stat(ca_file).st_mtime_ns
+            except OSError as e:
+                raise FidoError(errors.CONFIG, f"cannot read ca_file {ca_file!r}: {e}")
+        key = (host, ca_file or None, mtime)
+        options = self._options.get(key)
+        if options is None:
+            trust = private.PlatformAndExtraRoots(load_ca_file(ca_file)) if ca_file else None
+            options = optionsForClientTLS(host, trustRoot=trust)
+            private.release_idle_buffers(options)
+            if len(self._options) >= self.max_entries:
+                self._options.clear()
+            self._options[key] = options
+        return options
+
+    def creator(self, host, ca_file, port):
+        """A per-connection :class:`RecordingCreator` for this server."""
+        return RecordingCreator(self, self.options(host, ca_file), port)
+
+    def remember(self, key, session):
+        if len(self.sessions) >= self.max_entries and key not in self.sessions:
+            self.sessions.clear()
+        self.sessions[key] = session
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class RecordingCreator:
+    """Per-connection wrapper of the shared options: remembers the TLS
+    connection, and resumes the server's last TLS session.
+
+    Verification stays entirely Twisted's (chain and host name); the
+    connection is kept to explain a failed verification and to keep its TLS
+    session (:meth:`remember_session`) once it has logged in.  A resumed
+    session skips the certificate exchange (~1 ms of client CPU); only a
+    session whose connection was verified and logged in is kept, per (host +
+    trust roots, port).  A server that declines the ticket gets a full
+    handshake, as before.
+    """
+
+    def __init__(self, contexts, options, port=None):
+        self.contexts = contexts
+        self.options = options
+        self.key = (options, port)
+        self.connections = []
+
+    def clientConnectionForTLS(self, tlsProtocol):
+        conn = self.options.clientConnectionForTLS(tlsProtocol)
+        session = self.contexts.sessions.get(self.key)
+        if session is not None:
+            try:
+                conn.set_session(session)
+            except Exception:  # pragma: no cover - OpenSSL refused it: full handshake
+                self.contexts.sessions.pop(self.key, None)
+        self.connections.append(conn)
+        return conn
+
+    def resumed(self):
+        """Whether the current connection resumed a TLS session (``None``: cannot tell)."""
+        if not self.connections:
+            return None
+        return private.session_reused(self.connections[-1])
+
+    def remember_session(self):
+        """Keep the TLS session of the current connection for the next one."""
+        if not self.connections:
+            return
+        try:
+            session = self.connections[-1].get_session()
+        except Exception:  # pragma: no cover - no session to keep
+            return
+        if session is not None:
+            self.contexts.remember(self.key, session)
+
+
+def explain_untrusted(connections, ca_file):
+    """Why the last connection's certificate chain is not trusted, or ``None``."""
+    if not connections:
+        return None
+    chain = connections[-1].get_peer_cert_chain()
+    if not chain:
+        return None
+    store = crypto.X509Store()
+    paths = ssl.get_default_verify_paths()
+    if paths.cafile or paths.capath:
+        try:
+            store.load_locations(paths.cafile, paths.capath)
+        except crypto.Error:
+            pass
+    if ca_file:
+        for cert in load_ca_file(ca_file):
+            store.add_cert(cert)
+    try:
+        crypto.X509StoreContext(store, chain[0], chain[1:]).verify_certificate()
+    except crypto.X509StoreContextError as e:
+        return str(e)
+    return None
+
+
+class _OneProtocol(Factory):
+    # One factory per connection: Twisted's "Starting factory" lines would be
+    # two log lines per mailbox poll, noise for a sysadmin tailing the log.
+    noisy = False
+
+    def __init__(self, make):
+        self.make = make
+
+    def buildProtocol(self, addr):
+        return self.make()
+
+
+def classify_connect_failure(exc):
+    if isinstance(exc, FidoError):
+        return exc
+    if isinstance(exc, ierror.DNSLookupError):
+        return FidoError(errors.DNS, f"cannot resolve host name: {exc}")
+    if isinstance(exc, ierror.TimeoutError):
+        return FidoError(errors.TIMEOUT, f"connect timed out: {exc}")
+    if isinstance(exc, ierror.ConnectionRefusedError):
+        return FidoError(errors.CONNECT, "connection refused")
+    if isinstance(exc, ierror.ConnectError):
+        return FidoError(errors.CONNECT, f"cannot connect: {exc}")
+    return FidoError(errors.CONNECT, f"cannot connect: {type(exc).__name__}: {exc}")
+
+
+class Connector:
+    """Opens connections to IMAP servers for ``reactor``."""
+
+    def __init__(self, reactor, tls=None, max_entries=CACHE_MAX):
+        self.reactor = reactor
+        self.tls = tls if tls is not None else TlsContexts(max_entries)
+        self.max_entries = max_entries
+        self._endpoints = {}
+
+    def endpoint(self, host, port, timeout):
+        """A shared :class:`HostnameEndpoint` per (host, port, timeout): it
+        keeps no state between connects, but building one converts the host
+        name with IDNA, a tenth of a session with nothing new."""
+        key = (host, port, timeout)
+        endpoint = self._endpoints.get(key)
+        if endpoint is None:
+            if len(self._endpoints) >= self.max_entries:
+                self._endpoints.clear()
+            endpoint = self._endpoints[key] = HostnameEndpoint(
+                self.reactor, host, port, timeout=timeout)
+        return endpoint
+
+    async def connect(self, account, timeout, make, creator=None):
+        """Connect to ``account``'s server; the protocol is ``make()``.
+
+        :param creator: the TLS connection creator for implicit TLS.
+        :return: the connected protocol.
+        :raise FidoError: kinds ``dns``, ``connect``, ``timeout``, ``config``.
+        :raise CancelledError: when the caller cancels the wait.
+        """
+        endpoint = self.endpoint(account.host, account.port, timeout)
+        if account.security == "tls":
+            endpoint = wrapClientTLS(creator, endpoint)
+        elif account.security not in ("starttls", "none"):
+            raise FidoError(errors.CONFIG, f"unknown security {account.security!r}")
+        factory = _OneProtocol(make)
+        timed_out = []
+        connecting = endpoint.connect(factory)
+
+        def on_timeout():
+            timed_out.append(True)
+            connecting.cancel()
+
+        timer = self.reactor.callLater(timeout, on_timeout)
+        try:
+            return await connecting
+        except Exception as e:
+            if timed_out:
+                raise FidoError(errors.TIMEOUT, f"connect to {account.host}:{account.port} "
+                                                f"timed out after {timeout:g} s")
+            if isinstance(e, (defer.CancelledError, ierror.ConnectingCancelledError)):
+                raise defer.CancelledError()  # the caller stopped: not a connect failure
+            raise classify_connect_failure(e)
+        finally:
+            if timer.active():
+                timer.cancel()
+            factory.make = None  # Twisted's connector keeps the factory

@@ -1,0 +1,381 @@
+"""One poll of one mailbox on a logged-in connection.
+
+STATUS (nothing unseen: done), SELECT (EXAMINE in a dry run), UID SEARCH,
+ask the sink which UIDs are new, mark the others, RFC822.SIZE, leave the
+too-large ones flagged, then per batch: wait for the byte budget, UID FETCH,
+deliver, mark what the sink confirmed, flag what it rejected.
+
+The order guarantees "never lose a message": a UID is marked (seen,
+deleted, moved) only after the sink has confirmed it.  UIDs the sink already
+holds (a crash between delivery and marking) are marked without being
+fetched again.
+
+Search: ``UID SEARCH UNSEEN UNKEYWORD <too_large_keyword> UNKEYWORD
+<rejected_keyword>`` for each keyword the mailbox can hold (``\\*`` or the
+keyword in PERMANENTFLAGS, or the keyword already in FLAGS).
+
+Messages go to the sink as :class:`fido_tx.sinks.message.Message` with
+``epoch = str(UIDVALIDITY)`` and ``id = str(UID)``.  The sink's own
+:class:`~fido_tx.errors.FidoError` passes through unchanged; anything else it
+raises is kind ``protocol`` ("internal error").
+"""
+
+from twisted.internet import defer
+
+from fido_tx import errors
+from fido_tx.errors import FidoError
+from fido_tx.sinks.message import Message
+from fido_tx.sources.imap.client import ImapCommandError
+from fido_tx.sources.imap.parse import (
+    SelectInfo,
+    _show,
+    extract_message_id,
+    mailbox_name,
+    parse_fetch,
+    parse_search,
+    parse_status,
+    response_code,
+    uid_set,
+)
+
+#: UIDs per ``UID FETCH (RFC822.SIZE)`` and per marking command
+SIZE_CHUNK = 1000
+
+__all__ = ["MailboxPoll", "SIZE_CHUNK", "command_error"]
+
+
+def command_error(exc, kind_for_no=errors.MAILBOX, doing=""):
+    if isinstance(exc, ImapCommandError):
+        kind = kind_for_no if exc.status == b"NO" else errors.PROTOCOL
+        return FidoError(kind, f"{doing or exc.command} failed: {exc.status.decode()} "
+                               f"{_show(exc.text)}")
+    return exc
+
+
+def _shielded(d):
+    """A Deferred with ``d``'s result whose cancellation leaves ``d`` running:
+    a session stopped during a delivery ends at once, and the sink finishes
+    its write (nothing is marked: the next poll finds it delivered)."""
+    outer = defer.Deferred()
+
+    def forward(result):
+        if not outer.called:
+            outer.callback(result)  # a Failure errbacks
+
+    d.addBoth(forward)
+    return outer
+
+
+async def sink_call(f, *args):
+    """Call the sink: its FidoError passes through; a bug is ``protocol``."""
+    try:
+        return await _shielded(defer.maybeDeferred(f, *args))
+    except (FidoError, defer.CancelledError):
+        raise
+    except Exception as e:
+        raise FidoError(errors.PROTOCOL, f"internal error: the sink failed: "
+                                         f"{type(e).__name__}: {e}")
+
+
+def batches(uids, sizes, limit_n, limit_b):
+    """Split ``uids`` into batches of at most ``limit_n`` messages and
+    ``limit_b`` bytes (a larger message alone)."""
+    limit_n = max(1, limit_n)
+    batch, nbytes = [], 0
+    for uid in uids:
+        size = sizes[uid]
+        if batch and (len(batch) >= limit_n or nbytes + size > limit_b):
+            yield batch
+            batch, nbytes = [], 0
+        batch.append(uid)
+        nbytes += size
+    if batch:
+        yield batch
+
+
+class MailboxPoll:
+    """Poll ``mailbox`` once on ``connection`` (an
+    :class:`~fido_tx.sources.imap.login.ImapConnection`).  The counters say
+    what it did, also when it ends with an error."""
+
+    def __init__(self, connection, account, sink, settings, step, budget=None,
+                 dry_run=False, mailbox=None):
+        self.conn = connection
+        self.account = account
+        self.sink = sink
+        self.settings = settings
+        self.step = step
+        self.budget = budget
+        self.dry_run = dry_run
+        self.mailbox = mailbox if mailbox is not None else account.mailbox
+        self.fetched = 0
+        self.bytes = 0
+        self.marked = 0
+        self.too_large = []
+        self.rejected = []
+
+    def command(self, name, args=None, **kw):
+        return self.conn.proto.command(name, args, **kw)
+
+    async def run(self):
+        if await self.unseen_count() == 0:
+            self.step("no unseen messages (STATUS)")
+            return
+        info = await self.select()
+        uids = await self.search(info)
+        if not uids:
+            self.step("no unseen messages")
+            return
+        epoch = str(info.uidvalidity)
+        ids = await sink_call(self.sink.filter_new, self.account.id, self.mailbox, epoch,
+                              [str(u) for u in uids])
+        new_set = {int(i) for i in ids}
+        already = [u for u in uids if u not in new_set]
+        new = [u for u in uids if u in new_set]
+        if already:
+            self.step("{n} messages already stored, marking them", n=len(already))
+            if not self.dry_run:
+                await self.mark(already)
+                self.marked += len(already)
+        if new:
+            await self.fetch_new(info, new)
+
+    async def fetch_new(self, info, new):
+        sizes = await self.sizes(new)
+        fetchable = await self.leave_too_large(info, new, sizes)
+        if self.dry_run:
+            self.fetched = len(fetchable)
+            self.bytes = sum(sizes[u] for u in fetchable)
+            return
+        settings = self.settings
+        epoch = str(info.uidvalidity)
+        for batch in batches(fetchable, sizes, settings.batch_messages, settings.batch_bytes):
+            grant = None
+            if self.budget is not None:
+                grant = await self.budget.acquire(sum(sizes[u] for u in batch))
+            try:
+                error = await self.fetch_batch(batch, epoch, grant)
+            finally:
+                if grant is not None:
+                    grant.release()
+            if error is not None:
+                raise error
+        if self.rejected:
+            await self.flag(info, self.rejected, settings.rejected_keyword)
+            shown = ", ".join(str(u) for u in self.rejected[:20])
+            more = "" if len(self.rejected) <= 20 else f" and {len(self.rejected) - 20} more"
+            raise FidoError(errors.REJECTED,
+                            f"the delivery refused {len(self.rejected)} message(s) for good: "
+                            f"UID {shown}{more} in {self.mailbox!r}, left on the server "
+                            f"flagged {settings.rejected_keyword}")
+
+    async def leave_too_large(self, info, new, sizes):
+        """The UIDs small enough to fetch; the others are flagged and left."""
+        limit = self.settings.max_message_size
+        fetchable = []
+        for uid in new:
+            size = sizes.get(uid)
+            if size is None:  # expunged meanwhile
+                continue
+            if size > limit:
+                self.too_large.append(uid)
+            else:
+                fetchable.append(uid)
+        if self.too_large:
+            self.step("{n} messages over max_message_size left on the server",
+                      n=len(self.too_large))
+            if not self.dry_run:
+                await self.flag(info, self.too_large, self.settings.too_large_keyword)
+        return fetchable
+
+    async def flag(self, info, uids, keyword):
+        if keyword and info.keywords_allowed(keyword):
+            await self.store_flags(uids, keyword.encode("ascii", "replace"))
+
+    # -- commands --------------------------------------------------------------
+
+    async def unseen_count(self):
+        """``STATUS <mailbox> (UNSEEN)``: how many messages lack ``\\Seen``,
+        or ``None`` when the server does not say (SELECT then decides).
+
+        Most polls find nothing new: STATUS answers that from the server's
+        index without opening the mailbox.  RFC 3501 defines UNSEEN as the
+        messages without ``\\Seen``, what UID SEARCH UNSEEN looks for, so a
+        zero means that search would find nothing.  Anything else, an error
+        answer included, goes the SELECT way.
+        """
+        counts = []
+
+        def untagged(segments):
+            unseen = parse_status(segments).get(b"UNSEEN")
+            if unseen is not None:
+                counts.append(unseen)
+
+        try:
+            await self.command(b"STATUS", mailbox_name(self.mailbox) + b" (UNSEEN)",
+                               untagged=untagged)
+        except ImapCommandError:
+            return None
+        return counts[-1] if counts else None
+
+    async def select(self):
+        info = SelectInfo()
+
+        def untagged(segments):
+            if len(segments) == 1:
+                info.feed(segments[0])
+
+        verb = b"EXAMINE" if self.dry_run else b"SELECT"
+        try:
+            text = await self.command(verb, mailbox_name(self.mailbox), untagged=untagged)
+        except ImapCommandError as e:
+            if e.status == b"NO":
+                raise FidoError(errors.MAILBOX, f"cannot open mailbox {self.mailbox!r}: "
+                                                f"{_show(e.text)}")
+            raise FidoError(errors.PROTOCOL, f"{verb.decode()} failed: {e.status.decode()} "
+                                             f"{_show(e.text)}")
+        if response_code(text) == b"READ-ONLY" and not self.dry_run:
+            raise FidoError(errors.MAILBOX, f"mailbox {self.mailbox!r} is read-only")
+        if info.uidvalidity is None:
+            raise FidoError(errors.PROTOCOL, f"server sent no UIDVALIDITY for {self.mailbox!r}")
+        self.step("selected {mailbox}: {exists} messages, uidvalidity {uidvalidity}",
+                  mailbox=self.mailbox, exists=info.exists, uidvalidity=info.uidvalidity)
+        return info
+
+    async def search(self, info):
+        query = b"SEARCH UNSEEN"
+        for kw in (self.settings.too_large_keyword, self.settings.rejected_keyword):
+            if kw and info.keyword_known(kw):
+                query += b" UNKEYWORD " + kw.encode("ascii", "replace")
+        found = set()
+
+        def untagged(segments):
+            text = segments[0]
+            if len(segments) == 1 and (text[:7].upper() == b"SEARCH " or text.upper() == b"SEARCH"):
+                found.update(parse_search(text))
+
+        try:
+            await self.command(b"UID", query, untagged=untagged)
+        except ImapCommandError as e:
+            raise command_error(e, errors.PROTOCOL, "UID SEARCH")
+        uids = sorted(found)
+        self.step("{n} unseen messages", n=len(uids))
+        return uids
+
+    async def fetch_items(self, uids, items, collect):
+        """``UID FETCH`` in chunks; ``collect(uid, items)`` per response."""
+        def untagged(segments):
+            head = segments[0]
+            sp = head.find(b" ")
+            if sp <= 0 or head[sp + 1:sp + 7].upper() != b"FETCH ":
+                return
+            seq, values = parse_fetch(segments)
+            uid = values.get(b"UID")
+            if uid is None or not uid.isdigit():
+                return  # an unsolicited FETCH (flag change) of another message
+            collect(int(uid), values)
+
+        for i in range(0, len(uids), SIZE_CHUNK):
+            chunk = uids[i:i + SIZE_CHUNK]
+            try:
+                await self.command(b"UID", b"FETCH " + uid_set(chunk) + b" " + items,
+                                   untagged=untagged)
+            except ImapCommandError as e:
+                raise command_error(e, errors.PROTOCOL, "UID FETCH")
+
+    async def sizes(self, uids):
+        sizes = {}
+        wanted = set(uids)
+
+        def collect(uid, values):
+            size = values.get(b"RFC822.SIZE")
+            if uid in wanted and size is not None and size.isdigit():
+                sizes[uid] = int(size)
+
+        await self.fetch_items(uids, b"(UID RFC822.SIZE)", collect)
+        return sizes
+
+    async def fetch_batch(self, batch, epoch, grant=None):
+        """Fetch, deliver and mark one batch; the delivery's error, if any."""
+        bodies = {}
+        wanted = set(batch)
+
+        def collect(uid, values):
+            body = values.get(b"BODY[]")
+            if uid in wanted and isinstance(body, bytes):
+                bodies[uid] = body
+
+        await self.fetch_items(batch, b"(UID BODY.PEEK[])", collect)
+        account, mailbox = self.account.id, self.mailbox
+        messages = [
+            Message(account, mailbox, epoch, str(uid), bodies[uid],
+                    message_id=extract_message_id(bodies[uid]), source="imap")
+            for uid in batch if uid in bodies
+        ]
+        bodies.clear()
+        if not messages:
+            return None
+        self.step("storing {n} messages", n=len(messages))
+        delivery = await sink_call(self.sink.deliver, messages)
+        sizes = {m.id: m.size for m in messages}
+        del messages
+        if grant is not None:
+            grant.release()  # the bodies are delivered and dropped: the budget is free
+        confirmed = [int(i) for i in delivery.confirmed if i in sizes]
+        self.fetched += len(confirmed)
+        self.bytes += sum(sizes[str(u)] for u in confirmed)
+        self.rejected.extend(int(i) for i in delivery.rejected if i in sizes)
+        if confirmed:
+            await self.mark(confirmed)
+            self.marked += len(confirmed)
+        return delivery.error
+
+    # -- marking -----------------------------------------------------------------
+
+    async def store_flags(self, uids, flag):
+        for i in range(0, len(uids), SIZE_CHUNK):
+            chunk = uids[i:i + SIZE_CHUNK]
+            try:
+                await self.command(
+                    b"UID", b"STORE " + uid_set(chunk) + b" +FLAGS.SILENT (" + flag + b")")
+            except ImapCommandError as e:
+                raise command_error(e, errors.MAILBOX, "UID STORE")
+
+    async def expunge(self, uids):
+        try:
+            if b"UIDPLUS" in self.conn.caps:
+                await self.command(b"UID", b"EXPUNGE " + uid_set(uids))
+            else:
+                await self.command(b"EXPUNGE")
+        except ImapCommandError as e:
+            raise command_error(e, errors.MAILBOX, "EXPUNGE")
+
+    async def mark(self, uids):
+        for i in range(0, len(uids), SIZE_CHUNK):
+            await self.mark_chunk(uids[i:i + SIZE_CHUNK])
+
+    async def mark_chunk(self, uids):
+        action = self.account.after_fetch
+        target = self.account.move_target
+        if action == "seen":
+            await self.store_flags(uids, b"\\Seen")
+        elif action == "delete":
+            await self.store_flags(uids, b"\\Deleted")
+            await self.expunge(uids)
+        elif target is not None:
+            await self.move(uids, target)
+        else:
+            raise FidoError(errors.CONFIG, f"unknown after_fetch {action!r}")
+        self.step("marked {n} messages ({action})", n=len(uids), action=action)
+
+    async def move(self, uids, target):
+        folder = mailbox_name(target)
+        try:
+            if b"MOVE" in self.conn.caps:
+                await self.command(b"UID", b"MOVE " + uid_set(uids) + b" " + folder)
+                return
+            await self.command(b"UID", b"COPY " + uid_set(uids) + b" " + folder)
+        except ImapCommandError as e:
+            raise command_error(e, errors.MAILBOX, f"moving messages to {target!r}")
+        await self.store_flags(uids, b"\\Deleted")
+        await self.expunge(uids)
