@@ -29,6 +29,7 @@ two sessions at once; an account is polled no more often than
 account is never lost, whatever its session does.
 """
 
+import collections
 import random as _random
 
 import attr
@@ -124,6 +125,8 @@ class Scheduler(service.Service):
         self._timer = None
         self._timer_due = None
         self._dispatching = False
+        #: held sessions waiting for a worker slot: (session, Deferred), FIFO
+        self._slot_waiters = collections.deque()
 
         self.last_dispatch_at = None
         self.last_completion_at = None
@@ -278,6 +281,7 @@ class Scheduler(service.Service):
             # A bound on starts per call, so that instant sessions with a
             # poll_interval of 0 cannot spin here forever.
             budget = len(self._entries) + self.workers
+            self._grant_slots()
             while self._can_start() and budget > 0:
                 entry = self._queue.peek()
                 if entry is None or (
@@ -290,6 +294,31 @@ class Scheduler(service.Service):
         finally:
             self._dispatching = False
         self._reschedule(again=budget <= 0)
+
+    def _grant_slots(self):
+        """Held sessions with work go first: they have mail waiting."""
+        while self._slot_waiters and self._can_start():
+            session, d = self._slot_waiters.popleft()
+            if self._sessions.take_slot(session):
+                d.callback(None)
+
+    def _take_slot(self, session):
+        def withdraw(d):
+            try:
+                self._slot_waiters.remove((session, d))
+            except ValueError:
+                pass
+
+        d = defer.Deferred(withdraw)
+        self._slot_waiters.append((session, d))
+        self._dispatch()
+        return d
+
+    def _report(self, session, result):
+        if result is not None and not result.skipped:
+            # a held session's fetch is a completed poll (for /healthz too)
+            self.last_completion_at = self._clock.seconds()
+            self._notify(session.account, result)
 
     def _reschedule(self, again=False):
         """Keep the one timer at the earliest due time, or none when it cannot help."""
@@ -328,7 +357,9 @@ class Scheduler(service.Service):
         session = RunningSession(entry, account, now)
         self._sessions[account.id] = session
         if self._handles:
-            d = defer.maybeDeferred(self._run_session, account, SessionHandle(self._sessions, session, self._dispatch))
+            handle = SessionHandle(self._sessions, session, self._dispatch,
+                                   on_take=self._take_slot, on_report=self._report)
+            d = defer.maybeDeferred(self._run_session, account, handle)
         else:
             d = defer.maybeDeferred(self._run_session, account)
         session.deferred = d
@@ -401,14 +432,17 @@ class Scheduler(service.Service):
                 successor.due = now  # waiting (for lag) from now on
                 self._queue.push_front(successor)
         if result is not None:
-            for observer in list(self._observers):
-                try:
-                    observer(session.account, result)
-                except Exception:
-                    log.failure("result observer {observer!r} failed for {account_id}",
-                                level=LogLevel.error, observer=observer,
-                                account_id=account_id)
+            self._notify(session.account, result)
         self._after_session()
+
+    def _notify(self, account, result):
+        for observer in list(self._observers):
+            try:
+                observer(account, result)
+            except Exception:
+                log.failure("result observer {observer!r} failed for {account_id}",
+                            level=LogLevel.error, observer=observer,
+                            account_id=account.id)
 
     def _after_session(self):
         self._sessions.check_empty()
