@@ -145,7 +145,7 @@ class DeliveryCheck:
         return tuple(kept)
 
 
-def _session_factory(reactor, settings, sinks, dry_run, memory=None):
+def _session_factory(reactor, settings, sinks, dry_run, memory=None, held=None):
     """``f(account, handle=None) -> Deferred[SessionResult]``: a new session
     of the account's source (:func:`fido_tx.sources.make_session`) delivering
     to the sink of its ``delivery`` (``sinks``: name -> ISink), polled."""
@@ -172,6 +172,8 @@ def _session_factory(reactor, settings, sinks, dry_run, memory=None):
         dry_run=dry_run,
         debug=settings.log.level == "debug",
         memory=memory,
+        # accounts with idle = true keep their connection and wait in IDLE
+        held=held,
     )
 
     # one context per delivery: a session sees only its own sink
@@ -260,8 +262,12 @@ def make_service(
     sessions = history.SessionLog(reactor, redis.execute, keep=settings.http.recent_sessions)
 
     handles = session_factory is None  # a given factory takes the account only
+    held = None
     if session_factory is None:
-        session_factory = _session_factory(reactor, settings, sinks, dry_run)
+        from fido_tx.sources.imap.holding import HeldConnections
+
+        held = HeldConnections(settings)
+        session_factory = _session_factory(reactor, settings, sinks, dry_run, held=held)
 
     sched = scheduler_mod.Scheduler(
         reactor,
@@ -282,6 +288,10 @@ def make_service(
         _backpressure(top, reactor, sinks, sched, status, settings.redis.max_backlog)
 
     sched.setServiceParent(top)
+    if held is not None:
+        # stops before the scheduler: held connections say DONE and LOGOUT
+        # at once instead of waiting out the grace period
+        held.setServiceParent(top)
 
     routable = DeliveryCheck(sinks, report=status.report_config)
 
@@ -317,7 +327,7 @@ def make_service(
 
     if not dry_run:
         heartbeat_mod.Heartbeat(
-            reactor, heartbeat_mod.HeartbeatWriter(redis), sched, ident
+            reactor, heartbeat_mod.HeartbeatWriter(redis), sched, ident, held=held
         ).setServiceParent(top)
 
     health = health_mod.Health(reactor, sched, redis, status=status)
@@ -326,7 +336,7 @@ def make_service(
         default = sinks.get(sinks_mod.DEFAULT_DELIVERY)
         backlog = default if IBacklog.providedBy(default) else None
         metrics.bind(scheduler=sched, redis=redis, reporter=reporter, status=status,
-                     backlog=backlog)
+                     backlog=backlog, held=held)
         view, instances = _serve_http(reactor, settings.http, top, metrics, health, view_parts=dict(
             tracker=status, scheduler=sched, redis=redis, backlog=backlog, sessions=sessions))
 
@@ -334,7 +344,7 @@ def make_service(
         redis=redis, sinks=sinks, account_state=account_state,
         reporter=reporter, metrics=metrics, status=status,
         scheduler=sched, source=source, health=health, gate=gate, sessions=sessions,
-        view=view, instances=instances,
+        view=view, instances=instances, held=held,
     )
     return top
 
