@@ -275,3 +275,14 @@ class DeadlineTests(SynchronousTestCase):
         self.assertEqual(new.getTime(), clock.seconds() + 5)
         clock.advance(5.1)
         self.assertTrue(transport.disconnecting)
+
+
+class LogoutTests(SynchronousTestCase):
+    def test_no_logout_while_a_command_is_in_flight(self):
+        client, transport, clock = connected()
+        client.command(b"UID", b"FETCH 1:* (BODY.PEEK[])")
+        sent(transport)
+        d = idle.logout(client, timeout=2)
+        self.successResultOf(d)
+        self.assertEqual(sent(transport), [])  # no second command: it would be refused
+        self.assertTrue(transport.disconnecting)

@@ -282,7 +282,7 @@ class HeldAccount:
         self._closed_waiters.append(d)  # before: the interrupt may end it at once
         self._interrupt()
         if timeout is not None:
-            timer = self.clock.callLater(timeout, self._abort)
+            timer = self.clock.callLater(timeout, self._abort, timeout)
             d.addBoth(lambda r: (timer.cancel() if timer.active() else None, r)[1])
         return d
 
@@ -314,9 +314,12 @@ class HeldAccount:
         if self._waiting is not None and not self._waiting.called:
             self._waiting.cancel()
 
-    def _abort(self):
+    def _abort(self, timeout):
         polling = self._polling
         if polling is not None and not polling.called:
+            self.log.warn("held {account_id}: still fetching after the {grace:g} s grace "
+                          "period: cancelled (nothing more is marked; the next start "
+                          "finds the rest)", account_id=self.account_id, grace=timeout)
             polling.cancel()
         conn = self.conn
         if conn is not None and not conn.client.closed and conn.client.transport is not None:

@@ -221,6 +221,11 @@ def logout(client, timeout):
     connection whatever happened; never fails."""
     if client.closed or client.error is not None or client.transport is None:
         return defer.succeed(None)
+    if client.waiting or getattr(client.transport, "disconnecting", False):
+        # a command cut short (a cancelled fetch) or an abort under way:
+        # LOGOUT cannot go out now, and need not
+        client.transport.abortConnection()
+        return defer.succeed(None)
     client.logging_out = True
     d = client.command(b"LOGOUT", timeout=timeout)
 
