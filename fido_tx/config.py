@@ -20,6 +20,15 @@ import attr
 from fido_tx import errors
 
 MIB = 1024 * 1024
+GIB = 1024 * MIB
+HOUR = 3600.0
+DAY = 86400.0
+WEEK = 7 * DAY
+#: sane bounds of the numbers in fido.toml (README "Bounds")
+MAX_WORKERS = 10_000
+MIN_POLL_INTERVAL = 1.0
+#: largest config file read (a FIFO or /dev/zero is refused before reading)
+MAX_CONFIG_BYTES = MIB
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
@@ -56,6 +65,9 @@ class ImapSettings:
     #: bytes (by RFC822.SIZE) of message bodies in flight, all sessions together
     max_inflight_bytes: int = 8 * MIB
     max_message_size: int = 50 * MIB
+    #: UIDs taken from one UID SEARCH answer; a mailbox with more unseen
+    #: messages is fetched in parts, the rest at the next polls
+    max_search_uids: int = 100_000
     #: keyword set on messages left on the server because they are too large
     too_large_keyword: str = "$FidoTooLarge"
     #: keyword set on messages the sink refused for good (left on the server)
@@ -377,9 +389,13 @@ def load_settings(explicit=None, environ=os.environ, roots=None, dry_run=None):
 def read_settings(path):
     """Read and validate one config file (no discovery)."""
     path = os.path.abspath(os.path.expanduser(path))
+    from fido_tx import boundedfile
+
     try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
+        raw = boundedfile.read_regular(path, MAX_CONFIG_BYTES, "config file")
+        data = tomllib.loads(raw.decode("utf-8"))
+    except boundedfile.FileRefused as e:
+        raise ConfigError(f"{path}: {e}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML: {e}") from None
     except UnicodeDecodeError as e:
@@ -579,6 +595,15 @@ def _check_settings(path, s):
         if not value >= low:
             bad(section, key, f"must be at least {low}, got {value!r}")
 
+    def within(section, key, value, low, high, unit=""):
+        if not low <= value <= high:
+            bad(section, key, f"must be from {low:g}{unit} to {high:g}{unit}, got {value!r}")
+
+    def timeout(section, key, value, high=DAY):
+        positive(section, key, value)
+        if value > high:
+            bad(section, key, f"must be at most {high:g} s, got {value!r}")
+
     def one_of(section, key, value, allowed):
         if value not in allowed:
             bad(
@@ -592,13 +617,16 @@ def _check_settings(path, s):
     if not f.accounts_file:
         bad("fido", "accounts_file", "must not be empty")
     at_least("fido", "workers", f.workers, 1)
+    within("fido", "workers", f.workers, 1, MAX_WORKERS)
     positive("fido", "poll_interval", f.poll_interval)
+    within("fido", "poll_interval", f.poll_interval, MIN_POLL_INTERVAL, DAY, " s")
     try:
         parse_shard(f.shard)
     except ValueError as e:
         bad("fido", "shard", str(e))
     one_of("fido", "watch", f.watch, WATCH_MODES)
     at_least("fido", "grace_period", f.grace_period, 0)
+    within("fido", "grace_period", f.grace_period, 0, HOUR, " s")
 
     i = s.imap
     if not 0 < i.idle_refresh < 29 * 60:
@@ -606,11 +634,18 @@ def _check_settings(path, s):
             f"servers end an IDLE after 30), got {i.idle_refresh!r}")
     at_least("imap", "max_connections_per_host", i.max_connections_per_host, 1)
     for key in ("connect_timeout", "greeting_timeout", "command_timeout", "logout_timeout"):
-        positive("imap", key, getattr(i, key))
+        timeout("imap", key, getattr(i, key))
     at_least("imap", "min_literal_rate", i.min_literal_rate, 0)
+    within("imap", "min_literal_rate", i.min_literal_rate, 0, GIB)
     at_least("imap", "session_timeout", i.session_timeout, 0)
+    within("imap", "session_timeout", i.session_timeout, 0, DAY, " s")
     for key in ("batch_messages", "batch_bytes", "max_message_size", "max_inflight_bytes"):
         positive("imap", key, getattr(i, key))
+    within("imap", "batch_messages", i.batch_messages, 1, 10_000)
+    within("imap", "batch_bytes", i.batch_bytes, 1024, GIB)
+    within("imap", "max_message_size", i.max_message_size, 1024, 2 * GIB)
+    within("imap", "max_inflight_bytes", i.max_inflight_bytes, 64 * 1024, 64 * GIB)
+    within("imap", "max_search_uids", i.max_search_uids, 1, 1_000_000)
     for key in ("too_large_keyword", "rejected_keyword"):
         value = getattr(i, key)
         if not _KEYWORD_RE.match(value) or value.startswith("\\"):
@@ -623,7 +658,7 @@ def _check_settings(path, s):
 
     b = s.backoff
     for key in ("initial", "maximum", "auth_initial", "auth_maximum"):
-        positive("backoff", key, getattr(b, key))
+        timeout("backoff", key, getattr(b, key), WEEK)
     if b.maximum < b.initial:
         bad("backoff", "maximum", f"must be at least initial ({b.initial!r}), got {b.maximum!r}")
     if b.auth_maximum < b.auth_initial:
@@ -653,12 +688,13 @@ def _check_settings(path, s):
     if not r.stream:
         bad("redis", "stream", "must not be empty")
     at_least("redis", "max_backlog", r.max_backlog, 1)
-    positive("redis", "connect_timeout", r.connect_timeout)
-    positive("redis", "command_timeout", r.command_timeout)
+    within("redis", "max_backlog", r.max_backlog, 1, 1_000_000_000)
+    timeout("redis", "connect_timeout", r.connect_timeout)
+    timeout("redis", "command_timeout", r.command_timeout)
     at_least("redis", "min_replicas", r.min_replicas, 0)
     if r.min_replicas > 100:
         bad("redis", "min_replicas", f"must be at most 100, got {r.min_replicas!r}")
-    positive("redis", "replica_timeout", r.replica_timeout)
+    timeout("redis", "replica_timeout", r.replica_timeout)
 
     c = s.cluster
     one_of("cluster", "mode", c.mode, CLUSTER_MODES)
@@ -671,9 +707,21 @@ def _check_settings(path, s):
     if p.url:
         scheme = _scheme(p.url)
         if scheme not in REPORTER_SCHEMES or not urlsplit(p.url).netloc:
-            bad("reporter", "url", f'must be an http:// or https:// URL or "", got {p.url!r}')
-    positive("reporter", "timeout", p.timeout)
+            bad("reporter", "url", f'must be an http:// or https:// URL or "", got '
+                                   f"{_without_userinfo(p.url)!r}")
+        if "@" in urlsplit(p.url).netloc:
+            bad("reporter", "url", "must not hold user:password@ (the web application is "
+                                   "sent [reporter] token as a Bearer token), got "
+                                   f"{_without_userinfo(p.url)!r}")
+    timeout("reporter", "timeout", p.timeout)
     at_least("reporter", "queue_size", p.queue_size, 1)
+    within("reporter", "queue_size", p.queue_size, 1, 1_000_000)
+
+    h = s.http
+    if h.listen:
+        why = listen_problem(h.listen)
+        if why:
+            bad("http", "listen", why)
 
     _check_http(s.http, bad)
 
@@ -681,7 +729,43 @@ def _check_settings(path, s):
     one_of("log", "level", g.level, LOG_LEVELS)
     one_of("log", "format", g.format, LOG_FORMATS)
     positive("log", "rotate_length", g.rotate_length)
+    within("log", "rotate_length", g.rotate_length, 1024, 1024 * GIB)
     at_least("log", "max_rotated_files", g.max_rotated_files, 1)
+    within("log", "max_rotated_files", g.max_rotated_files, 1, 10_000)
+    if g.file and os.path.isdir(g.file):
+        bad("log", "file", f"{g.file} is a directory; name a file in it")
+
+
+class _NoReactor:
+    """Stands in for the reactor while an endpoint description is only parsed."""
+
+
+def listen_problem(description):
+    """Why ``[http] listen`` cannot be used (one line), or ``None``.
+
+    Only parses the ``serverFromString`` description (nothing listens):
+    an unknown endpoint type, a port that is not a number.
+    """
+    from twisted.internet.endpoints import serverFromString
+
+    try:
+        serverFromString(_NoReactor(), description)
+    except (ValueError, KeyError, TypeError, OSError) as e:  # OSError: ssl: key files
+        text = _one_line(e) or type(e).__name__
+        return (f'cannot use {description!r} ({text}); write it like '
+                f'"tcp:9119:interface=127.0.0.1", or "" for off')
+    return None
+
+
+def _without_userinfo(url):
+    """``url`` with any ``user:password@`` replaced (for messages)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparsable URL>"
+    if "@" not in parts.netloc:
+        return url
+    return parts._replace(netloc="<user info>@" + parts.netloc.rsplit("@", 1)[1]).geturl()
 
 
 def _check_http(h, bad):

@@ -20,7 +20,7 @@ connection close, so a session never loses its sink mid-batch.
 import os
 import signal
 
-from twisted.application import service, strports
+from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
@@ -32,6 +32,13 @@ from fido_tx.observe import logs
 from fido_tx.redis.heartbeat import instance_id
 
 log = Logger()
+
+
+class StartupError(Exception):
+    """The daemon cannot start; ``str()`` is one line (no traceback)."""
+
+    def __init__(self, message):
+        super().__init__(" ".join(str(message).split()))
 
 
 class FidoService(service.MultiService):
@@ -75,6 +82,27 @@ class FidoService(service.MultiService):
             # clean stop, and it exits 0.
             private.clear_exit_signal(self.clean_exit_reactor)
             log.info("Fido stopped cleanly")
+
+
+class _RedisAtStart(service.Service):
+    """Redis unreachable from the start (down, wrong password, NOAUTH) is
+    an outage like one that begins later: the status tracker reports it
+    after the same grace period.  The store notifies its observers only of
+    connections made and lost, so this says "down" once at start unless the
+    connection is already up; the first connection cancels it."""
+
+    def __init__(self, store, status):
+        self._store = store
+        self._status = status
+
+    def startService(self):
+        super().startService()
+        if not getattr(self._store, "connected", False):
+            self._status.redis_state(False)
+
+    def stopService(self):
+        self._status.stop()
+        return super().stopService()
 
 
 class _ReloadOnHangup(service.Service):
@@ -219,7 +247,12 @@ def make_service(
     resolve.install(reactor)
 
     if observer is None and not twistd_syslog:
-        observer = logs.make_observer(settings.log, twistd_logfile=twistd_logfile)
+        try:
+            observer = logs.make_observer(settings.log, twistd_logfile=twistd_logfile)
+        except OSError as e:
+            where = settings.log.file or twistd_logfile
+            raise StartupError(f"cannot open the log file {where} ([log] file): "
+                               f"{e.strerror or e}") from None
     top = FidoService(observer or None)
     fido = settings.fido
     dry_run = fido.dry_run
@@ -284,6 +317,8 @@ def make_service(
         sched.add_result_observer(sessions.record)
 
     _pause_while_redis_is_down(redis, sched, status, gate)
+    # never connected yet: reported like an outage that begins later
+    _RedisAtStart(redis, status).setServiceParent(top)
     if not dry_run:
         _backpressure(top, reactor, sinks, sched, status, settings.redis.max_backlog)
 
@@ -331,6 +366,7 @@ def make_service(
         ).setServiceParent(top)
 
     health = health_mod.Health(reactor, sched, redis, status=status)
+    sched.add_result_observer(health.observe)
     view = instances = None
     if metrics is not None:
         default = sinks.get(sinks_mod.DEFAULT_DELIVERY)
@@ -412,7 +448,17 @@ def _serve_http(reactor, http, top, metrics, health, view_parts):
         reactor, parts.pop("tracker"), throughput=per_minute, instances=instances, **parts
     )
     site = web.make_site(metrics, health, view, _credentials(http))
-    strports.service(http.listen, site).setServiceParent(top)
+    # listen now: a port in use or a bad address stops the start with one line
+    port = web.listen_now(reactor, http.listen, site)
+    web.HttpService(port).setServiceParent(top)
+    exposed = web.beyond_loopback(port)
+    if exposed:
+        log.warn(
+            "/metrics and /healthz listen on {address}, beyond loopback, with no "
+            "authentication: anyone who can reach it reads them. Set [http] listen "
+            'to "tcp:9119:interface=127.0.0.1" or firewall the port.',
+            address=exposed,
+        )
     return view, instances
 
 

@@ -37,6 +37,7 @@ def makeService(options):
         # twistd turns a SystemExit message into one line on stderr, no traceback.
         raise SystemExit(f"fido: {e}")
     from fido_tx.accounts.reload import AccountsStartupError
+    from fido_tx.errors import OneLineError
 
     twistd = getattr(options, "parent", None) or {}
     try:
@@ -48,7 +49,9 @@ def makeService(options):
             twistd_syslog=bool(twistd.get("syslog")),
             handle_signals=True,
         )
-    except AccountsStartupError as e:
+    except (AccountsStartupError, service.StartupError) as e:
+        raise SystemExit(f"fido: {e}")
+    except OneLineError as e:  # [http] listen unusable, and others of one line
         raise SystemExit(f"fido: {e}")
     # Everything imported and built so far lives as long as the process:
     # keep it out of the garbage collector's full passes, which otherwise

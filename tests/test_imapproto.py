@@ -27,6 +27,8 @@ from fido_tx.config import ImapSettings
 from fido_tx.errors import FidoError
 from fido_tx.sources.imap.client import FidoIMAP4Client
 from fido_tx.testing import MemorySink
+from fido_tx.sources.imap.reader import LinearLineReader
+
 
 
 def connect(greeting=b"* OK [CAPABILITY IMAP4rev1 STARTTLS] hello\r\n", rate=1000):
@@ -645,3 +647,260 @@ class OAuthMechanismTests(SynchronousTestCase):
         self.assertEqual(self.failureResultOf(d, FidoError).value.kind, errors.AUTH)
         self.assertEqual(creds.invalidated, 1)
         self.assertNotIn("tok-123", "\n".join(proto.trace))
+# -- bounds: what a hostile server meets (README "Bounds") ------------------------
+
+
+def held_bytes(proto):
+    """Bytes of server data the protocol holds right now (partial response)."""
+    held = sum(len(s) for s in proto._segments or ())
+    held += sum(len(c) for c in proto._literal or ())
+    return held + sum(len(p) for p in proto._pending)
+
+
+class BoundsTests(SynchronousTestCase):
+    def cut_off(self, proto, transport, d):
+        self.assertTrue(transport.disconnecting)
+        lose(proto)
+        err = self.failureResultOf(d, FidoError).value
+        self.assertEqual(err.kind, errors.PROTOCOL)
+        return err
+
+    def test_a_chain_of_literals_in_one_response_is_refused_when_announced(self):
+        proto, transport, _ = connect()
+        proto.max_literal = 10_000
+        d = proto.command(b"UID", b"FETCH 1 (UID BODY.PEEK[])", untagged=lambda s: None)
+        proto.dataReceived(b"* 1 FETCH (UID 1 BODY[] {6000}\r\n" + b"x" * 6000)
+        self.assertFalse(transport.disconnecting)
+        proto.dataReceived(b" X-A {6000}\r\n")  # 12,000 in one response: over
+        err = self.cut_off(proto, transport, d)
+        self.assertIn("one response", err.message)
+        self.assertIn("10000", err.message)
+
+    def test_literals_of_one_command_are_bounded_across_responses(self):
+        proto, transport, _ = connect()
+        d = proto.command(b"UID", b"FETCH 1:* (UID BODY.PEEK[])", untagged=lambda s: None,
+                          literal_total=25_000)
+        for n in range(1, 3):
+            proto.dataReceived(b"* %d FETCH (UID %d BODY[] {10000}\r\n" % (n, n)
+                               + b"y" * 10000 + b")\r\n")
+        self.assertFalse(transport.disconnecting)
+        proto.dataReceived(b"* 3 FETCH (UID 3 BODY[] {10000}\r\n")
+        err = self.cut_off(proto, transport, d)
+        self.assertIn("30000 bytes of literal data", err.message)
+        self.assertIn("UID FETCH", err.message)
+
+    def test_status_answer_with_a_literal_chain_gets_the_small_default(self):
+        proto, transport, _ = connect()
+        d = proto.command(b"STATUS", b'"INBOX" (UNSEEN)', untagged=lambda s: None)
+        chunk = b"z" * 100_000
+        for _ in range(10):
+            proto.dataReceived(b"* STATUS {100000}\r\n" + chunk + b" (UNSEEN 1)\r\n")
+        self.assertFalse(transport.disconnecting)  # 1,000,000 bytes: just under 1 MiB
+        proto.dataReceived(b"* STATUS {100000}\r\n")
+        self.cut_off(proto, transport, d)
+        self.assertLessEqual(held_bytes(proto), proto.max_command_literal)
+
+    def test_too_many_literals_in_one_response(self):
+        proto, transport, _ = connect()
+        d = proto.command(b"UID", b"FETCH 1 (UID)", untagged=lambda s: None)
+        proto.dataReceived(b"* 1 FETCH (UID 1" + b" X {0}\r\n" * 64)
+        self.assertFalse(transport.disconnecting)
+        proto.dataReceived(b" X {0}\r\n")
+        err = self.cut_off(proto, transport, d)
+        self.assertIn("chained more than 64 literals", err.message)
+
+    def test_lying_rfc822_size_is_cut_off_before_the_body_is_held(self):
+        proto, transport, _ = connect()
+        limits = FidoIMAP4Client.body_limits({7: 100, 8: 100}, 50 * 1024 * 1024)
+        d = proto.command(b"UID", b"FETCH 7:8 (UID BODY.PEEK[])", untagged=lambda s: None,
+                          **limits)
+        proto.dataReceived(b"* 1 FETCH (UID 7 BODY[] {20000000}\r\n")
+        err = self.cut_off(proto, transport, d)
+        self.assertIn("UID 7", err.message)
+        self.assertIn("RFC822.SIZE", err.message)
+        self.assertEqual(held_bytes(proto), 0)
+
+    def test_lying_size_with_the_uid_after_the_body_meets_the_batch_bound(self):
+        proto, transport, _ = connect()
+        limits = FidoIMAP4Client.body_limits({7: 100}, 50 * 1024 * 1024)
+        d = proto.command(b"UID", b"FETCH 7 (UID BODY.PEEK[])", untagged=lambda s: None,
+                          **limits)
+        proto.dataReceived(b"* 1 FETCH (BODY[] {20000000}\r\n")
+        err = self.cut_off(proto, transport, d)
+        self.assertIn("over the limit of %d bytes" % limits["literal_each"], err.message)
+
+    def test_body_limits(self):
+        limits = FidoIMAP4Client.body_limits({1: 1000, 2: 80_000}, 100_000)
+        slack = FidoIMAP4Client.BODY_SLACK_BYTES
+        self.assertEqual(limits["literal_caps"], {1: 1000 + slack + 125, 2: 100_000})
+        self.assertEqual(limits["literal_each"], 100_000)
+        self.assertEqual(limits["literal_total"], 1000 + slack + 125 + 100_000)
+
+    def test_a_truthful_batch_passes(self):
+        proto, transport, _ = connect()
+        bodies = {5: b"a" * 3000, 6: b"b" * 5000}
+        got = []
+        d = proto.command(b"UID", b"FETCH 5:6 (UID BODY.PEEK[])",
+                          untagged=lambda s: got.append(imapproto.parse_fetch(s)),
+                          **FidoIMAP4Client.body_limits(
+                              {u: len(b) for u, b in bodies.items()}, 10**6))
+        for n, (uid, body) in enumerate(bodies.items(), 1):
+            proto.dataReceived(b"* %d FETCH (UID %d BODY[] {%d}\r\n" % (n, uid, len(body))
+                               + body + b")\r\n")
+        proto.dataReceived(b"0001 OK done\r\n")
+        self.successResultOf(d)
+        self.assertEqual([v[b"BODY[]"] for _, v in got], list(bodies.values()))
+
+    def test_endless_untagged_ok_lines_are_cut_off(self):
+        proto, transport, clock = connect()
+        proto.max_untagged = 1000
+        d = proto.command(b"NOOP")
+        proto.dataReceived(b"* OK still here\r\n" * 1000)
+        self.assertFalse(transport.disconnecting)
+        proto.dataReceived(b"* OK still here\r\n")
+        err = self.cut_off(proto, transport, d)
+        self.assertIn("more than 1000 untagged responses to NOOP", err.message)
+
+    def test_bytes_of_responses_per_command_are_bounded(self):
+        proto, transport, _ = connect()
+        proto.max_untagged_bytes = 100_000
+        d = proto.command(b"NOOP")
+        proto.dataReceived((b"* OK " + b"w" * 9993 + b"\r\n") * 10)  # 100,000 bytes
+        self.assertFalse(transport.disconnecting)
+        proto.dataReceived(b"* OK\r\n")
+        err = self.cut_off(proto, transport, d)
+        self.assertIn("100000 bytes of responses", err.message)
+
+    def test_the_counters_start_again_with_each_command(self):
+        proto, transport, _ = connect()
+        proto.max_untagged = 3
+        for tag in (b"0001", b"0002", b"0003"):
+            d = proto.command(b"NOOP")
+            proto.dataReceived(b"* OK x\r\n" * 3 + tag + b" OK\r\n")
+            self.successResultOf(d)
+        self.assertFalse(transport.disconnecting)
+
+    def test_search_uids_are_cut_to_the_bound_before_parsing(self):
+        proto, transport, _ = connect()
+        proto.max_search_uids = 1000
+        found = []
+        d = proto.command(b"UID", b"SEARCH UNSEEN",
+                          untagged=lambda s: found.extend(imapproto.parse_search(s[0])))
+        line = b"* SEARCH " + b" ".join(b"%d" % u for u in range(1, 3001)) + b"\r\n"
+        proto.dataReceived(line)
+        proto.dataReceived(line)  # a second line: nothing more is taken
+        proto.dataReceived(b"0001 OK done\r\n")
+        self.successResultOf(d)
+        self.assertEqual(found, list(range(1, 1001)))
+        self.assertEqual(proto.search_ignored, 5000)
+        self.assertFalse(transport.disconnecting)
+
+    def test_search_lines_under_the_bound_add_up(self):
+        proto, _, _ = connect()
+        proto.max_search_uids = 5
+        found = []
+        d = proto.command(b"UID", b"SEARCH UNSEEN",
+                          untagged=lambda s: found.extend(imapproto.parse_search(s[0])))
+        proto.dataReceived(b"* SEARCH 1 2 3\r\n* SEARCH 4 5 6 7\r\n* SEARCH\r\n0001 OK\r\n")
+        self.successResultOf(d)
+        self.assertEqual(found, [1, 2, 3, 4, 5])
+        self.assertEqual(proto.search_ignored, 2)
+
+
+_SMALL = dict(max_literal=5000, max_command_literal=12000, max_untagged=40,
+              max_untagged_bytes=50_000, max_response_literals=4, max_response_text=2000,
+              max_search_uids=30)
+
+_lines = st.one_of(
+    st.just(b"* OK hello\r\n"),
+    st.builds(lambda n: b"* SEARCH " + b" ".join(b"%d" % i for i in range(n)) + b"\r\n",
+              st.integers(0, 60)),
+    # a FETCH with a chain of literals, sizes true or lying
+    st.builds(
+        lambda uid, sizes, lie: b"* 1 FETCH (UID %d" % uid + b"".join(
+            b" BODY[] {%d}\r\n" % (s + lie) + b"q" * s for s in sizes) + b")\r\n",
+        st.integers(1, 5), st.lists(st.integers(0, 4000), max_size=6), st.integers(0, 3000)),
+    st.builds(lambda s: b"* STATUS {%d}\r\n" % len(s) + s + b" (UNSEEN 1)\r\n",
+              st.binary(max_size=300)),
+    st.binary(max_size=200),
+)
+
+
+class HostileResponseProperties(SynchronousTestCase):
+    @settings(max_examples=150, deadline=None)
+    @given(script=st.lists(_lines, max_size=60), cuts=st.lists(st.integers(1, 500), max_size=20),
+           caps=st.booleans())
+    def test_never_holds_more_than_the_bounds_and_never_crashes(self, script, cuts, caps):
+        proto, transport, _ = connect()
+        for name, value in _SMALL.items():
+            setattr(proto, name, value)
+        proto.MAX_LENGTH = 4096
+        kw = FidoIMAP4Client.body_limits({u: 1000 for u in range(1, 6)}, 5000) if caps else {}
+        seen = []
+        d = proto.command(b"UID", b"FETCH 1:5 (UID BODY.PEEK[])", untagged=seen.append, **kw)
+        wire = b"".join(script) + b"0001 OK done\r\n"
+        bound = _SMALL["max_literal"] + _SMALL["max_response_text"] + proto.MAX_LENGTH + 1000
+        pos = 0
+        for cut in sorted(set(cuts)) + [len(wire)]:
+            if pos < cut <= len(wire):
+                proto.dataReceived(wire[pos:cut])  # never raises
+                pos = cut
+                self.assertLessEqual(held_bytes(proto), bound)
+        literal_total = sum(len(s[i]) for s in seen for i in range(1, len(s), 2))
+        self.assertLessEqual(literal_total, kw.get("literal_total", _SMALL["max_command_literal"]))
+        self.assertLessEqual(len(seen), _SMALL["max_untagged"])
+        searched = sum(len(imapproto.parse_search(s[0])) for s in seen
+                       if len(s) == 1 and s[0].startswith(b"SEARCH"))
+        self.assertLessEqual(searched, _SMALL["max_search_uids"])
+        if transport.disconnecting:
+            lose(proto)
+        results = []
+        d.addBoth(results.append)
+        if results and isinstance(results[0], failure.Failure):  # else: still waiting, or OK
+            self.assertIsInstance(results[0].value, (FidoError, imapproto.ImapCommandError))
+
+
+class _Lines(LinearLineReader):
+    """The reader alone: lines only, collected."""
+
+    MAX_LENGTH = 1000
+    error = None
+    line_mode = 1
+
+    def __init__(self):
+        self._reader_init()
+        self.lines = []
+        self.too_long = []
+
+    def lineReceived(self, line):
+        self.lines.append(line)
+
+    def lineLengthExceeded(self, line):
+        self.too_long.append(line)
+        self.error = "too long"
+
+
+class LinearReaderProperties(SynchronousTestCase):
+    @settings(max_examples=200, deadline=None)
+    @given(lines=st.lists(st.binary(max_size=40).filter(lambda b: b"\r\n" not in b
+                                                        and not b.endswith(b"\r")),
+                          max_size=20),
+           cuts=st.lists(st.integers(0, 900), max_size=30))
+    def test_any_chunking_gives_the_lines_split_at_crlf(self, lines, cuts):
+        reader = _Lines()
+        wire = b"".join(line + b"\r\n" for line in lines)
+        pos = 0
+        for cut in sorted(set(cuts)) + [len(wire)]:
+            if pos < cut <= len(wire):
+                reader._receive(wire[pos:cut])
+                pos = cut
+        self.assertEqual(reader.lines, lines)
+        self.assertEqual(reader.clearLineBuffer(), b"")
+
+    def test_a_line_over_max_length_in_pieces(self):
+        reader = _Lines()
+        for _ in range(11):
+            reader._receive(b"x" * 100)
+        self.assertEqual(reader.lines, [])
+        self.assertEqual(len(reader.too_long), 1)
+        self.assertEqual(reader.pending_bytes, 0)

@@ -28,13 +28,6 @@ class RealObjectsTests(SynchronousTestCase):
         verifyObject(interfaces.IAccountState, AccountState(c))
         verifyObject(interfaces.IHeartbeatWriter, HeartbeatWriter(c))
 
-    def test_the_legacy_store_wrappers(self):
-        from fido_tx.redis.store import RedisStore
-
-        store = RedisStore(MemoryReactorClock(), RedisSettings())
-        verifyObject(interfaces.IRedisHealth, store)
-        verifyObject(interfaces.IAccountState, store)
-
     def test_sinks(self):
         ctx = sinks.SinkContext(MemoryReactorClock(), _connection())
         for kind in ("stream", "list"):

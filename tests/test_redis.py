@@ -1,6 +1,5 @@
 """Tests for the Redis parts on the shared connection (fido_tx.redis.connection,
-the stream sink, the account state, the heartbeat), the legacy RedisStore
-wrappers, and fido_tx.redis.url.
+the stream sink, the account state, the heartbeat) and fido_tx.redis.url.
 
 URL parsing and the "never connected" deadline are synchronous unit tests;
 everything else runs against a real redis-server (the ``redis`` fixture, or
@@ -32,8 +31,6 @@ from fido_tx.redis.connection import RedisConnection
 from fido_tx.redis.heartbeat import HeartbeatWriter
 from fido_tx.redis.keys import account as account_key, dedupe as uids_key
 from fido_tx.redis.state import AccountState
-from fido_tx.redis.store import RedisStore
-from fido_tx.sinks import base as legacy
 from fido_tx.sinks.message import Delivery, Message
 from fido_tx.sinks.stream import StreamSink, entry_fields
 from tests.support import redis_server
@@ -816,29 +813,3 @@ def test_rediss_refuses_a_server_it_cannot_verify(tls_redis):
         assert store.connection.connected is False
     finally:
         yield store.connection.stopService()
-
-
-# -- the legacy wrappers, until the session calls deliver() ---------------------
-
-
-@pytest_twisted.inlineCallbacks
-def test_legacy_redis_store_keeps_the_old_names_working(redis):
-    settings = RedisSettings(url=redis.url, connect_timeout=2.0, command_timeout=2.0)
-    store = RedisStore(_reactor(), settings, instance_id="host-b:7", retry_policy=_fast_retry)
-    assert legacy.IMessageSink.providedBy(store)
-    store.startService()
-    try:
-        yield _next_state(store, True)
-        old = [legacy.Message("acme", "INBOX", 1234, u, b"x%d" % u) for u in (1, 2)]
-        confirmed = yield store.store(old)
-        assert (list(confirmed), confirmed.new) == ([1, 2], [1, 2])
-        assert (yield store.store(old[1:])).new == []
-        assert (yield store.filter_new("acme", "INBOX", 1234, [2, 3])) == [3]
-        assert store.last_stream_length == 2 and (yield store.backlog()) == 2
-        assert (yield store.heartbeat({"accounts": 7}, 60)) is True  # own instance id
-        assert redis.client()("HGET", "fido:instance:host-b:7", "accounts") == b"7"
-        assert (yield store.record_session(SessionResult("acme"))) is True
-        assert redis.client()("HGET", "fido:account:acme", "state") == b"ok"
-        assert store.connected and store.last_error is None
-    finally:
-        yield store.stopService()

@@ -15,7 +15,7 @@ import zlib
 import attr
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
-from fido_tx import errors
+from fido_tx import boundedfile, errors
 
 SECURITY_DEFAULT_PORTS = {"tls": 993, "starttls": 143, "none": 143}
 
@@ -179,8 +179,7 @@ def read_keys(key_file):
     Blank lines and ``#`` comments are ignored.  Raises :class:`KeyFileError`.
     """
     try:
-        with open(key_file, "rb") as f:
-            data = f.read()
+        data = boundedfile.read_regular(key_file, boundedfile.MAX_KEY_BYTES, "key file")
     except OSError as e:
         raise KeyFileError(f"{key_file}: cannot read key file: {e.strerror or e}") from None
     keys = []
@@ -248,10 +247,11 @@ def load_accounts(path, key_file="", base_dir=None):
     """
     path = os.path.abspath(path)
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        data = boundedfile.read_regular(path, boundedfile.MAX_ACCOUNTS_BYTES, "accounts file")
     except IsADirectoryError:
         raise AccountsFileError(f"{path}: is a directory, not an accounts file") from None
+    except boundedfile.FileRefused as e:
+        raise AccountsFileError(f"{path}: {e}") from None
     except OSError as e:
         raise AccountsFileError(f"{path}: cannot read accounts file: {e.strerror or e}") from None
     if base_dir is None:

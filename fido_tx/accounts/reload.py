@@ -76,7 +76,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from fido_tx.accounts import model as accounts_mod
-from fido_tx import errors
+from fido_tx import boundedfile, errors
 
 __all__ = ["AccountsSource", "AccountsStartupError", "run_inline"]
 
@@ -610,9 +610,10 @@ class AccountsSource(service.Service):
         if not self.cache_path or sig is None or sig == self._cache_sig:
             return None
         try:
-            with open(self.path, "rb") as f:
-                now = _stat_signature(os.fstat(f.fileno()))
-                data = f.read()
+            # the same bounds as the load (a regular file, a size limit)
+            data = boundedfile.read_regular(self.path, boundedfile.MAX_ACCOUNTS_BYTES,
+                                            "accounts file")
+            now = _stat_signature(os.stat(self.path))
         except OSError:
             return None
         if now != sig:

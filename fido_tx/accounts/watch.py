@@ -285,9 +285,10 @@ class KqueueWatcher:
         self._file_fd = None
         self._file_id = None
         self.running = False
+        # O_NONBLOCK: a FIFO in the accounts file's place must not block the reactor
         self._open_flags = os.O_RDONLY | getattr(os, "O_EVTONLY", 0) | getattr(
             os, "O_CLOEXEC", 0
-        )
+        ) | getattr(os, "O_NONBLOCK", 0)
 
     # -- life cycle
 

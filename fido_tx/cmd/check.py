@@ -67,10 +67,12 @@ class Report:
     problems: tuple = ()
     warnings: tuple = ()
     notes: tuple = ()
+    #: one line each: what the daemon would refuse at start ([log] file)
+    startup_problems: tuple = ()
 
     @property
     def ok(self):
-        return not self.problems
+        return not self.problems and not self.startup_problems
 
 
 def _plural(n, word):
@@ -121,6 +123,8 @@ def inspect(settings, config_path):
                      " application")
     if fido.dry_run:
         notes.append("dry_run = true: the daemon changes neither mailboxes nor Redis")
+    startup, more_warnings = startup_checks(settings)
+    warnings.extend(more_warnings)
     return Report(
         config_path=config_path,
         accounts_file=fido.accounts_file,
@@ -131,13 +135,103 @@ def inspect(settings, config_path):
         problems=loaded.problems,
         warnings=tuple(warnings),
         notes=tuple(notes),
+        startup_problems=tuple(startup),
     )
+
+
+def startup_checks(settings):
+    """What the daemon would refuse at start, or warn about, beyond the
+    config file's own validation: ``(problems, warnings)``, one line each.
+
+    - ``[log] file`` that cannot be opened for appending: a problem;
+    - ``[http] listen`` on a port already in use: a warning (it may be the
+      running daemon's own port);
+    - ``[http] listen`` beyond loopback: a warning (no authentication).
+    """
+    problems, warnings = [], []
+    why = log_file_problem(settings.log.file)
+    if why:
+        problems.append(f"[log] file {settings.log.file}: {why}")
+    address = tcp_listen_address(settings.http.listen)
+    if address is not None:
+        host, port = address
+        in_use = port_in_use(host, port)
+        if in_use:
+            warnings.append(f"[http] listen {settings.http.listen!r}: {in_use} (the daemon "
+                            "would not start, unless it is this one already running)")
+        if host not in ("127.0.0.1", "::1", "localhost") and not host.startswith("127."):
+            warnings.append(f"[http] listen {settings.http.listen!r} listens beyond loopback:"
+                            " /metrics and /healthz have no authentication")
+    return problems, warnings
+
+
+def log_file_problem(path):
+    """Why ``path`` cannot be opened for appending (one line), or ``None``."""
+    import os
+
+    if not path:
+        return None
+    if os.path.isdir(path):
+        return "is a directory; name a file in it"
+    if os.path.exists(path):
+        return None if os.access(path, os.W_OK) else "cannot be written (permissions)"
+    directory = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(directory):  # the daemon creates missing directories
+        directory = os.path.dirname(directory)
+    if not os.path.isdir(directory):
+        return f"{directory} is not a directory"
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return f"cannot create it in {directory} (permissions)"
+    return None
+
+
+def tcp_listen_address(description):
+    """``(host, port)`` of a ``tcp:``/``tcp6:`` endpoint description, or ``None``."""
+    if not description:
+        return None
+    parts = description.replace("\\:", "\0").split(":")
+    parts = [p.replace("\0", ":") for p in parts]
+    kind = parts[0].lower()
+    if kind in ("tcp", "tcp6"):
+        parts = parts[1:]
+    elif not kind.isdigit():
+        return None
+    try:
+        port = int(parts[0])
+    except (IndexError, ValueError):
+        return None
+    host = "::" if kind == "tcp6" else "0.0.0.0"
+    for option in parts[1:]:
+        if option.startswith("interface="):
+            host = option[len("interface="):]
+    return host, port
+
+
+def port_in_use(host, port):
+    """A one-line reason when ``host:port`` cannot be bound now, else ``None``."""
+    import socket
+
+    if port == 0:
+        return None
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as e:
+        return f"cannot create a socket: {e.strerror or e}"
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Twisted does
+        sock.bind((host, port))
+    except OSError as e:
+        return f"cannot listen on {host}:{port}: {e.strerror or e}"
+    finally:
+        sock.close()
+    return None
 
 
 def summary_line(report):
     return (f"fido.toml OK: {_plural(len(report.accounts), 'account')}"
             f" ({len(report.shard_accounts)} in this shard),"
-            f" {_plural(len(report.problems), 'problem')}")
+            f" {_plural(len(report.problems) + len(report.startup_problems), 'problem')}")
 
 
 def format_report(report):
@@ -145,6 +239,7 @@ def format_report(report):
     how = f"encrypted, key file {report.key_file}" if report.key_file else "plain JSON"
     lines = [f"config: {report.config_path}", f"accounts file: {report.accounts_file} ({how})"]
     lines += [f"problem: {p}" for p in report.problems]
+    lines += [f"problem: {p}" for p in report.startup_problems]
     lines += [f"warning: {w}" for w in report.warnings]
     lines += [f"note: {n}" for n in report.notes]
     lines.append(summary_line(report))
@@ -326,6 +421,7 @@ def document(report, results=None):
         "in_shard": len(report.shard_accounts),
         "problems": [{"account": p.account_id, "index": p.index, "field": p.field,
                       "message": p.message} for p in report.problems],
+        "startup_problems": list(report.startup_problems),
         "warnings": list(report.warnings),
         "notes": list(report.notes),
         "connect": None,
@@ -503,4 +599,4 @@ def main(args):
         return 0 if doc["ok"] else 1
     out.flush()
     failed = results is not None and any(not r.ok for _a, r in results)
-    return 1 if (report.problems or failed) else 0
+    return 1 if (not report.ok or failed) else 0

@@ -22,6 +22,10 @@ def running_sessions(scheduler):
 
 
 DEFAULT_STALL_AFTER = 300.0
+#: seconds the stores may keep failing (every store an error, Redis
+#: connected: a stream key of the wrong type, an out-of-memory Redis) before
+#: the check fails
+DEFAULT_STORE_FAIL_AFTER = 120.0
 
 #: pause reasons that are not a failure of this instance (a delivery's
 #: backlog: "backlog" for the default, "backlog:<name>" for the others)
@@ -42,12 +46,28 @@ class Health:
         are overdue before the check fails.
     """
 
-    def __init__(self, clock, scheduler, store, stall_after=DEFAULT_STALL_AFTER, status=None):
+    def __init__(self, clock, scheduler, store, stall_after=DEFAULT_STALL_AFTER, status=None,
+                 store_fail_after=DEFAULT_STORE_FAIL_AFTER):
         self._clock = clock
         self.scheduler = scheduler
         self.store = store
         self.stall_after = stall_after
         self.status = status
+        self.store_fail_after = store_fail_after
+        self._store_failing_since = None
+        self._store_failure = ""
+
+    def observe(self, account, result):
+        """The scheduler's result observer: a ``redis`` result starts (or
+        continues) a failing streak; a session that stored messages ends it."""
+        if getattr(result, "dry_run", False):
+            return
+        if result.kind == "redis":
+            if self._store_failing_since is None:
+                self._store_failing_since = self._clock.seconds()
+            self._store_failure = result.message
+        elif result.ok and result.fetched > 0:
+            self._store_failing_since = None
 
     def check(self):
         """``(healthy: bool, body: dict)``."""
@@ -67,8 +87,12 @@ class Health:
             "last_completion_age": None if last is None else round(now - last, 3),
         }
         reason = None
+        failing = self._store_failing_since
         if not connected:
             reason = "Redis is not connected"
+        elif failing is not None and now - failing > self.store_fail_after:
+            reason = (f"every store has failed for {now - failing:.0f} s (Redis is connected "
+                      f"but refuses the writes): {self._store_failure}")
         elif lag > self.stall_after and not any(_benign(r) for r in paused):
             recent = last is not None and now - last <= self.stall_after
             if not recent:

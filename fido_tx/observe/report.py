@@ -42,7 +42,7 @@ import attr
 
 from fido_tx.timefmt import iso_utc  # noqa: F401  (re-exported for callers)
 from twisted.application import service
-from twisted.internet import defer
+from twisted.internet import defer, protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -349,12 +349,14 @@ class Reporter(service.Service):
 
     def _read_response(self, response):
         code = response.code
-        d = response.content()  # read the body: frees the connection for reuse
+        # read the body (frees the connection for reuse), but keep only its
+        # start and stop reading a long one: an endpoint cannot fill memory
+        d = read_head(response)
 
         def check(body):
             if 200 <= code < 300:
                 return None
-            snippet = body[:200].decode("utf-8", "replace").strip()
+            snippet = escape(body.decode("utf-8", "replace").strip())[:BODY_SHOWN]
             if code == 429 or code >= 500:
                 delay = _parse_retry_after(response.headers.getRawHeaders(b"Retry-After"))
                 raise _Retry(f"HTTP {code}", delay)
@@ -421,6 +423,67 @@ class Reporter(service.Service):
             waiters, self._idle_waiters = self._idle_waiters, []
             for d in waiters:
                 d.callback(None)
+
+
+#: bytes of a response body kept (for the log line of a rejected report)
+BODY_KEPT = 4096
+#: bytes of a response body read at most; past them the connection is closed
+#: instead of being read to its end for reuse
+BODY_READ = 64 * 1024
+#: characters of the (escaped) body shown in the log
+BODY_SHOWN = 500
+
+
+class _Head(protocol.Protocol):
+    """Keeps the first ``keep`` bytes of a response body, discards the rest,
+    and stops the transfer after ``limit`` bytes."""
+
+    def __init__(self, done, keep, limit):
+        self.done = done
+        self.keep = keep
+        self.limit = limit
+        self.head = bytearray()
+        self.seen = 0
+        self.stopped = False
+
+    def dataReceived(self, data):
+        room = self.keep - len(self.head)
+        if room > 0:
+            self.head += data[:room]
+        self.seen += len(data)
+        if self.seen > self.limit and not self.stopped:
+            self.stopped = True
+            self.transport.stopProducing()
+
+    def connectionLost(self, reason):
+        if not self.done.called:
+            self.done.callback(bytes(self.head))
+
+
+def read_head(response, keep=BODY_KEPT, limit=BODY_READ):
+    """A Deferred firing with the first ``keep`` bytes of ``response``'s body,
+    having read at most about ``limit`` bytes of it (never all of a huge one)."""
+    head = None
+
+    def cancel(_d):
+        if head is not None and head.transport is not None and not head.stopped:
+            head.stopped = True
+            head.transport.stopProducing()
+
+    done = defer.Deferred(cancel)
+    head = _Head(done, keep, limit)
+    response.deliverBody(head)
+    return done
+
+
+def escape(text):
+    """``text`` safe for one log line: control characters (newlines, ESC,
+    bidi overrides and the like) as ``\\xNN``/``\\uNNNN`` escapes."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else
+                   (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
+                   for c in text)
 
 
 def _worth_logging(count):

@@ -368,6 +368,12 @@ class StatusTracker:
         else:
             self._redis_timer = self._clock.callLater(self.redis_down_after, down)
 
+    def stop(self):
+        """The daemon stops: a pending "Redis unreachable" report is not sent."""
+        if self._redis_timer is not None and self._redis_timer.active():
+            self._redis_timer.cancel()
+        self._redis_timer = None
+
     def _clear_redis_if_raised_by_results(self):
         if "redis" in self._global and self._redis_timer is None and self._redis_connected():
             self.clear_global("redis", "Redis accepts writes again")

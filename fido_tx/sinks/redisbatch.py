@@ -31,7 +31,7 @@ from twisted.internet import defer
 
 from fido_tx import errors
 from fido_tx.redis import keys
-from fido_tx.sinks.message import Delivery, Message
+from fido_tx.sinks.message import Delivery
 
 #: the script's frame: KEYS = target, account hash, dedupe sets...; ARGV per
 #: message = set index, id, then the sink's values.  %(write)s writes one
@@ -177,31 +177,3 @@ class RedisBatchSink:
             return self.last_length
 
         return self._connection.execute(self.LENGTH.encode("ascii"), self.target).addCallback(got)
-
-    # -- the old IMessageSink name, until the session calls deliver() --------
-
-    def store(self, messages):
-        """Legacy: deliver :class:`fido_tx.sinks.base.Message` values (int
-        UIDVALIDITY and UID); fire with a :class:`ConfirmedUIDs` of ints.
-        Goes when the IMAP session speaks :class:`~fido_tx.interfaces.ISink`."""
-        messages = list(messages)
-        batch = [
-            Message(m.account, m.mailbox, str(m.uidvalidity), str(m.uid), m.raw,
-                    message_id=m.message_id, fetched_at=m.fetched_at)
-            for m in messages
-        ]
-        if any(m.account != messages[0].account for m in messages):
-            return defer.fail(ValueError("store() takes the messages of one account"))
-        d = self.deliver(batch)
-        return d.addCallback(
-            lambda done: ConfirmedUIDs([m.uid for m in messages], [int(i) for i in done.new])
-        )
-
-
-class ConfirmedUIDs(list):
-    """Legacy :meth:`RedisBatchSink.store` answer: every UID of the batch
-    (a list), with ``new`` the UIDs this call added."""
-
-    def __init__(self, confirmed, new):
-        super().__init__(confirmed)
-        self.new = new

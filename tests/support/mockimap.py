@@ -38,12 +38,15 @@ no command records are kept there, so memory stays flat (about 70 MB with
 
 import argparse
 import base64
+import itertools
 import re
 import sys
 from collections import deque
 
 import attr
 from twisted.internet import defer, protocol
+from twisted.internet.interfaces import IPullProducer
+from zope.interface import implementer
 
 #: Fault actions (see :class:`Fault`).
 ACTIONS = frozenset(
@@ -92,6 +95,23 @@ class Fault:
         return (self.command == "*" or self.command == name) and self.nth in (0, count)
 
 
+#: Hostile modes (``Behaviour.hostile``):
+#:
+#: - ``literal_chain``: a UID FETCH of bodies is answered with one FETCH
+#:   response chaining literals of ``hostile_size`` bytes for ever;
+#: - ``lying_size``: RFC822.SIZE says ``claimed_size`` (default 100), BODY[]
+#:   literals are ``hostile_size`` bytes;
+#: - ``status_chain``: STATUS answers a mailbox name literal chain for ever;
+#: - ``search_flood``: UID SEARCH answers SEARCH lines of ``hostile_size``
+#:   UIDs for ever;
+#: - ``untagged_flood``: SELECT/EXAMINE answers ``* OK`` lines for ever;
+#: - ``no_body``, ``body_nil``, ``other_uid``, ``double_body``: a FETCH of
+#:   BODY[] answers without BODY[], with BODY[] NIL, for another UID, or twice
+#:   for one UID with different bodies (completed normally).
+HOSTILE = ("literal_chain", "lying_size", "status_chain", "search_flood", "untagged_flood",
+           "no_body", "body_nil", "other_uid", "double_body")
+
+
 @attr.s(frozen=True, slots=True, auto_attribs=True)
 class Behaviour:
     """How the server behaves for one account (or before login, for a port).
@@ -111,6 +131,12 @@ class Behaviour:
         successful login, 1-based) sees ``uidvalidity[min(k, len) - 1]``;
         empty keeps the mailbox's own.
     :ivar search_uids: when set, every SEARCH answers these UIDs.
+    :ivar hostile: one of :data:`HOSTILE` (after login; see there):
+        a server that breaks the protocol to harm its client.
+    :ivar hostile_size: bytes of each literal a hostile mode sends (the lie
+        of ``lying_size``, the links of a chain); SEARCH: UIDs per line.
+    :ivar claimed_size: ``lying_size``/``literal_chain``: the RFC822.SIZE
+        claimed for every message (``None``: the true size).
     """
 
     connect: str = attr.ib(default="greet", validator=attr.validators.in_(
@@ -123,6 +149,11 @@ class Behaviour:
     max_connections: int | None = None
     uidvalidity: tuple = ()
     search_uids: tuple | None = None
+    hostile: str = attr.ib(default="", validator=attr.validators.in_(("",) + HOSTILE))
+    hostile_size: int = 1024 * 1024
+    claimed_size: int | None = None
+
+
 
 
 #: Convenience: the answer of a server that limits connections per user.
@@ -189,6 +220,13 @@ class MockMailbox:
 
     def flags(self, uid, folder="INBOX"):
         return set(self.message(uid, folder).flags)
+
+    def reuse_uid(self, uid, raw, folder="INBOX"):
+        """A server restored from backup: ``uid`` now holds ``raw``, a
+        different message, unseen (RFC 3501 forbids it; servers do it)."""
+        m = self.message(uid, folder)
+        m.raw = bytes(raw)
+        m.flags.clear()
 
     def uids(self, folder="INBOX"):
         return [m.uid for m in self.folders[folder].messages]
@@ -592,7 +630,30 @@ class MockIMAPProtocol(IdleProtocolSupport, protocol.Protocol):
     def _write(self, data):
         if self.record.open:
             self.record.bytes_sent += len(data)
+            self.server.bytes_sent += len(data)
             self.transport.write(data)
+
+    def _stream(self, chunks):
+        """Send the chunks of an endless (or long) iterator as fast as the
+        client reads, holding one chunk at a time (a pull producer)."""
+        proto = self
+
+        @implementer(IPullProducer)
+        class Producer:
+            def resumeProducing(self):
+                if not proto.record.open:
+                    return
+                try:
+                    chunk = next(chunks)
+                except StopIteration:
+                    proto.transport.unregisterProducer()
+                    return
+                proto._write(chunk)
+
+            def stopProducing(self):
+                pass
+
+        self.transport.registerProducer(Producer(), False)
 
     def _close(self, abort=False):
         self._out.clear()
@@ -661,6 +722,9 @@ class MockIMAPProtocol(IdleProtocolSupport, protocol.Protocol):
         if fault is not None and fault.action in ("no", "bad", "bye", "silent", "garbage",
                                                   "replace"):
             return self._fault_instead(tag, fault)
+        if self.behaviour.hostile and self.state in ("auth", "selected") and \
+                self._hostile(tag, name, args):
+            return
         self._after = None
         try:
             reply = self._dispatch(tag, name, args)
@@ -710,6 +774,66 @@ class MockIMAPProtocol(IdleProtocolSupport, protocol.Protocol):
             return
         if after is not None:
             self._then(after)
+
+    # -- hostile modes (Behaviour.hostile) ----------------------------------
+    def _wants_body(self, name, args):
+        if name != "UID FETCH" or len(args) != 2:
+            return False
+        items = args[1] if isinstance(args[1], list) else [args[1]]
+        return any(isinstance(i, bytes) and i.upper().startswith(b"BODY") for i in items)
+
+    def _hostile(self, tag, name, args):
+        """Answer ``name`` the hostile way; False: answer it normally."""
+        b = self.behaviour
+        mode, size = b.hostile, b.hostile_size
+        if name.startswith("UID ") and self.state != "selected":
+            return False
+        if mode == "literal_chain" and self._wants_body(name, args):
+            uid = self._messages()[0].uid if self._messages() else 1
+            link = b"x" * size
+            self._stream(itertools.chain(
+                [b"* 1 FETCH (UID %d BODY[] {%d}\r\n" % (uid, size)],
+                itertools.cycle([link, b" X-MORE {%d}\r\n" % size])))
+            return True
+        if mode == "status_chain" and name == "STATUS":
+            link = b"s" * size
+            self._stream(itertools.chain(
+                [b"* STATUS {%d}\r\n" % size],
+                itertools.cycle([link, b" {%d}\r\n" % size])))
+            return True
+        if mode == "search_flood" and name == "UID SEARCH":
+            line = b"* SEARCH" + b"".join(b" %d" % u for u in range(1, size + 1)) + b"\r\n"
+            self._stream(itertools.repeat(line))
+            return True
+        if mode == "untagged_flood" and name in ("SELECT", "EXAMINE"):
+            self._stream(itertools.repeat(b"* OK still thinking\r\n" * 1000))
+            return True
+        if mode in ("no_body", "body_nil", "other_uid", "double_body", "lying_size") and \
+                self._wants_body(name, args):
+            want = parse_set(args[0], self._largest_uid())
+            out = []
+            for seq, m in enumerate(self._messages(), 1):
+                if want(m.uid):
+                    out.append(self._hostile_fetch(mode, seq, m, size))
+            self._send(b"".join(out) + tag + b" OK FETCH completed\r\n")
+            return True
+        return False
+
+    def _hostile_fetch(self, mode, seq, m, size):
+        if mode == "no_body":
+            return b"* %d FETCH (UID %d FLAGS ())\r\n" % (seq, m.uid)
+        if mode == "body_nil":
+            return b"* %d FETCH (UID %d BODY[] NIL)\r\n" % (seq, m.uid)
+        if mode == "other_uid":
+            return b"* %d FETCH (UID %d BODY[] {%d}\r\n%s)\r\n" % (
+                seq, m.uid + 1000, len(m.raw), m.raw)
+        if mode == "double_body":
+            other = m.raw.replace(b"Subject:", b"Subject: (second)")
+            return b"".join(b"* %d FETCH (UID %d BODY[] {%d}\r\n%s)\r\n" % (
+                seq, m.uid, len(raw), raw) for raw in (m.raw, other))
+        # lying_size: the body is ``size`` bytes, whatever RFC822.SIZE said
+        body = m.raw + b"y" * max(0, size - len(m.raw))
+        return b"* %d FETCH (UID %d BODY[] {%d}\r\n%s)\r\n" % (seq, m.uid, len(body), body)
 
     # -- commands ----------------------------------------------------------
     def _dispatch(self, tag, name, args):
@@ -931,7 +1055,10 @@ class MockIMAPProtocol(IdleProtocolSupport, protocol.Protocol):
             if item == b"FLAGS":
                 continue  # added last, after \Seen may have changed
             elif item == b"RFC822.SIZE":
-                parts.append(b"RFC822.SIZE %d" % len(m.raw))
+                claimed = self.behaviour.claimed_size
+                if claimed is None and self.behaviour.hostile == "lying_size":
+                    claimed = 100
+                parts.append(b"RFC822.SIZE %d" % (len(m.raw) if claimed is None else claimed))
             elif item == b"INTERNALDATE":
                 parts.append(b'INTERNALDATE "' + m.internaldate.encode() + b'"')
             elif item in (b"RFC822", b"RFC822.HEADER", b"RFC822.TEXT"):
@@ -1197,6 +1324,8 @@ class MockIMAPServer(IdleServerSupport):
         self._protocols = {}  # open connections: id -> MockIMAPProtocol
         self._last_id = 0
         self._waiters = []
+        #: bytes written to all connections (hostile modes included)
+        self.bytes_sent = 0
 
     # -- scripting -------------------------------------------------------
     def script(self, account, behaviour):

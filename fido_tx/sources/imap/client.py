@@ -53,6 +53,8 @@ from fido_tx.sources.imap.parse import (  # noqa: F401 - re-exported for callers
     response_code,
     uid_set,
 )
+from fido_tx.sources.imap import bounds
+from fido_tx.sources.imap.reader import LinearLineReader
 
 _TAGGED = re.compile(rb"([A-Za-z]+)(?: (.*))?\Z", re.S)
 
@@ -79,7 +81,7 @@ class ImapCommandError(imap4.IMAP4Exception):
 # --- the protocol -------------------------------------------------------------
 
 
-class FidoIMAP4Client(imap4.IMAP4Client):
+class FidoIMAP4Client(LinearLineReader, imap4.IMAP4Client):
     """One IMAP connection with per-command timeouts and a debug trace.
 
     Use :meth:`command` for every command (one at a time); wait for
@@ -94,8 +96,29 @@ class FidoIMAP4Client(imap4.IMAP4Client):
     TRACE_WIDTH = 200
     #: seconds between checks of the literal transfer rate
     literal_check_interval = 5.0
-    #: largest literal accepted (a session sets it from max_message_size)
+
+    # Bounds (see README "Bounds").  Every byte the server sends is counted
+    # against one of them BEFORE it is held: a literal is refused when it is
+    # announced, not after it has arrived.  The per-command ones start again
+    # at every :meth:`command` (which may override the literal ones).
+    #: literal bytes of ONE response, all its literals together (a FETCH
+    #: answer may chain any number); a session sets it from max_message_size
     max_literal = 1024 * 1024 * 1024
+    #: literal bytes of all the responses to one command; a command that
+    #: fetches bodies passes ``literal_total`` (what RFC822.SIZE claimed)
+    max_command_literal = 1024 * 1024
+    #: literals in one response (a FETCH of BODY[] has one)
+    max_response_literals = 64
+    #: bytes of the text lines of one response held while its literals arrive
+    max_response_text = 1024 * 1024
+    #: untagged responses to one command (endless ``* OK`` lines end here)
+    max_untagged = 50_000
+    #: bytes of all the lines the server sends while one command runs (two
+    #: of the longest lines, MAX_LENGTH: a SEARCH of a million UIDs)
+    max_untagged_bytes = 16 * 1024 * 1024
+    #: UIDs passed on from the SEARCH responses of one command; the rest is
+    #: dropped unparsed (``search_ignored`` counts them): fetched next poll
+    max_search_uids = 100_000
 
     def __init__(
         self,
@@ -138,6 +161,34 @@ class FidoIMAP4Client(imap4.IMAP4Client):
         #: called with the segments of EVERY untagged response, whatever
         #: command runs (or none): a held connection's watch for EXISTS
         self.observer = None
+        self._limits(None, None, None)
+        self._reader_init()
+
+    # -- bounds ----------------------------------------------------------------
+
+    #: ``body_limits(claimed, largest)``: command() keyword arguments bounding a
+    #: UID FETCH of bodies by their claimed sizes (see fido_tx.sources.imap.bounds)
+    body_limits = staticmethod(bounds.body_limits)
+    BODY_SLACK_BYTES = bounds.BODY_SLACK_BYTES
+    BODY_SLACK_FRACTION = bounds.BODY_SLACK_FRACTION
+
+    def _limits(self, literal_each, literal_total, literal_caps, what=""):
+        """Start the counters of a command (with its own literal bounds)."""
+        self._bounds = bounds.CommandBounds(bounds.Limits(
+            literal_each=self.max_literal if literal_each is None else literal_each,
+            literal_total=self.max_command_literal if literal_total is None else literal_total,
+            literal_caps=literal_caps,
+            response_literals=self.max_response_literals,
+            response_text=self.max_response_text,
+            untagged=self.max_untagged,
+            untagged_bytes=self.max_untagged_bytes,
+            search_uids=self.max_search_uids,
+        ), what)
+
+    @property
+    def search_ignored(self):
+        """UIDs of the last command's SEARCH responses dropped by ``max_search_uids``."""
+        return self._bounds.search_ignored
 
     # -- tracing -----------------------------------------------------------
 
@@ -280,6 +331,9 @@ class FidoIMAP4Client(imap4.IMAP4Client):
             self.error = error
         self._cancel_timer()
         self._stop_rate_check()
+        # what the server sent past the failure is never read: drop it now
+        self.clearLineBuffer()
+        self._literal = self._segments = None
         if self.transport is not None and not self.closed:
             self.transport.abortConnection()
 
@@ -344,7 +398,7 @@ class FidoIMAP4Client(imap4.IMAP4Client):
         if self.error is not None:
             return
         try:
-            super().dataReceived(data)
+            self._receive(data)
         except FidoError as e:
             self.fail(e)
         except Exception as e:
@@ -360,18 +414,15 @@ class FidoIMAP4Client(imap4.IMAP4Client):
             return
         self._progress()
         self._trace("S", line)
+        self._bounds.count_line(len(line) + 2)
         m = _LITERAL_AT_END.search(line)
         if m is not None:
+            size = int(m.group(1))
+            texts = (self._segments[0::2] if self._segments else []) + [line]
+            self._bounds.admit_literal(texts, size)
             if self._segments is None:
                 self._segments = []
             self._segments.append(line)
-            size = int(m.group(1))
-            if size > self.max_literal:
-                raise FidoError(
-                    errors.PROTOCOL,
-                    f"server announced a {size} byte literal, over the limit of "
-                    f"{self.max_literal} bytes",
-                )
             self._literal = []
             self._literal_remaining = size
             self._literal_window = 0
@@ -379,32 +430,28 @@ class FidoIMAP4Client(imap4.IMAP4Client):
                 self._rate_check = self.clock.callLater(
                     self.literal_check_interval, self._check_rate
                 )
-            self.setRawMode()
+            self.line_mode = 0
             if self._literal_remaining == 0:
-                self._end_literal(b"")
+                self._end_literal()
             return
         if self._segments is not None:
             self._segments.append(line)
             segments, self._segments = self._segments, None
         else:
             segments = [line]
+        self._bounds.response_done()
         self._dispatch(segments)
 
-    def rawDataReceived(self, data):
-        if self.error is not None:
-            return
-        self._progress()
-        n = self._literal_remaining
-        if len(data) < n:
-            self._literal.append(data)
-            self._literal_remaining -= len(data)
-            self._literal_window += len(data)
-            return
-        self._literal_window += n
-        self._literal.append(data[:n] if len(data) > n else data)
-        self._end_literal(data[n:])
+    def rawDataReceived(self, data):  # not used: _scan reads literals
+        self._receive(data)
 
-    def _end_literal(self, rest):
+    def _take_literal(self, chunk):
+        self._progress()
+        self._literal.append(chunk)
+        self._literal_remaining -= len(chunk)
+        self._literal_window += len(chunk)
+
+    def _end_literal(self):
         chunks, self._literal = self._literal, None
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         del chunks
@@ -412,7 +459,7 @@ class FidoIMAP4Client(imap4.IMAP4Client):
         self._trace_lines.append(f"S: <literal {len(body)} bytes>")
         self._segments.append(body)
         self._literal_remaining = 0
-        self.setLineMode(rest)
+        self.line_mode = 1
 
     def _dispatch(self, segments):
         first = segments[0]
@@ -460,6 +507,7 @@ class FidoIMAP4Client(imap4.IMAP4Client):
         cmd.continuation(rest)
 
     def _untagged_response(self, segments):
+        self._bounds.count_untagged()
         text = segments[0]
         if len(segments) == 1 and text[:4].upper() == b"BYE " or text.upper() == b"BYE":
             self.bye = text[4:]
@@ -468,8 +516,14 @@ class FidoIMAP4Client(imap4.IMAP4Client):
         if observer is not None:
             observer(segments)
         handler = self._untagged
-        if handler is not None:
-            handler(segments)
+        if handler is None:
+            return
+        if len(segments) == 1 and text[:6].upper() == b"SEARCH":
+            text = self._bounds.bound_search(text)
+            if text is None:
+                return
+            segments = [text]
+        handler(segments)
 
     def _tagged(self, tag, rest):
         cmd = self.tags.pop(tag, None) if self.tags is not None else None
@@ -503,12 +557,20 @@ class FidoIMAP4Client(imap4.IMAP4Client):
             raise RuntimeError("FidoIMAP4Client runs one command at a time")
         return super().sendCommand(cmd)
 
-    def command(self, name, args=None, untagged=None, continuation=None, timeout=None, what=None):
+    def command(self, name, args=None, untagged=None, continuation=None, timeout=None, what=None,
+                literal_each=None, literal_total=None, literal_caps=None):
         """Send one command; fire with the tagged OK text.
 
         :param untagged: called with the segments of each untagged response
-            (``[text]``, or ``[text, literal, text, ...]``) while it runs.
+            (``[text]``, or ``[text, literal, text, ...]``) while it runs;
+            SEARCH responses arrive cut to ``max_search_uids`` UIDs.
         :param continuation: called with the text of each ``+`` request.
+        :param literal_each: literal bytes of one response (default
+            :attr:`max_literal`); ``literal_total``: of all the responses
+            (default :attr:`max_command_literal`); ``literal_caps``:
+            ``{uid: bytes}``, the largest literal of a response naming that
+            UID before its literal.  :meth:`body_limits` computes all three
+            from the claimed sizes.
         :return: Deferred; errbacks with :class:`ImapCommandError` on NO/BAD,
             with :class:`FidoError` when the connection fails.
         """
@@ -519,6 +581,8 @@ class FidoIMAP4Client(imap4.IMAP4Client):
             if name == b"UID" and args:
                 what += " " + args.split(b" ", 1)[0].decode("ascii", "replace")
         self._untagged = untagged
+        self._timer_what = what
+        self._limits(literal_each, literal_total, literal_caps, what)
         d = self.sendCommand(cmd)
         if not d.called:
             self._arm(self.command_timeout if timeout is None else timeout, what)

@@ -165,6 +165,7 @@ class Login:
             proto.scrub_forms = forms
             # a body is never larger than its RFC822.SIZE (<= max_message_size)
             proto.max_literal = settings.max_message_size + 1024 * 1024
+            proto.max_search_uids = settings.max_search_uids
             proto.tls_host = account.host
             return proto
 

@@ -21,11 +21,12 @@ raises is kind ``protocol`` ("internal error").
 """
 
 from twisted.internet import defer
+from twisted.logger import Logger
 
 from fido_tx import errors
 from fido_tx.errors import FidoError
 from fido_tx.sinks.message import Message
-from fido_tx.sources.imap.client import ImapCommandError
+from fido_tx.sources.imap.client import FidoIMAP4Client, ImapCommandError
 from fido_tx.sources.imap.parse import (
     SelectInfo,
     _show,
@@ -42,6 +43,8 @@ from fido_tx.sources.imap.parse import (
 SIZE_CHUNK = 1000
 
 __all__ = ["MailboxPoll", "SIZE_CHUNK", "command_error"]
+
+_log = Logger()
 
 
 def command_error(exc, kind_for_no=errors.MAILBOX, doing=""):
@@ -154,7 +157,7 @@ class MailboxPoll:
             if self.budget is not None:
                 grant = await self.budget.acquire(sum(sizes[u] for u in batch))
             try:
-                error = await self.fetch_batch(batch, epoch, grant)
+                error = await self.fetch_batch(batch, epoch, sizes, grant)
             finally:
                 if grant is not None:
                     grant.release()
@@ -259,11 +262,18 @@ class MailboxPoll:
         except ImapCommandError as e:
             raise command_error(e, errors.PROTOCOL, "UID SEARCH")
         uids = sorted(found)
+        ignored = self.conn.proto.search_ignored
+        if ignored:
+            _log.info("session {account_id}: {n} unseen messages; taking the first {taken} "
+                      "([imap] max_search_uids), the rest next poll",
+                      account_id=self.account.id, n=len(uids) + ignored, taken=len(uids))
         self.step("{n} unseen messages", n=len(uids))
         return uids
 
-    async def fetch_items(self, uids, items, collect):
-        """``UID FETCH`` in chunks; ``collect(uid, items)`` per response."""
+    async def fetch_items(self, uids, items, collect, **limits):
+        """``UID FETCH`` in chunks; ``collect(uid, items)`` per response;
+        ``limits``: literal bounds for ``command()`` (body batches are one
+        chunk)."""
         def untagged(segments):
             head = segments[0]
             sp = head.find(b" ")
@@ -279,7 +289,7 @@ class MailboxPoll:
             chunk = uids[i:i + SIZE_CHUNK]
             try:
                 await self.command(b"UID", b"FETCH " + uid_set(chunk) + b" " + items,
-                                   untagged=untagged)
+                                   untagged=untagged, **limits)
             except ImapCommandError as e:
                 raise command_error(e, errors.PROTOCOL, "UID FETCH")
 
@@ -295,7 +305,7 @@ class MailboxPoll:
         await self.fetch_items(uids, b"(UID RFC822.SIZE)", collect)
         return sizes
 
-    async def fetch_batch(self, batch, epoch, grant=None):
+    async def fetch_batch(self, batch, epoch, sizes, grant=None):
         """Fetch, deliver and mark one batch; the delivery's error, if any."""
         bodies = {}
         wanted = set(batch)
@@ -305,7 +315,11 @@ class MailboxPoll:
             if uid in wanted and isinstance(body, bytes):
                 bodies[uid] = body
 
-        await self.fetch_items(batch, b"(UID BODY.PEEK[])", collect)
+        # a body may not be (much) larger than its RFC822.SIZE: what arrives
+        # is bounded by what the budget granted, whatever the server claimed
+        limits = FidoIMAP4Client.body_limits(
+            {u: sizes[u] for u in batch}, self.settings.max_message_size + 1024 * 1024)
+        await self.fetch_items(batch, b"(UID BODY.PEEK[])", collect, **limits)
         account, mailbox = self.account.id, self.mailbox
         messages = [
             Message(account, mailbox, epoch, str(uid), bodies[uid],

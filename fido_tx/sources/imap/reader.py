@@ -1,0 +1,100 @@
+"""Reading an IMAP connection's bytes into lines and literals, in linear time.
+
+:class:`LinearLineReader` replaces ``LineReceiver``'s reading for
+:class:`~fido_tx.sources.imap.client.FidoIMAP4Client`: a line that arrives in
+many reads is kept as a list of pieces and joined once, and each line is cut
+out of a read by position.  ``LineReceiver`` re-copied its whole buffer for
+every read and every line: a hostile server's 8 MiB lines, or thousands of
+short lines per read, cost seconds of CPU (quadratic).
+
+The class using it provides ``error`` (reading stops once it is set),
+``line_mode`` (true: lines; false: a literal is being read),
+``_literal_remaining``, ``_take_literal(chunk)``, ``_end_literal()`` (back to
+line mode), ``lineReceived(line)``, ``lineLengthExceeded(line)`` and
+``MAX_LENGTH``, and calls :meth:`_reader_init` from its ``__init__``.
+"""
+
+
+class LinearLineReader:
+    def _reader_init(self):
+        self._pending = []  # pieces of an incomplete line
+        self._pending_len = 0
+        self._data = b""  # the read being scanned, and where
+        self._pos = 0
+        self._receiving = False
+        self._backlog = []
+
+    @property
+    def pending_bytes(self):
+        """Bytes of an incomplete line held."""
+        return self._pending_len
+
+    def _receive(self, data):
+        if self._receiving:  # re-entered from a callback: read it afterwards
+            self._backlog.append(data)
+            return
+        self._receiving = True
+        try:
+            self._data, self._pos = data, 0
+            self._scan()
+            while self._backlog and self.error is None:
+                self._data, self._pos = self._backlog.pop(0), 0
+                self._scan()
+        finally:
+            self._receiving = False
+            self._data, self._pos = b"", 0
+
+    def _scan(self):
+        while self.error is None:
+            data, pos = self._data, self._pos
+            if pos >= len(data):
+                return
+            if not self.line_mode:
+                n = self._literal_remaining
+                if len(data) - pos < n:
+                    self._take_literal(data[pos:] if pos else data)
+                    self._pos = len(data)
+                    return
+                self._take_literal(data[pos:pos + n])
+                self._pos = pos + n
+                self._end_literal()
+                continue
+            line = self._next_line(data, pos)
+            if line is None:
+                return
+            if len(line) > self.MAX_LENGTH:
+                self.lineLengthExceeded(line)
+                return
+            self.lineReceived(line)
+
+    def _next_line(self, data, pos):
+        """The next complete line (advancing ``_pos``), or ``None`` when the
+        read ends inside one (kept as a piece)."""
+        pending = self._pending
+        if pending and pending[-1][-1:] == b"\r" and data[pos:pos + 1] == b"\n":
+            line = b"".join(pending)[:-1]  # the delimiter came in two reads
+            self._pos = pos + 1
+        else:
+            end = data.find(b"\r\n", pos)
+            if end == -1:
+                piece = data[pos:] if pos else data
+                self._pos = len(data)
+                pending.append(piece)
+                self._pending_len += len(piece)
+                if self._pending_len > self.MAX_LENGTH + 1:
+                    self._pending, self._pending_len = [], 0
+                    self.lineLengthExceeded(piece)
+                return None
+            line = data[pos:end]
+            if pending:
+                line = b"".join(pending) + line
+            self._pos = end + 2
+        self._pending, self._pending_len = [], 0
+        return line
+
+    def clearLineBuffer(self):
+        """What was received and not yet read (and forget it)."""
+        rest = b"".join(self._pending) + self._data[self._pos:]
+        self._pending, self._pending_len = [], 0
+        self._pos = len(self._data)
+        return rest
