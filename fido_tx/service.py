@@ -324,8 +324,9 @@ def make_service(
 
     sched.setServiceParent(top)
     if held is not None:
-        # stops before the scheduler: held connections say DONE and LOGOUT
-        # at once instead of waiting out the grace period
+        # stops just before the scheduler: held connections start their DONE
+        # and LOGOUT at once, and the scheduler's stop waits for them within
+        # the one grace period
         held.setServiceParent(top)
 
     routable = DeliveryCheck(sinks, report=status.report_config)

@@ -23,8 +23,9 @@ each fetch (:meth:`SessionHandle.take_slot`: this also waits while fetching
 is paused), hands each fetch's result to the scheduler's observers
 (:meth:`SessionHandle.report`), and ends (``skipped``) when stopped.
 :class:`HeldConnections` is what they share (the per-host limit, the
-counts for /metrics and the heartbeat) and stops them all first on SIGTERM
-(DONE, LOGOUT) within ``grace_period``.
+counts for /metrics and the heartbeat) and starts stopping them all first
+on SIGTERM (DONE, LOGOUT); the scheduler's stop then waits for them within
+the same ``grace_period``.
 """
 
 import gc
@@ -229,13 +230,17 @@ class HeldConnections(service.Service):
         return self.pool.snapshot()
 
     def stopService(self):
+        """Start stopping every held connection (DONE, LOGOUT; a fetch in
+        progress gets ``grace_period``) and return at once: the scheduler's
+        stop, next, waits for their sessions within the same grace period
+        (one grace period in all, not two in a row)."""
         super().stopService()
         self.stopping = True
         machines = list(self.machines.values())
         if machines:
             _log.info("stopping {n} held connections (DONE, LOGOUT)", n=len(machines))
-        return defer.gatherResults([m.stop(timeout=self.grace_period) for m in machines],
-                                   consumeErrors=True)
+        for m in machines:
+            m.stop(timeout=self.grace_period)
 
 
 @implementer(ISource)
