@@ -301,6 +301,10 @@ def make_service(
 
         held = HeldConnections(settings)
         session_factory = _session_factory(reactor, settings, sinks, dry_run, held=held)
+    balancer = None
+    if settings.cluster.mode == "lease":
+        balancer, session_factory = _leases(reactor, settings, redis, ident, session_factory,
+                                            handles)
 
     sched = scheduler_mod.Scheduler(
         reactor,
@@ -328,12 +332,21 @@ def make_service(
         # and LOGOUT at once, and the scheduler's stop waits for them within
         # the one grace period
         held.setServiceParent(top)
+    if balancer is not None:
+        balancer.is_busy = lambda account_id: account_id in sched.running_ids()
+        balancer.on_lost = sched.stop_session
+        balancer.on_change = sched.poll_soon
+        redis.add_connection_observer(lambda up: up and balancer.kick())
+        balancer.setServiceParent(top)
 
     routable = DeliveryCheck(sinks, report=status.report_config)
 
     def apply(accounts, diff):
         gate.add([account.id for account in diff.added])
-        sched.set_accounts(routable(accounts))
+        accounts = routable(accounts)
+        if balancer is not None:
+            balancer.set_accounts(account.id for account in accounts)
+        sched.set_accounts(accounts)
         for account in diff.removed:
             gate.forget(account.id)
             status.forget(account.id)
@@ -363,7 +376,9 @@ def make_service(
 
     if not dry_run:
         heartbeat_mod.Heartbeat(
-            reactor, heartbeat_mod.HeartbeatWriter(redis), sched, ident, held=held
+            reactor, heartbeat_mod.HeartbeatWriter(redis), sched, ident,
+            accounts=(lambda: len(balancer.held)) if balancer is not None else None,
+            held=held,
         ).setServiceParent(top)
 
     health = health_mod.Health(reactor, sched, redis, status=status)
@@ -381,9 +396,28 @@ def make_service(
         redis=redis, sinks=sinks, account_state=account_state,
         reporter=reporter, metrics=metrics, status=status,
         scheduler=sched, source=source, health=health, gate=gate, sessions=sessions,
-        view=view, instances=instances, held=held,
+        view=view, instances=instances, balancer=balancer, held=held,
     )
     return top
+
+
+def _leases(reactor, settings, redis, ident, session_factory, handles):
+    """``[cluster] mode = "lease"``: the balancer, and a session factory that
+    runs a session only while this instance holds the account's lease (the
+    others end at once as ``skipped``: not backed off, not reported)."""
+    from fido_tx.outcome import SessionResult
+    from fido_tx.redis.lease import RedisLeases
+    from fido_tx.schedule.cluster import LeaseBalancer
+
+    ttl = settings.cluster.lease_ttl
+    balancer = LeaseBalancer(reactor, RedisLeases(redis, ident, ttl), ttl)
+
+    def leased(account, *handle):
+        if not balancer.holds(account.id):
+            return defer.succeed(SessionResult(account.id, skipped=True))
+        return session_factory(account, *handle)
+
+    return balancer, leased
 
 
 def _redis_parts(top, reactor, settings):

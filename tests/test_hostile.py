@@ -179,10 +179,8 @@ def test_more_unseen_messages_than_max_search_uids_are_fetched_over_several_poll
 
 # -- for the lead, after the session split: flip these once handled ------------
 
-_LATER = "a FETCH answer that does not carry what was asked is not yet a protocol error"
 
 
-@pytest.mark.xfail(strict=True, reason=_LATER)
 @pytest.mark.parametrize("mode", ["no_body", "body_nil", "other_uid", "double_body"])
 @pytest_twisted.inlineCallbacks
 def test_a_fetch_answer_without_the_asked_body_is_a_protocol_error(mode):

@@ -59,7 +59,10 @@ class Heartbeat(service.Service):
     """
 
     def __init__(self, clock, writer, scheduler, instance_id,
-                 interval=HEARTBEAT_INTERVAL, ttl=HEARTBEAT_TTL, held=None):
+                 interval=HEARTBEAT_INTERVAL, ttl=HEARTBEAT_TTL, accounts=None, held=None):
+        """``accounts``: ``f() -> int``, the accounts this instance fetches
+        (default: every account scheduled; with leases, those held)."""
+        self._accounts = accounts or (lambda: len(self._scheduler.accounts))
         self._writer = writer
         self._scheduler = scheduler
         #: held IMAP connections (``snapshot()``), shown by ``fido status``
@@ -75,7 +78,7 @@ class Heartbeat(service.Service):
             "host": socket.gethostname(),
             "pid": str(os.getpid()),
             "version": fido_tx.__version__,
-            "accounts": str(len(self._scheduler.accounts)),
+            "accounts": str(self._accounts()),
             "sessions": str(self._scheduler.running_count),
         }
         if self._held is not None:

@@ -50,11 +50,12 @@ class LeaseBalancer(service.Service):
         :class:`fido_tx.testing.MemoryLeases`).
     :param is_busy: ``f(account_id) -> bool``: a session runs for it now.
     :param on_lost: ``f(account_id)``: a lease was lost; stop its session.
-    :param on_change: ``f()`` after a tick that changed the held set.
+    :param on_change: ``f(gained)`` after a tick that took new leases (the
+        scheduler polls those soon).
     """
 
     def __init__(self, clock, leases, ttl, is_busy=lambda a: False, on_lost=lambda a: None,
-                 on_change=lambda: None):
+                 on_change=lambda gained: None):
         self.clock = clock
         self.leases = leases
         self.ttl = ttl
@@ -89,8 +90,9 @@ class LeaseBalancer(service.Service):
             self._redis_failed(e)
         else:
             self._last_ok = self.clock.seconds()
-        if self.held != before:
-            self.on_change()
+        gained = self.held - before
+        if gained:
+            self.on_change(gained)
 
     async def _balance(self):
         members = await self.leases.members()
@@ -128,6 +130,13 @@ class LeaseBalancer(service.Service):
             self.on_lost(account_id)
 
     # -- service -------------------------------------------------------------------
+
+    def kick(self):
+        """Tick now (Redis just came up) unless a tick is under way."""
+        if self.running and self._ticking is None:
+            if self._timer is not None and self._timer.active():
+                self._timer.cancel()
+            self._run()
 
     def _run(self):
         self._timer = None

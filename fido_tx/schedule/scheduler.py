@@ -170,6 +170,26 @@ class Scheduler(service.Service):
         """Ids of the accounts in a session now."""
         return frozenset(self._sessions)
 
+    def poll_soon(self, account_ids):
+        """Make the waiting ones of ``account_ids`` due now (an instance has
+        just taken their leases); running or blocked ones are left alone."""
+        now = self._clock.seconds()
+        for account_id in account_ids:
+            entry = self._entries.get(account_id)
+            if (entry is None or entry.blocked or entry.front or account_id in self._sessions
+                    or entry.due is None or entry.due <= now):
+                continue
+            self._queue.push_back(entry, now)
+        self._reschedule()
+
+    def stop_session(self, account_id):
+        """Cancel the running session (or held connection) of ``account_id``,
+        if any: nothing more is marked (its lease was lost to another
+        instance).  The account stays in the set."""
+        session = self._sessions.get(account_id)
+        if session is not None and session.deferred is not None:
+            session.cancel()
+
     def lag(self):
         """Seconds the most overdue waiting account has waited past its due time.
 

@@ -59,14 +59,23 @@ class SentinelSetup:
     """``master``, ``replica``, ``sentinels`` (three); :attr:`url` is the
     ``redis+sentinel://`` URL of the set."""
 
-    def __init__(self, binary):
+    def __init__(self, binary, failover_timeout_ms=4000):
         self.binary = binary
+        #: also how long a sentinel leaves a replica that replicates from an
+        #: address other than the master's (a proxy) before it "fixes" it
+        self.failover_timeout_ms = failover_timeout_ms
         self.directory = tempfile.mkdtemp(prefix="fido-sentinel-")
         self.master = self._server("master", free_port(), [])
         self.replica = self._server(
             "replica", free_port(), ["--replicaof", "127.0.0.1", str(self.master.port)]
         )
         self.sentinels = [self._sentinel(i) for i in range(3)]
+
+    def replicate_through(self, port):
+        """Before :meth:`start`: the replica replicates through ``port`` (a
+        proxy to the master) instead of connecting to the master itself."""
+        argv = self.replica.argv
+        argv[argv.index("--replicaof") + 2] = str(port)
 
     def _server(self, name, port, extra):
         return _Process(self.binary, self.directory, name, port, [
@@ -85,7 +94,7 @@ class SentinelSetup:
                 f"port {port}\nbind 127.0.0.1\ndir {directory}\nlogfile sentinel.log\n"
                 f"sentinel monitor {MASTER_NAME} 127.0.0.1 {self.master.port} 2\n"
                 f"sentinel down-after-milliseconds {MASTER_NAME} 1000\n"
-                f"sentinel failover-timeout {MASTER_NAME} 4000\n"
+                f"sentinel failover-timeout {MASTER_NAME} {self.failover_timeout_ms}\n"
                 f"sentinel parallel-syncs {MASTER_NAME} 1\n"
             )
         return _Process(self.binary, self.directory, f"sentinel{index}", port,

@@ -45,6 +45,7 @@ SIZE_CHUNK = 1000
 __all__ = ["MailboxPoll", "SIZE_CHUNK", "command_error"]
 
 _log = Logger()
+_ABSENT = object()
 
 
 def command_error(exc, kind_for_no=errors.MAILBOX, doing=""):
@@ -309,10 +310,19 @@ class MailboxPoll:
         """Fetch, deliver and mark one batch; the delivery's error, if any."""
         bodies = {}
         wanted = set(batch)
+        answered = set()
+        wrong = []
 
         def collect(uid, values):
-            body = values.get(b"BODY[]")
-            if uid in wanted and isinstance(body, bytes):
+            body = values.get(b"BODY[]", _ABSENT)
+            if uid not in wanted:
+                if body is not _ABSENT:  # a flag update of another message is fine
+                    wrong.append(f"the body of UID {uid}, which was not asked for")
+                return
+            answered.add(uid)
+            if isinstance(body, bytes):
+                if uid in bodies:
+                    wrong.append(f"two bodies for UID {uid}")
                 bodies[uid] = body
 
         # a body may not be (much) larger than its RFC822.SIZE: what arrives
@@ -320,6 +330,14 @@ class MailboxPoll:
         limits = FidoIMAP4Client.body_limits(
             {u: sizes[u] for u in batch}, self.settings.max_message_size + 1024 * 1024)
         await self.fetch_items(batch, b"(UID BODY.PEEK[])", collect, **limits)
+        # a UID with no answer at all was expunged meanwhile; an answer
+        # without the body asked for is a broken server: nothing of the
+        # batch is stored blind, the account is reported
+        wrong.extend(f"no body (BODY[]) for UID {u}" for u in sorted(answered - set(bodies)))
+        if wrong:
+            bodies.clear()
+            raise FidoError(errors.PROTOCOL, "the server's UID FETCH answer did not carry what "
+                                             "was asked: " + "; ".join(wrong[:5]))
         account, mailbox = self.account.id, self.mailbox
         messages = [
             Message(account, mailbox, epoch, str(uid), bodies[uid],
