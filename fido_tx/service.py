@@ -333,9 +333,9 @@ def make_service(
         # the one grace period
         held.setServiceParent(top)
     if balancer is not None:
-        balancer.is_busy = lambda account_id: account_id in sched.running_ids()
+        balancer.is_busy = _lease_busy(balancer, sched)
         balancer.on_lost = sched.stop_session
-        balancer.on_change = sched.poll_soon
+        balancer.on_change = _lease_gained(balancer, sched)
         redis.add_connection_observer(lambda up: up and balancer.kick())
         balancer.setServiceParent(top)
 
@@ -414,10 +414,42 @@ def _leases(reactor, settings, redis, ident, session_factory, handles):
 
     def leased(account, *handle):
         if not balancer.holds(account.id):
+            balancer.giving_up.discard(account.id)
+            return defer.succeed(SessionResult(account.id, skipped=True))
+        if account.id in balancer.giving_up:  # its held connection was just ended
             return defer.succeed(SessionResult(account.id, skipped=True))
         return session_factory(account, *handle)
 
+    #: accounts whose held connection was ended so that their lease can go
+    balancer.giving_up = set()
     return balancer, leased
+
+
+def _lease_gained(balancer, sched):
+    """The balancer's ``on_change``: leases taken (maybe back) are polled
+    soon, and a held connection may start again for them."""
+
+    def gained(account_ids):
+        balancer.giving_up.difference_update(account_ids)
+        sched.poll_soon(account_ids)
+
+    return gained
+
+
+def _lease_busy(balancer, sched):
+    """The balancer's ``is_busy``: a session runs for the account.  A held
+    connection (idle, no slot) would run for ever: it is ended (DONE, LOGOUT)
+    and no new one starts, so that a later tick can release the lease."""
+
+    def is_busy(account_id):
+        if account_id not in sched.running_ids():
+            return False
+        if sched.is_held(account_id) and account_id not in balancer.giving_up:
+            balancer.giving_up.add(account_id)
+            sched.stop_session(account_id)
+        return account_id in sched.running_ids()
+
+    return is_busy
 
 
 def _redis_parts(top, reactor, settings):

@@ -69,3 +69,50 @@ class StatusCommandTests(SynchronousTestCase):
         row = next(line for line in text.splitlines() if line.startswith("web1:1"))
         self.assertIn("120", row)
         self.assertIn("118", row)
+
+
+class LeaseTests(SynchronousTestCase):
+    """[cluster] mode = "lease": a held connection must not keep a lease
+    that belongs to another instance now."""
+
+    def test_held_connection_is_ended_and_not_restarted_until_the_lease_is_back(self):
+        from fido_tx import service
+
+        class Balancer:
+            held = {"a"}
+
+            def holds(self, account_id):
+                return account_id in self.held
+
+        class Sched:
+            def __init__(self):
+                self.sessions = {"a": "held"}
+                self.stopped = []
+                self.soon = []
+
+            def running_ids(self):
+                return frozenset(self.sessions)
+
+            def is_held(self, account_id):
+                return self.sessions.get(account_id) == "held"
+
+            def stop_session(self, account_id):
+                self.stopped.append(account_id)
+                del self.sessions[account_id]  # the cancel ends it at once
+
+            def poll_soon(self, ids):
+                self.soon.extend(ids)
+
+        b, sched = Balancer(), Sched()
+        b.giving_up = set()
+        is_busy = service._lease_busy(b, sched)
+        self.assertFalse(is_busy("a"))  # ended at once: the lease can go
+        self.assertEqual(sched.stopped, ["a"])
+        self.assertEqual(b.giving_up, {"a"})
+        gained = service._lease_gained(b, sched)
+        gained({"a"})  # taken back later
+        self.assertEqual(b.giving_up, set())
+        self.assertEqual(sched.soon, ["a"])
+        sched.sessions["b"] = "running"  # fetching: busy, left alone
+        self.assertTrue(is_busy("b"))
+        self.assertEqual(sched.stopped, ["a"])

@@ -170,6 +170,11 @@ class Scheduler(service.Service):
         """Ids of the accounts in a session now."""
         return frozenset(self._sessions)
 
+    def is_held(self, account_id):
+        """Whether ``account_id``'s session released its slot (a held connection)."""
+        session = self._sessions.get(account_id)
+        return session is not None and session.held
+
     def poll_soon(self, account_ids):
         """Make the waiting ones of ``account_ids`` due now (an instance has
         just taken their leases); running or blocked ones are left alone."""
