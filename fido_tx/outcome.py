@@ -28,6 +28,9 @@ class SessionResult:
     seconds: float = 0.0
     #: True when the session ran in dry-run mode
     dry_run: bool = False
+    #: harmless protocol deviations the server made and Fido read anyway:
+    #: ``(("bare_lf", lines), ...)``, sorted (counted in the metrics)
+    deviations: tuple = ()
     #: the short random id on every log line of the session (``3f9a2c``)
     session_id: str = ""
     #: True when the source had nothing to do this turn (e.g. a held

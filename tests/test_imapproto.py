@@ -882,19 +882,23 @@ class _Lines(LinearLineReader):
 
 class LinearReaderProperties(SynchronousTestCase):
     @settings(max_examples=200, deadline=None)
-    @given(lines=st.lists(st.binary(max_size=40).filter(lambda b: b"\r\n" not in b
+    @given(lines=st.lists(st.binary(max_size=40).filter(lambda b: b"\n" not in b
                                                         and not b.endswith(b"\r")),
                           max_size=20),
-           cuts=st.lists(st.integers(0, 900), max_size=30))
-    def test_any_chunking_gives_the_lines_split_at_crlf(self, lines, cuts):
+           cuts=st.lists(st.integers(0, 900), max_size=30),
+           bare=st.lists(st.booleans(), max_size=20))
+    def test_any_chunking_gives_the_lines_split_at_crlf(self, lines, cuts, bare):
+        """Lines end in CRLF, or (tolerated, counted) a bare LF."""
         reader = _Lines()
-        wire = b"".join(line + b"\r\n" for line in lines)
+        ends = [b"\n" if k < len(bare) and bare[k] else b"\r\n" for k in range(len(lines))]
+        wire = b"".join(line + end for line, end in zip(lines, ends))
         pos = 0
         for cut in sorted(set(cuts)) + [len(wire)]:
             if pos < cut <= len(wire):
                 reader._receive(wire[pos:cut])
                 pos = cut
         self.assertEqual(reader.lines, lines)
+        self.assertEqual(reader.bare_lf_lines, ends.count(b"\n"))
         self.assertEqual(reader.clearLineBuffer(), b"")
 
     def test_a_line_over_max_length_in_pieces(self):

@@ -6,6 +6,7 @@ Counted as sessions end (:meth:`Metrics.observe_session`):
 ``fido_messages_fetched_total``             messages newly stored
 ``fido_bytes_fetched_total``                bytes of those messages
 ``fido_session_duration_seconds``           histogram of session wall time
+``fido_imap_deviations_total{kind}``        protocol deviations read anyway (``bare_lf``: response lines ended by LF alone)
 
 Read at scrape time from the objects given to :meth:`Metrics.bind`:
 
@@ -60,8 +61,14 @@ class Metrics:
             "fido_session_duration_seconds", "Wall time of mailbox sessions.",
             buckets=DURATION_BUCKETS, registry=self.registry,
         )
+        self.deviations = Counter(
+            "fido_imap_deviations",
+            "IMAP protocol deviations read anyway, by kind (bare_lf: a line ended by LF alone).",
+            ["kind"], registry=self.registry,
+        )
         for outcome in STATES:
             self.sessions.labels(outcome=outcome)
+        self.deviations.labels(kind="bare_lf")
         self.scheduler = None
         self.redis = None
         self.reporter = None
@@ -99,6 +106,8 @@ class Metrics:
         if result.bytes:
             self.bytes.inc(result.bytes)
         self.duration.observe(max(0.0, result.seconds))
+        for kind, count in getattr(result, "deviations", ()):
+            self.deviations.labels(kind=kind).inc(count)
 
     def backlog_length(self):
         return None if self.backlog is None else self.backlog.last_length

@@ -77,6 +77,18 @@ def find_dovecot():
     return None
 
 
+def version(binary=None):
+    """Dovecot's version (``2.3.19.1``), or ``"?"`` when it is not installed."""
+    binary = binary or find_dovecot()
+    if binary is None:
+        return "?"
+    try:
+        out = subprocess.run([binary, "--version"], capture_output=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    return out.decode("ascii", "replace").split()[0] if out.strip() else "?"
+
+
 @attr.s(frozen=True, slots=True)
 class MailUser:
     """The system identity owning mail files and running Dovecot's helpers."""
@@ -136,6 +148,9 @@ class Dovecot:
     win).  ``sessions`` sizes the process and client limits.
     """
 
+    name = "dovecot"
+    prefix = ""  # namespace inbox: prefix = "" (see _write_config)
+
     def __init__(self, base_dir=None, users=None, port=None, ssl_port=None, tls=True,
                  cert=None, extra_config="", binary=None, sessions=2000):
         self.binary = binary or find_dovecot()
@@ -177,6 +192,24 @@ class Dovecot:
         for name in self.users:
             self._ensure_user_dir(name)
         self._write_config()
+
+    @property
+    def version(self):
+        """``2.3.19.1``: from ``dovecot --version``."""
+        return version(self.binary)
+
+    def describe(self):
+        return f"{self.name} {self.version}"
+
+    def mailbox(self, name):
+        """The full name of folder ``name`` as a client uses it (no prefix here)."""
+        return "INBOX" if name.upper() == "INBOX" else self.prefix + name
+
+    def capabilities(self, user):
+        """CAPABILITY after a STARTTLS login, sorted (tests/support/imapserver.py)."""
+        from tests.support.imapserver import capabilities_after_login
+
+        return capabilities_after_login(self, user)
 
     # -- files ------------------------------------------------------------
 
@@ -598,6 +631,9 @@ service managesieve-login {{
     def flags_by_uid(self, user, folder="INBOX"):
         """``{uid: letters}`` for messages Dovecot has indexed."""
         return {e.uid: e.flags for e in self.entries(user, folder) if e.uid is not None}
+
+    def has_folder(self, user, folder):
+        return os.path.isdir(os.path.join(self.folder_dir(user, folder), "cur"))
 
     def count(self, user, folder="INBOX"):
         """How many messages are in ``folder`` (expunged ones are gone)."""

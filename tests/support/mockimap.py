@@ -131,6 +131,13 @@ class Behaviour:
         successful login, 1-based) sees ``uidvalidity[min(k, len) - 1]``;
         empty keeps the mailbox's own.
     :ivar search_uids: when set, every SEARCH answers these UIDs.
+    :ivar bare_lf: end every line the server sends (greeting, untagged,
+        tagged, continuation, the line announcing a literal) with a bare LF
+        instead of CRLF; literal bytes are sent unchanged (see :func:`bare_lf`).
+    :ivar uidvalidity_churn: every new session (successful LOGIN) that
+        selects INBOX finds a new UIDVALIDITY and the messages renumbered
+        1..n in mailbox order, as on a server that rebuilds its index on
+        every open.
     :ivar hostile: one of :data:`HOSTILE` (after login; see there):
         a server that breaks the protocol to harm its client.
     :ivar hostile_size: bytes of each literal a hostile mode sends (the lie
@@ -149,11 +156,11 @@ class Behaviour:
     max_connections: int | None = None
     uidvalidity: tuple = ()
     search_uids: tuple | None = None
+    bare_lf: bool = False
+    uidvalidity_churn: bool = False
     hostile: str = attr.ib(default="", validator=attr.validators.in_(("",) + HOSTILE))
     hostile_size: int = 1024 * 1024
     claimed_size: int | None = None
-
-
 
 
 #: Convenience: the answer of a server that limits connections per user.
@@ -176,6 +183,15 @@ class Folder:
     uidvalidity = attr.ib()
     messages = attr.ib(factory=list)
     uidnext = attr.ib(default=1)
+    #: the login count at which uidvalidity_churn last renumbered the folder
+    churned = attr.ib(default=0)
+
+    def renumber(self):
+        """A new UIDVALIDITY and UIDs 1..n in order (uidvalidity_churn)."""
+        self.uidvalidity += 1
+        for uid, m in enumerate(self.messages, 1):
+            m.uid = uid
+        self.uidnext = len(self.messages) + 1
 
     def append(self, raw, flags=()):
         msg = MockMessage(self.uidnext, bytes(raw), set(flags))
@@ -591,6 +607,8 @@ class MockIMAPProtocol(IdleProtocolSupport, protocol.Protocol):
 
     # -- output: a queue of (data, rate) and callables, paced --------------
     def _send(self, data, rate=0.0):
+        if data and self.behaviour.bare_lf:
+            data = bare_lf(data)
         if data:
             self._out.append((data, rate))
         self._pump()
@@ -942,6 +960,10 @@ class MockIMAPProtocol(IdleProtocolSupport, protocol.Protocol):
         if folder is None:
             self.state, self._folder = "auth", None
             return tag + b" NO [NONEXISTENT] Mailbox doesn't exist: " + args[0] + b"\r\n"
+        if name == "INBOX" and self.behaviour.uidvalidity_churn \
+                and folder.churned != mailbox.logins:
+            folder.churned = mailbox.logins
+            folder.renumber()
         if name == "INBOX" and self.behaviour.uidvalidity:
             seq = self.behaviour.uidvalidity
             folder.uidvalidity = seq[min(mailbox.logins, len(seq)) - 1]
@@ -1248,6 +1270,31 @@ class _SearchKeys:
             want = parse_set(key, self.count)
             return lambda i, m: want(i)
         raise ParseError("unsupported search key " + key.decode("ascii", "replace"))
+
+
+_LITERAL_END = re.compile(rb"\{(\d+)\}\Z")
+
+
+def bare_lf(data):
+    """``data`` (whole server responses) with every line's CRLF made a bare
+    LF; the bytes of literals (``{n}`` at a line's end, then n bytes) are
+    left as they are."""
+    out = []
+    pos = 0
+    while pos < len(data):
+        end = data.find(b"\r\n", pos)
+        if end < 0:
+            out.append(data[pos:])
+            break
+        line = data[pos:end]
+        out.append(line + b"\n")
+        pos = end + 2
+        m = _LITERAL_END.search(line)
+        if m:
+            size = int(m.group(1))
+            out.append(data[pos:pos + size])
+            pos += size
+    return b"".join(out)
 
 
 def _abort_with_rst(transport):

@@ -56,6 +56,9 @@ from fido_tx.sources.imap.parse import (  # noqa: F401 - re-exported for callers
 from fido_tx.sources.imap import bounds
 from fido_tx.sources.imap.reader import LinearLineReader
 
+#: what ends every line Fido sends (strict writing; lines are read up to LF,
+#: see :mod:`fido_tx.sources.imap.reader`)
+CRLF = b"\r\n"
 _TAGGED = re.compile(rb"([A-Za-z]+)(?: (.*))?\Z", re.S)
 
 
@@ -164,6 +167,12 @@ class FidoIMAP4Client(LinearLineReader, imap4.IMAP4Client):
         self._limits(None, None, None)
         self._reader_init()
 
+    @property
+    def deviations(self):
+        """Harmless deviations from RFC 3501 read anyway: ``{kind: count}``
+        (``bare_lf``: lines ended by LF alone, see the reader)."""
+        return {"bare_lf": self.bare_lf_lines} if self.bare_lf_lines else {}
+
     # -- bounds ----------------------------------------------------------------
 
     #: ``body_limits(claimed, largest)``: command() keyword arguments bounding a
@@ -241,12 +250,12 @@ class FidoIMAP4Client(LinearLineReader, imap4.IMAP4Client):
             self._trace_lines.append("C: " + _show(shown))
         else:
             self._trace("C", line)
-        return super().sendLine(line)
+        return self.transport.write(line + CRLF)
 
     def send_secret(self, line):
         """Send a continuation line that carries credentials (not traced)."""
         self._trace_lines.append("C: <redacted>")
-        self.transport.write(line + self.delimiter)
+        self.transport.write(line + CRLF)
 
     # -- timers --------------------------------------------------------------
 

@@ -12,6 +12,10 @@ The class using it provides ``error`` (reading stops once it is set),
 ``_literal_remaining``, ``_take_literal(chunk)``, ``_end_literal()`` (back to
 line mode), ``lineReceived(line)``, ``lineLengthExceeded(line)`` and
 ``MAX_LENGTH``, and calls :meth:`_reader_init` from its ``__init__``.
+
+Lines are cut at LF and the CR before it is stripped; a line ended by a
+bare LF (some servers send them) is read too and counted in
+``bare_lf_lines``.
 """
 
 
@@ -23,6 +27,8 @@ class LinearLineReader:
         self._pos = 0
         self._receiving = False
         self._backlog = []
+        #: lines that ended in a bare LF instead of CRLF
+        self.bare_lf_lines = 0
 
     @property
     def pending_bytes(self):
@@ -69,27 +75,30 @@ class LinearLineReader:
 
     def _next_line(self, data, pos):
         """The next complete line (advancing ``_pos``), or ``None`` when the
-        read ends inside one (kept as a piece)."""
+        read ends inside one (kept as a piece).
+
+        A line ends at LF; the CR before it is stripped, and a line without
+        one (a bare LF) is read all the same and counted in
+        ``bare_lf_lines``: tolerated, never silently mis-parsed."""
         pending = self._pending
-        if pending and pending[-1][-1:] == b"\r" and data[pos:pos + 1] == b"\n":
-            line = b"".join(pending)[:-1]  # the delimiter came in two reads
-            self._pos = pos + 1
-        else:
-            end = data.find(b"\r\n", pos)
-            if end == -1:
-                piece = data[pos:] if pos else data
-                self._pos = len(data)
-                pending.append(piece)
-                self._pending_len += len(piece)
-                if self._pending_len > self.MAX_LENGTH + 1:
-                    self._pending, self._pending_len = [], 0
-                    self.lineLengthExceeded(piece)
-                return None
-            line = data[pos:end]
-            if pending:
-                line = b"".join(pending) + line
-            self._pos = end + 2
+        end = data.find(b"\n", pos)
+        if end == -1:
+            piece = data[pos:] if pos else data
+            self._pos = len(data)
+            pending.append(piece)
+            self._pending_len += len(piece)
+            if self._pending_len > self.MAX_LENGTH + 1:
+                self._pending, self._pending_len = [], 0
+                self.lineLengthExceeded(piece)
+            return None
+        line = data[pos:end]
+        if pending:
+            line = b"".join(pending) + line
+        self._pos = end + 1
         self._pending, self._pending_len = [], 0
+        if line.endswith(b"\r"):
+            return line[:-1]
+        self.bare_lf_lines += 1
         return line
 
     def clearLineBuffer(self):

@@ -258,6 +258,14 @@ class ImapSession:
     def _forms(self):
         return self.credentials.secret_forms() if self.credentials is not None else ()
 
+    def _deviations(self):
+        """What the server's protocol bent and Fido read anyway (client's
+        ``deviations``): ``(("bare_lf", n), ...)``."""
+        conn = self.connection
+        proto = conn.proto if conn is not None else None
+        counted = getattr(proto, "deviations", None)
+        return tuple(sorted(counted.items())) if counted else ()
+
     def _result(self, error=None):
         p = self.mailbox_poll
         fields = dict(
@@ -269,6 +277,7 @@ class ImapSession:
             seconds=max(0.0, self.reactor.seconds() - self.started),
             dry_run=self.dry_run,
             session_id=self.session_id,
+            deviations=self._deviations(),
         )
         if error is None:
             return SessionResult(**fields)
