@@ -85,8 +85,8 @@ def test_idle_account_held_without_a_slot_fetches_within_a_second(tmp_path, redi
     h.start([account(h.port, u) for u in ("a1", "a2", "a3")])
     try:
         # one worker, three held connections: none of them keeps the slot
-        yield h.until(lambda: all(h.idling(u) for u in ("a1", "a2", "a3")), 10,
-                      "three accounts idling")
+        yield h.until(lambda: all(h.idling(u) for u in ("a1", "a2", "a3"))
+                      and h.held.snapshot()["idling"] == 3, 10, "three accounts idling")
         assert h.d.scheduler.running_count == 0
         assert h.d.scheduler.held_count == 3
         assert h.held.snapshot()["idling"] == 3
@@ -99,10 +99,14 @@ def test_idle_account_held_without_a_slot_fetches_within_a_second(tmp_path, redi
             took = time.monotonic() - sent
             print(f"IDLE wake to Redis: {took * 1000:.0f} ms")
             assert took < 1.0
-        assert h.server.mailbox("a2").flags(3) == {"\\Seen"}  # marked after Redis had it
+        yield h.until(lambda: h.server.mailbox("a2").flags(3) == {"\\Seen"}, 3,
+                      "message 3 marked (after Redis had it)")
         assert h.server.mailbox("a2").logins == 1
+        # each fetch reported (its result comes once the marking is done)
+        yield h.until(lambda: len([r for a, r in h.d.results if a.id == "a2"]) == 3, 3,
+                      "three results for a2")
         results = [r for a, r in h.d.results if a.id == "a2"]
-        assert [r.fetched for r in results] == [1, 1, 1]  # each fetch reported
+        assert [r.fetched for r in results] == [1, 1, 1]
         assert h.d.scheduler.account_state("a2").state == "held"
     finally:
         started = time.monotonic()

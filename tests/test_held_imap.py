@@ -120,7 +120,7 @@ def test_idle_wakes_a_fetch_on_the_held_connection(server):
     assert server.mailbox("good").flags(4) == {"\\Seen"}
     assert server.mailbox("good").logins == 1  # one login for all of it
     assert server.commands("good", "STATUS") == []  # no STATUS on a held connection
-    assert fleet.pool.snapshot()["idling"] == 1
+    yield until(lambda: fleet.pool.snapshot()["idling"] == 1)  # after the server's "+"
     yield fleet.stop()
     assert [c.name for c in server.commands("good")][-2:] == ["IDLE", "LOGOUT"]
     assert fleet.pool.snapshot() == {"held": 0, "idling": 0, "reconnects": 0, "fallback": 0}
