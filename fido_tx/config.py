@@ -72,6 +72,11 @@ class ImapSettings:
     too_large_keyword: str = "$FidoTooLarge"
     #: keyword set on messages the sink refused for good (left on the server)
     rejected_keyword: str = "$FidoRejected"
+    #: held connections: seconds before IDLE is ended and re-issued (< 29 min)
+    idle_refresh: float = 600.0
+    #: held connections: at most this many per server host name (more
+    #: accounts on that host poll with fresh connections)
+    max_connections_per_host: int = 1000
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
@@ -633,6 +638,10 @@ def _check_settings(path, s):
     within("fido", "grace_period", f.grace_period, 0, HOUR, " s")
 
     i = s.imap
+    if not 0 < i.idle_refresh < 29 * 60:
+        bad("imap", "idle_refresh", "must be greater than 0 and under 1740 (29 minutes: "
+            f"servers end an IDLE after 30), got {i.idle_refresh!r}")
+    at_least("imap", "max_connections_per_host", i.max_connections_per_host, 1)
     for key in ("connect_timeout", "greeting_timeout", "command_timeout", "logout_timeout"):
         timeout("imap", key, getattr(i, key))
     at_least("imap", "min_literal_rate", i.min_literal_rate, 0)

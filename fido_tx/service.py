@@ -173,7 +173,7 @@ class DeliveryCheck:
         return tuple(kept)
 
 
-def _session_factory(reactor, settings, sinks, dry_run, memory=None):
+def _session_factory(reactor, settings, sinks, dry_run, memory=None, held=None):
     """``f(account, handle=None) -> Deferred[SessionResult]``: a new session
     of the account's source (:func:`fido_tx.sources.make_session`) delivering
     to the sink of its ``delivery`` (``sinks``: name -> ISink), polled."""
@@ -200,6 +200,8 @@ def _session_factory(reactor, settings, sinks, dry_run, memory=None):
         dry_run=dry_run,
         debug=settings.log.level == "debug",
         memory=memory,
+        # accounts with idle = true keep their connection and wait in IDLE
+        held=held,
     )
 
     # one context per delivery: a session sees only its own sink, which sets
@@ -296,8 +298,12 @@ def make_service(
     sessions = history.SessionLog(reactor, redis.execute, keep=settings.http.recent_sessions)
 
     handles = session_factory is None  # a given factory takes the account only
+    held = None
     if session_factory is None:
-        session_factory = _session_factory(reactor, settings, sinks, dry_run)
+        from fido_tx.sources.imap.holding import HeldConnections
+
+        held = HeldConnections(settings)
+        session_factory = _session_factory(reactor, settings, sinks, dry_run, held=held)
     balancer = None
     if settings.cluster.mode == "lease":
         balancer, session_factory = _leases(reactor, settings, redis, ident, session_factory,
@@ -324,10 +330,15 @@ def make_service(
         _backpressure(top, reactor, sinks, sched, status, settings.redis.max_backlog)
 
     sched.setServiceParent(top)
+    if held is not None:
+        # stops just before the scheduler: held connections start their DONE
+        # and LOGOUT at once, and the scheduler's stop waits for them within
+        # the one grace period
+        held.setServiceParent(top)
     if balancer is not None:
-        balancer.is_busy = lambda account_id: account_id in sched.running_ids()
+        balancer.is_busy = _lease_busy(balancer, sched)
         balancer.on_lost = sched.stop_session
-        balancer.on_change = sched.poll_soon
+        balancer.on_change = _lease_gained(balancer, sched)
         redis.add_connection_observer(lambda up: up and balancer.kick())
         balancer.setServiceParent(top)
 
@@ -370,6 +381,7 @@ def make_service(
         heartbeat_mod.Heartbeat(
             reactor, heartbeat_mod.HeartbeatWriter(redis), sched, ident,
             accounts=(lambda: len(balancer.held)) if balancer is not None else None,
+            held=held,
         ).setServiceParent(top)
 
     health = health_mod.Health(reactor, sched, redis, status=status)
@@ -379,7 +391,7 @@ def make_service(
         default = sinks.get(sinks_mod.DEFAULT_DELIVERY)
         backlog = default if IBacklog.providedBy(default) else None
         metrics.bind(scheduler=sched, redis=redis, reporter=reporter, status=status,
-                     backlog=backlog)
+                     backlog=backlog, held=held)
         view, instances = _serve_http(reactor, settings.http, top, metrics, health, view_parts=dict(
             tracker=status, scheduler=sched, redis=redis, backlog=backlog, sessions=sessions))
 
@@ -387,7 +399,7 @@ def make_service(
         redis=redis, sinks=sinks, account_state=account_state,
         reporter=reporter, metrics=metrics, status=status,
         scheduler=sched, source=source, health=health, gate=gate, sessions=sessions,
-        view=view, instances=instances, balancer=balancer,
+        view=view, instances=instances, balancer=balancer, held=held,
     )
     return top
 
@@ -405,10 +417,42 @@ def _leases(reactor, settings, redis, ident, session_factory, handles):
 
     def leased(account, *handle):
         if not balancer.holds(account.id):
+            balancer.giving_up.discard(account.id)
+            return defer.succeed(SessionResult(account.id, skipped=True))
+        if account.id in balancer.giving_up:  # its held connection was just ended
             return defer.succeed(SessionResult(account.id, skipped=True))
         return session_factory(account, *handle)
 
+    #: accounts whose held connection was ended so that their lease can go
+    balancer.giving_up = set()
     return balancer, leased
+
+
+def _lease_gained(balancer, sched):
+    """The balancer's ``on_change``: leases taken (maybe back) are polled
+    soon, and a held connection may start again for them."""
+
+    def gained(account_ids):
+        balancer.giving_up.difference_update(account_ids)
+        sched.poll_soon(account_ids)
+
+    return gained
+
+
+def _lease_busy(balancer, sched):
+    """The balancer's ``is_busy``: a session runs for the account.  A held
+    connection (idle, no slot) would run for ever: it is ended (DONE, LOGOUT)
+    and no new one starts, so that a later tick can release the lease."""
+
+    def is_busy(account_id):
+        if account_id not in sched.running_ids():
+            return False
+        if sched.is_held(account_id) and account_id not in balancer.giving_up:
+            balancer.giving_up.add(account_id)
+            sched.stop_session(account_id)
+        return account_id in sched.running_ids()
+
+    return is_busy
 
 
 def _redis_parts(top, reactor, settings):

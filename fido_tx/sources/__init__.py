@@ -46,6 +46,9 @@ class SourceContext:
     log: object = None
     #: the memory source's :class:`~fido_tx.sources.memory.MemoryMailboxes`
     memory: object = None
+    #: IMAP: the :class:`~fido_tx.sources.imap.holding.HeldConnections`
+    #: (``None``: no held connections, every poll logs in)
+    held: object = None
 
 
 def make_session(account, ctx, handle=None):
