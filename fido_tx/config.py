@@ -72,6 +72,11 @@ class ImapSettings:
     too_large_keyword: str = "$FidoTooLarge"
     #: keyword set on messages the sink refused for good (left on the server)
     rejected_keyword: str = "$FidoRejected"
+    #: held connections: seconds before IDLE is ended and re-issued (< 29 min)
+    idle_refresh: float = 600.0
+    #: held connections: at most this many per server host name (more
+    #: accounts on that host poll with fresh connections)
+    max_connections_per_host: int = 1000
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
@@ -146,6 +151,13 @@ class LogSettings:
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
+class RoutingSettings:
+    #: GitLab's incoming_email.address format, "incoming+%{key}@host";
+    #: "" = no route keys (see fido_tx.routing)
+    template: str = ""
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
 class DeliverySettings:
     """One ``[delivery.NAME]`` table: its ``kind`` (a key of
     :data:`fido_tx.sinks.SINKS`) and the kind module's validated options."""
@@ -163,6 +175,7 @@ class Settings:
     reporter: ReporterSettings = attr.ib(factory=ReporterSettings)
     http: HttpSettings = attr.ib(factory=HttpSettings)
     log: LogSettings = attr.ib(factory=LogSettings)
+    routing: RoutingSettings = attr.ib(factory=RoutingSettings)
     #: ``[delivery.NAME]`` -> :class:`DeliverySettings`; read them with
     #: :meth:`delivery_tables`, which implies ``default`` from ``[redis] stream``
     deliveries: dict = attr.ib(factory=dict)
@@ -189,6 +202,7 @@ SECTIONS = {
     "reporter": ReporterSettings,
     "http": HttpSettings,
     "log": LogSettings,
+    "routing": RoutingSettings,
     "cluster": ClusterSettings,
 }
 
@@ -624,6 +638,10 @@ def _check_settings(path, s):
     within("fido", "grace_period", f.grace_period, 0, HOUR, " s")
 
     i = s.imap
+    if not 0 < i.idle_refresh < 29 * 60:
+        bad("imap", "idle_refresh", "must be greater than 0 and under 1740 (29 minutes: "
+            f"servers end an IDLE after 30), got {i.idle_refresh!r}")
+    at_least("imap", "max_connections_per_host", i.max_connections_per_host, 1)
     for key in ("connect_timeout", "greeting_timeout", "command_timeout", "logout_timeout"):
         timeout("imap", key, getattr(i, key))
     at_least("imap", "min_literal_rate", i.min_literal_rate, 0)
@@ -725,6 +743,13 @@ def _check_settings(path, s):
     within("log", "max_rotated_files", g.max_rotated_files, 1, 10_000)
     if g.file and os.path.isdir(g.file):
         bad("log", "file", f"{g.file} is a directory; name a file in it")
+
+    from fido_tx import routing
+
+    try:
+        routing.check_template(s.routing.template)
+    except ValueError as e:
+        bad("routing", "template", str(e))
 
 
 class _NoReactor:

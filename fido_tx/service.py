@@ -173,13 +173,14 @@ class DeliveryCheck:
         return tuple(kept)
 
 
-def _session_factory(reactor, settings, sinks, dry_run, memory=None, graph=None):
+def _session_factory(reactor, settings, sinks, dry_run, memory=None, held=None,
+                     graph=None):
     """``f(account, handle=None) -> Deferred[SessionResult]``: a new session
     of the account's source (:func:`fido_tx.sources.make_session`) delivering
     to the sink of its ``delivery`` (``sinks``: name -> ISink), polled."""
     import attr
 
-    from fido_tx import sources
+    from fido_tx import routing, sources
     from fido_tx.credentials import CredentialsContext, for_account
     from fido_tx.schedule import budget, pacer
     from fido_tx.sources.imap.connect import Connector
@@ -205,12 +206,17 @@ def _session_factory(reactor, settings, sinks, dry_run, memory=None, graph=None)
         dry_run=dry_run,
         debug=settings.log.level == "debug",
         memory=memory,
+        # accounts with idle = true keep their connection and wait in IDLE
+        held=held,
         # Graph: one HTTP pool, the per-mailbox gates, the Redis connection
         graph=graph,
     )
 
-    # one context per delivery: a session sees only its own sink
-    contexts = {name: attr.evolve(ctx, sink=sink) for name, sink in sinks.items()}
+    # one context per delivery: a session sees only its own sink, which sets
+    # each message's route_key when [routing] template is set
+    router = routing.Router(settings.routing.template)
+    contexts = {name: attr.evolve(ctx, sink=routing.routed(sink, router))
+                for name, sink in sinks.items()}
 
     def session_factory(account, handle=None):
         return sources.make_session(account, contexts[account.delivery], handle).poll()
@@ -300,14 +306,18 @@ def make_service(
     sessions = history.SessionLog(reactor, redis.execute, keep=settings.http.recent_sessions)
 
     handles = session_factory is None  # a given factory takes the account only
+    held = None
     if session_factory is None:
         from fido_tx.credentials import oauth
         from fido_tx.sources import graph as graph_mod
+        from fido_tx.sources.imap.holding import HeldConnections
 
+        held = HeldConnections(settings)
         graph = graph_mod.GraphShared.create(
             reactor, redis=redis, settings=graph_mod.GraphSettings.from_imap(settings.imap))
         _Stoppable(lambda: (graph.close(), oauth.close_shared())).setServiceParent(top)
-        session_factory = _session_factory(reactor, settings, sinks, dry_run, graph=graph)
+        session_factory = _session_factory(reactor, settings, sinks, dry_run, held=held,
+                                           graph=graph)
     balancer = None
     if settings.cluster.mode == "lease":
         balancer, session_factory = _leases(reactor, settings, redis, ident, session_factory,
@@ -334,10 +344,15 @@ def make_service(
         _backpressure(top, reactor, sinks, sched, status, settings.redis.max_backlog)
 
     sched.setServiceParent(top)
+    if held is not None:
+        # stops just before the scheduler: held connections start their DONE
+        # and LOGOUT at once, and the scheduler's stop waits for them within
+        # the one grace period
+        held.setServiceParent(top)
     if balancer is not None:
-        balancer.is_busy = lambda account_id: account_id in sched.running_ids()
+        balancer.is_busy = _lease_busy(balancer, sched)
         balancer.on_lost = sched.stop_session
-        balancer.on_change = sched.poll_soon
+        balancer.on_change = _lease_gained(balancer, sched)
         redis.add_connection_observer(lambda up: up and balancer.kick())
         balancer.setServiceParent(top)
 
@@ -380,6 +395,7 @@ def make_service(
         heartbeat_mod.Heartbeat(
             reactor, heartbeat_mod.HeartbeatWriter(redis), sched, ident,
             accounts=(lambda: len(balancer.held)) if balancer is not None else None,
+            held=held,
         ).setServiceParent(top)
 
     health = health_mod.Health(reactor, sched, redis, status=status)
@@ -389,7 +405,7 @@ def make_service(
         default = sinks.get(sinks_mod.DEFAULT_DELIVERY)
         backlog = default if IBacklog.providedBy(default) else None
         metrics.bind(scheduler=sched, redis=redis, reporter=reporter, status=status,
-                     backlog=backlog)
+                     backlog=backlog, held=held)
         view, instances = _serve_http(reactor, settings.http, top, metrics, health, view_parts=dict(
             tracker=status, scheduler=sched, redis=redis, backlog=backlog, sessions=sessions))
 
@@ -397,7 +413,7 @@ def make_service(
         redis=redis, sinks=sinks, account_state=account_state,
         reporter=reporter, metrics=metrics, status=status,
         scheduler=sched, source=source, health=health, gate=gate, sessions=sessions,
-        view=view, instances=instances, balancer=balancer,
+        view=view, instances=instances, balancer=balancer, held=held,
     )
     return top
 
@@ -415,10 +431,42 @@ def _leases(reactor, settings, redis, ident, session_factory, handles):
 
     def leased(account, *handle):
         if not balancer.holds(account.id):
+            balancer.giving_up.discard(account.id)
+            return defer.succeed(SessionResult(account.id, skipped=True))
+        if account.id in balancer.giving_up:  # its held connection was just ended
             return defer.succeed(SessionResult(account.id, skipped=True))
         return session_factory(account, *handle)
 
+    #: accounts whose held connection was ended so that their lease can go
+    balancer.giving_up = set()
     return balancer, leased
+
+
+def _lease_gained(balancer, sched):
+    """The balancer's ``on_change``: leases taken (maybe back) are polled
+    soon, and a held connection may start again for them."""
+
+    def gained(account_ids):
+        balancer.giving_up.difference_update(account_ids)
+        sched.poll_soon(account_ids)
+
+    return gained
+
+
+def _lease_busy(balancer, sched):
+    """The balancer's ``is_busy``: a session runs for the account.  A held
+    connection (idle, no slot) would run for ever: it is ended (DONE, LOGOUT)
+    and no new one starts, so that a later tick can release the lease."""
+
+    def is_busy(account_id):
+        if account_id not in sched.running_ids():
+            return False
+        if sched.is_held(account_id) and account_id not in balancer.giving_up:
+            balancer.giving_up.add(account_id)
+            sched.stop_session(account_id)
+        return account_id in sched.running_ids()
+
+    return is_busy
 
 
 def _redis_parts(top, reactor, settings):
@@ -433,7 +481,14 @@ def _redis_parts(top, reactor, settings):
     ctx = sinks_mod.SinkContext(reactor, redis, dry_run=settings.fido.dry_run, log=log,
                                 min_replicas=settings.redis.min_replicas,
                                 replica_timeout=settings.redis.replica_timeout)
-    return redis, sinks_mod.delivery_sinks(settings, ctx), state_mod.AccountState(redis)
+    sinks = sinks_mod.delivery_sinks(settings, ctx)
+    for sink in sinks.values():
+        # a sink with resources of its own (the webhook's connection pool, a
+        # sidekiq redis_url connection) is a Service: started after the shared
+        # connection, stopped before it
+        if service.IService.providedBy(sink):
+            sink.setServiceParent(top)
+    return redis, sinks, state_mod.AccountState(redis)
 
 
 def _pause_while_redis_is_down(redis, sched, status, gate):

@@ -68,9 +68,12 @@ def test_daemon_memory_stays_bounded_while_hostile_servers_send_gigabytes(tmp_pa
     for user, behaviour in hostile.items():
         server.script(user, behaviour)
     port = server.listen()
+    # "status" attacks the STATUS a poll that logs in asks first; a held
+    # connection (idle = true, the others) never sends STATUS
     daemon.write_accounts(os.path.join(directory, "accounts.json"), [
         {"id": user, "host": "127.0.0.1", "port": port, "security": "none",
-         "username": user, "password": PASSWORD} for user in boxes])
+         "username": user, "password": PASSWORD, "idle": user != "status"}
+        for user in boxes])
     config_path = os.path.join(directory, "fido.toml")
     daemon.write_config(
         config_path, directory, redis.url, workers=8, poll_interval=1,

@@ -12,7 +12,7 @@ from fido_tx import errors
 from fido_tx.accounts.model import Account, OAuth
 from fido_tx.credentials import oauth
 from fido_tx.httpclient import HttpClient
-from fido_tx.sources.imap import oauthlogin
+from fido_tx.sources.imap import bearer
 from fido_tx.sources.imap.client import FidoIMAP4Client
 from tests.support.mockimap import MockIMAPServer, MockMailbox
 from tests.support.oauthserver import FakeTokenEndpoint
@@ -45,7 +45,7 @@ class Harness:
                                                       greet=False)
         box = []
         d = defer.ensureDeferred(
-            oauthlogin.authenticate(client, self.caps, self.account, self.credentials))
+            bearer.authenticate(client, self.caps, self.account, self.credentials))
         d.addBoth(box.append)
         for _ in range(50):
             pump.flush()

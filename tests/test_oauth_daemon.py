@@ -1,6 +1,6 @@
 """The daemon with an XOAUTH2 account: tokens from the fake endpoint over
 loopback, the mock IMAP server checking them, a real Redis (the wiring of
-fido_tx.credentials.oauth and sources/imap/oauthlogin into the service)."""
+fido_tx.credentials.oauth and sources/imap/bearer into the service)."""
 
 import base64
 import os

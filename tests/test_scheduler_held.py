@@ -109,3 +109,67 @@ class HeldTests(SynchronousTestCase):
         sched.startService()
         sched.set_accounts([account("a")])
         self.assertEqual([a.id for a in calls], ["a"])
+
+
+class SlotAgainTests(SynchronousTestCase):
+    """A held session takes a worker slot again for each fetch."""
+
+    def test_take_slot_waits_for_a_free_slot_and_goes_before_new_accounts(self):
+        clock, sessions = task.Clock(), Sessions()
+        sched = scheduler(clock, sessions, workers=1)
+        sched.set_accounts([account("a"), account("b"), account("c")])
+        ha = sessions.started[0][1]
+        ha.release_slot()
+        self.assertEqual(sessions.ids(), ["a", "b"])  # b took a's slot
+        got = []
+        ha.take_slot().addCallback(got.append)
+        self.assertEqual(got, [])  # b holds the only slot
+        sessions.started[1][2].callback(SessionResult("b"))
+        self.assertEqual(len(got), 1)  # a goes before c
+        self.assertEqual(sessions.ids(), ["a", "b"])
+        self.assertEqual((sched.running_count, sched.held_count), (1, 0))
+        got[0]()  # release: c starts
+        self.assertEqual(sessions.ids(), ["a", "b", "c"])
+        self.assertEqual((sched.running_count, sched.held_count), (1, 1))
+
+    def test_take_slot_waits_while_paused(self):
+        clock, sessions = task.Clock(), Sessions()
+        sched = scheduler(clock, sessions, workers=2)
+        sched.set_accounts([account("a")])
+        ha = sessions.started[0][1]
+        ha.release_slot()
+        sched.pause("backlog")
+        got = []
+        d = ha.take_slot().addCallback(got.append)
+        self.assertEqual(got, [])
+        sched.resume("backlog")
+        self.assertEqual(len(got), 1)
+        self.assertEqual(sched.running_count, 1)
+
+    def test_withdrawn_request_and_take_without_release(self):
+        clock, sessions = task.Clock(), Sessions()
+        sched = scheduler(clock, sessions, workers=1)
+        sched.set_accounts([account("a"), account("b")])
+        ha = sessions.started[0][1]
+        got = []
+        ha.take_slot().addCallback(got.append)  # never released: its own slot
+        self.assertEqual(len(got), 1)
+        ha.release_slot()
+        d = ha.take_slot()
+        d.cancel()
+        self.failureResultOf(d)
+        sessions.started[1][2].callback(SessionResult("b"))
+        self.assertEqual(sched.running_count, 0)  # the withdrawn one took nothing
+
+    def test_report_reaches_the_observers_and_the_session_goes_on(self):
+        clock, sessions = task.Clock(), Sessions()
+        sched = scheduler(clock, sessions, workers=1)
+        seen = []
+        sched.add_result_observer(lambda a, r: seen.append((a.id, r.fetched)))
+        sched.set_accounts([account("a")])
+        ha = sessions.started[0][1]
+        ha.report(SessionResult("a", fetched=3))
+        ha.report(SessionResult("a", skipped=True))
+        self.assertEqual(seen, [("a", 3)])
+        self.assertEqual(sched.account_state("a").state, "running")
+        self.assertEqual(sched.last_completion_at, clock.seconds())

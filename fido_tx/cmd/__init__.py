@@ -1,1 +1,1 @@
-"""cmd"""
+"""The ``fido`` operator commands (``init``, ``keygen``, ``encrypt``, ``check``, ``status``, ``demo``, ``import-mailroom``)."""

@@ -1,8 +1,9 @@
 """``fido``: the operator's command (also ``python -m fido_tx``).
 
 Subcommands: ``init``, ``keygen``, ``encrypt``, ``decrypt`` (here), and
-``check``, ``status``, ``demo`` (in :mod:`fido_tx.cmd.check`,
-:mod:`fido_tx.cmd.status` and :mod:`fido_tx.demo.run`, imported only when used).
+``check``, ``status``, ``demo``, ``import-mailroom`` (in :mod:`fido_tx.cmd.check`,
+:mod:`fido_tx.cmd.status`, :mod:`fido_tx.demo.run` and
+:mod:`fido_tx.cmd.import_mailroom`, imported only when used).
 Every failure is one line on stderr, ``fido: error: ...``, with exit status 1
 (2 for a usage error); ``FIDO_DEBUG=1`` adds the traceback of an unexpected
 error.
@@ -30,6 +31,10 @@ LAZY_COMMANDS = {
     "demo": (
         "fido_tx.demo.run",
         "run the daemon against a built-in IMAP server and a real Redis",
+    ),
+    "import-mailroom": (
+        "fido_tx.cmd.import_mailroom",
+        "convert a mail_room YAML config into fido.toml and an accounts file",
     ),
 }
 

@@ -77,6 +77,10 @@ def _int_or(value, default):
         return default if value in (None, "") else value
 
 
+#: heartbeat fields of held IMAP connections (fido_tx.redis.heartbeat)
+_HELD_FIELDS = ("held", "idle", "reconnects")
+
+
 def shape(redis_url, accounts, instances, ttls=None):
     ttls = ttls or {}
     rows = [
@@ -98,9 +102,12 @@ def shape(redis_url, accounts, instances, ttls=None):
                 "version": h.get("version", ""),
                 "accounts": _int_or(h.get("accounts"), None),
                 "sessions": _int_or(h.get("sessions"), None),
+                # held IMAP connections, those in IDLE, and how many were replaced
+                **{k: _int_or(h.get(k), None) for k in _HELD_FIELDS},
                 "expires_in": ttls.get(key),
                 **{k: v for k, v in h.items()
-                   if k not in ("host", "pid", "version", "accounts", "sessions")},
+                   if k not in ("host", "pid", "version", "accounts", "sessions")
+                   + _HELD_FIELDS},
             }
         )
     return {
@@ -197,7 +204,8 @@ def format_text(doc, now=None):
     lines += ["", f"Instances alive: {len(doc['instances'])}"]
     if doc["instances"]:
         lines += _table(
-            ["INSTANCE", "HOST", "PID", "VERSION", "ACCOUNTS", "SESSIONS", "EXPIRES IN"],
+            ["INSTANCE", "HOST", "PID", "VERSION", "ACCOUNTS", "SESSIONS", "HELD", "IDLE",
+             "RECONNECTS", "EXPIRES IN"],
             [
                 [
                     i["id"],
@@ -206,6 +214,7 @@ def format_text(doc, now=None):
                     str(i["version"]),
                     "" if i["accounts"] is None else str(i["accounts"]),
                     "" if i["sessions"] is None else str(i["sessions"]),
+                    *("" if i.get(k) is None else str(i[k]) for k in _HELD_FIELDS),
                     "" if i["expires_in"] is None else f"{i['expires_in']} s",
                 ]
                 for i in doc["instances"]

@@ -1,1 +1,1 @@
-"""demo"""
+"""``fido demo`` and what only it needs: an in-memory IMAP server and a Redis launcher."""

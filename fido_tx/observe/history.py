@@ -134,6 +134,15 @@ def _secrets(account):
     return tuple(s for s in found if s)
 
 
+#: KEYS[1] the account's session list; ARGV: entry, last index kept, ttl
+_RECORD = """
+redis.call('LPUSH', KEYS[1], ARGV[1])
+redis.call('LTRIM', KEYS[1], 0, tonumber(ARGV[2]))
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
+return 1
+"""
+
+
 class SessionLog:
     """The recent sessions of each account, bounded, in Redis."""
 
@@ -150,14 +159,9 @@ class SessionLog:
         account_id = result.account_id or getattr(account, "id", str(account))
         key = keys.sessions(account_id)
         entry = session_entry(result, iso_utc(self._clock.seconds()), _secrets(account))
-        d = defer.gatherResults(
-            [
-                self._execute("LPUSH", key, entry),
-                self._execute("LTRIM", key, 0, self.keep - 1),
-                self._execute("EXPIRE", key, int(self.ttl)),
-            ],
-            consumeErrors=True,
-        )
+        # one round trip (Redis caches the script by its digest): three
+        # commands a session were most of an empty poll's Redis work
+        d = self._execute("EVAL", _RECORD, 1, key, entry, self.keep - 1, int(self.ttl))
 
         def failed(failure):
             log.debug("{account_id}: session history not written: {error}",

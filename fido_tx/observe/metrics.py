@@ -74,9 +74,11 @@ class Metrics:
         self.reporter = None
         self.status = None
         self.backlog = None
+        self.held = None
         self.registry.register(_BoundCollector(self))
 
-    def bind(self, scheduler=None, redis=None, reporter=None, status=None, backlog=None):
+    def bind(self, scheduler=None, redis=None, reporter=None, status=None, backlog=None,
+             held=None):
         """Give the objects the scrape-time gauges read.  Any may be omitted.
 
         :param scheduler: ``ISchedulerView``; :param redis: ``IRedisHealth``;
@@ -93,6 +95,8 @@ class Metrics:
             self.status = status
         if backlog is not None:
             self.backlog = backlog
+        if held is not None:  # held IMAP connections (sources/imap/holding.py)
+            self.held = held
 
     def observe_session(self, result):
         """Count one :class:`~fido_tx.outcome.SessionResult`."""
@@ -150,6 +154,8 @@ class _BoundCollector:
             m.reporter,
         )
         yield from self._one(self._dropped, m.reporter)
+        if m.held is not None:
+            yield from _held_families(m.held.snapshot())
         yield from self._one(
             lambda _: _gauge("fido_backlog_messages", "Entries in the Redis stream (last known).",
                              m.backlog_length()),
@@ -184,6 +190,21 @@ class _BoundCollector:
             return
         if family is not None:
             yield family
+
+
+def _held_families(held):
+    """Held IMAP connections: ``held`` is a HeldConnections snapshot."""
+    yield _gauge("fido_held_connections", "IMAP connections held between polls.",
+                 held["held"])
+    yield _gauge("fido_idle_connections", "Held IMAP connections waiting in IDLE.",
+                 held["idling"])
+    yield _gauge("fido_held_fallback_accounts",
+                 "Accounts polling with fresh connections (a connection limit was hit).",
+                 held["fallback"])
+    family = CounterMetricFamily("fido_held_reconnects",
+                                 "Held connections replaced (lost, dropped, restarted).")
+    family.add_metric([], held["reconnects"])
+    yield family
 
 
 def _gauge(name, documentation, value):

@@ -59,12 +59,14 @@ class Heartbeat(service.Service):
     """
 
     def __init__(self, clock, writer, scheduler, instance_id,
-                 interval=HEARTBEAT_INTERVAL, ttl=HEARTBEAT_TTL, accounts=None):
+                 interval=HEARTBEAT_INTERVAL, ttl=HEARTBEAT_TTL, accounts=None, held=None):
         """``accounts``: ``f() -> int``, the accounts this instance fetches
         (default: every account scheduled; with leases, those held)."""
         self._accounts = accounts or (lambda: len(self._scheduler.accounts))
         self._writer = writer
         self._scheduler = scheduler
+        #: held IMAP connections (``snapshot()``), shown by ``fido status``
+        self._held = held
         self.instance_id = instance_id
         self._ttl = ttl
         self._interval = interval
@@ -79,6 +81,10 @@ class Heartbeat(service.Service):
             "accounts": str(self._accounts()),
             "sessions": str(self._scheduler.running_count),
         }
+        if self._held is not None:
+            held = self._held.snapshot()
+            mapping.update(held=str(held["held"]), idle=str(held["idling"]),
+                           reconnects=str(held["reconnects"]))
         d = self._writer.heartbeat(self.instance_id, mapping, self._ttl)
         d.addErrback(lambda f: None)  # never: best effort; the loop must not die
 

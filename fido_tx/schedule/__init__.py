@@ -1,1 +1,1 @@
-"""schedule"""
+"""Who runs when: the scheduler, backoff, the in-flight byte budget, start pacing, backpressure, cluster leases."""

@@ -193,6 +193,16 @@ def apply_accounts(entries, queue, sessions, new, now, poll_interval):
                     due = max(now, since + poll_interval)
                     if due < entry.due:
                         queue.push_back(entry, due)
+            session = sessions.get(account_id)
+            if session is not None and session.held and session.entry is entry:
+                # A held connection lives as long as its session, with the
+                # account it started with: end it; the account is due again
+                # at once and reconnects with what changed.
+                log.debug("restarting the held session of changed account {account_id}",
+                          account_id=account_id)
+                session.cancel()
+                if entry.seq is not None and not entry.front:
+                    queue.push_back(entry, now)
 
     # This batch goes before everything waiting, earlier additions too.
     for entry in reversed(to_front):

@@ -29,6 +29,7 @@ two sessions at once; an account is polled no more often than
 account is never lost, whatever its session does.
 """
 
+import collections
 import random as _random
 
 import attr
@@ -124,6 +125,8 @@ class Scheduler(service.Service):
         self._timer = None
         self._timer_due = None
         self._dispatching = False
+        #: held sessions waiting for a worker slot: (session, Deferred), FIFO
+        self._slot_waiters = collections.deque()
 
         self.last_dispatch_at = None
         self.last_completion_at = None
@@ -166,6 +169,11 @@ class Scheduler(service.Service):
     def running_ids(self):
         """Ids of the accounts in a session now."""
         return frozenset(self._sessions)
+
+    def is_held(self, account_id):
+        """Whether ``account_id``'s session released its slot (a held connection)."""
+        session = self._sessions.get(account_id)
+        return session is not None and session.held
 
     def poll_soon(self, account_ids):
         """Make the waiting ones of ``account_ids`` due now (an instance has
@@ -298,6 +306,7 @@ class Scheduler(service.Service):
             # A bound on starts per call, so that instant sessions with a
             # poll_interval of 0 cannot spin here forever.
             budget = len(self._entries) + self.workers
+            self._grant_slots()
             while self._can_start() and budget > 0:
                 entry = self._queue.peek()
                 if entry is None or (
@@ -310,6 +319,31 @@ class Scheduler(service.Service):
         finally:
             self._dispatching = False
         self._reschedule(again=budget <= 0)
+
+    def _grant_slots(self):
+        """Held sessions with work go first: they have mail waiting."""
+        while self._slot_waiters and self._can_start():
+            session, d = self._slot_waiters.popleft()
+            if self._sessions.take_slot(session):
+                d.callback(None)
+
+    def _take_slot(self, session):
+        def withdraw(d):
+            try:
+                self._slot_waiters.remove((session, d))
+            except ValueError:
+                pass
+
+        d = defer.Deferred(withdraw)
+        self._slot_waiters.append((session, d))
+        self._dispatch()
+        return d
+
+    def _report(self, session, result):
+        if result is not None and not result.skipped:
+            # a held session's fetch is a completed poll (for /healthz too)
+            self.last_completion_at = self._clock.seconds()
+            self._notify(session.account, result)
 
     def _reschedule(self, again=False):
         """Keep the one timer at the earliest due time, or none when it cannot help."""
@@ -348,7 +382,9 @@ class Scheduler(service.Service):
         session = RunningSession(entry, account, now)
         self._sessions[account.id] = session
         if self._handles:
-            d = defer.maybeDeferred(self._run_session, account, SessionHandle(self._sessions, session, self._dispatch))
+            handle = SessionHandle(self._sessions, session, self._dispatch,
+                                   on_take=self._take_slot, on_report=self._report)
+            d = defer.maybeDeferred(self._run_session, account, handle)
         else:
             d = defer.maybeDeferred(self._run_session, account)
         session.deferred = d
@@ -421,14 +457,17 @@ class Scheduler(service.Service):
                 successor.due = now  # waiting (for lag) from now on
                 self._queue.push_front(successor)
         if result is not None:
-            for observer in list(self._observers):
-                try:
-                    observer(session.account, result)
-                except Exception:
-                    log.failure("result observer {observer!r} failed for {account_id}",
-                                level=LogLevel.error, observer=observer,
-                                account_id=account_id)
+            self._notify(session.account, result)
         self._after_session()
+
+    def _notify(self, account, result):
+        for observer in list(self._observers):
+            try:
+                observer(account, result)
+            except Exception:
+                log.failure("result observer {observer!r} failed for {account_id}",
+                            level=LogLevel.error, observer=observer,
+                            account_id=account.id)
 
     def _after_session(self):
         self._sessions.check_empty()

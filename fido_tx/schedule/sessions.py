@@ -33,12 +33,14 @@ class SessionHandle:
     ``run_session(account, handle)`` by a scheduler built with
     ``handles=True``)."""
 
-    __slots__ = ("_sessions", "_session", "_on_release")
+    __slots__ = ("_sessions", "_session", "_on_release", "_on_take", "_on_report")
 
-    def __init__(self, sessions, session, on_release):
+    def __init__(self, sessions, session, on_release, on_take=None, on_report=None):
         self._sessions = sessions
         self._session = session
         self._on_release = on_release
+        self._on_take = on_take
+        self._on_report = on_report
 
     @property
     def held(self):
@@ -52,6 +54,21 @@ class SessionHandle:
         session until it ends; a stop still cancels it after the grace."""
         if self._sessions.release_slot(self._session):
             self._on_release()
+
+    def take_slot(self):
+        """A held session has work again (new mail on its connection):
+        a Deferred that fires with ``release`` (a callable giving the slot
+        back) once a worker slot is free and fetching is not paused
+        (backpressure, Redis down).  Cancelling it withdraws the request."""
+        if not self._session.held:
+            return defer.succeed(self.release_slot)
+        return self._on_take(self._session).addCallback(lambda _: self.release_slot)
+
+    def report(self, result):
+        """One poll of a long-lived session is over: its result goes to the
+        result observers (log line, account state, metrics, reports) as a
+        finished session's would; the session goes on."""
+        self._on_report(self._session, result)
 
 
 class RunningSessions(dict):
@@ -83,6 +100,14 @@ class RunningSessions(dict):
             return False
         session.held = True
         self.held += 1
+        return True
+
+    def take_slot(self, session):
+        """A held session occupies a worker slot again (False if it ended)."""
+        if not session.held or self.get(session.account.id) is not session:
+            return False
+        session.held = False
+        self.held -= 1
         return True
 
     # -- stopping ------------------------------------------------------

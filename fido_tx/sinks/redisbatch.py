@@ -66,6 +66,55 @@ def _text(value):
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
+def filter_new(connection, account_id, mailbox, epoch, ids, min_replicas=0,
+               replica_timeout=5.0):
+    """Deferred: the ids of ``ids`` not in the dedupe set, in the order given
+    (the items themselves).  With ``min_replicas``, an answer that some are
+    delivered already waits for the replicas first (see the module
+    docstring).  Every sink with a dedupe record in Redis uses this."""
+    ids = list(ids)
+    if not ids:
+        return defer.succeed([])
+    dedupe = keys.dedupe(account_id, mailbox, epoch)
+    if not min_replicas:
+        d = connection.execute(b"SMISMEMBER", dedupe, *ids)
+        return d.addCallback(lambda flags: [i for i, f in zip(ids, flags) if not int(f)])
+
+    def send(proto):
+        d = proto.execute_command(b"SMISMEMBER", dedupe, *ids)
+
+        def flags(flags):
+            new = [i for i, f in zip(ids, flags) if not int(f)]
+            if len(new) == len(ids):
+                return new
+            return wait_for_replicas(proto, min_replicas, replica_timeout).addCallback(
+                lambda _: new)
+
+        return d.addCallback(flags)
+
+    return connection.run("dedupe check", send)
+
+
+def wait_for_replicas(proto, min_replicas, replica_timeout):
+    """``INCR`` the probe and ``WAIT`` for the replicas on ``proto`` (see the
+    module docstring); errback with a ``redis`` FidoError when too few answer."""
+    d = proto.execute_command(b"INCR", keys.REPLICATION_PROBE)
+    d.addCallback(lambda _: proto.execute_command(
+        b"WAIT", min_replicas, int(replica_timeout * 1000)))
+
+    def counted(n):
+        if int(n) < min_replicas:
+            raise errors.FidoError(
+                errors.REDIS,
+                f"only {int(n)} of {min_replicas} Redis replicas confirmed the "
+                f"writes within {replica_timeout:g} s ([redis] min_replicas): "
+                "nothing is marked until they catch up; check the replicas",
+            )
+        return n
+
+    return d.addCallback(counted)
+
+
 class RedisBatchSink:
     """Base of the Redis sinks: subclasses set ``kind``, ``STRIDE``,
     ``SOURCE`` (from :func:`batch_script`), ``LENGTH`` and ``encode(message)
@@ -91,45 +140,11 @@ class RedisBatchSink:
     def filter_new(self, account_id, mailbox, epoch, ids):
         """The ids of ``ids`` not delivered yet, in the order given (the
         items themselves, so a caller's ints come back as ints)."""
-        ids = list(ids)
-        if not ids:
-            return defer.succeed([])
-        dedupe = keys.dedupe(account_id, mailbox, epoch)
-        if not self.min_replicas:
-            d = self._connection.execute(b"SMISMEMBER", dedupe, *ids)
-            return d.addCallback(lambda flags: [i for i, f in zip(ids, flags) if not int(f)])
-
-        def send(proto):
-            d = proto.execute_command(b"SMISMEMBER", dedupe, *ids)
-
-            def flags(flags):
-                new = [i for i, f in zip(ids, flags) if not int(f)]
-                if len(new) == len(ids):
-                    return new
-                return self._wait(proto).addCallback(lambda _: new)
-
-            return d.addCallback(flags)
-
-        return self._connection.run("dedupe check", send)
+        return filter_new(self._connection, account_id, mailbox, epoch, ids,
+                          self.min_replicas, self.replica_timeout)
 
     def _wait(self, proto):
-        """``INCR`` the probe and ``WAIT`` for the replicas (see the module
-        docstring); errback with a ``redis`` FidoError when too few answer."""
-        d = proto.execute_command(b"INCR", keys.REPLICATION_PROBE)
-        d.addCallback(lambda _: proto.execute_command(
-            b"WAIT", self.min_replicas, int(self.replica_timeout * 1000)))
-
-        def counted(n):
-            if int(n) < self.min_replicas:
-                raise errors.FidoError(
-                    errors.REDIS,
-                    f"only {int(n)} of {self.min_replicas} Redis replicas confirmed the "
-                    f"writes within {self.replica_timeout:g} s ([redis] min_replicas): "
-                    "nothing is marked until they catch up; check the replicas",
-                )
-            return n
-
-        return d.addCallback(counted)
+        return wait_for_replicas(proto, self.min_replicas, self.replica_timeout)
 
     def deliver(self, messages):
         """Write the messages not delivered yet; fire with a Delivery.

@@ -10,7 +10,7 @@ additions at the end::
 
 ``uidvalidity``/``uid`` are the message key's epoch and id (IMAP: decimal
 UIDVALIDITY and UID; Graph: ``""`` and the immutable id); ``source`` is the
-source kind (``imap``), ``route_key`` the account's routing key (``""`` when
+source kind (``imap``), ``route_key`` the ``[routing] template`` key (``""`` when
 none).  Deduplicated and written atomically per batch by
 :mod:`fido_tx.sinks.redisbatch` (same dedupe sets as before: existing records
 keep working).

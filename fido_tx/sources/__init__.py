@@ -47,6 +47,9 @@ class SourceContext:
     log: object = None
     #: the memory source's :class:`~fido_tx.sources.memory.MemoryMailboxes`
     memory: object = None
+    #: IMAP: the :class:`~fido_tx.sources.imap.holding.HeldConnections`
+    #: (``None``: no held connections, every poll logs in)
+    held: object = None
     #: Graph: the shared :class:`~fido_tx.sources.graph.GraphShared` (HTTP pool,
     #: per-mailbox gates, the Redis connection for delta links)
     graph: object = None

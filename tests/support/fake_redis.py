@@ -69,6 +69,15 @@ class FakeRedisExecute:
         del lst[:int(start)]
         return b"OK"
 
+    def _eval(self, script, numkeys, *rest):
+        """The scripts the fakes' users send: the session history's."""
+        if b"LPUSH" in script and b"LTRIM" in script and int(numkeys) == 1:
+            key, entry, last, ttl = rest
+            self._lpush(key, entry)
+            self._ltrim(key, 0, last)
+            return self._expire(key, ttl)
+        raise TypeError("unknown script")
+
     def _expire(self, key, seconds):
         self.ttls = getattr(self, "ttls", {})
         self.ttls[key] = int(seconds)

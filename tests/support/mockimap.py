@@ -386,7 +386,161 @@ def _header_fields(raw, names, negate=False):
     return b"".join(out) + b"\r\n"
 
 
-class MockIMAPProtocol(protocol.Protocol):
+
+# -- IDLE (RFC 2177): kept in its own classes, mixed into the protocol and
+# -- the server below, so that other edits of this file merge cleanly.
+
+IDLE_CAPABILITIES = DEFAULT_CAPABILITIES + ("IDLE",)
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class IdleBehaviour:
+    """How the server treats an IDLE of one user (see :meth:`MockIMAPServer.script_idle`).
+
+    :ivar drop_after: seconds after ``+`` when the server ends an idling
+        connection (``None``: never), as servers with an inactivity limit do.
+    :ivar drop_with: ``"close"`` (just close), ``"bye"`` (``* BYE`` first,
+        like Dovecot's "Disconnected for inactivity") or ``"silent"`` (stop
+        answering anything, the connection left open: a dead peer).
+    :ivar bye_text: the text of that BYE.
+    :ivar silent: answer ``+`` and then nothing at all (not even DONE).
+    """
+
+    drop_after: float | None = None
+    drop_with: str = attr.ib(default="close",
+                             validator=attr.validators.in_(["close", "bye", "silent"]))
+    bye_text: bytes = b"Disconnected for inactivity."
+    silent: bool = False
+
+
+_IDLE_NORMAL = IdleBehaviour()
+
+
+class IdleProtocolSupport:
+    """The protocol side of IDLE: ``+``, EXISTS pushed while idling, DONE."""
+
+    _idle_tag = None
+    #: new mail came while this connection had the folder selected but was
+    #: not idling: announced when its next IDLE starts (as servers do)
+    _exists_pending = False
+
+    @property
+    def idling(self):
+        return self._idle_tag is not None
+
+    def do_IDLE(self, tag, args):
+        if "IDLE" not in self.behaviour.capabilities:
+            return tag + b" BAD Unknown command\r\n"
+        b = self.server.idle_behaviour_for(self.record.user)
+        self._idle_tag = tag
+        self._continuation = self._idle_line
+        if b.silent:
+            self._after = self._go_silent
+        elif b.drop_after is not None:
+            self._later(b.drop_after, self._idle_drop, b)
+        reply = b"+ idling\r\n"
+        if self._exists_pending and self._folder is not None:
+            reply += b"* %d EXISTS\r\n" % len(self._folder[1].messages)
+        self._exists_pending = False
+        return reply
+
+    def _idle_line(self, line):
+        tag, self._idle_tag = self._idle_tag, None
+        if tag is None:
+            return
+        if line.strip().upper() != b"DONE":
+            self._send(tag + b" BAD Expected DONE\r\n")
+            return
+        self._send(tag + b" OK Idle completed\r\n")
+
+    def _go_silent(self):
+        self._out.clear()
+        self.state = "logout"  # reads nothing more, answers nothing
+
+    def _idle_drop(self, b):
+        if not self.idling or not self.record.open:
+            return
+        if b.drop_with == "silent":
+            self._go_silent()
+        elif b.drop_with == "bye":
+            self._send(b"* BYE " + b.bye_text + b"\r\n")
+            self._then(self._close)
+        else:
+            self._close()
+
+    def notify_exists(self, folder_name):
+        """New mail in ``folder_name``: tell this connection if it idles
+        there, or when its next IDLE starts."""
+        if self._folder is None or self._folder[0] != folder_name \
+                or self.state != "selected":
+            return
+        if self.idling:
+            self._send(b"* %d EXISTS\r\n" % len(self._folder[1].messages))
+        else:
+            self._exists_pending = True
+
+
+class IdleServerSupport:
+    """The server side of IDLE: per-user IDLE scripts and :meth:`deliver`."""
+
+    def script_idle(self, user, behaviour):
+        """Set how ``user``'s IDLE behaves (``None``: the default for all)."""
+        self.__dict__.setdefault("_idle_scripts", {})[user] = behaviour
+
+    def idle_behaviour_for(self, user):
+        scripts = self.__dict__.get("_idle_scripts", {})
+        return scripts.get(user) or scripts.get(None) or _IDLE_NORMAL
+
+    def deliver(self, user, raw, flags=(), folder="INBOX"):
+        """Append a message (as LMTP would) and push ``EXISTS`` to every
+        connection of ``user`` idling in ``folder``; returns its UID."""
+        uid = self.mailbox(user).append(raw, flags, folder)
+        for p in list(self._protocols.values()):
+            if p.record.user == user:
+                p.notify_exists(folder)
+        return uid
+
+    def idling(self, user=None):
+        """Connections idling now (optionally of one user)."""
+        return sum(1 for p in self._protocols.values()
+                   if p.idling and (user is None or p.record.user == user))
+
+
+class _Control(protocol.Protocol):
+    """``DELIVER <user>`` lines: append a sample message (and push EXISTS);
+    answers ``OK <uid>``.  For benchmarks running the server in its own
+    process (``--control-port``)."""
+
+    def __init__(self, server):
+        self.server = server
+        self.buffer = b""
+        self.count = 0
+
+    def dataReceived(self, data):
+        self.buffer += data
+        while b"\n" in self.buffer:
+            line, self.buffer = self.buffer.split(b"\n", 1)
+            words = line.strip().split()
+            if len(words) == 2 and words[0].upper() == b"DELIVER":
+                user = words[1].decode("utf-8", "replace")
+                if self.server.mailbox(user) is None:
+                    self.transport.write(b"NO unknown user\n")
+                    continue
+                self.count += 1
+                uid = self.server.deliver(user, sample_message(10**6 + self.count, user))
+                self.transport.write(b"OK %d\n" % uid)
+            else:
+                self.transport.write(b"BAD\n")
+
+
+def listen_control(reactor, server, port, interface="127.0.0.1"):
+    """Listen for :class:`_Control` lines; returns the listening port."""
+    factory = protocol.Factory.forProtocol(lambda: _Control(server))
+    factory.noisy = False
+    return reactor.listenTCP(port, factory, interface=interface)
+
+
+class MockIMAPProtocol(IdleProtocolSupport, protocol.Protocol):
     """One server-side connection.  States: ``greeting`` -> ``unauth`` ->
     ``auth`` -> ``selected`` -> ``logout``."""
 
@@ -1227,7 +1381,7 @@ class _PortFactory(protocol.Factory):
         return self.server.build_protocol(self.account, self.tls)
 
 
-class MockIMAPServer:
+class MockIMAPServer(IdleServerSupport):
     """The mock server: accounts, scripts, listening ports, records.
 
     :param reactor: provides ``IReactorTCP``, ``IReactorTime`` (and
@@ -1447,6 +1601,9 @@ def main(argv=None):
     parser.add_argument("--greeting-delay", type=float, default=0.0)
     parser.add_argument("--backlog", type=int, default=4096,
                         help="listen backlog (capped by net.core.somaxconn)")
+    parser.add_argument("--idle", action="store_true", help="offer IDLE")
+    parser.add_argument("--control-port", type=int, default=None,
+                        help="accept 'DELIVER <user>' lines here (new mail, EXISTS pushed)")
     opts = parser.parse_args(argv)
 
     import resource
@@ -1467,10 +1624,15 @@ def main(argv=None):
 
     server = MockIMAPServer(reactor, tls=opts.tls, account_factory=factory, keep_records=False)
     server.script(None, Behaviour(starttls=opts.tls is not None,
-                                  greeting_delay=opts.greeting_delay))
+                                  greeting_delay=opts.greeting_delay,
+                                  capabilities=IDLE_CAPABILITIES if opts.idle
+                                  else DEFAULT_CAPABILITIES))
     port = server.listen(opts.port, opts.interface, implicit_tls=opts.implicit_tls,
                          backlog=opts.backlog)
     print(f"mockimap listening on {opts.interface}:{port}", flush=True)
+    if opts.control_port is not None:
+        control = listen_control(reactor, server, opts.control_port, opts.interface)
+        print(f"mockimap control on {opts.interface}:{control.getHost().port}", flush=True)
     reactor.run()
     return 0
 

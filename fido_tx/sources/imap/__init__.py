@@ -4,10 +4,18 @@
 
 
 def build(account, ctx, handle=None):
-    """The :data:`fido_tx.sources.SOURCES` factory: an :class:`ImapSession`."""
+    """The :data:`fido_tx.sources.SOURCES` factory: an :class:`ImapSession`,
+    or for an account with ``idle = true`` run by the scheduler (``handle``)
+    with held connections on (``ctx.held``), a
+    :class:`~fido_tx.sources.imap.holding.HeldSession`."""
     from fido_tx.sources.imap.connect import Connector
     from fido_tx.sources.imap.session import ImapSession
 
+    if handle is not None and account.idle and ctx.held is not None:
+        from fido_tx.sources.imap.holding import HeldSession
+
+        return HeldSession(account, ctx, handle, ctx.held,
+                           fresh=lambda: build(account, ctx).poll())
     return ImapSession(
         ctx.reactor, account, ctx.sink, ctx.settings,
         connector=ctx.connector if ctx.connector is not None else Connector(ctx.reactor),

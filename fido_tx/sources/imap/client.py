@@ -161,6 +161,9 @@ class FidoIMAP4Client(LinearLineReader, imap4.IMAP4Client):
         self._literal_window = 0
         self._rate_check = None
         self._untagged = None
+        #: called with the segments of EVERY untagged response, whatever
+        #: command runs (or none): a held connection's watch for EXISTS
+        self.observer = None
         self._limits(None, None, None)
         self._reader_init()
 
@@ -202,33 +205,44 @@ class FidoIMAP4Client(LinearLineReader, imap4.IMAP4Client):
     #: removed from traced server lines before they are cut
     scrub_forms = None
     _scrub_bytes = None
+    #: what a traced line keeps beyond TRACE_WIDTH until it is shown: room
+    #: for a whole secret (a token's SASL encoding is a few KiB) that starts
+    #: inside the width, so that scrubbing happens before the cut
+    TRACE_SLACK = 8 * 1024
 
     def _trace(self, direction, line):
-        size = len(line)
-        if self.scrub_forms is not None:
-            line = self._scrubbed(line)
-        if size > self.TRACE_WIDTH:
-            line = line[: self.TRACE_WIDTH] + b"... (%d bytes)" % size
+        # Kept raw (but bounded) and scrubbed only when shown: the trace is
+        # read on failure, while every session traces all its lines; scrubbing
+        # each line as it passed cost ~18 us a line and the secret's forms
+        # ~0.2 ms a session, for nothing when the session succeeds.
+        if len(line) > self.TRACE_WIDTH + self.TRACE_SLACK:
+            line = (line[: self.TRACE_WIDTH + self.TRACE_SLACK], len(line))
         self._trace_lines.append((direction, line))
 
     def _scrubbed(self, line):
+        if self.scrub_forms is None:
+            return line
         forms = self._scrub_bytes
         if forms is None:
             forms = self._scrub_bytes = tuple(
                 f.encode("utf-8") for f in self.scrub_forms() if len(f) >= MIN_FORM_LENGTH)
-        if not forms:
-            return line
-        # a form that starts inside the kept width is whole in this prefix
-        head = line[: self.TRACE_WIDTH + len(forms[0])]
         for form in forms:
-            if form in head:
-                head = head.replace(form, b"<redacted>")
-        return head
+            if form in line:
+                line = line.replace(form, b"<redacted>")
+        return line
+
+    def _shown(self, line):
+        size = len(line) if isinstance(line, bytes) else line[1]
+        line = self._scrubbed(line if isinstance(line, bytes) else line[0])
+        if size > self.TRACE_WIDTH:
+            line = line[: self.TRACE_WIDTH] + b"... (%d bytes)" % size
+        return line
 
     @property
     def trace(self):
-        """The last protocol lines, formatted (``"S: * OK ..."``)."""
-        return [t if isinstance(t, str) else f"{t[0]}: {_show(t[1], self.TRACE_WIDTH + 40)}"
+        """The last protocol lines, formatted (``"S: * OK ..."``), secrets
+        removed before anything is cut."""
+        return [t if isinstance(t, str) else f"{t[0]}: {_show(self._shown(t[1]), self.TRACE_WIDTH + 40)}"
                 for t in self._trace_lines]
 
     def debug_lines(self):
@@ -269,7 +283,12 @@ class FidoIMAP4Client(LinearLineReader, imap4.IMAP4Client):
         if timer is None or not timer.active():
             self._timer = self.clock.callLater(seconds, self._timer_fired)
         elif timer.getTime() > deadline:  # sooner than the pending call
-            timer.reset(seconds)
+            # cancelled and scheduled anew: DelayedCall.reset() to a sooner
+            # time searches the reactor's heap linearly, and with thousands
+            # of held connections (each with a timer minutes ahead) every
+            # command after an IDLE did that: stopping 10,000 took 5 minutes
+            timer.cancel()
+            self._timer = self.clock.callLater(seconds, self._timer_fired)
 
     def _disarm(self):
         self._deadline = None  # a pending call finds nothing to do
@@ -359,6 +378,7 @@ class FidoIMAP4Client(LinearLineReader, imap4.IMAP4Client):
         work, so the connection's objects are freed without the collector."""
         self.tls_explain = None
         self._untagged = None
+        self.observer = None
         self._literal = None
         self._segments = None
 
@@ -512,6 +532,9 @@ class FidoIMAP4Client(LinearLineReader, imap4.IMAP4Client):
         if len(segments) == 1 and text[:4].upper() == b"BYE " or text.upper() == b"BYE":
             self.bye = text[4:]
             return
+        observer = self.observer
+        if observer is not None:
+            observer(segments)
         handler = self._untagged
         if handler is None:
             return
@@ -591,6 +614,16 @@ class FidoIMAP4Client(LinearLineReader, imap4.IMAP4Client):
 
         d.addBoth(done)
         return d
+
+    def clear_trace(self):
+        """Forget the traced lines: a held connection waiting in IDLE keeps
+        no debug text of its login (about 3 KiB per connection)."""
+        self._trace_lines.clear()
+
+    def rearm(self, seconds, what):
+        """Give the running command a new deadline: ``seconds`` of silence
+        from now (IDLE waits minutes for its answer, then seconds for DONE's)."""
+        self._arm(seconds, what)
 
     def start_tls(self, context_factory):
         """Switch the transport to TLS (after a tagged OK to STARTTLS).

@@ -213,10 +213,10 @@ class Login:
         mechanism = self._mechanism()
         if mechanism in ("xoauth2", "oauthbearer"):
             # the token's SASL exchange: the error challenge decoded, one
-            # retry with a fresh token (fido_tx.sources.imap.oauthlogin)
-            from fido_tx.sources.imap import oauthlogin
+            # retry with a fresh token (fido_tx.sources.imap.bearer)
+            from fido_tx.sources.imap import bearer
 
-            text = await oauthlogin.authenticate(conn.proto, conn.caps, self.account,
+            text = await bearer.authenticate(conn.proto, conn.caps, self.account,
                                                  self.credentials)
             return await self._logged_in(text)
         user = self.account.username.encode("utf-8")
