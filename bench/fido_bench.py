@@ -143,6 +143,12 @@ def write_accounts(directory, server, users, security, after_fetch):
         }
         for k, (user, password) in enumerate(users.items())
     ]
+    # FIDO_BENCH_ACCOUNT='{"idle": false}': more account fields, e.g. to
+    # measure the reconnecting poll of a Fido that holds connections by
+    # default against an older one that does not know the field
+    extra = json.loads(os.environ.get("FIDO_BENCH_ACCOUNT") or "{}")
+    for account in accounts:
+        account.update(extra)
     path = os.path.join(directory, "accounts.json")
     with open(path, "w", encoding="utf-8") as f:
         json.dump({"accounts": accounts}, f, indent=1)
