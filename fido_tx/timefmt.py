@@ -29,3 +29,17 @@ def parse_iso(text):
         return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
     except (ValueError, AttributeError):
         return None
+
+
+def ago(seconds):
+    """``42s ago``, ``5m ago``, ``3h ago``, ``2d ago``; ``""`` for the future."""
+    seconds = int(seconds)
+    if seconds < 0:
+        return ""
+    if seconds < 120:
+        return f"{seconds}s ago"
+    if seconds < 7200:
+        return f"{seconds // 60}m ago"
+    if seconds < 172800:
+        return f"{seconds // 3600}h ago"
+    return f"{seconds // 86400}d ago"

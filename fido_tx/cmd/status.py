@@ -26,6 +26,7 @@ from datetime import datetime, timezone
 from fido_tx.redis.resp import RedisReplyError, RespConnection, text as _s
 
 from fido_tx.redis.keys import ACCOUNT_PREFIX, INSTANCE_PREFIX
+from fido_tx.timefmt import ago
 
 MESSAGE_WIDTH = 72
 WATCH_INTERVAL = 2.0
@@ -136,16 +137,7 @@ def _age(iso, now):
         return ""
     if when.tzinfo is None:
         when = when.replace(tzinfo=timezone.utc)
-    seconds = int((now - when).total_seconds())
-    if seconds < 0:
-        return ""
-    if seconds < 120:
-        return f"{seconds}s ago"
-    if seconds < 7200:
-        return f"{seconds // 60}m ago"
-    if seconds < 172800:
-        return f"{seconds // 3600}h ago"
-    return f"{seconds // 86400}d ago"
+    return ago((now - when).total_seconds())
 
 
 def _when(iso, now):

@@ -8,7 +8,7 @@ the chart is an inline SVG.
 import html
 import time
 
-from fido_tx.timefmt import parse_iso
+from fido_tx.timefmt import ago, parse_iso  # noqa: F401  (ago: the page's helpers)
 
 CSS = """
 :root{--bg:#f6f7f9;--card:#fff;--ink:#1d232b;--mute:#5d6875;--line:#e2e6eb;
@@ -89,19 +89,6 @@ dl.facts dd{margin:0;overflow-wrap:anywhere}
 def esc(value):
     """HTML-escaped text of anything (``None`` is "")."""
     return html.escape("" if value is None else str(value), quote=True)
-
-
-def ago(seconds):
-    seconds = int(seconds)
-    if seconds < 0:
-        return ""
-    if seconds < 120:
-        return f"{seconds}s ago"
-    if seconds < 7200:
-        return f"{seconds // 60}m ago"
-    if seconds < 172800:
-        return f"{seconds // 3600}h ago"
-    return f"{seconds // 86400}d ago"
 
 
 def when(value, now):

@@ -12,6 +12,18 @@ import ssl
 SCAN_COUNT = 500
 
 
+def encode(args):
+    """One command in RESP2 (str as UTF-8, int as decimal, bytes as they are)."""
+    out = [b"*%d\r\n" % len(args)]
+    for a in args:
+        if isinstance(a, str):
+            a = a.encode("utf-8")
+        elif isinstance(a, int):
+            a = str(a).encode("ascii")
+        out.append(b"$%d\r\n%s\r\n" % (len(a), a))
+    return b"".join(out)
+
+
 class RedisReplyError(Exception):
     """An error reply (``-ERR ...``) from Redis."""
 
@@ -70,16 +82,7 @@ class RespConnection:
     def __exit__(self, *exc):
         self.close()
 
-    @staticmethod
-    def _encode(args):
-        out = [b"*%d\r\n" % len(args)]
-        for a in args:
-            if isinstance(a, str):
-                a = a.encode("utf-8")
-            elif isinstance(a, int):
-                a = str(a).encode("ascii")
-            out.append(b"$%d\r\n%s\r\n" % (len(a), a))
-        return b"".join(out)
+    _encode = staticmethod(encode)
 
     def command(self, *args):
         """Send one command, return its reply; an error reply raises."""

@@ -24,6 +24,8 @@ from twisted.internet import defer, endpoints, error as ierror, protocol, ssl
 from twisted.internet.interfaces import IStreamClientEndpoint
 from zope.interface import implementer
 
+from fido_tx.redis.resp import encode
+
 
 class SentinelError(Exception):
     """No sentinel could name a reachable master."""
@@ -80,17 +82,6 @@ class _Replies:
 
 class ReplyError(Exception):
     """An error reply."""
-
-
-def encode(args):
-    out = [b"*%d\r\n" % len(args)]
-    for a in args:
-        if isinstance(a, str):
-            a = a.encode("utf-8")
-        elif isinstance(a, int):
-            a = str(a).encode("ascii")
-        out.append(b"$%d\r\n%s\r\n" % (len(a), a))
-    return b"".join(out)
 
 
 class _Ask(protocol.Protocol):
