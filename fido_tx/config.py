@@ -590,8 +590,8 @@ def parse_shard(shard):
     return k, n
 
 
-def _check_settings(path, s):
-    """Value rules (types are already right)."""
+def _rules(path):
+    """The value checks, bound to ``path`` for the one-line errors."""
 
     def bad(section, key, why):
         raise ConfigError(f"{path}: [{section}] {key}: {why}")
@@ -622,6 +622,24 @@ def _check_settings(path, s):
                 + f", got {value!r}",
             )
 
+    return bad, positive, at_least, within, timeout, one_of
+
+
+def _check_settings(path, s):
+    """Value rules (types are already right), one section at a time."""
+    rules = _rules(path)
+    _section_fido(s, *rules)
+    _section_imap(s, *rules)
+    _section_backoff(s, *rules)
+    _section_redis(s, *rules)
+    _section_cluster(s, *rules)
+    _section_reporter(s, *rules)
+    _section_http(s, *rules)
+    _section_log(s, *rules)
+    _section_routing(s, *rules)
+
+
+def _section_fido(s, bad, positive, at_least, within, timeout, one_of):
     f = s.fido
     if not f.accounts_file:
         bad("fido", "accounts_file", "must not be empty")
@@ -637,6 +655,8 @@ def _check_settings(path, s):
     at_least("fido", "grace_period", f.grace_period, 0)
     within("fido", "grace_period", f.grace_period, 0, HOUR, " s")
 
+
+def _section_imap(s, bad, positive, at_least, within, timeout, one_of):
     i = s.imap
     if not 0 < i.idle_refresh < 29 * 60:
         bad("imap", "idle_refresh", "must be greater than 0 and under 1740 (29 minutes: "
@@ -665,6 +685,8 @@ def _check_settings(path, s):
                 f" got {value!r}",
             )
 
+
+def _section_backoff(s, bad, positive, at_least, within, timeout, one_of):
     b = s.backoff
     for key in ("initial", "maximum", "auth_initial", "auth_maximum"):
         timeout("backoff", key, getattr(b, key), WEEK)
@@ -679,6 +701,8 @@ def _check_settings(path, s):
     if not 0 <= b.jitter < 1:
         bad("backoff", "jitter", f"must be from 0 up to (not including) 1, got {b.jitter!r}")
 
+
+def _section_redis(s, bad, positive, at_least, within, timeout, one_of):
     r = s.redis
     scheme = _scheme(r.url)
     if scheme not in REDIS_SCHEMES:
@@ -705,13 +729,17 @@ def _check_settings(path, s):
         bad("redis", "min_replicas", f"must be at most 100, got {r.min_replicas!r}")
     timeout("redis", "replica_timeout", r.replica_timeout)
 
+
+def _section_cluster(s, bad, positive, at_least, within, timeout, one_of):
     c = s.cluster
     one_of("cluster", "mode", c.mode, CLUSTER_MODES)
     if not 3 <= c.lease_ttl <= 3600:
         bad("cluster", "lease_ttl", f"must be from 3 to 3600 seconds, got {c.lease_ttl!r}")
-    if c.mode == "lease" and f.shard != "1/1":
+    if c.mode == "lease" and s.fido.shard != "1/1":
         bad("cluster", "mode", '"lease" shares every account: leave [fido] shard at "1/1"')
 
+
+def _section_reporter(s, bad, positive, at_least, within, timeout, one_of):
     p = s.reporter
     if p.url:
         scheme = _scheme(p.url)
@@ -726,6 +754,8 @@ def _check_settings(path, s):
     at_least("reporter", "queue_size", p.queue_size, 1)
     within("reporter", "queue_size", p.queue_size, 1, 1_000_000)
 
+
+def _section_http(s, bad, positive, at_least, within, timeout, one_of):
     h = s.http
     if h.listen:
         why = listen_problem(h.listen)
@@ -734,6 +764,8 @@ def _check_settings(path, s):
 
     _check_http(s.http, bad)
 
+
+def _section_log(s, bad, positive, at_least, within, timeout, one_of):
     g = s.log
     one_of("log", "level", g.level, LOG_LEVELS)
     one_of("log", "format", g.format, LOG_FORMATS)
@@ -744,13 +776,14 @@ def _check_settings(path, s):
     if g.file and os.path.isdir(g.file):
         bad("log", "file", f"{g.file} is a directory; name a file in it")
 
+
+def _section_routing(s, bad, positive, at_least, within, timeout, one_of):
     from fido_tx import routing
 
     try:
         routing.check_template(s.routing.template)
     except ValueError as e:
         bad("routing", "template", str(e))
-
 
 class _NoReactor:
     """Stands in for the reactor while an endpoint description is only parsed."""
