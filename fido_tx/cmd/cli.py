@@ -143,6 +143,13 @@ def build_parser(out=None, err=None, argv=()):
     parser.add_argument("--version", action="version", version=f"fido {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
+    _file_commands(sub, sub_parser)
+    _lazy_commands(sub, sub_parser, argv)
+    return parser
+
+
+def _file_commands(sub, sub_parser):
+    """``init``, ``keygen``, ``encrypt``, ``decrypt``: the commands that write files."""
     p = sub_parser(
         sub,
         "init",
@@ -196,6 +203,9 @@ def build_parser(out=None, err=None, argv=()):
         p.add_argument("output", metavar="OUT", nargs="?", default="-")
         p.set_defaults(func=func)
 
+
+def _lazy_commands(sub, sub_parser, argv):
+    """The commands whose modules are imported only when used."""
     wanted = set(argv or ())
     for name, (module_name, help_text) in LAZY_COMMANDS.items():
         p = sub_parser(sub, name, help=help_text, description=help_text[:1].upper() + help_text[1:] + ".")
@@ -214,7 +224,6 @@ def build_parser(out=None, err=None, argv=()):
             except Exception:  # reported when the command runs
                 pass
         p.set_defaults(func=_lazy(name, module_name))
-    return parser
 
 
 def _lazy(name, module_name):
