@@ -242,82 +242,29 @@ def make_service(
         (``False``: leave logging alone, for tests and the demo).
     :param handle_signals: reload the accounts file on SIGHUP (twistd only).
     """
-    from fido_tx.observe import health as health_mod
-    from fido_tx.accounts import reload
-    from fido_tx.observe import report
     from fido_tx import resolve
     from fido_tx.schedule import scheduler as scheduler_mod
-    from fido_tx.observe import history
-    from fido_tx.observe import restore as restore_mod
-    from fido_tx.observe import status as status_mod
-    from fido_tx.accounts import watch
-    from fido_tx import sinks as sinks_mod
-    from fido_tx.redis import heartbeat as heartbeat_mod
 
     # every session resolves its server's name: answers kept for a minute
     resolve.install(reactor)
 
     if observer is None and not twistd_syslog:
-        try:
-            observer = logs.make_observer(settings.log, twistd_logfile=twistd_logfile)
-        except OSError as e:
-            where = settings.log.file or twistd_logfile
-            raise StartupError(f"cannot open the log file {where} ([log] file): "
-                               f"{e.strerror or e}") from None
+        observer = _log_observer(settings, twistd_logfile)
     top = FidoService(observer or None)
     fido = settings.fido
     dry_run = fido.dry_run
-
-    if created_config:
-        log.warn(
-            "No fido.toml was found; wrote a commented default to {path} and "
-            "running with it. Edit it (accounts_file, [redis] url) and restart.",
-            path=settings.path,
-        )
-    log.info(
-        "Fido {version} starting: config {path}, {workers} workers, poll every "
-        "{poll_interval} s{dry}",
-        version=fido_tx.__version__, path=settings.path or "(built-in)",
-        workers=fido.workers, poll_interval=fido.poll_interval,
-        dry=", DRY RUN: nothing is written to Redis or changed on the servers" if dry_run else "",
-    )
+    _announce(settings, created_config)
 
     ident = instance_id()
     redis, sinks, account_state = _redis_parts(top, reactor, settings)
 
-    reporter = report.Reporter(reactor, settings.reporter)
-    reporter.setServiceParent(top)
-
-    # /metrics is the only reader of the counters: with the HTTP endpoint
-    # off, neither they nor twisted.web and prometheus_client are loaded
-    # (~5 MiB and ~50 ms of start-up)
-    metrics = None
-    if settings.http.listen:
-        from fido_tx.observe import metrics as metrics_mod
-
-        metrics = metrics_mod.Metrics()
-    status = status_mod.StatusTracker(reactor, account_state, reporter, metrics, dry_run=dry_run,
-                                      redis=redis)
-    # the tracker starts each account from its hash in Redis: reports are
-    # sent on real changes only, across restarts
-    gate = restore_mod.RestoreGate(
-        reactor, status, history.AccountStateReader(redis.execute), connected=False
-    )
-    sessions = history.SessionLog(reactor, redis.execute, keep=settings.http.recent_sessions)
+    reporter, metrics, status, gate, sessions = _status_parts(
+        top, reactor, settings, redis, account_state)
 
     handles = session_factory is None  # a given factory takes the account only
     held = None
     if session_factory is None:
-        from fido_tx.credentials import oauth
-        from fido_tx.sources import graph as graph_mod
-        from fido_tx.sources.imap.holding import HeldConnections
-
-        held = HeldConnections(settings)
-        graph = graph_mod.GraphShared.create(
-            reactor, redis=redis, settings=graph_mod.GraphSettings.from_imap(settings.imap))
-        _Stoppable(lambda: (graph.close(), oauth.close_shared())).setServiceParent(top)
-        session_factory = _session_factory(reactor, settings, sinks, dry_run, held=held,
-                                           graph=graph)
+        session_factory, held = _sources(top, reactor, settings, redis, sinks, dry_run)
     balancer = None
     if settings.cluster.mode == "lease":
         balancer, session_factory = _leases(reactor, settings, redis, ident, session_factory,
@@ -356,58 +303,11 @@ def make_service(
         redis.add_connection_observer(lambda up: up and balancer.kick())
         balancer.setServiceParent(top)
 
-    routable = DeliveryCheck(sinks, report=status.report_config)
+    source = _accounts(top, reactor, settings, sinks, sched, status, gate, balancer,
+                       handle_signals)
 
-    def apply(accounts, diff):
-        gate.add([account.id for account in diff.added])
-        accounts = routable(accounts)
-        if balancer is not None:
-            balancer.set_accounts(account.id for account in accounts)
-        sched.set_accounts(accounts)
-        for account in diff.removed:
-            gate.forget(account.id)
-            status.forget(account.id)
-
-    source = reload.AccountsSource(
-        reactor,
-        fido.accounts_file,
-        fido.key_file,
-        apply=apply,
-        watcher_factory=lambda path, callback: watch.make_watcher(
-            reactor, path, callback, mode=fido.watch
-        ),
-        report=status.report_config,
-        cache_path=os.path.join(
-            fido.state_dir or os.path.dirname(fido.accounts_file), ".fido-accounts.last-good"
-        ),
-        shard=fido.shard,
-    )
-    # The first load happens now, so that a bad accounts file (with no last
-    # good copy) stops the start with one line instead of a running daemon
-    # that fetches nothing.
-    source.load_initial()
-    source.setServiceParent(top)
-    if handle_signals:
-        _ReloadOnHangup(reactor, source).setServiceParent(top)
-        top.clean_exit_reactor = reactor
-
-    if not dry_run:
-        heartbeat_mod.Heartbeat(
-            reactor, heartbeat_mod.HeartbeatWriter(redis), sched, ident,
-            accounts=(lambda: len(balancer.held)) if balancer is not None else None,
-            held=held,
-        ).setServiceParent(top)
-
-    health = health_mod.Health(reactor, sched, redis, status=status)
-    sched.add_result_observer(health.observe)
-    view = instances = None
-    if metrics is not None:
-        default = sinks.get(sinks_mod.DEFAULT_DELIVERY)
-        backlog = default if IBacklog.providedBy(default) else None
-        metrics.bind(scheduler=sched, redis=redis, reporter=reporter, status=status,
-                     backlog=backlog, held=held)
-        view, instances = _serve_http(reactor, settings.http, top, metrics, health, view_parts=dict(
-            tracker=status, scheduler=sched, redis=redis, backlog=backlog, sessions=sessions))
+    health, view, instances = _watching(top, reactor, settings, ident, redis, sinks, sched,
+                                        reporter, metrics, status, sessions, balancer, held)
 
     top.parts.update(
         redis=redis, sinks=sinks, account_state=account_state,
@@ -467,6 +367,148 @@ def _lease_busy(balancer, sched):
         return account_id in sched.running_ids()
 
     return is_busy
+
+
+def _log_observer(settings, twistd_logfile):
+    try:
+        return logs.make_observer(settings.log, twistd_logfile=twistd_logfile)
+    except OSError as e:
+        where = settings.log.file or twistd_logfile
+        raise StartupError(f"cannot open the log file {where} ([log] file): "
+                           f"{e.strerror or e}") from None
+
+
+def _announce(settings, created_config):
+    fido = settings.fido
+    if created_config:
+        log.warn(
+            "No fido.toml was found; wrote a commented default to {path} and "
+            "running with it. Edit it (accounts_file, [redis] url) and restart.",
+            path=settings.path,
+        )
+    log.info(
+        "Fido {version} starting: config {path}, {workers} workers, poll every "
+        "{poll_interval} s{dry}",
+        version=fido_tx.__version__, path=settings.path or "(built-in)",
+        workers=fido.workers, poll_interval=fido.poll_interval,
+        dry=", DRY RUN: nothing is written to Redis or changed on the servers"
+        if fido.dry_run else "",
+    )
+
+
+def _status_parts(top, reactor, settings, redis, account_state):
+    """The reporter, the metrics (only with ``[http] listen``), the status
+    tracker, its restore gate, and the session history."""
+    from fido_tx.observe import history, report
+    from fido_tx.observe import restore as restore_mod
+    from fido_tx.observe import status as status_mod
+
+    reporter = report.Reporter(reactor, settings.reporter)
+    reporter.setServiceParent(top)
+
+    # /metrics is the only reader of the counters: with the HTTP endpoint
+    # off, neither they nor twisted.web and prometheus_client are loaded
+    # (~5 MiB and ~50 ms of start-up)
+    metrics = None
+    if settings.http.listen:
+        from fido_tx.observe import metrics as metrics_mod
+
+        metrics = metrics_mod.Metrics()
+    status = status_mod.StatusTracker(reactor, account_state, reporter, metrics,
+                                      dry_run=settings.fido.dry_run, redis=redis)
+    # the tracker starts each account from its hash in Redis: reports are
+    # sent on real changes only, across restarts
+    gate = restore_mod.RestoreGate(
+        reactor, status, history.AccountStateReader(redis.execute), connected=False
+    )
+    sessions = history.SessionLog(reactor, redis.execute, keep=settings.http.recent_sessions)
+    return reporter, metrics, status, gate, sessions
+
+
+def _watching(top, reactor, settings, ident, redis, sinks, sched, reporter, metrics, status,
+              sessions, balancer, held):
+    """What others watch: the heartbeat, the health check, and (with
+    ``[http] listen``) /metrics, /healthz and the status page."""
+    from fido_tx import sinks as sinks_mod
+    from fido_tx.observe import health as health_mod
+    from fido_tx.redis import heartbeat as heartbeat_mod
+
+    dry_run = settings.fido.dry_run
+    if not dry_run:
+        heartbeat_mod.Heartbeat(
+            reactor, heartbeat_mod.HeartbeatWriter(redis), sched, ident,
+            accounts=(lambda: len(balancer.held)) if balancer is not None else None,
+            held=held,
+        ).setServiceParent(top)
+
+    health = health_mod.Health(reactor, sched, redis, status=status)
+    sched.add_result_observer(health.observe)
+    view = instances = None
+    if metrics is not None:
+        default = sinks.get(sinks_mod.DEFAULT_DELIVERY)
+        backlog = default if IBacklog.providedBy(default) else None
+        metrics.bind(scheduler=sched, redis=redis, reporter=reporter, status=status,
+                     backlog=backlog, held=held)
+        view, instances = _serve_http(reactor, settings.http, top, metrics, health, view_parts=dict(
+            tracker=status, scheduler=sched, redis=redis, backlog=backlog, sessions=sessions))
+    return health, view, instances
+
+
+def _sources(top, reactor, settings, redis, sinks, dry_run):
+    """The sessions of every source, and the held IMAP connections."""
+    from fido_tx.credentials import oauth
+    from fido_tx.sources import graph as graph_mod
+    from fido_tx.sources.imap.holding import HeldConnections
+
+    held = HeldConnections(settings)
+    graph = graph_mod.GraphShared.create(
+        reactor, redis=redis, settings=graph_mod.GraphSettings.from_imap(settings.imap))
+    _Stoppable(lambda: (graph.close(), oauth.close_shared())).setServiceParent(top)
+    factory = _session_factory(reactor, settings, sinks, dry_run, held=held, graph=graph)
+    return factory, held
+
+
+def _accounts(top, reactor, settings, sinks, sched, status, gate, balancer, handle_signals):
+    """The accounts file, loaded now and watched: each change is applied to
+    the scheduler (and the lease balancer, the restore gate, the tracker)."""
+    from fido_tx.accounts import reload, watch
+
+    fido = settings.fido
+    routable = DeliveryCheck(sinks, report=status.report_config)
+
+    def apply(accounts, diff):
+        gate.add([account.id for account in diff.added])
+        accounts = routable(accounts)
+        if balancer is not None:
+            balancer.set_accounts(account.id for account in accounts)
+        sched.set_accounts(accounts)
+        for account in diff.removed:
+            gate.forget(account.id)
+            status.forget(account.id)
+
+    source = reload.AccountsSource(
+        reactor,
+        fido.accounts_file,
+        fido.key_file,
+        apply=apply,
+        watcher_factory=lambda path, callback: watch.make_watcher(
+            reactor, path, callback, mode=fido.watch
+        ),
+        report=status.report_config,
+        cache_path=os.path.join(
+            fido.state_dir or os.path.dirname(fido.accounts_file), ".fido-accounts.last-good"
+        ),
+        shard=fido.shard,
+    )
+    # The first load happens now, so that a bad accounts file (with no last
+    # good copy) stops the start with one line instead of a running daemon
+    # that fetches nothing.
+    source.load_initial()
+    source.setServiceParent(top)
+    if handle_signals:
+        _ReloadOnHangup(reactor, source).setServiceParent(top)
+        top.clean_exit_reactor = reactor
+    return source
 
 
 def _redis_parts(top, reactor, settings):
