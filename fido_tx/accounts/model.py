@@ -415,11 +415,8 @@ def _build_account(entry, base_dir):
     fields["oauth"] = _oauth(entry)
     if auth in OAUTH_AUTHS and fields["oauth"] is None:
         raise _Bad("oauth", f"auth {auth!r} needs an oauth object")
-    user = _string(entry, "user")
+    user = _nonempty(entry, "user")
     if user is not None:
-        if not user:
-            raise _Bad("user", "must not be empty")
-        _no_controls("user", user)
         fields["user"] = user
     endpoint = _string(entry, "graph_endpoint")
     if endpoint is not None:
@@ -431,6 +428,17 @@ def _build_account(entry, base_dir):
     return Account(**fields)
 
 
+def _nonempty(entry, field):
+    """A text field that, when present, is not empty and has no control
+    characters; ``None`` when absent."""
+    value = _string(entry, field)
+    if value is not None:
+        if not value:
+            raise _Bad(field, "must not be empty")
+        _no_controls(field, value)
+    return value
+
+
 def _imap_fields(entry, base_dir, source):
     out = {}
     host = _string(entry, "host")
@@ -438,11 +446,8 @@ def _imap_fields(entry, base_dir, source):
         if not _HOST_RE.match(host):
             raise _Bad("host", f"must be a host name or IP address, got {_short(host)}")
         out["host"] = host
-    username = _string(entry, "username")
+    username = _nonempty(entry, "username")
     if username is not None:
-        if not username:
-            raise _Bad("username", "must not be empty")
-        _no_controls("username", username)
         out["username"] = username
     password = _string(entry, "password")
     if password is not None:

@@ -8,7 +8,7 @@ the chart is an inline SVG.
 import html
 import time
 
-from fido_tx.timefmt import ago, parse_iso  # noqa: F401  (ago: the page's helpers)
+from fido_tx.timefmt import ago, parse_iso
 
 CSS = """
 :root{--bg:#f6f7f9;--card:#fff;--ink:#1d232b;--mute:#5d6875;--line:#e2e6eb;

@@ -82,8 +82,6 @@ class RespConnection:
     def __exit__(self, *exc):
         self.close()
 
-    _encode = staticmethod(encode)
-
     def command(self, *args):
         """Send one command, return its reply; an error reply raises."""
         reply = self.pipeline([args])[0]
@@ -95,7 +93,7 @@ class RespConnection:
         """Send several commands at once; replies in order (errors as values)."""
         if not commands:
             return []
-        self._sock.sendall(b"".join(self._encode(c) for c in commands))
+        self._sock.sendall(b"".join(encode(c) for c in commands))
         return [self._read() for _ in commands]
 
     def _read(self):
