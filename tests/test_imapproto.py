@@ -352,6 +352,18 @@ class SyntaxTests(SynchronousTestCase):
         self.assertEqual(imapproto.mailbox_name("Done/Ärchiv"), b'"Done/&AMQ-rchiv"')
         self.assertEqual(imapproto.mailbox_name("INBOX"), b'"INBOX"')
 
+    @settings(max_examples=500, deadline=None)
+    @given(name=st.text(st.characters(blacklist_characters="\t\n\r"), max_size=30))
+    def test_modified_utf7_is_what_twisteds_codec_writes(self, name):
+        # Fido encodes mailbox names itself (registering Twisted's codec
+        # imports twisted.mail.imap4); the codec is the reference, except
+        # for TAB, CR and LF, which it leaves unencoded (Python's UTF-7 does)
+        self.assertEqual(imapparse.modified_utf7(name), name.encode("imap4-utf-7"))
+
+    def test_modified_utf7_encodes_control_characters(self):
+        self.assertEqual(imapparse.modified_utf7("a\nb&"), b"a&AAo-b&-")
+        self.assertEqual(imapparse.modified_utf7("\U0001f600"), b"&2D3eAA-")
+
     def test_parse_fetch_forms(self):
         seq, items = imapproto.parse_fetch(
             [b'12 FETCH (UID 9 RFC822.SIZE 44 BODY[]<0> "quoted \\" x" '
@@ -379,7 +391,7 @@ class SyntaxTests(SynchronousTestCase):
         st.sampled_from([b"MESSAGES", b"UNSEEN", b"UIDNEXT", b"UIDVALIDITY", b"RECENT"]),
         st.integers(0, 2**32 - 1), max_size=5))
     def test_parse_status_reads_the_counts_whatever_the_mailbox_is_called(self, name, counts):
-        encoded = name.encode("imap4-utf-7")
+        encoded = imapparse.modified_utf7(name)
         if imapproto._needs_literal(encoded):
             segments = [b"STATUS {%d}" % len(encoded), encoded]
             tail = b" "

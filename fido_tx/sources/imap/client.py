@@ -1,39 +1,36 @@
-"""The IMAP protocol side of a mailbox session: an ``IMAP4Client`` subclass.
+"""One IMAP connection: commands sent one at a time, each with its deadline and bounds.
 
-:class:`FidoIMAP4Client` keeps ``IMAP4Client``'s tagging and command objects
-but replaces its input path, because the stock one is unfit for a daemon that
-fetches from thousands of servers:
+:class:`FidoIMAP4Client` is a Twisted protocol written for a daemon that
+fetches from thousands of servers (it replaced an ``IMAP4Client`` subclass:
+Fido used none of that class's commands or parsing, and its input path and
+timeouts were unfit):
 
-- every command has its own timeout (``reactor.callLater`` and
-  ``transport.abortConnection()``), not ``IMAP4Client.timeout``, which
-  misbehaves with queued commands;
-- message literals must keep arriving at ``min_literal_rate`` bytes/s;
-- literals are collected as chunks and joined once; a FETCH response is handed
-  to the caller as text segments and literal ``bytes`` (no ``charmap`` strings,
-  no re-joining the whole response, no copy per parse step);
-- untagged responses go to a per-command handler (SEARCH replies with
-  thousands of UIDs are split, not run through ``parseNestedParens``);
-- lines up to :attr:`FidoIMAP4Client.MAX_LENGTH` (8 MiB) are accepted;
+- one command at a time, :meth:`~FidoIMAP4Client.command`, firing with the
+  tagged OK text; a NO or BAD is an :class:`ImapCommandError`;
+- every command has its own deadline and bounds (one timer per connection,
+  :mod:`~fido_tx.sources.imap.deadline`; every byte the server sends counted
+  before it is held, :mod:`~fido_tx.sources.imap.bounds`); message literals
+  must keep arriving at ``min_literal_rate`` bytes/s;
+- responses are read by :class:`~fido_tx.sources.imap.responses.ResponseReader`
+  (literals collected as chunks and joined once, a FETCH response handed on
+  as text segments and literal ``bytes``, untagged responses to a
+  per-command handler);
 - every failure (timeout, BYE, unexpected close, unparsable response) ends
   the connection and fails the pending command with one
   :class:`~fido_tx.errors.FidoError`; a command sent after that fails at once;
-- the last protocol lines (credentials redacted) are kept for debug text.
+- the last protocol lines (credentials redacted) are kept for debug text
+  (:mod:`~fido_tx.sources.imap.trace`).
 
-It also holds the small parsers of IMAP syntax the session needs
-(capabilities, SELECT data, FETCH items, UID sets, quoting).
+The small parsers of IMAP syntax are in :mod:`~fido_tx.sources.imap.parse`
+and re-exported here.
 """
 
-import collections
-import re
-
-from twisted.internet import defer
+from twisted.internet import defer, protocol
 from twisted.internet import error as ierror
-from twisted.mail import imap4
 from twisted.python import failure
 
 from fido_tx import errors
 from fido_tx.errors import FidoError
-from fido_tx.scrub import MIN_FORM_LENGTH
 from fido_tx.sources.imap.parse import (  # noqa: F401 - re-exported for callers
     SelectInfo,
     _LITERAL_AT_END,
@@ -54,37 +51,17 @@ from fido_tx.sources.imap.parse import (  # noqa: F401 - re-exported for callers
     uid_set,
 )
 from fido_tx.sources.imap import bounds
-from fido_tx.sources.imap.reader import LinearLineReader
+from fido_tx.sources.imap.deadline import Deadline, LiteralRate
+from fido_tx.sources.imap.responses import ImapCommandError, ResponseReader
+from fido_tx.sources.imap.tlserror import tls_error  # noqa: F401 - re-exported
+from fido_tx.sources.imap.trace import ProtocolTrace
 
 #: what ends every line Fido sends (strict writing; lines are read up to LF,
 #: see :mod:`fido_tx.sources.imap.reader`)
 CRLF = b"\r\n"
-_TAGGED = re.compile(rb"([A-Za-z]+)(?: (.*))?\Z", re.S)
 
 
-class ImapCommandError(imap4.IMAP4Exception):
-    """A tagged NO or BAD answer.
-
-    :ivar status: ``b"NO"`` or ``b"BAD"``.
-    :ivar text: the rest of the tagged line (with any ``[CODE]``).
-    """
-
-    def __init__(self, command, status, text):
-        super().__init__(f"{command} failed: {status.decode()} {_show(text)}")
-        self.command = command
-        self.status = status
-        self.text = text
-
-    @property
-    def code(self):
-        """The response code (``b"AUTHENTICATIONFAILED"``), upper-case, or ``b""``."""
-        return response_code(self.text)
-
-
-# --- the protocol -------------------------------------------------------------
-
-
-class FidoIMAP4Client(LinearLineReader, imap4.IMAP4Client):
+class FidoIMAP4Client(ResponseReader, protocol.Protocol):
     """One IMAP connection with per-command timeouts and a debug trace.
 
     Use :meth:`command` for every command (one at a time); wait for
@@ -93,10 +70,9 @@ class FidoIMAP4Client(LinearLineReader, imap4.IMAP4Client):
 
     #: longest accepted line: a SEARCH reply with ~1 million UIDs
     MAX_LENGTH = 8 * 1024 * 1024
-    #: protocol lines kept for debug text
-    TRACE_LINES = 20
-    #: characters kept of one traced line
-    TRACE_WIDTH = 200
+    #: protocol lines kept for debug text, and the characters shown of one
+    TRACE_LINES = ProtocolTrace.LINES
+    TRACE_WIDTH = ProtocolTrace.WIDTH
     #: seconds between checks of the literal transfer rate
     literal_check_interval = 5.0
 
@@ -123,6 +99,13 @@ class FidoIMAP4Client(LinearLineReader, imap4.IMAP4Client):
     #: dropped unparsed (``search_ignored`` counts them): fetched next poll
     max_search_uids = 100_000
 
+    #: ``"unauth"`` or ``"auth"`` once greeted
+    state = None
+    #: True once :meth:`start_tls` switched the transport
+    startedTLS = False
+    #: the running command's tag, or None
+    waiting = None
+
     def __init__(
         self,
         clock,
@@ -130,14 +113,14 @@ class FidoIMAP4Client(LinearLineReader, imap4.IMAP4Client):
         command_timeout=60.0,
         min_literal_rate=4096,
     ):
-        super().__init__()
         self.clock = clock
         self.greeting_timeout = greeting_timeout
         self.command_timeout = command_timeout
         self.min_literal_rate = min_literal_rate
-        # (direction, bytes) or a ready str; formatted only when read
-        # (formatting every line cost ~7% of a fetch's CPU time)
-        self._trace_lines = collections.deque(maxlen=self.TRACE_LINES)
+        self._trace = ProtocolTrace()
+        self._deadline = Deadline(clock, self._expired)
+        self._rate = LiteralRate(clock, min_literal_rate, self.literal_check_interval,
+                                 self._too_slow)
         #: fires with the greeting's capabilities (frozenset or None)
         self.greeting = defer.Deferred()
         #: fires (with None) when the connection is gone
@@ -151,15 +134,9 @@ class FidoIMAP4Client(LinearLineReader, imap4.IMAP4Client):
         #: the text of the server's last tagged/greeting response
         self.last_response = b""
         self.logging_out = False
-        self._timer = None
-        self._deadline = None
-        self._timer_seconds = None
-        self._timer_what = ""
-        self._segments = None
-        self._literal = None
-        self._literal_remaining = 0
-        self._literal_window = 0
-        self._rate_check = None
+        self.line_mode = 1
+        self._tag_number = 0
+        self._command = None  # (name, Deferred, continuation) of ``waiting``
         self._untagged = None
         #: called with the segments of EVERY untagged response, whatever
         #: command runs (or none): a held connection's watch for EXISTS
@@ -201,147 +178,46 @@ class FidoIMAP4Client(LinearLineReader, imap4.IMAP4Client):
 
     # -- tracing -----------------------------------------------------------
 
-    #: callable returning the secret's forms (credentials' ``secret_forms``):
-    #: removed from traced server lines before they are cut
-    scrub_forms = None
-    _scrub_bytes = None
-    #: what a traced line keeps beyond TRACE_WIDTH until it is shown: room
-    #: for a whole secret (a token's SASL encoding is a few KiB) that starts
-    #: inside the width, so that scrubbing happens before the cut
-    TRACE_SLACK = 8 * 1024
+    @property
+    def scrub_forms(self):
+        """Callable returning the secret's forms (credentials'
+        ``secret_forms``): removed from traced server lines before they are cut."""
+        return self._trace.scrub_forms
 
-    def _trace(self, direction, line):
-        # Kept raw (but bounded) and scrubbed only when shown: the trace is
-        # read on failure, while every session traces all its lines; scrubbing
-        # each line as it passed cost ~18 us a line and the secret's forms
-        # ~0.2 ms a session, for nothing when the session succeeds.
-        if len(line) > self.TRACE_WIDTH + self.TRACE_SLACK:
-            line = (line[: self.TRACE_WIDTH + self.TRACE_SLACK], len(line))
-        self._trace_lines.append((direction, line))
-
-    def _scrubbed(self, line):
-        if self.scrub_forms is None:
-            return line
-        forms = self._scrub_bytes
-        if forms is None:
-            forms = self._scrub_bytes = tuple(
-                f.encode("utf-8") for f in self.scrub_forms() if len(f) >= MIN_FORM_LENGTH)
-        for form in forms:
-            if form in line:
-                line = line.replace(form, b"<redacted>")
-        return line
-
-    def _shown(self, line):
-        size = len(line) if isinstance(line, bytes) else line[1]
-        line = self._scrubbed(line if isinstance(line, bytes) else line[0])
-        if size > self.TRACE_WIDTH:
-            line = line[: self.TRACE_WIDTH] + b"... (%d bytes)" % size
-        return line
+    @scrub_forms.setter
+    def scrub_forms(self, forms):
+        self._trace.scrub_forms = forms
 
     @property
     def trace(self):
         """The last protocol lines, formatted (``"S: * OK ..."``), secrets
         removed before anything is cut."""
-        return [t if isinstance(t, str) else f"{t[0]}: {_show(self._shown(t[1]), self.TRACE_WIDTH + 40)}"
-                for t in self._trace_lines]
+        return self._trace.lines()
 
     def debug_lines(self):
-        return self.trace
+        return self._trace.lines()
 
-    def sendLine(self, line):
-        parts = line.split(b" ", 2)
-        if len(parts) == 3 and parts[1].upper() in (b"LOGIN", b"AUTHENTICATE"):
-            if parts[1].upper() == b"LOGIN":
-                shown = parts[0] + b" LOGIN <redacted>"
-            else:
-                mech = parts[2].split(b" ", 1)
-                shown = parts[0] + b" AUTHENTICATE " + mech[0]
-                if len(mech) > 1:
-                    shown += b" <redacted>"
-            self._trace_lines.append("C: " + _show(shown))
-        else:
-            self._trace("C", line)
-        return self.transport.write(line + CRLF)
-
-    def send_secret(self, line):
-        """Send a continuation line that carries credentials (not traced)."""
-        self._trace_lines.append("C: <redacted>")
-        self.transport.write(line + CRLF)
+    def clear_trace(self):
+        """Forget the traced lines: a held connection waiting in IDLE keeps
+        no debug text of its login (about 3 KiB per connection)."""
+        self._trace.clear()
 
     # -- timers --------------------------------------------------------------
 
-    # One deadline and one pending timer per connection.  A timer cancelled
-    # and created per command, and reset per chunk of a literal, was a
-    # reactor heap operation each time; now arming and progress only move
-    # the deadline, and the timer, when it fires early, waits for the rest.
+    def _expired(self, what, seconds):
+        self.fail(FidoError(errors.TIMEOUT, f"no response to {what} within {seconds:g} s"))
 
-    def _arm(self, seconds, what):
-        self._timer_seconds = seconds
-        self._timer_what = what
-        self._deadline = deadline = self.clock.seconds() + seconds
-        timer = self._timer
-        if timer is None or not timer.active():
-            self._timer = self.clock.callLater(seconds, self._timer_fired)
-        elif timer.getTime() > deadline:  # sooner than the pending call
-            # cancelled and scheduled anew: DelayedCall.reset() to a sooner
-            # time searches the reactor's heap linearly, and with thousands
-            # of held connections (each with a timer minutes ahead) every
-            # command after an IDLE did that: stopping 10,000 took 5 minutes
-            timer.cancel()
-            self._timer = self.clock.callLater(seconds, self._timer_fired)
+    def _too_slow(self, rate):
+        self.fail(FidoError(
+            errors.TIMEOUT,
+            f"message data arrived at {rate:.0f} bytes/s, below the "
+            f"minimum of {self.min_literal_rate} bytes/s",
+        ))
 
-    def _disarm(self):
-        self._deadline = None  # a pending call finds nothing to do
-
-    def _progress(self):
-        if self._deadline is not None:
-            self._deadline = self.clock.seconds() + self._timer_seconds
-
-    def _cancel_timer(self):
-        """The connection is over: nothing may keep it alive or fire later."""
-        self._deadline = None
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-
-    def _timer_fired(self):
-        self._timer = None
-        deadline = self._deadline
-        if deadline is None:
-            return
-        now = self.clock.seconds()
-        if now < deadline:
-            self._timer = self.clock.callLater(deadline - now, self._timer_fired)
-            return
-        self._deadline = None
-        self.fail(
-            FidoError(
-                errors.TIMEOUT,
-                f"no response to {self._timer_what} within {self._timer_seconds:g} s",
-            )
-        )
-
-    def _stop_rate_check(self):
-        if self._rate_check is not None and self._rate_check.active():
-            self._rate_check.cancel()
-        self._rate_check = None
-
-    def _check_rate(self):
-        self._rate_check = None
-        rate = self._literal_window / self.literal_check_interval
-        if rate < self.min_literal_rate:
-            self.fail(
-                FidoError(
-                    errors.TIMEOUT,
-                    f"message data arrived at {rate:.0f} bytes/s, below the "
-                    f"minimum of {self.min_literal_rate} bytes/s",
-                )
-            )
-            return
-        self._literal_window = 0
-        self._rate_check = self.clock.callLater(
-            self.literal_check_interval, self._check_rate
-        )
+    def rearm(self, seconds, what):
+        """Give the running command a new deadline: ``seconds`` of silence
+        from now (IDLE waits minutes for its answer, then seconds for DONE's)."""
+        self._deadline.arm(seconds, what)
 
     # -- failure and connection state --------------------------------------
 
@@ -349,8 +225,8 @@ class FidoIMAP4Client(LinearLineReader, imap4.IMAP4Client):
         """End the connection because of ``error`` (the first one wins)."""
         if self.error is None:
             self.error = error
-        self._cancel_timer()
-        self._stop_rate_check()
+        self._deadline.cancel()
+        self._rate.stop()
         # what the server sent past the failure is never read: drop it now
         self.clearLineBuffer()
         self._literal = self._segments = None
@@ -358,18 +234,25 @@ class FidoIMAP4Client(LinearLineReader, imap4.IMAP4Client):
             self.transport.abortConnection()
 
     def connectionMade(self):
-        self._arm(self.greeting_timeout, "the connection (server greeting)")
+        self._deadline.arm(self.greeting_timeout, "the connection (server greeting)")
 
     def connectionLost(self, reason):
         self.closed = True
-        self._cancel_timer()
-        self._stop_rate_check()
+        self.connected = 0
+        self._deadline.cancel()
+        self._rate.stop()
+        # the timers call back into this object: cut that cycle, so the
+        # connection is freed by reference counting, not the collector
+        self._deadline.expired = self._rate.too_slow = _ignore
         if self.error is None:
             self.error = self._lost_error(reason)
         err = failure.Failure(self.error)
         if not self.greeting.called:
             self.greeting.errback(err)
-        imap4.IMAP4Client.connectionLost(self, err)
+        if self.waiting is not None:
+            d = self._command[1]
+            self._finished()
+            d.errback(err)
         if not self.lost.called:
             self.lost.callback(None)
 
@@ -429,153 +312,16 @@ class FidoIMAP4Client(LinearLineReader, imap4.IMAP4Client):
                 )
             )
 
-    def lineReceived(self, line):
-        if self.error is not None:
-            return
-        self._progress()
-        self._trace("S", line)
-        self._bounds.count_line(len(line) + 2)
-        m = _LITERAL_AT_END.search(line)
-        if m is not None:
-            size = int(m.group(1))
-            texts = (self._segments[0::2] if self._segments else []) + [line]
-            self._bounds.admit_literal(texts, size)
-            if self._segments is None:
-                self._segments = []
-            self._segments.append(line)
-            self._literal = []
-            self._literal_remaining = size
-            self._literal_window = 0
-            if self._literal_remaining > self.min_literal_rate * self.literal_check_interval:
-                self._rate_check = self.clock.callLater(
-                    self.literal_check_interval, self._check_rate
-                )
-            self.line_mode = 0
-            if self._literal_remaining == 0:
-                self._end_literal()
-            return
-        if self._segments is not None:
-            self._segments.append(line)
-            segments, self._segments = self._segments, None
-        else:
-            segments = [line]
-        self._bounds.response_done()
-        self._dispatch(segments)
-
-    def rawDataReceived(self, data):  # not used: _scan reads literals
-        self._receive(data)
-
-    def _take_literal(self, chunk):
-        self._progress()
-        self._literal.append(chunk)
-        self._literal_remaining -= len(chunk)
-        self._literal_window += len(chunk)
-
-    def _end_literal(self):
-        chunks, self._literal = self._literal, None
-        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        del chunks
-        self._stop_rate_check()
-        self._trace_lines.append(f"S: <literal {len(body)} bytes>")
-        self._segments.append(body)
-        self._literal_remaining = 0
-        self.line_mode = 1
-
-    def _dispatch(self, segments):
-        first = segments[0]
-        parts = first.split(b" ", 1)
-        tag = parts[0]
-        rest0 = parts[1] if len(parts) > 1 else b""
-        segments[0] = rest0
-        if self.state is None:
-            self._greeted(tag, rest0)
-        elif tag == b"+":
-            self._continuation(rest0)
-        elif tag == b"*":
-            self._untagged_response(segments)
-        else:
-            if len(segments) > 1:
-                raise FidoError(errors.PROTOCOL, "literal in a tagged response")
-            self._tagged(tag, rest0)
-
-    def _greeted(self, tag, rest):
-        self._disarm()
-        m = _TAGGED.match(rest)
-        status = m.group(1).upper() if m and tag == b"*" else b""
-        text = (m.group(2) or b"") if m else rest
-        self.last_response = rest
-        if status == b"OK":
-            self.state = "unauth"
-        elif status == b"PREAUTH":
-            self.state = "auth"
-            self.preauth = True
-        elif status == b"BYE":
-            self.bye = text
-            raise FidoError(
-                errors.CONNECT, f"server refused the session: BYE {_show(text)}"
-            )
-        else:
-            raise FidoError(
-                errors.PROTOCOL, f"not an IMAP server greeting: {_show(tag + b' ' + rest)}"
-            )
-        self.greeting.callback(greeting_capabilities(text))
-
-    def _continuation(self, rest):
-        cmd = self.tags.get(self.waiting) if self.waiting else None
-        if cmd is None or cmd.continuation is None:
-            raise FidoError(errors.PROTOCOL, "unexpected continuation request")
-        cmd.continuation(rest)
-
-    def _untagged_response(self, segments):
-        self._bounds.count_untagged()
-        text = segments[0]
-        if len(segments) == 1 and text[:4].upper() == b"BYE " or text.upper() == b"BYE":
-            self.bye = text[4:]
-            return
-        observer = self.observer
-        if observer is not None:
-            observer(segments)
-        handler = self._untagged
-        if handler is None:
-            return
-        if len(segments) == 1 and text[:6].upper() == b"SEARCH":
-            text = self._bounds.bound_search(text)
-            if text is None:
-                return
-            segments = [text]
-        handler(segments)
-
-    def _tagged(self, tag, rest):
-        cmd = self.tags.pop(tag, None) if self.tags is not None else None
-        if cmd is None:
-            raise FidoError(
-                errors.PROTOCOL, f"response with an unknown tag: {_show(tag + b' ' + rest)}"
-            )
-        self.waiting = None
-        self.last_response = rest
-        m = _TAGGED.match(rest)
-        status = m.group(1).upper() if m else b""
-        text = (m.group(2) or b"") if m else b""
-        d, cmd.defer = cmd.defer, None
-        if status == b"OK":
-            d.callback(text)
-        elif status in (b"NO", b"BAD"):
-            d.errback(ImapCommandError(cmd.command.decode("ascii", "replace"), status, text))
-        else:
-            err = FidoError(errors.PROTOCOL, f"bad tagged response: {_show(rest)}")
-            self.fail(err)
-            d.errback(err)  # the command is no longer in self.tags: fail it here
-
     # -- output ----------------------------------------------------------------
 
-    def sendCommand(self, cmd):
-        if self.closed or self.error is not None:
-            cmd.defer = defer.Deferred()
-            cmd.defer.errback(failure.Failure(self.error or _closed()))
-            return cmd.defer
-        if self.waiting:
-            raise RuntimeError("FidoIMAP4Client runs one command at a time")
-        return super().sendCommand(cmd)
+    def sendLine(self, line):
+        self._trace.sent(line)
+        return self.transport.write(line + CRLF)
+
+    def send_secret(self, line):
+        """Send a continuation line that carries credentials (not traced)."""
+        self._trace.note("C: <redacted>")
+        self.transport.write(line + CRLF)
 
     def command(self, name, args=None, untagged=None, continuation=None, timeout=None, what=None,
                 literal_each=None, literal_total=None, literal_caps=None):
@@ -594,36 +340,32 @@ class FidoIMAP4Client(LinearLineReader, imap4.IMAP4Client):
         :return: Deferred; errbacks with :class:`ImapCommandError` on NO/BAD,
             with :class:`FidoError` when the connection fails.
         """
-        cmd = imap4.Command(name, args)
-        cmd.continuation = continuation
+        d = defer.Deferred()
+        if self.closed or self.error is not None:
+            d.errback(failure.Failure(self.error or _closed()))
+            return d
+        if self.waiting is not None:
+            raise RuntimeError("FidoIMAP4Client runs one command at a time")
         if what is None:
             what = name.decode("ascii", "replace")
             if name == b"UID" and args:
                 what += " " + args.split(b" ", 1)[0].decode("ascii", "replace")
         self._untagged = untagged
-        self._timer_what = what
         self._limits(literal_each, literal_total, literal_caps, what)
-        d = self.sendCommand(cmd)
-        if not d.called:
-            self._arm(self.command_timeout if timeout is None else timeout, what)
-
-        def done(result):
-            self._disarm()
-            self._untagged = None
-            return result
-
-        d.addBoth(done)
+        self._tag_number += 1
+        tag = b"%04X" % self._tag_number
+        self.waiting = tag
+        self._command = (name, d, continuation)
+        self._deadline.arm(self.command_timeout if timeout is None else timeout, what)
+        self.sendLine(tag + b" " + name if args is None else b" ".join((tag, name, args)))
         return d
 
-    def clear_trace(self):
-        """Forget the traced lines: a held connection waiting in IDLE keeps
-        no debug text of its login (about 3 KiB per connection)."""
-        self._trace_lines.clear()
-
-    def rearm(self, seconds, what):
-        """Give the running command a new deadline: ``seconds`` of silence
-        from now (IDLE waits minutes for its answer, then seconds for DONE's)."""
-        self._arm(seconds, what)
+    def _finished(self):
+        """The running command has its answer (or never will)."""
+        self.waiting = None
+        self._command = None
+        self._untagged = None
+        self._deadline.disarm()
 
     def start_tls(self, context_factory):
         """Switch the transport to TLS (after a tagged OK to STARTTLS).
@@ -638,6 +380,10 @@ class FidoIMAP4Client(LinearLineReader, imap4.IMAP4Client):
         self.startedTLS = True
 
 
+def _ignore(*args):
+    pass
+
+
 def _closed():
     return FidoError(errors.PROTOCOL, "connection closed")
 
@@ -646,46 +392,3 @@ def _reason_suffix(reason):
     if reason is None or reason.check(ierror.ConnectionDone):
         return ""
     return f" ({reason.getErrorMessage()})"
-
-
-def tls_error(reason, explain=None, host=None):
-    """A :class:`FidoError` of kind ``tls`` for a TLS failure, else ``None``.
-
-    :param explain: optional callable returning why the certificate chain
-        was not trusted (``"self-signed certificate"``) or ``None``.
-    """
-    if reason is None:
-        return None
-    try:
-        from OpenSSL import SSL
-        from service_identity import VerificationError
-    except ImportError:  # pragma: no cover
-        return None
-    if reason.check(VerificationError):
-        return FidoError(
-            errors.TLS,
-            "certificate does not match host" + (f" {host!r}" if host else ""),
-            debug=f"certificate verification: {reason.getErrorMessage()}",
-        )
-    if reason.check(SSL.Error):
-        text = _ssl_text(reason.value)
-        if "certificate verify failed" in text:
-            why = None
-            if explain is not None:
-                try:
-                    why = explain()
-                except Exception:
-                    why = None
-            return FidoError(
-                errors.TLS, "certificate verify failed" + (f": {why}" if why else "")
-            )
-        return FidoError(errors.TLS, f"TLS handshake failed: {text}")
-    return None
-
-
-def _ssl_text(exc):
-    try:
-        parts = [e[2] for e in exc.args[0] if e and e[2]]
-    except (IndexError, TypeError):
-        parts = []
-    return "; ".join(parts) or str(exc) or type(exc).__name__

@@ -9,6 +9,7 @@ them.
 """
 
 import base64
+import binascii
 import re
 
 from fido_tx import errors
@@ -100,9 +101,37 @@ def astring_parts(value):
     return quote(value), None
 
 
+def modified_utf7(name):
+    """``name`` in IMAP's modified UTF-7 (RFC 3501 5.1.3), as bytes.
+
+    Printable ASCII stands for itself (``&`` as ``&-``); every other run is
+    ``&``, its UTF-16BE in base64 with ``,`` for ``/`` and no padding, ``-``.
+    (Twisted's ``imap4-utf-7`` codec does the same, but registering it
+    means importing ``twisted.mail.imap4`` and its 16 modules.)
+    """
+    out = []
+    run = []
+    for c in name:
+        if "\x20" <= c <= "\x7e":
+            if run:
+                out.append(_utf7_run(run))
+                run = []
+            out.append("&-" if c == "&" else c)
+        else:
+            run.append(c)
+    if run:
+        out.append(_utf7_run(run))
+    return "".join(out).encode("ascii")
+
+
+def _utf7_run(chars):
+    data = "".join(chars).encode("utf-16-be", "surrogatepass")
+    return "&" + binascii.b2a_base64(data, newline=False).decode("ascii").rstrip("=").replace("/", ",") + "-"
+
+
 def mailbox_name(name):
     """A mailbox name as sent on the wire: modified UTF-7, quoted."""
-    encoded = name.encode("imap4-utf-7")
+    encoded = modified_utf7(name)
     if _needs_literal(encoded):  # CR/LF in a folder name: not sendable quoted
         raise FidoError(errors.MAILBOX, f"invalid mailbox name {name!r}")
     return quote(encoded)
