@@ -1,7 +1,8 @@
-"""Fido against a process-based fetcher, side by side, in one run.
+"""Fido against a process-based fetcher and a raw asyncio one, side by side, in one run.
 
     python bench/compare.py [--runs 3] [--workers 1,4,8,16] [--fido-workers 64]
-                            [--scenarios 100x20,1000x5] [--publish]
+                            [--scenarios 100x20,1000x5] [--fetchers fido,procs,raw]
+                            [--security tls|none] [--publish]
 
 Starts one local Dovecot (tuned for 2,000 sessions) and one Redis, then, for
 each repetition, each load ``NxM`` and each fetcher and worker count:
@@ -12,14 +13,19 @@ last load, the same fetcher polls again with nothing new (``empty poll``).
 
 Fetchers: ``fido`` is the real daemon (``twistd -n fido``, through
 ``bench/fido_run.py`` for the reactor stall probe); ``procs`` is
-``bench/baseline.py`` (W worker processes, imaplib + redis-py).
+``bench/baseline.py`` (W worker processes, imaplib + redis-py); ``raw`` is
+``bench/rawasync.py`` (one process, W asyncio connections, a minimal IMAP
+client and RESP writer, Fido's stream entries and dedupe sets).
 
 Measured per run: wall seconds (start of the process to the end of the last
 session, start-up included for both), messages/s, client CPU seconds (user +
 sys of every process of the fetcher), peak RSS summed over the fetcher's
 processes (sampled every 20 ms; for Fido also its kernel high-water mark
 VmHWM, and the larger is kept), server CPU seconds (Dovecot's processes +
-Redis), and for Fido the longest reactor stall.  Medians over the runs go to
+Redis), and for Fido the longest reactor stall.  Steady state: CPU after
+start-up, per message or session; Fido's start-up ends when its heartbeat
+is in Redis, the other fetchers' start-up is the CPU of a run of theirs
+with no accounts at all (measured once per worker count).  Medians over the runs go to
 ``bench/results/<stamp>/results.json``, ``table.rst`` and ``memory.png``;
 ``--publish`` copies the chart to ``docs/bench-memory.png``.
 """
@@ -185,11 +191,51 @@ def run_procs(ctx, workers, accounts, expected):
                 stall_max_ms=None, gc_max_ms=None, stalls_over_100ms=None)
 
 
+def run_raw(ctx, workers, accounts, expected):
+    r = ctx.redis.client()
+    s0 = server_cpu(ctx)
+    start = time.monotonic()
+    out = open(os.path.join(ctx.workdir, "rawasync.out"), "ab")
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(HERE, "rawasync.py"), "--accounts", ctx.accounts_path,
+         "--connections", str(workers), "--redis-url", ctx.redis.url, "--stream", STREAM],
+        stdout=out, stderr=subprocess.STDOUT)
+    sampler = Sampler(proc.pid)
+    sampler.start()
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.monotonic() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    out.close()
+    peak = sampler.stop()
+    server = server_cpu(ctx) - s0
+    stored = r("XLEN", STREAM)
+    return dict(wall_s=wall, cpu_s=usage.ru_utime + usage.ru_stime, cpu_sys_s=usage.ru_stime,
+                peak_rss_mib=peak / 2**20,
+                server_cpu_s=server, stored=stored, errors=1 if proc.returncode else 0,
+                stall_max_ms=None, gc_max_ms=None, stalls_over_100ms=None)
+
+
+def startup_cpu(ctx, fetcher, workers):
+    """CPU seconds of a run of ``fetcher`` with no accounts: its start-up
+    (imports, a pool of W processes, a Redis connection), kept per worker count."""
+    key = (fetcher, workers)
+    if key not in ctx.startup:
+        real = ctx.accounts_path
+        ctx.accounts_path = os.path.join(ctx.workdir, "no-accounts.json")
+        with open(ctx.accounts_path, "w") as f:
+            json.dump({"accounts": []}, f)
+        try:
+            ctx.startup[key] = RUNNERS[fetcher](ctx, workers, 0, 0)["cpu_s"]
+        finally:
+            ctx.accounts_path = real
+    return ctx.startup[key]
+
+
 def _instance_keys(r):
     return r("KEYS", "fido:instance:*") or ["fido:instance:none"]
 
 
-RUNNERS = {"fido": run_fido, "procs": run_procs}
+RUNNERS = {"fido": run_fido, "procs": run_procs, "raw": run_raw}
 
 
 class Context:
@@ -240,7 +286,8 @@ def write_table(path, medians, loads):
         rows.append((load, fetcher, str(w), fmt(m["wall_s"], ".2f"),
                      fmt(m["msg_per_s"], ".0f") if m["msg_per_s"] else "-",
                      fmt(m["cpu_s"], ".2f"), fmt(m["cpu_ms_per_unit"], ".3f"),
-                     "-" if m["startup_s"] is None else
+                     ("-" if m["startup_cpu_s"] is None else f"- ({m['startup_cpu_s']:.2f})")
+                     if m["startup_s"] is None else
                      f"{m['startup_s']:.2f} ({m['startup_cpu_s']:.2f})",
                      fmt(m["cpu_ms_per_unit_after_start"], ".3f"),
                      fmt(m["peak_rss_mib"], ".1f"), fmt(m["server_cpu_s"], ".2f"),
@@ -267,7 +314,8 @@ def chart(path, medians, load, workers):
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     for fetcher, label, style in (("fido", "Fido (one process)", "o-"),
-                                  ("procs", "process-based (imaplib, W processes)", "s--")):
+                                  ("procs", "process-based (imaplib, W processes)", "s--"),
+                                  ("raw", "raw asyncio (one process, W connections)", "^:")):
         ws = [w for w in sorted({k[2] for k in medians if k[0] == load and k[1] == fetcher})]
         if not ws:
             continue
@@ -289,7 +337,7 @@ def chart(path, medians, load, workers):
     ax2.set_title(f"Throughput, {load} messages")
     ax2.set_ylim(bottom=0)
     ax1.legend(fontsize=8)
-    fig.suptitle(f"Fido vs a process-based fetcher (local Dovecot + Redis, TLS, "
+    fig.suptitle(f"Fido vs a process-based and a raw asyncio fetcher (local Dovecot + Redis, "
                  f"median of runs; {datetime.date.today()})", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -301,8 +349,12 @@ def main(argv=None):
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--workers", default="1,4,8,16")
     p.add_argument("--fido-workers", default="64", help="extra worker counts for Fido only")
+    p.add_argument("--raw-workers", default="64",
+                   help="extra connection counts for the raw asyncio fetcher only")
     p.add_argument("--scenarios", default="100x20,1000x5")
-    p.add_argument("--fetchers", default="fido,procs")
+    p.add_argument("--fetchers", default="fido,procs,raw")
+    p.add_argument("--security", choices=("tls", "none"), default="tls",
+                   help="the accounts' security (implicit TLS or plain)")
     p.add_argument("--no-empty", action="store_true", help="skip the empty second poll")
     p.add_argument("--extra-toml", default="", help="appended to Fido's fido.toml")
     p.add_argument("--timeout", type=float, default=600.0)
@@ -329,6 +381,7 @@ def main(argv=None):
 
     workers = [int(w) for w in args.workers.split(",") if w]
     fido_extra = [int(w) for w in args.fido_workers.split(",") if w]
+    raw_extra = [int(w) for w in args.raw_workers.split(",") if w]
     loads = [s for s in args.scenarios.split(",") if s]
     fetchers = [f for f in args.fetchers.split(",") if f]
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -338,6 +391,7 @@ def main(argv=None):
     ctx = Context()
     ctx.timeout = args.timeout
     ctx.extra_toml = args.extra_toml
+    ctx.startup = {}
     ctx.workdir = tempfile.mkdtemp(prefix="fido-compare-")
     os.chmod(ctx.workdir, 0o755)
     ctx.dovecot = dc.Dovecot(os.path.join(ctx.workdir, "dovecot"), sessions=2000)
@@ -347,7 +401,7 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, lambda s, f: (_ for _ in ()).throw(SystemExit(143)))
     rows = {}
     compile_fido()
-    print(f"compare: {machine()}", flush=True)
+    print(f"compare: {machine()}, security {args.security}", flush=True)
     try:
         ctx.dovecot.start()
         ctx.redis.start()
@@ -357,17 +411,23 @@ def main(argv=None):
                 n, m = (int(x) for x in load.split("x"))
                 plan = [(f, w) for f in fetchers for w in workers]
                 plan += [("fido", w) for w in fido_extra if "fido" in fetchers]
+                plan += [("raw", w) for w in raw_extra if "raw" in fetchers]
                 for fetcher, w in plan:
                     r("FLUSHALL")
                     users = ctx.dovecot.provision(n, m)
-                    ctx.accounts_path = write_accounts(ctx.workdir, ctx.dovecot, users, "tls",
-                                                       "seen")
+                    ctx.accounts_path = write_accounts(ctx.workdir, ctx.dovecot, users,
+                                                       args.security, "seen")
                     passes = [(load, n * m)]
                     if load == loads[-1] and not args.no_empty:
                         passes.append((f"{n}x0 (empty poll)", 0))
                     for label, expected in passes:
                         r("FLUSHALL")
+                        if fetcher != "fido":
+                            res_startup = startup_cpu(ctx, fetcher, w)
+                            r("FLUSHALL")
                         res = RUNNERS[fetcher](ctx, w, n, expected)
+                        if fetcher != "fido":
+                            res["startup_cpu_s"] = res_startup
                         res["exact"] = res["stored"] == expected and not res["errors"]
                         res["msg_per_s"] = expected / res["wall_s"] if expected else None
                         res["cpu_ms_per_unit"] = 1000 * res["cpu_s"] / (expected or n)
