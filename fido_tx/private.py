@@ -146,15 +146,34 @@ def _encode_redis_arg(arg):
     raise TypeError(f"cannot send {type(arg).__name__} to Redis")
 
 
+#: an argument at least this long is its own piece (not copied); shorter
+#: ones are joined with the RESP around them
+BIG_REDIS_ARG = 1024
+
+
 def redis_command_pieces(args):
-    """RESP for one command, as a list of pieces (the arguments themselves
-    are not copied)."""
-    out = [b"*%d\r\n" % len(args)]
+    """RESP for one command, as a list of pieces: each argument of
+    :data:`BIG_REDIS_ARG` bytes or more (a message body) as it is, not
+    copied, everything between them joined.
+
+    A piece per argument and per CRLF was ~90 pieces per message (22
+    arguments each) and ``writeSequence`` checks and queues every one:
+    ~0.3 ms per batch in the 100x20 profile.  Now a message is two pieces.
+    """
+    out = []
+    small = [b"*%d\r\n" % len(args)]
     for arg in args:
-        arg = _encode_redis_arg(arg)
-        out.append(b"$%d\r\n" % len(arg))
-        out.append(arg)
-        out.append(b"\r\n")
+        if arg.__class__ is not bytes:
+            arg = _encode_redis_arg(arg)
+        n = len(arg)
+        if n >= BIG_REDIS_ARG:
+            small.append(b"$%d\r\n" % n)
+            out.append(b"".join(small))
+            out.append(arg)
+            small = [b"\r\n"]
+        else:
+            small.append(b"$%d\r\n%s\r\n" % (n, arg))
+    out.append(b"".join(small))
     return out
 
 

@@ -48,7 +48,7 @@ class TxredisapiBuildCommandTests(SynchronousTestCase):
         self.assertEqual(len(sequences), 1, f"{self.TRICK}: the override was not called")
 
     @hsettings(max_examples=100, deadline=None)
-    @given(st.lists(st.one_of(st.binary(max_size=40), st.text(st.characters(blacklist_categories=("Cs",)), max_size=20),
+    @given(st.lists(st.one_of(st.binary(max_size=40), st.binary(min_size=1000, max_size=1100), st.text(st.characters(blacklist_categories=("Cs",)), max_size=20),
                               st.integers(-(2**63), 2**63 - 1)), min_size=1, max_size=8))
     def test_same_bytes_as_txredisapi(self, args):
         import txredisapi
