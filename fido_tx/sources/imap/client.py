@@ -158,18 +158,37 @@ class FidoIMAP4Client(ResponseReader, protocol.Protocol):
     BODY_SLACK_BYTES = bounds.BODY_SLACK_BYTES
     BODY_SLACK_FRACTION = bounds.BODY_SLACK_FRACTION
 
+    _default_limits = None  # (the max_* values, their Limits)
+
     def _limits(self, literal_each, literal_total, literal_caps, what=""):
         """Start the counters of a command (with its own literal bounds)."""
-        self._bounds = bounds.CommandBounds(bounds.Limits(
-            literal_each=self.max_literal if literal_each is None else literal_each,
-            literal_total=self.max_command_literal if literal_total is None else literal_total,
+        values = (self.max_literal, self.max_command_literal, self.max_response_literals,
+                  self.max_response_text, self.max_untagged, self.max_untagged_bytes,
+                  self.max_search_uids)
+        if literal_each is None and literal_total is None and literal_caps is None:
+            # most commands: the connection's own bounds, built once (a
+            # frozen Limits per command was ~1% of an empty poll's profile)
+            cached = self._default_limits
+            if cached is None or cached[0] != values:
+                cached = self._default_limits = (values, self._make_limits(values, None, None,
+                                                                           None))
+            self._bounds = bounds.CommandBounds(cached[1], what)
+            return
+        self._bounds = bounds.CommandBounds(
+            self._make_limits(values, literal_each, literal_total, literal_caps), what)
+
+    @staticmethod
+    def _make_limits(values, literal_each, literal_total, literal_caps):
+        return bounds.Limits(
+            literal_each=values[0] if literal_each is None else literal_each,
+            literal_total=values[1] if literal_total is None else literal_total,
             literal_caps=literal_caps,
-            response_literals=self.max_response_literals,
-            response_text=self.max_response_text,
-            untagged=self.max_untagged,
-            untagged_bytes=self.max_untagged_bytes,
-            search_uids=self.max_search_uids,
-        ), what)
+            response_literals=values[2],
+            response_text=values[3],
+            untagged=values[4],
+            untagged_bytes=values[5],
+            search_uids=values[6],
+        )
 
     @property
     def search_ignored(self):
