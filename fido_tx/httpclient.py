@@ -17,8 +17,6 @@ from urllib.parse import urlsplit
 import attr
 from twisted.internet import defer, error as net_error
 from twisted.internet.protocol import Protocol
-from twisted.web import client as web_client
-from twisted.web.http import PotentialDataLoss
 
 from fido_tx import errors
 
@@ -113,7 +111,10 @@ class _BoundedBody(Protocol):
     def connectionLost(self, reason):
         if self.finished.called:
             return
-        if reason.check(web_client.ResponseDone, PotentialDataLoss):
+        from twisted.web.client import ResponseDone
+        from twisted.web.http import PotentialDataLoss
+
+        if reason.check(ResponseDone, PotentialDataLoss):
             self.finished.callback(b"".join(self.chunks))
         else:
             self.finished.errback(reason)
@@ -121,7 +122,9 @@ class _BoundedBody(Protocol):
 
 def read_body(response, limit):
     """Deferred firing with the body of ``response`` (bytes, at most ``limit``)."""
-    if response.length != web_client.UNKNOWN_LENGTH and response.length > limit:
+    from twisted.web.client import UNKNOWN_LENGTH
+
+    if response.length != UNKNOWN_LENGTH and response.length > limit:
         response.deliverBody(Protocol())  # discard; the pool drops the connection
         return defer.fail(_TooLarge(response.length))
     if response.length == 0:
@@ -173,6 +176,7 @@ class HttpClient:
         # accounts never loads treq
         if self._http is None:
             from treq.client import HTTPClient
+            from twisted.web import client as web_client
 
             self._pool = web_client.HTTPConnectionPool(self._reactor, persistent=True)
             self._pool.maxPersistentPerHost = self._per_host

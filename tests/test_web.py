@@ -142,7 +142,8 @@ def test_healthz_over_real_http():
 
 def test_with_the_http_endpoint_off_the_web_stack_is_never_loaded(tmp_path):
     """twisted.web, prometheus_client and treq cost ~6 MiB and ~50 ms of
-    start-up; a daemon without /metrics and without a reporter needs none."""
+    start-up; a daemon without /metrics and without a reporter needs none
+    (nor its HTTP client, without OAuth2 or Graph accounts, nor twisted.mail)."""
     import subprocess
     import sys
     import textwrap
@@ -160,7 +161,8 @@ def test_with_the_http_endpoint_off_the_web_stack_is_never_loaded(tmp_path):
         )
         top = service.make_service(settings, MemoryReactorClock(), observer=False)
         assert top.parts["health"].check() is not None
-        print(sorted(m for m in ("twisted.web.server", "prometheus_client", "treq")
+        print(sorted(m for m in ("twisted.web.server", "prometheus_client", "treq",
+                                 "twisted.web.client", "twisted.web.http", "twisted.mail.imap4")
                      if m in sys.modules))
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
