@@ -16,6 +16,10 @@ Environment:
 ``FIDO_CODE=DIR``
     import ``fido_tx`` from the checkout ``DIR`` (say a ``git worktree`` of
     an older commit) to measure before and after with the same harness.
+``FIDO_MODULES_FILE=PATH``
+    write the names of every imported module (``sys.modules``) to PATH,
+    one a line, once the daemon has run for ``FIDO_MODULES_AFTER`` seconds
+    (default 1): what start-up imported for the configured features.
 ``FIDO_PROFILE=PATH``
     run the whole daemon under cProfile and dump the stats to PATH at exit
     (``{pid}`` in PATH is replaced by the daemon's process id).
@@ -98,6 +102,14 @@ def main():
     path = os.environ.get("FIDO_STALL_FILE")
     if path:
         _install_probe(reactor, path, float(os.environ.get("FIDO_STALL_INTERVAL", "0.02")))
+    modules = os.environ.get("FIDO_MODULES_FILE")
+    if modules:
+        def dump_modules():
+            with open(modules, "w", encoding="utf-8") as f:
+                f.write("".join(name + "\n" for name in sorted(sys.modules)))
+
+        after = float(os.environ.get("FIDO_MODULES_AFTER", "1"))
+        reactor.callWhenRunning(lambda: reactor.callLater(after, dump_modules))
     sys.argv = ["twistd"] + sys.argv[1:]
     profile = os.environ.get("FIDO_PROFILE", "").replace("{pid}", str(os.getpid()))
     if not profile:
