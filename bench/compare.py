@@ -115,13 +115,15 @@ def server_cpu(ctx):
     return session_cpu_seconds(ctx.dovecot.pid) + proc_cpu_seconds(ctx.redis.process.pid)
 
 
-def run_fido(ctx, workers, accounts, expected):
+def run_fido(ctx, workers, accounts, expected, code=None):
     r = ctx.redis.client()
     config = write_config(ctx.workdir, ctx.redis.url, workers, ctx.extra_toml)
     stall_file = os.path.join(ctx.workdir, "stall.json")
     if os.path.exists(stall_file):
         os.unlink(stall_file)
     env = dict(os.environ, FIDO_STALL_FILE=stall_file)
+    if code:  # the "old" fetcher: Fido from another checkout
+        env["FIDO_CODE"] = code
     out = open(os.path.join(ctx.workdir, "daemon.out"), "ab")
     s0 = server_cpu(ctx)
     start = time.monotonic()
@@ -235,7 +237,9 @@ def _instance_keys(r):
     return r("KEYS", "fido:instance:*") or ["fido:instance:none"]
 
 
-RUNNERS = {"fido": run_fido, "procs": run_procs, "raw": run_raw}
+RUNNERS = {"fido": run_fido, "procs": run_procs, "raw": run_raw,
+           "old": lambda ctx, *a: run_fido(ctx, *a, code=ctx.old_code)}
+DAEMONS = ("fido", "old")
 
 
 class Context:
@@ -353,6 +357,8 @@ def main(argv=None):
                    help="extra connection counts for the raw asyncio fetcher only")
     p.add_argument("--scenarios", default="100x20,1000x5")
     p.add_argument("--fetchers", default="fido,procs,raw")
+    p.add_argument("--old-code", metavar="DIR",
+                   help="a checkout of an older Fido: fetcher 'old' runs it (FIDO_CODE)")
     p.add_argument("--security", choices=("tls", "none"), default="tls",
                    help="the accounts' security (implicit TLS or plain)")
     p.add_argument("--no-empty", action="store_true", help="skip the empty second poll")
@@ -392,6 +398,7 @@ def main(argv=None):
     ctx.timeout = args.timeout
     ctx.extra_toml = args.extra_toml
     ctx.startup = {}
+    ctx.old_code = args.old_code
     ctx.workdir = tempfile.mkdtemp(prefix="fido-compare-")
     os.chmod(ctx.workdir, 0o755)
     ctx.dovecot = dc.Dovecot(os.path.join(ctx.workdir, "dovecot"), sessions=2000)
@@ -401,6 +408,9 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, lambda s, f: (_ for _ in ()).throw(SystemExit(143)))
     rows = {}
     compile_fido()
+    if args.old_code:
+        import compileall
+        compileall.compile_dir(os.path.join(args.old_code, "fido_tx"), quiet=1)
     print(f"compare: {machine()}, security {args.security}", flush=True)
     try:
         ctx.dovecot.start()
@@ -410,7 +420,7 @@ def main(argv=None):
             for load in loads:
                 n, m = (int(x) for x in load.split("x"))
                 plan = [(f, w) for f in fetchers for w in workers]
-                plan += [("fido", w) for w in fido_extra if "fido" in fetchers]
+                plan += [(f, w) for f in DAEMONS for w in fido_extra if f in fetchers]
                 plan += [("raw", w) for w in raw_extra if "raw" in fetchers]
                 for fetcher, w in plan:
                     r("FLUSHALL")
@@ -422,11 +432,11 @@ def main(argv=None):
                         passes.append((f"{n}x0 (empty poll)", 0))
                     for label, expected in passes:
                         r("FLUSHALL")
-                        if fetcher != "fido":
+                        if fetcher not in DAEMONS:
                             res_startup = startup_cpu(ctx, fetcher, w)
                             r("FLUSHALL")
                         res = RUNNERS[fetcher](ctx, w, n, expected)
-                        if fetcher != "fido":
+                        if fetcher not in DAEMONS:
                             res["startup_cpu_s"] = res_startup
                         res["exact"] = res["stored"] == expected and not res["errors"]
                         res["msg_per_s"] = expected / res["wall_s"] if expected else None
