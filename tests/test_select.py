@@ -403,3 +403,53 @@ def test_the_redis_position_only_rises_within_a_uidvalidity_and_a_new_one_replac
         assert keys.imap_position("a1", "INBOX") == b"fido:imap:position:{a1}:INBOX"
     finally:
         yield close(conn)
+
+
+# -- held connections: EXISTS wakes the same poll ------------------------------------
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_held_idle_connection_starts_from_now_and_takes_read_mail_with_select_new(server):
+    import random
+
+    from twisted.internet import task
+
+    from fido_tx.config import BackoffSettings
+    from fido_tx.sources import SourceContext
+    from fido_tx.sources.imap import held
+    from fido_tx.sources.imap.holding import HeldImap
+    from tests.support.mockimap import IDLE_CAPABILITIES
+
+    acct = attr.evolve(_mock_account(server, "h", [sample_message(1, "h")]),
+                       select="new", start_from="now")
+    server.script("h", Behaviour(capabilities=IDLE_CAPABILITIES))
+    sink, positions, results = MemorySink(), MemoryPositions(), []
+    ctx = SourceContext(reactor=reactor, sink=sink, settings=SETTINGS, positions=positions)
+    source = HeldImap(acct, ctx)
+    machine = held.HeldAccount(
+        acct.id, acct.host, source.open, source.poll, results.append, reactor,
+        held.HeldSettings(idle_refresh=600.0, poll_interval=3600.0, command_timeout=1.0,
+                          logout_timeout=0.5, min_hold=0.5,
+                          reconnect=BackoffSettings(initial=0.1, maximum=0.5, jitter=0.0)),
+        held.HeldPool(), random.Random(0))
+    machine.start()
+
+    @defer.inlineCallbacks
+    def until(check, timeout=5.0):
+        deadline = reactor.seconds() + timeout
+        while not check():
+            assert reactor.seconds() < deadline, "not true in time"
+            yield task.deferLater(reactor, 0.02, lambda: None)
+
+    try:
+        yield until(lambda: machine.state == held.IDLING)
+        assert positions.records[("acct-h", "INBOX")] == ("100", 1)
+        assert _delivered(sink) == []
+        server.deliver("h", sample_message(2, "h"), flags=("\\Seen",))
+        yield until(lambda: _delivered(sink) == [2])
+        yield until(lambda: positions.records[("acct-h", "INBOX")] == ("100", 2))
+        assert server.commands("h", "STATUS") == []  # none on the selected mailbox
+        assert server.mailbox("h").flags(1) == set()
+        assert all(r.ok for r in results), results
+    finally:
+        yield machine.stop(timeout=2)
