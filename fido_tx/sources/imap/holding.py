@@ -171,7 +171,8 @@ class HeldImap:
                           (["recent protocol lines:"] + ["  " + t for t in conn.proto.trace]
                            if conn.proto is not None else []))
         return SessionResult(kind=error.kind, message=scrub(error.message, forms),
-                             debug=scrub(debug, forms), **fields)
+                             debug=scrub(debug, forms), **fields,
+                             retry_after=error.retry_after)
 
 
 class GcFreezer:

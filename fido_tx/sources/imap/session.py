@@ -287,7 +287,8 @@ class ImapSession:
             return SessionResult(**fields)
         forms = self._forms()
         return SessionResult(kind=error.kind, message=scrub(error.message, forms),
-                             debug=scrub(self._debug(error), forms), **fields)
+                             debug=scrub(self._debug(error), forms), **fields,
+                             retry_after=error.retry_after)
 
     def _debug(self, error):
         """The debug text, built whole from unscrubbed parts (the caller
