@@ -32,7 +32,7 @@ class RealObjectsTests(SynchronousTestCase):
 
     def test_sinks(self):
         ctx = sinks.SinkContext(MemoryReactorClock(), _connection())
-        for kind in ("stream", "list"):
+        for kind in ("stream", "list", "sidekiq"):
             module = sinks.module(kind)
             sink = module.build("x", module.validate(dict(module.OPTIONS), "/"), ctx)
             verifyObject(interfaces.ISink, sink)
