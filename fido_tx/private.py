@@ -17,6 +17,7 @@ __all__ = [
     "TRICKS",
     "PlatformAndExtraRoots",
     "clear_exit_signal",
+    "direct_tls_write",
     "piecewise_redis_protocol",
     "redis_build_command",
     "redis_command_pieces",
@@ -34,6 +35,8 @@ TRICKS = {
                           "resumed' debug line",
     "_exitSignal": "reactor._exitSignal (twistd): a SIGTERM'd daemon that stopped "
                    "cleanly exits 0",
+    "BufferingTLSTransport": "twisted.protocols.tls.BufferingTLSTransport._aggregator: "
+                             "an IMAP command written without a callLater(0) each",
 }
 
 
@@ -119,6 +122,42 @@ def clear_exit_signal(reactor):
         return False
     reactor._exitSignal = None
     return True
+
+
+# --- Twisted: TLS writes without the small-write aggregator ----------------------
+#
+# Twisted's client TLS transport (``BufferingTLSTransport``, a
+# ``TLSMemoryBIOProtocol``) holds every write until the next reactor turn,
+# with a ``callLater(0)`` per write: 6 of the 21 DelayedCalls of an empty
+# TLS poll (profile of 1,000), and a reactor turn of latency per command.
+# An IMAP client writes one command line and waits for the answer: nothing
+# to aggregate.  ``TLSMemoryBIOProtocol.write`` (public) on the instance
+# writes at once; used only while the transport's aggregator holds nothing
+# (so nothing is reordered) and only on a ``BufferingTLSTransport``.
+# Checked by tests/test_private.py (``test_direct_tls_write``).
+
+
+def direct_tls_write(transport):
+    """``write(data)`` for ``transport``: past Twisted's TLS small-write
+    aggregator when it is a ``BufferingTLSTransport`` with nothing held,
+    else ``transport.write``."""
+    try:
+        from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOProtocol
+    except ImportError:  # pragma: no cover - a Twisted without it: plain write
+        return transport.write
+    if type(transport) is not BufferingTLSTransport:
+        return transport.write
+    aggregator = getattr(transport, "_aggregator", None)
+    if aggregator is None or getattr(aggregator, "_buffer", None):
+        return transport.write
+    unbuffered = TLSMemoryBIOProtocol.write
+
+    def write(data):
+        if aggregator._buffer:  # something went through the aggregator: keep order
+            return transport.write(data)
+        return unbuffered(transport, data)
+
+    return write
 
 
 # -- txredisapi: write a command's pieces without joining them ------------------

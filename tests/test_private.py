@@ -105,9 +105,37 @@ class PrivateApiTests(SynchronousTestCase):
         self.assertTrue(private.clear_exit_signal(r))
         self.assertIsNone(r._exitSignal)
 
+    def test_direct_tls_write(self):
+        from twisted.internet import task
+        from twisted.internet.protocol import Factory, Protocol
+        from twisted.internet.ssl import optionsForClientTLS
+        from twisted.internet.testing import StringTransport
+        from twisted.protocols.tls import TLSMemoryBIOFactory
+
+        clock = task.Clock()
+        factory = TLSMemoryBIOFactory(optionsForClientTLS("example.test"), True,
+                                      Factory.forProtocol(Protocol), clock=clock)
+        tls = factory.buildProtocol(None)
+        tcp = StringTransport()
+        tls.makeConnection(tcp)
+        self.assertIsNotNone(getattr(tls, "_aggregator", None), _trick("BufferingTLSTransport"))
+        write = private.direct_tls_write(tls)
+        self.assertIsNot(write, tls.write, _trick("BufferingTLSTransport"))
+        calls = len(clock.getDelayedCalls())
+        write(b"a1 NOOP\r\n")
+        # written into the TLS connection at once: no flush scheduled
+        self.assertEqual(len(clock.getDelayedCalls()), calls, _trick("BufferingTLSTransport"))
+        self.assertEqual(tls._aggregator._buffer, [], _trick("BufferingTLSTransport"))
+        # something held by the aggregator: later writes keep the order
+        tls.write(b"held")
+        write(b"after")
+        self.assertEqual(tls._aggregator._buffer, [b"held", b"after"])
+        # anything else: its own write
+        self.assertEqual(private.direct_tls_write(tcp), tcp.write)
+
     def test_every_trick_has_a_test(self):
         names = {"IOpenSSLTrustRoot", "createConnection.__self__", "SSL_session_reused",
-                 "_exitSignal"}
+                 "_exitSignal", "BufferingTLSTransport"}
         self.assertEqual(set(private.TRICKS), names)
 
     def test_host_resolution_is_public_now(self):

@@ -29,7 +29,7 @@ from twisted.internet import defer, protocol
 from twisted.internet import error as ierror
 from twisted.python import failure
 
-from fido_tx import errors
+from fido_tx import errors, private
 from fido_tx.errors import FidoError
 from fido_tx.sources.imap.parse import (  # noqa: F401 - re-exported for callers
     SelectInfo,
@@ -253,6 +253,8 @@ class FidoIMAP4Client(ResponseReader, protocol.Protocol):
             self.transport.abortConnection()
 
     def connectionMade(self):
+        # a command line is written at once, not at the next reactor turn
+        self._write = private.direct_tls_write(self.transport)
         self._deadline.arm(self.greeting_timeout, "the connection (server greeting)")
 
     def connectionLost(self, reason):
@@ -335,12 +337,12 @@ class FidoIMAP4Client(ResponseReader, protocol.Protocol):
 
     def sendLine(self, line):
         self._trace.sent(line)
-        return self.transport.write(line + CRLF)
+        return self._write(line + CRLF)
 
     def send_secret(self, line):
         """Send a continuation line that carries credentials (not traced)."""
         self._trace.note("C: <redacted>")
-        self.transport.write(line + CRLF)
+        self._write(line + CRLF)
 
     def command(self, name, args=None, untagged=None, continuation=None, timeout=None, what=None,
                 literal_each=None, literal_total=None, literal_caps=None):
@@ -396,6 +398,7 @@ class FidoIMAP4Client(ResponseReader, protocol.Protocol):
         if leftover:
             raise FidoError(errors.TLS, "server sent data after its STARTTLS response")
         self.transport.startTLS(context_factory)
+        self._write = self.transport.write
         self.startedTLS = True
 
 
