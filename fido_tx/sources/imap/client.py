@@ -266,7 +266,7 @@ class FidoIMAP4Client(ResponseReader, protocol.Protocol):
         # connection is freed by reference counting, not the collector
         self._deadline.expired = self._rate.too_slow = _ignore
         if self.error is None:
-            self.error = self._lost_error(reason)
+            self.error = lost_error(self, reason)
         err = failure.Failure(self.error)
         if not self.greeting.called:
             self.greeting.errback(err)
@@ -285,28 +285,6 @@ class FidoIMAP4Client(ResponseReader, protocol.Protocol):
         self.observer = None
         self._literal = None
         self._segments = None
-
-    def _lost_error(self, reason):
-        tls = tls_error(reason, getattr(self, "tls_explain", None),
-                        getattr(self, "tls_host", None))
-        if tls is not None:
-            return tls
-        if self.logging_out:
-            return FidoError(errors.PROTOCOL, "connection closed during LOGOUT")
-        if not self.greeting.called:
-            return FidoError(
-                errors.CONNECT,
-                "server closed the connection before its greeting"
-                + _reason_suffix(reason),
-            )
-        if self.bye is not None:
-            return FidoError(
-                errors.PROTOCOL, f"server closed the connection: BYE {_show(self.bye)}"
-            )
-        return FidoError(
-            errors.PROTOCOL,
-            "server closed the connection unexpectedly" + _reason_suffix(reason),
-        )
 
     def lineLengthExceeded(self, line):
         self.fail(
@@ -400,6 +378,31 @@ class FidoIMAP4Client(ResponseReader, protocol.Protocol):
         self.transport.startTLS(context_factory)
         self._write = self.transport.write
         self.startedTLS = True
+
+
+def lost_error(proto, reason):
+    """The error of a connection the server or the network ended: TLS,
+    LOGOUT, before the greeting, after a BYE, or unexpected."""
+    tls = tls_error(reason, getattr(proto, "tls_explain", None),
+                    getattr(proto, "tls_host", None))
+    if tls is not None:
+        return tls
+    if proto.logging_out:
+        return FidoError(errors.PROTOCOL, "connection closed during LOGOUT")
+    if not proto.greeting.called:
+        return FidoError(
+            errors.CONNECT,
+            "server closed the connection before its greeting"
+            + _reason_suffix(reason),
+        )
+    if proto.bye is not None:
+        return FidoError(
+            errors.PROTOCOL, f"server closed the connection: BYE {_show(proto.bye)}"
+        )
+    return FidoError(
+        errors.PROTOCOL,
+        "server closed the connection unexpectedly" + _reason_suffix(reason),
+    )
 
 
 def _ignore(*args):
