@@ -480,7 +480,69 @@ class IdleProtocolSupport:
             self._exists_pending = True
 
 
-class IdleServerSupport:
+# -- OAuth2 tokens that expire under a logged-in session (Microsoft 365),
+# -- in their own classes for the same reason.
+
+#: what Microsoft 365 sends on the first command after the token expired
+ACCESS_TOKEN_EXPIRED = b"Session invalidated - AccessTokenExpired"
+
+
+class BearerExpiryProtocol:
+    """The protocol side: a session logged in with a token ends when the
+    token expires (see :class:`BearerExpiryServer`)."""
+
+    _bearer_token = None
+
+    def _bearer_logged_in(self, token):
+        self._bearer_token = token
+        expires = self.server.bearer_expires_at(token)
+        if expires is not None and self.server.bearer_expired != "ignore":
+            self._later(max(0.0, expires - self.server.reactor.seconds()),
+                        self._expired_while_idle)
+
+    def _expired_while_idle(self):
+        if self.idling and self.record.open and self.server.bearer_expired == "bye":
+            self.server.expired_sessions.append(self.record.user)
+            self._send(b"* BYE " + ACCESS_TOKEN_EXPIRED + b"\r\n")
+            self._then(self._close)
+
+    def _token_expired(self, tag):
+        """Answer a command after the token expired; False: not expired."""
+        if self._bearer_token is None or self.server.bearer_expired == "ignore":
+            return False
+        expires = self.server.bearer_expires_at(self._bearer_token)
+        if expires is None or self.server.reactor.seconds() < expires:
+            return False
+        self.server.expired_sessions.append(self.record.user)
+        if self.server.bearer_expired == "bye":
+            self._send(b"* BYE " + ACCESS_TOKEN_EXPIRED + b"\r\n")
+            self._then(self._close)
+        else:
+            self._send(tag + b" NO " + ACCESS_TOKEN_EXPIRED + b"\r\n")
+        return True
+
+
+class BearerExpiryServer:
+    """The server side: ``bearer_expires_at(token)`` -> clock seconds the
+    token expires (or ``None``); ``bearer_expired`` says what a session
+    logged in with it gets after that: ``"bye"`` (Microsoft 365: ``* BYE
+    Session invalidated - AccessTokenExpired`` on the next command, or at
+    once while idling, then close), ``"no"`` (a tagged ``NO`` naming it) or
+    ``"ignore"`` (Gmail: the session goes on).  ``expired_sessions``: the
+    user of each session so ended."""
+
+    bearer_expired = "bye"
+
+    def bearer_expires_at(self, token):
+        expiry = self.__dict__.get("bearer_expiry")
+        return expiry(token) if expiry is not None else None
+
+    @property
+    def expired_sessions(self):
+        return self.__dict__.setdefault("_expired_sessions", [])
+
+
+class IdleServerSupport(BearerExpiryServer):
     """The server side of IDLE: per-user IDLE scripts and :meth:`deliver`."""
 
     def script_idle(self, user, behaviour):
@@ -540,7 +602,7 @@ def listen_control(reactor, server, port, interface="127.0.0.1"):
     return reactor.listenTCP(port, factory, interface=interface)
 
 
-class MockIMAPProtocol(IdleProtocolSupport, protocol.Protocol):
+class MockIMAPProtocol(IdleProtocolSupport, BearerExpiryProtocol, protocol.Protocol):
     """One server-side connection.  States: ``greeting`` -> ``unauth`` ->
     ``auth`` -> ``selected`` -> ``logout``."""
 
@@ -731,6 +793,8 @@ class MockIMAPProtocol(IdleProtocolSupport, protocol.Protocol):
         if self.server.keep_records:
             self.record.commands.append(Command(self.record.id, tag, name, tuple(args), raw))
         count = self._counts[name] = self._counts.get(name, 0) + 1
+        if name != "LOGOUT" and self._token_expired(tag):
+            return
         fault = next((f for f in self.behaviour.faults if f.matches(name, count)), None)
         if name == "LOGIN" and fault is None and len(args) == 2:
             # the user's own script applies from LOGIN on
@@ -982,7 +1046,10 @@ class MockIMAPProtocol(IdleProtocolSupport, protocol.Protocol):
             if mailbox is None or not self.server.bearer_check(user, token):
                 self._continuation = after_challenge
                 return b"+ " + status + b"\r\n"
-            return self._login(tag, user.encode(), mailbox.password.encode(), mechanism)
+            answer = self._login(tag, user.encode(), mailbox.password.encode(), mechanism)
+            if self.state == "auth":
+                self._bearer_logged_in(token)
+            return answer
 
         if args:
             return answer(args[0])

@@ -6,6 +6,8 @@ and the moves allowed between them are :data:`TRANSITIONS`::
 
     connecting -> fetching (catch up) -> idling <-> fetching
                                       -> waiting <-> fetching   (no IDLE)
+    idling, waiting, fetching -> renewing -> connecting   (OAuth2 token
+                                 renewing -> idling, ...   renewed, or not)
     any of them -> backoff -> connecting        (lost, or cannot connect)
                -> fallback -> connecting        ("too many connections",
                                                  the per-host limit)
@@ -13,7 +15,8 @@ and the moves allowed between them are :data:`TRANSITIONS`::
 
 Its parts: :mod:`~fido_tx.sources.imap.heldwait` (IDLE or a plain wait
 between checks), :mod:`~fido_tx.sources.imap.fallback` (fresh-connection
-polling) and :mod:`~fido_tx.sources.imap.heldconn` (the connection, the
+polling), :mod:`~fido_tx.sources.imap.reauth` (a fresh OAuth2 token before
+the held one expires) and :mod:`~fido_tx.sources.imap.heldconn` (the connection, the
 settings, the shared pool); this module keeps the states and the loop.
 
 It does no IMAP itself beyond IDLE, NOOP and LOGOUT: the collaborators are
@@ -29,6 +32,9 @@ injected, so it does not care how a connection is opened or a poll is run:
   ``tls``, ``config`` and ``mailbox``, which reconnecting will not cure);
 - ``poll_fresh()`` (optional) -> Deferred[SessionResult]: one ordinary
   session on a fresh connection, for the fallback;
+- ``tokens`` (optional): ``renew()`` -> Deferred fired once a fresh secret
+  is ready for the next login, ``invalidate()`` the server refused the
+  current one (see :mod:`~fido_tx.sources.imap.reauth`);
 - ``ready()`` (optional) -> Deferred fired when fetching may go on, with a
   ``release()`` callable (or ``None``) called once the poll is over: the
   scheduler's worker slot.  While backpressure or a Redis outage pauses
@@ -60,8 +66,10 @@ from fido_tx.schedule import backoff
 from fido_tx.sources.imap import idle as _idle
 from fido_tx.sources.imap.fallback import Fallback
 from fido_tx.sources.imap.heldconn import (
-    HeldConnection, HeldPool, HeldSettings, Lost, Stopped, as_error, too_many_connections)
+    TOKEN_RENEWAL, HeldConnection, HeldPool, HeldSettings, Lost, Stopped, as_error,
+    token_expired, too_many_connections)
 from fido_tx.sources.imap.heldwait import HeldWait
+from fido_tx.sources.imap.reauth import Reauth
 
 __all__ = ["HeldAccount", "HeldConnection", "HeldPool", "HeldSettings", "TRANSITIONS",
            "too_many_connections"]
@@ -72,6 +80,7 @@ CONNECTING = "connecting"
 FETCHING = "fetching"
 IDLING = "idling"
 WAITING = "waiting"
+RENEWING = "renewing"
 BACKOFF = "backoff"
 FALLBACK = "fallback"
 CLOSING = "closing"
@@ -83,9 +92,10 @@ _HOLDING = {FETCHING, IDLING, WAITING}
 TRANSITIONS = {
     None: {CONNECTING, FALLBACK, CLOSED},
     CONNECTING: {FETCHING, BACKOFF, FALLBACK, CONNECTING, CLOSED},
-    FETCHING: _HOLDING | {BACKOFF, CONNECTING, CLOSING},
-    IDLING: _HOLDING | {BACKOFF, CONNECTING, CLOSING},
-    WAITING: _HOLDING | {BACKOFF, CONNECTING, CLOSING},
+    FETCHING: _HOLDING | {RENEWING, BACKOFF, CONNECTING, CLOSING},
+    IDLING: _HOLDING | {RENEWING, BACKOFF, CONNECTING, CLOSING},
+    WAITING: _HOLDING | {RENEWING, BACKOFF, CONNECTING, CLOSING},
+    RENEWING: _HOLDING | {CONNECTING, CLOSING},
     BACKOFF: {CONNECTING, FALLBACK, CLOSED},
     FALLBACK: {CONNECTING, FALLBACK, CLOSED},
     CLOSING: {CLOSED},
@@ -93,7 +103,8 @@ TRANSITIONS = {
 }
 
 #: failures reconnecting will not cure: reported the first time
-_REPORT_AT_ONCE = frozenset([errors.AUTH, errors.TLS, errors.CONFIG, errors.MAILBOX])
+_REPORT_AT_ONCE = frozenset([errors.AUTH, errors.REAUTHORIZE, errors.TLS, errors.CONFIG,
+                             errors.MAILBOX])
 
 
 class HeldAccount:
@@ -105,7 +116,7 @@ class HeldAccount:
     """
 
     def __init__(self, account_id, host, open, poll, report, clock, settings, pool,
-                 random, poll_fresh=None, ready=None, log=None):
+                 random, poll_fresh=None, ready=None, log=None, tokens=None):
         self.account_id = account_id
         self.host = host
         self.open = open
@@ -117,6 +128,7 @@ class HeldAccount:
         self.random = random
         self.poll_fresh = poll_fresh
         self.ready = ready
+        self.tokens = tokens
         self.log = log or _log
         self.state = None
         #: states entered, in order (bounded; for tests and ``fido status``)
@@ -131,6 +143,7 @@ class HeldAccount:
         self.polling = None
         self.waits = HeldWait(self)
         self.fallback = Fallback(self)
+        self.reauth = Reauth(self)
         self._backoff = backoff.HEALTHY
         self._waiting = None  # the Deferred stop() interrupts
         self._last_check = None
@@ -174,7 +187,7 @@ class HeldAccount:
     def idling(self):
         return self.state == IDLING
 
-    # -- for the parts (HeldWait, Fallback) -------------------------------------
+    # -- for the parts (HeldWait, Fallback, Reauth) -----------------------------
 
     async def wait_for(self, d):
         """Await ``d`` (open, sleep, ready) so that stop() can interrupt it
@@ -207,6 +220,10 @@ class HeldAccount:
         if self._last_check is None:
             return 0.0
         return self._last_check + self.settings.poll_interval - self.clock.seconds()
+
+    def next_wait(self):
+        """Seconds until a check is due or the connection is to be replaced."""
+        return min(self.due(), self.reauth.until())
 
     def wake(self):
         """New mail: fetch at once (a plain wait is cut short)."""
@@ -275,48 +292,57 @@ class HeldAccount:
             await self._failed(error)
             return
         opened = self.clock.seconds()
-        lost, routine = await self._held(conn)
+        lost = await self._held(conn)
         if lost is None or self.stopping:
             return
+        reason = self.reauth.reason(lost)
         self.reconnects += 1
-        self.pool.reconnects += 1
+        self.pool.reconnected(reason)
         held_for = self.clock.seconds() - opened
-        if routine and self._backoff.failures == 0 and held_for >= self.settings.min_hold:
-            self.log.debug("held {account_id}: connection lost after {seconds:.0f} s "
+        if self.reauth.quiet(reason) or (lost.routine and self._backoff.failures == 0
+                                         and held_for >= self.settings.min_hold):
+            self.log.debug("held {account_id}: connection replaced after {seconds:.0f} s "
                            "({why}); reconnecting", account_id=self.account_id,
-                           seconds=held_for, why=lost.message)
-            return  # routine (idle timeout, restart, BYE): reconnect at once
-        await self._failed(lost)
+                           seconds=held_for, why=lost.error.message)
+            return  # routine (idle timeout, restart, BYE, a token): reconnect at once
+        await self._failed(lost.error)
 
     async def _held(self, conn):
-        """Hold ``conn`` until lost or stopped, then close it: (lost, routine)."""
+        """Hold ``conn`` until lost or stopped, then close it: the
+        :class:`~fido_tx.sources.imap.heldconn.Lost`, or None."""
         self.conn = conn
         self.pool.held += 1
         conn.client.observer = self.waits.observer(conn)
         _idle.keepalive(conn.client.transport)
-        lost, routine = None, True
+        self.reauth.held(conn)
+        lost = None
         try:
             await self._hold(conn)
         except Lost as e:
-            lost, routine = e.error, e.routine
+            lost = e
         finally:
             self.pool.held -= 1
             conn.client.observer = None
             if self.stopping:
                 self._enter(CLOSING)
                 await _idle.logout(conn.client, self.settings.logout_timeout)
+            elif lost is not None and lost.reason == TOKEN_RENEWAL:
+                await _idle.logout(conn.client, self.settings.logout_timeout)
             elif not conn.client.closed and conn.client.transport is not None:
                 conn.client.transport.abortConnection()
             self.conn = None
             if conn.on_close is not None:
                 conn.on_close()
-        return lost, routine
+        return lost
 
     async def _hold(self, conn):
         self._last_check = None
         await self._fetch(conn)  # what came while no connection was held
         while not self.stopping:
-            if self.dirty or self.due() <= 0:
+            if self.reauth.due():
+                self._enter(RENEWING)
+                await self.reauth.renew()  # Lost when renewed: a new connection
+            elif self.dirty or self.due() <= 0:
                 await self._fetch(conn)
             elif self.waits.uses_idle(conn):
                 self._enter(IDLING)
@@ -334,6 +360,7 @@ class HeldAccount:
                 result = await self._poll_once(conn)
                 if result.ok:
                     self._backoff = backoff.HEALTHY
+                    self.reauth.fetched()
                 # reported before the slot is given back, as a session ending
                 # is: backpressure judges it before another fetch may start
                 self.report(result)
@@ -361,6 +388,9 @@ class HeldAccount:
                 self.report(result)
                 raise Lost(as_error(conn.client.error, errors.PROTOCOL))
             raise Lost(FidoError(result.kind, result.message, result.debug), routine=False)
+        if not result.ok and conn.expires_at is not None and token_expired(result.message):
+            # a NO naming the expired token: a new login, not an error report
+            raise Lost(FidoError(result.kind, result.message, result.debug))
         return result
 
     async def _failed(self, error):

@@ -16,11 +16,28 @@ from fido_tx.errors import PROTOCOL, FidoError
 from fido_tx.sources.imap.client import ImapCommandError
 
 _TOO_MANY = re.compile(r"\[(LIMIT|INUSE)\]|too many (simultaneous )?connections", re.I)
+#: a server ending a session, or refusing a command, because the token it
+#: was logged in with expired (Microsoft 365: "* BYE Session invalidated -
+#: AccessTokenExpired")
+_TOKEN_EXPIRED = re.compile(r"AccessTokenExpired|Session invalidated|"
+                            r"\btoken\b[^\r\n]{0,40}\bexpired", re.I)
+
+#: why a held connection was replaced (``fido_held_reconnects_total{reason}``)
+LOST = "lost"  # dropped, restarted, BYE, silent, failed
+TOKEN_RENEWAL = "token_renewal"  # logged in again before the token expired
+TOKEN_EXPIRED = "token_expired"  # the server said the token expired
+REASONS = (LOST, TOKEN_RENEWAL, TOKEN_EXPIRED)
 
 
 def too_many_connections(error):
     """Whether a failed connect/login says the server's connection limit is hit."""
     return isinstance(error, FidoError) and bool(_TOO_MANY.search(error.message))
+
+
+def token_expired(error):
+    """Whether a lost connection or a failed command names an expired token."""
+    return bool(error) and bool(_TOKEN_EXPIRED.search(
+        error.message if isinstance(error, FidoError) else str(error)))
 
 
 @attr.s(slots=True)
@@ -41,6 +58,11 @@ class HeldConnection:
     exists = attr.ib(default=None)
     state = attr.ib(default=None)
     on_close = attr.ib(default=None)
+    #: OAuth2: clock seconds from which a fresh token can be had, and when
+    #: the server stops taking the one this connection logged in with
+    #: (``None``: a password, which does not expire)
+    renew_at = attr.ib(default=None)
+    expires_at = attr.ib(default=None)
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
@@ -64,6 +86,10 @@ class HeldSettings:
     reconnect: BackoffSettings = BackoffSettings(initial=1.0, maximum=300.0)
     #: an untagged FETCH without \\Seen (mail marked unread again) wakes too
     wake_on_unseen: bool = False
+    #: OAuth2: a held connection logs in again with a fresh token at least
+    #: this long before its token expires (and not before the token can be
+    #: renewed); the moment is spread at random over that window
+    reauth_margin: float = 30.0
 
     @classmethod
     def from_settings(cls, settings, account_idle=True):
@@ -98,6 +124,8 @@ class HeldPool:
         self.idling = 0
         #: connections replaced since start
         self.reconnects = 0
+        #: of those, by reason (:data:`REASONS`)
+        self.reasons = dict.fromkeys(REASONS, 0)
         #: accounts polling on fresh connections now (limits hit)
         self.fallback = 0
 
@@ -115,6 +143,10 @@ class HeldPool:
             self._hosts[host] = n
         else:
             self._hosts.pop(host, None)
+
+    def reconnected(self, reason):
+        self.reconnects += 1
+        self.reasons[reason] = self.reasons.get(reason, 0) + 1
 
     def idle_started(self):
         self.idling += 1
@@ -140,13 +172,16 @@ class Lost(Exception):
     """The held connection is gone (``error`` says why).
 
     ``routine`` is False when it went down during a poll: that poll failed,
-    so the loss counts towards a report even after a long hold.
+    so the loss counts towards a report even after a long hold.  ``reason``
+    is one of :data:`REASONS`; a :data:`TOKEN_RENEWAL` is planned (the
+    connection is logged out politely, and replaced at once).
     """
 
-    def __init__(self, error, routine=True):
+    def __init__(self, error, routine=True, reason=LOST):
         super().__init__(error)
         self.error = error
         self.routine = routine
+        self.reason = reason
 
 
 def as_error(exc, kind, message=None):

@@ -19,7 +19,7 @@ class HeldWait:
     """How one held account waits between checks.
 
     :param machine: the :class:`~fido_tx.sources.imap.held.HeldAccount`
-        (its settings, clock, pool, log, ``due()``, ``sleep()``, ``wake()``
+        (its settings, clock, pool, log, ``next_wait()``, ``sleep()``, ``wake()``
         and ``dirty`` flag).
     """
 
@@ -53,7 +53,7 @@ class HeldWait:
             counted.append(True)
             m.pool.idle_started()
 
-        refresh = min(settings.idle_refresh, m.due())
+        refresh = min(settings.idle_refresh, m.next_wait())
         self.idler = _idle.Idle(conn.client, m.clock, refresh, settings.command_timeout,
                                 exists=conn.exists, wake_on_unseen=settings.wake_on_unseen,
                                 on_idling=on_idling)
@@ -75,7 +75,7 @@ class HeldWait:
             return
         if end.woken:
             m.dirty = True
-        elif m.due() > 0:  # a refresh: is the server still there?
+        elif m.next_wait() > 0:  # a refresh: is the server still there?
             try:
                 woken, exists = await _idle.probe(conn.client, settings.command_timeout,
                                                   conn.exists)
@@ -88,7 +88,7 @@ class HeldWait:
         unsolicited EXISTS cuts it short)."""
         m = self.machine
         try:
-            await m.sleep(m.due())
+            await m.sleep(m.next_wait())
         except defer.CancelledError:  # woken early by an unsolicited EXISTS
             pass
         if conn.client.closed:
