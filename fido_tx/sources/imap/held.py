@@ -48,7 +48,9 @@ longest an account goes without a check (a server may not notify: Dovecot
 beyond its inotify limit checks every 30 s).  Between checks, IDLE is
 re-issued every ``idle_refresh`` and a NOOP proves the server still answers.
 An EXISTS that arrives while a poll runs (between its SEARCH and its end)
-is seen by the connection's observer and makes another poll.
+is seen by the connection's observer and makes another poll.  A check that
+no EXISTS announced starts with a NOOP (Dovecot and Courier look for new
+mail on NOOP or in IDLE, not on UID SEARCH).
 
 Losing a connection that was held a while (``min_hold``) after a good poll
 is routine (servers drop idle connections, restart, send BYE): it reconnects
@@ -337,7 +339,7 @@ class HeldAccount:
 
     async def _hold(self, conn):
         self._last_check = None
-        await self._fetch(conn)  # what came while no connection was held
+        await self._fetch(conn, synced=True)  # what came while no connection was held
         while not self.stopping:
             if self.reauth.due():
                 self._enter(RENEWING)
@@ -351,13 +353,18 @@ class HeldAccount:
                 self._enter(WAITING)
                 await self.waits.plain(conn)
 
-    async def _fetch(self, conn):
-        """Poll on the held connection (again while new mail came meanwhile)."""
+    async def _fetch(self, conn, synced=False):
+        """Poll on the held connection (again while new mail came meanwhile).
+
+        ``synced``: the server just told this connection what it has (SELECT,
+        an EXISTS); else a NOOP asks first: Dovecot and Courier do not look
+        for new mail on UID SEARCH, only on NOOP (RFC 3501's poll) or in IDLE.
+        """
         self._enter(FETCHING)
         for _ in range(3):
             release = await self.take_slot()
             try:
-                result = await self._poll_once(conn)
+                result = await self._poll_once(conn, synced or self.dirty)
                 if result.ok:
                     self._backoff = backoff.HEALTHY
                     self.reauth.fetched()
@@ -370,7 +377,12 @@ class HeldAccount:
             if not self.dirty or self.stopping:
                 return
 
-    async def _poll_once(self, conn):
+    async def _poll_once(self, conn, synced):
+        if not synced:
+            try:
+                await _idle.probe(conn.client, self.settings.command_timeout, conn.exists)
+            except Exception as e:
+                raise Lost(as_error(e, errors.PROTOCOL))
         self.dirty = False
         self._last_check = self.clock.seconds()
         self.polling = defer.maybeDeferred(self.poll, conn)
