@@ -14,7 +14,8 @@ and the moves allowed between them are :data:`TRANSITIONS`::
                -> closing -> closed             (stop)
 
 Its parts: :mod:`~fido_tx.sources.imap.heldwait` (IDLE or a plain wait
-between checks), :mod:`~fido_tx.sources.imap.fallback` (fresh-connection
+between checks), :mod:`~fido_tx.sources.imap.heldfetch` (a check: NOOP when
+nothing was announced, the poll, its result), :mod:`~fido_tx.sources.imap.fallback` (fresh-connection
 polling), :mod:`~fido_tx.sources.imap.reauth` (a fresh OAuth2 token before
 the held one expires) and :mod:`~fido_tx.sources.imap.heldconn` (the connection, the
 settings, the shared pool); this module keeps the states and the loop.
@@ -62,14 +63,14 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from fido_tx import errors
-from fido_tx.errors import FidoError
 from fido_tx.outcome import SessionResult
 from fido_tx.schedule import backoff
 from fido_tx.sources.imap import idle as _idle
 from fido_tx.sources.imap.fallback import Fallback
 from fido_tx.sources.imap.heldconn import (
     TOKEN_RENEWAL, HeldConnection, HeldPool, HeldSettings, Lost, Stopped, as_error,
-    token_expired, too_many_connections)
+    too_many_connections)
+from fido_tx.sources.imap.heldfetch import HeldFetch
 from fido_tx.sources.imap.heldwait import HeldWait
 from fido_tx.sources.imap.reauth import Reauth
 
@@ -144,11 +145,13 @@ class HeldAccount:
         #: the poll in flight (on the held connection or a fresh one)
         self.polling = None
         self.waits = HeldWait(self)
+        self.fetch = HeldFetch(self)
         self.fallback = Fallback(self)
         self.reauth = Reauth(self)
         self._backoff = backoff.HEALTHY
         self._waiting = None  # the Deferred stop() interrupts
-        self._last_check = None
+        #: clock time of the last check (a poll) on the held connection
+        self.last_check = None
         self._done = None
         self._closed_waiters = []
 
@@ -189,7 +192,7 @@ class HeldAccount:
     def idling(self):
         return self.state == IDLING
 
-    # -- for the parts (HeldWait, Fallback, Reauth) -----------------------------
+    # -- for the parts (HeldWait, HeldFetch, Fallback, Reauth) -------------------
 
     async def wait_for(self, d):
         """Await ``d`` (open, sleep, ready) so that stop() can interrupt it
@@ -219,13 +222,18 @@ class HeldAccount:
 
     def due(self):
         """Seconds until the next check is due."""
-        if self._last_check is None:
+        if self.last_check is None:
             return 0.0
-        return self._last_check + self.settings.poll_interval - self.clock.seconds()
+        return self.last_check + self.settings.poll_interval - self.clock.seconds()
 
     def next_wait(self):
         """Seconds until a check is due or the connection is to be replaced."""
         return min(self.due(), self.reauth.until())
+
+    def fetched(self):
+        """A poll succeeded: the failure counts start again."""
+        self._backoff = backoff.HEALTHY
+        self.reauth.fetched()
 
     def wake(self):
         """New mail: fetch at once (a plain wait is cut short)."""
@@ -338,72 +346,22 @@ class HeldAccount:
         return lost
 
     async def _hold(self, conn):
-        self._last_check = None
-        await self._fetch(conn, synced=True)  # what came while no connection was held
+        self.last_check = None
+        self._enter(FETCHING)
+        await self.fetch.run(conn, synced=True)  # what came while no connection was held
         while not self.stopping:
             if self.reauth.due():
                 self._enter(RENEWING)
                 await self.reauth.renew()  # Lost when renewed: a new connection
             elif self.dirty or self.due() <= 0:
-                await self._fetch(conn)
+                self._enter(FETCHING)
+                await self.fetch.run(conn)
             elif self.waits.uses_idle(conn):
                 self._enter(IDLING)
                 await self.waits.idle(conn)
             else:
                 self._enter(WAITING)
                 await self.waits.plain(conn)
-
-    async def _fetch(self, conn, synced=False):
-        """Poll on the held connection (again while new mail came meanwhile).
-
-        ``synced``: the server just told this connection what it has (SELECT,
-        an EXISTS); else a NOOP asks first: Dovecot and Courier do not look
-        for new mail on UID SEARCH, only on NOOP (RFC 3501's poll) or in IDLE.
-        """
-        self._enter(FETCHING)
-        for _ in range(3):
-            release = await self.take_slot()
-            try:
-                result = await self._poll_once(conn, synced or self.dirty)
-                if result.ok:
-                    self._backoff = backoff.HEALTHY
-                    self.reauth.fetched()
-                # reported before the slot is given back, as a session ending
-                # is: backpressure judges it before another fetch may start
-                self.report(result)
-            finally:
-                if release is not None:
-                    release()
-            if not self.dirty or self.stopping:
-                return
-
-    async def _poll_once(self, conn, synced):
-        if not synced:
-            try:
-                await _idle.probe(conn.client, self.settings.command_timeout, conn.exists)
-            except Exception as e:
-                raise Lost(as_error(e, errors.PROTOCOL))
-        self.dirty = False
-        self._last_check = self.clock.seconds()
-        self.polling = defer.maybeDeferred(self.poll, conn)
-        try:
-            result = await self.polling
-        except defer.CancelledError:
-            raise Lost(FidoError(errors.TIMEOUT, "poll cancelled"), routine=False)
-        except Exception as e:  # a poll never errbacks: a bug, keep holding safe
-            self.log.failure("held {account_id}: poll failed", account_id=self.account_id)
-            raise Lost(as_error(e, errors.PROTOCOL), routine=False)
-        finally:
-            self.polling = None
-        if conn.client.closed or conn.client.error is not None:
-            if result.ok:  # it finished its work, then the server went away
-                self.report(result)
-                raise Lost(as_error(conn.client.error, errors.PROTOCOL))
-            raise Lost(FidoError(result.kind, result.message, result.debug), routine=False)
-        if not result.ok and conn.expires_at is not None and token_expired(result.message):
-            # a NO naming the expired token: a new login, not an error report
-            raise Lost(FidoError(result.kind, result.message, result.debug))
-        return result
 
     async def _failed(self, error):
         self._backoff = backoff.record(self._backoff, error.kind)
