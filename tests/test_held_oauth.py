@@ -8,6 +8,7 @@ Tokens last seconds here instead of an hour; mail keeps arriving across
 every switch of connection, and each message is delivered exactly once.
 """
 
+import os
 import random
 
 import pytest
@@ -186,3 +187,97 @@ def test_a_no_naming_the_expired_token_is_a_quiet_reconnect(tmp_path, fleets):
     assert f.server.expired_sessions == [USER]
     assert f.pool.reasons["token_expired"] == 1
     assert len(f.tokens.issued) == 2
+
+
+# -- through a real Dovecot ------------------------------------------------------
+
+#: Dovecot's oauth2 passdb asks the fake endpoint's RFC 7662 introspection;
+#: the password passdb before it refuses the token, then this one is asked
+DOVECOT_OAUTH2 = """\
+auth_mechanisms = plain login xoauth2 oauthbearer
+passdb {{
+  driver = oauth2
+  mechanisms = xoauth2 oauthbearer
+  args = {conf}
+}}
+"""
+DOVECOT_OAUTH2_CONF = """\
+introspection_mode = post
+introspection_url = {url}
+force_introspection = yes
+username_attribute = username
+active_attribute = active
+active_value = true
+"""
+
+
+@pytest_twisted.inlineCallbacks
+def test_dovecot_xoauth2_held_connection_renews_its_token(tmp_path):
+    """Dovecot checks each token once, at login, and never ends a session
+    when it expires (as Gmail): the renewal is what keeps each login's token
+    current; mail appended meanwhile arrives once."""
+    import tempfile
+
+    from twisted.internet import threads
+
+    from tests.support import dovecot as dovecot_support
+    from tests.support.dovecot import make_message
+    from tests.support.oauthserver import FakeIntrospection
+
+    tokens = FakeTokenEndpoint(clock=reactor, expires_in=2.5)
+    tokens.add_client("app-1", "dovecot-secret-3333", refresh_token="rt-dovecot-0001")
+    introspection = FakeIntrospection(tokens, "oauthuser")
+    root = Resource()
+    root.putChild(b"token", tokens)
+    root.putChild(b"introspect", introspection)
+    http_port = reactor.listenTCP(0, Site(root), interface="127.0.0.1")
+    base = f"http://127.0.0.1:{http_port.getHost().port}"
+    fd, conf = tempfile.mkstemp(prefix="fido-dovecot-oauth2-", suffix=".conf.ext")
+    with os.fdopen(fd, "w") as f:
+        f.write(DOVECOT_OAUTH2_CONF.format(url=base + "/introspect"))
+    os.chmod(conf, 0o644)
+    http = HttpClient(reactor, timeout=5.0, per_host=2)
+    machine = None
+    try:
+        with dovecot_support.started(tls=False,
+                                     extra_config=DOVECOT_OAUTH2.format(conf=conf)) as server:
+            server.add_users({"oauthuser": "pw-not-used-by-fido"})
+            sent = [make_message(700, 2048)]
+            server.add_message("oauthuser", sent[0])
+            providers = oauth.Providers(reactor, http,
+                                        oauth.RefreshTokenStore.in_dir(str(tmp_path)))
+            acct = Account(id="dovecot-oauth", host="localhost", port=server.port,
+                           username="oauthuser", security="none", auth="xoauth2",
+                           oauth=OAuth(provider="generic", client_id="app-1",
+                                       client_secret="dovecot-secret-3333",
+                                       refresh_token="rt-dovecot-0001",
+                                       token_url=base + "/token"))
+            sink, results, pool = MemorySink(), [], held.HeldPool()
+            source = HeldImap(acct, SourceContext(
+                reactor=reactor, sink=sink, settings=IMAP,
+                credentials=lambda a: oauth.for_account(a, providers)))
+            machine = held.HeldAccount(
+                acct.id, acct.host, source.open, source.poll, results.append, reactor,
+                held.HeldSettings(command_timeout=2.0, logout_timeout=0.5, min_hold=30.0,
+                                  reauth_margin=0.3, poll_interval=3600.0),
+                pool, random.Random(0), tokens=source).start()
+            yield until(lambda: [m.raw for m in sink.entries] == sent, timeout=10)
+            for i in range(5):
+                raw = make_message(701 + i, 2048)
+                sent.append(raw)
+                yield threads.deferToThread(server.add_message, "oauthuser", raw)
+                yield _sleep(1.0)
+            yield until(lambda: len(sink.entries) == len(sent), timeout=10)
+            yield machine.stop(timeout=2)
+            assert sorted(m.raw for m in sink.entries) == sorted(sent)  # once each
+            assert [r for r in results if not r.ok] == []
+            assert pool.reasons["token_renewal"] >= 2, pool.reasons
+            # every login's token checked by Dovecot, each one valid then
+            assert set(introspection.asked) <= set(tokens.issued)
+            assert len(set(introspection.asked)) == pool.reasons["token_renewal"] + 1
+    finally:
+        if machine is not None:
+            yield machine.stop(timeout=2)
+        yield http.close()
+        yield http_port.stopListening()
+        os.unlink(conf)
