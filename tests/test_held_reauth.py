@@ -258,6 +258,16 @@ class ExpiredTokenTests(SynchronousTestCase):
         self.assertTrue(all("AccessTokenExpired" in r.message for r in h.errors()))
         self.assertEqual(h.machine.state, held.BACKOFF)
 
+    def test_a_password_connection_bye_naming_a_token_is_an_ordinary_loss(self):
+        h = Harness(self)
+        h.machine.start()
+        h.turn(5)
+        h.server.send(EXPIRED_BYE)
+        h.server.drop()
+        h.turn()
+        self.assertEqual(h.pool.reasons, {"lost": 1, "token_renewal": 0, "token_expired": 0})
+        self.assertEqual(h.machine.state, held.BACKOFF)  # lost before min_hold
+
     def test_a_password_connection_is_not_fooled_by_the_words(self):
         h = Harness(self)
         h.poll_results = [

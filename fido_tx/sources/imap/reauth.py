@@ -112,10 +112,12 @@ class Reauth:
 
     def reason(self, lost):
         """Why ``lost`` (a :class:`Lost`) ended the connection; an expired
-        token is dropped from the cache so that the next login takes a new one."""
+        token (only a connection that logged in with one has it) is dropped
+        from the cache so that the next login takes a new one."""
         if lost.reason == TOKEN_RENEWAL:
             return TOKEN_RENEWAL
-        if lost.reason == TOKEN_EXPIRED or token_expired(lost.error):
+        if self._expires_at is not None and (lost.reason == TOKEN_EXPIRED
+                                             or token_expired(lost.error)):
             self.expired_in_a_row += 1
             if self.machine.tokens is not None:
                 self.machine.tokens.invalidate()
