@@ -252,11 +252,37 @@ def test_gc_freezer_freezes_every_n_settled_connections():
     from fido_tx.sources.imap.holding import GcFreezer
 
     frozen = []
-    f = GcFreezer(every=3, freeze=lambda: frozen.append(len(frozen)))
+    f = GcFreezer(every=3, freeze=frozen.append)
     calls = 0
     for _ in range(7):
         f()
         calls += 1
         if calls in (1, 4, 7):
             assert len(frozen) == (1, 4, 7).index(calls) + 1
-    assert frozen == [0, 1, 2]
+    # the young generations before the first freeze (start-up is not walked
+    # again), a full collection later: it walks only what is not frozen yet
+    assert frozen == [1, 2, 2]
+
+
+def test_gc_freezer_frees_cyclic_garbage_before_freezing_it():
+    import gc
+    import weakref
+
+    from fido_tx.sources.imap.holding import GcFreezer
+
+    class Node:
+        pass
+
+    f = GcFreezer(every=1)
+    try:
+        f()  # the first freeze: start-up
+        node = Node()
+        node.cycle = node
+        gc.collect()  # the cycle is still referenced: it reaches the oldest generation
+        gone = weakref.ref(node)
+        del node
+        f()
+        assert gone() is None
+    finally:
+        gc.unfreeze()
+
