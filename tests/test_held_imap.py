@@ -286,3 +286,30 @@ def test_gc_freezer_frees_cyclic_garbage_before_freezing_it():
     finally:
         gc.unfreeze()
 
+
+@pytest_twisted.inlineCallbacks
+def test_at_most_opening_connections_open_at_once(server):
+    # 10,000 accounts connecting at once answered in bursts of hundreds per
+    # reactor turn; the shared semaphore bounds how many open at a time
+    port = server.listen()
+    ctx = SourceContext(reactor=reactor, sink=MemorySink(), settings=IMAP)
+    opening = defer.DeferredSemaphore(1)
+    first = HeldImap(account("good", port), ctx, opening=opening).open()
+    second = HeldImap(account("bad", port), ctx, opening=opening).open()
+    assert opening.tokens == 0 and len(opening.waiting) == 1
+    conn1 = yield first
+    assert not second.called or opening.tokens == 0  # it waited for the first
+    conn2 = yield second
+    assert opening.tokens == 1
+    assert server.mailbox("good").logins == 1 and server.mailbox("bad").logins == 1
+    # one waiting when cancelled takes nothing and leaves the queue
+    blocker = yield opening.acquire()
+    waiting = HeldImap(account("plain", port), ctx, opening=opening).open()
+    waiting.cancel()
+    yield waiting.addErrback(lambda f: f.trap(defer.CancelledError))
+    assert opening.waiting == []
+    blocker.release()
+    assert opening.tokens == 1
+    assert server.mailbox("plain").logins == 0
+    for c in (conn1, conn2):
+        c.client.transport.abortConnection()
