@@ -29,12 +29,18 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+#: FIDO_CODE=DIR runs another checkout's fido_tx (before/after in one session)
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.environ.get("FIDO_CODE", ROOT))
 
 
 def cpu_self():
     t = os.times()
     return t.user + t.system
+
+
+def sys_self():
+    return os.times().system
 
 
 def cpu_session(sid):
@@ -52,6 +58,23 @@ def cpu_session(sid):
         if int(fields[3]) == sid:  # fields[3] is the session id (after state, ppid, pgrp)
             total += (int(fields[11]) + int(fields[12])) / tick
     return total
+
+
+def start_profile():
+    """cProfile of the held polls when ``FIDO_PROFILE=PATH`` is set."""
+    if not os.environ.get("FIDO_PROFILE"):
+        return None
+    import cProfile
+
+    profile = cProfile.Profile()
+    profile.enable()
+    return profile
+
+
+def stop_profile(profile):
+    if profile is not None:
+        profile.disable()
+        profile.dump_stats(os.environ["FIDO_PROFILE"])
 
 
 def main(argv=None):
@@ -93,10 +116,12 @@ def main(argv=None):
     connector = Connector(reactor)
     sink = MemorySink()
 
-    def measure(name, polls, c0, d0, seconds):
+    def measure(name, polls, c0, d0, seconds, s0):
         c, d = cpu_self() - c0, cpu_session(sid) - d0
         figures[name] = {"polls": polls, "seconds": round(seconds, 1),
                          "client_ms_per_poll": round(c * 1000 / max(1, polls), 3),
+                         "client_sys_ms_per_poll": round((sys_self() - s0) * 1000
+                                                         / max(1, polls), 3),
                          "dovecot_ms_per_poll": round(d * 1000 / max(1, polls), 3)}
         print(name, figures[name], file=sys.stderr, flush=True)
 
@@ -106,14 +131,14 @@ def main(argv=None):
         sem = defer.DeferredSemaphore(opts.concurrency)
         for a in accounts[:10]:  # warm up: imports, TLS-free endpoint caches
             yield fetch_mailbox(reactor, a, sink, settings, connector=connector, debug=False)
-        c0, d0, t0 = cpu_self(), cpu_session(sid), time.monotonic()
+        c0, d0, t0, s0 = cpu_self(), cpu_session(sid), time.monotonic(), sys_self()
         results = []
         for _ in range(opts.rounds):
             results += (yield defer.gatherResults([
                 sem.run(fetch_mailbox, reactor, a, sink, settings, connector=connector,
                         debug=False) for a in accounts]))
         assert all(r.ok for r in results), [r for r in results if not r.ok][:3]
-        measure("reconnecting", len(results), c0, d0, time.monotonic() - t0)
+        measure("reconnecting", len(results), c0, d0, time.monotonic() - t0, s0)
 
         # 2. held connections, polled on the connection
         ctx = SourceContext(reactor=reactor, sink=sink, settings=settings, debug=False,
@@ -134,9 +159,12 @@ def main(argv=None):
                 raise RuntimeError("not all accounts held after 300 s")
         figures["seconds_to_hold_all"] = round(time.monotonic() - t0, 1)
         n0, c0, d0, t0 = len(polls), cpu_self(), cpu_session(sid), time.monotonic()
+        s0 = sys_self()
+        profile = start_profile()
         yield task.deferLater(reactor, opts.rounds * opts.interval, lambda: None)
+        stop_profile(profile)
         assert all(r.ok for r in polls[n0:])
-        measure("held", len(polls) - n0, c0, d0, time.monotonic() - t0)
+        measure("held", len(polls) - n0, c0, d0, time.monotonic() - t0, s0)
         yield defer.gatherResults([m.stop(timeout=20) for m in machines])
 
         # 3. the same, waiting in IDLE (a check every poll_interval still)
