@@ -271,8 +271,11 @@ def main(argv=None):
         shared_random = random.Random(0)
         hs = held.HeldSettings(idle_refresh=600, poll_interval=3600, command_timeout=60)
         # as the daemon's HeldConnections: gc.freeze() as connections settle
-        pool = held.HeldPool(max_per_host=opts.connections + 2,
-                             on_idle=None if opts.no_freeze else GcFreezer())
+        freezer = None if opts.no_freeze else GcFreezer()
+        pool = held.HeldPool(max_per_host=opts.connections + 2, on_idle=freezer)
+        # the daemon's HeldSession also calls it for each account started
+        freeze_on_start = freezer is not None and getattr(GcFreezer, "counts_starts", False)
+        figures["freeze_on_start"] = freeze_on_start
 
         # as the daemon's HeldConnections: a bound on the connections opening
         # at once (an older checkout run through FIDO_CODE has none)
@@ -288,9 +291,12 @@ def main(argv=None):
                            port=port, username=f"user{k}", password="password",
                            security="tls" if opts.tls else "none", ca_file=ca_file)
             source = HeldImap(acct, ctx, **open_kw)
-            return held.HeldAccount(acct.id, acct.host, source.open, source.poll,
-                                    lambda r: None, reactor, hs, pool,
-                                    shared_random).start()
+            machine = held.HeldAccount(acct.id, acct.host, source.open, source.poll,
+                                       lambda r: None, reactor, hs, pool,
+                                       shared_random).start()
+            if freeze_on_start:
+                freezer()
+            return machine
 
         # one connection first: every module a connection needs is imported
         machines = [hold(opts.connections + 1)]

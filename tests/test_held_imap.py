@@ -313,3 +313,45 @@ def test_at_most_opening_connections_open_at_once(server):
     assert server.mailbox("plain").logins == 0
     for c in (conn1, conn2):
         c.client.transport.abortConnection()
+
+
+class _Handle:
+    """The scheduler's side of a held session, for one test."""
+
+    def __init__(self):
+        self.reports = []
+        self.released = 0
+
+    def report(self, result):
+        self.reports.append(result)
+
+    def release_slot(self):
+        self.released += 1
+
+    def take_slot(self):
+        return defer.succeed(None)
+
+
+@pytest_twisted.inlineCallbacks
+def test_held_sessions_share_the_opening_bound_and_count_their_starts(server):
+    # the daemon's held sessions open through HeldConnections.opening and
+    # call its freezer as they start (thousands waiting to open were walked
+    # by every full collection until frozen)
+    from fido_tx.config import Settings
+    from fido_tx.sources.imap.holding import HeldConnections, HeldSession
+
+    port = server.listen()
+    held_conns = HeldConnections(Settings())
+    calls = []
+    held_conns.freezer = lambda: calls.append(True)
+    held_conns.pool.on_idle = None
+    ctx = SourceContext(reactor=reactor, sink=MemorySink(), settings=IMAP, held=held_conns)
+    session = HeldSession(account("good", port), ctx, _Handle(), held_conns, fresh=None)
+    done = session.poll()
+    assert calls == [True]
+    assert held_conns.opening.tokens == held_conns.opening.limit - 1  # opening now
+    yield until(lambda: session.machine.state == held.IDLING)
+    assert held_conns.opening.tokens == held_conns.opening.limit
+    held_conns.stopService()
+    result = yield done
+    assert result.skipped
