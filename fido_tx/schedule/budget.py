@@ -152,6 +152,8 @@ class ByteBudget:
     :ivar peak_within: the largest ``in_use - overdrawn`` seen (at most
         ``limit``, but for a first grant larger than it).
     :ivar pauses: how many times a connection was paused for the budget.
+    :ivar forced: bytes that arrived beyond a grant's reservation (a read
+        larger than ``read_ahead``: none with Twisted's TCP), counted anyway.
     """
 
     def __init__(self, limit, share=None, read_ahead=READ_AHEAD, step=STEP):
@@ -169,6 +171,7 @@ class ByteBudget:
         self.peak = 0
         self.peak_within = 0
         self.pauses = 0
+        self.forced = 0
         #: grants and admissions waiting for room within the limit, in order
         self._waiting = collections.deque()
         #: grants paused at their share: they wait to become the elder
@@ -242,8 +245,9 @@ class ByteBudget:
 
     def _more(self, grant):
         """``grant``'s read-ahead ran low (or bytes arrived beyond it)."""
-        if grant.used > grant.nbytes:  # a read larger than the read-ahead
-            self._add(grant, 0, grant.used - grant.nbytes)
+        if grant.used > grant.nbytes:  # a read larger than the read-ahead:
+            self.forced += grant.used - grant.nbytes  # the bytes are here
+            self._add(grant, grant.used - grant.nbytes)
         if grant.paused:
             return  # the rest of a read that arrived before the pause took
         if grant is self._elder():
@@ -251,12 +255,21 @@ class ByteBudget:
             return
         n = self._within_share(grant)
         if n and not self._waiting and self._within() + n <= self.limit:
-            self._add(grant, n)
-            grant._set_mark()
+            self._grow(grant, n)
         elif grant._need() == 0:
             grant._set_mark()
         else:
             self._pause(grant, at_share=n == 0)
+
+    def _grow(self, grant, n):
+        """Add ``n`` within ``grant``'s share; short of a read ahead (its
+        share reached), it waits to be the elder."""
+        self._add(grant, n)
+        grant._set_mark()
+        if grant.used > grant._mark:
+            self._pause(grant, at_share=True)
+            return False
+        return True
 
     def _within_share(self, grant):
         """What ``grant`` may still add within its share (0: it is at it)."""
@@ -271,12 +284,14 @@ class ByteBudget:
         grant._set_mark()
 
     def _pause(self, grant, at_share):
-        grant.paused = True
-        self.pauses += 1
         if at_share:
             self._elder_wait.add(grant)  # only elderhood lets it go on
         else:
             self._waiting.append(grant)
+        if grant.paused:
+            return  # moved from the queue to the elder's wait
+        grant.paused = True
+        self.pauses += 1
         producer = grant.producer
         if producer is not None:
             producer.budget_pause()
@@ -330,11 +345,8 @@ class ByteBudget:
             if n and self._within() + n > self.limit:
                 return
             self._waiting.popleft()
-            if n == 0 and grant._need():  # it reached its share meanwhile
-                self._elder_wait.add(grant)
-                continue
-            self._add(grant, n)
-            self._resume(grant)
+            if self._grow(grant, n):
+                self._resume(grant)
 
     def _shrink(self, grant, n):
         over = min(n, grant.over)
