@@ -305,6 +305,7 @@ class Batch:
     def stop(self):
         self.done = True
         if self.grant is None:
+            self.d.addErrback(lambda f: f.trap(defer.CancelledError))
             self.d.cancel()
         else:
             self.grant.release()
