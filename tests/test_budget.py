@@ -1,10 +1,12 @@
 """The shared in-flight byte budget (fido_tx.schedule.budget)."""
 
 from hypothesis import given, settings, strategies as st
-from twisted.internet import defer
+from twisted.internet import defer, task
+from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from fido_tx.schedule.budget import ByteBudget
+from fido_tx.sources.imap.client import FidoIMAP4Client
 
 
 class ByteBudgetTests(SynchronousTestCase):
@@ -389,3 +391,62 @@ def _order(budget, batch):
     """Admission order (the elder first); batches not admitted last."""
     serial = budget._holders.get(batch.grant) if batch.grant is not None else None
     return (serial is None, serial or 0)
+
+
+class PausedConnectionTests(SynchronousTestCase):
+    """The real client paused by the budget mid-literal (StringTransport, Clock)."""
+
+    def setUp(self):
+        self.clock = task.Clock()
+        self.proto = FidoIMAP4Client(self.clock, greeting_timeout=10, command_timeout=5,
+                                     min_literal_rate=1000)
+        self.transport = StringTransport()
+        self.proto.makeConnection(self.transport)
+        self.proto.dataReceived(b"* OK hello\r\n")
+        self.budget = ByteBudget(10_000, share=4000, read_ahead=1000, step=1000)
+        self.elder = self.successResultOf(self.budget.acquire(8000))  # fills the budget
+        self.grant = self.successResultOf(self.budget.open(50_000))
+        self.grant.attach(self.proto, 60_000)
+        self.bodies = []
+        self.done = self.proto.command(
+            b"UID", b"FETCH 1 (UID BODY.PEEK[])",
+            untagged=lambda segments: self.bodies.append(segments[1]),
+            **FidoIMAP4Client.body_limits({1: 50_000}, 10 ** 6))
+        self.proto.dataReceived(b"* 1 FETCH (UID 1 BODY[] {50000}\r\n")
+
+    def feed(self, n, pieces=1):
+        for _ in range(pieces):
+            self.proto.dataReceived(b"x" * n)
+
+    def test_a_full_budget_pauses_reading_and_the_server_is_not_blamed_for_the_wait(self):
+        self.feed(1000, 2)
+        self.assertTrue(self.proto.budget_paused)
+        self.assertEqual(self.transport.producerState, "paused")
+        self.clock.advance(120)  # command_timeout 5 s, rate checks every 5 s
+        self.assertFalse(self.transport.disconnecting)
+        self.assertIsNone(self.proto.error)
+        self.elder.release()
+        self.assertEqual(self.transport.producerState, "producing")
+        self.assertFalse(self.proto.budget_paused)
+
+    def test_after_the_pause_the_deadline_and_the_rate_apply_again(self):
+        self.feed(1000, 2)
+        self.elder.release()
+        self.clock.advance(4.9)
+        self.assertIsNone(self.proto.error)
+        self.clock.advance(0.2)  # 5 s of the server's own silence
+        self.assertTrue(self.transport.disconnecting)
+        self.assertIn("UID FETCH", self.proto.error.message)
+
+    def test_the_whole_literal_arrives_once_bytes_are_released(self):
+        self.feed(1000, 2)
+        self.elder.release()
+        self.feed(1000, 48)  # the grant is the elder now: never paused again
+        self.proto.dataReceived(b")\r\n0001 OK done\r\n")
+        self.successResultOf(self.done)
+        self.assertEqual([len(b) for b in self.bodies], [50_000])
+        self.assertEqual(self.grant.used, 50_000)
+        self.assertLessEqual(self.grant.used, self.grant.nbytes)
+        self.grant.settle()
+        self.grant.release()
+        self.assertEqual(self.budget.in_use, 0)
