@@ -106,3 +106,37 @@ def test_a_slow_liar_claiming_50_mib_does_not_slow_a_healthy_account():
     # no grant leaked, nothing waits
     assert (budget.in_use, budget.overdrawn, budget.waiting, budget.holders) == (0, 0, 0, 0)
 
+
+
+@pytest_twisted.inlineCallbacks
+def test_sessions_over_a_small_budget_pause_resume_and_all_deliver():
+    """Three accounts whose messages (384 KiB) are larger than a session's
+    share (256 KiB of a 1 MiB budget), fetched at once over real loopback
+    connections: connections are paused and resumed, the reservations stay
+    within the limit, the oldest batch overdraws to get its large messages
+    through, every message arrives intact, and nothing is left reserved."""
+    users = ("a", "b", "c")
+    server = MockIMAPServer(reactor, {
+        u: MockMailbox(PASSWORD, [sample_message(i, u, 384 * 1024) for i in range(1, 7)])
+        for u in users})
+    port = server.listen()
+    budget = ByteBudget(MIB)
+    sink = MemorySink()
+    settings = ImapSettings(connect_timeout=5.0, greeting_timeout=5.0, command_timeout=5.0,
+                            logout_timeout=1.0, session_timeout=60.0, batch_messages=3)
+    try:
+        results = yield defer.gatherResults([
+            fetch_mailbox(reactor, account(u, port), sink, settings, budget=budget)
+            for u in users])
+    finally:
+        yield server.stop()
+    print(f"\n{budget.pauses} pauses, peak {budget.peak} ({budget.peak_within} within), "
+          f"seconds {[round(r.seconds, 2) for r in results]}")
+    assert all(r.ok and r.fetched == 6 for r in results), results
+    for u in users:
+        got = {int(m.id): m.raw for m in sink.entries if m.account == "acct-" + u}
+        assert got == {i: server.mailbox(u).message(i).raw for i in range(1, 7)}
+    assert budget.pauses > 0
+    assert budget.peak_within <= MIB
+    assert budget.peak <= MIB + 3 * 384 * 1024 + 2 * 128 * 1024
+    assert (budget.in_use, budget.overdrawn, budget.waiting, budget.holders) == (0, 0, 0, 0)
