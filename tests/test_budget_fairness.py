@@ -11,6 +11,7 @@ rate (messages/s with the liars over messages/s alone), the budget stays
 within its limit, and each liar is cut with a clear line.
 """
 
+import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor, task
 
@@ -108,18 +109,30 @@ def test_a_slow_liar_claiming_50_mib_does_not_slow_a_healthy_account():
 
 
 
+@pytest.mark.parametrize("security", ["none", "starttls", "tls"])
 @pytest_twisted.inlineCallbacks
-def test_sessions_over_a_small_budget_pause_resume_and_all_deliver():
+def test_sessions_over_a_small_budget_pause_resume_and_all_deliver(security):
     """Three accounts whose messages (384 KiB) are larger than a session's
     share (256 KiB of a 1 MiB budget), fetched at once over real loopback
-    connections: connections are paused and resumed, the reservations stay
+    connections (plain, STARTTLS, implicit TLS: pausing goes through the TLS
+    transport): connections are paused and resumed, the reservations stay
     within the limit, the oldest batch overdraws to get its large messages
     through, every message arrives intact, and nothing is left reserved."""
+    from tests.support import tlsca
+
     users = ("a", "b", "c")
     server = MockIMAPServer(reactor, {
         u: MockMailbox(PASSWORD, [sample_message(i, u, 384 * 1024) for i in range(1, 7)])
         for u in users})
-    port = server.listen()
+    pki = tlsca.files()
+    server.tls = (pki.localhost.cert, pki.localhost.key)
+    for u in (None,) + users:  # None: before LOGIN (STARTTLS is offered then)
+        server.script(u, Behaviour(starttls=security == "starttls"))
+    port = server.listen(implicit_tls=security == "tls")
+
+    def account(user, port):
+        return Account(id="acct-" + user, host="127.0.0.1", port=port, username=user,
+                       password=PASSWORD, security=security, ca_file=pki.ca)
     budget = ByteBudget(MIB)
     sink = MemorySink()
     settings = ImapSettings(connect_timeout=5.0, greeting_timeout=5.0, command_timeout=5.0,
@@ -130,7 +143,8 @@ def test_sessions_over_a_small_budget_pause_resume_and_all_deliver():
             for u in users])
     finally:
         yield server.stop()
-    print(f"\n{budget.pauses} pauses, peak {budget.peak} ({budget.peak_within} within), "
+    print(f"\n{security}: {budget.pauses} pauses, peak {budget.peak} ({budget.peak_within} "
+          f"within), {budget.forced} bytes beyond a reservation, "
           f"seconds {[round(r.seconds, 2) for r in results]}")
     assert all(r.ok and r.fetched == 6 for r in results), results
     for u in users:
