@@ -450,3 +450,13 @@ class PausedConnectionTests(SynchronousTestCase):
         self.grant.settle()
         self.grant.release()
         self.assertEqual(self.budget.in_use, 0)
+
+    def test_a_literal_announced_in_the_read_that_paused_is_not_rate_checked_meanwhile(self):
+        # this read ends the first body and announces the next one (a FETCH of
+        # two messages): the new literal's rate check must wait for the resume
+        self.feed(1000, 1)
+        self.proto.dataReceived(b"x" * 49_000 + b")\r\n* 2 FETCH (UID 2 BODY[] {50000}\r\n")
+        self.assertTrue(self.proto.budget_paused)
+        self.clock.advance(120)
+        self.assertIsNone(self.proto.error)
+        self.assertFalse(self.transport.disconnecting)

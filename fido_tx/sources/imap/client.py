@@ -330,6 +330,8 @@ class FidoIMAP4Client(LinearLineReader, imap4.IMAP4Client):
 
     def _check_rate(self):
         self._rate_check = None
+        if self.budget_paused:  # a literal announced after the pause: budget_resume
+            return              # starts its window
         rate = self._literal_window / self.literal_check_interval
         if rate < self.min_literal_rate:
             self.fail(
