@@ -107,9 +107,13 @@ class Fault:
 #: - ``untagged_flood``: SELECT/EXAMINE answers ``* OK`` lines for ever;
 #: - ``no_body``, ``body_nil``, ``other_uid``, ``double_body``: a FETCH of
 #:   BODY[] answers without BODY[], with BODY[] NIL, for another UID, or twice
-#:   for one UID with different bodies (completed normally).
+#:   for one UID with different bodies (completed normally);
+#: - ``slow_body``: RFC822.SIZE says ``claimed_size`` (default
+#:   ``hostile_size``), and a FETCH of BODY[] answers the first message asked
+#:   with a literal of ``hostile_size`` bytes trickled at ``hostile_rate``
+#:   bytes/s (a slow liar: it would hold the in-flight budget).
 HOSTILE = ("literal_chain", "lying_size", "status_chain", "search_flood", "untagged_flood",
-           "no_body", "body_nil", "other_uid", "double_body")
+           "no_body", "body_nil", "other_uid", "double_body", "slow_body")
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
@@ -142,8 +146,9 @@ class Behaviour:
         a server that breaks the protocol to harm its client.
     :ivar hostile_size: bytes of each literal a hostile mode sends (the lie
         of ``lying_size``, the links of a chain); SEARCH: UIDs per line.
-    :ivar claimed_size: ``lying_size``/``literal_chain``: the RFC822.SIZE
-        claimed for every message (``None``: the true size).
+    :ivar claimed_size: ``lying_size``/``literal_chain``/``slow_body``: the
+        RFC822.SIZE claimed for every message (``None``: the true size).
+    :ivar hostile_rate: ``slow_body``: bytes per second of the body literal.
     """
 
     connect: str = attr.ib(default="greet", validator=attr.validators.in_(
@@ -161,6 +166,7 @@ class Behaviour:
     hostile: str = attr.ib(default="", validator=attr.validators.in_(("",) + HOSTILE))
     hostile_size: int = 1024 * 1024
     claimed_size: int | None = None
+    hostile_rate: float = 4096.0
 
 
 #: Convenience: the answer of a server that limits connections per user.
@@ -890,6 +896,15 @@ class MockIMAPProtocol(IdleProtocolSupport, BearerExpiryProtocol, protocol.Proto
         if mode == "untagged_flood" and name in ("SELECT", "EXAMINE"):
             self._stream(itertools.repeat(b"* OK still thinking\r\n" * 1000))
             return True
+        if mode == "slow_body" and self._wants_body(name, args):
+            want = parse_set(args[0], self._largest_uid())
+            seq, m = next(((i, m) for i, m in enumerate(self._messages(), 1) if want(m.uid)),
+                          (1, None))
+            if m is None:
+                return False
+            self._write(b"* %d FETCH (UID %d BODY[] {%d}\r\n" % (seq, m.uid, size))
+            self._drip(size, b.hostile_rate, b")\r\n" + tag + b" OK FETCH completed\r\n")
+            return True
         if mode in ("no_body", "body_nil", "other_uid", "double_body", "lying_size") and \
                 self._wants_body(name, args):
             want = parse_set(args[0], self._largest_uid())
@@ -900,6 +915,17 @@ class MockIMAPProtocol(IdleProtocolSupport, BearerExpiryProtocol, protocol.Proto
             self._send(b"".join(out) + tag + b" OK FETCH completed\r\n")
             return True
         return False
+
+    def _drip(self, size, rate, then, tick=0.05):
+        """Send ``size`` bytes at ``rate`` bytes/s (never held whole), then ``then``."""
+        if not self.record.open:
+            return
+        chunk = min(size, max(1, int(rate * tick)))
+        self._write(b"y" * chunk)
+        if size > chunk:
+            self._later(chunk / rate, self._drip, size - chunk, rate, then, tick)
+        else:
+            self._write(then)
 
     def _hostile_fetch(self, mode, seq, m, size):
         if mode == "no_body":
@@ -1187,6 +1213,8 @@ class MockIMAPProtocol(IdleProtocolSupport, BearerExpiryProtocol, protocol.Proto
                 claimed = self.behaviour.claimed_size
                 if claimed is None and self.behaviour.hostile == "lying_size":
                     claimed = 100
+                elif claimed is None and self.behaviour.hostile == "slow_body":
+                    claimed = self.behaviour.hostile_size
                 parts.append(b"RFC822.SIZE %d" % (len(m.raw) if claimed is None else claimed))
             elif item == b"INTERNALDATE":
                 parts.append(b'INTERNALDATE "' + m.internaldate.encode() + b'"')
