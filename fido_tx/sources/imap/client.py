@@ -10,7 +10,9 @@ timeouts were unfit):
 - every command has its own deadline and bounds (one timer per connection,
   :mod:`~fido_tx.sources.imap.deadline`; every byte the server sends counted
   before it is held, :mod:`~fido_tx.sources.imap.bounds`); message literals
-  must keep arriving at ``min_literal_rate`` bytes/s;
+  must keep arriving at ``min_literal_rate`` bytes/s (except while the
+  in-flight byte budget has paused reading: the wait is Fido's; see
+  :mod:`fido_tx.schedule.budget`);
 - responses are read by :class:`~fido_tx.sources.imap.responses.ResponseReader`
   (literals collected as chunks and joined once, a FETCH response handed on
   as text segments and literal ``bytes``, untagged responses to a
@@ -215,6 +217,41 @@ class FidoIMAP4Client(ResponseReader, protocol.Protocol):
 
     def debug_lines(self):
         return self._trace.lines()
+
+    # -- the in-flight byte budget pauses reading ------------------------------
+
+    #: reading is paused by the in-flight budget (see budget_pause)
+    budget_paused = False
+    _paused_deadline = False
+
+    def budget_pause(self):
+        """The in-flight budget is full: stop reading until
+        :meth:`budget_resume`.  The wait is Fido's, not the server's: the
+        command's deadline and the literal rate check stop meanwhile."""
+        if self.budget_paused or self.closed:
+            return
+        self.budget_paused = True
+        self._paused_deadline = self._deadline.armed
+        self._deadline.disarm()  # a pending timer call finds nothing to do
+        self._rate.stop()
+        # a literal announced in the read that paused must not start a check
+        self._rate.paused = True
+        self.transport.pauseProducing()
+
+    def budget_resume(self):
+        """Bytes were released: read again, with a fresh deadline and rate window."""
+        if not self.budget_paused:
+            return
+        self.budget_paused = False
+        self._rate.paused = False
+        if self.closed or self.error is not None:
+            return
+        if self._paused_deadline and self.waiting:
+            self._deadline.arm(self._deadline.seconds, self._deadline.what)
+        if not self.line_mode:
+            self._rate.stop()
+            self._rate.start(self._literal_remaining)  # a fresh window
+        self.transport.resumeProducing()
 
     def clear_trace(self):
         """Forget the traced lines: a held connection waiting in IDLE keeps

@@ -44,6 +44,11 @@ class Deadline:
             call.cancel()
             self._call = self.clock.callLater(seconds, self._fired)
 
+    @property
+    def armed(self):
+        """Whether a deadline is set (a pending call alone is not one)."""
+        return self._at is not None
+
     def disarm(self):
         self._at = None
 
@@ -79,7 +84,7 @@ class LiteralRate:
     (a smaller one is covered by the command deadline).
     """
 
-    __slots__ = ("clock", "minimum", "interval", "too_slow", "window", "_call")
+    __slots__ = ("clock", "minimum", "interval", "too_slow", "window", "paused", "_call")
 
     def __init__(self, clock, minimum, interval, too_slow):
         self.clock = clock
@@ -88,6 +93,8 @@ class LiteralRate:
         self.too_slow = too_slow
         #: bytes received in the current window
         self.window = 0
+        #: while set (Fido itself stopped reading), a due check does nothing
+        self.paused = False
         self._call = None
 
     def start(self, size):
@@ -102,6 +109,8 @@ class LiteralRate:
 
     def _check(self):
         self._call = None
+        if self.paused:  # the owner starts a fresh window when it reads again
+            return
         rate = self.window / self.interval
         if rate < self.minimum:
             self.too_slow(rate)
