@@ -51,6 +51,7 @@ from zope.interface import implementer
 
 from fido_tx.interfaces import IReporterView
 from fido_tx.observe.reportpost import Rejected, ReportPoster, Retry, make_http_client
+from fido_tx.observe.reportpost import escape, read_head  # noqa: F401 - re-exported
 from fido_tx.schedule import backoff
 
 from fido_tx.scrub import REDACTED  # noqa: F401 - re-exported
