@@ -389,7 +389,9 @@ class Scheduler(service.Service):
         if result is not None and not entry.removed:
             entry.state = _backoff.record(entry.state, result.kind)
             if _backoff.counts_as_failure(result.kind):
-                due = max(due, now + _backoff.delay(self.backoff, entry.state, self._random))
+                wait = _backoff.delay(self.backoff, entry.state, self._random,
+                                      result.retry_after)
+                due = max(due, now + wait)
         requeue(self._entries, self._queue, session, due, now)
         if result is not None:
             self._observers.notify(session.account, result)

@@ -53,6 +53,10 @@ class SourceContext:
     #: Graph: the shared :class:`~fido_tx.sources.graph.GraphShared` (HTTP pool,
     #: per-mailbox gates, the Redis connection for delta links)
     graph: object = None
+    #: IMAP: the :class:`~fido_tx.interfaces.IMailboxPositions` of accounts with
+    #: ``select = "new"`` or ``start_from = "now"`` (``None``: only a dry run
+    #: may poll those)
+    positions: object = None
 
 
 def make_session(account, ctx, handle=None):

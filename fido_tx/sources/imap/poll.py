@@ -12,7 +12,10 @@ fetched again.
 
 Search: ``UID SEARCH UNSEEN UNKEYWORD <too_large_keyword> UNKEYWORD
 <rejected_keyword>`` for each keyword the mailbox can hold (``\\*`` or the
-keyword in PERMANENTFLAGS, or the keyword already in FLAGS).
+keyword in PERMANENTFLAGS, or the keyword already in FLAGS).  An account
+with ``select = "new"`` or ``start_from = "now"`` searches a UID range above
+its recorded position instead, and moves the position after the poll
+(:mod:`fido_tx.sources.imap.select`).
 
 Messages go to the sink as :class:`fido_tx.sinks.message.Message` with
 ``epoch = str(UIDVALIDITY)`` and ``id = str(UID)``.  The sink's own
@@ -33,11 +36,10 @@ from fido_tx.sources.imap.parse import (
     extract_message_id,
     mailbox_name,
     parse_fetch,
-    parse_search,
-    parse_status,
     response_code,
     uid_set,
 )
+from fido_tx.sources.imap.select import Selection, search_handler
 
 #: UIDs per ``UID FETCH (RFC822.SIZE)`` and per marking command
 SIZE_CHUNK = 1000
@@ -102,8 +104,11 @@ class MailboxPoll:
     :class:`~fido_tx.sources.imap.login.ImapConnection`).  The counters say
     what it did, also when it ends with an error."""
 
+    #: False on a selected mailbox (RFC 3501: no STATUS there)
+    status_allowed = True
+
     def __init__(self, connection, account, sink, settings, step, budget=None,
-                 dry_run=False, mailbox=None):
+                 dry_run=False, mailbox=None, positions=None):
         self.conn = connection
         self.account = account
         self.sink = sink
@@ -112,6 +117,9 @@ class MailboxPoll:
         self.budget = budget
         self.dry_run = dry_run
         self.mailbox = mailbox if mailbox is not None else account.mailbox
+        # the connection's command, not a bound method: no cycle to the poll
+        self.selection = Selection(account, self.mailbox, connection.command, positions,
+                                   dry_run, settings.max_search_uids, step)
         self.fetched = 0
         self.bytes = 0
         self.marked = 0
@@ -122,14 +130,22 @@ class MailboxPoll:
         return self.conn.proto.command(name, args, **kw)
 
     async def run(self):
-        if await self.unseen_count() == 0:
-            self.step("no unseen messages (STATUS)")
+        selection = self.selection
+        await selection.load()
+        status = await selection.status() if self.status_allowed else None
+        if await selection.settled_by_status(status):
+            self.step("nothing {what} to fetch (STATUS)", what=selection.what)
             return
         info = await self.select()
-        uids = await self.search(info)
-        if not uids:
-            self.step("no unseen messages")
+        if not await selection.begin(info.uidvalidity, await selection.uidnext_of(info)):
             return
+        uids = await self.search(info)
+        if uids:
+            await self.take(info, uids)
+        await selection.finish(uids)
+
+    async def take(self, info, uids):
+        """Ask the sink which of ``uids`` are new, mark the others, fetch the new."""
         epoch = str(info.uidvalidity)
         ids = await sink_call(self.sink.filter_new, self.account.id, self.mailbox, epoch,
                               [str(u) for u in uids])
@@ -198,30 +214,6 @@ class MailboxPoll:
 
     # -- commands --------------------------------------------------------------
 
-    async def unseen_count(self):
-        """``STATUS <mailbox> (UNSEEN)``: how many messages lack ``\\Seen``,
-        or ``None`` when the server does not say (SELECT then decides).
-
-        Most polls find nothing new: STATUS answers that from the server's
-        index without opening the mailbox.  RFC 3501 defines UNSEEN as the
-        messages without ``\\Seen``, what UID SEARCH UNSEEN looks for, so a
-        zero means that search would find nothing.  Anything else, an error
-        answer included, goes the SELECT way.
-        """
-        counts = []
-
-        def untagged(segments):
-            unseen = parse_status(segments).get(b"UNSEEN")
-            if unseen is not None:
-                counts.append(unseen)
-
-        try:
-            await self.command(b"STATUS", mailbox_name(self.mailbox) + b" (UNSEEN)",
-                               untagged=untagged)
-        except ImapCommandError:
-            return None
-        return counts[-1] if counts else None
-
     async def select(self):
         info = SelectInfo()
 
@@ -247,28 +239,24 @@ class MailboxPoll:
         return info
 
     async def search(self, info):
-        query = b"SEARCH UNSEEN"
+        keywords = b""
         for kw in (self.settings.too_large_keyword, self.settings.rejected_keyword):
             if kw and info.keyword_known(kw):
-                query += b" UNKEYWORD " + kw.encode("ascii", "replace")
+                keywords += b" UNKEYWORD " + kw.encode("ascii", "replace")
         found = set()
-
-        def untagged(segments):
-            text = segments[0]
-            if len(segments) == 1 and (text[:7].upper() == b"SEARCH " or text.upper() == b"SEARCH"):
-                found.update(parse_search(text))
-
         try:
-            await self.command(b"UID", query, untagged=untagged)
+            await self.command(b"UID", self.selection.query(keywords),
+                               untagged=search_handler(found))
         except ImapCommandError as e:
             raise command_error(e, errors.PROTOCOL, "UID SEARCH")
-        uids = sorted(found)
+        uids = self.selection.keep(found)
         ignored = self.conn.proto.search_ignored
+        what = self.selection.what
         if ignored:
-            _log.info("session {account_id}: {n} unseen messages; taking the first {taken} "
-                      "([imap] max_search_uids), the rest next poll",
+            _log.info("session {account_id}: {n} {what} messages; taking the first {taken} "
+                      "([imap] max_search_uids), the rest next poll", what=what,
                       account_id=self.account.id, n=len(uids) + ignored, taken=len(uids))
-        self.step("{n} unseen messages", n=len(uids))
+        self.step("{n} {what} messages", n=len(uids), what=what)
         return uids
 
     async def fetch_items(self, uids, items, collect, **limits):

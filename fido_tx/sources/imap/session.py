@@ -89,7 +89,7 @@ class StepLog:
 
 
 def fetch_mailbox(reactor, account, sink, settings, dry_run=False, log=None, budget=None,
-                  pacer=None, debug=True, connector=None, credentials=None):
+                  pacer=None, debug=True, connector=None, credentials=None, positions=None):
     """Run one session on ``account``'s mailbox.
 
     :param reactor: IReactorTCP, IReactorTime and
@@ -111,11 +111,13 @@ def fetch_mailbox(reactor, account, sink, settings, dry_run=False, log=None, bud
         (endpoints, TLS options and sessions); a new one when ``None``.
     :param credentials: the account's :class:`~fido_tx.interfaces.ICredentials`
         (by default :func:`fido_tx.credentials.for_account`).
+    :param positions: the :class:`~fido_tx.interfaces.IMailboxPositions` an
+        account with ``select = "new"`` or ``start_from = "now"`` needs.
     :return: Deferred firing with a :class:`SessionResult`.
     """
     return ImapSession(reactor, account, sink, settings, connector=connector,
                        credentials=credentials, dry_run=dry_run, log=log, budget=budget,
-                       pacer=pacer, debug=debug).poll()
+                       pacer=pacer, debug=debug, positions=positions).poll()
 
 
 @implementer(ISource)
@@ -124,7 +126,7 @@ class ImapSession:
 
     def __init__(self, reactor, account, sink, settings, connector=None, credentials=None,
                  dry_run=False, log=None, budget=None, pacer=None, debug=True,
-                 credentials_factory=None, handle=None):
+                 credentials_factory=None, handle=None, positions=None):
         self.reactor = reactor
         self.account = account
         self.sink = sink
@@ -139,6 +141,7 @@ class ImapSession:
         self.pacer = pacer
         #: the scheduler's SessionHandle (IDLE releases its slot through it)
         self.handle = handle
+        self.positions = positions
         self.session_id = new_session_id()
         self.step = StepLog(self.log, account.id, self.session_id, debug)
         #: why the session was stopped (``None`` while it was not)
@@ -236,7 +239,8 @@ class ImapSession:
                            self.credentials, self.step)
         conn = await self.login.run()
         self.mailbox_poll = MailboxPoll(conn, self.account, self.sink, self.settings,
-                                        self.step, budget=self.budget, dry_run=self.dry_run)
+                                        self.step, budget=self.budget, dry_run=self.dry_run,
+                                        positions=self.positions)
         await self.mailbox_poll.run()
         if self.dry_run:
             p = self.mailbox_poll
@@ -283,7 +287,8 @@ class ImapSession:
             return SessionResult(**fields)
         forms = self._forms()
         return SessionResult(kind=error.kind, message=scrub(error.message, forms),
-                             debug=scrub(self._debug(error), forms), **fields)
+                             debug=scrub(self._debug(error), forms), **fields,
+                             retry_after=error.retry_after)
 
     def _debug(self, error):
         """The debug text, built whole from unscrubbed parts (the caller
