@@ -97,6 +97,16 @@ def _account_state(entry, session):
     )
 
 
+def _backed_off(entry, result, due, now, settings, random):
+    """When ``entry``'s account is due again after ``result``: at ``due``,
+    later when it failed (the backoff, or a throttled session's Retry-After);
+    the failure count goes into ``entry.state``."""
+    entry.state = _backoff.record(entry.state, result.kind)
+    if not _backoff.counts_as_failure(result.kind):
+        return due
+    return max(due, now + _backoff.delay(settings, entry.state, random, result.retry_after))
+
+
 @implementer(ISchedulerView)
 class Scheduler(service.Service):
     """Round-robin mailbox sessions over ``workers`` slots.
@@ -387,11 +397,7 @@ class Scheduler(service.Service):
         entry = session.entry
         due = session.started_at + self.poll_interval
         if result is not None and not entry.removed:
-            entry.state = _backoff.record(entry.state, result.kind)
-            if _backoff.counts_as_failure(result.kind):
-                wait = _backoff.delay(self.backoff, entry.state, self._random,
-                                      result.retry_after)
-                due = max(due, now + wait)
+            due = _backed_off(entry, result, due, now, self.backoff, self._random)
         requeue(self._entries, self._queue, session, due, now)
         if result is not None:
             self._observers.notify(session.account, result)
