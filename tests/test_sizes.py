@@ -22,7 +22,6 @@ FUNCTION_LINES = 70
 #: (path under fido_tx/, qualified name) -> the most lines it may have now
 ALLOWED = {
     ("sources/imap/client.py", "FidoIMAP4Client"): 560,
-    ("sources/imap/held.py", "HeldAccount"): 380,
 }
 
 PACKAGE = os.path.dirname(os.path.abspath(fido_tx.__file__))
