@@ -34,9 +34,25 @@ class ISink(Interface):
             sink cannot answer (then nothing is fetched).
         """
 
+    def identities(account_id, mailbox, epoch, ids):
+        """The ``identity`` recorded with each of ``ids`` when it was
+        delivered (:mod:`fido_tx.sinks.identity`), ``""`` where none is
+        (delivered before identities were kept, forgotten, or never).
+
+        :return: Deferred firing with a list of strings, in the order given;
+            errbacks with a :class:`~fido_tx.errors.FidoError` when the sink
+            cannot answer.
+        """
+
     def deliver(messages):
         """Deliver a batch of :class:`~fido_tx.sinks.message.Message` of one
         account, each exactly once.
+
+        A message with an ``identity`` already delivered from the same
+        account and mailbox under another key (the mailbox's UIDVALIDITY
+        changed) is recorded under its new key and confirmed, but not
+        delivered again; the identity is recorded with the key in the same
+        atomic step as the dedupe record.
 
         :return: Deferred firing with a
             :class:`~fido_tx.sinks.message.Delivery`: the ids now durably

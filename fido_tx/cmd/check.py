@@ -259,6 +259,9 @@ class _NullSink:
     def filter_new(self, account_id, mailbox, epoch, ids):
         return defer.succeed(list(ids))
 
+    def identities(self, account_id, mailbox, epoch, ids):
+        return defer.succeed(["" for _ in ids])
+
     def deliver(self, messages):  # a dry run never delivers
         return defer.fail(errors.FidoError(errors.CONFIG, "fido check delivers nothing"))
 

@@ -5,9 +5,10 @@ as their one argument: GitLab's ``EmailReceiverWorker`` and
 ``ServiceDeskEmailReceiverWorker``, as mail_room's sidekiq delivery feeds
 them.
 
-The job and the dedupe record (``fido:uids:{<account>}:<epoch>:<mailbox>``,
-shared with the other deliveries) are written by one Lua script, so they are one atomic step: a message is pushed exactly
-once whatever crashes.  With ``namespace`` the Sidekiq keys get the prefix
+The job, the dedupe record (``fido:uids:{<account>}:<epoch>:<mailbox>``,
+shared with the other deliveries) and the message's identity
+(:mod:`fido_tx.sinks.identity`) are written by one Lua script, so they are
+one atomic step: a message is pushed exactly once whatever crashes.  With ``namespace`` the Sidekiq keys get the prefix
 ``<namespace>:`` (mail_room's ``namespace``, Redis::Namespace); the dedupe
 record never does.
 
@@ -43,7 +44,7 @@ from zope.interface import implementer
 from fido_tx import errors
 from fido_tx.interfaces import ISink
 from fido_tx.redis import keys
-from fido_tx.sinks import redisbatch
+from fido_tx.sinks import identity, redisbatch
 from fido_tx.sinks.message import Delivery
 from fido_tx.sinks.options import one_of, typed
 
@@ -63,16 +64,21 @@ BINARY_MODES = ("latin1", "verbatim")
 TIMESTAMP_MODES = ("seconds", "milliseconds")
 
 #: KEYS: the Sidekiq queues set, the queue list, the dedupe set, the account
-#: hash; ARGV: the queue name, then (id, job) pairs.  Returns the ids pushed.
-#: Check, push, record (as the Redis sinks): an error inside can at worst
-#: leave a job without its record, never a record without its job.
-PUSH_LUA = """
+#: hash, the identity hash and list (:mod:`fido_tx.sinks.identity`); ARGV:
+#: the queue name, the epoch, then (id, identity, job) triples.  Returns the
+#: ids pushed.  Check, push, record (as the Redis sinks): an error inside can
+#: at worst leave a job without its record, never a record without its job.
+#: A message whose identity is known is recorded, not pushed.
+PUSH_LUA = identity.LUA + """
 local pushed = {}
-for i = 2, #ARGV, 2 do
+for i = 3, #ARGV, 3 do
   if redis.call('SISMEMBER', KEYS[3], ARGV[i]) == 0 then
-    redis.call('LPUSH', KEYS[2], ARGV[i + 1])
+    if not fido_known(KEYS[5], ARGV[i + 1]) then
+      redis.call('LPUSH', KEYS[2], ARGV[i + 2])
+      pushed[#pushed + 1] = ARGV[i]
+    end
     redis.call('SADD', KEYS[3], ARGV[i])
-    pushed[#pushed + 1] = ARGV[i]
+    fido_remember(KEYS[5], KEYS[6], ARGV[2] .. ':' .. ARGV[i], ARGV[i + 1])
   end
 end
 if #pushed > 0 then
@@ -193,6 +199,8 @@ class SidekiqSink(Service):
         return redisbatch.filter_new(self._redis, account_id, mailbox, epoch, ids,
                                      self.min_replicas, self.replica_timeout)
 
+    def identities(self, account_id, mailbox, epoch, ids):
+        return identity.stored(self._redis, account_id, mailbox, epoch, ids)
 
     def deliver(self, messages):
         messages = list(messages)
@@ -207,11 +215,13 @@ class SidekiqSink(Service):
         confirmed, new, error = [], [], None
         now = self._reactor.seconds()
         for (account, mailbox, epoch), group in groups.items():
-            args = [self._options["queue"].encode("utf-8")]
+            args = [self._options["queue"].encode("utf-8"), epoch.encode("utf-8")]
             for m in group:
-                args += [m.id.encode("utf-8"), job_json(m, self._options, now)]
+                args += [m.id.encode("utf-8"), m.identity.encode("utf-8"),
+                         job_json(m, self._options, now)]
             script_keys = [self.queues_key, self.queue_key,
-                           keys.dedupe(account, mailbox, epoch), keys.account(account)]
+                           keys.dedupe(account, mailbox, epoch), keys.account(account),
+                           *keys.identities(account, mailbox)]
             then = None
             if self.min_replicas:
                 def then(proto, reply):

@@ -26,7 +26,9 @@ from twisted.logger import Logger
 from fido_tx import errors
 from fido_tx.errors import FidoError
 from fido_tx.sinks.message import Message
+from fido_tx.sources.imap import identity, marking
 from fido_tx.sources.imap.client import FidoIMAP4Client, ImapCommandError
+from fido_tx.sources.imap.marking import SIZE_CHUNK, command_error
 from fido_tx.sources.imap.parse import (
     SelectInfo,
     _show,
@@ -39,21 +41,10 @@ from fido_tx.sources.imap.parse import (
     uid_set,
 )
 
-#: UIDs per ``UID FETCH (RFC822.SIZE)`` and per marking command
-SIZE_CHUNK = 1000
-
 __all__ = ["MailboxPoll", "SIZE_CHUNK", "command_error"]
 
 _log = Logger()
 _ABSENT = object()
-
-
-def command_error(exc, kind_for_no=errors.MAILBOX, doing=""):
-    if isinstance(exc, ImapCommandError):
-        kind = kind_for_no if exc.status == b"NO" else errors.PROTOCOL
-        return FidoError(kind, f"{doing or exc.command} failed: {exc.status.decode()} "
-                               f"{_show(exc.text)}")
-    return exc
 
 
 def _shielded(d):
@@ -117,6 +108,8 @@ class MailboxPoll:
         self.marked = 0
         self.too_large = []
         self.rejected = []
+        #: UIDs delivered under another id than their own: reused UIDs
+        self.aliases = {}
 
     def command(self, name, args=None, **kw):
         return self.conn.proto.command(name, args, **kw)
@@ -136,13 +129,19 @@ class MailboxPoll:
         new_set = {int(i) for i in ids}
         already = [u for u in uids if u not in new_set]
         new = [u for u in uids if u in new_set]
-        if already:
-            self.step("{n} messages already stored, marking them", n=len(already))
+        reuse = identity.Reuse(same=tuple(already))
+        if already and not self.dry_run:
+            reuse = await identity.check_stored(self, epoch, already, sink_call)
+            self.aliases = reuse.fetch
+        if reuse.same:
+            self.step("{n} messages already stored, marking them", n=len(reuse.same))
             if not self.dry_run:
-                await self.mark(already)
-                self.marked += len(already)
-        if new:
-            await self.fetch_new(info, new)
+                await self.mark(list(reuse.same))
+                self.marked += len(reuse.same)
+        if new or reuse.fetch:
+            await self.fetch_new(info, sorted(new + list(reuse.fetch)))
+        if reuse.reports:
+            raise FidoError(errors.PROTOCOL, reuse.error_text(self.mailbox))
 
     async def fetch_new(self, info, new):
         sizes = await self.sizes(new)
@@ -338,76 +337,39 @@ class MailboxPoll:
             bodies.clear()
             raise FidoError(errors.PROTOCOL, "the server's UID FETCH answer did not carry what "
                                              "was asked: " + "; ".join(wrong[:5]))
-        account, mailbox = self.account.id, self.mailbox
-        messages = [
-            Message(account, mailbox, epoch, str(uid), bodies[uid],
-                    message_id=extract_message_id(bodies[uid]), source="imap")
-            for uid in batch if uid in bodies
-        ]
+        messages = [self.message(epoch, uid, bodies[uid], sizes[uid])
+                    for uid in batch if uid in bodies]
         bodies.clear()
         if not messages:
             return None
         self.step("storing {n} messages", n=len(messages))
         delivery = await sink_call(self.sink.deliver, messages)
         sizes = {m.id: m.size for m in messages}
+        uid_of = {m.id: int(m.id.partition("~")[0]) for m in messages}
         del messages
         if grant is not None:
             grant.release()  # the bodies are delivered and dropped: the budget is free
-        confirmed = [int(i) for i in delivery.confirmed if i in sizes]
+        confirmed = [i for i in delivery.confirmed if i in sizes]
         self.fetched += len(confirmed)
-        self.bytes += sum(sizes[str(u)] for u in confirmed)
-        self.rejected.extend(int(i) for i in delivery.rejected if i in sizes)
+        self.bytes += sum(sizes[i] for i in confirmed)
+        self.rejected.extend(uid_of[i] for i in delivery.rejected if i in sizes)
+        confirmed = [uid_of[i] for i in confirmed]
         if confirmed:
             await self.mark(confirmed)
             self.marked += len(confirmed)
         return delivery.error
 
-    # -- marking -----------------------------------------------------------------
+    def message(self, epoch, uid, raw, size):
+        """The Message of ``raw`` at ``uid`` (RFC822.SIZE ``size``)."""
+        message_id = extract_message_id(raw)
+        return Message(self.account.id, self.mailbox, epoch, self.aliases.get(uid) or str(uid),
+                       raw, message_id=message_id, source="imap",
+                       identity=identity.of(size, message_id, raw))
+
+    # -- marking (fido_tx.sources.imap.marking) ---------------------------------
 
     async def store_flags(self, uids, flag):
-        for i in range(0, len(uids), SIZE_CHUNK):
-            chunk = uids[i:i + SIZE_CHUNK]
-            try:
-                await self.command(
-                    b"UID", b"STORE " + uid_set(chunk) + b" +FLAGS.SILENT (" + flag + b")")
-            except ImapCommandError as e:
-                raise command_error(e, errors.MAILBOX, "UID STORE")
-
-    async def expunge(self, uids):
-        try:
-            if b"UIDPLUS" in self.conn.caps:
-                await self.command(b"UID", b"EXPUNGE " + uid_set(uids))
-            else:
-                await self.command(b"EXPUNGE")
-        except ImapCommandError as e:
-            raise command_error(e, errors.MAILBOX, "EXPUNGE")
+        await marking.store_flags(self, uids, flag)
 
     async def mark(self, uids):
-        for i in range(0, len(uids), SIZE_CHUNK):
-            await self.mark_chunk(uids[i:i + SIZE_CHUNK])
-
-    async def mark_chunk(self, uids):
-        action = self.account.after_fetch
-        target = self.account.move_target
-        if action == "seen":
-            await self.store_flags(uids, b"\\Seen")
-        elif action == "delete":
-            await self.store_flags(uids, b"\\Deleted")
-            await self.expunge(uids)
-        elif target is not None:
-            await self.move(uids, target)
-        else:
-            raise FidoError(errors.CONFIG, f"unknown after_fetch {action!r}")
-        self.step("marked {n} messages ({action})", n=len(uids), action=action)
-
-    async def move(self, uids, target):
-        folder = mailbox_name(target)
-        try:
-            if b"MOVE" in self.conn.caps:
-                await self.command(b"UID", b"MOVE " + uid_set(uids) + b" " + folder)
-                return
-            await self.command(b"UID", b"COPY " + uid_set(uids) + b" " + folder)
-        except ImapCommandError as e:
-            raise command_error(e, errors.MAILBOX, f"moving messages to {target!r}")
-        await self.store_flags(uids, b"\\Deleted")
-        await self.expunge(uids)
+        await marking.mark(self, uids)
