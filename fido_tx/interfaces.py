@@ -44,6 +44,16 @@ class ISink(Interface):
             cannot answer.
         """
 
+    def recognise(account_id, mailbox, epoch, identities):
+        """Of ``identities`` (``{id: identity}``, ids not delivered yet),
+        the ids whose identity was delivered before from the same account
+        and mailbox under another key: those are recorded as delivered under
+        their new key (they may be marked on the server) and not delivered.
+
+        :return: Deferred firing with the list of those ids; errbacks with a
+            :class:`~fido_tx.errors.FidoError` when the sink cannot answer.
+        """
+
     def deliver(messages):
         """Deliver a batch of :class:`~fido_tx.sinks.message.Message` of one
         account, each exactly once.

@@ -58,6 +58,20 @@ class MemorySink:
         return defer.succeed(
             [self._identity_at.get((account_id, mailbox, epoch, i), "") for i in ids])
 
+    def recognise(self, account_id, mailbox, epoch, identities):
+        self.calls.append(("recognise", account_id, tuple(identities)))
+        if self.fail is not None:
+            return defer.fail(self.fail)
+        found = []
+        for i, ident in identities.items():
+            key = (account_id, mailbox, epoch, i)
+            if ident and (account_id, mailbox, ident) in self._identities \
+                    and key not in self._keys:
+                self._keys.add(key)
+                self._identity_at[key] = ident
+                found.append(i)
+        return defer.succeed(found)
+
     def deliver(self, messages):
         self.calls.append(("deliver", tuple(m.id for m in messages)))
         if self.fail is not None:

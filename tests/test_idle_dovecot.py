@@ -47,6 +47,9 @@ class Timing:
     def identities(self, account_id, mailbox, epoch, ids):
         return self.sink.identities(account_id, mailbox, epoch, ids)
 
+    def recognise(self, account_id, mailbox, epoch, identities):
+        return self.sink.recognise(account_id, mailbox, epoch, identities)
+
     def deliver(self, messages):
         def confirmed(delivery):
             now = self.clock.seconds()

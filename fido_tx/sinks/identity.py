@@ -55,6 +55,22 @@ end
 """ % KEEP
 
 
+#: KEYS = a dedupe set, the identity hash and list; ARGV = the epoch, then
+#: (id, identity) pairs.  Records the ids whose identity was stored before
+#: (under another key) and returns them; the others are left alone.
+RECOGNISE_LUA = LUA + """
+local found = {}
+for i = 2, #ARGV, 2 do
+  if fido_known(KEYS[2], ARGV[i + 1]) and redis.call('SISMEMBER', KEYS[1], ARGV[i]) == 0 then
+    redis.call('SADD', KEYS[1], ARGV[i])
+    fido_remember(KEYS[2], KEYS[3], ARGV[1] .. ':' .. ARGV[i], ARGV[i + 1])
+    found[#found + 1] = ARGV[i]
+  end
+end
+return found
+"""
+
+
 def lua(keep=KEEP):
     """:data:`LUA` with another bound (tests)."""
     return LUA.replace(" > %d then" % KEEP, " > %d then" % keep)
@@ -69,6 +85,23 @@ def _text(value):
     if value is None:
         return ""
     return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else str(value)
+
+
+def recognise(script, account_id, mailbox, epoch, identities, then=None):
+    """Run :data:`RECOGNISE_LUA` (``script``, registered on the sink's
+    connection) for ``identities`` (``{id: identity}``): Deferred, the ids
+    recognised (and now recorded under their new key).  ``then`` as for
+    :meth:`~fido_tx.redis.connection.Script.run` (a WAIT for replicas)."""
+    pairs = [(i, ident) for i, ident in identities.items() if ident]
+    if not pairs:
+        return defer.succeed([])
+    args = [epoch.encode("utf-8")]
+    for i, ident in pairs:
+        args += [i.encode("utf-8"), ident.encode("utf-8")]
+    d = script.run([keys.dedupe(account_id, mailbox, epoch),
+                    *keys.identities(account_id, mailbox)], args,
+                   what=f"identity check of {len(pairs)} messages", then=then)
+    return d.addCallback(lambda ids: [_text(i) for i in ids or ()])
 
 
 def stored(connection, account_id, mailbox, epoch, ids):

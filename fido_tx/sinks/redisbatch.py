@@ -150,6 +150,7 @@ class RedisBatchSink:
         self.last_length = None
         self._connection = connection
         self._script = connection.script(self.SOURCE)
+        self._recognise = connection.script(identity.RECOGNISE_LUA)
 
     def filter_new(self, account_id, mailbox, epoch, ids):
         """The ids of ``ids`` not delivered yet, in the order given (the
@@ -160,6 +161,23 @@ class RedisBatchSink:
     def identities(self, account_id, mailbox, epoch, ids):
         """The identity recorded with each of ``ids`` ("" where none)."""
         return identity.stored(self._connection, account_id, mailbox, epoch, ids)
+
+    def recognise(self, account_id, mailbox, epoch, identities):
+        """Record and return the ids whose identity was stored before."""
+        return identity.recognise(self._recognise, account_id, mailbox, epoch, identities,
+                                  then=self._then_wait(bool))
+
+    def _then_wait(self, needed):
+        """A ``then`` that WAITs for the replicas when ``needed(reply)``."""
+        if not self.min_replicas:
+            return None
+
+        def then(proto, reply):
+            if not needed(reply):
+                return defer.succeed(reply)
+            return self._wait(proto).addCallback(lambda _: reply)
+
+        return then
 
     def _wait(self, proto):
         return wait_for_replicas(proto, self.min_replicas, self.replica_timeout)
@@ -189,13 +207,8 @@ class RedisBatchSink:
             args += [index[set_key], m.id, index[ident_keys[0]], identity.location(m),
                      m.identity]
             args.extend(self.encode(m))
-        then = None
-        if self.min_replicas:
-            def then(proto, reply):
-                return self._wait(proto).addCallback(lambda _: reply)
-
         d = self._script.run(script_keys, args, what=f"delivery of {len(messages)} messages",
-                             then=then)
+                             then=self._then_wait(lambda reply: True))
 
         def delivered(reply):
             self.last_length = int(reply[0])

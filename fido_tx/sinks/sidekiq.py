@@ -184,6 +184,7 @@ class SidekiqSink(Service):
         self.queues_key = f"{prefix}queues".encode("utf-8")
         self.queue_key = f"{prefix}queue:{options['queue']}".encode("utf-8")
         self._script = redis.script(PUSH_LUA) if redis is not None else None
+        self._recognise = redis.script(identity.RECOGNISE_LUA) if redis is not None else None
 
     def startService(self):
         super().startService()
@@ -201,6 +202,17 @@ class SidekiqSink(Service):
 
     def identities(self, account_id, mailbox, epoch, ids):
         return identity.stored(self._redis, account_id, mailbox, epoch, ids)
+
+    def recognise(self, account_id, mailbox, epoch, identities):
+        then = None
+        if self.min_replicas:
+            def then(proto, reply):
+                if not reply:
+                    return defer.succeed(reply)
+                return redisbatch.wait_for_replicas(
+                    proto, self.min_replicas, self.replica_timeout).addCallback(lambda _: reply)
+        return identity.recognise(self._recognise, account_id, mailbox, epoch, identities,
+                                  then=then)
 
     def deliver(self, messages):
         messages = list(messages)

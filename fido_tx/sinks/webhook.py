@@ -286,6 +286,7 @@ class WebhookSink(Service):
         self._redis = redis
         self._record = redis.script(RECORD_LUA) if redis is not None else None
         self._fresh = redis.script(FRESH_LUA) if redis is not None else None
+        self._recognise = redis.script(identity.RECOGNISE_LUA) if redis is not None else None
         self._dry_run = dry_run
         self._log = log or _log
         self._auth = _Auth(options, reactor)
@@ -310,6 +311,9 @@ class WebhookSink(Service):
 
     def identities(self, account_id, mailbox, epoch, ids):
         return identity.stored(self._redis, account_id, mailbox, epoch, ids)
+
+    def recognise(self, account_id, mailbox, epoch, identities):
+        return identity.recognise(self._recognise, account_id, mailbox, epoch, identities)
 
     def _not_delivered(self, account, mailbox, epoch, group):
         """The ids of ``group`` to POST (see :data:`FRESH_LUA`)."""

@@ -53,6 +53,10 @@ class SourceContext:
     #: Graph: the shared :class:`~fido_tx.sources.graph.GraphShared` (HTTP pool,
     #: per-mailbox gates, the Redis connection for delta links)
     graph: object = None
+    #: IMAP: the :class:`~fido_tx.sources.imap.identity.Epochs` (the
+    #: UIDVALIDITY each mailbox was last polled in; ``None``: unknown, so
+    #: every poll checks new UIDs against the messages stored before)
+    epochs: object = None
 
 
 def make_session(account, ctx, handle=None):

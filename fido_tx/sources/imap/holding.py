@@ -149,7 +149,7 @@ class HeldImap:
         started = ctx.reactor.seconds()
         step = StepLog(self.log, account.id, new_session_id(), ctx.debug)
         p = HeldMailboxPoll(info, conn, account, ctx.sink, ctx.settings, step,
-                            budget=ctx.budget, dry_run=ctx.dry_run)
+                            budget=ctx.budget, dry_run=ctx.dry_run, epochs=ctx.epochs)
         error = None
         try:
             await p.run()

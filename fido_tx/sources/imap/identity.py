@@ -32,7 +32,7 @@ import attr
 from fido_tx.sources.imap.bounds import body_limits
 from fido_tx.sources.imap.parse import _show, extract_message_id
 
-__all__ = ["of", "check_stored", "Reuse", "alias"]
+__all__ = ["of", "check_stored", "sizes", "Epochs", "Reuse", "alias"]
 
 #: the items that tell a message's identity again without its body
 ITEMS = b"(UID RFC822.SIZE BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)])"
@@ -45,6 +45,21 @@ def of(size, message_id, raw=b""):
         text = f"{size} {message_id}".encode("utf-8", "surrogateescape")
         return "m" + hashlib.sha256(text).hexdigest()[:16]
     return "b" + hashlib.sha256(b"%d " % size + raw).hexdigest()[:16]
+
+
+class Epochs:
+    """The UIDVALIDITY a poll last completed with, per (account, mailbox),
+    in this process (one per daemon, shared by every session through the
+    :class:`~fido_tx.sources.SourceContext`): one entry per mailbox polled."""
+
+    def __init__(self):
+        self._last = {}
+
+    def known(self, account_id, mailbox, epoch):
+        return self._last.get((account_id, mailbox)) == epoch
+
+    def seen(self, account_id, mailbox, epoch):
+        self._last[(account_id, mailbox)] = epoch
 
 
 def alias(uid, identity):
@@ -89,6 +104,30 @@ async def _now(poll, uids):
 
     await poll.fetch_items(uids, ITEMS, collect)
     return now
+
+
+async def sizes(poll, epoch, uids, sink_call):
+    """``(sizes, recognised)``: the RFC822.SIZE of ``uids`` (new to the
+    sink), and those of them the sink recognised by identity (stored before
+    under another UIDVALIDITY: now recorded, to be marked, not fetched).
+
+    In an epoch this process polled before, the sizes alone (the hot path);
+    in another, the identities come in the same ``UID FETCH`` and the sink
+    is asked once.  Without ``poll.epochs`` (a session alone, as
+    :func:`~fido_tx.sources.imap.session.fetch_mailbox` runs it), and in a
+    dry run, the sizes alone: the sink then recognises what it stored
+    before when it is delivered again (the body fetched for nothing)."""
+    if poll.dry_run or poll.epochs is None \
+            or poll.epochs.known(poll.account.id, poll.mailbox, epoch):
+        return await poll.sizes(uids), []
+    now = await _now(poll, uids)
+    identities = {poll.aliases.get(u) or str(u): of(size, mid)
+                  for u, (size, mid) in now.items() if mid}
+    found = await sink_call(poll.sink.recognise, poll.account.id, poll.mailbox, epoch,
+                            identities) if identities else []
+    found = set(found)
+    return ({u: size for u, (size, _) in now.items()},
+            [u for u in uids if (poll.aliases.get(u) or str(u)) in found])
 
 
 async def _digests(poll, sizes):

@@ -94,7 +94,7 @@ class MailboxPoll:
     what it did, also when it ends with an error."""
 
     def __init__(self, connection, account, sink, settings, step, budget=None,
-                 dry_run=False, mailbox=None):
+                 dry_run=False, mailbox=None, epochs=None):
         self.conn = connection
         self.account = account
         self.sink = sink
@@ -103,6 +103,9 @@ class MailboxPoll:
         self.budget = budget
         self.dry_run = dry_run
         self.mailbox = mailbox if mailbox is not None else account.mailbox
+        #: :class:`~fido_tx.sources.imap.identity.Epochs` (``None``: no
+        #: check of new UIDs before their bodies: see identity.sizes)
+        self.epochs = epochs
         self.fetched = 0
         self.bytes = 0
         self.marked = 0
@@ -120,10 +123,10 @@ class MailboxPoll:
             return
         info = await self.select()
         uids = await self.search(info)
+        epoch = str(info.uidvalidity)
         if not uids:
             self.step("no unseen messages")
-            return
-        epoch = str(info.uidvalidity)
+            return self.seen(epoch)
         ids = await sink_call(self.sink.filter_new, self.account.id, self.mailbox, epoch,
                               [str(u) for u in uids])
         new_set = {int(i) for i in ids}
@@ -142,9 +145,22 @@ class MailboxPoll:
             await self.fetch_new(info, sorted(new + list(reuse.fetch)))
         if reuse.reports:
             raise FidoError(errors.PROTOCOL, reuse.error_text(self.mailbox))
+        self.seen(epoch)
+
+    def seen(self, epoch):
+        """This poll went through ``epoch``: later ones skip the check of
+        new UIDs against messages stored before (identity.sizes)."""
+        if self.epochs is not None and not self.dry_run:
+            self.epochs.seen(self.account.id, self.mailbox, epoch)
 
     async def fetch_new(self, info, new):
-        sizes = await self.sizes(new)
+        sizes, known = await identity.sizes(self, str(info.uidvalidity), new, sink_call)
+        if known:
+            self.step("{n} messages stored before under another UIDVALIDITY, marking them",
+                      n=len(known))
+            await self.mark(known)
+            self.marked += len(known)
+            new = [u for u in new if u not in set(known)]
         fetchable = await self.leave_too_large(info, new, sizes)
         if self.dry_run:
             self.fetched = len(fetchable)

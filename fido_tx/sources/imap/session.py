@@ -89,7 +89,7 @@ class StepLog:
 
 
 def fetch_mailbox(reactor, account, sink, settings, dry_run=False, log=None, budget=None,
-                  pacer=None, debug=True, connector=None, credentials=None):
+                  pacer=None, debug=True, connector=None, credentials=None, epochs=None):
     """Run one session on ``account``'s mailbox.
 
     :param reactor: IReactorTCP, IReactorTime and
@@ -111,11 +111,13 @@ def fetch_mailbox(reactor, account, sink, settings, dry_run=False, log=None, bud
         (endpoints, TLS options and sessions); a new one when ``None``.
     :param credentials: the account's :class:`~fido_tx.interfaces.ICredentials`
         (by default :func:`fido_tx.credentials.for_account`).
+    :param epochs: the :class:`~fido_tx.sources.imap.identity.Epochs` of
+        the polls before (see :func:`fido_tx.sources.imap.identity.sizes`).
     :return: Deferred firing with a :class:`SessionResult`.
     """
     return ImapSession(reactor, account, sink, settings, connector=connector,
                        credentials=credentials, dry_run=dry_run, log=log, budget=budget,
-                       pacer=pacer, debug=debug).poll()
+                       pacer=pacer, debug=debug, epochs=epochs).poll()
 
 
 @implementer(ISource)
@@ -124,7 +126,7 @@ class ImapSession:
 
     def __init__(self, reactor, account, sink, settings, connector=None, credentials=None,
                  dry_run=False, log=None, budget=None, pacer=None, debug=True,
-                 credentials_factory=None, handle=None):
+                 credentials_factory=None, handle=None, epochs=None):
         self.reactor = reactor
         self.account = account
         self.sink = sink
@@ -139,6 +141,8 @@ class ImapSession:
         self.pacer = pacer
         #: the scheduler's SessionHandle (IDLE releases its slot through it)
         self.handle = handle
+        #: the daemon's :class:`~fido_tx.sources.imap.identity.Epochs`, or None
+        self.epochs = epochs
         self.session_id = new_session_id()
         self.step = StepLog(self.log, account.id, self.session_id, debug)
         #: why the session was stopped (``None`` while it was not)
@@ -236,7 +240,8 @@ class ImapSession:
                            self.credentials, self.step)
         conn = await self.login.run()
         self.mailbox_poll = MailboxPoll(conn, self.account, self.sink, self.settings,
-                                        self.step, budget=self.budget, dry_run=self.dry_run)
+                                        self.step, budget=self.budget, dry_run=self.dry_run,
+                                        epochs=self.epochs)
         await self.mailbox_poll.run()
         if self.dry_run:
             p = self.mailbox_poll
