@@ -27,9 +27,10 @@ from twisted.internet import defer
 
 from fido_tx.redis import keys
 
-#: messages per (account, mailbox) whose identity is kept (about 190 bytes
-#: of Redis memory each, measured: README "What identifies a message")
-KEEP = 100_000
+#: messages per (account, mailbox) whose identity is kept, the most recent:
+#: about 215 bytes of Redis memory each (bench/identity_memory.py), so at
+#: most ~2.1 MiB per mailbox; the dedupe set costs ~48 bytes per message
+KEEP = 10_000
 
 #: Lua functions for a sink's script.  ``fido_known(ikey, identity)``: was a
 #: message of that identity stored from this mailbox?  ``fido_remember(ikey,

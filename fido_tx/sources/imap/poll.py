@@ -8,7 +8,9 @@ deliver, mark what the sink confirmed, flag what it rejected.
 The order guarantees "never lose a message": a UID is marked (seen,
 deleted, moved) only after the sink has confirmed it.  UIDs the sink already
 holds (a crash between delivery and marking) are marked without being
-fetched again.
+fetched again, once the server is seen to hold there what was stored (a
+reused UID is stored as new: :mod:`fido_tx.sources.imap.identity`, which
+also recognises messages stored before under another UIDVALIDITY).
 
 Search: ``UID SEARCH UNSEEN UNKEYWORD <too_large_keyword> UNKEYWORD
 <rejected_keyword>`` for each keyword the mailbox can hold (``\\*`` or the
