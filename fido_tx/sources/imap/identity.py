@@ -107,9 +107,10 @@ async def _now(poll, uids):
 
 
 async def sizes(poll, epoch, uids, sink_call):
-    """``(sizes, recognised)``: the RFC822.SIZE of ``uids`` (new to the
-    sink), and those of them the sink recognised by identity (stored before
-    under another UIDVALIDITY: now recorded, to be marked, not fetched).
+    """``(sizes, uids to fetch)``: the RFC822.SIZE of ``uids`` (new to the
+    sink), and those of them to fetch: the ones the sink recognises by
+    identity (stored before under another UIDVALIDITY, now recorded under
+    this one) are marked here, their bodies never fetched.
 
     In an epoch this process polled before, the sizes alone (the hot path);
     in another, the identities come in the same ``UID FETCH`` and the sink
@@ -119,15 +120,21 @@ async def sizes(poll, epoch, uids, sink_call):
     before when it is delivered again (the body fetched for nothing)."""
     if poll.dry_run or poll.epochs is None \
             or poll.epochs.known(poll.account.id, poll.mailbox, epoch):
-        return await poll.sizes(uids), []
+        return await poll.sizes(uids), uids
     now = await _now(poll, uids)
     identities = {poll.aliases.get(u) or str(u): of(size, mid)
                   for u, (size, mid) in now.items() if mid}
     found = await sink_call(poll.sink.recognise, poll.account.id, poll.mailbox, epoch,
                             identities) if identities else []
     found = set(found)
-    return ({u: size for u, (size, _) in now.items()},
-            [u for u in uids if (poll.aliases.get(u) or str(u)) in found])
+    known = [u for u in uids if (poll.aliases.get(u) or str(u)) in found]
+    if known:
+        poll.step("{n} messages stored before under another UIDVALIDITY, marking them",
+                  n=len(known))
+        await poll.mark(known)
+        poll.marked += len(known)
+    known = set(known)
+    return {u: size for u, (size, _) in now.items()}, [u for u in uids if u not in known]
 
 
 async def _digests(poll, sizes):

@@ -156,13 +156,7 @@ class MailboxPoll:
             self.epochs.seen(self.account.id, self.mailbox, epoch)
 
     async def fetch_new(self, info, new):
-        sizes, known = await identity.sizes(self, str(info.uidvalidity), new, sink_call)
-        if known:
-            self.step("{n} messages stored before under another UIDVALIDITY, marking them",
-                      n=len(known))
-            await self.mark(known)
-            self.marked += len(known)
-            new = [u for u in new if u not in set(known)]
+        sizes, new = await identity.sizes(self, str(info.uidvalidity), new, sink_call)
         fetchable = await self.leave_too_large(info, new, sizes)
         if self.dry_run:
             self.fetched = len(fetchable)
