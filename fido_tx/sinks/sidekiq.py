@@ -8,9 +8,9 @@ them.
 The job, the dedupe record (``fido:uids:{<account>}:<epoch>:<mailbox>``,
 shared with the other deliveries) and the message's identity
 (:mod:`fido_tx.sinks.identity`) are written by one Lua script, so they are
-one atomic step: a message is pushed exactly once whatever crashes.  With ``namespace`` the Sidekiq keys get the prefix
-``<namespace>:`` (mail_room's ``namespace``, Redis::Namespace); the dedupe
-record never does.
+one atomic step: a message is pushed exactly once whatever crashes.  With
+``namespace`` the Sidekiq keys get the prefix ``<namespace>:`` (mail_room's
+``namespace``, Redis::Namespace); the dedupe record never does.
 
 Job JSON: ``class``, ``args`` (``[raw message]``), ``queue``, ``jid`` (24
 hex digits), ``retry``, ``created_at`` and ``enqueued_at`` (seconds as a

@@ -51,7 +51,8 @@ class StreamSink(RedisBatchSink):
     STRIDE = _STRIDE
     LENGTH = "XLEN"
     SOURCE = batch_script(
-        _STRIDE, "redis.call('XADD', target, '*', unpack(ARGV, i + %d, i + %d))" % (FRAME, _STRIDE - 1),
+        _STRIDE,
+        "redis.call('XADD', target, '*', unpack(ARGV, i + %d, i + %d))" % (FRAME, _STRIDE - 1),
         "XLEN",
     )
 

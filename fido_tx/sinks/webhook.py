@@ -16,9 +16,10 @@ text/plain``), but counting only a 2xx answer as delivered.
 * Exactly once: ids already in the dedupe set
   (``fido:uids:{<account>}:<epoch>:<mailbox>``, shared with the Redis sinks)
   are confirmed without a POST, and so are messages whose identity was
-  stored before under another key (:mod:`fido_tx.sinks.identity`); after a 2xx the id is added to the set
-  *before* it is confirmed, so a crash in between repeats at most that one
-  POST, with the same ``Idempotency-Key``.
+  stored before under another key (:mod:`fido_tx.sinks.identity`); after a
+  2xx the id is added to the set (with its identity) *before* it is
+  confirmed, so a crash in between repeats at most that one POST, with the
+  same ``Idempotency-Key``.
 * At most ``concurrency`` requests of this delivery run at once, each under a
   deadline of ``timeout`` seconds over the whole exchange (connect, headers
   and body), on the delivery's own persistent connection pool: an
