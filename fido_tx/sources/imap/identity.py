@@ -44,7 +44,9 @@ def of(size, message_id, raw=b""):
     if message_id:
         text = f"{size} {message_id}".encode("utf-8", "surrogateescape")
         return "m" + hashlib.sha256(text).hexdigest()[:16]
-    return "b" + hashlib.sha256(b"%d " % size + raw).hexdigest()[:16]
+    digest = hashlib.sha256(b"%d " % size)
+    digest.update(raw)  # no copy of the body
+    return "b" + digest.hexdigest()[:16]
 
 
 class Epochs:
