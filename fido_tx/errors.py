@@ -49,15 +49,18 @@ class FidoError(Exception):
     :ivar message: one line for the log and the web application's user.
     :ivar debug: longer text (server response, recent protocol lines with
         credentials redacted, host and port) for a support engineer.
+    :ivar retry_after: seconds the other side asked to be left alone
+        (``throttled``: an HTTP ``Retry-After``), or ``None``.
     """
 
-    def __init__(self, kind, message, debug=""):
+    def __init__(self, kind, message, debug="", retry_after=None):
         if kind not in FAILURE_KINDS:
             raise ValueError(f"unknown error kind {kind!r}")
         super().__init__(kind, message)
         self.kind = kind
         self.message = message
         self.debug = debug
+        self.retry_after = retry_after
 
     def __str__(self):
         return f"{self.kind}: {self.message}"

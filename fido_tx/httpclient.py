@@ -8,10 +8,15 @@ per host), reads the body with a size bound (aborting the connection past
 it), and cancels the whole request (connect, headers, body) at one deadline.
 Every failure is a :class:`~fido_tx.errors.FidoError`: ``dns``, ``connect``,
 ``tls``, ``timeout`` or ``too_large``.
+
+:func:`parse_retry_after` reads a ``Retry-After`` header for every HTTP
+client of Fido (Graph, the webhook delivery).
 """
 
+import email.utils
 import ipaddress
 import json
+from datetime import timezone
 from urllib.parse import urlsplit
 
 import attr
@@ -21,6 +26,30 @@ from twisted.web import client as web_client
 from twisted.web.http import PotentialDataLoss
 
 from fido_tx import errors
+
+
+def parse_retry_after(value, now, cap):
+    """Seconds from ``now`` (POSIX time) that a ``Retry-After`` value (str)
+    asks for: delta-seconds or an HTTP date (RFC 9110 10.2.3), at least 0
+    and at most ``cap``; ``None`` when absent or unreadable."""
+    if value is None:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when is None:
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=timezone.utc)
+        seconds = when.timestamp() - now
+    if seconds != seconds:  # NaN
+        return None
+    return min(max(seconds, 0.0), cap)
 
 #: bytes of a JSON answer (token endpoint, Graph listings) read at most
 MAX_JSON = 4 * 1024 * 1024

@@ -182,6 +182,22 @@ class IBacklog(Interface):
         """Deferred firing with the queue's length now (``XLEN``/``LLEN``)."""
 
 
+class IMailboxPositions(Interface):
+    """Where an IMAP mailbox stands for ``select = "new"`` and ``start_from
+    = "now"``: the highest UID handled per (account, mailbox), with the
+    UIDVALIDITY it belongs to (:mod:`fido_tx.redis.positions`)."""
+
+    def get(account_id, mailbox):
+        """Deferred firing with ``(epoch, uid)`` (a str and an int) or ``None``
+        when nothing is recorded; errbacks a ``redis`` FidoError."""
+
+    def advance(account_id, mailbox, epoch, uid):
+        """Record ``uid`` for ``epoch``: a higher UID of the same epoch, or
+        any UID of another epoch (which replaces the old record).  Never
+        lowers a recorded UID of the same epoch.  Deferred; errbacks a
+        ``redis`` FidoError."""
+
+
 class IHeartbeatWriter(Interface):
     """Writes ``fido:instance:<id>`` (:mod:`fido_tx.redis.heartbeat`)."""
 

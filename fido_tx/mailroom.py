@@ -258,8 +258,12 @@ class _Mailbox:
         if command == "UNSEEN":
             self.say("search_command", MAPPED, 'select = "unseen"')
         elif command == "NEW":
+            # "every UID above the last one handled" from nothing would take
+            # the whole mailbox, mail_room's read mail included: start at now
             self.account["select"] = "new"
-            self.say("search_command", MAPPED, 'select = "new" (every message above the last one stored)')
+            self.account["start_from"] = "now"
+            self.say("search_command", MAPPED, 'select = "new", start_from = "now" (every message'
+                     " arriving from Fido's first session on, read or not; none already there)")
         else:
             self.say("search_command", UNMAPPED,
                      f"{command!r}: Fido selects UNSEEN or new messages only (select)")

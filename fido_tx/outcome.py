@@ -36,6 +36,9 @@ class SessionResult:
     #: True when the source had nothing to do this turn (e.g. a held
     #: connection polls instead): not backed off, not reported, not counted
     skipped: bool = False
+    #: seconds the delivery asked to be left alone (``throttled`` with a
+    #: Retry-After): the next session waits that long instead of the backoff
+    retry_after: float | None = None
 
     @property
     def ok(self):

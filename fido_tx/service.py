@@ -174,7 +174,7 @@ class DeliveryCheck:
 
 
 def _session_factory(reactor, settings, sinks, dry_run, memory=None, held=None,
-                     graph=None):
+                     graph=None, positions=None):
     """``f(account, handle=None) -> Deferred[SessionResult]``: a new session
     of the account's source (:func:`fido_tx.sources.make_session`) delivering
     to the sink of its ``delivery`` (``sinks``: name -> ISink), polled."""
@@ -214,6 +214,8 @@ def _session_factory(reactor, settings, sinks, dry_run, memory=None, held=None,
         held=held,
         # Graph: one HTTP pool, the per-mailbox gates, the Redis connection
         graph=graph,
+        # IMAP select = "new" / start_from = "now": where each mailbox stands
+        positions=positions,
     )
 
     # one context per delivery: a session sees only its own sink, which sets
@@ -461,6 +463,7 @@ def _watching(top, reactor, settings, ident, redis, sinks, sched, reporter, metr
 def _sources(top, reactor, settings, redis, sinks, dry_run):
     """The sessions of every source, and the held IMAP connections."""
     from fido_tx.credentials import oauth
+    from fido_tx.redis.positions import MailboxPositions
     from fido_tx.sources import graph as graph_mod
     from fido_tx.sources.imap.holding import HeldConnections
 
@@ -468,7 +471,8 @@ def _sources(top, reactor, settings, redis, sinks, dry_run):
     graph = graph_mod.GraphShared.create(
         reactor, redis=redis, settings=graph_mod.GraphSettings.from_imap(settings.imap))
     _Stoppable(lambda: (graph.close(), oauth.close_shared())).setServiceParent(top)
-    factory = _session_factory(reactor, settings, sinks, dry_run, held=held, graph=graph)
+    factory = _session_factory(reactor, settings, sinks, dry_run, held=held, graph=graph,
+                               positions=MailboxPositions(redis))
     return factory, held
 
 

@@ -11,6 +11,7 @@ from fido_tx.interfaces import (
     IAccountState,
     IBacklog,
     IHeartbeatWriter,
+    IMailboxPositions,
     IRedisHealth,
     IReporterView,
     ISchedulerView,
@@ -159,6 +160,38 @@ class FakeBacklog:
         if self.fail:
             return defer.fail(RuntimeError("redis down"))
         return defer.succeed(self.length)
+
+
+@implementer(IMailboxPositions)
+class MemoryPositions:
+    """Mailbox positions in a dict ``{(account, mailbox): (epoch, uid)}``
+    (``records``); ``fail`` True makes every call errback a ``redis``
+    FidoError; ``writes`` lists each :meth:`advance` call."""
+
+    def __init__(self):
+        self.records = {}
+        self.writes = []
+        self.fail = False
+
+    def _down(self):
+        from fido_tx import errors
+
+        return defer.fail(errors.FidoError(errors.REDIS, "Redis is not connected"))
+
+    def get(self, account_id, mailbox):
+        if self.fail:
+            return self._down()
+        return defer.succeed(self.records.get((account_id, mailbox)))
+
+    def advance(self, account_id, mailbox, epoch, uid):
+        if self.fail:
+            return self._down()
+        self.writes.append((account_id, mailbox, str(epoch), int(uid)))
+        current = self.records.get((account_id, mailbox))
+        if current is not None and current[0] == str(epoch) and current[1] >= int(uid):
+            return defer.succeed(0)
+        self.records[(account_id, mailbox)] = (str(epoch), int(uid))
+        return defer.succeed(1)
 
 
 # -- the scheduler and the status side --------------------------------------------

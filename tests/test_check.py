@@ -10,6 +10,7 @@ import sys
 import tempfile
 import textwrap
 
+import attr
 import pytest
 import pytest_twisted
 from twisted.internet import defer, task
@@ -161,6 +162,14 @@ class StaticCheckTests(_Files, SynchronousTestCase):
         self.assertEqual(status, 0)
         self.assertIn("note: [reporter] url is empty", out)
 
+    def test_accounts_with_select_new_or_start_from_now_get_a_note(self):
+        conf = self.setup_files([entry("a"), entry("b", select="new"),
+                                 entry("c", start_from="now")])
+        status, out, _err = self.fido("--config", conf)
+        self.assertEqual(status, 0)
+        [note] = [line for line in out.splitlines() if "start_from" in line]
+        self.assertTrue(note.startswith('note: 2 IMAP accounts with select = "new" or'), note)
+
     def test_json_without_connect(self):
         conf = self.setup_files([entry("a"), entry("b", port=0)], mode=0o644)
         status, out, _err = self.fido("--config", conf, "--json")
@@ -276,6 +285,19 @@ class FormattingTests(SynchronousTestCase):
         self.assertTrue(lines[1].endswith("0.50"))
         self.assertIn("auth: LOGIN rejected by server", lines[2])
         self.assertEqual(lines[-1], "checked 2 accounts: 1 ok, 1 failed (auth 1)")
+
+    def test_the_table_shows_select_and_start_from_when_not_the_defaults(self):
+        a, b = _accounts(2)
+        b = attr.evolve(b, select="new", start_from="now")
+        lines = check.format_results([(a, SessionResult("a0", fetched=3)),
+                                      (b, SessionResult("a1", fetched=0))])
+        self.assertEqual(lines[1].split()[3:], ["ok:", "3", "unseen", "0.00"])
+        self.assertIn("ok: 0 new (select new, start_from now)", lines[2])
+        report = check.Report(config_path="c", accounts_file="f", key_file="", shard="1/1",
+                              accounts=(a, b), shard_accounts=(a, b))
+        doc = check.document(report, [(a, SessionResult("a0")), (b, SessionResult("a1"))])
+        modes = [(x["select"], x["start_from"]) for x in doc["connect"]["accounts"]]
+        self.assertEqual(modes, [("unseen", "all"), ("new", "now")])
 
     def test_progress_bar_redraws_in_place_and_clears(self):
         out = io.StringIO()

@@ -7,6 +7,7 @@ import base64
 
 import attr
 import pytest_twisted
+from twisted.internet import task
 
 from fido_tx.redis import keys
 from fido_tx.sinks import sidekiq, webhook
@@ -55,6 +56,12 @@ async def test_imap_to_gitlab_webhook(server, redis, tmp_path):  # noqa: F811
         assert not result.ok and result.kind == "delivery", result
         assert "answered 500; will retry" in result.message
         assert not seen(box, 1) and not seen(box, 2)
+        endpoint.mode, endpoint.retry_after = "throttled", "1"  # 429: throttled, unmarked
+        result = await run(acct, sink)
+        assert result.kind == "throttled" and result.retry_after == 1.0, result
+        assert "answered 429 (Retry-After: 1): nothing marked" in result.message
+        assert not seen(box, 1) and not seen(box, 2)
+        await task.deferLater(_reactor(), 1.05, lambda: None)  # the pause it asked for
         endpoint.mode = "unauthorized"  # wrong secret: nothing is marked
         result = await run(acct, sink)
         assert result.kind == "delivery"
@@ -66,14 +73,14 @@ async def test_imap_to_gitlab_webhook(server, redis, tmp_path):  # noqa: F811
         assert seen(box, 1) and seen(box, 2)
         assert sorted(r.body for r in endpoint.delivered()) == sorted(raws)
         assert all(r.jwt_ok for r in endpoint.requests)
-        # each message was POSTed three times, always with its own same key
+        # each message was POSTed four times, always with its own same key
         keys_by_body = {}
         for r in endpoint.requests:
             keys_by_body.setdefault(r.body, set()).add(r.headers["idempotency-key"])
         assert [len(k) for k in keys_by_body.values()] == [1, 1]
         assert redis.client()("HGET", keys.account("acme"), "fetched_total") == b"2"
         result = await run(acct, sink)  # nothing new: no POST
-        assert result.ok and len(endpoint.requests) == 6
+        assert result.ok and len(endpoint.requests) == 8
         box.add(message(3))
         endpoint.mode = "bad_request"  # refused for good: flagged, never \Seen
         result = await run(acct, sink)

@@ -186,7 +186,9 @@ class ImportTests(SynchronousTestCase):
         self.assertEqual(self.run_import(source), 0, self.output)
         _document, accounts, deliveries = self.load()
         a = accounts["user1@gmail.com"]
-        self.assertEqual((a.port, a.select), (993, "new"))
+        # NEW maps to select "new" from now: not the mailbox's old (read) mail
+        self.assertEqual((a.port, a.select, a.start_from), (993, "new", "now"))
+        self.assertEqual(accounts["user2@gmail.com"].start_from, "all")
         bearer = deliveries[a.delivery]
         self.assertEqual(bearer["auth"], "bearer")
         with open(bearer["token_file"]) as f:

@@ -12,6 +12,7 @@ from fido_tx.observe.report import Reporter
 from fido_tx.observe.status import StatusTracker
 from fido_tx.redis.connection import RedisConnection
 from fido_tx.redis.heartbeat import HeartbeatWriter
+from fido_tx.redis.positions import MailboxPositions
 from fido_tx.redis.state import AccountState
 from fido_tx.schedule.scheduler import Scheduler
 from fido_tx.config import BackoffSettings
@@ -27,10 +28,11 @@ class RealObjectsTests(SynchronousTestCase):
         verifyObject(interfaces.IRedisHealth, c)
         verifyObject(interfaces.IAccountState, AccountState(c))
         verifyObject(interfaces.IHeartbeatWriter, HeartbeatWriter(c))
+        verifyObject(interfaces.IMailboxPositions, MailboxPositions(c))
 
     def test_sinks(self):
         ctx = sinks.SinkContext(MemoryReactorClock(), _connection())
-        for kind in ("stream", "list"):
+        for kind in ("stream", "list", "sidekiq"):
             module = sinks.module(kind)
             sink = module.build("x", module.validate(dict(module.OPTIONS), "/"), ctx)
             verifyObject(interfaces.ISink, sink)
@@ -57,6 +59,7 @@ class FakesTests(SynchronousTestCase):
         verifyObject(interfaces.IAccountState, redis)
         verifyObject(interfaces.IHeartbeatWriter, redis)
         verifyObject(interfaces.IBacklog, testing.FakeBacklog())
+        verifyObject(interfaces.IMailboxPositions, testing.MemoryPositions())
         verifyObject(interfaces.ISchedulerView, testing.FakeScheduler())
         verifyObject(interfaces.IReporterView, testing.FakeReporter())
         verifyObject(interfaces.IStatusSummary, testing.FakeStatus())

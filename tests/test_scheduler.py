@@ -489,6 +489,19 @@ class BackoffTests(SchedulerTestCase):
         self.sessions.finish("a", errors.TIMEOUT)
         self.assertEqual(self.scheduler.account_state("a").next_due, 60.0)
 
+    def test_throttled_waits_its_retry_after_instead_bounded_by_the_maximum(self):
+        self.make(workers=1, poll_interval=60.0)
+        self.scheduler.set_accounts(accounts("a"))
+        for retry_after, gap in ((250.0, 250.0), (10.0, 60.0), (5000.0, 400.0)):
+            start = self.clock.seconds()
+            self.sessions.finish("a", errors.THROTTLED, retry_after=retry_after)
+            self.assertEqual(self.scheduler.account_state("a").next_due, start + gap)
+            self.clock.advance(gap)
+            self.assertEqual(self.scheduler.running_count, 1)
+        start = self.clock.seconds()
+        self.sessions.finish("a", errors.THROTTLED)  # no Retry-After: the backoff
+        self.assertEqual(self.scheduler.account_state("a").next_due, start + 400.0)
+
     def test_auth_failures_back_off_harder(self):
         self.make(workers=1, poll_interval=60.0)
         self.scheduler.set_accounts(accounts("a"))

@@ -278,3 +278,42 @@ async def test_min_replicas_confirms_nothing_until_replicas_have_it(conn, redis)
         await sink.filter_new("acme", "INBOX", "42", ["1"])
     plain = sidekiq.build("jobs", sidekiq.validate({}, "."), ctx)
     assert await plain.filter_new("acme", "INBOX", "42", ["1"]) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stopped_sidekiq_pauses_fetching_at_max_backlog_and_a_running_one_resumes_it(
+        conn, redis, tmp_path):
+    from fido_tx.interfaces import IBacklog
+    from fido_tx.schedule.backpressure import Backpressure
+    from fido_tx.testing import FakeScheduler
+
+    sink = sidekiq.build("jobs", sidekiq.validate({}, "."), Ctx(_reactor(), conn))
+    verifyObject(IBacklog, sink)
+    clock, scheduler = task.Clock(), FakeScheduler()
+    pressure = Backpressure(clock, sink, scheduler, max_backlog=5, check_interval=1,
+                            reason="backlog:jobs")
+    msgs = sample_messages(8)
+    await sink.deliver(msgs[:4])
+    pressure.after_session(None, None)
+    assert sink.last_length == 4 and scheduler.reasons == set()
+    await sink.deliver(msgs[4:])  # nobody takes the jobs: Sidekiq is stopped
+    pressure.after_session(None, None)
+    assert sink.last_length == 8 and scheduler.reasons == {"backlog:jobs"}
+    assert redis.client()("LLEN", "queue:default") == 8
+    # a namespace (mail_room's option) counts its own queue
+    namespaced = sidekiq.build("ns", sidekiq.validate({"namespace": "gl"}, "."),
+                               Ctx(_reactor(), conn))
+    await namespaced.deliver(sample_messages(3, account="other"))
+    assert namespaced.last_length == 3 and await namespaced.backlog() == 3
+    worker = Sidekiq(redis.url, str(tmp_path)).start()
+    try:
+        worker.wait_for(8)
+        for _ in range(100):  # the next checks read LLEN from Redis
+            clock.advance(1)
+            await task.deferLater(_reactor(), 0.05, lambda: None)
+            if not scheduler.reasons:
+                break
+        assert scheduler.reasons == set() and sink.last_length == 0
+    finally:
+        worker.stop()
+        pressure.stop()

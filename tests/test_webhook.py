@@ -291,13 +291,51 @@ async def test_wrong_secret_is_refused_by_the_endpoint(tmp_path, endpoint, conn)
 
 
 @pytest_twisted.ensureDeferred
-async def test_429_is_transient_and_says_retry_after(tmp_path, endpoint, conn):
+async def test_429_is_throttled_with_its_retry_after_and_the_delivery_holds_back(
+        tmp_path, endpoint, conn):
     sink = make_sink(tmp_path, endpoint, conn)
     try:
         endpoint.mode = "throttled"
+        d = await sink.deliver([message(1), message(2)])
+        assert d.confirmed == () and d.rejected == () and d.error.kind == errors.THROTTLED
+        assert d.error.retry_after == 120
+        assert "answered 429 (Retry-After: 120): nothing marked" in d.error.message
+        assert await sink.filter_new("acme", "INBOX", "7", ["1", "2"]) == ["1", "2"]
+        posts = len(endpoint.requests)
+        # within the window: no POST at all, for this account or any other
+        endpoint.mode = "ok"
+        for account in ("acme", "other"):
+            d = await sink.deliver([message(3, account=account)])
+            assert d.confirmed == () and d.error.kind == errors.THROTTLED, d
+            assert 0 < d.error.retry_after <= 120
+        assert len(endpoint.requests) == posts
+    finally:
+        await sink.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_429_with_an_http_date_or_none_and_delivery_after_the_window(
+        tmp_path, endpoint, conn):
+    from email.utils import formatdate
+
+    sink = make_sink(tmp_path, endpoint, conn)
+    try:
+        endpoint.mode = "throttled"
+        endpoint.retry_after = formatdate(time.time() + 1, usegmt=True)
         d = await sink.deliver([message(1)])
-        assert d.confirmed == () and d.rejected == () and d.error.kind == errors.DELIVERY
-        assert "answered 429 (Retry-After: 120); will retry" in d.error.message
+        assert d.error.kind == errors.THROTTLED and 0 <= d.error.retry_after <= 2, d.error
+        await task.deferLater(_reactor(), d.error.retry_after + 0.05, lambda: None)
+        endpoint.mode = "ok"
+        d = await sink.deliver([message(1)])
+        assert d.confirmed == ("1",) and d.error is None
+        endpoint.mode, endpoint.retry_after = "throttled", None
+        d = await sink.deliver([message(2)])
+        assert d.error.retry_after == webhook.THROTTLE_DEFAULT
+        assert "no Retry-After" in d.error.message
+        endpoint.retry_after = "999999"
+        sink._throttled_until = None
+        d = await sink.deliver([message(2)])
+        assert d.error.retry_after == webhook.MAX_RETRY_AFTER
     finally:
         await sink.stopService()
 

@@ -124,6 +124,12 @@ def inspect(settings, config_path):
                      " application")
     if fido.dry_run:
         notes.append("dry_run = true: the daemon changes neither mailboxes nor Redis")
+    tracked = [a for a in shard_accounts if a.source == "imap" and mode(a)]
+    if tracked:
+        notes.append(f"{_plural(len(tracked), 'IMAP account')} with select = \"new\" or"
+                     " start_from = \"now\" (shown per account with --connect, which reads"
+                     " no position from Redis: it counts from UID 1, and start_from = \"now\""
+                     " counts nothing)")
     startup, more_warnings = startup_checks(settings)
     warnings.extend(more_warnings)
     return Report(
@@ -406,11 +412,25 @@ def unseen(result):
     return result.fetched + len(result.too_large)
 
 
-def result_text(result, width=MESSAGE_WIDTH):
+def mode(account):
+    """An account's non-default ``select`` / ``start_from``, e.g. ``select new,
+    start_from now`` (``""`` for the defaults)."""
+    if account is None:
+        return ""
+    parts = [f"select {account.select}"] if account.select != "unseen" else []
+    if account.start_from != "all":
+        parts.append(f"start_from {account.start_from}")
+    return ", ".join(parts)
+
+
+def result_text(result, width=MESSAGE_WIDTH, account=None):
     if result.ok:
-        text = f"ok: {unseen(result)} unseen"
+        what = "new" if account is not None and account.select == "new" else "unseen"
+        text = f"ok: {unseen(result)} {what}"
         if result.too_large:
             text += f" ({len(result.too_large)} over max_message_size)"
+        if mode(account):
+            text += f" ({mode(account)})"
         return text
     return f"{result.kind}: {_one_line(result.message, width)}"
 
@@ -449,7 +469,7 @@ def format_results(results):
         return ["checked 0 accounts: none in this shard"]
     lines = _table(
         ["ACCOUNT", "SERVER", "SECURITY", "RESULT", "SECONDS"],
-        [[a.id, _server(a), _security(a), result_text(r), f"{r.seconds:.2f}"]
+        [[a.id, _server(a), _security(a), result_text(r, account=a), f"{r.seconds:.2f}"]
          for a, r in results],
     )
     kinds = _by_kind(results)
@@ -469,7 +489,8 @@ def document(report, results=None):
          "warnings": [...], "notes": [...],
          "connect": null, or {"ok": 19, "failed": 1, "by_kind": {"auth": 1},
                               "accounts": [{"id", "host", "port", "security", "ok",
-                                            "unseen", "too_large", "kind", "message",
+                                            "unseen", "select", "start_from",
+                                            "too_large", "kind", "message",
                                             "seconds"}, ...]},
          "ok": true}
     """
@@ -499,6 +520,7 @@ def document(report, results=None):
             "accounts": [
                 {"id": a.id, "host": a.host, "port": a.port, "security": a.security,
                  "ok": r.ok, "unseen": unseen(r) if r.ok else None,
+                 "select": a.select, "start_from": a.start_from,
                  "too_large": len(r.too_large), "kind": r.kind,
                  "message": " ".join(r.message.split()), "seconds": round(r.seconds, 3)}
                 for a, r in results

@@ -28,6 +28,11 @@
 ``fido:sessions:<id>``
     List, the account's last sessions for the status page, newest first,
     bounded and expiring (:mod:`fido_tx.observe.history`).
+``fido:imap:position:{<account>}:<mailbox>``
+    Hash, one field: ``<uidvalidity>`` -> the highest UID handled
+    (delivered and marked, or left flagged) by an IMAP account with
+    ``select = "new"`` or ``start_from = "now"`` (:mod:`fido_tx.redis.positions`).
+    Written after the marking; a new UIDVALIDITY replaces the field.
 ``fido:graph:delta:{<account>}:<folder>``
     String, a Graph account's delta link (``select = "new"``), written after
     a round's messages are delivered and marked (:mod:`fido_tx.sources.graph`).
@@ -78,6 +83,10 @@ CLUSTER = b"fido:cluster"
 
 def lease(account_id):
     return f"fido:lease:{{{account_id}}}".encode("utf-8")
+
+
+def imap_position(account_id, mailbox):
+    return f"fido:imap:position:{{{account_id}}}:{mailbox}".encode("utf-8")
 
 
 def graph_delta(account_id, folder):

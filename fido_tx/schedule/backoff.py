@@ -11,7 +11,8 @@ password every few seconds gets accounts locked by their providers.
 the Redis reconnects (:mod:`fido_tx.redis.connection`) and the error-report
 retries (:mod:`fido_tx.observe.report`) all wait that long.
 
-A success resets the count.  A ``redis`` failure is not the account's fault
+A ``throttled`` session that carries a Retry-After waits that long instead
+(at most ``maximum``).  A success resets the count.  A ``redis`` failure is not the account's fault
 (the sink is down; the scheduler is paused globally for that), so it neither
 counts as a failure nor resets the count.
 """
@@ -81,12 +82,18 @@ def base_delay(settings, state):
     return float(min(initial * 2.0**exponent, maximum))
 
 
-def delay(settings, state, random):
+def delay(settings, state, random, retry_after=None):
     """Seconds to wait before the next session: :func:`base_delay` with jitter.
 
     The jittered value lies in ``base * (1 +/- jitter)`` and never exceeds the
     schedule's maximum (nor drops below 0).  ``random`` is a
     :class:`random.Random` (a parameter, so tests are deterministic).
+
+    ``retry_after`` (seconds the other side asked for: a ``throttled``
+    session's Retry-After) replaces the formula: that long exactly, never
+    more than the schedule's maximum.
     """
     initial, maximum = schedule(settings, state)
+    if retry_after is not None:
+        return max(0.0, min(float(retry_after), float(maximum)))
     return exponential(state.failures, initial, maximum, settings.jitter, random)

@@ -447,7 +447,8 @@ class Scheduler(service.Service):
             if result is not None:
                 entry.state = _backoff.record(entry.state, result.kind)
                 if _backoff.counts_as_failure(result.kind):
-                    wait = _backoff.delay(self.backoff, entry.state, self._random)
+                    wait = _backoff.delay(self.backoff, entry.state, self._random,
+                                          result.retry_after)
                     due = max(due, now + wait)
             self._queue.push_back(entry, due)
         else:

@@ -17,6 +17,12 @@ hex digits), ``retry``, ``created_at`` and ``enqueued_at`` (seconds as a
 float for Sidekiq 6 and 7; ``timestamps = "milliseconds"`` writes the
 integer milliseconds of Sidekiq 8).
 
+Backpressure: the sink is an :class:`~fido_tx.interfaces.IBacklog`, its
+queue's length (``LLEN [<namespace>:]queue:<queue>``) the jobs Sidekiq has
+not taken yet; each push returns it, so a stopped Sidekiq pauses fetching
+at ``[redis] max_backlog`` (:mod:`fido_tx.schedule.backpressure`) instead
+of filling Redis.
+
 The raw message travels as a JSON string.  A message that is valid UTF-8
 (all 7-bit mail, and 8-bit UTF-8 mail) goes as it is: the worker's argument
 holds exactly its bytes.  JSON cannot carry other bytes in a string, so for
@@ -42,7 +48,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from fido_tx import errors
-from fido_tx.interfaces import ISink
+from fido_tx.interfaces import IBacklog, ISink
 from fido_tx.redis import keys
 from fido_tx.sinks import identity, redisbatch
 from fido_tx.sinks.message import Delivery
@@ -66,26 +72,28 @@ TIMESTAMP_MODES = ("seconds", "milliseconds")
 #: KEYS: the Sidekiq queues set, the queue list, the dedupe set, the account
 #: hash, the identity hash and list (:mod:`fido_tx.sinks.identity`); ARGV:
 #: the queue name, the epoch, then (id, identity, job) triples.  Returns the
-#: ids pushed.  Check, push, record (as the Redis sinks): an error inside can
-#: at worst leave a job without its record, never a record without its job.
-#: A message whose identity is known is recorded, not pushed.
+#: queue's length (for backpressure), then the ids pushed.  Check, push,
+#: record (as the Redis sinks): an error inside can at worst leave a job
+#: without its record, never a record without its job.  A message whose
+#: identity is known is recorded, not pushed.
 PUSH_LUA = identity.LUA + """
-local pushed = {}
+local reply = {0}
 for i = 3, #ARGV, 3 do
   if redis.call('SISMEMBER', KEYS[3], ARGV[i]) == 0 then
     if not fido_known(KEYS[5], ARGV[i + 1]) then
       redis.call('LPUSH', KEYS[2], ARGV[i + 2])
-      pushed[#pushed + 1] = ARGV[i]
+      reply[#reply + 1] = ARGV[i]
     end
     redis.call('SADD', KEYS[3], ARGV[i])
     fido_remember(KEYS[5], KEYS[6], ARGV[2] .. ':' .. ARGV[i], ARGV[i + 1])
   end
 end
-if #pushed > 0 then
+if #reply > 1 then
   redis.call('SADD', KEYS[1], ARGV[1])
-  redis.call('HINCRBY', KEYS[4], 'fetched_total', #pushed)
+  redis.call('HINCRBY', KEYS[4], 'fetched_total', #reply - 1)
 end
-return pushed
+reply[1] = redis.call('LLEN', KEYS[2])
+return reply
 """
 
 _log = Logger()
@@ -162,10 +170,14 @@ def job_json(message, options, now, jid=None):
     return document.encode("utf-8", "surrogateescape")
 
 
-@implementer(ISink)
+@implementer(ISink, IBacklog)
 class SidekiqSink(Service):
     """One ``[delivery.NAME]`` of kind sidekiq (a Service: with a
-    ``redis_url`` of its own, it starts and stops that connection)."""
+    ``redis_url`` of its own, it starts and stops that connection).
+
+    :ivar last_length: the queue's length after the last push or
+        :meth:`backlog`, or None.
+    """
 
     kind = KIND
 
@@ -185,6 +197,7 @@ class SidekiqSink(Service):
         self.queue_key = f"{prefix}queue:{options['queue']}".encode("utf-8")
         self._script = redis.script(PUSH_LUA) if redis is not None else None
         self._recognise = redis.script(identity.RECOGNISE_LUA) if redis is not None else None
+        self.last_length = None
 
     def startService(self):
         super().startService()
@@ -213,6 +226,15 @@ class SidekiqSink(Service):
                     proto, self.min_replicas, self.replica_timeout).addCallback(lambda _: reply)
         return identity.recognise(self._recognise, account_id, mailbox, epoch, identities,
                                   then=then)
+
+    def backlog(self):
+        """The queue's length now (the jobs Sidekiq has not taken)."""
+
+        def got(n):
+            self.last_length = int(n)
+            return self.last_length
+
+        return self._redis.execute(b"LLEN", self.queue_key).addCallback(got)
 
     def deliver(self, messages):
         messages = list(messages)
@@ -247,7 +269,8 @@ class SidekiqSink(Service):
             except errors.FidoError as e:
                 error = error or e
                 continue
-            pushed = {p.decode("utf-8") if isinstance(p, bytes) else str(p) for p in pushed or ()}
+            self.last_length = int(pushed[0])
+            pushed = {p.decode("utf-8") if isinstance(p, bytes) else str(p) for p in pushed[1:]}
             confirmed.extend(m.id for m in group)
             new.extend(m.id for m in group if m.id in pushed)
         if error is not None and not confirmed:

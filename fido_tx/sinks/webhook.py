@@ -9,10 +9,18 @@ text/plain``), but counting only a 2xx answer as delivered.
   on every retry, from every instance) and ``X-Fido-Route-Key`` when the
   message has a route key.
 * Answers: 2xx delivered; 401/403 a configuration problem (kind
-  ``delivery``: check the secret or token); 408, 429, 5xx, redirects,
-  timeouts and refused connections are transient (kind ``delivery``, the
-  message stays unmarked and is retried with backoff); any other 4xx is a
-  permanent refusal (the id goes to ``Delivery.rejected``).
+  ``delivery``: check the secret or token); 408, 5xx, redirects, timeouts
+  and refused connections are transient (kind ``delivery``, the message
+  stays unmarked and is retried with backoff); any other 4xx is a permanent
+  refusal (the id goes to ``Delivery.rejected``).
+* 429 is kind ``throttled``: nothing of it is marked, and the error carries
+  the answer's ``Retry-After`` (delta-seconds or an HTTP date, at most
+  ``MAX_RETRY_AFTER``), which the scheduler waits instead of the backoff
+  (bounded by the backoff maximum).  Until then the delivery sends nothing
+  more for any account (each batch ends ``throttled`` at once), so a
+  throttled application is not hit by every account in turn; without a
+  Retry-After the window is ``THROTTLE_DEFAULT`` seconds.  The account's
+  state change is reported once, as every kind is.
 * Exactly once: ids already in the dedupe set
   (``fido:uids:{<account>}:<epoch>:<mailbox>``, shared with the Redis sinks)
   are confirmed without a POST, and so are messages whose identity was
@@ -39,6 +47,7 @@ from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
 from fido_tx import errors
+from fido_tx.httpclient import parse_retry_after
 from fido_tx.interfaces import ISink
 from fido_tx.redis import keys
 from fido_tx.sinks import identity, jwt, redisbatch
@@ -103,6 +112,11 @@ return new
 
 #: bytes of an answer's body kept for the debug text (the rest is drained)
 BODY_KEEP = 2048
+
+#: a 429's Retry-After is taken as at most this (seconds)
+MAX_RETRY_AFTER = 3600.0
+#: seconds the delivery pauses after a 429 without a (readable) Retry-After
+THROTTLE_DEFAULT = 30.0
 
 _log = Logger()
 
@@ -293,6 +307,8 @@ class WebhookSink(Service):
         self._auth = _Auth(options, reactor)
         self._timeout = options["timeout"]
         self._limit = defer.DeferredSemaphore(options["concurrency"])
+        #: clock seconds until which a 429 asked us to send nothing
+        self._throttled_until = None
         self._pool = webclient.HTTPConnectionPool(reactor, persistent=True)
         self._pool.maxPersistentPerHost = options["concurrency"]
         self._agent = agent or webclient.Agent.usingEndpointFactory(
@@ -352,6 +368,10 @@ class WebhookSink(Service):
             fresh_set = set(fresh)
             confirmed.extend(m.id for m in group if m.id not in fresh_set)
             todo = [m for m in group if m.id in fresh_set]
+            waiting = self._throttled()
+            if todo and waiting is not None:
+                errs.append(waiting)
+                continue
             answers = await defer.gatherResults(
                 [self._limit.run(self._post, m) for m in todo], consumeErrors=True
             )
@@ -437,6 +457,31 @@ class WebhookSink(Service):
             return _Answer(failure="connection lost: " + _one_line(reasons[0].getErrorMessage()))
         return _Answer(failure=_one_line(failure.getErrorMessage()) or failure.type.__name__)
 
+    def _throttled(self):
+        """The ``throttled`` error while a 429's window lasts, else ``None``."""
+        until = self._throttled_until
+        left = None if until is None else until - self._reactor.seconds()
+        if left is None or left <= 0:
+            return None
+        return errors.FidoError(
+            errors.THROTTLED, f"webhook {self.delivery} ({self._shown_url}) asked for a pause"
+            f" (429); sending again in {left:.0f} s", retry_after=left)
+
+    def _throttle(self, answer, where, debug):
+        """A 429: the window, and its error."""
+        now = self._reactor.seconds()
+        seconds = parse_retry_after(answer.retry_after or None, now, MAX_RETRY_AFTER)
+        told = seconds is not None
+        if seconds is None:
+            seconds = THROTTLE_DEFAULT
+        until = now + seconds
+        if self._throttled_until is None or until > self._throttled_until:
+            self._throttled_until = until
+        said = f"Retry-After: {answer.retry_after}" if told else "no Retry-After"
+        return errors.FidoError(
+            errors.THROTTLED, f"{where} answered 429 ({said}): nothing marked; this delivery"
+            f" sends again in {seconds:.0f} s", debug, retry_after=seconds)
+
     def _judge(self, message, answer):
         """"ok", "rejected", or the FidoError that keeps ``message`` back."""
         status = answer.status
@@ -457,7 +502,9 @@ class WebhookSink(Service):
             return errors.FidoError(
                 errors.DELIVERY, f"{where}: {answer.failure}; will retry", debug
             )
-        if status in (408, 429) or status >= 500 or 300 <= status < 400:
+        if status == 429:
+            return self._throttle(answer, where, debug)
+        if status == 408 or status >= 500 or 300 <= status < 400:
             hint = "; check the url" if 300 <= status < 400 else "; will retry"
             if answer.retry_after:
                 hint = f" (Retry-After: {answer.retry_after}){hint}"

@@ -57,6 +57,10 @@ class SourceContext:
     #: UIDVALIDITY each mailbox was last polled in; ``None``: unknown, so
     #: every poll checks new UIDs against the messages stored before)
     epochs: object = None
+    #: IMAP: the :class:`~fido_tx.interfaces.IMailboxPositions` of accounts with
+    #: ``select = "new"`` or ``start_from = "now"`` (``None``: only a dry run
+    #: may poll those)
+    positions: object = None
 
 
 def make_session(account, ctx, handle=None):

@@ -207,7 +207,8 @@ class GraphSession:
         return SessionResult(self.account.id, kind=kind, message=message, debug=debug,
                              fetched=c["fetched"], bytes=c["bytes"], marked=c["marked"],
                              too_large=tuple(self._too_large), seconds=seconds,
-                             dry_run=self._dry_run)
+                             dry_run=self._dry_run,
+                             retry_after=error.retry_after if error is not None else None)
 
     def _scrub(self, text):
         for form in self.credentials.secret_forms():

@@ -15,13 +15,12 @@ holds every request of the mailbox while Graph asks to wait:
   410 (a delta link the service forgot) is :class:`Gone`.
 """
 
-import email.utils
-from datetime import timezone
 from urllib.parse import quote, urlencode
 
 from twisted.internet import defer, task
 
 from fido_tx import errors
+from fido_tx import httpclient
 from fido_tx.httpclient import MAX_JSON
 
 #: Graph's limit of concurrent requests per mailbox
@@ -94,24 +93,7 @@ def parse_retry_after(value, now):
     """Seconds from ``now`` (POSIX time) that a ``Retry-After`` value asks
     for: delta-seconds or an HTTP date (RFC 9110 10.2.3); ``None`` when
     absent or unreadable.  Capped at ``MAX_RETRY_AFTER``."""
-    if value is None:
-        return None
-    value = value.strip()
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError, IndexError):
-            return None
-        if when is None:
-            return None
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=timezone.utc)
-        seconds = when.timestamp() - now
-    if seconds != seconds:  # NaN
-        return None
-    return min(max(seconds, 0.0), MAX_RETRY_AFTER)
+    return httpclient.parse_retry_after(value, now, MAX_RETRY_AFTER)
 
 
 def retry_after(response, attempt, now):

@@ -8,7 +8,8 @@ base64-decoded secret file (which must be 32 bytes).
 ``mode`` picks the answer: ``ok`` (200 ``{"success":true}``),
 ``bad_request`` (400 ``{"success":false}``, as GitLab answers after it has
 bounced an oversized mail), ``unauthorized`` (401), ``error`` (500),
-``throttled`` (429 with ``Retry-After: 120``), ``hang`` (never answers).  ``stop()``/``start()`` take it down and back up on
+``throttled`` (429 with ``Retry-After: <retry_after>``, 120 unless set;
+``None``: no header), ``hang`` (never answers).  ``stop()``/``start()`` take it down and back up on
 the same port.  Every request is kept in ``requests``.
 """
 
@@ -88,8 +89,8 @@ class _MailRoom(resource.Resource):
             return server.NOT_DONE_YET
         request.setResponseCode(status)
         request.setHeader(b"Content-Type", b"application/json")
-        if status == 429:
-            request.setHeader(b"Retry-After", b"120")
+        if status == 429 and ep.retry_after is not None:
+            request.setHeader(b"Retry-After", ep.retry_after.encode("latin-1"))
         if status == 200:
             return json.dumps({"success": True}).encode()
         if status == 400:
@@ -105,6 +106,8 @@ class GitLabEndpoint:
         self.secret_text = secret_text
         self.check_jwt = check_jwt
         self.mode = "ok"
+        #: the Retry-After of a 429 (``None``: none)
+        self.retry_after = "120"
         self.requests = []
         self.hanging = []
         self.port = None

@@ -60,8 +60,7 @@ class HeldMailboxPoll(MailboxPoll):
         super().__init__(*args, **kw)
         self.info = info
 
-    async def unseen_count(self):
-        return None  # no STATUS on the selected mailbox: UID SEARCH answers
+    status_allowed = False  # no STATUS on the selected mailbox: UID SEARCH answers
 
     async def select(self):
         return self.info
@@ -149,7 +148,8 @@ class HeldImap:
         started = ctx.reactor.seconds()
         step = StepLog(self.log, account.id, new_session_id(), ctx.debug)
         p = HeldMailboxPoll(info, conn, account, ctx.sink, ctx.settings, step,
-                            budget=ctx.budget, dry_run=ctx.dry_run, epochs=ctx.epochs)
+                            budget=ctx.budget, dry_run=ctx.dry_run, positions=ctx.positions,
+                            epochs=ctx.epochs)
         error = None
         try:
             await p.run()
@@ -172,7 +172,8 @@ class HeldImap:
                           (["recent protocol lines:"] + ["  " + t for t in conn.proto.trace]
                            if conn.proto is not None else []))
         return SessionResult(kind=error.kind, message=scrub(error.message, forms),
-                             debug=scrub(debug, forms), **fields)
+                             debug=scrub(debug, forms), **fields,
+                             retry_after=error.retry_after)
 
 
 class GcFreezer:

@@ -265,6 +265,9 @@ class SelectInfo:
 
     def __init__(self):
         self.uidvalidity = None
+        #: ``[UIDNEXT n]`` (``None`` when the server sent none: RFC 3501
+        #: requires it, some servers omit it)
+        self.uidnext = None
         self.exists = None
         self.flags = ()
         self.permanent_flags = None
@@ -293,6 +296,10 @@ class SelectInfo:
                     self.uidvalidity = int(code.split()[1])
                 except (IndexError, ValueError):
                     raise ValueError("bad UIDVALIDITY")
+            elif word == b"UIDNEXT":
+                value = code.split()[1:2]
+                if value and value[0].isdigit():
+                    self.uidnext = int(value[0])
             elif word == b"PERMANENTFLAGS":
                 self.permanent_flags = parse_flag_list(text)
         elif upper.startswith(b"FLAGS "):

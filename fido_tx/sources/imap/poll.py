@@ -14,7 +14,10 @@ also recognises messages stored before under another UIDVALIDITY).
 
 Search: ``UID SEARCH UNSEEN UNKEYWORD <too_large_keyword> UNKEYWORD
 <rejected_keyword>`` for each keyword the mailbox can hold (``\\*`` or the
-keyword in PERMANENTFLAGS, or the keyword already in FLAGS).
+keyword in PERMANENTFLAGS, or the keyword already in FLAGS).  An account
+with ``select = "new"`` or ``start_from = "now"`` searches a UID range above
+its recorded position instead, and moves the position after the poll
+(:mod:`fido_tx.sources.imap.select`).
 
 Messages go to the sink as :class:`fido_tx.sinks.message.Message` with
 ``epoch = str(UIDVALIDITY)`` and ``id = str(UID)``.  The sink's own
@@ -37,11 +40,10 @@ from fido_tx.sources.imap.parse import (
     extract_message_id,
     mailbox_name,
     parse_fetch,
-    parse_search,
-    parse_status,
     response_code,
     uid_set,
 )
+from fido_tx.sources.imap.select import Selection, search_handler
 
 __all__ = ["MailboxPoll", "SIZE_CHUNK", "command_error"]
 
@@ -95,8 +97,11 @@ class MailboxPoll:
     :class:`~fido_tx.sources.imap.login.ImapConnection`).  The counters say
     what it did, also when it ends with an error."""
 
+    #: False on a selected mailbox (RFC 3501: no STATUS there)
+    status_allowed = True
+
     def __init__(self, connection, account, sink, settings, step, budget=None,
-                 dry_run=False, mailbox=None, epochs=None):
+                 dry_run=False, mailbox=None, positions=None, epochs=None):
         self.conn = connection
         self.account = account
         self.sink = sink
@@ -108,6 +113,9 @@ class MailboxPoll:
         #: :class:`~fido_tx.sources.imap.identity.Epochs` (``None``: no
         #: check of new UIDs before their bodies: see identity.sizes)
         self.epochs = epochs
+        # the connection's command, not a bound method: no cycle to the poll
+        self.selection = Selection(account, self.mailbox, connection.command, positions,
+                                   dry_run, settings.max_search_uids, step)
         self.fetched = 0
         self.bytes = 0
         self.marked = 0
@@ -120,15 +128,25 @@ class MailboxPoll:
         return self.conn.proto.command(name, args, **kw)
 
     async def run(self):
-        if await self.unseen_count() == 0:
-            self.step("no unseen messages (STATUS)")
+        selection = self.selection
+        await selection.load()
+        status = await selection.status() if self.status_allowed else None
+        if await selection.settled_by_status(status):
+            self.step("nothing {what} to fetch (STATUS)", what=selection.what)
             return
         info = await self.select()
+        if not await selection.begin(info.uidvalidity, await selection.uidnext_of(info)):
+            return
         uids = await self.search(info)
+        if uids:
+            await self.take(info, uids)
+        await selection.finish(uids)
+        self.seen(str(info.uidvalidity))
+
+    async def take(self, info, uids):
+        """Ask the sink which of ``uids`` are new, mark the others (once
+        the server still holds what was stored there), fetch the new."""
         epoch = str(info.uidvalidity)
-        if not uids:
-            self.step("no unseen messages")
-            return self.seen(epoch)
         ids = await sink_call(self.sink.filter_new, self.account.id, self.mailbox, epoch,
                               [str(u) for u in uids])
         new_set = {int(i) for i in ids}
@@ -147,7 +165,6 @@ class MailboxPoll:
             await self.fetch_new(info, sorted(new + list(reuse.fetch)))
         if reuse.reports:
             raise FidoError(errors.PROTOCOL, reuse.error_text(self.mailbox))
-        self.seen(epoch)
 
     def seen(self, epoch):
         """This poll went through ``epoch``: later ones skip the check of
@@ -209,30 +226,6 @@ class MailboxPoll:
 
     # -- commands --------------------------------------------------------------
 
-    async def unseen_count(self):
-        """``STATUS <mailbox> (UNSEEN)``: how many messages lack ``\\Seen``,
-        or ``None`` when the server does not say (SELECT then decides).
-
-        Most polls find nothing new: STATUS answers that from the server's
-        index without opening the mailbox.  RFC 3501 defines UNSEEN as the
-        messages without ``\\Seen``, what UID SEARCH UNSEEN looks for, so a
-        zero means that search would find nothing.  Anything else, an error
-        answer included, goes the SELECT way.
-        """
-        counts = []
-
-        def untagged(segments):
-            unseen = parse_status(segments).get(b"UNSEEN")
-            if unseen is not None:
-                counts.append(unseen)
-
-        try:
-            await self.command(b"STATUS", mailbox_name(self.mailbox) + b" (UNSEEN)",
-                               untagged=untagged)
-        except ImapCommandError:
-            return None
-        return counts[-1] if counts else None
-
     async def select(self):
         info = SelectInfo()
 
@@ -258,28 +251,24 @@ class MailboxPoll:
         return info
 
     async def search(self, info):
-        query = b"SEARCH UNSEEN"
+        keywords = b""
         for kw in (self.settings.too_large_keyword, self.settings.rejected_keyword):
             if kw and info.keyword_known(kw):
-                query += b" UNKEYWORD " + kw.encode("ascii", "replace")
+                keywords += b" UNKEYWORD " + kw.encode("ascii", "replace")
         found = set()
-
-        def untagged(segments):
-            text = segments[0]
-            if len(segments) == 1 and (text[:7].upper() == b"SEARCH " or text.upper() == b"SEARCH"):
-                found.update(parse_search(text))
-
         try:
-            await self.command(b"UID", query, untagged=untagged)
+            await self.command(b"UID", self.selection.query(keywords),
+                               untagged=search_handler(found))
         except ImapCommandError as e:
             raise command_error(e, errors.PROTOCOL, "UID SEARCH")
-        uids = sorted(found)
+        uids = self.selection.keep(found)
         ignored = self.conn.proto.search_ignored
+        what = self.selection.what
         if ignored:
-            _log.info("session {account_id}: {n} unseen messages; taking the first {taken} "
-                      "([imap] max_search_uids), the rest next poll",
+            _log.info("session {account_id}: {n} {what} messages; taking the first {taken} "
+                      "([imap] max_search_uids), the rest next poll", what=what,
                       account_id=self.account.id, n=len(uids) + ignored, taken=len(uids))
-        self.step("{n} unseen messages", n=len(uids))
+        self.step("{n} {what} messages", n=len(uids), what=what)
         return uids
 
     async def fetch_items(self, uids, items, collect, **limits):
