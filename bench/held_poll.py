@@ -12,7 +12,10 @@ in this process:
    (:class:`fido_tx.sources.imap.held.HeldAccount` with ``idle = false``) and
    is polled on it (``UID SEARCH``) every ``--interval`` seconds, for
    ``--rounds`` intervals after all are held.
-3. *idle*: the same connections waiting in IDLE for ``--rounds`` intervals.
+3. *idle*: the same connections waiting in IDLE for ``--rounds`` intervals;
+4. *bare_twisted*: the floor: the same ``UID SEARCH`` as often from a bare
+   Twisted ``LineOnlyReceiver`` (log in, SELECT, then one line out and two
+   in per poll): what Twisted and the kernel cost before any Fido code.
 
 Per poll it prints this process's CPU (user+sys) and Dovecot's (every process
 of its session: master, imap-login, one imap per connection), in ms.
@@ -29,12 +32,18 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+#: FIDO_CODE=DIR runs another checkout's fido_tx (before/after in one session)
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.environ.get("FIDO_CODE", ROOT))
 
 
 def cpu_self():
     t = os.times()
     return t.user + t.system
+
+
+def sys_self():
+    return os.times().system
 
 
 def cpu_session(sid):
@@ -54,6 +63,55 @@ def cpu_session(sid):
     return total
 
 
+def bare_search_class():
+    from twisted.internet import defer
+    from twisted.protocols.basic import LineOnlyReceiver
+
+    class BareSearch(LineOnlyReceiver):
+        """The least a held poll can be in Twisted: log in, SELECT, then
+        ``UID SEARCH UNSEEN`` and read its two lines, nothing else."""
+
+        def __init__(self, user, password):
+            self.user, self.password = user, password
+            self.ready = defer.Deferred()
+            self.searches = 0
+            self.n = 0
+
+        def connectionMade(self):
+            self.sendLine(b'a LOGIN "%s" "%s"' % (self.user.encode(), self.password.encode()))
+
+        def lineReceived(self, line):
+            if line.startswith(b"a OK"):
+                self.sendLine(b"b SELECT INBOX")
+            elif line.startswith(b"b OK"):
+                self.ready.callback(None)
+            elif line.startswith(b"s"):
+                self.searches += 1
+
+        def search(self):
+            self.n += 1
+            self.sendLine(b"s%d UID SEARCH UNSEEN" % self.n)
+
+    return BareSearch
+
+
+def start_profile():
+    """cProfile of the held polls when ``FIDO_PROFILE=PATH`` is set."""
+    if not os.environ.get("FIDO_PROFILE"):
+        return None
+    import cProfile
+
+    profile = cProfile.Profile()
+    profile.enable()
+    return profile
+
+
+def stop_profile(profile):
+    if profile is not None:
+        profile.disable()
+        profile.dump_stats(os.environ["FIDO_PROFILE"])
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--accounts", type=int, default=1000)
@@ -66,7 +124,7 @@ def main(argv=None):
     from twisted.internet import epollreactor
 
     epollreactor.install()
-    from twisted.internet import defer, reactor, task
+    from twisted.internet import defer, endpoints, reactor, task
 
     from fido_tx.accounts.model import Account
     from fido_tx.config import ImapSettings
@@ -78,6 +136,8 @@ def main(argv=None):
     from fido_tx.sources.imap.session import fetch_mailbox
     from fido_tx.testing import MemorySink
     from tests.support import dovecot as dovecot_support
+
+    BareSearch = bare_search_class()
 
     server = dovecot_support.Dovecot(tls=False, sessions=opts.accounts + 100,
                                      extra_config="mailbox_idle_check_interval = 1 secs\n")
@@ -93,10 +153,12 @@ def main(argv=None):
     connector = Connector(reactor)
     sink = MemorySink()
 
-    def measure(name, polls, c0, d0, seconds):
+    def measure(name, polls, c0, d0, seconds, s0):
         c, d = cpu_self() - c0, cpu_session(sid) - d0
         figures[name] = {"polls": polls, "seconds": round(seconds, 1),
                          "client_ms_per_poll": round(c * 1000 / max(1, polls), 3),
+                         "client_sys_ms_per_poll": round((sys_self() - s0) * 1000
+                                                         / max(1, polls), 3),
                          "dovecot_ms_per_poll": round(d * 1000 / max(1, polls), 3)}
         print(name, figures[name], file=sys.stderr, flush=True)
 
@@ -106,14 +168,14 @@ def main(argv=None):
         sem = defer.DeferredSemaphore(opts.concurrency)
         for a in accounts[:10]:  # warm up: imports, TLS-free endpoint caches
             yield fetch_mailbox(reactor, a, sink, settings, connector=connector, debug=False)
-        c0, d0, t0 = cpu_self(), cpu_session(sid), time.monotonic()
+        c0, d0, t0, s0 = cpu_self(), cpu_session(sid), time.monotonic(), sys_self()
         results = []
         for _ in range(opts.rounds):
             results += (yield defer.gatherResults([
                 sem.run(fetch_mailbox, reactor, a, sink, settings, connector=connector,
                         debug=False) for a in accounts]))
         assert all(r.ok for r in results), [r for r in results if not r.ok][:3]
-        measure("reconnecting", len(results), c0, d0, time.monotonic() - t0)
+        measure("reconnecting", len(results), c0, d0, time.monotonic() - t0, s0)
 
         # 2. held connections, polled on the connection
         ctx = SourceContext(reactor=reactor, sink=sink, settings=settings, debug=False,
@@ -134,9 +196,12 @@ def main(argv=None):
                 raise RuntimeError("not all accounts held after 300 s")
         figures["seconds_to_hold_all"] = round(time.monotonic() - t0, 1)
         n0, c0, d0, t0 = len(polls), cpu_self(), cpu_session(sid), time.monotonic()
+        s0 = sys_self()
+        profile = start_profile()
         yield task.deferLater(reactor, opts.rounds * opts.interval, lambda: None)
+        stop_profile(profile)
         assert all(r.ok for r in polls[n0:])
-        measure("held", len(polls) - n0, c0, d0, time.monotonic() - t0)
+        measure("held", len(polls) - n0, c0, d0, time.monotonic() - t0, s0)
         yield defer.gatherResults([m.stop(timeout=20) for m in machines])
 
         # 3. the same, waiting in IDLE (a check every poll_interval still)
@@ -158,6 +223,29 @@ def main(argv=None):
                            "dovecot_ms_per_account_minute":
                            round(d * 1000 / opts.accounts / minutes, 4)}
         yield defer.gatherResults([m.stop(timeout=20) for m in machines])
+
+        # 4. the floor: the same UID SEARCH, as often, from a bare Twisted
+        # protocol (no Fido code: one line out, two lines in, a timer)
+        protos = yield defer.gatherResults([
+            endpoints.connectProtocol(endpoints.TCP4ClientEndpoint(
+                reactor, "127.0.0.1", server.port), BareSearch(a.username, a.password))
+            for a in accounts])
+        yield defer.gatherResults([p.ready for p in protos])
+        c0, d0, t0, s0 = cpu_self(), cpu_session(sid), time.monotonic(), sys_self()
+        loops = []
+        for k, p in enumerate(protos):
+            loop = task.LoopingCall(p.search)
+            loop.clock = reactor
+            loops.append(loop)
+            reactor.callLater(opts.interval * k / len(protos), loop.start, opts.interval, True)
+        yield task.deferLater(reactor, opts.rounds * opts.interval, lambda: None)
+        for loop in loops:
+            if loop.running:
+                loop.stop()
+        measure("bare_twisted", sum(p.searches for p in protos), c0, d0,
+                time.monotonic() - t0, s0)
+        for p in protos:
+            p.transport.loseConnection()
 
     def finish(result):
         if hasattr(result, "printTraceback"):

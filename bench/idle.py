@@ -35,7 +35,9 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+#: FIDO_CODE=DIR runs another checkout's fido_tx (before/after in one session)
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.environ.get("FIDO_CODE", ROOT))
 
 
 def rss_kib(pid="self"):
@@ -80,28 +82,82 @@ def start_mock(n, tls_files, port, control_port):
 
 
 class GcPauses:
-    """The longest collection, by generation (``gc.callbacks``)."""
+    """The longest collection, by generation (``gc.callbacks``): wall time,
+    and the CPU time of this thread (what a machine shared with other work
+    does not inflate)."""
 
     def __init__(self):
         self.worst = {0: 0.0, 1: 0.0, 2: 0.0}
+        self.worst_cpu = {0: 0.0, 1: 0.0, 2: 0.0}
         self._started = None
         gc.callbacks.append(self._callback)
 
     def _callback(self, phase, info):
         if phase == "start":
-            self._started = time.perf_counter()
+            self._started = (time.perf_counter(), time.thread_time())
         elif self._started is not None:
             g = info["generation"]
-            self.worst[g] = max(self.worst[g], time.perf_counter() - self._started)
+            self.worst[g] = max(self.worst[g], time.perf_counter() - self._started[0])
+            self.worst_cpu[g] = max(self.worst_cpu[g], time.thread_time() - self._started[1])
 
     def reset(self):
         worst = {f"gen{g}": round(v * 1000, 1) for g, v in self.worst.items()}
+        worst.update({f"gen{g}_cpu": round(v * 1000, 1) for g, v in self.worst_cpu.items()})
         self.worst = {0: 0.0, 1: 0.0, 2: 0.0}
+        self.worst_cpu = {0: 0.0, 1: 0.0, 2: 0.0}
         return worst
 
 
+class Census:
+    """``FIDO_CENSUS=1``: what one held connection is made of: the objects
+    the collector tracks, by type, and tracemalloc's bytes by line, per
+    connection (printed to stderr)."""
+
+    def __init__(self):
+        import collections
+        import tracemalloc
+
+        self.tracemalloc = tracemalloc
+        gc.collect()
+        self.types0 = collections.Counter(type(o).__qualname__ for o in gc.get_objects())
+        tracemalloc.start(1)
+        self.snap0 = tracemalloc.take_snapshot()
+
+    def report(self, n):
+        import collections
+
+        snap = self.tracemalloc.take_snapshot()
+        self.tracemalloc.stop()
+        gc.unfreeze()
+        gc.collect()
+        objects = gc.get_objects()
+        types = collections.Counter(type(o).__qualname__ for o in objects)
+        types.subtract(self.types0)
+        classes = collections.Counter(o.__qualname__ for o in objects if isinstance(o, type))
+        print("classes made per connection:", [(k, round(v / n, 2))
+                                               for k, v in classes.most_common(3)],
+              file=sys.stderr)
+        del objects
+        print("tracked objects per connection:", round(sum(types.values()) / n, 1),
+              file=sys.stderr)
+        for name, count in types.most_common(30):
+            print(f"  {count / n:7.2f} {name}", file=sys.stderr)
+        stats = snap.compare_to(self.snap0, "lineno")
+        print("tracemalloc per connection:",
+              round(sum(s.size_diff for s in stats) / n / 1024, 2), "KiB", file=sys.stderr)
+        for s in stats[:30]:
+            frame = s.traceback[0]
+            print(f"  {s.size_diff / n:8.0f} B {s.count_diff / n:6.2f} blocks "
+                  f"{frame.filename.split('site-packages/')[-1]}:{frame.lineno}",
+                  file=sys.stderr)
+
+
 class Stalls:
-    """The longest gap of a 10 ms LoopingCall beyond its interval."""
+    """The longest gap of a 10 ms LoopingCall beyond its interval (wall
+    time), and the most CPU time this thread spent between two of its ticks
+    (``worst_cpu``): on a machine shared with other work a wall-clock gap
+    includes the time the process waited for a core; the CPU time between
+    ticks is the reactor's own longest stretch of work."""
 
     def __init__(self, reactor, interval=0.01):
         from twisted.internet import task
@@ -109,19 +165,23 @@ class Stalls:
         self.reactor = reactor
         self.interval = interval
         self.worst = 0.0
+        self.worst_cpu = 0.0
         self.last = None
+        self.last_cpu = None
         self.loop = task.LoopingCall(self.tick)
         self.loop.clock = reactor
         self.loop.start(interval)
 
     def tick(self):
-        now = time.monotonic()
+        now, cpu = time.monotonic(), time.thread_time()
         if self.last is not None:
             self.worst = max(self.worst, now - self.last - self.interval)
-        self.last = now
+            self.worst_cpu = max(self.worst_cpu, cpu - self.last_cpu)
+        self.last, self.last_cpu = now, cpu
 
     def reset(self):
         worst, self.worst, self.last = self.worst, 0.0, None
+        self.worst_cpu_last, self.worst_cpu = self.worst_cpu, 0.0
         return worst
 
 
@@ -133,6 +193,13 @@ def main(argv=None):
     parser.add_argument("--wakes", type=int, default=50)
     parser.add_argument("--sink", choices=["redis", "memory"], default="redis")
     parser.add_argument("--json", help="append the figures to this JSON-lines file")
+    parser.add_argument("--starts-per-turn", type=int, default=None,
+                        help="held accounts started per reactor turn (default: the "
+                             "scheduler's STARTS_PER_TURN; 0: all in one turn, as the "
+                             "scheduler did before it had that bound)")
+    parser.add_argument("--opening", type=int, default=None,
+                        help="held connections opening at once (default: the daemon's "
+                             "OPENING_MAX; 0: no limit, as before it existed)")
     parser.add_argument("--no-freeze", action="store_true",
                         help="no gc.freeze() while connecting (the collector walks them all)")
     opts = parser.parse_args(argv)
@@ -204,17 +271,32 @@ def main(argv=None):
         shared_random = random.Random(0)
         hs = held.HeldSettings(idle_refresh=600, poll_interval=3600, command_timeout=60)
         # as the daemon's HeldConnections: gc.freeze() as connections settle
-        pool = held.HeldPool(max_per_host=opts.connections + 2,
-                             on_idle=None if opts.no_freeze else GcFreezer())
+        freezer = None if opts.no_freeze else GcFreezer()
+        pool = held.HeldPool(max_per_host=opts.connections + 2, on_idle=freezer)
+        # the daemon's HeldSession also calls it for each account started
+        freeze_on_start = freezer is not None and getattr(GcFreezer, "counts_starts", False)
+        figures["freeze_on_start"] = freeze_on_start
+
+        # as the daemon's HeldConnections: a bound on the connections opening
+        # at once (an older checkout run through FIDO_CODE has none)
+        from fido_tx.sources.imap import holding
+
+        opening = opts.opening if opts.opening is not None else getattr(
+            holding, "OPENING_MAX", 0)
+        figures["opening"] = opening
+        open_kw = {"opening": defer.DeferredSemaphore(opening)} if opening else {}
 
         def hold(k):
             acct = Account(id=f"bench-{k}", host="localhost" if opts.tls else "127.0.0.1",
                            port=port, username=f"user{k}", password="password",
                            security="tls" if opts.tls else "none", ca_file=ca_file)
-            source = HeldImap(acct, ctx)
-            return held.HeldAccount(acct.id, acct.host, source.open, source.poll,
-                                    lambda r: None, reactor, hs, pool,
-                                    shared_random).start()
+            source = HeldImap(acct, ctx, **open_kw)
+            machine = held.HeldAccount(acct.id, acct.host, source.open, source.poll,
+                                       lambda r: None, reactor, hs, pool,
+                                       shared_random).start()
+            if freeze_on_start:
+                freezer()
+            return machine
 
         # one connection first: every module a connection needs is imported
         machines = [hold(opts.connections + 1)]
@@ -224,9 +306,20 @@ def main(argv=None):
         pauses = GcPauses()
         gc.collect()
         pauses.reset()
+        census = Census() if os.environ.get("FIDO_CENSUS") else None
         rss0 = rss_kib()
         t0 = time.monotonic()
-        machines += [hold(k) for k in range(1, opts.connections + 1)]
+        # as the daemon's scheduler starts them: STARTS_PER_TURN per turn
+        from fido_tx.schedule import scheduler
+
+        per_turn = opts.starts_per_turn
+        if per_turn is None:
+            per_turn = getattr(scheduler, "STARTS_PER_TURN", 0)
+        figures["starts_per_turn"] = per_turn
+        step = per_turn or opts.connections
+        for first in range(1, opts.connections + 1, step):
+            machines += [hold(k) for k in range(first, min(first + step, opts.connections + 1))]
+            yield task.deferLater(reactor, 0, lambda: None)
         figures["seconds_to_start_machines"] = round(time.monotonic() - t0, 2)
         last = time.monotonic()
         while pool.idling < opts.connections + 1:
@@ -239,12 +332,15 @@ def main(argv=None):
                 raise RuntimeError(f"only {pool.idling} idling after 600 s")
         figures["seconds_to_all_idling"] = round(time.monotonic() - t0, 2)
         figures["stall_connecting_ms"] = round(stalls.reset() * 1000, 1)
+        figures["stall_connecting_cpu_ms"] = round(stalls.worst_cpu_last * 1000, 1)
         figures["gc_longest_connecting_ms"] = pauses.reset()
         gc.collect()
         gc.freeze()
         yield task.deferLater(reactor, 1.0, lambda: None)
         rss1 = rss_kib()
         figures["rss_per_connection_kib"] = round((rss1 - rss0) / opts.connections, 2)
+        if census is not None:
+            census.report(opts.connections)
         figures["rss_total_mib"] = round(rss1 / 1024, 1)
         figures["mock_rss_mib"] = round(rss_kib(mock.pid) / 1024, 1)
 
@@ -259,6 +355,7 @@ def main(argv=None):
         stalls.loop.start(stalls.interval)
         yield task.deferLater(reactor, min(10.0, opts.idle_seconds), lambda: None)
         figures["stall_idle_ms"] = round(stalls.reset() * 1000, 1)
+        figures["stall_idle_cpu_ms"] = round(stalls.worst_cpu_last * 1000, 1)
         figures["gc_longest_after_freeze_ms"] = pauses.reset()
 
         control = yield endpoints.connectProtocol(

@@ -252,11 +252,106 @@ def test_gc_freezer_freezes_every_n_settled_connections():
     from fido_tx.sources.imap.holding import GcFreezer
 
     frozen = []
-    f = GcFreezer(every=3, freeze=lambda: frozen.append(len(frozen)))
+    f = GcFreezer(every=3, freeze=frozen.append)
     calls = 0
     for _ in range(7):
         f()
         calls += 1
         if calls in (1, 4, 7):
             assert len(frozen) == (1, 4, 7).index(calls) + 1
-    assert frozen == [0, 1, 2]
+    # the young generations before the first freeze (start-up is not walked
+    # again), a full collection later: it walks only what is not frozen yet
+    assert frozen == [1, 2, 2]
+
+
+def test_gc_freezer_frees_cyclic_garbage_before_freezing_it():
+    import gc
+    import weakref
+
+    from fido_tx.sources.imap.holding import GcFreezer
+
+    class Node:
+        pass
+
+    f = GcFreezer(every=1)
+    try:
+        f()  # the first freeze: start-up
+        node = Node()
+        node.cycle = node
+        gc.collect()  # the cycle is still referenced: it reaches the oldest generation
+        gone = weakref.ref(node)
+        del node
+        f()
+        assert gone() is None
+    finally:
+        gc.unfreeze()
+
+
+@pytest_twisted.inlineCallbacks
+def test_at_most_opening_connections_open_at_once(server):
+    # 10,000 accounts connecting at once answered in bursts of hundreds per
+    # reactor turn; the shared semaphore bounds how many open at a time
+    port = server.listen()
+    ctx = SourceContext(reactor=reactor, sink=MemorySink(), settings=IMAP)
+    opening = defer.DeferredSemaphore(1)
+    first = HeldImap(account("good", port), ctx, opening=opening).open()
+    second = HeldImap(account("bad", port), ctx, opening=opening).open()
+    assert opening.tokens == 0 and len(opening.waiting) == 1
+    conn1 = yield first
+    assert not second.called or opening.tokens == 0  # it waited for the first
+    conn2 = yield second
+    assert opening.tokens == 1
+    assert server.mailbox("good").logins == 1 and server.mailbox("bad").logins == 1
+    # one waiting when cancelled takes nothing and leaves the queue
+    blocker = yield opening.acquire()
+    waiting = HeldImap(account("plain", port), ctx, opening=opening).open()
+    waiting.cancel()
+    yield waiting.addErrback(lambda f: f.trap(defer.CancelledError))
+    assert opening.waiting == []
+    blocker.release()
+    assert opening.tokens == 1
+    assert server.mailbox("plain").logins == 0
+    for c in (conn1, conn2):
+        c.client.transport.abortConnection()
+
+
+class _Handle:
+    """The scheduler's side of a held session, for one test."""
+
+    def __init__(self):
+        self.reports = []
+        self.released = 0
+
+    def report(self, result):
+        self.reports.append(result)
+
+    def release_slot(self):
+        self.released += 1
+
+    def take_slot(self):
+        return defer.succeed(None)
+
+
+@pytest_twisted.inlineCallbacks
+def test_held_sessions_share_the_opening_bound_and_count_their_starts(server):
+    # the daemon's held sessions open through HeldConnections.opening and
+    # call its freezer as they start (thousands waiting to open were walked
+    # by every full collection until frozen)
+    from fido_tx.config import Settings
+    from fido_tx.sources.imap.holding import HeldConnections, HeldSession
+
+    port = server.listen()
+    held_conns = HeldConnections(Settings())
+    calls = []
+    held_conns.freezer = lambda: calls.append(True)
+    held_conns.pool.on_idle = None
+    ctx = SourceContext(reactor=reactor, sink=MemorySink(), settings=IMAP, held=held_conns)
+    session = HeldSession(account("good", port), ctx, _Handle(), held_conns, fresh=None)
+    done = session.poll()
+    assert calls == [True]
+    assert held_conns.opening.tokens == held_conns.opening.limit - 1  # opening now
+    yield until(lambda: session.machine.state == held.IDLING)
+    assert held_conns.opening.tokens == held_conns.opening.limit
+    held_conns.stopService()
+    result = yield done
+    assert result.skipped

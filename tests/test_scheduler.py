@@ -167,6 +167,21 @@ class RoundRobinTests(SchedulerTestCase):
         self.clock.advance(1000)
         self.assertEqual(len(self.sessions.active), 3)
 
+    def test_one_reactor_turn_starts_at_most_starts_per_turn_sessions(self):
+        # 10,000 held accounts (whose sessions give their slot back at
+        # once) all started in one turn stalled the reactor for a second
+        from fido_tx.schedule.scheduler import STARTS_PER_TURN
+
+        n = 2 * STARTS_PER_TURN + 10
+        self.make(workers=n)
+        self.scheduler.set_accounts(accounts(*[f"a{i}" for i in range(n)]))
+        self.assertEqual(len(self.sessions.active), STARTS_PER_TURN)
+        # the rest at once after (task.Clock runs the new zero-delay calls
+        # in the same advance; the reactor in its next turns)
+        self.clock.advance(0)
+        self.assertEqual(len(self.sessions.active), n)
+        self.assertEqual(self.sessions.started_ids, [f"a{i}" for i in range(n)])
+
     def test_never_two_sessions_for_one_account(self):
         self.make(workers=4, poll_interval=10.0)
         self.scheduler.set_accounts(accounts("a"))

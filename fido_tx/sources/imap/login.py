@@ -23,6 +23,7 @@ from fido_tx.sources.imap.parse import (
     parse_capabilities,
     plain_response,
     response_code,
+    shared,
 )
 
 __all__ = ["ImapConnection", "Login", "auth_error"]
@@ -81,7 +82,7 @@ class ImapConnection:
                 caps.update(parse_capabilities(text[11:]))
 
         await self.proto.command(b"CAPABILITY", untagged=untagged)
-        return frozenset(caps)
+        return shared(frozenset(caps))
 
     async def logout(self, timeout):
         """Say LOGOUT (bounded by ``timeout``), then close whatever happens."""

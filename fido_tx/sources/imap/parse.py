@@ -38,9 +38,32 @@ def response_code(text):
     return m.group(1).split(b" ", 1)[0].upper()
 
 
+#: values kept by :func:`shared` before the table is emptied
+SHARED_MAX = 1024
+_shared = {}
+
+
+def shared(value):
+    """One copy of an immutable ``value`` (a capability set, a FLAGS tuple)
+    for every connection that got an equal one.
+
+    Thousands of held connections to one server each kept their own
+    capability sets and flag tuples (~1.7 KiB per connection, each atom a
+    bytes object of its own); equal values now share one copy.  Bounded:
+    emptied when it holds ``SHARED_MAX`` values.
+    """
+    kept = _shared.get(value)
+    if kept is not None:
+        return kept
+    if len(_shared) >= SHARED_MAX:
+        _shared.clear()
+    _shared[value] = value
+    return value
+
+
 def parse_capabilities(text):
     """``b"IMAP4rev1 STARTTLS AUTH=PLAIN"`` -> a frozenset of upper-case atoms."""
-    return frozenset(t.upper() for t in text.split())
+    return shared(frozenset(t.upper() for t in text.split()))
 
 
 def greeting_capabilities(text):
@@ -51,7 +74,7 @@ def greeting_capabilities(text):
     words = m.group(1).split()
     if not words or words[0].upper() != b"CAPABILITY":
         return None
-    return frozenset(w.upper() for w in words[1:])
+    return shared(frozenset(w.upper() for w in words[1:]))
 
 
 def uid_set(uids):
@@ -257,7 +280,7 @@ def parse_flag_list(text):
     start, end = text.find(b"("), text.rfind(b")")
     if start == -1 or end < start:
         return ()
-    return tuple(f.decode("ascii", "replace") for f in text[start + 1 : end].split())
+    return shared(tuple(f.decode("ascii", "replace") for f in text[start + 1 : end].split()))
 
 
 class SelectInfo:
