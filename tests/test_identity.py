@@ -45,13 +45,15 @@ def fetches(server, user, what):
 
 
 def in_memory_session(clock, server, user, acct, sink):
-    """One session over iosim on a fake clock (as tests/test_resilience.py)."""
+    """One session over iosim on a fake clock (as tests/test_resilience.py);
+    ``clock.served`` counts the connections of the sessions before."""
     outcome = []
     fetch_mailbox(clock, acct, sink, SETTINGS).addBoth(outcome.append)
     pumps = []
+    before = getattr(clock, "served", 0)
     for _ in range(2000):
-        while len(clock.tcpClients) > len(pumps) + in_memory_session.done.get(id(clock), 0):
-            host, port, factory, _, _ = clock.tcpClients[-1]
+        while len(clock.tcpClients) > before + len(pumps):
+            host, port, factory, _, _ = clock.tcpClients[before + len(pumps)]
             client = factory.buildProtocol(IPv4Address("TCP", host, port))
             served = server.build_protocol(user)
             pumps.append(iosim.connect(served, iosim.makeFakeServer(served), client,
@@ -63,12 +65,9 @@ def in_memory_session(clock, server, user, acct, sink):
         clock.advance(0.05)
     for pump in pumps:
         pump.flush()
-    in_memory_session.done[id(clock)] = len(clock.tcpClients)
+    clock.served = len(clock.tcpClients)
     assert len(outcome) == 1, "the session never ended"
     return outcome[0]
-
-
-in_memory_session.done = {}
 
 
 # -- the identity itself -----------------------------------------------------------
