@@ -105,6 +105,12 @@ class ICredentials(Interface):
         """Every form the secret may be sent or echoed in (raw, escaped,
         SASL encodings), as strings, for :func:`fido_tx.scrub.scrub`."""
 
+    def lifetime():
+        """How long the last secret lasts: ``None`` (a password does not
+        expire), or ``(renew_at, expires_at)`` in the reactor's seconds: from
+        ``renew_at`` on, :meth:`secret` gives a fresh one; at ``expires_at``
+        servers stop taking it (a held connection logs in again before)."""
+
 
 class IAccountState(Interface):
     """The per-account hash ``fido:account:<id>`` (the contract's fields)."""

@@ -33,6 +33,8 @@ class FakeServer(StringTransport):
         self.clock = clock
         self.idle = idle
         self.silent = False
+        #: untagged lines sent before NOOP's OK (mail the server found)
+        self.noop_untagged = []
         self.seen = []
         self.client = None
         self._idle_tag = None
@@ -60,7 +62,7 @@ class FakeServer(StringTransport):
                 else:
                     self.send(tag + b" BAD Unknown command")
             elif command == b"NOOP":
-                self.send(tag + b" OK NOOP completed")
+                self.send(*self.noop_untagged, tag + b" OK NOOP completed")
             elif command == b"LOGOUT":
                 self.send(b"* BYE bye", tag + b" OK LOGOUT completed")
                 self.drop()
@@ -178,7 +180,8 @@ class HoldTests(SynchronousTestCase):
         h.turn()
         h.turn(60)
         self.assertEqual([t for t, _ in h.polls], [0.0, 60.0])
-        self.assertEqual(h.server.commands(), [b"IDLE", b"DONE", b"IDLE"])
+        # a check nothing announced: NOOP first (servers look for new mail then)
+        self.assertEqual(h.server.commands(), [b"IDLE", b"DONE", b"NOOP", b"IDLE"])
 
     def test_without_idle_polls_the_held_connection(self):
         h = Harness(self, idle_caps=False, poll_interval=60)
@@ -190,7 +193,8 @@ class HoldTests(SynchronousTestCase):
         self.assertEqual([t for t, _ in h.polls], [0.0, 60.0, 120.0, 180.0])
         self.assertEqual(len(h.servers), 1)
         self.assertEqual({id(c) for _, c in h.polls}, {id(h.polls[0][1])})
-        self.assertEqual(h.server.commands(), [])  # the poll itself is the check
+        # each check: a NOOP (the server looks for new mail), then the poll
+        self.assertEqual(h.server.commands(), [b"NOOP"] * 3)
 
     def test_idle_false_polls_even_when_the_server_offers_idle(self):
         h = Harness(self, idle=False, poll_interval=60)
@@ -207,7 +211,7 @@ class HoldTests(SynchronousTestCase):
         self.assertEqual(h.machine.state, held.WAITING)
         h.turn(60)
         self.assertEqual(len(h.polls), 2)
-        self.assertEqual(h.server.commands(), [b"IDLE"])
+        self.assertEqual(h.server.commands(), [b"IDLE", b"NOOP"])
         self.assertEqual(h.reports, [SessionResult(account_id="a1")] * 2)
 
     def test_unsolicited_exists_wakes_a_waiting_connection(self):
@@ -217,6 +221,26 @@ class HoldTests(SynchronousTestCase):
         h.server.send(b"* 5 EXISTS")
         h.turn()
         self.assertEqual([t for t, _ in h.polls], [0.0, 10.0])
+
+    def test_a_poll_after_an_announcement_sends_no_noop(self):
+        h = Harness(self)
+        h.machine.start()
+        h.turn(30)
+        h.server.send(b"* 1 EXISTS")  # the server has told: no need to ask
+        h.turn()
+        self.assertEqual(len(h.polls), 2)
+        self.assertEqual(h.server.commands(), [b"IDLE", b"DONE", b"IDLE"])
+
+    def test_noop_announcing_mail_before_a_check_makes_one_poll(self):
+        h = Harness(self, idle_caps=False, poll_interval=60)
+        h.machine.start()
+        h.turn()
+        h.server.noop_untagged = [b"* 3 EXISTS", b"* 1 RECENT"]
+        h.turn(60)  # the check's NOOP finds a message: one poll, not two
+        self.assertEqual(h.server.commands(), [b"NOOP"])
+        self.assertEqual(len(h.polls), 2)
+        self.assertEqual(h.polls[1][1].exists, 3)
+        self.assertEqual(h.machine.state, held.WAITING)
 
     def test_exists_during_a_poll_makes_another_poll(self):
         h = Harness(self)

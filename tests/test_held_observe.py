@@ -27,6 +27,23 @@ class MetricsTests(SynchronousTestCase):
         self.assertIn("fido_held_fallback_accounts 2.0", text)
         self.assertIn("fido_held_reconnects_total 7.0", text)
 
+    def test_reconnects_by_reason(self):
+        from prometheus_client import generate_latest
+
+        from fido_tx.observe.metrics import Metrics
+
+        class HeldWithReasons:
+            def snapshot(self):
+                return dict(Held().snapshot(), reasons={"lost": 4, "token_renewal": 3,
+                                                        "token_expired": 0})
+
+        m = Metrics()
+        m.bind(held=HeldWithReasons())
+        text = generate_latest(m.registry).decode()
+        self.assertIn('fido_held_reconnects_total{reason="lost"} 4.0', text)
+        self.assertIn('fido_held_reconnects_total{reason="token_renewal"} 3.0', text)
+        self.assertIn('fido_held_reconnects_total{reason="token_expired"} 0.0', text)
+
     def test_without_held_connections_no_gauges(self):
         from prometheus_client import generate_latest
 

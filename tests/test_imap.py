@@ -792,7 +792,9 @@ def test_sessions_share_the_inflight_budget_and_give_it_back(server):
     # a 2-message batch (~2.2 KB) fills the budget: never two batches at once
     assert seen_in_use and all(in_use == size for in_use, size in seen_in_use)
     assert budget.in_use == 0 and budget.waiting == 0
-    assert budget.peak <= 2500
+    # within the limit; beyond it only the elder's read-ahead (its overdraft)
+    assert budget.peak_within <= 2500
+    assert budget.peak <= 2500 + budget.read_ahead + budget.step
 
 
 @pytest_twisted.inlineCallbacks

@@ -652,6 +652,9 @@ class OAuthMechanismTests(SynchronousTestCase):
             def secret_forms(self):
                 return ("tok-123",)
 
+            def lifetime(self):
+                return None
+
         account = Account(id="a", host="h", username="u@x.test", password="unused",
                           security="tls", auth="xoauth2")
         creds = Token()

@@ -254,6 +254,14 @@ class TokenProvider:
         if self._token is not None and (token is None or token == self._token.value):
             self._token = None
 
+    def lifetime(self, token):
+        """``(refresh_at, expires_at)`` of ``token`` while it is the cached
+        one, else ``None``."""
+        current = self._token
+        if current is None or current.value != token:
+            return None
+        return current.refresh_at, current.expires_at
+
     def forms(self):
         """Every secret this provider knows, in every encoding (for scrubbing)."""
         found = set()
@@ -412,6 +420,11 @@ class OAuthCredentials:
 
     def invalidate(self):
         self.provider.invalidate(self._last)
+
+    def lifetime(self):
+        """``(refresh_at, expires_at)`` of the last token :meth:`secret` gave
+        (``None`` before the first, or once it is no longer the cached one)."""
+        return self.provider.lifetime(self._last) if self._last else None
 
     def secret_forms(self):
         forms = set(self.provider.forms())

@@ -24,6 +24,10 @@ class PasswordCredentials:
     def invalidate(self):
         """A refused password stays the same: nothing to refresh."""
 
+    def lifetime(self):
+        """A password does not expire."""
+        return None
+
     def secret_forms(self):
         if self._forms is None:  # computed once, and only when something is scrubbed
             self._forms = secret_forms(self._password, self.user)

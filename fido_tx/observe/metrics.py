@@ -201,9 +201,18 @@ def _held_families(held):
     yield _gauge("fido_held_fallback_accounts",
                  "Accounts polling with fresh connections (a connection limit was hit).",
                  held["fallback"])
-    family = CounterMetricFamily("fido_held_reconnects",
-                                 "Held connections replaced (lost, dropped, restarted).")
-    family.add_metric([], held["reconnects"])
+    reasons = held.get("reasons")
+    if reasons is None:
+        family = CounterMetricFamily("fido_held_reconnects",
+                                     "Held connections replaced (lost, dropped, restarted).")
+        family.add_metric([], held["reconnects"])
+    else:
+        family = CounterMetricFamily(
+            "fido_held_reconnects", "Held connections replaced, by reason: lost (dropped, "
+            "restarted, BYE), token_renewal (a fresh OAuth2 token before the held one "
+            "expired), token_expired (the server said it expired).", labels=["reason"])
+        for reason, n in sorted(reasons.items()):
+            family.add_metric([reason], n)
     yield family
 
 

@@ -56,7 +56,9 @@ class Cyrus(imapserver.ImapBackedServer):
         self.tree = tree
         self.version = version()
         self.env = {"LD_LIBRARY_PATH": os.path.join(tree, "usr/lib/x86_64-linux-gnu")}
-        for sub in ("conf", "spool", "sieve", "socket", "proc", "lock", "tls"):
+        # conf/socket: imapd binds its end of idled's messages there
+        # ({configdirectory}/socket/idle.<pid>, compiled in)
+        for sub in ("conf", "conf/socket", "spool", "sieve", "socket", "proc", "lock", "tls"):
             os.makedirs(os.path.join(self.base_dir, sub), exist_ok=True)
         cert = self.pki.localhost.copy_to(os.path.join(self.base_dir, "tls"), "localhost")
         self.config_path = os.path.join(self.base_dir, "imapd.conf")
@@ -83,7 +85,7 @@ defaultpartition: default
 partition-default: {b}/spool
 sievedir: {b}/sieve
 lmtpsocket: {b}/socket/lmtp
-idlesocket: {b}/socket/idle
+idlesocket: {b}/conf/socket/idle
 notifysocket: {b}/socket/notify
 servername: {SERVERNAME}
 cyrus_user: {u}
@@ -119,6 +121,7 @@ SERVICES {{
 EVENTS {{
 }}
 DAEMON {{
+  idled cmd="{bin_dir}/idled -C {self.config_path}"
 }}
 """)
 

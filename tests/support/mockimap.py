@@ -107,9 +107,13 @@ class Fault:
 #: - ``untagged_flood``: SELECT/EXAMINE answers ``* OK`` lines for ever;
 #: - ``no_body``, ``body_nil``, ``other_uid``, ``double_body``: a FETCH of
 #:   BODY[] answers without BODY[], with BODY[] NIL, for another UID, or twice
-#:   for one UID with different bodies (completed normally).
+#:   for one UID with different bodies (completed normally);
+#: - ``slow_body``: RFC822.SIZE says ``claimed_size`` (default
+#:   ``hostile_size``), and a FETCH of BODY[] answers the first message asked
+#:   with a literal of ``hostile_size`` bytes trickled at ``hostile_rate``
+#:   bytes/s (a slow liar: it would hold the in-flight budget).
 HOSTILE = ("literal_chain", "lying_size", "status_chain", "search_flood", "untagged_flood",
-           "no_body", "body_nil", "other_uid", "double_body")
+           "no_body", "body_nil", "other_uid", "double_body", "slow_body")
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
@@ -142,8 +146,9 @@ class Behaviour:
         a server that breaks the protocol to harm its client.
     :ivar hostile_size: bytes of each literal a hostile mode sends (the lie
         of ``lying_size``, the links of a chain); SEARCH: UIDs per line.
-    :ivar claimed_size: ``lying_size``/``literal_chain``: the RFC822.SIZE
-        claimed for every message (``None``: the true size).
+    :ivar claimed_size: ``lying_size``/``literal_chain``/``slow_body``: the
+        RFC822.SIZE claimed for every message (``None``: the true size).
+    :ivar hostile_rate: ``slow_body``: bytes per second of the body literal.
     """
 
     connect: str = attr.ib(default="greet", validator=attr.validators.in_(
@@ -161,6 +166,7 @@ class Behaviour:
     hostile: str = attr.ib(default="", validator=attr.validators.in_(("",) + HOSTILE))
     hostile_size: int = 1024 * 1024
     claimed_size: int | None = None
+    hostile_rate: float = 4096.0
 
 
 #: Convenience: the answer of a server that limits connections per user.
@@ -480,7 +486,69 @@ class IdleProtocolSupport:
             self._exists_pending = True
 
 
-class IdleServerSupport:
+# -- OAuth2 tokens that expire under a logged-in session (Microsoft 365),
+# -- in their own classes for the same reason.
+
+#: what Microsoft 365 sends on the first command after the token expired
+ACCESS_TOKEN_EXPIRED = b"Session invalidated - AccessTokenExpired"
+
+
+class BearerExpiryProtocol:
+    """The protocol side: a session logged in with a token ends when the
+    token expires (see :class:`BearerExpiryServer`)."""
+
+    _bearer_token = None
+
+    def _bearer_logged_in(self, token):
+        self._bearer_token = token
+        expires = self.server.bearer_expires_at(token)
+        if expires is not None and self.server.bearer_expired != "ignore":
+            self._later(max(0.0, expires - self.server.reactor.seconds()),
+                        self._expired_while_idle)
+
+    def _expired_while_idle(self):
+        if self.idling and self.record.open and self.server.bearer_expired == "bye":
+            self.server.expired_sessions.append(self.record.user)
+            self._send(b"* BYE " + ACCESS_TOKEN_EXPIRED + b"\r\n")
+            self._then(self._close)
+
+    def _token_expired(self, tag):
+        """Answer a command after the token expired; False: not expired."""
+        if self._bearer_token is None or self.server.bearer_expired == "ignore":
+            return False
+        expires = self.server.bearer_expires_at(self._bearer_token)
+        if expires is None or self.server.reactor.seconds() < expires:
+            return False
+        self.server.expired_sessions.append(self.record.user)
+        if self.server.bearer_expired == "bye":
+            self._send(b"* BYE " + ACCESS_TOKEN_EXPIRED + b"\r\n")
+            self._then(self._close)
+        else:
+            self._send(tag + b" NO " + ACCESS_TOKEN_EXPIRED + b"\r\n")
+        return True
+
+
+class BearerExpiryServer:
+    """The server side: ``bearer_expires_at(token)`` -> clock seconds the
+    token expires (or ``None``); ``bearer_expired`` says what a session
+    logged in with it gets after that: ``"bye"`` (Microsoft 365: ``* BYE
+    Session invalidated - AccessTokenExpired`` on the next command, or at
+    once while idling, then close), ``"no"`` (a tagged ``NO`` naming it) or
+    ``"ignore"`` (Gmail: the session goes on).  ``expired_sessions``: the
+    user of each session so ended."""
+
+    bearer_expired = "bye"
+
+    def bearer_expires_at(self, token):
+        expiry = self.__dict__.get("bearer_expiry")
+        return expiry(token) if expiry is not None else None
+
+    @property
+    def expired_sessions(self):
+        return self.__dict__.setdefault("_expired_sessions", [])
+
+
+class IdleServerSupport(BearerExpiryServer):
     """The server side of IDLE: per-user IDLE scripts and :meth:`deliver`."""
 
     def script_idle(self, user, behaviour):
@@ -540,7 +608,7 @@ def listen_control(reactor, server, port, interface="127.0.0.1"):
     return reactor.listenTCP(port, factory, interface=interface)
 
 
-class MockIMAPProtocol(IdleProtocolSupport, protocol.Protocol):
+class MockIMAPProtocol(IdleProtocolSupport, BearerExpiryProtocol, protocol.Protocol):
     """One server-side connection.  States: ``greeting`` -> ``unauth`` ->
     ``auth`` -> ``selected`` -> ``logout``."""
 
@@ -731,6 +799,8 @@ class MockIMAPProtocol(IdleProtocolSupport, protocol.Protocol):
         if self.server.keep_records:
             self.record.commands.append(Command(self.record.id, tag, name, tuple(args), raw))
         count = self._counts[name] = self._counts.get(name, 0) + 1
+        if name != "LOGOUT" and self._token_expired(tag):
+            return
         fault = next((f for f in self.behaviour.faults if f.matches(name, count)), None)
         if name == "LOGIN" and fault is None and len(args) == 2:
             # the user's own script applies from LOGIN on
@@ -826,6 +896,15 @@ class MockIMAPProtocol(IdleProtocolSupport, protocol.Protocol):
         if mode == "untagged_flood" and name in ("SELECT", "EXAMINE"):
             self._stream(itertools.repeat(b"* OK still thinking\r\n" * 1000))
             return True
+        if mode == "slow_body" and self._wants_body(name, args):
+            want = parse_set(args[0], self._largest_uid())
+            seq, m = next(((i, m) for i, m in enumerate(self._messages(), 1) if want(m.uid)),
+                          (1, None))
+            if m is None:
+                return False
+            self._write(b"* %d FETCH (UID %d BODY[] {%d}\r\n" % (seq, m.uid, size))
+            self._drip(size, b.hostile_rate, b")\r\n" + tag + b" OK FETCH completed\r\n")
+            return True
         if mode in ("no_body", "body_nil", "other_uid", "double_body", "lying_size") and \
                 self._wants_body(name, args):
             want = parse_set(args[0], self._largest_uid())
@@ -836,6 +915,17 @@ class MockIMAPProtocol(IdleProtocolSupport, protocol.Protocol):
             self._send(b"".join(out) + tag + b" OK FETCH completed\r\n")
             return True
         return False
+
+    def _drip(self, size, rate, then, tick=0.05):
+        """Send ``size`` bytes at ``rate`` bytes/s (never held whole), then ``then``."""
+        if not self.record.open:
+            return
+        chunk = min(size, max(1, int(rate * tick)))
+        self._write(b"y" * chunk)
+        if size > chunk:
+            self._later(chunk / rate, self._drip, size - chunk, rate, then, tick)
+        else:
+            self._write(then)
 
     def _hostile_fetch(self, mode, seq, m, size):
         if mode == "no_body":
@@ -982,7 +1072,10 @@ class MockIMAPProtocol(IdleProtocolSupport, protocol.Protocol):
             if mailbox is None or not self.server.bearer_check(user, token):
                 self._continuation = after_challenge
                 return b"+ " + status + b"\r\n"
-            return self._login(tag, user.encode(), mailbox.password.encode(), mechanism)
+            answer = self._login(tag, user.encode(), mailbox.password.encode(), mechanism)
+            if self.state == "auth":
+                self._bearer_logged_in(token)
+            return answer
 
         if args:
             return answer(args[0])
@@ -1120,6 +1213,8 @@ class MockIMAPProtocol(IdleProtocolSupport, protocol.Protocol):
                 claimed = self.behaviour.claimed_size
                 if claimed is None and self.behaviour.hostile == "lying_size":
                     claimed = 100
+                elif claimed is None and self.behaviour.hostile == "slow_body":
+                    claimed = self.behaviour.hostile_size
                 parts.append(b"RFC822.SIZE %d" % (len(m.raw) if claimed is None else claimed))
             elif item == b"INTERNALDATE":
                 parts.append(b'INTERNALDATE "' + m.internaldate.encode() + b'"')

@@ -128,3 +128,29 @@ class FakeTokenEndpoint(resource.Resource):
 def listen(reactor, root):
     """Serve ``root`` on a free loopback port -> the listening port."""
     return reactor.listenTCP(0, server.Site(root), interface="127.0.0.1")
+
+
+class FakeIntrospection(resource.Resource):
+    """RFC 7662 token introspection for a resource server (Dovecot's
+    ``passdb oauth2`` with ``introspection_mode = post``): ``POST token=...``
+    answers ``{"active": true, "username": ...}`` while ``tokens`` (a
+    :class:`FakeTokenEndpoint`) says the token is valid, else
+    ``{"active": false}``.  ``user``: the mailbox every valid token is for.
+    ``asked``: the tokens presented, in order."""
+
+    isLeaf = True
+
+    def __init__(self, tokens, user):
+        super().__init__()
+        self.tokens = tokens
+        self.user = user
+        self.asked = []
+
+    def render_POST(self, request):
+        body = request.content.read().decode("utf-8")
+        token = parse_qs(body).get("token", [""])[0]
+        self.asked.append(token)
+        request.setHeader(b"Content-Type", b"application/json")
+        if not self.tokens.valid(token):
+            return json.dumps({"active": False}).encode()
+        return json.dumps({"active": True, "username": self.user}).encode()

@@ -7,7 +7,9 @@ fetches from thousands of servers:
 - every command has its own timeout (``reactor.callLater`` and
   ``transport.abortConnection()``), not ``IMAP4Client.timeout``, which
   misbehaves with queued commands;
-- message literals must keep arriving at ``min_literal_rate`` bytes/s;
+- message literals must keep arriving at ``min_literal_rate`` bytes/s
+  (except while the in-flight byte budget has paused reading: the wait is
+  Fido's; see :mod:`fido_tx.schedule.budget`);
 - literals are collected as chunks and joined once; a FETCH response is handed
   to the caller as text segments and literal ``bytes`` (no ``charmap`` strings,
   no re-joining the whole response, no copy per parse step);
@@ -328,6 +330,8 @@ class FidoIMAP4Client(LinearLineReader, imap4.IMAP4Client):
 
     def _check_rate(self):
         self._rate_check = None
+        if self.budget_paused:  # a literal announced after the pause: budget_resume
+            return              # starts its window
         rate = self._literal_window / self.literal_check_interval
         if rate < self.min_literal_rate:
             self.fail(
@@ -614,6 +618,40 @@ class FidoIMAP4Client(LinearLineReader, imap4.IMAP4Client):
 
         d.addBoth(done)
         return d
+
+    # -- the in-flight byte budget pauses reading ------------------------------
+
+    #: reading is paused by the in-flight budget (see budget_pause)
+    budget_paused = False
+    _paused_deadline = False
+
+    def budget_pause(self):
+        """The in-flight budget is full: stop reading until
+        :meth:`budget_resume`.  The wait is Fido's, not the server's: the
+        command's deadline and the literal rate check stop meanwhile."""
+        if self.budget_paused or self.closed:
+            return
+        self.budget_paused = True
+        self._paused_deadline = self._deadline is not None
+        self._deadline = None  # a pending timer call finds nothing to do
+        self._stop_rate_check()
+        self.transport.pauseProducing()
+
+    def budget_resume(self):
+        """Bytes were released: read again, with a fresh deadline and rate window."""
+        if not self.budget_paused:
+            return
+        self.budget_paused = False
+        if self.closed or self.error is not None:
+            return
+        if self._paused_deadline and self.waiting:
+            self._arm(self._timer_seconds, self._timer_what)
+        if not self.line_mode and \
+                self._literal_remaining > self.min_literal_rate * self.literal_check_interval:
+            self._literal_window = 0
+            self._rate_check = self.clock.callLater(self.literal_check_interval,
+                                                    self._check_rate)
+        self.transport.resumeProducing()
 
     def clear_trace(self):
         """Forget the traced lines: a held connection waiting in IDLE keeps

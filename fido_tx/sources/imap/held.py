@@ -6,10 +6,19 @@ and the moves allowed between them are :data:`TRANSITIONS`::
 
     connecting -> fetching (catch up) -> idling <-> fetching
                                       -> waiting <-> fetching   (no IDLE)
+    idling, waiting, fetching -> renewing -> connecting   (OAuth2 token
+                                 renewing -> idling, ...   renewed, or not)
     any of them -> backoff -> connecting        (lost, or cannot connect)
                -> fallback -> connecting        ("too many connections",
                                                  the per-host limit)
                -> closing -> closed             (stop)
+
+Its parts: :mod:`~fido_tx.sources.imap.heldwait` (IDLE or a plain wait
+between checks), :mod:`~fido_tx.sources.imap.heldfetch` (a check: NOOP when
+nothing was announced, the poll, its result), :mod:`~fido_tx.sources.imap.fallback` (fresh-connection
+polling), :mod:`~fido_tx.sources.imap.reauth` (a fresh OAuth2 token before
+the held one expires) and :mod:`~fido_tx.sources.imap.heldconn` (the connection, the
+settings, the shared pool); this module keeps the states and the loop.
 
 It does no IMAP itself beyond IDLE, NOOP and LOGOUT: the collaborators are
 injected, so it does not care how a connection is opened or a poll is run:
@@ -24,6 +33,9 @@ injected, so it does not care how a connection is opened or a poll is run:
   ``tls``, ``config`` and ``mailbox``, which reconnecting will not cure);
 - ``poll_fresh()`` (optional) -> Deferred[SessionResult]: one ordinary
   session on a fresh connection, for the fallback;
+- ``tokens`` (optional): ``renew()`` -> Deferred fired once a fresh secret
+  is ready for the next login, ``invalidate()`` the server refused the
+  current one (see :mod:`~fido_tx.sources.imap.reauth`);
 - ``ready()`` (optional) -> Deferred fired when fetching may go on, with a
   ``release()`` callable (or ``None``) called once the poll is over: the
   scheduler's worker slot.  While backpressure or a Redis outage pauses
@@ -37,7 +49,9 @@ longest an account goes without a check (a server may not notify: Dovecot
 beyond its inotify limit checks every 30 s).  Between checks, IDLE is
 re-issued every ``idle_refresh`` and a NOOP proves the server still answers.
 An EXISTS that arrives while a poll runs (between its SEARCH and its end)
-is seen by the connection's observer and makes another poll.
+is seen by the connection's observer and makes another poll.  A check that
+no EXISTS announced starts with a NOOP (Dovecot and Courier look for new
+mail on NOOP or in IDLE, not on UID SEARCH).
 
 Losing a connection that was held a while (``min_hold``) after a good poll
 is routine (servers drop idle connections, restart, send BYE): it reconnects
@@ -45,19 +59,23 @@ at once, without a report.  Otherwise reconnects back off (``reconnect``
 schedule, :mod:`fido_tx.schedule.backoff`).
 """
 
-import re
-
-import attr
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from fido_tx import errors
-from fido_tx.config import BackoffSettings
-from fido_tx.errors import FidoError
 from fido_tx.outcome import SessionResult
 from fido_tx.schedule import backoff
 from fido_tx.sources.imap import idle as _idle
-from fido_tx.sources.imap.client import ImapCommandError
+from fido_tx.sources.imap.fallback import Fallback
+from fido_tx.sources.imap.heldconn import (
+    TOKEN_RENEWAL, HeldConnection, HeldPool, HeldSettings, Lost, Stopped, as_error,
+    too_many_connections)
+from fido_tx.sources.imap.heldfetch import HeldFetch
+from fido_tx.sources.imap.heldwait import HeldWait
+from fido_tx.sources.imap.reauth import Reauth
+
+__all__ = ["HeldAccount", "HeldConnection", "HeldPool", "HeldSettings", "TRANSITIONS",
+           "too_many_connections"]
 
 _log = Logger()
 
@@ -65,6 +83,7 @@ CONNECTING = "connecting"
 FETCHING = "fetching"
 IDLING = "idling"
 WAITING = "waiting"
+RENEWING = "renewing"
 BACKOFF = "backoff"
 FALLBACK = "fallback"
 CLOSING = "closing"
@@ -76,9 +95,10 @@ _HOLDING = {FETCHING, IDLING, WAITING}
 TRANSITIONS = {
     None: {CONNECTING, FALLBACK, CLOSED},
     CONNECTING: {FETCHING, BACKOFF, FALLBACK, CONNECTING, CLOSED},
-    FETCHING: _HOLDING | {BACKOFF, CONNECTING, CLOSING},
-    IDLING: _HOLDING | {BACKOFF, CONNECTING, CLOSING},
-    WAITING: _HOLDING | {BACKOFF, CONNECTING, CLOSING},
+    FETCHING: _HOLDING | {RENEWING, BACKOFF, CONNECTING, CLOSING},
+    IDLING: _HOLDING | {RENEWING, BACKOFF, CONNECTING, CLOSING},
+    WAITING: _HOLDING | {RENEWING, BACKOFF, CONNECTING, CLOSING},
+    RENEWING: _HOLDING | {CONNECTING, CLOSING},
     BACKOFF: {CONNECTING, FALLBACK, CLOSED},
     FALLBACK: {CONNECTING, FALLBACK, CLOSED},
     CLOSING: {CLOSED},
@@ -86,140 +106,8 @@ TRANSITIONS = {
 }
 
 #: failures reconnecting will not cure: reported the first time
-_REPORT_AT_ONCE = frozenset([errors.AUTH, errors.TLS, errors.CONFIG, errors.MAILBOX])
-
-_TOO_MANY = re.compile(r"\[(LIMIT|INUSE)\]|too many (simultaneous )?connections", re.I)
-
-
-def too_many_connections(error):
-    """Whether a failed connect/login says the server's connection limit is hit."""
-    return isinstance(error, FidoError) and bool(_TOO_MANY.search(error.message))
-
-
-@attr.s(slots=True)
-class HeldConnection:
-    """What ``open()`` hands over: a logged-in connection with the mailbox selected.
-
-    :ivar client: the :class:`~fido_tx.sources.imap.client.FidoIMAP4Client`.
-    :ivar capabilities: the server's, after login (upper-case bytes).
-    :ivar exists: the message count SELECT reported (kept up to date).
-    :ivar state: anything the opener wants ``poll`` to get back (the
-        session object, the UIDVALIDITY, ...).
-    :ivar on_close: called once the connection is closed or being aborted
-        (drop what refers to it, so it is freed at once, not by the collector).
-    """
-
-    client = attr.ib()
-    capabilities = attr.ib(default=frozenset())
-    exists = attr.ib(default=None)
-    state = attr.ib(default=None)
-    on_close = attr.ib(default=None)
-
-
-@attr.s(frozen=True, slots=True, auto_attribs=True)
-class HeldSettings:
-    #: use IDLE when the server offers it (the account's ``idle``)
-    idle: bool = True
-    #: seconds before IDLE is ended and re-issued (under 29 minutes)
-    idle_refresh: float = 600.0
-    #: the longest an account goes without a check
-    poll_interval: float = 60.0
-    #: seconds for ``+``, DONE's answer and the NOOP probe
-    command_timeout: float = 60.0
-    logout_timeout: float = 5.0
-    #: failures in a row (connects, early losses) before one is reported
-    report_after: int = 3
-    #: a connection lost sooner than this after it was opened counts as a failure
-    min_hold: float = 30.0
-    #: seconds on fresh-connection polling before holding is tried again
-    fallback_retry: float = 600.0
-    #: the reconnect schedule (first retry after 1 s, not the sessions' 30 s)
-    reconnect: BackoffSettings = BackoffSettings(initial=1.0, maximum=300.0)
-    #: an untagged FETCH without \\Seen (mail marked unread again) wakes too
-    wake_on_unseen: bool = False
-
-    @classmethod
-    def from_settings(cls, settings, account_idle=True):
-        """From :class:`fido_tx.config.Settings` and the account's ``idle``."""
-        imap, b = settings.imap, settings.backoff
-        return cls(
-            idle=bool(account_idle),
-            idle_refresh=getattr(imap, "idle_refresh", 600.0),
-            poll_interval=settings.fido.poll_interval,
-            command_timeout=imap.command_timeout,
-            logout_timeout=imap.logout_timeout,
-            reconnect=attr.evolve(b, initial=min(1.0, b.initial),
-                                  maximum=min(300.0, b.maximum)),
-        )
-
-
-class HeldPool:
-    """What all held connections share: the per-host limit and the counts
-    for /metrics and ``fido status``.
-
-    :param on_idle: called each time a connection starts to wait in IDLE
-        (the daemon freezes the collector's view of settled connections).
-    """
-
-    def __init__(self, max_per_host=1000, on_idle=None):
-        self.max_per_host = max_per_host
-        self.on_idle = on_idle
-        self._hosts = {}
-        #: connections logged in and held now
-        self.held = 0
-        #: of those, waiting in IDLE now
-        self.idling = 0
-        #: connections replaced since start
-        self.reconnects = 0
-        #: accounts polling on fresh connections now (limits hit)
-        self.fallback = 0
-
-    def try_hold(self, host):
-        """Take one of ``host``'s connection slots; False when all are taken."""
-        n = self._hosts.get(host, 0)
-        if n >= self.max_per_host:
-            return False
-        self._hosts[host] = n + 1
-        return True
-
-    def release(self, host):
-        n = self._hosts.get(host, 0) - 1
-        if n > 0:
-            self._hosts[host] = n
-        else:
-            self._hosts.pop(host, None)
-
-    def idle_started(self):
-        self.idling += 1
-        if self.on_idle is not None:
-            self.on_idle()
-
-    def idle_ended(self):
-        self.idling -= 1
-
-    def per_host(self, host):
-        return self._hosts.get(host, 0)
-
-    def snapshot(self):
-        return {"held": self.held, "idling": self.idling,
-                "reconnects": self.reconnects, "fallback": self.fallback}
-
-
-class _Stopped(Exception):
-    """Internal: stop() interrupted a wait."""
-
-
-class _Lost(Exception):
-    """Internal: the held connection is gone (``error`` says why).
-
-    ``routine`` is False when it went down during a poll: that poll failed,
-    so the loss counts towards a report even after a long hold.
-    """
-
-    def __init__(self, error, routine=True):
-        super().__init__(error)
-        self.error = error
-        self.routine = routine
+_REPORT_AT_ONCE = frozenset([errors.AUTH, errors.REAUTHORIZE, errors.TLS, errors.CONFIG,
+                             errors.MAILBOX])
 
 
 class HeldAccount:
@@ -231,7 +119,7 @@ class HeldAccount:
     """
 
     def __init__(self, account_id, host, open, poll, report, clock, settings, pool,
-                 random, poll_fresh=None, ready=None, log=None):
+                 random, poll_fresh=None, ready=None, log=None, tokens=None):
         self.account_id = account_id
         self.host = host
         self.open = open
@@ -243,21 +131,27 @@ class HeldAccount:
         self.random = random
         self.poll_fresh = poll_fresh
         self.ready = ready
+        self.tokens = tokens
         self.log = log or _log
         self.state = None
         #: states entered, in order (bounded; for tests and ``fido status``)
         self.history = []
         self.reconnects = 0
         self.conn = None
+        #: stop() was called
+        self.stopping = False
+        #: new mail was announced: fetch again
+        self.dirty = False
+        #: the poll in flight (on the held connection or a fresh one)
+        self.polling = None
+        self.waits = HeldWait(self)
+        self.fetch = HeldFetch(self)
+        self.fallback = Fallback(self)
+        self.reauth = Reauth(self)
         self._backoff = backoff.HEALTHY
-        self._stopping = False
         self._waiting = None  # the Deferred stop() interrupts
-        self._idler = None
-        self._polling = None
-        self._dirty = False
-        self._no_idle = False
-        self._last_check = None
-        self._fallback_until = None
+        #: clock time of the last check (a poll) on the held connection
+        self.last_check = None
         self._done = None
         self._closed_waiters = []
 
@@ -277,7 +171,7 @@ class HeldAccount:
         """
         if self.state == CLOSED:
             return defer.succeed(None)
-        self._stopping = True
+        self.stopping = True
         d = defer.Deferred()
         self._closed_waiters.append(d)  # before: the interrupt may end it at once
         self._interrupt()
@@ -298,6 +192,55 @@ class HeldAccount:
     def idling(self):
         return self.state == IDLING
 
+    # -- for the parts (HeldWait, HeldFetch, Fallback, Reauth) -------------------
+
+    async def wait_for(self, d):
+        """Await ``d`` (open, sleep, ready) so that stop() can interrupt it
+        (:class:`~fido_tx.sources.imap.heldconn.Stopped`)."""
+        if self.stopping:
+            d.cancel()
+            raise Stopped()
+        self._waiting = d
+        try:
+            return await d
+        except defer.CancelledError:
+            if self.stopping:
+                raise Stopped()
+            raise
+        finally:
+            self._waiting = None
+
+    def sleep(self, seconds):
+        return self.wait_for(task.deferLater(self.clock, max(0.0, seconds)))
+
+    async def take_slot(self):
+        """Wait for ``ready()``: the ``release`` it gives, or ``None``."""
+        if self.ready is None:
+            return None
+        release = await self.wait_for(self.ready())
+        return release if callable(release) else None
+
+    def due(self):
+        """Seconds until the next check is due."""
+        if self.last_check is None:
+            return 0.0
+        return self.last_check + self.settings.poll_interval - self.clock.seconds()
+
+    def next_wait(self):
+        """Seconds until a check is due or the connection is to be replaced."""
+        return min(self.due(), self.reauth.until())
+
+    def fetched(self):
+        """A poll succeeded: the failure counts start again."""
+        self._backoff = backoff.HEALTHY
+        self.reauth.fetched()
+
+    def wake(self):
+        """New mail: fetch at once (a plain wait is cut short)."""
+        self.dirty = True
+        if self.state == WAITING and self._waiting is not None and not self._waiting.called:
+            self._waiting.cancel()
+
     # -- states --------------------------------------------------------------
 
     def _enter(self, state):
@@ -309,13 +252,12 @@ class HeldAccount:
             del self.history[:8]
 
     def _interrupt(self):
-        if self._idler is not None:
-            self._idler.stop()
+        self.waits.interrupt()
         if self._waiting is not None and not self._waiting.called:
             self._waiting.cancel()
 
     def _abort(self, timeout):
-        polling = self._polling
+        polling = self.polling
         if polling is not None and not polling.called:
             self.log.warn("held {account_id}: still fetching after the {grace:g} s grace "
                           "period: cancelled (nothing more is marked; the next start "
@@ -325,40 +267,22 @@ class HeldAccount:
         if conn is not None and not conn.client.closed and conn.client.transport is not None:
             conn.client.transport.abortConnection()
 
-    async def _wait(self, d):
-        """Await ``d`` (open, sleep, ready) so that stop() can interrupt it."""
-        if self._stopping:
-            d.cancel()
-            raise _Stopped()
-        self._waiting = d
-        try:
-            return await d
-        except defer.CancelledError:
-            if self._stopping:
-                raise _Stopped()
-            raise
-        finally:
-            self._waiting = None
-
-    def _sleep(self, seconds):
-        return self._wait(task.deferLater(self.clock, max(0.0, seconds)))
-
     # -- the loop ------------------------------------------------------------
 
     async def _run(self):
         try:
-            while not self._stopping:
-                if self._fallback_until is not None:
-                    await self._fallback()
+            while not self.stopping:
+                if self.fallback.active:
+                    self._enter(FALLBACK)
+                    await self.fallback.run()
                 elif not self.pool.try_hold(self.host):
-                    self._start_fallback("max_connections_per_host reached for "
-                                         f"{self.host}")
+                    self.fallback.start(f"max_connections_per_host reached for {self.host}")
                 else:
                     try:
                         await self._connection()
                     finally:
                         self.pool.release(self.host)
-        except _Stopped:
+        except Stopped:
             pass
         finally:
             self._closed()
@@ -367,183 +291,77 @@ class HeldAccount:
         """Open, hold until lost or stopped, close."""
         self._enter(CONNECTING)
         try:
-            conn = await self._wait(self.open())
-        except _Stopped:
+            conn = await self.wait_for(self.open())
+        except Stopped:
             raise
         except Exception as e:
-            error = _as_error(e, errors.CONNECT)
+            error = as_error(e, errors.CONNECT)
             if too_many_connections(error):
-                self._start_fallback(error.message)
+                self.fallback.start(error.message)
                 return
             await self._failed(error)
             return
         opened = self.clock.seconds()
+        lost = await self._held(conn)
+        if lost is None or self.stopping:
+            return
+        reason = self.reauth.reason(lost)
+        self.reconnects += 1
+        self.pool.reconnected(reason)
+        held_for = self.clock.seconds() - opened
+        if self.reauth.quiet(reason) or (lost.routine and self._backoff.failures == 0
+                                         and held_for >= self.settings.min_hold):
+            self.log.debug("held {account_id}: connection replaced after {seconds:.0f} s "
+                           "({why}); reconnecting", account_id=self.account_id,
+                           seconds=held_for, why=lost.error.message)
+            return  # routine (idle timeout, restart, BYE, a token): reconnect at once
+        await self._failed(lost.error)
+
+    async def _held(self, conn):
+        """Hold ``conn`` until lost or stopped, then close it: the
+        :class:`~fido_tx.sources.imap.heldconn.Lost`, or None."""
         self.conn = conn
         self.pool.held += 1
-        conn.client.observer = self._observer(conn)
+        conn.client.observer = self.waits.observer(conn)
         _idle.keepalive(conn.client.transport)
+        self.reauth.held(conn)
         lost = None
         try:
             await self._hold(conn)
-        except _Lost as e:
-            lost, routine = e.error, e.routine
+        except Lost as e:
+            lost = e
         finally:
             self.pool.held -= 1
             conn.client.observer = None
-            if self._stopping:
+            if self.stopping:
                 self._enter(CLOSING)
+                await _idle.logout(conn.client, self.settings.logout_timeout)
+            elif lost is not None and lost.reason == TOKEN_RENEWAL:
                 await _idle.logout(conn.client, self.settings.logout_timeout)
             elif not conn.client.closed and conn.client.transport is not None:
                 conn.client.transport.abortConnection()
             self.conn = None
             if conn.on_close is not None:
                 conn.on_close()
-        if lost is None or self._stopping:
-            return
-        self.reconnects += 1
-        self.pool.reconnects += 1
-        held_for = self.clock.seconds() - opened
-        if routine and self._backoff.failures == 0 and held_for >= self.settings.min_hold:
-            self.log.debug("held {account_id}: connection lost after {seconds:.0f} s "
-                           "({why}); reconnecting", account_id=self.account_id,
-                           seconds=held_for, why=lost.message)
-            return  # routine (idle timeout, restart, BYE): reconnect at once
-        await self._failed(lost)
+        return lost
 
     async def _hold(self, conn):
-        self._last_check = None
-        await self._fetch(conn)  # what came while no connection was held
-        while not self._stopping:
-            if self._dirty or self._due() <= 0:
-                await self._fetch(conn)
-            elif self.settings.idle and not self._no_idle and _idle.supports_idle(
-                    conn.capabilities):
-                await self._idle_once(conn)
-            else:
-                await self._poll_wait(conn)
-
-    def _due(self):
-        """Seconds until the next check is due."""
-        if self._last_check is None:
-            return 0.0
-        return self._last_check + self.settings.poll_interval - self.clock.seconds()
-
-    async def _idle_once(self, conn):
-        self._enter(IDLING)
-        counted = []
-
-        def on_idling():
-            counted.append(True)
-            self.pool.idle_started()
-
-        refresh = min(self.settings.idle_refresh, self._due())
-        self._idler = _idle.Idle(conn.client, self.clock, refresh, self.settings.command_timeout,
-                                 exists=conn.exists, wake_on_unseen=self.settings.wake_on_unseen,
-                                 on_idling=on_idling)
-        try:
-            end = await self._idler.start()
-        except ImapCommandError as e:
-            self.log.info("held {account_id}: server refused IDLE ({why}); polling the "
-                          "held connection every {interval:g} s", account_id=self.account_id,
-                          why=str(e), interval=self.settings.poll_interval)
-            self._no_idle = True
-            return
-        except Exception as e:
-            raise _Lost(_as_error(e, errors.PROTOCOL))
-        finally:
-            self._idler = None
-            if counted:
-                self.pool.idle_ended()
-        if self._stopping:
-            return
-        if end.woken:
-            self._dirty = True
-        elif self._due() > 0:  # a refresh: is the server still there?
-            try:
-                woken, exists = await _idle.probe(conn.client, self.settings.command_timeout,
-                                                  conn.exists)
-            except Exception as e:
-                raise _Lost(_as_error(e, errors.PROTOCOL))
-            self._dirty = self._dirty or woken
-
-    async def _poll_wait(self, conn):
-        """No IDLE: wait on the held connection until the next check."""
-        self._enter(WAITING)
-        try:
-            await self._sleep(self._due())
-        except defer.CancelledError:  # woken early by an unsolicited EXISTS
-            pass
-        if conn.client.closed:
-            raise _Lost(_as_error(conn.client.error, errors.PROTOCOL))
-
-    async def _fetch(self, conn):
-        """Poll on the held connection (again while new mail came meanwhile)."""
+        self.last_check = None
         self._enter(FETCHING)
-        for _ in range(3):
-            release = await self._ready()
-            try:
-                result = await self._poll_once(conn)
-                if result.ok:
-                    self._backoff = backoff.HEALTHY
-                # reported before the slot is given back, as a session ending
-                # is: backpressure judges it before another fetch may start
-                self.report(result)
-            finally:
-                if release is not None:
-                    release()
-            if not self._dirty or self._stopping:
-                return
-
-    async def _ready(self):
-        """Wait for ``ready()``: the ``release`` it gives, or ``None``."""
-        if self.ready is None:
-            return None
-        release = await self._wait(self.ready())
-        return release if callable(release) else None
-
-    async def _poll_once(self, conn):
-        self._dirty = False
-        self._last_check = self.clock.seconds()
-        self._polling = defer.maybeDeferred(self.poll, conn)
-        try:
-            result = await self._polling
-        except defer.CancelledError:
-            raise _Lost(FidoError(errors.TIMEOUT, "poll cancelled"), routine=False)
-        except Exception as e:  # a poll never errbacks: a bug, keep holding safe
-            self.log.failure("held {account_id}: poll failed", account_id=self.account_id)
-            raise _Lost(_as_error(e, errors.PROTOCOL), routine=False)
-        finally:
-            self._polling = None
-        if conn.client.closed or conn.client.error is not None:
-            if result.ok:  # it finished its work, then the server went away
-                self.report(result)
-                raise _Lost(_as_error(conn.client.error, errors.PROTOCOL))
-            raise _Lost(FidoError(result.kind, result.message, result.debug),
-                        routine=False)
-        return result
-
-    def _observer(self, conn):
-        """Watch every untagged response of the held connection."""
-
-        def observe(segments):
-            what, number = _idle.parse_untagged(segments[0])
-            if what == b"EXISTS":
-                if conn.exists is None or number > conn.exists:
-                    self._wake()
-                conn.exists = number
-            elif what == b"RECENT" and number > 0:
-                self._wake()
-            elif what == b"EXPUNGE" and conn.exists:
-                conn.exists -= 1
-
-        return observe
-
-    def _wake(self):
-        self._dirty = True
-        if self.state == WAITING and self._waiting is not None and not self._waiting.called:
-            self._waiting.cancel()
-
-    # -- failures and fallback --------------------------------------------------
+        await self.fetch.run(conn, synced=True)  # what came while no connection was held
+        while not self.stopping:
+            if self.reauth.due():
+                self._enter(RENEWING)
+                await self.reauth.renew()  # Lost when renewed: a new connection
+            elif self.dirty or self.due() <= 0:
+                self._enter(FETCHING)
+                await self.fetch.run(conn)
+            elif self.waits.uses_idle(conn):
+                self._enter(IDLING)
+                await self.waits.idle(conn)
+            else:
+                self._enter(WAITING)
+                await self.waits.plain(conn)
 
     async def _failed(self, error):
         self._backoff = backoff.record(self._backoff, error.kind)
@@ -555,33 +373,7 @@ class HeldAccount:
                       "(failure {n} in a row)", account_id=self.account_id, why=error.message,
                       delay=delay, n=self._backoff.failures)
         self._enter(BACKOFF)
-        await self._sleep(delay)
-
-    def _start_fallback(self, why):
-        self.log.info("held {account_id}: {why}; polling with fresh connections for "
-                      "{seconds:g} s", account_id=self.account_id, why=why,
-                      seconds=self.settings.fallback_retry)
-        self._fallback_until = self.clock.seconds() + self.settings.fallback_retry
-
-    async def _fallback(self):
-        self._enter(FALLBACK)
-        self.pool.fallback += 1
-        try:
-            while self.clock.seconds() < self._fallback_until:
-                if self.poll_fresh is not None:
-                    release = await self._ready()
-                    self._polling = defer.maybeDeferred(self.poll_fresh)
-                    try:
-                        self.report(await self._wait(self._polling))
-                    finally:
-                        self._polling = None
-                        if release is not None:
-                            release()
-                await self._sleep(min(self.settings.poll_interval,
-                                      self._fallback_until - self.clock.seconds()))
-        finally:
-            self.pool.fallback -= 1
-        self._fallback_until = None
+        await self.sleep(delay)
 
     # -- the end -------------------------------------------------------------
 
@@ -598,14 +390,3 @@ class HeldAccount:
 
     def _crashed(self, f):
         self.log.failure("held {account_id}: internal error", f, account_id=self.account_id)
-
-
-def _as_error(exc, kind, message=None):
-    """Any exception (or ``None``) as a :class:`FidoError`."""
-    if isinstance(exc, FidoError):
-        return exc
-    if isinstance(exc, ImapCommandError):
-        return FidoError(errors.PROTOCOL, str(exc))
-    if exc is None:
-        return FidoError(kind, message or "connection closed")
-    return FidoError(kind, message or f"{type(exc).__name__}: {exc}")

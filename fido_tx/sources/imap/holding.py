@@ -137,8 +137,21 @@ class HeldImap:
                                 scrub(e.debug, self._forms()))
             raise
         step("holding the connection ({exists} messages)", exists=info.exists)
+        lifetime = self.credentials.lifetime() if not conn.proto.preauth else None
+        renew_at, expires_at = lifetime if lifetime is not None else (None, None)
         return HeldConnection(client=conn.proto, capabilities=conn.caps, exists=info.exists,
-                              state=(conn, info), on_close=conn.forget)
+                              state=(conn, info), on_close=conn.forget,
+                              renew_at=renew_at, expires_at=expires_at)
+
+    # -- the token (OAuth2) ------------------------------------------------------
+
+    def renew(self):
+        """A Deferred fired once a fresh secret is ready for the next login."""
+        return self._credentials().secret()
+
+    def invalidate(self):
+        """The server refused (or expired) the secret the connection logged in with."""
+        self._credentials().invalidate()
 
     # -- poll ------------------------------------------------------------------
 
@@ -269,8 +282,9 @@ class HeldConnections(service.Service):
         self.stopping = False
 
     def snapshot(self):
-        """``{"held", "idling", "reconnects", "fallback"}`` now."""
-        return self.pool.snapshot()
+        """``{"held", "idling", "reconnects", "fallback"}`` now, and
+        ``"reasons"``: the reconnects by reason."""
+        return dict(self.pool.snapshot(), reasons=dict(self.pool.reasons))
 
     def stopService(self):
         """Start stopping every held connection (DONE, LOGOUT; a fetch in
@@ -308,7 +322,8 @@ class HeldSession:
         machine = self.machine = HeldAccount(
             account.id, account.host, source.open, source.poll, self.handle.report,
             self.ctx.reactor, held.settings, held.pool, held.random,
-            poll_fresh=self.fresh, ready=self.handle.take_slot, log=self.ctx.log)
+            poll_fresh=self.fresh, ready=self.handle.take_slot, log=self.ctx.log,
+            tokens=source)
         outer = defer.Deferred(lambda d: machine.stop(timeout=held.grace_period))
         held.machines[account.id] = machine
         self.handle.release_slot()  # a held connection waits without a slot

@@ -2,8 +2,9 @@
 
 STATUS (nothing unseen: done), SELECT (EXAMINE in a dry run), UID SEARCH,
 ask the sink which UIDs are new, mark the others, RFC822.SIZE, leave the
-too-large ones flagged, then per batch: wait for the byte budget, UID FETCH,
-deliver, mark what the sink confirmed, flag what it rejected.
+too-large ones flagged, then per batch: open a grant of the byte budget, UID
+FETCH (the bodies charged to it as they arrive), deliver, mark what the sink
+confirmed, flag what it rejected.
 
 The order guarantees "never lose a message": a UID is marked (seen,
 deleted, moved) only after the sink has confirmed it.  UIDs the sink already
@@ -184,7 +185,8 @@ class MailboxPoll:
         for batch in batches(fetchable, sizes, settings.batch_messages, settings.batch_bytes):
             grant = None
             if self.budget is not None:
-                grant = await self.budget.acquire(sum(sizes[u] for u in batch))
+                # a first few KiB: the rest is charged as the bodies arrive
+                grant = await self.budget.open(sum(sizes[u] for u in batch))
             try:
                 error = await self.fetch_batch(batch, epoch, sizes, grant)
             finally:
@@ -325,11 +327,15 @@ class MailboxPoll:
                     wrong.append(f"two bodies for UID {uid}")
                 bodies[uid] = body
 
-        # a body may not be (much) larger than its RFC822.SIZE: what arrives
-        # is bounded by what the budget granted, whatever the server claimed
+        # a body may not be (much) larger than its RFC822.SIZE (the bounds cut
+        # it off); what arrives is charged to the budget as it arrives
         limits = FidoIMAP4Client.body_limits(
             {u: sizes[u] for u in batch}, self.settings.max_message_size + 1024 * 1024)
+        if grant is not None:  # the bodies' bytes are charged as they arrive
+            grant.attach(self.conn.proto, limits["literal_total"])
         await self.fetch_items(batch, b"(UID BODY.PEEK[])", collect, **limits)
+        if grant is not None:
+            grant.settle()  # all arrived: the unused reservation goes back
         # a UID with no answer at all was expunged meanwhile; an answer
         # without the body asked for is a broken server: nothing of the
         # batch is stored blind, the account is reported

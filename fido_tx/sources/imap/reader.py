@@ -13,6 +13,11 @@ The class using it provides ``error`` (reading stops once it is set),
 line mode), ``lineReceived(line)``, ``lineLengthExceeded(line)`` and
 ``MAX_LENGTH``, and calls :meth:`_reader_init` from its ``__init__``.
 
+Literal bytes are charged to ``meter`` (``None``, or the in-flight budget's
+:class:`~fido_tx.schedule.budget.Grant` of the running ``UID FETCH``) as
+they are read, before they are kept: the budget admits bodies by what
+arrives, and pauses the connection when it is full.
+
 Lines are cut at LF and the CR before it is stripped; a line ended by a
 bare LF (some servers send them) is read too and counted in
 ``bare_lf_lines``.
@@ -29,6 +34,8 @@ class LinearLineReader:
         self._backlog = []
         #: lines that ended in a bare LF instead of CRLF
         self.bare_lf_lines = 0
+        #: what literal bytes are charged to (``charge(n)``), or ``None``
+        self.meter = None
 
     @property
     def pending_bytes(self):
@@ -57,10 +64,15 @@ class LinearLineReader:
                 return
             if not self.line_mode:
                 n = self._literal_remaining
+                meter = self.meter
                 if len(data) - pos < n:
+                    if meter is not None:
+                        meter.charge(len(data) - pos)
                     self._take_literal(data[pos:] if pos else data)
                     self._pos = len(data)
                     return
+                if meter is not None:
+                    meter.charge(n)
                 self._take_literal(data[pos:pos + n])
                 self._pos = pos + n
                 self._end_literal()

@@ -1,0 +1,79 @@
+"""A check on a held connection: a NOOP when nothing announced new mail,
+then the poll (search, deliver, mark) in a worker slot, again while new mail
+came meanwhile; its result reported, a lost connection raised.
+
+One :class:`HeldFetch` per :class:`~fido_tx.sources.imap.held.HeldAccount`,
+which enters the ``fetching`` state before it calls :meth:`HeldFetch.run`.
+"""
+
+from twisted.internet import defer
+
+from fido_tx import errors
+from fido_tx.errors import FidoError
+from fido_tx.sources.imap import idle as _idle
+from fido_tx.sources.imap.heldconn import Lost, as_error, token_expired
+
+
+class HeldFetch:
+    """How one held account checks its held connection.
+
+    :param machine: the :class:`~fido_tx.sources.imap.held.HeldAccount`
+        (its ``poll``, ``report``, settings, clock, log, ``take_slot()``,
+        ``fetched()``, and the ``dirty``, ``polling``, ``last_check`` and
+        ``stopping`` it shares).
+    """
+
+    def __init__(self, machine):
+        self.machine = machine
+
+    async def run(self, conn, synced=False):
+        """Poll on the held connection (again while new mail came meanwhile).
+
+        ``synced``: the server just told this connection what it has (SELECT,
+        an EXISTS); else a NOOP asks first: Dovecot and Courier do not look
+        for new mail on UID SEARCH, only on NOOP (RFC 3501's poll) or in IDLE.
+        """
+        m = self.machine
+        for _ in range(3):
+            release = await m.take_slot()
+            try:
+                result = await self._poll_once(conn, synced or m.dirty)
+                if result.ok:
+                    m.fetched()
+                # reported before the slot is given back, as a session ending
+                # is: backpressure judges it before another fetch may start
+                m.report(result)
+            finally:
+                if release is not None:
+                    release()
+            if not m.dirty or m.stopping:
+                return
+
+    async def _poll_once(self, conn, synced):
+        m = self.machine
+        if not synced:
+            try:
+                await _idle.probe(conn.client, m.settings.command_timeout, conn.exists)
+            except Exception as e:
+                raise Lost(as_error(e, errors.PROTOCOL))
+        m.dirty = False  # an EXISTS from here on makes another poll
+        m.last_check = m.clock.seconds()
+        m.polling = defer.maybeDeferred(m.poll, conn)
+        try:
+            result = await m.polling
+        except defer.CancelledError:
+            raise Lost(FidoError(errors.TIMEOUT, "poll cancelled"), routine=False)
+        except Exception as e:  # a poll never errbacks: a bug, keep holding safe
+            m.log.failure("held {account_id}: poll failed", account_id=m.account_id)
+            raise Lost(as_error(e, errors.PROTOCOL), routine=False)
+        finally:
+            m.polling = None
+        if conn.client.closed or conn.client.error is not None:
+            if result.ok:  # it finished its work, then the server went away
+                m.report(result)
+                raise Lost(as_error(conn.client.error, errors.PROTOCOL))
+            raise Lost(FidoError(result.kind, result.message, result.debug), routine=False)
+        if not result.ok and conn.expires_at is not None and token_expired(result.message):
+            # a NO naming the expired token: a new login, not an error report
+            raise Lost(FidoError(result.kind, result.message, result.debug))
+        return result
