@@ -230,6 +230,63 @@ def _session_factory(reactor, settings, sinks, dry_run, memory=None, held=None,
     return session_factory
 
 
+def _sessions(top, reactor, settings, redis, sinks, ident, session_factory):
+    """``(session_factory, held, balancer)``: the sources' sessions (unless a
+    factory is given), the held connections (None unless IMAP IDLE may be
+    used), the lease balancer around them (None unless ``[cluster] mode =
+    "lease"``)."""
+    handles = session_factory is None
+    held = None
+    if session_factory is None:
+        session_factory, held = _sources(top, reactor, settings, redis, sinks,
+                                         settings.fido.dry_run)
+    balancer = None
+    if settings.cluster.mode == "lease":
+        balancer, session_factory = _leases(reactor, settings, redis, ident, session_factory,
+                                            handles)
+    return session_factory, held, balancer
+
+
+def _scheduler(top, reactor, settings, session_factory, handles, redis, sinks, status, gate,
+               sessions):
+    """The scheduler (a child of ``top``, after what pauses it: Redis down,
+    backpressure), with the result observers of the status side."""
+    from fido_tx.schedule import scheduler as scheduler_mod
+
+    fido = settings.fido
+    sched = scheduler_mod.Scheduler(
+        reactor,
+        session_factory,
+        workers=fido.workers,
+        poll_interval=fido.poll_interval,
+        backoff=settings.backoff,
+        grace_period=fido.grace_period,
+        handles=handles,
+    )
+    status.scheduler = sched
+    sched.add_result_observer(gate.record)
+    if not fido.dry_run:
+        sched.add_result_observer(sessions.record)
+
+    _pause_while_redis_is_down(redis, sched, status, gate)
+    # never connected yet: reported like an outage that begins later
+    _RedisAtStart(redis, status).setServiceParent(top)
+    if not fido.dry_run:
+        _backpressure(top, reactor, sinks, sched, status, settings.redis.max_backlog)
+    sched.setServiceParent(top)
+    return sched
+
+
+def _wire_balancer(top, balancer, sched, redis):
+    """The lease balancer asks the scheduler what is busy, stops the sessions
+    of leases lost, polls soon the accounts of leases gained."""
+    balancer.is_busy = _lease_busy(balancer, sched)
+    balancer.on_lost = sched.stop_session
+    balancer.on_change = _lease_gained(balancer, sched)
+    redis.add_connection_observer(lambda up: up and balancer.kick())
+    balancer.setServiceParent(top)
+
+
 def make_service(
     settings,
     reactor,
@@ -249,7 +306,6 @@ def make_service(
     :param handle_signals: reload the accounts file on SIGHUP (twistd only).
     """
     from fido_tx import resolve
-    from fido_tx.schedule import scheduler as scheduler_mod
 
     # every session resolves its server's name: answers kept for a minute
     resolve.install(reactor)
@@ -257,8 +313,6 @@ def make_service(
     if observer is None and not twistd_syslog:
         observer = _log_observer(settings, twistd_logfile)
     top = FidoService(observer or None)
-    fido = settings.fido
-    dry_run = fido.dry_run
     _announce(settings, created_config)
 
     ident = instance_id()
@@ -268,46 +322,17 @@ def make_service(
         top, reactor, settings, redis, account_state)
 
     handles = session_factory is None  # a given factory takes the account only
-    held = None
-    if session_factory is None:
-        session_factory, held = _sources(top, reactor, settings, redis, sinks, dry_run)
-    balancer = None
-    if settings.cluster.mode == "lease":
-        balancer, session_factory = _leases(reactor, settings, redis, ident, session_factory,
-                                            handles)
-
-    sched = scheduler_mod.Scheduler(
-        reactor,
-        session_factory,
-        workers=fido.workers,
-        poll_interval=fido.poll_interval,
-        backoff=settings.backoff,
-        grace_period=fido.grace_period,
-        handles=handles,
-    )
-    status.scheduler = sched
-    sched.add_result_observer(gate.record)
-    if not dry_run:
-        sched.add_result_observer(sessions.record)
-
-    _pause_while_redis_is_down(redis, sched, status, gate)
-    # never connected yet: reported like an outage that begins later
-    _RedisAtStart(redis, status).setServiceParent(top)
-    if not dry_run:
-        _backpressure(top, reactor, sinks, sched, status, settings.redis.max_backlog)
-
-    sched.setServiceParent(top)
+    session_factory, held, balancer = _sessions(top, reactor, settings, redis, sinks, ident,
+                                                session_factory)
+    sched = _scheduler(top, reactor, settings, session_factory, handles, redis, sinks,
+                       status, gate, sessions)
     if held is not None:
         # stops just before the scheduler: held connections start their DONE
         # and LOGOUT at once, and the scheduler's stop waits for them within
         # the one grace period
         held.setServiceParent(top)
     if balancer is not None:
-        balancer.is_busy = _lease_busy(balancer, sched)
-        balancer.on_lost = sched.stop_session
-        balancer.on_change = _lease_gained(balancer, sched)
-        redis.add_connection_observer(lambda up: up and balancer.kick())
-        balancer.setServiceParent(top)
+        _wire_balancer(top, balancer, sched, redis)
 
     source = _accounts(top, reactor, settings, sinks, sched, status, gate, balancer,
                        handle_signals)

@@ -64,72 +64,32 @@ On the real reactor all of that runs in the reactor's thread pool
 reload (bookkeeping, logging, ``apply``), and the GIL lets it in at least
 every 5 ms, except during ``json.loads``, one C call of ~15 ms.  See
 :attr:`AccountsSource.last_timing`.
+
+The parts: :mod:`~fido_tx.accounts.debounce` (the one timer),
+:mod:`~fido_tx.accounts.loading` (the blocking part),
+:mod:`~fido_tx.accounts.lastgood` (the last good copy),
+:mod:`~fido_tx.accounts.notices` (what the operator is told).  This module
+is the order of things: start, events, loads, failures, applying.
 """
 
-import hashlib
 import os
 import time
 
-import attr
 from twisted.application import service
-from twisted.internet import defer
-from twisted.logger import Logger
 
+from fido_tx import errors
 from fido_tx.accounts import model as accounts_mod
-from fido_tx import boundedfile, errors
+from fido_tx.accounts.debounce import Debouncer
+from fido_tx.accounts.lastgood import LastGoodCopy, path_signature
+from fido_tx.accounts.loading import ShardLoad, pick_runner, run_inline
+from fido_tx.accounts.notices import AccountsNotices
 
 __all__ = ["AccountsSource", "AccountsStartupError", "run_inline"]
-
-CONFIG = "config"
 
 
 class AccountsStartupError(errors.OneLineError):
     """The accounts file cannot be used at start and no cached copy can.
     ``str()`` is one line for the operator."""
-
-
-def _stat_signature(st):
-    return (st.st_mtime_ns, st.st_size, st.st_ino, st.st_dev)
-
-
-def _path_signature(path):
-    try:
-        return _stat_signature(os.stat(path))
-    except OSError:
-        return None
-
-
-def _ms(seconds):
-    return round(seconds * 1000.0, 1)
-
-
-@attr.s(frozen=True, slots=True, auto_attribs=True)
-class _Loaded:
-    """What the blocking part of a load computed."""
-
-    result: object  # LoadResult
-    accounts: tuple  # shard-filtered
-    diff: object  # AccountsDiff against the set current when the load began
-    timing: dict
-    cache_warning: str | None = None  # why the bytes could not be cached
-    cache_saved: bool = False  # the bytes are in the cache now
-    signature: tuple | None = None  # the file's stat signature before loading
-
-
-def run_inline(f, *args):
-    """A ``run_blocking`` that runs ``f`` here and now (on the reactor thread)."""
-    return defer.maybeDeferred(f, *args)
-
-
-def _thread_runner(reactor):
-    """A ``run_blocking`` on ``reactor``'s thread pool (created lazily)."""
-
-    def run(f, *args):
-        from twisted.internet import threads
-
-        return threads.deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
-
-    return run
 
 
 class AccountsSource(service.Service):
@@ -161,7 +121,6 @@ class AccountsSource(service.Service):
     """
 
     name = "accounts"
-    log = Logger()
 
     def __init__(
         self,
@@ -179,28 +138,19 @@ class AccountsSource(service.Service):
         max_wait=5.0,
         run_blocking=None,
     ):
-        self._clock = clock
         self.path = os.path.abspath(path)
         self.key_file = key_file
         self._apply = apply
         self._watcher_factory = watcher_factory
-        self._loader = loader
-        self._debounce = debounce
         self._retry_delay = retry_delay
-        self._max_wait = max(max_wait, debounce)
-        self._report = report
-        self.cache_path = os.path.abspath(cache_path) if cache_path else None
+        self._last_good = LastGoodCopy(cache_path, self.path)
+        self.cache_path = self._last_good.path
+        self._load = ShardLoad(loader, key_file, shard, self._last_good)
         self.shard = shard
-        accounts_mod.in_shard("x", shard)  # ValueError now, not at first load
-        self._all_mine = shard.strip() == "1/1"
-        if run_blocking is None:
-            from twisted.internet.interfaces import IReactorThreads
-
-            if IReactorThreads.providedBy(clock):
-                run_blocking = _thread_runner(clock)
-            else:
-                run_blocking = run_inline
-        self._run_blocking = run_blocking
+        self._notices = AccountsNotices(self.path, self.cache_path, key_file, report,
+                                        self._load.mine)
+        self._timer = Debouncer(clock, self._load_now, debounce, max_wait)
+        self._run_blocking = run_blocking if run_blocking is not None else pick_runner(clock)
 
         #: the set last applied (shard-filtered), in file order
         self.accounts = ()
@@ -215,20 +165,19 @@ class AccountsSource(service.Service):
         self.loaded = False
 
         self._watchers = []
-        self._pending = None
-        self._burst_started = None
         self._loading = False
         self._dirty = False
         self._failures = 0
-        self._reported_file_problem = None
-        self._reported_account_problems = frozenset()
-        # Touched by the blocking part only (one load at a time).
-        self._shard_memo = {}
-        self._cache_sig = None
-        self._cache_digest = None
-        self._cache_warned = None
-        self._permissions_warned = None
         self._initial_signature = None
+
+    @property
+    def log(self):
+        """The logger of every line about the accounts file (tests swap it)."""
+        return self._notices.log
+
+    @log.setter
+    def log(self, logger):
+        self._notices.log = logger
 
     # -- service
 
@@ -237,13 +186,13 @@ class AccountsSource(service.Service):
             self.load_initial()
         super().startService()
         self._start_watchers()
-        if self._pending is None and _path_signature(self.path) != self._initial_signature:
+        if not self._timer.waiting and path_signature(self.path) != self._initial_signature:
             # Changed between load_initial() and the watch starting.
             self._changed()
 
     def stopService(self):
         super().stopService()
-        self._cancel_pending()
+        self._timer.cancel()
         watchers, self._watchers = self._watchers, []
         for w in watchers:
             try:
@@ -267,21 +216,15 @@ class AccountsSource(service.Service):
     def load_initial(self):
         """Load the file once, synchronously, and apply it (or the cached
         copy).  Raises :class:`AccountsStartupError` when neither is usable."""
-        self._read_cache_digest()
+        self._last_good.read_digest()
         try:
-            loaded = self._compute(self.path, self.accounts)
+            loaded = self._load.compute(self.path, self.accounts)
         except accounts_mod.AccountsFileError as e:
-            if not os.path.exists(self.path) and not (
-                self.cache_path and os.path.exists(self.cache_path)
-            ):
+            if not os.path.exists(self.path) and not self._last_good.exists():
                 # A first start (zero-config): the web application has not
                 # written the file yet.  Run with no accounts; the watch on
                 # the directory picks the file up when it appears.
-                self.log.warn(
-                    "accounts file {path} does not exist yet: running with no "
-                    "accounts until the web application writes it",
-                    path=self.path,
-                )
+                self._notices.missing_at_start()
                 self.loaded = True
                 self._initial_signature = None
                 return
@@ -295,34 +238,25 @@ class AccountsSource(service.Service):
         self._use(loaded, initial=True)
 
     def _start_from_cache(self, problem):
-        if not self.cache_path or not os.path.exists(self.cache_path):
+        if not self._last_good.exists():
             raise AccountsStartupError(
                 f"{problem} (and no last good copy to fall back on)")
         try:
-            loaded = self._compute(self.cache_path, self.accounts,
-                                   base_dir=os.path.dirname(self.path))
+            loaded = self._load.compute(self.cache_path, self.accounts,
+                                        base_dir=os.path.dirname(self.path))
         except Exception as e:
             raise AccountsStartupError(
                 f"{problem}; the last good copy {self.cache_path} is unusable too: {e}"
             ) from None
-        try:
-            saved = time.strftime("%Y-%m-%d %H:%M:%S UTC",
-                                  time.gmtime(os.stat(self.cache_path).st_mtime))
-        except OSError:
-            saved = "unknown time"
         self.using_cache = True
         self.problem = problem
-        self._reported_file_problem = problem
-        message = (f"{problem}; running with the last good copy of the accounts "
-                   f"from {saved} ({self.cache_path}) until the file is fixed")
-        self.log.error("ACCOUNTS FILE UNUSABLE AT START: {message}", message=message)
-        self._send_report(message, None)
+        self._notices.unusable_at_start(problem, self._last_good.saved_at())
         self._use(loaded, initial=True, from_cache=True)
         # It may have been caught half written: look again soon.
         self._failures = 1
-        self._schedule(self._retry_delay or 0.0)
+        self._timer.schedule(self._retry_delay or 0.0)
 
-    # -- events and timers
+    # -- events
 
     def _changed(self):
         """Watcher callback: (re)start the debounce timer."""
@@ -332,37 +266,12 @@ class AccountsSource(service.Service):
         if self._loading:
             self._dirty = True
             return
-        now = self._clock.seconds()
-        if self._pending is not None and self._pending.active():
-            # A burst goes on (or a retry was waiting): push the load back,
-            # but not past max_wait after the burst's first event.
-            if self._burst_started is None:
-                self._burst_started = now
-            deadline = self._burst_started + self._max_wait
-            self._pending.reset(max(0.0, min(self._debounce, deadline - now)))
-            return
-        self._schedule(self._debounce)
-        self._burst_started = now
+        self._timer.event()
 
     def reload(self):
         """Load now (operator request, SIGHUP), without waiting for an event."""
-        self._cancel_pending()
+        self._timer.cancel()
         self._failures = 0
-        self._load_now()
-
-    def _schedule(self, delay):
-        self._cancel_pending()
-        self._pending = self._clock.callLater(delay, self._timer)
-
-    def _cancel_pending(self):
-        pending, self._pending = self._pending, None
-        self._burst_started = None
-        if pending is not None and pending.active():
-            pending.cancel()
-
-    def _timer(self):
-        self._pending = None
-        self._burst_started = None
         self._load_now()
 
     # -- reloading
@@ -374,7 +283,7 @@ class AccountsSource(service.Service):
         self._loading = True
         self._dirty = False
         started = time.perf_counter()
-        d = self._run_blocking(self._compute, self.path, self.accounts)
+        d = self._run_blocking(self._load.compute, self.path, self.accounts)
         d.addCallbacks(self._reloaded, self._reload_failed, callbackArgs=(started,))
         d.addErrback(lambda f: self.log.failure(
             "reloading {path} failed unexpectedly", f, path=self.path))
@@ -405,138 +314,32 @@ class AccountsSource(service.Service):
     def _failed(self, problem):
         self._failures += 1
         if self._failures == 1 and self._retry_delay is not None:
-            self.log.info(
-                "accounts file unusable, trying again in {delay} s "
-                "(it may be half written): {problem}",
-                delay=self._retry_delay, problem=problem,
-            )
-            if self._pending is None:
-                self._schedule(self._retry_delay)
+            self._notices.retrying(self._retry_delay, problem)
+            if not self._timer.waiting:
+                self._timer.schedule(self._retry_delay)
             return
         self._failures = 0
         self.problem = problem
         kept = ("the last good copy" if self.using_cache else "the previous set")
-        if problem != self._reported_file_problem:
-            self._reported_file_problem = problem
-            self.log.error(
-                "accounts file not applied, keeping {kept} ({count} accounts): {problem}",
-                kept=kept, count=len(self.accounts), problem=problem,
-            )
-            self._send_report(
-                f"{problem}; keeping {kept} of {len(self.accounts)} accounts", None)
-        else:
-            self.log.warn(
-                "accounts file still unusable, keeping {kept} ({count} accounts): "
-                "{problem}", kept=kept, count=len(self.accounts), problem=problem,
-            )
-
-    # -- the blocking part (may run in a worker thread)
-
-    def _load(self, path, base_dir=None):
-        loader = self._loader
-        if loader is None:
-            loader = accounts_mod.load_accounts
-        if base_dir is None:
-            return loader(path, self.key_file)
-        return loader(path, self.key_file, base_dir=base_dir)
-
-    def _compute(self, path, old, base_dir=None):
-        """Load ``path``, filter by shard, diff against ``old``, cache the
-        bytes.  Touches no state the reactor thread uses but the shard memo
-        and cache bookkeeping, which only this (one at a time) uses."""
-        started = time.perf_counter()
-        from_cache = base_dir is not None
-        sig = None if from_cache else _path_signature(path)
-        result = self._load(path, base_dir)
-        loaded = time.perf_counter()
-        if self._all_mine:
-            new = tuple(result.accounts)
-        else:
-            memo = self._shard_memo
-            shard = self.shard
-            mine = {}
-            for a in result.accounts:
-                m = memo.get(a.id)
-                if m is None:
-                    m = accounts_mod.in_shard(a.id, shard)
-                mine[a.id] = m
-            self._shard_memo = mine
-            new = tuple(a for a in result.accounts if mine[a.id])
-        diff = accounts_mod.diff_accounts(old, new)
-        diffed = time.perf_counter()
-        warning = None if from_cache else self._save_cache(sig)
-        saved = warning is None and sig is not None and sig == self._cache_sig
-        done = time.perf_counter()
-        timing = {
-            "load": loaded - started,
-            "diff": diffed - loaded,
-            "cache": done - diffed,
-            "blocking": done - started,
-        }
-        return _Loaded(result, new, diff, timing, warning, saved, sig)
-
-    def _mine(self, account_id):
-        if self._all_mine:
-            return True
-        m = self._shard_memo.get(account_id)
-        if m is None:
-            m = accounts_mod.in_shard(account_id, self.shard)
-        return m
+        self._notices.unusable(problem, kept, len(self.accounts))
 
     # -- using a good load (reactor thread)
-
-    def _check_permissions(self):
-        """Warn once per file and mode when the key file, or a plain accounts
-        file (it holds passwords in clear), can be read by group or others."""
-        secret = self.key_file if self.key_file else self.path
-        what = "key file" if self.key_file else "plain accounts file (passwords in clear)"
-        try:
-            mode = os.stat(secret).st_mode & 0o777
-        except OSError:
-            return
-        if not accounts_mod.insecure_permissions(secret):
-            self._permissions_warned = None
-            return
-        if self._permissions_warned == (secret, mode):
-            return
-        self._permissions_warned = (secret, mode)
-        self.log.warn(
-            "the {what} {path} can be read by group or others (mode {mode:o}): "
-            "chmod 600 it{hint}",
-            what=what, path=secret, mode=mode,
-            hint="" if self.key_file else ", or encrypt it (fido keygen, fido encrypt)",
-        )
 
     def _use(self, loaded, initial=False, from_cache=False, dispatched=None):
         entered = time.perf_counter()
         if not from_cache:
-            if self.problem is not None:
-                self.log.info("accounts file {path} is usable again", path=self.path)
-            if self.using_cache:
-                self.log.info("no longer running on the last good copy of the accounts")
+            self._notices.usable_again(self.problem is not None, self.using_cache)
             self.problem = None
             self.using_cache = False
-            self._reported_file_problem = None
             self._failures = 0
-        if loaded.cache_saved and self._cache_warned is not None:
-            self.log.info("the last good copy of the accounts is saved to {cache} again",
-                          cache=self.cache_path)
-            self._cache_warned = None
-        elif loaded.cache_warning is not None and loaded.cache_warning != self._cache_warned:
-            self._cache_warned = loaded.cache_warning
-            self.log.warn(
-                "cannot save the last good copy of the accounts to {cache}: "
-                "{error}; a bad accounts file at the next start will stop Fido",
-                cache=self.cache_path, error=loaded.cache_warning,
-            )
-        self._account_problems(loaded.result.problems, from_cache)
+        self._notices.cache(loaded)
+        self._notices.account_problems(loaded.result.problems, from_cache)
         if not from_cache:
-            self._check_permissions()
+            self._notices.permissions()
         new, diff = loaded.accounts, loaded.diff
         if diff.empty and not initial:
             self.accounts = new
-            self.log.debug("accounts file {path} reloaded: no change ({total} accounts)",
-                           path=self.path, total=len(new))
+            self._notices.unchanged(len(new))
             applied = entered
         else:
             try:
@@ -547,16 +350,12 @@ class AccountsSource(service.Service):
                 return
             applied = time.perf_counter()
             self.accounts = new
-            self.log.info(
-                "accounts {verb} from {path}: {added} added, {removed} removed, "
-                "{changed} changed, {total} total in {ms} ms",
-                verb="loaded" if initial else "reloaded",
-                path=self.cache_path if from_cache else self.path,
-                added=len(diff.added), removed=len(diff.removed),
-                changed=len(diff.changed), total=len(new),
-                ms=_ms(loaded.timing["blocking"] + (applied - entered)),
-            )
+            self._notices.applied(initial, from_cache, diff, len(new),
+                                  loaded.timing["blocking"] + (applied - entered))
         self.loaded = True
+        self.last_timing = self._timing(loaded, entered, applied, dispatched)
+
+    def _timing(self, loaded, entered, applied, dispatched):
         timing = dict(loaded.timing)
         timing["apply"] = applied - entered
         inline = dispatched is None or self._run_blocking is run_inline
@@ -564,107 +363,4 @@ class AccountsSource(service.Service):
             time.perf_counter() - entered)
         if dispatched is not None:
             timing["wall"] = time.perf_counter() - dispatched
-        self.last_timing = timing
-
-    def _account_problems(self, problems, from_cache):
-        source = self.cache_path if from_cache else self.path
-        mine = [p for p in problems
-                if p.account_id is None or self._mine(p.account_id)]
-        keys = {}
-        for p in mine:
-            keys.setdefault(str(p), p)
-        for key, p in keys.items():
-            if key in self._reported_account_problems:
-                continue
-            self.log.error(
-                "accounts file {path}: {problem}; this account is left out "
-                "until it is fixed", path=source, problem=key,
-                account_id=p.account_id, field=p.field,
-            )
-            self._send_report(f"{source}: {key}; this account is left out", p.account_id)
-        self._reported_account_problems = frozenset(keys)
-
-    def _send_report(self, message, account):
-        if self._report is None:
-            return
-        try:
-            self._report(kind=CONFIG, message=message, account=account)
-        except Exception:
-            self.log.failure("reporting an accounts problem failed")
-
-    # -- last good copy (blocking part)
-
-    def _read_cache_digest(self):
-        if not self.cache_path:
-            return
-        try:
-            with open(self.cache_path, "rb") as f:
-                self._cache_digest = hashlib.sha256(f.read()).digest()
-        except OSError:
-            self._cache_digest = None
-
-    def _save_cache(self, sig):
-        """Save the file's bytes if they are the ones just loaded (same
-        signature before the load and at this read) and new.  Returns a
-        warning (one line) when they cannot be saved, else None."""
-        if not self.cache_path or sig is None or sig == self._cache_sig:
-            return None
-        try:
-            # the same bounds as the load (a regular file, a size limit)
-            data = boundedfile.read_regular(self.path, boundedfile.MAX_ACCOUNTS_BYTES,
-                                            "accounts file")
-            now = _stat_signature(os.stat(self.path))
-        except OSError:
-            return None
-        if now != sig:
-            # Changed while loading: an event for the newer version follows.
-            return None
-        digest = hashlib.sha256(data).digest()
-        if digest != self._cache_digest:
-            try:
-                _write_atomically(self.cache_path, data)
-            except OSError as e:
-                return f"{type(e).__name__}: {e}"
-            self._cache_digest = digest
-        self._cache_sig = sig
-        return None
-
-
-def _write_atomically(path, data):
-    directory = os.path.dirname(path) or "."
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0),
-                 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        _unlink_quietly(tmp)
-        raise
-    os.close(fd)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink_quietly(tmp)
-        raise
-    try:
-        dfd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dfd)
-    except OSError:
-        pass
-    finally:
-        os.close(dfd)
-
-
-def _unlink_quietly(path):
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
+        return timing

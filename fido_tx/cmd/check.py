@@ -346,60 +346,78 @@ def check_accounts(reactor, accounts, imap_settings, concurrency=DEFAULT_CONCURR
         order given; it never errbacks.
     """
     if fetch is None:
-        import functools
-
-        from fido_tx.sources.imap.connect import Connector
-        from fido_tx.sources.imap.session import fetch_mailbox
-
-        # one Connector: TLS options built once per server, not per account
-        fetch = functools.partial(fetch_mailbox, connector=Connector(reactor))
+        fetch = _imap_fetch(reactor)
     accounts = list(accounts)
     settings = capped_settings(imap_settings, timeout)
     sink = _NullSink()
-    semaphore = defer.DeferredSemaphore(max(1, int(concurrency)))
     if graph_check is None:
         graph_check = graph_checker("", timeout=timeout)
+
+    def start(account):
+        if account.source == "graph":
+            return graph_check(reactor, account)
+        return fetch(reactor, account, sink, settings, dry_run=True,
+                     **_imap_credentials(reactor, account, state_dir, key_file))
+
+    semaphore = defer.DeferredSemaphore(max(1, int(concurrency)))
     total = len(accounts)
     done = [0]
     if progress is not None:
         progress(0, total)
 
     def one(account):
-        started = reactor.seconds()
-
-        def elapsed():
-            return max(0.0, reactor.seconds() - started)
-
-        if account.source == "graph":
-            d = defer.maybeDeferred(graph_check, reactor, account)
-        else:
-            kw = {}
-            if account.auth in accounts_mod.OAUTH_AUTHS:
-                # tokens from the shared providers (rotated refresh tokens kept)
-                from fido_tx.credentials import CredentialsContext, for_account
-
-                kw["credentials"] = for_account(account, CredentialsContext(
-                    reactor=reactor, state_dir=state_dir, key_file=key_file))
-            d = defer.maybeDeferred(fetch, reactor, account, sink, settings, dry_run=True, **kw)
-        if timeout:
-            d.addTimeout(timeout, reactor, onTimeoutCancel=lambda _result, _t: SessionResult(
-                account.id, kind=errors.TIMEOUT, message=f"no result within {timeout:g} s",
-                seconds=elapsed(), dry_run=True))
-        d.addErrback(lambda f: SessionResult(
-            account.id, kind=errors.PROTOCOL,
-            message=f"unexpected error: {f.type.__name__}: {f.getErrorMessage()}",
-            seconds=elapsed(), dry_run=True))
-
         def finished(result):
             done[0] += 1
             if progress is not None:
                 progress(done[0], total)
             return (account, _scrub(account, result))
 
-        d.addCallback(finished)
-        return d
+        return _check_one(reactor, account, start, timeout).addCallback(finished)
 
     return defer.gatherResults([semaphore.run(one, a) for a in accounts])
+
+
+def _imap_fetch(reactor):
+    """The real dry-run IMAP session, with one Connector for all accounts
+    (TLS options built once per server, not per account)."""
+    import functools
+
+    from fido_tx.sources.imap.connect import Connector
+    from fido_tx.sources.imap.session import fetch_mailbox
+
+    return functools.partial(fetch_mailbox, connector=Connector(reactor))
+
+
+def _imap_credentials(reactor, account, state_dir, key_file):
+    """``credentials=`` for an OAuth2 IMAP account: tokens from the shared
+    providers (rotated refresh tokens kept in ``state_dir``); else nothing."""
+    if account.auth not in accounts_mod.OAUTH_AUTHS:
+        return {}
+    from fido_tx.credentials import CredentialsContext, for_account
+
+    return {"credentials": for_account(account, CredentialsContext(
+        reactor=reactor, state_dir=state_dir, key_file=key_file))}
+
+
+def _check_one(reactor, account, start, timeout):
+    """``start(account)`` as a Deferred[SessionResult] that never errbacks:
+    past ``timeout`` seconds it is a ``timeout`` result, an unexpected error
+    a ``protocol`` one."""
+    started = reactor.seconds()
+
+    def elapsed():
+        return max(0.0, reactor.seconds() - started)
+
+    d = defer.maybeDeferred(start, account)
+    if timeout:
+        d.addTimeout(timeout, reactor, onTimeoutCancel=lambda _result, _t: SessionResult(
+            account.id, kind=errors.TIMEOUT, message=f"no result within {timeout:g} s",
+            seconds=elapsed(), dry_run=True))
+    d.addErrback(lambda f: SessionResult(
+        account.id, kind=errors.PROTOCOL,
+        message=f"unexpected error: {f.type.__name__}: {f.getErrorMessage()}",
+        seconds=elapsed(), dry_run=True))
+    return d
 
 
 def _one_line(text, width=MESSAGE_WIDTH):

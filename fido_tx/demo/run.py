@@ -89,9 +89,8 @@ def _table(rows, headings):
 
 @defer.inlineCallbacks
 def run(reactor, args, out):
-    from fido_tx.demo import memimap
-    from fido_tx import service
-
+    """Start Redis and the IMAP server, run the daemon until every account
+    has had its session, print what happened; 0 when everything arrived."""
     binary = redisserver.find_redis_server()
     if binary is None:
         raise SystemExit(
@@ -103,76 +102,98 @@ def run(reactor, args, out):
     os.makedirs(redis.directory)
     redis.start()
     try:
-        users = {
-            u: (f"demo-{u}", {"INBOX": [sample_message(u, i) for i in range(args.messages)]})
-            for u in SAMPLE_USERS
-        }
-        factory = memimap.MemoryIMAPFactory(users)
-        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
-        imap_port = port.getHost().port
-        accounts = [
-            {"id": f"demo-{u}", "host": "127.0.0.1", "port": imap_port,
-             "security": "none", "username": u, "password": users[u][0],
-             "mailbox": "INBOX", "after_fetch": "seen"}
-            for u in SAMPLE_USERS
-        ]
-        with open(os.path.join(directory, "accounts.json"), "w") as f:
-            json.dump({"accounts": accounts}, f, indent=2)
+        factory, port = _start_imap(reactor, directory, args.messages)
         out.write(
-            f"Demo: IMAP server on 127.0.0.1:{imap_port} with {len(SAMPLE_USERS)} mailboxes "
-            f"x {args.messages} messages, Redis on 127.0.0.1:{redis.port}\n"
+            f"Demo: IMAP server on 127.0.0.1:{port.getHost().port} with {len(SAMPLE_USERS)} "
+            f"mailboxes x {args.messages} messages, Redis on 127.0.0.1:{redis.port}\n"
         )
-
-        settings = _settings(directory, redis.url, workers=len(SAMPLE_USERS))
-        top = service.make_service(settings, reactor, observer=False)
-        done = defer.Deferred()
-        seen = {}
-
-        def on_result(account, result):
-            seen[account.id] = result
-            if len(seen) == len(accounts) and not done.called:
-                done.callback(None)
-
-        top.parts["scheduler"].add_result_observer(on_result)
-        top.startService()
-        timeout = reactor.callLater(60, lambda: done.called or done.errback(
-            RuntimeError("the daemon did not finish the demo mailboxes within 60 s")))
         try:
-            yield done
+            settings = _settings(directory, redis.url, workers=len(SAMPLE_USERS))
+            seen = yield _run_daemon(reactor, settings, len(SAMPLE_USERS))
         finally:
-            if timeout.active():
-                timeout.cancel()
-            yield top.stopService()
             yield port.stopListening()
-
-        client = redis.client()
-        entries = client("XRANGE", "fido:messages", "-", "+")
-        rows = []
-        for _id, flat in entries:
-            fields = dict(zip(flat[::2], flat[1::2]))
-            rows.append((
-                _id.decode(), fields[b"account"].decode(), fields[b"uid"].decode(),
-                fields[b"size"].decode(), fields[b"message_id"].decode() or "(none)",
-            ))
-        out.write("\nRedis stream fido:messages:\n")
-        out.write(_table(rows, ("entry", "account", "uid", "size", "message_id")) + "\n")
-        out.write("\nOn the IMAP server afterwards:\n")
-        srows = []
-        for u in SAMPLE_USERS:
-            box = factory.folders[u]["INBOX"]
-            seen_count = sum(1 for m in box.messages if r"\Seen" in m.flags)
-            srows.append((f"demo-{u}", len(box.messages), seen_count, seen[f"demo-{u}"].kind or "ok"))
-        out.write(_table(srows, ("account", "messages", "marked \\Seen", "session")) + "\n")
-        expected = len(SAMPLE_USERS) * args.messages
-        ok = len(rows) == expected and all(r[2] == r[1] for r in srows)
-        out.write(
-            f"\n{len(rows)} of {expected} messages in Redis, "
-            f"{'all' if ok else 'NOT all'} marked on the server.\n"
-        )
-        return 0 if ok else 1
+        return _print_outcome(out, redis.client(), factory, seen, args.messages)
     finally:
         redis.stop()
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def _start_imap(reactor, directory, messages):
+    """Twisted's IMAP server on a loopback port with ``messages`` samples per
+    mailbox, and the accounts file for it; returns ``(factory, port)``."""
+    from fido_tx.demo import memimap
+
+    users = {
+        u: (f"demo-{u}", {"INBOX": [sample_message(u, i) for i in range(messages)]})
+        for u in SAMPLE_USERS
+    }
+    factory = memimap.MemoryIMAPFactory(users)
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    accounts = [
+        {"id": f"demo-{u}", "host": "127.0.0.1", "port": port.getHost().port,
+         "security": "none", "username": u, "password": users[u][0],
+         "mailbox": "INBOX", "after_fetch": "seen"}
+        for u in SAMPLE_USERS
+    ]
+    with open(os.path.join(directory, "accounts.json"), "w") as f:
+        json.dump({"accounts": accounts}, f, indent=2)
+    return factory, port
+
+
+@defer.inlineCallbacks
+def _run_daemon(reactor, settings, count):
+    """The real daemon until ``count`` accounts have a result (at most 60 s);
+    returns ``{account id: SessionResult}``."""
+    from fido_tx import service
+
+    top = service.make_service(settings, reactor, observer=False)
+    done = defer.Deferred()
+    seen = {}
+
+    def on_result(account, result):
+        seen[account.id] = result
+        if len(seen) == count and not done.called:
+            done.callback(None)
+
+    top.parts["scheduler"].add_result_observer(on_result)
+    top.startService()
+    timeout = reactor.callLater(60, lambda: done.called or done.errback(
+        RuntimeError("the daemon did not finish the demo mailboxes within 60 s")))
+    try:
+        yield done
+    finally:
+        if timeout.active():
+            timeout.cancel()
+        yield top.stopService()
+    return seen
+
+
+def _print_outcome(out, client, factory, seen, messages):
+    """The stream's entries and the server's flags as tables; 0 when every
+    message is in Redis and marked on the server, else 1."""
+    rows = []
+    for _id, flat in client("XRANGE", "fido:messages", "-", "+"):
+        fields = dict(zip(flat[::2], flat[1::2]))
+        rows.append((
+            _id.decode(), fields[b"account"].decode(), fields[b"uid"].decode(),
+            fields[b"size"].decode(), fields[b"message_id"].decode() or "(none)",
+        ))
+    out.write("\nRedis stream fido:messages:\n")
+    out.write(_table(rows, ("entry", "account", "uid", "size", "message_id")) + "\n")
+    out.write("\nOn the IMAP server afterwards:\n")
+    srows = []
+    for u in SAMPLE_USERS:
+        box = factory.folders[u]["INBOX"]
+        seen_count = sum(1 for m in box.messages if r"\Seen" in m.flags)
+        srows.append((f"demo-{u}", len(box.messages), seen_count, seen[f"demo-{u}"].kind or "ok"))
+    out.write(_table(srows, ("account", "messages", "marked \\Seen", "session")) + "\n")
+    expected = len(SAMPLE_USERS) * messages
+    ok = len(rows) == expected and all(r[2] == r[1] for r in srows)
+    out.write(
+        f"\n{len(rows)} of {expected} messages in Redis, "
+        f"{'all' if ok else 'NOT all'} marked on the server.\n"
+    )
+    return 0 if ok else 1
 
 
 def main(args):

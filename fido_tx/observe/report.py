@@ -27,6 +27,10 @@ Delivery rules:
   bound the OLDEST waiting report is dropped and counted in ``dropped``.
 * ``settings.url == ""`` disables reporting: :meth:`report` is a no-op.
 
+One POST and the meaning of its answer are
+:class:`~fido_tx.observe.reportpost.ReportPoster`'s; this module is the
+queue, the workers and the retries.
+
 Reports never carry a password or token: :func:`scrub` redacts everything
 after ``LOGIN``/``AUTHENTICATE``, ``password=``-like pairs, URL user info,
 ``Authorization`` headers, the reporter's own token, and any literal secret
@@ -36,18 +40,18 @@ the caller passes in ``secrets``.
 import json
 import random as _random
 from collections import deque
-from datetime import datetime, timezone
 
 import attr
 
 from fido_tx.timefmt import iso_utc  # noqa: F401  (re-exported for callers)
 from twisted.application import service
-from twisted.internet import defer, protocol
+from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
-import fido_tx
 from fido_tx.interfaces import IReporterView
+from fido_tx.observe.reportpost import Rejected, ReportPoster, Retry, make_http_client
+from fido_tx.observe.reportpost import escape, read_head  # noqa: F401 - re-exported
 from fido_tx.schedule import backoff
 
 from fido_tx.scrub import REDACTED  # noqa: F401 - re-exported
@@ -87,33 +91,6 @@ class Report:
             },
             ensure_ascii=False,
         ).encode("utf-8")
-
-
-class _Retry(Exception):
-    """A delivery failed in a way worth retrying; ``delay`` from Retry-After."""
-
-    def __init__(self, reason, delay=None):
-        super().__init__(reason)
-        self.reason = reason
-        self.delay = delay
-
-
-class _Rejected(Exception):
-    """The web application refused the report (4xx other than 429)."""
-
-
-def _parse_retry_after(values):
-    """Seconds from a ``Retry-After`` header (delta-seconds only), or ``None``."""
-    if not values:
-        return None
-    value = values[0]
-    if isinstance(value, bytes):
-        value = value.decode("latin-1")
-    try:
-        seconds = float(value.strip())
-    except ValueError:
-        return None  # an HTTP date: use our own backoff
-    return seconds if seconds >= 0 else None
 
 
 @implementer(IReporterView)
@@ -156,7 +133,7 @@ class Reporter(service.Service):
         self._queue = deque()
         self._in_flight = 0
         self._timers = set()  # retry waits and the dispatch call
-        self._requests = set()  # running request Deferreds
+        self._poster = None  # made at the first delivery, on the client then
         self._dispatch_call = None
         self._idle_waiters = []
         self.sent = 0
@@ -231,18 +208,8 @@ class Reporter(service.Service):
     def startService(self):
         super().startService()
         if self._http is None and self.enabled:
-            from twisted.web.client import Agent, HTTPConnectionPool
-
-            from treq.client import HTTPClient
-
-            self._pool = HTTPConnectionPool(self._reactor, persistent=True)
-            self._pool.maxPersistentPerHost = self._concurrency
-            self._pool.cachedConnectionTimeout = 60
-            self._pool.retryAutomatically = False  # our own retries, with backoff
-            agent = Agent(
-                self._reactor, pool=self._pool, connectTimeout=self._settings.timeout
-            )
-            self._http = HTTPClient(agent)
+            self._http, self._pool = make_http_client(
+                self._reactor, self._concurrency, self._settings.timeout)
         self._schedule_dispatch()
 
     def stopService(self):
@@ -253,8 +220,8 @@ class Reporter(service.Service):
                 call.cancel()
         self._timers.clear()
         self._dispatch_call = None
-        for d in list(self._requests):
-            d.cancel()
+        if self._poster is not None:
+            self._poster.cancel_all()
         self._in_flight = 0  # reports waiting for a retry are abandoned with the queue
         if lost:
             self.log.warn(
@@ -263,6 +230,7 @@ class Reporter(service.Service):
         if self._pool is not None:
             pool, self._pool = self._pool, None
             self._http = None
+            self._poster = None
             return pool.closeCachedConnections()
         return None
 
@@ -291,7 +259,9 @@ class Reporter(service.Service):
         if not self.running:
             self._finished()
             return
-        d = self._attempt(item)
+        if self._poster is None:
+            self._poster = ReportPoster(self._reactor, self._settings, self._http)
+        d = self._poster.post(item)
         d.addCallbacks(
             lambda _: self._delivered(item),
             lambda f: self._failed(item, attempt, f),
@@ -299,70 +269,6 @@ class Reporter(service.Service):
         d.addErrback(
             lambda f: self.log.failure("reporter internal error", f)
         )
-
-    def _attempt(self, item):
-        """One POST under one overall deadline; fires None, or fails _Retry/_Rejected."""
-        headers = {
-            b"Content-Type": [b"application/json"],
-            b"Authorization": [b"Bearer " + self._settings.token.encode("utf-8")],
-            b"User-Agent": [f"fido/{fido_tx.__version__}".encode("ascii")],
-        }
-        try:
-            d = self._http.post(
-                self._settings.url,
-                data=item.body(),
-                headers=headers,
-                allow_redirects=False,
-                reactor=self._reactor,
-            )
-        except Exception as e:  # a bad URL: retrying will not help
-            return defer.fail(_Rejected(f"cannot send: {e}"))
-        d.addCallback(self._read_response)
-        timed_out = []
-
-        def on_timeout():
-            timed_out.append(True)
-            d.cancel()
-
-        deadline = self._reactor.callLater(self._settings.timeout, on_timeout)
-        self._requests.add(d)
-
-        def done(result):
-            self._requests.discard(d)
-            if deadline.active():
-                deadline.cancel()
-            return result
-
-        d.addBoth(done)
-
-        def classify(failure):
-            if failure.check(_Retry, _Rejected):
-                return failure
-            if timed_out:
-                raise _Retry(f"no complete response within {self._settings.timeout:g} s")
-            if failure.check(defer.CancelledError):
-                return failure  # stopping
-            raise _Retry(_describe(failure))
-
-        d.addErrback(classify)
-        return d
-
-    def _read_response(self, response):
-        code = response.code
-        # read the body (frees the connection for reuse), but keep only its
-        # start and stop reading a long one: an endpoint cannot fill memory
-        d = read_head(response)
-
-        def check(body):
-            if 200 <= code < 300:
-                return None
-            snippet = escape(body.decode("utf-8", "replace").strip())[:BODY_SHOWN]
-            if code == 429 or code >= 500:
-                delay = _parse_retry_after(response.headers.getRawHeaders(b"Retry-After"))
-                raise _Retry(f"HTTP {code}", delay)
-            raise _Rejected(f"HTTP {code} {snippet}".strip())
-
-        return d.addCallback(check)
 
     def _delivered(self, item):
         self.sent += 1
@@ -372,7 +278,7 @@ class Reporter(service.Service):
         self._finished()
 
     def _failed(self, item, attempt, failure):
-        if failure.check(_Rejected):
+        if failure.check(Rejected):
             self.rejected += 1
             self.log.warn(
                 "web application rejected the report for {account_id} ({kind}): "
@@ -383,7 +289,7 @@ class Reporter(service.Service):
             )
             self._finished()
             return
-        if not failure.check(_Retry) or not self.running:
+        if not failure.check(Retry) or not self.running:
             self._finished()  # cancelled by stopService
             return
         self.retries += 1
@@ -425,67 +331,6 @@ class Reporter(service.Service):
                 d.callback(None)
 
 
-#: bytes of a response body kept (for the log line of a rejected report)
-BODY_KEPT = 4096
-#: bytes of a response body read at most; past them the connection is closed
-#: instead of being read to its end for reuse
-BODY_READ = 64 * 1024
-#: characters of the (escaped) body shown in the log
-BODY_SHOWN = 500
-
-
-class _Head(protocol.Protocol):
-    """Keeps the first ``keep`` bytes of a response body, discards the rest,
-    and stops the transfer after ``limit`` bytes."""
-
-    def __init__(self, done, keep, limit):
-        self.done = done
-        self.keep = keep
-        self.limit = limit
-        self.head = bytearray()
-        self.seen = 0
-        self.stopped = False
-
-    def dataReceived(self, data):
-        room = self.keep - len(self.head)
-        if room > 0:
-            self.head += data[:room]
-        self.seen += len(data)
-        if self.seen > self.limit and not self.stopped:
-            self.stopped = True
-            self.transport.stopProducing()
-
-    def connectionLost(self, reason):
-        if not self.done.called:
-            self.done.callback(bytes(self.head))
-
-
-def read_head(response, keep=BODY_KEPT, limit=BODY_READ):
-    """A Deferred firing with the first ``keep`` bytes of ``response``'s body,
-    having read at most about ``limit`` bytes of it (never all of a huge one)."""
-    head = None
-
-    def cancel(_d):
-        if head is not None and head.transport is not None and not head.stopped:
-            head.stopped = True
-            head.transport.stopProducing()
-
-    done = defer.Deferred(cancel)
-    head = _Head(done, keep, limit)
-    response.deliverBody(head)
-    return done
-
-
-def escape(text):
-    """``text`` safe for one log line: control characters (newlines, ESC,
-    bidi overrides and the like) as ``\\xNN``/``\\uNNNN`` escapes."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else
-                   (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
-                   for c in text)
-
-
 def _worth_logging(count):
     """Log the 1st, 10th, 100th, ... drop: an overflow must not flood the log."""
     while count >= 10 and count % 10 == 0:
@@ -493,11 +338,3 @@ def _worth_logging(count):
     return count == 1
 
 
-def _describe(failure):
-    """A short reason for a failed request, never a traceback."""
-    value = failure.value
-    reasons = getattr(value, "reasons", None)  # ResponseFailed, RequestTransmissionFailed
-    if reasons:
-        return "; ".join(_describe(r) for r in reasons)
-    text = str(value) or type(value).__name__
-    return f"{type(value).__name__}: {text}" if text != type(value).__name__ else text

@@ -175,20 +175,32 @@ def parse(text):
         )
     if parts.fragment:
         raise RedisURLError(f"Redis URL {shown}: a #fragment is not allowed")
-    username = password = None
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, _, hostinfo = netloc.rpartition("@")
-        if ":" in userinfo:
-            user, _, secret = userinfo.partition(":")
-            username = unquote(user) or None
-            password = unquote(secret)
-        else:
-            username = unquote(userinfo) or None
-    else:
-        hostinfo = netloc
+    username, password, hostinfo = _userinfo(parts.netloc)
+    query = _query(parts.query, scheme, shown)
+    db = _int(query["db"][0], "db", shown) if "db" in query else None
+    if scheme == "unix":
+        return _parse_unix(hostinfo, parts.path, db, username, password, shown)
+    if scheme in SENTINEL_SCHEMES:
+        return _parse_sentinel(scheme, hostinfo, parts.path, query, db, username, password, shown)
+    return _parse_tcp(scheme, parts, query, db, username, password, shown)
+
+
+def _userinfo(netloc):
+    """``(username, password, host part)`` of a URL's netloc (None: not given)."""
+    if "@" not in netloc:
+        return None, None, netloc
+    userinfo, _, hostinfo = netloc.rpartition("@")
+    if ":" in userinfo:
+        user, _, secret = userinfo.partition(":")
+        return unquote(user) or None, unquote(secret), hostinfo
+    return unquote(userinfo) or None, None, hostinfo
+
+
+def _query(text, scheme, shown):
+    """The query's ``{key: [value]}``: only the parameters ``scheme`` takes,
+    each at most once."""
     try:
-        query = parse_qs(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
+        query = parse_qs(text, keep_blank_values=True, strict_parsing=bool(text))
     except ValueError:
         raise RedisURLError(f"Redis URL {shown}: malformed query") from None
     allowed = {"db"} | ({"ca_file"} if scheme in ("rediss", "rediss+sentinel") else set())
@@ -199,24 +211,24 @@ def parse(text):
             raise RedisURLError(f"Redis URL {shown}: unknown parameter {key!r}")
         if len(values) != 1:
             raise RedisURLError(f"Redis URL {shown}: parameter {key!r} given twice")
-    db = _int(query["db"][0], "db", shown) if "db" in query else None
+    return query
 
-    if scheme == "unix":
-        if hostinfo:
-            raise RedisURLError(
-                f"Redis URL {shown}: write unix:///path/to/socket (three slashes)"
-            )
-        path = unquote(parts.path)
-        if not path.startswith("/"):
-            raise RedisURLError(f"Redis URL {shown}: the socket path must be absolute")
-        return RedisURL(
-            scheme="unix", host="", port=DEFAULT_PORT, db=db or 0,
-            username=username, password=password, path=path,
+
+def _parse_unix(hostinfo, path, db, username, password, shown):
+    if hostinfo:
+        raise RedisURLError(
+            f"Redis URL {shown}: write unix:///path/to/socket (three slashes)"
         )
+    path = unquote(path)
+    if not path.startswith("/"):
+        raise RedisURLError(f"Redis URL {shown}: the socket path must be absolute")
+    return RedisURL(
+        scheme="unix", host="", port=DEFAULT_PORT, db=db or 0,
+        username=username, password=password, path=path,
+    )
 
-    if scheme in SENTINEL_SCHEMES:
-        return _parse_sentinel(scheme, hostinfo, parts.path, query, db, username, password, shown)
 
+def _parse_tcp(scheme, parts, query, db, username, password, shown):
     try:
         host = parts.hostname or ""
         port = parts.port

@@ -22,7 +22,7 @@ log = Logger(namespace="fido_tx.schedule.scheduler")
 #: compact the heap when more than this many stale items and half of it
 COMPACT_MIN = 1024
 
-__all__ = ["DueQueue", "Entry", "apply_accounts"]
+__all__ = ["DueQueue", "Entry", "apply_accounts", "by_id", "due_now", "requeue"]
 
 
 class Entry:
@@ -152,26 +152,15 @@ def apply_accounts(entries, queue, sessions, new, now, poll_interval):
     except that a failing one is due again at the next ``poll_interval``
     boundary (an operator fixed what made it fail).
     """
-    added, removed, changed, unchanged = [], [], [], []
+    added, changed, unchanged = [], [], []
+    removed = [_remove(entries, queue, sessions, account_id)
+               for account_id in [i for i in entries if i not in new]]
     to_front = []
-
-    for account_id in [i for i in entries if i not in new]:
-        entry = entries.pop(account_id)
-        removed.append(entry.account)
-        entry.removed = True
-        queue.discard(entry)
-        session = sessions.get(account_id)
-        if session is not None and session.entry is entry:
-            log.debug("cancelling the session of removed account {account_id}",
-                      account_id=account_id)
-            session.cancel()
-
     for account_id, account in new.items():
         entry = entries.get(account_id)
         if entry is None:
             added.append(account)
-            entry = Entry(account, now)
-            entries[account_id] = entry
+            entry = entries[account_id] = Entry(account, now)
             if account_id in sessions:
                 # The removed predecessor's session has not ended yet
                 # (a canceller that does not fire at once); wait for it.
@@ -182,30 +171,85 @@ def apply_accounts(entries, queue, sessions, new, now, poll_interval):
             unchanged.append(account)
         else:
             changed.append(account)
-            entry.account = account
-            if entry.state.failures and account_id not in sessions:
-                # An operator fixed what made it fail (a new password,
-                # host or mailbox): try again at the next poll_interval
-                # boundary, not after an auth backoff of hours.
-                entry.state = _backoff.HEALTHY
-                if entry.seq is not None and not entry.front:
-                    since = entry.started_at if entry.started_at is not None else now
-                    due = max(now, since + poll_interval)
-                    if due < entry.due:
-                        queue.push_back(entry, due)
-            session = sessions.get(account_id)
-            if session is not None and session.held and session.entry is entry:
-                # A held connection lives as long as its session, with the
-                # account it started with: end it; the account is due again
-                # at once and reconnects with what changed.
-                log.debug("restarting the held session of changed account {account_id}",
-                          account_id=account_id)
-                session.cancel()
-                if entry.seq is not None and not entry.front:
-                    queue.push_back(entry, now)
-
+            _change(entry, account, queue, sessions, now, poll_interval)
     # This batch goes before everything waiting, earlier additions too.
     for entry in reversed(to_front):
         queue.push_front(entry)
     queue.compact()
     return AccountsDiff(tuple(added), tuple(removed), tuple(changed), tuple(unchanged))
+
+
+def _remove(entries, queue, sessions, account_id):
+    """Drop an account from the set (its session, if any, is cancelled);
+    returns its Account."""
+    entry = entries.pop(account_id)
+    entry.removed = True
+    queue.discard(entry)
+    session = sessions.get(account_id)
+    if session is not None and session.entry is entry:
+        log.debug("cancelling the session of removed account {account_id}",
+                  account_id=account_id)
+        session.cancel()
+    return entry.account
+
+
+def _change(entry, account, queue, sessions, now, poll_interval):
+    """The account's settings changed: the next session uses ``account``."""
+    account_id = account.id
+    entry.account = account
+    if entry.state.failures and account_id not in sessions:
+        # An operator fixed what made it fail (a new password,
+        # host or mailbox): try again at the next poll_interval
+        # boundary, not after an auth backoff of hours.
+        entry.state = _backoff.HEALTHY
+        if entry.seq is not None and not entry.front:
+            since = entry.started_at if entry.started_at is not None else now
+            due = max(now, since + poll_interval)
+            if due < entry.due:
+                queue.push_back(entry, due)
+    session = sessions.get(account_id)
+    if session is not None and session.held and session.entry is entry:
+        # A held connection lives as long as its session, with the
+        # account it started with: end it; the account is due again
+        # at once and reconnects with what changed.
+        log.debug("restarting the held session of changed account {account_id}",
+                  account_id=account_id)
+        session.cancel()
+        if entry.seq is not None and not entry.front:
+            queue.push_back(entry, now)
+
+
+def requeue(entries, queue, session, due, now):
+    """A session ended: its account back in the queue at ``due``; or, when
+    the account was removed meanwhile, its re-added successor (blocked until
+    now) to the front."""
+    entry = session.entry
+    if not entry.removed:
+        queue.push_back(entry, due)
+        return
+    successor = entries.get(session.account.id)
+    if successor is not None and successor.blocked:
+        successor.blocked = False
+        successor.due = now  # waiting (for lag) from now on
+        queue.push_front(successor)
+
+
+def due_now(entries, queue, sessions, account_ids, now):
+    """Make the waiting ones of ``account_ids`` due ``now``; running,
+    blocked, new or already due ones are left alone."""
+    for account_id in account_ids:
+        entry = entries.get(account_id)
+        if (entry is None or entry.blocked or entry.front or account_id in sessions
+                or entry.due is None or entry.due <= now):
+            continue
+        queue.push_back(entry, now)
+
+
+def by_id(accounts):
+    """``{id: Account}`` in the order given; a ValueError on a duplicate id."""
+    new = {}
+    for account in accounts:
+        if account.id in new:
+            raise ValueError(f"duplicate account id {account.id!r}")
+        new[account.id] = account
+    return new

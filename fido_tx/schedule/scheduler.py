@@ -27,23 +27,29 @@ Invariants: at most ``workers`` sessions run; an account (by id) is never in
 two sessions at once; an account is polled no more often than
 ``poll_interval``; one account's failures never delay another's turn; an
 account is never lost, whatever its session does.
+
+The parts: :mod:`~fido_tx.schedule.queue` (who is next),
+:mod:`~fido_tx.schedule.sessions` (who runs, the slots, the stop),
+:mod:`~fido_tx.schedule.slots` (held sessions asking for a slot again),
+:mod:`~fido_tx.schedule.alarm` (the one timer),
+:mod:`~fido_tx.schedule.ending` (a session's end as a result, its observers),
+:mod:`~fido_tx.schedule.backoff` (when a failed account is due again).
 """
 
-import collections
 import random as _random
 
 import attr
 from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger, LogLevel
-from twisted.python import failure as _failure
 from zope.interface import implementer
 
 from fido_tx.schedule import backoff as _backoff
-from fido_tx import errors
 from fido_tx.interfaces import ISchedulerView
-from fido_tx.outcome import SessionResult
-from fido_tx.schedule.queue import DueQueue, apply_accounts
+from fido_tx.schedule.alarm import Alarm
+from fido_tx.schedule.ending import ResultObservers, session_result
+from fido_tx.schedule.queue import DueQueue, apply_accounts, by_id, due_now, requeue
+from fido_tx.schedule.slots import SlotWaiters
 from fido_tx.schedule.sessions import RunningSession, RunningSessions, SessionHandle  # noqa: F401
 
 log = Logger()
@@ -75,6 +81,35 @@ class AccountState:
     next_due: float | None
     #: clock seconds of the start of its last session, ``None`` if never run
     last_started_at: float | None
+
+
+def _account_state(entry, session):
+    """The :class:`AccountState` of ``entry`` (``session``: its account's
+    running session, or None)."""
+    if session is not None and session.entry is entry:
+        state, due = ("held" if session.held else "running"), None
+    elif entry.blocked:
+        state, due = "blocked", None
+    else:
+        state, due = "queued", entry.due
+    return AccountState(
+        account_id=entry.account.id,
+        failures=entry.state.failures,
+        last_kind=entry.state.last_kind,
+        state=state,
+        next_due=due,
+        last_started_at=entry.started_at,
+    )
+
+
+def _backed_off(entry, result, due, now, settings, random):
+    """When ``entry``'s account is due again after ``result``: at ``due``,
+    later when it failed (the backoff, or a throttled session's Retry-After);
+    the failure count goes into ``entry.state``."""
+    entry.state = _backoff.record(entry.state, result.kind)
+    if not _backoff.counts_as_failure(result.kind):
+        return due
+    return max(due, now + _backoff.delay(settings, entry.state, random, result.retry_after))
 
 
 @implementer(ISchedulerView)
@@ -125,13 +160,11 @@ class Scheduler(service.Service):
         self._sessions = RunningSessions(clock, self.grace_period)
         self._queue = DueQueue()
         self._paused = set()
-        self._observers = []
+        self._observers = ResultObservers()
 
-        self._timer = None
-        self._timer_due = None
+        self._alarm = Alarm(clock, self._dispatch)
         self._dispatching = False
-        #: held sessions waiting for a worker slot: (session, Deferred), FIFO
-        self._slot_waiters = collections.deque()
+        self._slot_waiters = SlotWaiters()
 
         self.last_dispatch_at = None
         self.last_completion_at = None
@@ -183,13 +216,7 @@ class Scheduler(service.Service):
     def poll_soon(self, account_ids):
         """Make the waiting ones of ``account_ids`` due now (an instance has
         just taken their leases); running or blocked ones are left alone."""
-        now = self._clock.seconds()
-        for account_id in account_ids:
-            entry = self._entries.get(account_id)
-            if (entry is None or entry.blocked or entry.front or account_id in self._sessions
-                    or entry.due is None or entry.due <= now):
-                continue
-            self._queue.push_back(entry, now)
+        due_now(self._entries, self._queue, self._sessions, account_ids, self._clock.seconds())
         self._reschedule()
 
     def stop_session(self, account_id):
@@ -214,21 +241,7 @@ class Scheduler(service.Service):
         entry = self._entries.get(account_id)
         if entry is None:
             return None
-        session = self._sessions.get(account_id)
-        if session is not None and session.entry is entry:
-            state, due = ("held" if session.held else "running"), None
-        elif entry.blocked:
-            state, due = "blocked", None
-        else:
-            state, due = "queued", entry.due
-        return AccountState(
-            account_id=account_id,
-            failures=entry.state.failures,
-            last_kind=entry.state.last_kind,
-            state=state,
-            next_due=due,
-            last_started_at=entry.started_at,
-        )
+        return _account_state(entry, self._sessions.get(account_id))
 
     # -- observers -----------------------------------------------------
 
@@ -239,7 +252,7 @@ class Scheduler(service.Service):
         cancelled (account removed, stop grace over) have no result and are
         not reported.  An observer that raises is logged and ignored.
         """
-        self._observers.append(observer)
+        self._observers.add(observer)
 
     def remove_result_observer(self, observer):
         self._observers.remove(observer)
@@ -256,11 +269,7 @@ class Scheduler(service.Service):
         session finishes with the old value, the next one uses the new value.
         Unchanged accounts keep their place and timers.
         """
-        new = {}
-        for account in accounts:
-            if account.id in new:
-                raise ValueError(f"duplicate account id {account.id!r}")
-            new[account.id] = account
+        new = by_id(accounts)
         # No dispatch until the whole change is in (a cancelled session frees
         # its slot at once, and the added accounts must be first to take it).
         held, self._dispatching = self._dispatching, True
@@ -327,20 +336,10 @@ class Scheduler(service.Service):
 
     def _grant_slots(self):
         """Held sessions with work go first: they have mail waiting."""
-        while self._slot_waiters and self._can_start():
-            session, d = self._slot_waiters.popleft()
-            if self._sessions.take_slot(session):
-                d.callback(None)
+        self._slot_waiters.grant(self._can_start, self._sessions.take_slot)
 
     def _take_slot(self, session):
-        def withdraw(d):
-            try:
-                self._slot_waiters.remove((session, d))
-            except ValueError:
-                pass
-
-        d = defer.Deferred(withdraw)
-        self._slot_waiters.append((session, d))
+        d = self._slot_waiters.wait(session)
         self._dispatch()
         return d
 
@@ -348,7 +347,7 @@ class Scheduler(service.Service):
         if result is not None and not result.skipped:
             # a held session's fetch is a completed poll (for /healthz too)
             self.last_completion_at = self._clock.seconds()
-            self._notify(session.account, result)
+            self._observers.notify(session.account, result)
 
     def _reschedule(self, again=False):
         """Keep the one timer at the earliest due time, or none when it cannot help."""
@@ -357,25 +356,7 @@ class Scheduler(service.Service):
             entry = self._queue.peek()
             if entry is not None:
                 due = self._clock.seconds() if again or entry.front else entry.due
-        if due is None:
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
-                self._timer_due = None
-            return
-        if self._timer is not None and self._timer_due == due:
-            return
-        delay = max(0.0, due - self._clock.seconds())
-        if self._timer is not None:
-            self._timer.reset(delay)
-        else:
-            self._timer = self._clock.callLater(delay, self._timer_fired)
-        self._timer_due = due
-
-    def _timer_fired(self):
-        self._timer = None
-        self._timer_due = None
-        self._dispatch()
+        self._alarm.at(due)
 
     # -- sessions ------------------------------------------------------
 
@@ -393,38 +374,11 @@ class Scheduler(service.Service):
         else:
             d = defer.maybeDeferred(self._run_session, account)
         session.deferred = d
-        d.addCallbacks(
-            self._session_done, self._session_failed,
-            callbackArgs=(session,), errbackArgs=(session,),
-        )
+        d.addBoth(self._ended, session)
         d.addErrback(self._internal_error, session)
 
-    def _session_failed(self, reason, session):
-        if session.cancelled and reason.check(defer.CancelledError):
-            self._finish(session, None)
-            return None
-        log.failure(
-            "session for {account_id} failed with an unexpected error "
-            "(a bug in the session; counted as a protocol failure)",
-            reason, level=LogLevel.error, account_id=session.account.id,
-        )
-        result = SessionResult(
-            account_id=session.account.id,
-            kind=errors.PROTOCOL,
-            message=f"internal error: {reason.type.__name__}: {reason.getErrorMessage()}",
-            debug=reason.getTraceback(),
-        )
-        self._finish(session, result)
-        return None
-
-    def _session_done(self, result, session):
-        if not isinstance(result, SessionResult):
-            try:
-                raise TypeError(f"run_session returned {type(result).__name__}, not SessionResult")
-            except TypeError:
-                return self._session_failed(_failure.Failure(), session)
-        self._finish(session, result)
-        return None
+    def _ended(self, outcome, session):
+        self._finish(session, session_result(outcome, session))
 
     def _internal_error(self, reason, session):
         log.failure("scheduler error after the session of {account_id}", reason,
@@ -441,39 +395,18 @@ class Scheduler(service.Service):
     def _finish(self, session, result):
         """Account back in the queue, observers told, next session dispatched."""
         now = self._clock.seconds()
-        account_id = session.account.id
         self._sessions.forget(session)
         self.last_completion_at = now
         if result is not None and result.skipped:
             result = None  # the source had nothing to do: no backoff, no report
         entry = session.entry
-        if not entry.removed:
-            due = session.started_at + self.poll_interval
-            if result is not None:
-                entry.state = _backoff.record(entry.state, result.kind)
-                if _backoff.counts_as_failure(result.kind):
-                    wait = _backoff.delay(self.backoff, entry.state, self._random,
-                                          result.retry_after)
-                    due = max(due, now + wait)
-            self._queue.push_back(entry, due)
-        else:
-            successor = self._entries.get(account_id)
-            if successor is not None and successor.blocked:
-                successor.blocked = False
-                successor.due = now  # waiting (for lag) from now on
-                self._queue.push_front(successor)
+        due = session.started_at + self.poll_interval
+        if result is not None and not entry.removed:
+            due = _backed_off(entry, result, due, now, self.backoff, self._random)
+        requeue(self._entries, self._queue, session, due, now)
         if result is not None:
-            self._notify(session.account, result)
+            self._observers.notify(session.account, result)
         self._after_session()
-
-    def _notify(self, account, result):
-        for observer in list(self._observers):
-            try:
-                observer(account, result)
-            except Exception:
-                log.failure("result observer {observer!r} failed for {account_id}",
-                            level=LogLevel.error, observer=observer,
-                            account_id=account.id)
 
     def _after_session(self):
         self._sessions.check_empty()
