@@ -157,3 +157,30 @@ return redis.call('HLEN', KEYS[1])
     await script.run([ikey, qkey], ["8:1", "m3", "8:2", "m6", "8:3", "m7"])
     assert r("HGET", ikey, "i:m3") == b"8:1"
 
+
+
+@pytest.mark.parametrize("kind", ["stream", "list"])
+@pytest_twisted.ensureDeferred
+async def test_a_reused_uid_stored_again_keeps_the_contracts_decimal_uid_in_its_entry(
+        conn, redis, tmp_path, endpoint, kind):
+    import base64
+    import json
+
+    sink = build(kind, conn, tmp_path, endpoint)
+    first = msg(1, ident="m0000000000000001")
+    again = msg("1~m0000000000000002", ident="m0000000000000002", n=2)
+    await sink.deliver([first])
+    delivery = await sink.deliver([again])
+    assert delivery.new == ("1~m0000000000000002",)
+    r = redis.client()
+    if kind == "stream":
+        entries = r("XRANGE", keys.DEFAULT_STREAM, "-", "+")
+        shown = [dict(zip(f[::2], f[1::2])) for _id, f in entries]
+        uids = [e[b"uid"] for e in shown]
+        raws = [e[b"raw"] for e in shown]
+    else:
+        docs = [json.loads(d) for d in reversed(r("LRANGE", keys.DEFAULT_LIST, 0, -1))]
+        uids = [d["uid"].encode() for d in docs]
+        raws = [base64.b64decode(d["raw"]) for d in docs]
+    assert uids == [b"1", b"1"], "uid is a decimal string in every entry (DESIGN.md)"
+    assert raws == [first.raw, again.raw]

@@ -34,7 +34,7 @@ def document(m):
             "account": m.account,
             "mailbox": m.mailbox,
             "uidvalidity": m.epoch,
-            "uid": m.id,
+            "uid": m.uid,
             "message_id": m.message_id,
             "size": str(len(m.raw)),
             "fetched_at": m.fetched_at,

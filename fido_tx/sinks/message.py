@@ -52,6 +52,16 @@ class Message:
     def size(self):
         return len(self.raw)
 
+    @property
+    def uid(self):
+        """The id as an entry shows it: the contract's decimal UID for IMAP,
+        also for a message stored again under ``<uid>~<identity>`` after the
+        server reused its UID (the dedupe record keeps the whole id; the
+        entry's ``message_id`` and ``size`` tell the two apart)."""
+        if self.source == "imap":
+            return self.id.partition("~")[0]
+        return self.id
+
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
 class Delivery:

@@ -35,7 +35,7 @@ def entry_fields(m):
         b"account", m.account.encode("utf-8"),
         b"mailbox", m.mailbox.encode("utf-8"),
         b"uidvalidity", m.epoch.encode("utf-8"),
-        b"uid", m.id.encode("utf-8"),
+        b"uid", m.uid.encode("utf-8"),
         b"message_id", m.message_id.encode("utf-8", "surrogateescape"),
         b"size", str(len(m.raw)).encode("ascii"),
         b"fetched_at", m.fetched_at.encode("ascii"),
