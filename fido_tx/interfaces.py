@@ -34,9 +34,35 @@ class ISink(Interface):
             sink cannot answer (then nothing is fetched).
         """
 
+    def identities(account_id, mailbox, epoch, ids):
+        """The ``identity`` recorded with each of ``ids`` when it was
+        delivered (:mod:`fido_tx.sinks.identity`), ``""`` where none is
+        (delivered before identities were kept, forgotten, or never).
+
+        :return: Deferred firing with a list of strings, in the order given;
+            errbacks with a :class:`~fido_tx.errors.FidoError` when the sink
+            cannot answer.
+        """
+
+    def recognise(account_id, mailbox, epoch, identities):
+        """Of ``identities`` (``{id: identity}``, ids not delivered yet),
+        the ids whose identity was delivered before from the same account
+        and mailbox under another key: those are recorded as delivered under
+        their new key (they may be marked on the server) and not delivered.
+
+        :return: Deferred firing with the list of those ids; errbacks with a
+            :class:`~fido_tx.errors.FidoError` when the sink cannot answer.
+        """
+
     def deliver(messages):
         """Deliver a batch of :class:`~fido_tx.sinks.message.Message` of one
         account, each exactly once.
+
+        A message with an ``identity`` already delivered from the same
+        account and mailbox under another key (the mailbox's UIDVALIDITY
+        changed) is recorded under its new key and confirmed, but not
+        delivered again; the identity is recorded with the key in the same
+        atomic step as the dedupe record.
 
         :return: Deferred firing with a
             :class:`~fido_tx.sinks.message.Delivery`: the ids now durably

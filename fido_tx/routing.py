@@ -150,6 +150,12 @@ class RoutedSink:
     def filter_new(self, account_id, mailbox, epoch, ids):
         return self.sink.filter_new(account_id, mailbox, epoch, ids)
 
+    def identities(self, account_id, mailbox, epoch, ids):
+        return self.sink.identities(account_id, mailbox, epoch, ids)
+
+    def recognise(self, account_id, mailbox, epoch, identities):
+        return self.sink.recognise(account_id, mailbox, epoch, identities)
+
     def deliver(self, messages):
         return self.sink.deliver([
             m if m.route_key else attr.evolve(m, route_key=self.router(m.raw))

@@ -183,6 +183,7 @@ def _session_factory(reactor, settings, sinks, dry_run, memory=None, held=None,
     from fido_tx import routing, sources
     from fido_tx.credentials import CredentialsContext, for_account
     from fido_tx.schedule import budget, pacer
+    from fido_tx.sources.imap import identity as imap_identity
     from fido_tx.sources.imap.connect import Connector
 
     # OAuth2 token providers are shared per grant; Microsoft's rotated refresh
@@ -202,6 +203,9 @@ def _session_factory(reactor, settings, sinks, dry_run, memory=None, held=None,
         pacer=pacer.StartPacer(reactor),
         # endpoints, TLS options and resumable TLS sessions, shared
         connector=Connector(reactor),
+        # the UIDVALIDITY each mailbox was last polled in: a poll in the same
+        # one needs no check of new UIDs against the messages stored before
+        epochs=imap_identity.Epochs(),
         credentials=lambda account: for_account(account, credentials_ctx),
         dry_run=dry_run,
         debug=settings.log.level == "debug",

@@ -27,7 +27,9 @@ class MemorySink:
 
     ``entries`` is the list of delivered messages in order; ``fail`` set to
     an exception makes every call errback with it (an outage); ``reject`` a
-    set of message ids the "application" refuses for good.
+    set of message ids the "application" refuses for good.  Identities are
+    kept per (account, mailbox) as the Redis sinks keep them (unbounded):
+    ``recognised`` lists the messages confirmed by identity, not delivered.
     """
 
     kind = "memory"
@@ -38,6 +40,9 @@ class MemorySink:
         self.fail = None
         self.reject = set()
         self.calls = []
+        self.recognised = []
+        self._identity_at = {}  # (account, mailbox, epoch, id) -> identity
+        self._identities = set()  # (account, mailbox, identity)
 
     def filter_new(self, account_id, mailbox, epoch, ids):
         self.calls.append(("filter_new", account_id, tuple(ids)))
@@ -46,6 +51,27 @@ class MemorySink:
         return defer.succeed(
             [i for i in ids if (account_id, mailbox, epoch, i) not in self._keys]
         )
+
+    def identities(self, account_id, mailbox, epoch, ids):
+        self.calls.append(("identities", account_id, tuple(ids)))
+        if self.fail is not None:
+            return defer.fail(self.fail)
+        return defer.succeed(
+            [self._identity_at.get((account_id, mailbox, epoch, i), "") for i in ids])
+
+    def recognise(self, account_id, mailbox, epoch, identities):
+        self.calls.append(("recognise", account_id, tuple(identities)))
+        if self.fail is not None:
+            return defer.fail(self.fail)
+        found = []
+        for i, ident in identities.items():
+            key = (account_id, mailbox, epoch, i)
+            if ident and (account_id, mailbox, ident) in self._identities \
+                    and key not in self._keys:
+                self._keys.add(key)
+                self._identity_at[key] = ident
+                found.append(i)
+        return defer.succeed(found)
 
     def deliver(self, messages):
         self.calls.append(("deliver", tuple(m.id for m in messages)))
@@ -59,8 +85,15 @@ class MemorySink:
             key = (m.account, m.mailbox, m.epoch, m.id)
             if key not in self._keys:
                 self._keys.add(key)
-                self.entries.append(m)
-                new.append(m.id)
+                content = (m.account, m.mailbox, m.identity)
+                if m.identity and content in self._identities:
+                    self.recognised.append(m)
+                else:
+                    self.entries.append(m)
+                    new.append(m.id)
+                if m.identity:
+                    self._identity_at[key] = m.identity
+                    self._identities.add(content)
             confirmed.append(m.id)
         return defer.succeed(Delivery(tuple(confirmed), tuple(new), tuple(rejected)))
 

@@ -7,9 +7,8 @@ message that says what the server did, the client held no more than the
 bounds allow, nothing is marked, and a healthy account on the same server,
 fetched at the same time, gets all its messages.
 
-The modes a later change handles (UID reuse, FETCH answers without the body)
-are marked ``xfail(strict=True)``: they pass once the session treats them as
-``protocol`` errors, and then the marker must go.
+A server that reuses a UID for another message gets that message stored as
+new, and the session reported as ``protocol``.
 """
 
 import attr
@@ -189,8 +188,6 @@ def test_a_fetch_answer_without_the_asked_body_is_a_protocol_error(mode):
     assert bad.kind == errors.PROTOCOL, bad
 
 
-@pytest.mark.xfail(strict=True, reason="UID reuse is not yet detected (stored identity "
-                                       "compared before marking)")
 @pytest_twisted.inlineCallbacks
 def test_a_reused_uid_is_stored_as_a_new_message_not_marked_blind():
     box = mailbox("reuse", 2)

@@ -44,6 +44,12 @@ class Timing:
     def filter_new(self, account_id, mailbox, epoch, ids):
         return self.sink.filter_new(account_id, mailbox, epoch, ids)
 
+    def identities(self, account_id, mailbox, epoch, ids):
+        return self.sink.identities(account_id, mailbox, epoch, ids)
+
+    def recognise(self, account_id, mailbox, epoch, identities):
+        return self.sink.recognise(account_id, mailbox, epoch, identities)
+
     def deliver(self, messages):
         def confirmed(delivery):
             now = self.clock.seconds()

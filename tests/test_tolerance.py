@@ -5,10 +5,9 @@
   ``fido_imap_deviations_total{kind="bare_lf"}``); what Fido sends still
   ends in CRLF.
 - UIDVALIDITY changing on every session while mail arrives (the mock
-  server's ``uidvalidity_churn``): each message must be delivered once.
-  Recognising messages across a UIDVALIDITY change by content is not done
-  yet, so that test is an expected failure (strict: it fails loudly once
-  the recognition lands, to be flipped).
+  server's ``uidvalidity_churn``): each message is delivered once, the
+  ones stored before recognised by their identity (README "What identifies
+  a message").
 """
 
 import pytest
@@ -234,7 +233,8 @@ def test_the_churning_mock_renumbers_on_every_session(server):
     for _ in range(2):
         yield fetch_mailbox(reactor, acct, sink, SETTINGS)
         server.mailbox("churn").append(sample_message(2, "churn"))
-    seen = [(int(m.epoch), int(m.id)) for m in sink.entries]
+    # what the sessions handed to the sink, delivered or recognised by content
+    seen = [(int(m.epoch), int(m.id)) for m in sink.entries + sink.recognised]
     assert seen[0] == (51, 1) and (52, 1) in seen, seen
     # the second session renumbered: both messages again, at UIDs 1 and 2
     assert sorted(u for v, u in seen if v == 52) == [1, 2]
@@ -247,10 +247,6 @@ def test_stable_uidvalidity_delivers_each_message_once(server):
     assert len(raws) == 4 and len(set(raws)) == 4
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "issue 18: messages are recognised by UID only; when UIDVALIDITY changes every "
-    "session the ones not yet marked are delivered again. Recognition by content "
-    "(Message-ID with size, or a digest) lands with the sinks: flip this then."))
 @pytest_twisted.inlineCallbacks
 def test_uidvalidity_changing_every_session_delivers_each_message_once(server):
     sink = yield _sessions_while_mail_arrives(server, churn=True)

@@ -12,6 +12,14 @@
     mailbox and epoch (IMAP: UIDVALIDITY and UIDs in decimal).  A new epoch
     starts a new set; old sets are left for the operator to delete.  The
     braces make the account a Redis Cluster hash tag.
+``fido:ident:{<account>}:<mailbox>``
+    Hash, what identifies each stored message of that mailbox
+    (:mod:`fido_tx.sinks.identity`): ``u:<epoch>:<id>`` -> identity and
+    ``i:<identity>`` -> ``<epoch>:<id>``, for the last
+    :data:`~fido_tx.sinks.identity.KEEP` messages stored.
+``fido:identq:{<account>}:<mailbox>``
+    List, the ``<epoch>:<id>`` of those messages, newest first: the oldest
+    beyond ``KEEP`` leave the hash.
 ``fido:account:<id>``
     Hash, the contract's per-account state (:mod:`fido_tx.redis.state`).
 ``fido:instance:<instance id>``
@@ -44,6 +52,12 @@ def dedupe(account_id, mailbox, epoch):
     """The dedupe set of one (account, mailbox, epoch); ``epoch`` a string
     (an int is accepted: IMAP's UIDVALIDITY in decimal either way)."""
     return f"fido:uids:{{{account_id}}}:{epoch}:{mailbox}".encode("utf-8")
+
+
+def identities(account_id, mailbox):
+    """The identity hash and its order list of one (account, mailbox)."""
+    return (f"fido:ident:{{{account_id}}}:{mailbox}".encode("utf-8"),
+            f"fido:identq:{{{account_id}}}:{mailbox}".encode("utf-8"))
 
 
 def account(account_id):

@@ -21,7 +21,7 @@ from zope.interface import implementer
 
 from fido_tx.interfaces import IBacklog, ISink
 from fido_tx.redis import keys
-from fido_tx.sinks.redisbatch import RedisBatchSink, batch_script
+from fido_tx.sinks.redisbatch import FRAME, RedisBatchSink, batch_script
 
 KIND = "list"
 OPTIONS = {"key": keys.DEFAULT_LIST}
@@ -34,7 +34,7 @@ def document(m):
             "account": m.account,
             "mailbox": m.mailbox,
             "uidvalidity": m.epoch,
-            "uid": m.id,
+            "uid": m.uid,
             "message_id": m.message_id,
             "size": str(len(m.raw)),
             "fetched_at": m.fetched_at,
@@ -49,9 +49,9 @@ def document(m):
 @implementer(ISink, IBacklog)
 class ListSink(RedisBatchSink):
     kind = KIND
-    STRIDE = 3
+    STRIDE = FRAME + 1
     LENGTH = "LLEN"
-    SOURCE = batch_script(3, "redis.call('LPUSH', target, ARGV[i + 2])", "LLEN")
+    SOURCE = batch_script(FRAME + 1, "redis.call('LPUSH', target, ARGV[i + %d])" % FRAME, "LLEN")
 
     @staticmethod
     def encode(message):

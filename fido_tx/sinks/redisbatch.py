@@ -4,9 +4,11 @@ Lua call per batch.
 Exactly once: a sink's :meth:`RedisBatchSink.deliver` sends ONE script call
 per batch.  For each message the script checks the dedupe set
 ``fido:uids:{<account>}:<epoch>:<mailbox>``, writes the message (``XADD`` or
-``LPUSH``), then ``SADD``\\ s its id; Redis runs a script atomically and, with
-``appendonly``, persists its writes as one unit, so a crash leaves every
-message either delivered and recorded, or neither.  The order (check, write,
+``LPUSH``), then ``SADD``\\ s its id and records its identity
+(:mod:`fido_tx.sinks.identity`: a message whose identity is recorded already
+is recorded under its new key but not written again); Redis runs a script
+atomically and, with ``appendonly``, persists its writes as one unit, so a
+crash leaves every message either delivered and recorded, or neither.  The order (check, write,
 record) means an error inside the script can at worst leave a message without
 its record (a possible duplicate later), never a record without its message
 (a lost one).  The script also counts the new messages into the account
@@ -31,23 +33,31 @@ from twisted.internet import defer
 
 from fido_tx import errors
 from fido_tx.redis import keys
+from fido_tx.sinks import identity
 from fido_tx.sinks.message import Delivery
 
-#: the script's frame: KEYS = target, account hash, dedupe sets...; ARGV per
-#: message = set index, id, then the sink's values.  %(write)s writes one
-#: message from ARGV[i + 2 ...]; %(length)s is the queue length command.
-_SCRIPT = """
+#: the script's frame: KEYS = target, account hash, then per (mailbox, epoch)
+#: its dedupe set and per mailbox its identity hash and list; ARGV per
+#: message = set index, id, identity-hash index, ``epoch:id``, identity, then
+#: the sink's values (from ``ARGV[i + 5]``).  %(write)s writes one message;
+#: %(length)s is the queue length command.  A message whose identity is
+#: known (stored before under another key) is recorded, not written.
+_SCRIPT = identity.LUA + """
 local target = KEYS[1]
 local new = 0
 local reply = {0}
 for i = 1, #ARGV, %(stride)d do
   local set = KEYS[tonumber(ARGV[i])]
   local id = ARGV[i + 1]
+  local ik = tonumber(ARGV[i + 2])
   if redis.call('SISMEMBER', set, id) == 0 then
-    %(write)s
+    if not fido_known(KEYS[ik], ARGV[i + 4]) then
+      %(write)s
+      new = new + 1
+      reply[new + 1] = id
+    end
     redis.call('SADD', set, id)
-    new = new + 1
-    reply[new + 1] = id
+    fido_remember(KEYS[ik], KEYS[ik + 1], ARGV[i + 3], ARGV[i + 4])
   end
 end
 if new > 0 then
@@ -57,9 +67,13 @@ reply[1] = redis.call('%(length)s', target)
 return reply
 """
 
+#: ARGV values per message before the sink's own
+FRAME = 5
+
 
 def batch_script(stride, write, length):
-    return (_SCRIPT % {"stride": stride, "write": write, "length": length}).encode("ascii")
+    """The script of a sink with ``stride - FRAME`` values per message."""
+    return (_SCRIPT % {"stride": stride, "write": write, "length": length}).encode("utf-8")
 
 
 def _text(value):
@@ -136,12 +150,34 @@ class RedisBatchSink:
         self.last_length = None
         self._connection = connection
         self._script = connection.script(self.SOURCE)
+        self._recognise = connection.script(identity.RECOGNISE_LUA)
 
     def filter_new(self, account_id, mailbox, epoch, ids):
         """The ids of ``ids`` not delivered yet, in the order given (the
         items themselves, so a caller's ints come back as ints)."""
         return filter_new(self._connection, account_id, mailbox, epoch, ids,
                           self.min_replicas, self.replica_timeout)
+
+    def identities(self, account_id, mailbox, epoch, ids):
+        """The identity recorded with each of ``ids`` ("" where none)."""
+        return identity.stored(self._connection, account_id, mailbox, epoch, ids)
+
+    def recognise(self, account_id, mailbox, epoch, identities):
+        """Record and return the ids whose identity was stored before."""
+        return identity.recognise(self._recognise, account_id, mailbox, epoch, identities,
+                                  then=self._then_wait(bool))
+
+    def _then_wait(self, needed):
+        """A ``then`` that WAITs for the replicas when ``needed(reply)``."""
+        if not self.min_replicas:
+            return None
+
+        def then(proto, reply):
+            if not needed(reply):
+                return defer.succeed(reply)
+            return self._wait(proto).addCallback(lambda _: reply)
+
+        return then
 
     def _wait(self, proto):
         return wait_for_replicas(proto, self.min_replicas, self.replica_timeout)
@@ -164,16 +200,15 @@ class RedisBatchSink:
             if set_key not in index:
                 script_keys.append(set_key)
                 index[set_key] = len(script_keys)
-            args.append(index[set_key])
-            args.append(m.id)
+            ident_keys = keys.identities(m.account, m.mailbox)
+            if ident_keys[0] not in index:
+                script_keys.extend(ident_keys)
+                index[ident_keys[0]] = len(script_keys) - 1
+            args += [index[set_key], m.id, index[ident_keys[0]], identity.location(m),
+                     m.identity]
             args.extend(self.encode(m))
-        then = None
-        if self.min_replicas:
-            def then(proto, reply):
-                return self._wait(proto).addCallback(lambda _: reply)
-
         d = self._script.run(script_keys, args, what=f"delivery of {len(messages)} messages",
-                             then=then)
+                             then=self._then_wait(lambda reply: True))
 
         def delivered(reply):
             self.last_length = int(reply[0])

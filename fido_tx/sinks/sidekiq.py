@@ -5,11 +5,12 @@ as their one argument: GitLab's ``EmailReceiverWorker`` and
 ``ServiceDeskEmailReceiverWorker``, as mail_room's sidekiq delivery feeds
 them.
 
-The job and the dedupe record (``fido:uids:{<account>}:<epoch>:<mailbox>``,
-shared with the other deliveries) are written by one Lua script, so they are one atomic step: a message is pushed exactly
-once whatever crashes.  With ``namespace`` the Sidekiq keys get the prefix
-``<namespace>:`` (mail_room's ``namespace``, Redis::Namespace); the dedupe
-record never does.
+The job, the dedupe record (``fido:uids:{<account>}:<epoch>:<mailbox>``,
+shared with the other deliveries) and the message's identity
+(:mod:`fido_tx.sinks.identity`) are written by one Lua script, so they are
+one atomic step: a message is pushed exactly once whatever crashes.  With
+``namespace`` the Sidekiq keys get the prefix ``<namespace>:`` (mail_room's
+``namespace``, Redis::Namespace); the dedupe record never does.
 
 Job JSON: ``class``, ``args`` (``[raw message]``), ``queue``, ``jid`` (24
 hex digits), ``retry``, ``created_at`` and ``enqueued_at`` (seconds as a
@@ -49,7 +50,7 @@ from zope.interface import implementer
 from fido_tx import errors
 from fido_tx.interfaces import IBacklog, ISink
 from fido_tx.redis import keys
-from fido_tx.sinks import redisbatch
+from fido_tx.sinks import identity, redisbatch
 from fido_tx.sinks.message import Delivery
 from fido_tx.sinks.options import one_of, typed
 
@@ -69,17 +70,22 @@ BINARY_MODES = ("latin1", "verbatim")
 TIMESTAMP_MODES = ("seconds", "milliseconds")
 
 #: KEYS: the Sidekiq queues set, the queue list, the dedupe set, the account
-#: hash; ARGV: the queue name, then (id, job) pairs.  Returns the queue's
-#: length (for backpressure), then the ids pushed.  Check, push, record (as
-#: the Redis sinks): an error inside can at worst leave a job without its
-#: record, never a record without its job.
-PUSH_LUA = """
+#: hash, the identity hash and list (:mod:`fido_tx.sinks.identity`); ARGV:
+#: the queue name, the epoch, then (id, identity, job) triples.  Returns the
+#: queue's length (for backpressure), then the ids pushed.  Check, push,
+#: record (as the Redis sinks): an error inside can at worst leave a job
+#: without its record, never a record without its job.  A message whose
+#: identity is known is recorded, not pushed.
+PUSH_LUA = identity.LUA + """
 local reply = {0}
-for i = 2, #ARGV, 2 do
+for i = 3, #ARGV, 3 do
   if redis.call('SISMEMBER', KEYS[3], ARGV[i]) == 0 then
-    redis.call('LPUSH', KEYS[2], ARGV[i + 1])
+    if not fido_known(KEYS[5], ARGV[i + 1]) then
+      redis.call('LPUSH', KEYS[2], ARGV[i + 2])
+      reply[#reply + 1] = ARGV[i]
+    end
     redis.call('SADD', KEYS[3], ARGV[i])
-    reply[#reply + 1] = ARGV[i]
+    fido_remember(KEYS[5], KEYS[6], ARGV[2] .. ':' .. ARGV[i], ARGV[i + 1])
   end
 end
 if #reply > 1 then
@@ -190,6 +196,7 @@ class SidekiqSink(Service):
         self.queues_key = f"{prefix}queues".encode("utf-8")
         self.queue_key = f"{prefix}queue:{options['queue']}".encode("utf-8")
         self._script = redis.script(PUSH_LUA) if redis is not None else None
+        self._recognise = redis.script(identity.RECOGNISE_LUA) if redis is not None else None
         self.last_length = None
 
     def startService(self):
@@ -205,6 +212,20 @@ class SidekiqSink(Service):
     def filter_new(self, account_id, mailbox, epoch, ids):
         return redisbatch.filter_new(self._redis, account_id, mailbox, epoch, ids,
                                      self.min_replicas, self.replica_timeout)
+
+    def identities(self, account_id, mailbox, epoch, ids):
+        return identity.stored(self._redis, account_id, mailbox, epoch, ids)
+
+    def recognise(self, account_id, mailbox, epoch, identities):
+        then = None
+        if self.min_replicas:
+            def then(proto, reply):
+                if not reply:
+                    return defer.succeed(reply)
+                return redisbatch.wait_for_replicas(
+                    proto, self.min_replicas, self.replica_timeout).addCallback(lambda _: reply)
+        return identity.recognise(self._recognise, account_id, mailbox, epoch, identities,
+                                  then=then)
 
     def backlog(self):
         """The queue's length now (the jobs Sidekiq has not taken)."""
@@ -228,11 +249,13 @@ class SidekiqSink(Service):
         confirmed, new, error = [], [], None
         now = self._reactor.seconds()
         for (account, mailbox, epoch), group in groups.items():
-            args = [self._options["queue"].encode("utf-8")]
+            args = [self._options["queue"].encode("utf-8"), epoch.encode("utf-8")]
             for m in group:
-                args += [m.id.encode("utf-8"), job_json(m, self._options, now)]
+                args += [m.id.encode("utf-8"), m.identity.encode("utf-8"),
+                         job_json(m, self._options, now)]
             script_keys = [self.queues_key, self.queue_key,
-                           keys.dedupe(account, mailbox, epoch), keys.account(account)]
+                           keys.dedupe(account, mailbox, epoch), keys.account(account),
+                           *keys.identities(account, mailbox)]
             then = None
             if self.min_replicas:
                 def then(proto, reply):

@@ -20,13 +20,13 @@ from zope.interface import implementer
 
 from fido_tx.interfaces import IBacklog, ISink
 from fido_tx.redis import keys
-from fido_tx.sinks.redisbatch import RedisBatchSink, batch_script
+from fido_tx.sinks.redisbatch import FRAME, RedisBatchSink, batch_script
 
 KIND = "stream"
 OPTIONS = {"stream": keys.DEFAULT_STREAM}
 
-#: values per message in the script's ARGV: set index, id, 20 field values
-_STRIDE = 22
+#: values per message in the script's ARGV: the frame, 20 field values
+_STRIDE = FRAME + 20
 
 
 def entry_fields(m):
@@ -35,7 +35,7 @@ def entry_fields(m):
         b"account", m.account.encode("utf-8"),
         b"mailbox", m.mailbox.encode("utf-8"),
         b"uidvalidity", m.epoch.encode("utf-8"),
-        b"uid", m.id.encode("utf-8"),
+        b"uid", m.uid.encode("utf-8"),
         b"message_id", m.message_id.encode("utf-8", "surrogateescape"),
         b"size", str(len(m.raw)).encode("ascii"),
         b"fetched_at", m.fetched_at.encode("ascii"),
@@ -51,7 +51,8 @@ class StreamSink(RedisBatchSink):
     STRIDE = _STRIDE
     LENGTH = "XLEN"
     SOURCE = batch_script(
-        _STRIDE, "redis.call('XADD', target, '*', unpack(ARGV, i + 2, i + %d))" % (_STRIDE - 1),
+        _STRIDE,
+        "redis.call('XADD', target, '*', unpack(ARGV, i + %d, i + %d))" % (FRAME, _STRIDE - 1),
         "XLEN",
     )
 

@@ -23,9 +23,11 @@ text/plain``), but counting only a 2xx answer as delivered.
   state change is reported once, as every kind is.
 * Exactly once: ids already in the dedupe set
   (``fido:uids:{<account>}:<epoch>:<mailbox>``, shared with the Redis sinks)
-  are confirmed without a POST; after a 2xx the id is added to the set
-  *before* it is confirmed, so a crash in between repeats at most that one
-  POST, with the same ``Idempotency-Key``.
+  are confirmed without a POST, and so are messages whose identity was
+  stored before under another key (:mod:`fido_tx.sinks.identity`); after a
+  2xx the id is added to the set (with its identity) *before* it is
+  confirmed, so a crash in between repeats at most that one POST, with the
+  same ``Idempotency-Key``.
 * At most ``concurrency`` requests of this delivery run at once, each under a
   deadline of ``timeout`` seconds over the whole exchange (connect, headers
   and body), on the delivery's own persistent connection pool: an
@@ -48,7 +50,7 @@ from fido_tx import errors
 from fido_tx.httpclient import parse_retry_after
 from fido_tx.interfaces import ISink
 from fido_tx.redis import keys
-from fido_tx.sinks import jwt, redisbatch
+from fido_tx.sinks import identity, jwt, redisbatch
 from fido_tx.sinks.message import Delivery
 from fido_tx.sinks.options import one_of, read_secret_file, resolve_path, typed
 
@@ -71,10 +73,37 @@ OPTIONS = {
 
 AUTH_KINDS = ("gitlab-jwt", "bearer", "basic", "none")
 
-#: after the 2xx answers: the ids into the dedupe set (KEYS[1]) and the new
-#: ones counted into the account hash's fetched_total (KEYS[2])
-RECORD_LUA = """
-local new = redis.call('SADD', KEYS[1], unpack(ARGV))
+#: before the POSTs: KEYS = the dedupe set, the identity hash and list;
+#: ARGV = the epoch, then (id, identity) pairs.  Returns the ids to POST: not
+#: in the set and of an identity not stored before (those are recorded under
+#: their new key now, and confirmed without a POST).
+FRESH_LUA = identity.LUA + """
+local fresh = {}
+for i = 2, #ARGV, 2 do
+  if redis.call('SISMEMBER', KEYS[1], ARGV[i]) == 0 then
+    if fido_known(KEYS[2], ARGV[i + 1]) then
+      redis.call('SADD', KEYS[1], ARGV[i])
+      fido_remember(KEYS[2], KEYS[3], ARGV[1] .. ':' .. ARGV[i], ARGV[i + 1])
+    else
+      fresh[#fresh + 1] = ARGV[i]
+    end
+  end
+end
+return fresh
+"""
+
+#: after the 2xx answers: KEYS = the dedupe set, the account hash, the
+#: identity hash and list; ARGV = the epoch, then (id, identity) pairs: the
+#: ids into the set with their identities, the new ones counted into the
+#: account hash's fetched_total
+RECORD_LUA = identity.LUA + """
+local new = 0
+for i = 2, #ARGV, 2 do
+  if redis.call('SADD', KEYS[1], ARGV[i]) == 1 then
+    new = new + 1
+    fido_remember(KEYS[3], KEYS[4], ARGV[1] .. ':' .. ARGV[i], ARGV[i + 1])
+  end
+end
 if new > 0 then
   redis.call('HINCRBY', KEYS[2], 'fetched_total', new)
 end
@@ -271,6 +300,8 @@ class WebhookSink(Service):
         self._reactor = reactor
         self._redis = redis
         self._record = redis.script(RECORD_LUA) if redis is not None else None
+        self._fresh = redis.script(FRESH_LUA) if redis is not None else None
+        self._recognise = redis.script(identity.RECOGNISE_LUA) if redis is not None else None
         self._dry_run = dry_run
         self._log = log or _log
         self._auth = _Auth(options, reactor)
@@ -295,6 +326,23 @@ class WebhookSink(Service):
         # POST with the same Idempotency-Key, never a message
         return redisbatch.filter_new(self._redis, account_id, mailbox, epoch, ids)
 
+    def identities(self, account_id, mailbox, epoch, ids):
+        return identity.stored(self._redis, account_id, mailbox, epoch, ids)
+
+    def recognise(self, account_id, mailbox, epoch, identities):
+        return identity.recognise(self._recognise, account_id, mailbox, epoch, identities)
+
+    def _not_delivered(self, account, mailbox, epoch, group):
+        """The ids of ``group`` to POST (see :data:`FRESH_LUA`)."""
+        args = [epoch.encode("utf-8")]
+        for m in group:
+            args += [m.id.encode("utf-8"), m.identity.encode("utf-8")]
+        d = self._fresh.run([keys.dedupe(account, mailbox, epoch),
+                             *keys.identities(account, mailbox)], args,
+                            what=f"dedupe check of {len(group)} messages")
+        return d.addCallback(lambda ids: [i.decode("utf-8") if isinstance(i, bytes) else i
+                                          for i in ids or ()])
+
     def deliver(self, messages):
         messages = list(messages)
         if not messages:
@@ -313,7 +361,7 @@ class WebhookSink(Service):
         confirmed, new, rejected, errs = [], [], [], []
         for (account, mailbox, epoch), group in groups.items():
             try:
-                fresh = await self.filter_new(account, mailbox, epoch, [m.id for m in group])
+                fresh = await self._not_delivered(account, mailbox, epoch, group)
             except errors.FidoError as e:
                 errs.append(e)
                 continue
@@ -337,9 +385,14 @@ class WebhookSink(Service):
                 else:
                     errs.append(verdict)
             if done:
+                identities = {m.id: m.identity for m in todo}
+                args = [epoch.encode("utf-8")]
+                for i in done:
+                    args += [i.encode("utf-8"), identities[i].encode("utf-8")]
                 try:
                     await self._record.run(
-                        [keys.dedupe(account, mailbox, epoch), keys.account(account)], done,
+                        [keys.dedupe(account, mailbox, epoch), keys.account(account),
+                         *keys.identities(account, mailbox)], args,
                         what=f"record of {len(done)} webhook deliveries")
                 except errors.FidoError as e:
                     errs.append(e)

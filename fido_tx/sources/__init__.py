@@ -53,6 +53,10 @@ class SourceContext:
     #: Graph: the shared :class:`~fido_tx.sources.graph.GraphShared` (HTTP pool,
     #: per-mailbox gates, the Redis connection for delta links)
     graph: object = None
+    #: IMAP: the :class:`~fido_tx.sources.imap.identity.Epochs` (the
+    #: UIDVALIDITY each mailbox was last polled in; ``None``: unknown, so
+    #: every poll checks new UIDs against the messages stored before)
+    epochs: object = None
     #: IMAP: the :class:`~fido_tx.interfaces.IMailboxPositions` of accounts with
     #: ``select = "new"`` or ``start_from = "now"`` (``None``: only a dry run
     #: may poll those)

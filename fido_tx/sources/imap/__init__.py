@@ -21,4 +21,5 @@ def build(account, ctx, handle=None):
         connector=ctx.connector if ctx.connector is not None else Connector(ctx.reactor),
         credentials_factory=ctx.credentials, dry_run=ctx.dry_run, log=ctx.log, budget=ctx.budget,
         pacer=ctx.pacer, debug=ctx.debug, handle=handle, positions=ctx.positions,
+        epochs=ctx.epochs,
     )

@@ -183,7 +183,8 @@ class HeldImap:
         started = ctx.reactor.seconds()
         step = StepLog(self.log, account.id, new_session_id(), ctx.debug)
         p = HeldMailboxPoll(info, conn, account, ctx.sink, ctx.settings, step,
-                            budget=ctx.budget, dry_run=ctx.dry_run, positions=ctx.positions)
+                            budget=ctx.budget, dry_run=ctx.dry_run, positions=ctx.positions,
+                            epochs=ctx.epochs)
         error = None
         try:
             await p.run()

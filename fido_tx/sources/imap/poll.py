@@ -9,7 +9,9 @@ confirmed, flag what it rejected.
 The order guarantees "never lose a message": a UID is marked (seen,
 deleted, moved) only after the sink has confirmed it.  UIDs the sink already
 holds (a crash between delivery and marking) are marked without being
-fetched again.
+fetched again, once the server is seen to hold there what was stored (a
+reused UID is stored as new: :mod:`fido_tx.sources.imap.identity`, which
+also recognises messages stored before under another UIDVALIDITY).
 
 Search: ``UID SEARCH UNSEEN UNKEYWORD <too_large_keyword> UNKEYWORD
 <rejected_keyword>`` for each keyword the mailbox can hold (``\\*`` or the
@@ -30,7 +32,9 @@ from twisted.logger import Logger
 from fido_tx import errors
 from fido_tx.errors import FidoError
 from fido_tx.sinks.message import Message
+from fido_tx.sources.imap import identity, marking
 from fido_tx.sources.imap.client import FidoIMAP4Client, ImapCommandError
+from fido_tx.sources.imap.marking import SIZE_CHUNK, command_error
 from fido_tx.sources.imap.parse import (
     SelectInfo,
     _show,
@@ -42,21 +46,10 @@ from fido_tx.sources.imap.parse import (
 )
 from fido_tx.sources.imap.select import Selection, search_handler
 
-#: UIDs per ``UID FETCH (RFC822.SIZE)`` and per marking command
-SIZE_CHUNK = 1000
-
 __all__ = ["MailboxPoll", "SIZE_CHUNK", "command_error"]
 
 _log = Logger()
 _ABSENT = object()
-
-
-def command_error(exc, kind_for_no=errors.MAILBOX, doing=""):
-    if isinstance(exc, ImapCommandError):
-        kind = kind_for_no if exc.status == b"NO" else errors.PROTOCOL
-        return FidoError(kind, f"{doing or exc.command} failed: {exc.status.decode()} "
-                               f"{_show(exc.text)}")
-    return exc
 
 
 def _shielded(d):
@@ -109,7 +102,7 @@ class MailboxPoll:
     status_allowed = True
 
     def __init__(self, connection, account, sink, settings, step, budget=None,
-                 dry_run=False, mailbox=None, positions=None):
+                 dry_run=False, mailbox=None, positions=None, epochs=None):
         self.conn = connection
         self.account = account
         self.sink = sink
@@ -118,6 +111,9 @@ class MailboxPoll:
         self.budget = budget
         self.dry_run = dry_run
         self.mailbox = mailbox if mailbox is not None else account.mailbox
+        #: :class:`~fido_tx.sources.imap.identity.Epochs` (``None``: no
+        #: check of new UIDs before their bodies: see identity.sizes)
+        self.epochs = epochs
         # the connection's command, not a bound method: no cycle to the poll
         self.selection = Selection(account, self.mailbox, connection.command, positions,
                                    dry_run, settings.max_search_uids, step)
@@ -126,6 +122,8 @@ class MailboxPoll:
         self.marked = 0
         self.too_large = []
         self.rejected = []
+        #: UIDs delivered under another id than their own: reused UIDs
+        self.aliases = {}
 
     def command(self, name, args=None, **kw):
         return self.conn.proto.command(name, args, **kw)
@@ -144,25 +142,39 @@ class MailboxPoll:
         if uids:
             await self.take(info, uids)
         await selection.finish(uids)
+        self.seen(str(info.uidvalidity))
 
     async def take(self, info, uids):
-        """Ask the sink which of ``uids`` are new, mark the others, fetch the new."""
+        """Ask the sink which of ``uids`` are new, mark the others (once
+        the server still holds what was stored there), fetch the new."""
         epoch = str(info.uidvalidity)
         ids = await sink_call(self.sink.filter_new, self.account.id, self.mailbox, epoch,
                               [str(u) for u in uids])
         new_set = {int(i) for i in ids}
         already = [u for u in uids if u not in new_set]
         new = [u for u in uids if u in new_set]
-        if already:
-            self.step("{n} messages already stored, marking them", n=len(already))
+        reuse = identity.Reuse(same=tuple(already))
+        if already and not self.dry_run:
+            reuse = await identity.check_stored(self, epoch, already, sink_call)
+            self.aliases = reuse.fetch
+        if reuse.same:
+            self.step("{n} messages already stored, marking them", n=len(reuse.same))
             if not self.dry_run:
-                await self.mark(already)
-                self.marked += len(already)
-        if new:
-            await self.fetch_new(info, new)
+                await self.mark(list(reuse.same))
+                self.marked += len(reuse.same)
+        if new or reuse.fetch:
+            await self.fetch_new(info, sorted(new + list(reuse.fetch)))
+        if reuse.reports:
+            raise FidoError(errors.PROTOCOL, reuse.error_text(self.mailbox))
+
+    def seen(self, epoch):
+        """This poll went through ``epoch``: later ones skip the check of
+        new UIDs against messages stored before (identity.sizes)."""
+        if self.epochs is not None and not self.dry_run:
+            self.epochs.seen(self.account.id, self.mailbox, epoch)
 
     async def fetch_new(self, info, new):
-        sizes = await self.sizes(new)
+        sizes, new = await identity.sizes(self, str(info.uidvalidity), new, sink_call)
         fetchable = await self.leave_too_large(info, new, sizes)
         if self.dry_run:
             self.fetched = len(fetchable)
@@ -332,76 +344,39 @@ class MailboxPoll:
             bodies.clear()
             raise FidoError(errors.PROTOCOL, "the server's UID FETCH answer did not carry what "
                                              "was asked: " + "; ".join(wrong[:5]))
-        account, mailbox = self.account.id, self.mailbox
-        messages = [
-            Message(account, mailbox, epoch, str(uid), bodies[uid],
-                    message_id=extract_message_id(bodies[uid]), source="imap")
-            for uid in batch if uid in bodies
-        ]
+        messages = [self.message(epoch, uid, bodies[uid], sizes[uid])
+                    for uid in batch if uid in bodies]
         bodies.clear()
         if not messages:
             return None
         self.step("storing {n} messages", n=len(messages))
         delivery = await sink_call(self.sink.deliver, messages)
         sizes = {m.id: m.size for m in messages}
+        uid_of = {m.id: int(m.id.partition("~")[0]) for m in messages}
         del messages
         if grant is not None:
             grant.release()  # the bodies are delivered and dropped: the budget is free
-        confirmed = [int(i) for i in delivery.confirmed if i in sizes]
+        confirmed = [i for i in delivery.confirmed if i in sizes]
         self.fetched += len(confirmed)
-        self.bytes += sum(sizes[str(u)] for u in confirmed)
-        self.rejected.extend(int(i) for i in delivery.rejected if i in sizes)
+        self.bytes += sum(sizes[i] for i in confirmed)
+        self.rejected.extend(uid_of[i] for i in delivery.rejected if i in sizes)
+        confirmed = [uid_of[i] for i in confirmed]
         if confirmed:
             await self.mark(confirmed)
             self.marked += len(confirmed)
         return delivery.error
 
-    # -- marking -----------------------------------------------------------------
+    def message(self, epoch, uid, raw, size):
+        """The Message of ``raw`` at ``uid`` (RFC822.SIZE ``size``)."""
+        message_id = extract_message_id(raw)
+        return Message(self.account.id, self.mailbox, epoch, self.aliases.get(uid) or str(uid),
+                       raw, message_id=message_id, source="imap",
+                       identity=identity.of(size, message_id, raw))
+
+    # -- marking (fido_tx.sources.imap.marking) ---------------------------------
 
     async def store_flags(self, uids, flag):
-        for i in range(0, len(uids), SIZE_CHUNK):
-            chunk = uids[i:i + SIZE_CHUNK]
-            try:
-                await self.command(
-                    b"UID", b"STORE " + uid_set(chunk) + b" +FLAGS.SILENT (" + flag + b")")
-            except ImapCommandError as e:
-                raise command_error(e, errors.MAILBOX, "UID STORE")
-
-    async def expunge(self, uids):
-        try:
-            if b"UIDPLUS" in self.conn.caps:
-                await self.command(b"UID", b"EXPUNGE " + uid_set(uids))
-            else:
-                await self.command(b"EXPUNGE")
-        except ImapCommandError as e:
-            raise command_error(e, errors.MAILBOX, "EXPUNGE")
+        await marking.store_flags(self, uids, flag)
 
     async def mark(self, uids):
-        for i in range(0, len(uids), SIZE_CHUNK):
-            await self.mark_chunk(uids[i:i + SIZE_CHUNK])
-
-    async def mark_chunk(self, uids):
-        action = self.account.after_fetch
-        target = self.account.move_target
-        if action == "seen":
-            await self.store_flags(uids, b"\\Seen")
-        elif action == "delete":
-            await self.store_flags(uids, b"\\Deleted")
-            await self.expunge(uids)
-        elif target is not None:
-            await self.move(uids, target)
-        else:
-            raise FidoError(errors.CONFIG, f"unknown after_fetch {action!r}")
-        self.step("marked {n} messages ({action})", n=len(uids), action=action)
-
-    async def move(self, uids, target):
-        folder = mailbox_name(target)
-        try:
-            if b"MOVE" in self.conn.caps:
-                await self.command(b"UID", b"MOVE " + uid_set(uids) + b" " + folder)
-                return
-            await self.command(b"UID", b"COPY " + uid_set(uids) + b" " + folder)
-        except ImapCommandError as e:
-            raise command_error(e, errors.MAILBOX, f"moving messages to {target!r}")
-        await self.store_flags(uids, b"\\Deleted")
-        await self.expunge(uids)
+        await marking.mark(self, uids)

@@ -89,7 +89,8 @@ class StepLog:
 
 
 def fetch_mailbox(reactor, account, sink, settings, dry_run=False, log=None, budget=None,
-                  pacer=None, debug=True, connector=None, credentials=None, positions=None):
+                  pacer=None, debug=True, connector=None, credentials=None, positions=None,
+                  epochs=None):
     """Run one session on ``account``'s mailbox.
 
     :param reactor: IReactorTCP, IReactorTime and
@@ -113,11 +114,14 @@ def fetch_mailbox(reactor, account, sink, settings, dry_run=False, log=None, bud
         (by default :func:`fido_tx.credentials.for_account`).
     :param positions: the :class:`~fido_tx.interfaces.IMailboxPositions` an
         account with ``select = "new"`` or ``start_from = "now"`` needs.
+    :param epochs: the :class:`~fido_tx.sources.imap.identity.Epochs` of
+        the polls before (see :func:`fido_tx.sources.imap.identity.sizes`).
     :return: Deferred firing with a :class:`SessionResult`.
     """
     return ImapSession(reactor, account, sink, settings, connector=connector,
                        credentials=credentials, dry_run=dry_run, log=log, budget=budget,
-                       pacer=pacer, debug=debug, positions=positions).poll()
+                       pacer=pacer, debug=debug, positions=positions,
+                       epochs=epochs).poll()
 
 
 @implementer(ISource)
@@ -126,7 +130,7 @@ class ImapSession:
 
     def __init__(self, reactor, account, sink, settings, connector=None, credentials=None,
                  dry_run=False, log=None, budget=None, pacer=None, debug=True,
-                 credentials_factory=None, handle=None, positions=None):
+                 credentials_factory=None, handle=None, positions=None, epochs=None):
         self.reactor = reactor
         self.account = account
         self.sink = sink
@@ -142,6 +146,8 @@ class ImapSession:
         #: the scheduler's SessionHandle (IDLE releases its slot through it)
         self.handle = handle
         self.positions = positions
+        #: the daemon's :class:`~fido_tx.sources.imap.identity.Epochs`, or None
+        self.epochs = epochs
         self.session_id = new_session_id()
         self.step = StepLog(self.log, account.id, self.session_id, debug)
         #: why the session was stopped (``None`` while it was not)
@@ -240,7 +246,7 @@ class ImapSession:
         conn = await self.login.run()
         self.mailbox_poll = MailboxPoll(conn, self.account, self.sink, self.settings,
                                         self.step, budget=self.budget, dry_run=self.dry_run,
-                                        positions=self.positions)
+                                        positions=self.positions, epochs=self.epochs)
         await self.mailbox_poll.run()
         if self.dry_run:
             p = self.mailbox_poll

@@ -1,0 +1,116 @@
+"""What each stored message was, kept beside the dedupe record: the Lua the
+Redis sinks share to recognise a message by its content.
+
+A :class:`~fido_tx.sinks.message.Message` may carry an ``identity`` (the IMAP
+source sets one: :mod:`fido_tx.sources.imap.identity`; Graph's immutable ids
+need none).  Every sink that deduplicates records it in the same Lua step as
+the dedupe record, in the hash ``fido:ident:{<account>}:<mailbox>``:
+
+``u:<epoch>:<id>`` -> identity
+    what was stored under that key: before marking a UID found already
+    stored, the IMAP session compares it with what the server holds there
+    now (a server that reused the UID holds another message).
+``i:<identity>`` -> ``<epoch>:<id>``
+    where it was stored last: a message whose key is new but whose identity
+    is here (the mailbox's UIDVALIDITY changed, or the server renumbered it)
+    is recorded under its new key and confirmed, not written again.
+
+Bounded: the list ``fido:identq:{<account>}:<mailbox>`` holds the keys in
+the order stored; beyond :data:`KEEP` per mailbox the oldest leaves both
+(its ``i:`` field only when it still points there).  A message older than
+that is recognised by its key only, as before identities existed.
+A key without an identity recorded (stored before this existed, or
+evicted) counts as "the same message": an upgrade delivers nothing again.
+"""
+
+from twisted.internet import defer
+
+from fido_tx.redis import keys
+
+#: messages per (account, mailbox) whose identity is kept, the most recent:
+#: about 215 bytes of Redis memory each (bench/identity_memory.py), so at
+#: most ~2.1 MiB per mailbox; the dedupe set costs ~48 bytes per message
+KEEP = 10_000
+
+#: Lua functions for a sink's script.  ``fido_known(ikey, identity)``: was a
+#: message of that identity stored from this mailbox?  ``fido_remember(ikey,
+#: qkey, loc, identity)``: record it as stored at ``loc`` (``epoch:id``).
+#: An empty identity (a Graph message) does nothing.
+LUA = """
+local function fido_known(ikey, identity)
+  if identity == '' then return false end
+  return redis.call('HEXISTS', ikey, 'i:' .. identity) == 1
+end
+local function fido_remember(ikey, qkey, loc, identity)
+  if identity == '' then return end
+  redis.call('HSET', ikey, 'u:' .. loc, identity, 'i:' .. identity, loc)
+  if redis.call('LPUSH', qkey, loc) > %d then
+    local old = redis.call('RPOP', qkey)
+    local was = redis.call('HGET', ikey, 'u:' .. old)
+    redis.call('HDEL', ikey, 'u:' .. old)
+    if was and redis.call('HGET', ikey, 'i:' .. was) == old then
+      redis.call('HDEL', ikey, 'i:' .. was)
+    end
+  end
+end
+""" % KEEP
+
+
+#: KEYS = a dedupe set, the identity hash and list; ARGV = the epoch, then
+#: (id, identity) pairs.  Records the ids whose identity was stored before
+#: (under another key) and returns them; the others are left alone.
+RECOGNISE_LUA = LUA + """
+local found = {}
+for i = 2, #ARGV, 2 do
+  if fido_known(KEYS[2], ARGV[i + 1]) and redis.call('SISMEMBER', KEYS[1], ARGV[i]) == 0 then
+    redis.call('SADD', KEYS[1], ARGV[i])
+    fido_remember(KEYS[2], KEYS[3], ARGV[1] .. ':' .. ARGV[i], ARGV[i + 1])
+    found[#found + 1] = ARGV[i]
+  end
+end
+return found
+"""
+
+
+def lua(keep=KEEP):
+    """:data:`LUA` with another bound (tests)."""
+    return LUA.replace(" > %d then" % KEEP, " > %d then" % keep)
+
+
+def location(message):
+    """The ``<epoch>:<id>`` a message is recorded at."""
+    return f"{message.epoch}:{message.id}"
+
+
+def _text(value):
+    if value is None:
+        return ""
+    return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else str(value)
+
+
+def recognise(script, account_id, mailbox, epoch, identities, then=None):
+    """Run :data:`RECOGNISE_LUA` (``script``, registered on the sink's
+    connection) for ``identities`` (``{id: identity}``): Deferred, the ids
+    recognised (and now recorded under their new key).  ``then`` as for
+    :meth:`~fido_tx.redis.connection.Script.run` (a WAIT for replicas)."""
+    pairs = [(i, ident) for i, ident in identities.items() if ident]
+    if not pairs:
+        return defer.succeed([])
+    args = [epoch.encode("utf-8")]
+    for i, ident in pairs:
+        args += [i.encode("utf-8"), ident.encode("utf-8")]
+    d = script.run([keys.dedupe(account_id, mailbox, epoch),
+                    *keys.identities(account_id, mailbox)], args,
+                   what=f"identity check of {len(pairs)} messages", then=then)
+    return d.addCallback(lambda ids: [_text(i) for i in ids or ()])
+
+
+def stored(connection, account_id, mailbox, epoch, ids):
+    """Deferred: the identity recorded for each of ``ids`` (``""`` where
+    none is), in order: one ``HMGET``."""
+    ids = list(ids)
+    if not ids:
+        return defer.succeed([])
+    ikey, _ = keys.identities(account_id, mailbox)
+    d = connection.execute(b"HMGET", ikey, *[f"u:{epoch}:{i}".encode("utf-8") for i in ids])
+    return d.addCallback(lambda values: [_text(v) for v in values])
