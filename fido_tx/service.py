@@ -452,7 +452,8 @@ def _status_parts(top, reactor, settings, redis, account_state):
     gate = restore_mod.RestoreGate(
         reactor, status, history.AccountStateReader(redis.execute), connected=False
     )
-    sessions = history.SessionLog(reactor, redis.execute, keep=settings.http.recent_sessions)
+    sessions = history.SessionLog(reactor, redis.execute, keep=settings.http.recent_sessions,
+                                  script=redis.script)
     return reporter, metrics, status, gate, sessions
 
 

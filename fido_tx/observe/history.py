@@ -146,11 +146,14 @@ return 1
 class SessionLog:
     """The recent sessions of each account, bounded, in Redis."""
 
-    def __init__(self, clock, execute, keep=KEEP_SESSIONS, ttl=SESSIONS_TTL):
+    def __init__(self, clock, execute, keep=KEEP_SESSIONS, ttl=SESSIONS_TTL, script=None):
         self._clock = clock
         self._execute = execute
         self.keep = keep
         self.ttl = ttl
+        # with a connection's ``script`` the entry goes by EVALSHA (loaded on
+        # every new connection), not the script's text at every session
+        self._script = script(_RECORD) if script is not None else None
 
     def record(self, account, result):
         """The scheduler's result observer; dry-run sessions are not kept."""
@@ -159,9 +162,13 @@ class SessionLog:
         account_id = result.account_id or getattr(account, "id", str(account))
         key = keys.sessions(account_id)
         entry = session_entry(result, iso_utc(self._clock.seconds()), _secrets(account))
-        # one round trip (Redis caches the script by its digest): three
-        # commands a session were most of an empty poll's Redis work
-        d = self._execute("EVAL", _RECORD, 1, key, entry, self.keep - 1, int(self.ttl))
+        # one round trip: three commands a session were most of an empty
+        # poll's Redis work
+        args = (entry, self.keep - 1, int(self.ttl))
+        if self._script is not None:
+            d = self._script.run((key,), args, what="session history")
+        else:
+            d = self._execute("EVAL", _RECORD, 1, key, *args)
 
         def failed(failure):
             log.debug("{account_id}: session history not written: {error}",
