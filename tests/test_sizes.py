@@ -19,10 +19,9 @@ import fido_tx
 CLASS_LINES = 320
 FUNCTION_LINES = 70
 
-#: (path under fido_tx/, qualified name) -> the most lines it may have now
-ALLOWED = {
-    ("sources/imap/client.py", "FidoIMAP4Client"): 560,
-}
+#: (path under fido_tx/, qualified name) -> the most lines it may have now,
+#: for a class being split (empty: every class and function is within bounds)
+ALLOWED = {}
 
 PACKAGE = os.path.dirname(os.path.abspath(fido_tx.__file__))
 

@@ -58,6 +58,41 @@ class Limits:
     search_uids: int
 
 
+def make_limits(values, literal_each=None, literal_total=None, literal_caps=None):
+    """:class:`Limits` from a connection's ``max_*`` ``values`` (literal,
+    command literal, response literals, response text, untagged, untagged
+    bytes, search UIDs), the literal ones overridden when given."""
+    return Limits(
+        literal_each=values[0] if literal_each is None else literal_each,
+        literal_total=values[1] if literal_total is None else literal_total,
+        literal_caps=literal_caps,
+        response_literals=values[2],
+        response_text=values[3],
+        untagged=values[4],
+        untagged_bytes=values[5],
+        search_uids=values[6],
+    )
+
+
+#: the Limits of commands with a connection's own bounds, by those values:
+#: most commands, built once and shared by every connection with the same
+#: settings (a Limits per command was ~1% of an empty poll's profile)
+_DEFAULTS = {}
+
+
+def command_bounds(values, literal_each=None, literal_total=None, literal_caps=None, what=""):
+    """The :class:`CommandBounds` of one command (see :func:`make_limits`)."""
+    if literal_each is None and literal_total is None and literal_caps is None:
+        limits = _DEFAULTS.get(values)
+        if limits is None:
+            if len(_DEFAULTS) >= 64:  # settings changed many times: start again
+                _DEFAULTS.clear()
+            limits = _DEFAULTS[values] = make_limits(values)
+    else:
+        limits = make_limits(values, literal_each, literal_total, literal_caps)
+    return CommandBounds(limits, what)
+
+
 class CommandBounds:
     """The counters of one command; ``what`` names it in messages.
 

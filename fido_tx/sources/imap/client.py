@@ -160,37 +160,13 @@ class FidoIMAP4Client(ResponseReader, protocol.Protocol):
     BODY_SLACK_BYTES = bounds.BODY_SLACK_BYTES
     BODY_SLACK_FRACTION = bounds.BODY_SLACK_FRACTION
 
-    _default_limits = None  # (the max_* values, their Limits)
-
     def _limits(self, literal_each, literal_total, literal_caps, what=""):
         """Start the counters of a command (with its own literal bounds)."""
-        values = (self.max_literal, self.max_command_literal, self.max_response_literals,
-                  self.max_response_text, self.max_untagged, self.max_untagged_bytes,
-                  self.max_search_uids)
-        if literal_each is None and literal_total is None and literal_caps is None:
-            # most commands: the connection's own bounds, built once (a
-            # frozen Limits per command was ~1% of an empty poll's profile)
-            cached = self._default_limits
-            if cached is None or cached[0] != values:
-                cached = self._default_limits = (values, self._make_limits(values, None, None,
-                                                                           None))
-            self._bounds = bounds.CommandBounds(cached[1], what)
-            return
-        self._bounds = bounds.CommandBounds(
-            self._make_limits(values, literal_each, literal_total, literal_caps), what)
-
-    @staticmethod
-    def _make_limits(values, literal_each, literal_total, literal_caps):
-        return bounds.Limits(
-            literal_each=values[0] if literal_each is None else literal_each,
-            literal_total=values[1] if literal_total is None else literal_total,
-            literal_caps=literal_caps,
-            response_literals=values[2],
-            response_text=values[3],
-            untagged=values[4],
-            untagged_bytes=values[5],
-            search_uids=values[6],
-        )
+        self._bounds = bounds.command_bounds(
+            (self.max_literal, self.max_command_literal, self.max_response_literals,
+             self.max_response_text, self.max_untagged, self.max_untagged_bytes,
+             self.max_search_uids),
+            literal_each, literal_total, literal_caps, what)
 
     @property
     def search_ignored(self):
@@ -217,41 +193,6 @@ class FidoIMAP4Client(ResponseReader, protocol.Protocol):
 
     def debug_lines(self):
         return self._trace.lines()
-
-    # -- the in-flight byte budget pauses reading ------------------------------
-
-    #: reading is paused by the in-flight budget (see budget_pause)
-    budget_paused = False
-    _paused_deadline = False
-
-    def budget_pause(self):
-        """The in-flight budget is full: stop reading until
-        :meth:`budget_resume`.  The wait is Fido's, not the server's: the
-        command's deadline and the literal rate check stop meanwhile."""
-        if self.budget_paused or self.closed:
-            return
-        self.budget_paused = True
-        self._paused_deadline = self._deadline.armed
-        self._deadline.disarm()  # a pending timer call finds nothing to do
-        self._rate.stop()
-        # a literal announced in the read that paused must not start a check
-        self._rate.paused = True
-        self.transport.pauseProducing()
-
-    def budget_resume(self):
-        """Bytes were released: read again, with a fresh deadline and rate window."""
-        if not self.budget_paused:
-            return
-        self.budget_paused = False
-        self._rate.paused = False
-        if self.closed or self.error is not None:
-            return
-        if self._paused_deadline and self.waiting:
-            self._deadline.arm(self._deadline.seconds, self._deadline.what)
-        if not self.line_mode:
-            self._rate.stop()
-            self._rate.start(self._literal_remaining)  # a fresh window
-        self.transport.resumeProducing()
 
     def clear_trace(self):
         """Forget the traced lines: a held connection waiting in IDLE keeps

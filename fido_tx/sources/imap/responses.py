@@ -19,7 +19,7 @@ The class using it provides ``_bounds`` (a
 ``_rate`` (see :mod:`~fido_tx.sources.imap.deadline`), ``state``,
 ``waiting`` (the running command's tag) and ``_command`` (its name,
 Deferred and continuation), ``_untagged``, ``observer``, ``greeting``,
-``error`` and ``fail(error)``.
+``error``, ``closed``, ``line_mode``, ``transport`` and ``fail(error)``.
 """
 
 import re
@@ -107,6 +107,43 @@ class ResponseReader(LinearLineReader):
         self._segments.append(body)
         self._literal_remaining = 0
         self.line_mode = 1
+
+    # -- the in-flight byte budget pauses reading ---------------------------
+    # (the reader charges literal bytes to the budget's grant; a full budget
+    # stops reading here, on the transport)
+
+    #: reading is paused by the in-flight budget (see budget_pause)
+    budget_paused = False
+    _paused_deadline = False
+
+    def budget_pause(self):
+        """The in-flight budget is full: stop reading until
+        :meth:`budget_resume`.  The wait is Fido's, not the server's: the
+        command's deadline and the literal rate check stop meanwhile."""
+        if self.budget_paused or self.closed:
+            return
+        self.budget_paused = True
+        self._paused_deadline = self._deadline.armed
+        self._deadline.disarm()  # a pending timer call finds nothing to do
+        self._rate.stop()
+        # a literal announced in the read that paused must not start a check
+        self._rate.paused = True
+        self.transport.pauseProducing()
+
+    def budget_resume(self):
+        """Bytes were released: read again, with a fresh deadline and rate window."""
+        if not self.budget_paused:
+            return
+        self.budget_paused = False
+        self._rate.paused = False
+        if self.closed or self.error is not None:
+            return
+        if self._paused_deadline and self.waiting:
+            self._deadline.arm(self._deadline.seconds, self._deadline.what)
+        if not self.line_mode:
+            self._rate.stop()
+            self._rate.start(self._literal_remaining)  # a fresh window
+        self.transport.resumeProducing()
 
     def _dispatch(self, segments):
         first = segments[0]
