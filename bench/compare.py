@@ -200,14 +200,16 @@ def _run_fido(ctx, workers, accounts, expected, code=None):
                 stalls_over_100ms=stall.get("over_100ms"))
 
 
-def run_procs(ctx, workers, accounts, expected):
+def _run_peer(ctx, script, args, count):
+    """Run one of the peers (``baseline.py``, ``rawasync.py``) to its end:
+    its rusage, peak RSS, the server's CPU and what it stored (``count``)."""
     r = ctx.redis.client()
     s0 = server_cpu(ctx)
     start = time.monotonic()
-    out = open(os.path.join(ctx.workdir, "baseline.out"), "ab")
+    out = open(os.path.join(ctx.workdir, script.replace(".py", ".out")), "ab")
     proc = subprocess.Popen(
-        [sys.executable, os.path.join(HERE, "baseline.py"), "--accounts", ctx.accounts_path,
-         "--workers", str(workers), "--redis-url", ctx.redis.url, "--list", BASELINE_LIST],
+        [sys.executable, os.path.join(HERE, script), "--accounts", ctx.accounts_path,
+         "--redis-url", ctx.redis.url] + args,
         stdout=out, stderr=subprocess.STDOUT)
     sampler = Sampler(proc.pid)
     sampler.start()
@@ -217,35 +219,21 @@ def run_procs(ctx, workers, accounts, expected):
     out.close()
     peak = sampler.stop()
     server = server_cpu(ctx) - s0
-    stored = r("LLEN", BASELINE_LIST)
+    stored = r(*count)
     return dict(wall_s=wall, cpu_s=usage.ru_utime + usage.ru_stime, cpu_sys_s=usage.ru_stime,
                 peak_rss_mib=peak / 2**20,
                 server_cpu_s=server, stored=stored, errors=1 if proc.returncode else 0,
                 stall_max_ms=None, gc_max_ms=None, stalls_over_100ms=None)
+
+
+def run_procs(ctx, workers, accounts, expected):
+    return _run_peer(ctx, "baseline.py", ["--workers", str(workers), "--list", BASELINE_LIST],
+                     ("LLEN", BASELINE_LIST))
 
 
 def run_raw(ctx, workers, accounts, expected):
-    r = ctx.redis.client()
-    s0 = server_cpu(ctx)
-    start = time.monotonic()
-    out = open(os.path.join(ctx.workdir, "rawasync.out"), "ab")
-    proc = subprocess.Popen(
-        [sys.executable, os.path.join(HERE, "rawasync.py"), "--accounts", ctx.accounts_path,
-         "--connections", str(workers), "--redis-url", ctx.redis.url, "--stream", STREAM],
-        stdout=out, stderr=subprocess.STDOUT)
-    sampler = Sampler(proc.pid)
-    sampler.start()
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.monotonic() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    out.close()
-    peak = sampler.stop()
-    server = server_cpu(ctx) - s0
-    stored = r("XLEN", STREAM)
-    return dict(wall_s=wall, cpu_s=usage.ru_utime + usage.ru_stime, cpu_sys_s=usage.ru_stime,
-                peak_rss_mib=peak / 2**20,
-                server_cpu_s=server, stored=stored, errors=1 if proc.returncode else 0,
-                stall_max_ms=None, gc_max_ms=None, stalls_over_100ms=None)
+    return _run_peer(ctx, "rawasync.py", ["--connections", str(workers), "--stream", STREAM],
+                     ("XLEN", STREAM))
 
 
 def startup_cpu(ctx, fetcher, workers):
