@@ -631,14 +631,16 @@ def _debug_texts(events):
     return [formatEvent(e) for e in events]
 
 
+@pytest.mark.parametrize("security", ["tls", "starttls"])
 @pytest_twisted.inlineCallbacks
-def test_tls_session_is_resumed_by_the_next_session_to_the_same_server(tls_server, pki):
+def test_tls_session_is_resumed_by_the_next_session_to_the_same_server(tls_server, pki,
+                                                                       security):
     from twisted.internet import reactor
     from twisted.logger import Logger
 
     box = FakeMailbox()
-    srv = tls_server({"INBOX": box})
-    acct = account(srv.port, host="localhost", security="tls", ca_file=pki[0])
+    srv = tls_server({"INBOX": box}, implicit=security == "tls")
+    acct = account(srv.port, host="localhost", security=security, ca_file=pki[0])
     connector = Connector(reactor)
     runs = []
     for n in range(2):

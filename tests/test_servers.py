@@ -254,8 +254,13 @@ def test_move_to_a_missing_folder_stores_once_and_reports_mailbox(server, redis,
 #: servers differ: Cyrus builds a new TLS context (a new ticket key) on
 #: every STARTTLS, and its implicit-TLS resumption depends on which imapd
 #: process takes the connection; Courier's couriertls resumes neither.
+#: Dovecot over STARTTLS resumes in most runs, but in some none of seven
+#: sessions resumes (seen in CI and alone, with one imap-login process as
+#: with four; the cause is not found): not asserted here.  That Fido offers
+#: its session over STARTTLS is asserted against the loopback server in
+#: tests/test_imap.py (test_tls_session_is_resumed_by_the_next_session...).
 RESUMES = {
-    "dovecot": {"tls": True, "starttls": True},
+    "dovecot": {"tls": True, "starttls": None},
     "cyrus": {"tls": None, "starttls": False},
     "courier": {"tls": False, "starttls": False},
 }
