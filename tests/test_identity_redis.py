@@ -6,7 +6,6 @@ under another key, answers ``identities`` and ``recognise``, and leaves a
 dedupe record of before the upgrade alone.  The bound (``KEEP``) evicts the
 oldest."""
 
-import attr
 import pytest
 import pytest_twisted
 
@@ -23,16 +22,6 @@ def _reactor():
     from twisted.internet import reactor
 
     return reactor
-
-
-@attr.s(frozen=True, auto_attribs=True)
-class Ctx:
-    reactor: object
-    redis: object
-    dry_run: bool = False
-    log: object = None
-    min_replicas: int = 0
-    replica_timeout: float = 5.0
 
 
 @pytest.fixture
@@ -61,7 +50,7 @@ def build(kind, conn, tmp_path, endpoint):
     if kind == "webhook":
         secret_file(tmp_path)
         options = {"url": endpoint.url(), "auth": "gitlab-jwt", "secret_file": "secret"}
-    sink = module.build("t", module.validate(options, str(tmp_path)), Ctx(_reactor(), conn))
+    sink = module.build("t", module.validate(options, str(tmp_path)), sinks.SinkContext(reactor=_reactor(), redis=conn))
     if kind == "webhook":
         sink.startService()
     return sink
@@ -128,7 +117,7 @@ async def test_an_upgrade_keeps_the_old_dedupe_records_and_delivers_nothing_agai
     r = redis.client()
     r("SADD", keys.dedupe("acme", "INBOX", "7"), "1", "2")  # written before identities
     sink = sinks.module("stream").build("t", {"stream": keys.DEFAULT_STREAM},
-                                        Ctx(_reactor(), conn))
+                                        sinks.SinkContext(reactor=_reactor(), redis=conn))
     assert await sink.filter_new("acme", "INBOX", "7", ["1", "2", "3"]) == ["3"]
     assert await sink.identities("acme", "INBOX", "7", ["1", "2"]) == ["", ""]
     d = await sink.deliver([msg(1, ident="m1"), msg(3, ident="m3")])

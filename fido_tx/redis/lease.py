@@ -24,7 +24,7 @@ Every call is one script, one round trip, whatever the number of accounts.
 
 from twisted.internet import defer
 
-from fido_tx.redis import keys
+from fido_tx.redis import keys, text
 
 CLUSTER_KEY = keys.CLUSTER
 lease_key = keys.lease
@@ -89,10 +89,6 @@ return n
 """
 
 
-def _text(value):
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
-
-
 class RedisLeases:
     """The lease calls of one instance, on the shared connection.
 
@@ -111,7 +107,7 @@ class RedisLeases:
     def members(self):
         """Announce this instance; Deferred firing with the live instance ids."""
         d = self._members.run([CLUSTER_KEY], [self.instance_id, self.ttl_ms])
-        return d.addCallback(lambda ids: sorted(_text(i) for i in ids))
+        return d.addCallback(lambda ids: sorted(text(i) for i in ids))
 
     def _each(self, script, account_ids):
         ids = list(account_ids)

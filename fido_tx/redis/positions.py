@@ -16,7 +16,7 @@ replaces it when the UIDVALIDITY changes.
 from zope.interface import implementer
 
 from fido_tx.interfaces import IMailboxPositions
-from fido_tx.redis import keys
+from fido_tx.redis import keys, text
 
 #: KEYS[1] the hash; ARGV: the epoch, the UID.  Returns 1 when written.
 ADVANCE_LUA = """
@@ -32,10 +32,6 @@ return 1
 """
 
 
-def _text(value):
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
-
-
 def newest(fields):
     """``(epoch, uid)`` of an ``HGETALL`` reply (flat list or dict), or
     ``None``; with several fields (a record written by hand) the highest
@@ -47,7 +43,7 @@ def newest(fields):
         pairs = list(zip(fields[0::2], fields[1::2]))
     found = []
     for epoch, uid in pairs:
-        epoch, uid = _text(epoch), _text(uid)
+        epoch, uid = text(epoch), text(uid)
         if uid.isdigit():
             found.append((int(epoch) if epoch.isdigit() else -1, epoch, int(uid)))
     if not found:

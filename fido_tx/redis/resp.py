@@ -9,6 +9,8 @@ library.
 import socket
 import ssl
 
+from fido_tx.redis import text
+
 SCAN_COUNT = 500
 
 
@@ -149,8 +151,3 @@ class RespConnection:
                     text(reply[j]): text(reply[j + 1]) for j in range(0, len(reply) - 1, 2)
                 }
         return out
-
-
-def text(value):
-    """A reply value as str."""
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)

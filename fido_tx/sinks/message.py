@@ -13,8 +13,6 @@ recognise a message stored before under another key, and to tell a reused
 key from the message stored under it.
 """
 
-from datetime import datetime, timezone
-
 import attr
 
 from fido_tx.timefmt import utc_now_iso

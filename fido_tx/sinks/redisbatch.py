@@ -32,7 +32,7 @@ poll finds the batch delivered and waits again.
 from twisted.internet import defer
 
 from fido_tx import errors
-from fido_tx.redis import keys
+from fido_tx.redis import keys, text
 from fido_tx.sinks import identity
 from fido_tx.sinks.message import Delivery
 
@@ -74,10 +74,6 @@ FRAME = 5
 def batch_script(stride, write, length):
     """The script of a sink with ``stride - FRAME`` values per message."""
     return (_SCRIPT % {"stride": stride, "write": write, "length": length}).encode("utf-8")
-
-
-def _text(value):
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
 def filter_new(connection, account_id, mailbox, epoch, ids, min_replicas=0,
@@ -214,7 +210,7 @@ class RedisBatchSink:
             self.last_length = int(reply[0])
             return Delivery(
                 confirmed=tuple(m.id for m in messages),
-                new=tuple(_text(i) for i in reply[1:]),
+                new=tuple(text(i) for i in reply[1:]),
             )
 
         return d.addCallback(delivered)
