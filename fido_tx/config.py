@@ -77,6 +77,10 @@ class ImapSettings:
     #: held connections: at most this many per server host name (more
     #: accounts on that host poll with fresh connections)
     max_connections_per_host: int = 1000
+    #: held connections: seconds between the shared ticks their periodic
+    #: checks are due on (rounded down: a check comes at most this much
+    #: early, with the other accounts' of that tick); 0: each its own timer
+    poll_tick: float = 1.0
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
@@ -662,6 +666,7 @@ def _section_imap(s, bad, positive, at_least, within, timeout, one_of):
         bad("imap", "idle_refresh", "must be greater than 0 and under 1740 (29 minutes: "
             f"servers end an IDLE after 30), got {i.idle_refresh!r}")
     at_least("imap", "max_connections_per_host", i.max_connections_per_host, 1)
+    within("imap", "poll_tick", i.poll_tick, 0, 60, " s")
     for key in ("connect_timeout", "greeting_timeout", "command_timeout", "logout_timeout"):
         timeout("imap", key, getattr(i, key))
     at_least("imap", "min_literal_rate", i.min_literal_rate, 0)

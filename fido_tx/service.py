@@ -493,7 +493,9 @@ def _sources(top, reactor, settings, redis, sinks, dry_run):
     from fido_tx.sources import graph as graph_mod
     from fido_tx.sources.imap.holding import HeldConnections
 
-    held = HeldConnections(settings)
+    from fido_tx.schedule.ticker import PollTicker
+
+    held = HeldConnections(settings, ticker=PollTicker(reactor, settings.imap.poll_tick))
     graph = graph_mod.GraphShared.create(
         reactor, redis=redis, settings=graph_mod.GraphSettings.from_imap(settings.imap))
     _Stoppable(lambda: (graph.close(), oauth.close_shared())).setServiceParent(top)

@@ -220,11 +220,35 @@ class HeldAccount:
         release = await self.wait_for(self.ready())
         return release if callable(release) else None
 
+    @property
+    def ticker(self):
+        """The shared :class:`~fido_tx.schedule.ticker.PollTicker` the checks
+        are due on (the pool's), or None: each account its own timer (also
+        when the grid is coarser than ``poll_interval``)."""
+        ticker = self.pool.ticker
+        if ticker is None or not 0 < ticker.quantum <= self.settings.poll_interval:
+            return None
+        return ticker
+
     def due(self):
-        """Seconds until the next check is due."""
+        """Seconds until the next check is due (on the ticker's grid: rounded
+        down to its tick, so that the checks of many accounts go out in one
+        reactor turn)."""
         if self.last_check is None:
             return 0.0
-        return self.last_check + self.settings.poll_interval - self.clock.seconds()
+        when = self.last_check + self.settings.poll_interval
+        ticker = self.ticker
+        if ticker is None:
+            return when - self.clock.seconds()
+        return ticker.until(when)
+
+    def sleep_until_check(self):
+        """Wait (interruptibly) until the next check or renewal: on the
+        ticker's tick when there is one."""
+        ticker = self.ticker
+        if ticker is None:
+            return self.sleep(self.next_wait())
+        return self.wait_for(task.deferLater(ticker, max(0.0, self.next_wait())))
 
     def next_wait(self):
         """Seconds until a check is due or the connection is to be replaced."""

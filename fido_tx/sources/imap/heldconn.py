@@ -112,11 +112,16 @@ class HeldPool:
 
     :param on_idle: called each time a connection starts to wait in IDLE
         (the daemon freezes the collector's view of settled connections).
+    :param ticker: a :class:`~fido_tx.schedule.ticker.PollTicker`: the
+        periodic checks (``poll_interval``, IDLE refresh) due on its grid.
     """
 
-    def __init__(self, max_per_host=1000, on_idle=None):
+    def __init__(self, max_per_host=1000, on_idle=None, ticker=None):
         self.max_per_host = max_per_host
         self.on_idle = on_idle
+        #: the :class:`~fido_tx.schedule.ticker.PollTicker` the held
+        #: accounts' checks are due on (None: each its own timer)
+        self.ticker = ticker
         self._hosts = {}
         #: connections logged in and held now
         self.held = 0

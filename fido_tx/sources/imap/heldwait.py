@@ -54,7 +54,10 @@ class HeldWait:
             m.pool.idle_started()
 
         refresh = min(settings.idle_refresh, m.next_wait())
-        self.idler = _idle.Idle(conn.client, m.clock, refresh, settings.command_timeout,
+        # the refresh timer on the shared tick: a check due then goes out
+        # with the other accounts' checks of that tick
+        self.idler = _idle.Idle(conn.client, m.ticker or m.clock, refresh,
+                                settings.command_timeout,
                                 exists=conn.exists, wake_on_unseen=settings.wake_on_unseen,
                                 on_idling=on_idling)
         try:
@@ -88,7 +91,7 @@ class HeldWait:
         unsolicited EXISTS cuts it short)."""
         m = self.machine
         try:
-            await m.sleep(m.next_wait())
+            await m.sleep_until_check()
         except defer.CancelledError:  # woken early by an unsolicited EXISTS
             pass
         if conn.client.closed:

@@ -263,15 +263,21 @@ class HeldConnections(service.Service):
     tree, so that it stops first).
 
     :param settings: :class:`fido_tx.config.Settings`.
+    :param ticker: a :class:`~fido_tx.schedule.ticker.PollTicker` (the
+        composition root makes it on the reactor, ``[imap] poll_tick``).
     """
 
     name = "held-connections"
 
-    def __init__(self, settings, random=None):
+    def __init__(self, settings, random=None, ticker=None):
         self.settings = HeldSettings.from_settings(settings)
         #: called as held accounts start and as their connections settle
         self.freezer = GcFreezer()
-        self.pool = HeldPool(settings.imap.max_connections_per_host, on_idle=self.freezer)
+        #: the shared ticks their checks are due on (see
+        #: :mod:`fido_tx.schedule.ticker`; None: each account its own timer)
+        self.ticker = ticker
+        self.pool = HeldPool(settings.imap.max_connections_per_host, on_idle=self.freezer,
+                             ticker=ticker)
         #: the connections being opened at once (see :class:`HeldImap`)
         self.opening = defer.DeferredSemaphore(OPENING_MAX)
         self.random = random if random is not None else _random.Random()
