@@ -42,14 +42,19 @@ class PollTickerTests(SynchronousTestCase):
         self.assertEqual(times, [(0.0, 0.0), (4.9, 0.0), (5.0, 5.0), (7.5, 5.0),
                                  (9.99, 5.0), (60.0, 60.0)])
 
-    def test_a_tick_already_passed_runs_in_the_next_turn(self):
+    def test_a_wait_within_the_current_quantum_is_exact_not_a_loop(self):
         clock = task.Clock()
         ticker = PollTicker(clock, 1.0)
         clock.advance(10.5)
         fired = []
-        ticker.callLater(0.2, fired.append, 1)  # 10.7 -> tick 10, gone
+        ticker.callLater(0.2, fired.append, 1)  # 10.7 -> tick 10, gone: 10.7 exactly
+        ticker.callLater(0, fired.append, 0)  # now: the next turn
         clock.advance(0)
-        self.assertEqual(fired, [1])
+        self.assertEqual(fired, [0])
+        clock.advance(0.19)
+        self.assertEqual(fired, [0])
+        clock.advance(0.01)
+        self.assertEqual(fired, [0, 1])
 
     def test_cancelling_the_last_call_of_a_tick_cancels_its_timer(self):
         clock = task.Clock()

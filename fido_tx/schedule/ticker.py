@@ -121,12 +121,18 @@ class PollTicker:
         return self.clock.seconds()
 
     def callLater(self, delay, f, *args, **kw):
-        """Call ``f`` on the last tick at or before ``delay`` seconds from now
-        (in the next reactor turn if that tick has passed)."""
+        """Call ``f`` on the last tick at or before ``delay`` seconds from now;
+        if that tick has passed (the time is within the current quantum),
+        after exactly ``delay`` on the clock: a wait that is not on the grid
+        (a token's renewal, a ``Retry-After``) is cut at most once, never
+        into a loop of early wake-ups."""
+        now = self.clock.seconds()
+        delay = max(0.0, delay)
         if not self.quantum:
             return self.clock.callLater(delay, f, *args, **kw)
-        now = self.clock.seconds()
-        tick = self.tick_of(now + max(0.0, delay))
+        tick = self.tick_of(now + delay)
+        if self.at(tick) < now and delay > 0:
+            return self.clock.callLater(delay, f, *args, **kw)
         call = TickCall(self, tick, f, args, kw)
         entry = self._ticks.get(tick)
         if entry is None:
