@@ -656,3 +656,44 @@ class PoolTests(SynchronousTestCase):
         h.turn()
         self.assertEqual(len(calls), 2)
         self.assertEqual(pool.idling, 1)
+
+
+class RetryAfterTests(SynchronousTestCase):
+    """A delivery that answered 429 with Retry-After: the held connection
+    stays, new mail is remembered, and no fetch starts inside the window."""
+
+    def test_no_fetch_inside_a_sinks_retry_after_then_one_after_it(self):
+        h = Harness(self, idle_refresh=600, poll_interval=3600)
+        h.poll_results = [defer.succeed(SessionResult(
+            account_id="a1", kind=errors.THROTTLED, message="webhook: 429",
+            retry_after=120.0))]
+        h.machine.start()
+        h.turn()  # the catch-up poll is throttled
+        self.assertEqual(len(h.polls), 1)
+        self.assertEqual(h.machine.state, held.IDLING)
+        h.turn(10)
+        h.server.send(b"* 1 EXISTS")  # mail: remembered, not fetched yet
+        h.turn()
+        h.turn(50)
+        h.server.send(b"* 2 EXISTS")
+        h.turn()
+        self.assertEqual(len(h.polls), 1)
+        self.assertEqual(h.machine.state, held.IDLING)  # still listening
+        h.turn(59.9)
+        self.assertEqual(len(h.polls), 1)
+        h.turn(0.1)
+        self.assertEqual([t for t, _ in h.polls], [0.0, 120.0])
+        self.assertEqual(len(h.servers), 1)
+        self.assertEqual(h.machine.state, held.IDLING)
+
+    def test_without_idle_the_wait_lasts_the_retry_after(self):
+        h = Harness(self, idle_caps=False, poll_interval=60)
+        h.poll_results = [defer.succeed(SessionResult(
+            account_id="a1", kind=errors.THROTTLED, message="webhook: 429",
+            retry_after=150.0))]
+        h.machine.start()
+        h.turn()
+        for _ in range(18):
+            h.turn(10)
+        # not at 60 or 120 (due, but held off), at 150; then every 60 again
+        self.assertEqual([t for t, _ in h.polls], [0.0, 150.0])

@@ -105,6 +105,9 @@ TRANSITIONS = {
     CLOSED: set(),
 }
 
+#: the longest a sink's Retry-After holds a held account's fetches back
+MAX_HOLD_OFF = 3600.0
+
 #: failures reconnecting will not cure: reported the first time
 _REPORT_AT_ONCE = frozenset([errors.AUTH, errors.REAUTHORIZE, errors.TLS, errors.CONFIG,
                              errors.MAILBOX])
@@ -152,6 +155,8 @@ class HeldAccount:
         self._waiting = None  # the Deferred stop() interrupts
         #: clock time of the last check (a poll) on the held connection
         self.last_check = None
+        #: clock time before which no fetch starts (a sink's Retry-After)
+        self.not_before = None
         self._done = None
         self._closed_waiters = []
 
@@ -251,8 +256,23 @@ class HeldAccount:
         return self.wait_for(task.deferLater(ticker, max(0.0, self.next_wait())))
 
     def next_wait(self):
-        """Seconds until a check is due or the connection is to be replaced."""
-        return min(self.due(), self.reauth.until())
+        """Seconds until a check is due (or, announced mail, may be fetched)
+        or the connection is to be replaced."""
+        check = 0.0 if self.dirty else self.due()
+        return min(max(check, self.held_off()), self.reauth.until())
+
+    def held_off(self):
+        """Seconds the delivery asked to be left alone (a ``Retry-After``) still
+        to wait before the next fetch; 0 when none."""
+        if self.not_before is None:
+            return 0.0
+        return max(0.0, self.not_before - self.clock.seconds())
+
+    def hold_off(self, seconds):
+        """No fetch for ``seconds`` (at most :data:`MAX_HOLD_OFF`): the
+        delivery answered with ``Retry-After``; the connection stays held and
+        new mail is remembered."""
+        self.not_before = self.clock.seconds() + min(float(seconds), MAX_HOLD_OFF)
 
     def fetched(self):
         """A poll succeeded: the failure counts start again."""
@@ -377,7 +397,7 @@ class HeldAccount:
             if self.reauth.due():
                 self._enter(RENEWING)
                 await self.reauth.renew()  # Lost when renewed: a new connection
-            elif self.dirty or self.due() <= 0:
+            elif (self.dirty or self.due() <= 0) and self.held_off() <= 0:
                 self._enter(FETCHING)
                 await self.fetch.run(conn)
             elif self.waits.uses_idle(conn):

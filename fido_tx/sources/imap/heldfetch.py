@@ -40,13 +40,15 @@ class HeldFetch:
                 result = await self._poll_once(conn, synced or m.dirty)
                 if result.ok:
                     m.fetched()
+                elif result.retry_after is not None:  # a sink's 429: leave it alone
+                    m.hold_off(result.retry_after)
                 # reported before the slot is given back, as a session ending
                 # is: backpressure judges it before another fetch may start
                 m.report(result)
             finally:
                 if release is not None:
                     release()
-            if not m.dirty or m.stopping:
+            if not m.dirty or m.stopping or m.held_off() > 0:
                 return
 
     async def _poll_once(self, conn, synced):
