@@ -12,10 +12,16 @@ in this process:
    (:class:`fido_tx.sources.imap.held.HeldAccount` with ``idle = false``) and
    is polled on it (``UID SEARCH``) every ``--interval`` seconds, for
    ``--rounds`` intervals after all are held.
-3. *idle*: the same connections waiting in IDLE for ``--rounds`` intervals;
-4. *bare_twisted*: the floor: the same ``UID SEARCH`` as often from a bare
+3. *held_ticks*: as *held*, with the checks due on shared poll ticks
+   (:class:`fido_tx.schedule.ticker.PollTicker`, ``--tick`` seconds, as the
+   daemon's ``[imap] poll_tick``); skipped when the code has no ticker;
+4. *idle*: the same connections waiting in IDLE for ``--rounds`` intervals;
+5. *bare_twisted*: the floor: the same ``UID SEARCH`` as often from a bare
    Twisted ``LineOnlyReceiver`` (log in, SELECT, then one line out and two
-   in per poll): what Twisted and the kernel cost before any Fido code.
+   in per poll), each account on its own timer: what Twisted and the kernel
+   cost before any Fido code;
+6. *bare_twisted_batched*: the same, every account's search sent in one
+   reactor turn per interval: the floor of batched checks.
 
 Per poll it prints this process's CPU (user+sys) and Dovecot's (every process
 of its session: master, imap-login, one imap per connection), in ms.
@@ -118,6 +124,8 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--interval", type=float, default=10.0)
     parser.add_argument("--concurrency", type=int, default=100)
+    parser.add_argument("--tick", type=float, default=1.0,
+                        help="the held_ticks row's poll tick, seconds")
     parser.add_argument("--json", help="append the figures to this JSON-lines file")
     opts = parser.parse_args(argv)
 
@@ -135,6 +143,10 @@ def main(argv=None):
     from fido_tx.sources.imap.holding import GcFreezer, HeldImap
     from fido_tx.sources.imap.session import fetch_mailbox
     from fido_tx.testing import MemorySink
+    try:
+        from fido_tx.schedule.ticker import PollTicker
+    except ImportError:  # FIDO_CODE before the ticks
+        PollTicker = None
     from tests.support import dovecot as dovecot_support
 
     BareSearch = bare_search_class()
@@ -177,34 +189,41 @@ def main(argv=None):
         assert all(r.ok for r in results), [r for r in results if not r.ok][:3]
         measure("reconnecting", len(results), c0, d0, time.monotonic() - t0, s0)
 
-        # 2. held connections, polled on the connection
+        # 2. held connections, polled on the connection (each its own timer),
+        # 3. the same on shared poll ticks
         ctx = SourceContext(reactor=reactor, sink=sink, settings=settings, debug=False,
                             pacer=StartPacer(reactor), connector=connector)
         polls = []
-        pool = held.HeldPool(max_per_host=opts.accounts + 1, on_idle=GcFreezer())
-        hs = held.HeldSettings(idle=False, poll_interval=opts.interval)
         rng = random.Random(0)
-        machines = []
-        for a in accounts:
-            src = HeldImap(a, ctx)
-            machines.append(held.HeldAccount(a.id, a.host, src.open, src.poll, polls.append,
-                                             reactor, hs, pool, rng).start())
-        t0 = time.monotonic()
-        while sum(1 for m in machines if m.state == held.WAITING) < len(machines):
-            yield task.deferLater(reactor, 0.2, lambda: None)
-            if time.monotonic() - t0 > 300:
-                raise RuntimeError("not all accounts held after 300 s")
-        figures["seconds_to_hold_all"] = round(time.monotonic() - t0, 1)
-        n0, c0, d0, t0 = len(polls), cpu_self(), cpu_session(sid), time.monotonic()
-        s0 = sys_self()
-        profile = start_profile()
-        yield task.deferLater(reactor, opts.rounds * opts.interval, lambda: None)
-        stop_profile(profile)
-        assert all(r.ok for r in polls[n0:])
-        measure("held", len(polls) - n0, c0, d0, time.monotonic() - t0, s0)
-        yield defer.gatherResults([m.stop(timeout=20) for m in machines])
+        hs = held.HeldSettings(idle=False, poll_interval=opts.interval)
+        rows = [("held", None)]
+        if PollTicker is not None:
+            rows.append(("held_ticks", PollTicker(reactor, opts.tick)))
+        for name, ticker in rows:
+            pool = held.HeldPool(max_per_host=opts.accounts + 1, on_idle=GcFreezer(),
+                                 **({"ticker": ticker} if ticker is not None else {}))
+            machines = []
+            for a in accounts:
+                src = HeldImap(a, ctx)
+                machines.append(held.HeldAccount(a.id, a.host, src.open, src.poll,
+                                                 polls.append, reactor, hs, pool, rng).start())
+            t0 = time.monotonic()
+            while sum(1 for m in machines if m.state == held.WAITING) < len(machines):
+                yield task.deferLater(reactor, 0.2, lambda: None)
+                if time.monotonic() - t0 > 300:
+                    raise RuntimeError("not all accounts held after 300 s")
+            figures["seconds_to_hold_all"] = round(time.monotonic() - t0, 1)
+            yield task.deferLater(reactor, opts.interval, lambda: None)  # settle on ticks
+            n0, c0, d0, t0 = len(polls), cpu_self(), cpu_session(sid), time.monotonic()
+            s0 = sys_self()
+            profile = start_profile()
+            yield task.deferLater(reactor, opts.rounds * opts.interval, lambda: None)
+            stop_profile(profile)
+            assert all(r.ok for r in polls[n0:])
+            measure(name, len(polls) - n0, c0, d0, time.monotonic() - t0, s0)
+            yield defer.gatherResults([m.stop(timeout=20) for m in machines])
 
-        # 3. the same, waiting in IDLE (a check every poll_interval still)
+        # 4. the same, waiting in IDLE (a check every poll_interval still)
         hs = held.HeldSettings(idle=True, poll_interval=3600, idle_refresh=600)
         machines = []
         pool = held.HeldPool(max_per_host=opts.accounts + 1, on_idle=GcFreezer())
@@ -224,7 +243,7 @@ def main(argv=None):
                            round(d * 1000 / opts.accounts / minutes, 4)}
         yield defer.gatherResults([m.stop(timeout=20) for m in machines])
 
-        # 4. the floor: the same UID SEARCH, as often, from a bare Twisted
+        # 5. the floor: the same UID SEARCH, as often, from a bare Twisted
         # protocol (no Fido code: one line out, two lines in, a timer)
         protos = yield defer.gatherResults([
             endpoints.connectProtocol(endpoints.TCP4ClientEndpoint(
@@ -243,6 +262,24 @@ def main(argv=None):
             if loop.running:
                 loop.stop()
         measure("bare_twisted", sum(p.searches for p in protos), c0, d0,
+                time.monotonic() - t0, s0)
+
+        # 6. the floor of batched checks: every search in one reactor turn
+        yield task.deferLater(reactor, 1.0, lambda: None)
+        n0 = sum(p.searches for p in protos)
+        c0, d0, t0, s0 = cpu_self(), cpu_session(sid), time.monotonic(), sys_self()
+
+        def search_all():
+            for p in protos:
+                p.search()
+
+        loop = task.LoopingCall(search_all)
+        loop.clock = reactor
+        loop.start(opts.interval, True)
+        yield task.deferLater(reactor, opts.rounds * opts.interval, lambda: None)
+        loop.stop()
+        yield task.deferLater(reactor, 1.0, lambda: None)  # the last answers
+        measure("bare_twisted_batched", sum(p.searches for p in protos) - n0, c0, d0,
                 time.monotonic() - t0, s0)
         for p in protos:
             p.transport.loseConnection()
