@@ -61,6 +61,10 @@ class RecordingServer(imap4.IMAP4Server):
             return None
         return super().lineReceived(line)
 
+    def connectionLost(self, reason):
+        super().connectionLost(reason)
+        self.factory.lost_one()
+
 
 class ServerFactory(protocol.Factory):
     def __init__(self, mailboxes, tls=None):
@@ -74,6 +78,24 @@ class ServerFactory(protocol.Factory):
         self.tls = tls
         self.connections = 0
         self.refuse = {}  # command name -> b"NO" / b"BAD"
+        self.closed = 0
+        self._waiting_closed = []
+
+    def lost_one(self):
+        self.closed += 1
+        if self.closed == self.connections:
+            waiting, self._waiting_closed = self._waiting_closed, []
+            for d in waiting:
+                d.callback(None)
+
+    def all_closed(self):
+        """Fires once every connection the server took is closed (Fido
+        writes LOGOUT and closes without waiting for the answer)."""
+        if self.closed == self.connections:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._waiting_closed.append(d)
+        return d
 
     def buildProtocol(self, addr):
         self.connections += 1
@@ -165,6 +187,7 @@ def test_happy_path_stores_exact_bytes_and_marks_seen(server):
     assert result.bytes == sum(len(r) for r in raws)
     assert all("\\Seen" in box.by_uid(u).flags for u in (1, 2, 3))
     assert seen == 4 and len(box.messages) == 4
+    yield srv.all_closed()
     assert "LOGOUT" in srv.commands()
     assert any(b"BODY.PEEK[]" in line for line in srv.received)
     assert result.seconds >= 0 and not result.dry_run
@@ -178,6 +201,7 @@ def test_nothing_unseen_is_found_by_status_without_selecting(server):
     sink = MemorySink()
     result = yield run(account(srv.port), sink)
     assert result.ok and result.fetched == 0, result.debug
+    yield srv.all_closed()
     commands = srv.commands()
     assert "STATUS" in commands
     assert "SELECT" not in commands and "SEARCH" not in " ".join(commands)
@@ -881,6 +905,7 @@ def test_a_delivery_error_marks_the_confirmed_and_ends_with_that_error(server):
     assert result.fetched == 1 and result.marked == 1
     assert "\\Seen" in box.by_uid(1).flags
     assert all("\\Seen" not in box.by_uid(u).flags for u in (2, 3))
+    yield srv.all_closed()
     assert srv.commands()[-1] == "LOGOUT"  # a sink's failure: the server was fine
 
 

@@ -273,11 +273,14 @@ def test_trickle_below_min_literal_rate_is_a_timeout(server, monkeypatch):
 
 
 @pytest_twisted.inlineCallbacks
-def test_never_answered_logout_is_ok_after_logout_timeout(server):
+def test_never_answered_logout_does_not_hold_the_session(server):
+    # LOGOUT is written and the connection closed behind it: the answer is
+    # not waited for (run_with_healthy checks every connection is closed)
     acct = scripted(server, Behaviour(faults=(Fault("LOGOUT", "silent"),)))
     result, seconds, sink = yield run_with_healthy(server, "u", acct)
     assert result.ok and result.fetched == 3 and result.marked == 3, result
-    assert 0.3 <= seconds < 2
+    assert seconds < SHORT.logout_timeout
+    assert server.commands(name="LOGOUT")
     assert stored_uids(sink, "acct-u") == {1, 2, 3}
     assert all(server.mailbox("u").flags(uid) == {"\\Seen"} for uid in (1, 2, 3))
 

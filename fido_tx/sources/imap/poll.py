@@ -102,8 +102,10 @@ class MailboxPoll:
     status_allowed = True
 
     def __init__(self, connection, account, sink, settings, step, budget=None,
-                 dry_run=False, mailbox=None, positions=None, epochs=None):
+                 dry_run=False, mailbox=None, positions=None, epochs=None, status=None):
         self.conn = connection
+        #: the answer of a STATUS already written (pipelined with LOGIN)
+        self.sent_status = status
         self.account = account
         self.sink = sink
         self.settings = settings
@@ -131,7 +133,7 @@ class MailboxPoll:
     async def run(self):
         selection = self.selection
         await selection.load()
-        status = await selection.status() if self.status_allowed else None
+        status = await selection.status(self.sent_status) if self.status_allowed else None
         if await selection.settled_by_status(status):
             self.step("nothing {what} to fetch (STATUS)", what=selection.what)
             return

@@ -18,7 +18,8 @@ The class using it provides ``_bounds`` (a
 :class:`~fido_tx.sources.imap.trace.ProtocolTrace`), ``_deadline`` and
 ``_rate`` (see :mod:`~fido_tx.sources.imap.deadline`), ``state``,
 ``waiting`` (the running command's tag) and ``_command`` (its name,
-Deferred and continuation), ``_untagged``, ``observer``, ``greeting``,
+Deferred and continuation), ``_queued`` (the commands written behind it,
+tag first), ``_untagged``, ``observer``, ``greeting``,
 ``error``, ``closed``, ``line_mode``, ``transport`` and ``fail(error)``.
 """
 
@@ -211,6 +212,12 @@ class ResponseReader(LinearLineReader):
 
     def _tagged(self, tag, rest):
         if tag != self.waiting:
+            if any(queued[0] == tag for queued in self._queued):
+                self.pipeline_dropped = True
+                raise FidoError(
+                    errors.PROTOCOL, f"the server answered command {_show(tag)} but not "
+                                     f"{_show(self.waiting)} written before it: it drops "
+                                     "pipelined commands (not pipelined again to it)")
             raise FidoError(
                 errors.PROTOCOL, f"response with an unknown tag: {_show(tag + b' ' + rest)}"
             )
