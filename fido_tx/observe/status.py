@@ -149,7 +149,7 @@ class StatusTracker:
             new = attr.evolve(new, reported=OK if report[0] == errors.RECOVERED else report[0])
             self._accounts[account_id] = new
         if not dry and self._store is not None:
-            self._store.record_session(result, extra=changed_fields(old, new))
+            self._store.record_session(result, extra=changed_fields(old, new), account=account)
         if report is not None:
             kind, message, debug = report
             self._outbox.send(account_id, kind, message, debug, now, dry, secrets)
