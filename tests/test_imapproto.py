@@ -1117,7 +1117,7 @@ class DroppedPipelineTests(SynchronousTestCase):
         lose(proto)
         err = self.failureResultOf(a, FidoError).value
         self.assertEqual(err.kind, errors.PROTOCOL)
-        self.assertIn("drops pipelined commands", err.message)
+        self.assertIn("dropped or mixed up pipelined commands", err.message)
         self.failureResultOf(b, FidoError)
 
     def test_the_connector_pipelines_only_to_servers_whose_login_answer_has_capabilities(self):
@@ -1134,3 +1134,64 @@ class DroppedPipelineTests(SynchronousTestCase):
         connector.learned_login(dovecot, False)  # it dropped one
         connector.learned_login(dovecot, True)
         self.assertFalse(connector.pipelines_login(dovecot))  # for good
+
+
+class SelectSearchPipelineTests(SynchronousTestCase):
+    """UID SEARCH is written right behind SELECT (an account without a
+    position): one round trip for both."""
+
+    def poll(self, **account_fields):
+        account = Account(id="a", host="h", username="u", password="p", **account_fields)
+        proto, transport, _ = connect()
+        conn = ImapConnection(account, proto, None)
+        poll = MailboxPoll(conn, account, MemorySink(), ImapSettings(), _no_steps)
+        d = defer.ensureDeferred(poll.run())
+        self.assertEqual(transport.value(), b'0001 STATUS "INBOX" (UNSEEN)\r\n')
+        transport.clear()
+        proto.dataReceived(b"* STATUS INBOX (UNSEEN 0)\r\n0001 OK done\r\n"
+                           if account_fields.get("select") == "none" else
+                           b"* STATUS INBOX (UNSEEN 2)\r\n0001 OK done\r\n")
+        return poll, proto, transport, d
+
+    SELECTED = (b"* FLAGS (\\Seen \\Deleted)\r\n* OK [PERMANENTFLAGS (\\Seen \\Deleted \\*)] ok\r\n"
+                b"* 2 EXISTS\r\n* OK [UIDVALIDITY 7] ok\r\n0002 OK [READ-WRITE] selected\r\n")
+
+    def test_search_goes_with_select(self):
+        poll, proto, transport, d = self.poll()
+        self.assertEqual(transport.value(),
+                         b'0002 SELECT "INBOX"\r\n0003 UID SEARCH UNSEEN UNKEYWORD $FidoTooLarge'
+                         b' UNKEYWORD $FidoRejected\r\n')
+        transport.clear()
+        proto.dataReceived(self.SELECTED + b"* SEARCH\r\n0003 OK found\r\n")
+        self.successResultOf(d)  # nothing unseen after all: done
+        self.assertEqual(transport.value(), b"")
+
+    def test_a_mailbox_without_keywords_is_searched_again_without_them(self):
+        poll, proto, transport, d = self.poll()
+        transport.clear()
+        proto.dataReceived(b"* FLAGS (\\Seen)\r\n* OK [PERMANENTFLAGS (\\Seen)] ok\r\n"
+                           b"* OK [UIDVALIDITY 7] ok\r\n0002 OK selected\r\n"
+                           b"* SEARCH 5\r\n0003 OK found\r\n")
+        self.assertEqual(transport.value(), b"0004 UID SEARCH UNSEEN\r\n")
+        proto.dataReceived(b"* SEARCH\r\n0004 OK found\r\n")
+        self.successResultOf(d)
+
+    def test_a_refused_select_leaves_the_search_behind_it_unread(self):
+        poll, proto, transport, d = self.poll()
+        proto.dataReceived(b"0002 NO [NONEXISTENT] no such mailbox\r\n"
+                           b"0003 BAD No mailbox selected\r\n")
+        err = self.failureResultOf(d, FidoError).value
+        self.assertEqual(err.kind, errors.MAILBOX)
+        self.assertFalse(transport.disconnecting)
+        lose(proto)  # the late answer or the close: no unhandled error
+
+    def test_an_account_with_a_position_searches_after_select(self):
+        account = Account(id="a", host="h", username="u", password="p", select="new")
+        proto, transport, _ = connect()
+        conn = ImapConnection(account, proto, None)
+        poll = MailboxPoll(conn, account, MemorySink(), ImapSettings(), _no_steps,
+                           dry_run=True)
+        defer.ensureDeferred(poll.run())
+        transport.clear()
+        proto.dataReceived(b"* STATUS INBOX (UNSEEN 2)\r\n0001 OK done\r\n")
+        self.assertEqual(transport.value(), b'0002 EXAMINE "INBOX"\r\n')

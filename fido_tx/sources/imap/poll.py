@@ -1,6 +1,8 @@
 """One poll of one mailbox on a logged-in connection.
 
-STATUS (nothing unseen: done), SELECT (EXAMINE in a dry run), UID SEARCH,
+STATUS (nothing unseen: done), SELECT (EXAMINE in a dry run) with UID SEARCH
+written behind it (an account without a position; searched again in the
+rare mailbox whose FLAGS leave out a keyword the first search excluded),
 ask the sink which UIDs are new, mark the others, RFC822.SIZE, leave the
 too-large ones flagged, then per batch: open a grant of the byte budget, UID
 FETCH (the bodies charged to it as they arrive), deliver, mark what the sink
@@ -77,6 +79,14 @@ async def sink_call(f, *args):
                                          f"{type(e).__name__}: {e}")
 
 
+async def _settled(d):
+    """Wait for ``d`` whatever its outcome (a search made for nothing)."""
+    try:
+        await d
+    except Exception:
+        pass
+
+
 def batches(uids, sizes, limit_n, limit_b):
     """Split ``uids`` into batches of at most ``limit_n`` messages and
     ``limit_b`` bytes (a larger message alone)."""
@@ -100,6 +110,9 @@ class MailboxPoll:
 
     #: False on a selected mailbox (RFC 3501: no STATUS there)
     status_allowed = True
+    #: whether UID SEARCH may be written behind SELECT (False where
+    #: :meth:`select` sends no SELECT)
+    search_with_select = True
 
     def __init__(self, connection, account, sink, settings, step, budget=None,
                  dry_run=False, mailbox=None, positions=None, epochs=None, status=None):
@@ -137,10 +150,33 @@ class MailboxPoll:
         if await selection.settled_by_status(status):
             self.step("nothing {what} to fetch (STATUS)", what=selection.what)
             return
-        info = await self.select()
+        # an account without a position searches what SELECT cannot change
+        # but for the keywords: its SEARCH goes right behind SELECT, asking
+        # for every keyword; SELECT's FLAGS say afterwards whether that was
+        # the search to make (else it is made again: a SEARCH changes nothing)
+        early = []
+        if self.search_with_select and not selection.tracked:
+            wanted = self.search_keywords(None)
+            then = lambda: early.append((wanted, self.send_search(wanted)))  # noqa: E731
+        else:
+            then = None
+        try:
+            info = await (self.select(then) if then is not None else self.select())
+        except BaseException:
+            for _, d in early:
+                d.addErrback(lambda f: None)  # refused with the SELECT: not read
+            raise
         if not await selection.begin(info.uidvalidity, await selection.uidnext_of(info)):
             return
-        uids = await self.search(info)
+        sent = None
+        if early:
+            wanted, d = early[0]
+            if wanted == self.search_keywords(info):
+                sent = d
+            else:
+                d.addErrback(lambda f: None)
+                await _settled(d)
+        uids = await self.search(info, sent)
         if uids:
             await self.take(info, uids)
         await selection.finish(uids)
@@ -230,7 +266,9 @@ class MailboxPoll:
 
     # -- commands --------------------------------------------------------------
 
-    async def select(self):
+    async def select(self, then=None):
+        """SELECT (EXAMINE in a dry run) the mailbox; ``then()`` is called
+        right after the command is written (to write the next behind it)."""
         info = SelectInfo()
 
         def untagged(segments):
@@ -238,8 +276,11 @@ class MailboxPoll:
                 info.feed(segments[0])
 
         verb = b"EXAMINE" if self.dry_run else b"SELECT"
+        d = self.command(verb, mailbox_name(self.mailbox), untagged=untagged)
+        if then is not None:
+            then()
         try:
-            text = await self.command(verb, mailbox_name(self.mailbox), untagged=untagged)
+            text = await d
         except ImapCommandError as e:
             if e.status == b"NO":
                 raise FidoError(errors.MAILBOX, f"cannot open mailbox {self.mailbox!r}: "
@@ -254,15 +295,28 @@ class MailboxPoll:
                   mailbox=self.mailbox, exists=info.exists, uidvalidity=info.uidvalidity)
         return info
 
-    async def search(self, info):
+    def search_keywords(self, info):
+        """The ``UNKEYWORD`` part of the search: each keyword the mailbox
+        knows (``info`` None: every configured one)."""
         keywords = b""
         for kw in (self.settings.too_large_keyword, self.settings.rejected_keyword):
-            if kw and info.keyword_known(kw):
+            if kw and (info is None or info.keyword_known(kw)):
                 keywords += b" UNKEYWORD " + kw.encode("ascii", "replace")
+        return keywords
+
+    def send_search(self, keywords):
+        """Write the UID SEARCH: a Deferred firing with the set of UIDs found."""
         found = set()
+        d = self.command(b"UID", self.selection.query(keywords), untagged=search_handler(found))
+        return d.addCallback(lambda _: found)
+
+    async def search(self, info, sent=None):
+        """The UIDs to take; ``sent``: the answer of the search already
+        written (behind SELECT)."""
+        if sent is None:
+            sent = self.send_search(self.search_keywords(info))
         try:
-            await self.command(b"UID", self.selection.query(keywords),
-                               untagged=search_handler(found))
+            found = await sent
         except ImapCommandError as e:
             raise command_error(e, errors.PROTOCOL, "UID SEARCH")
         uids = self.selection.keep(found)

@@ -215,9 +215,10 @@ class ResponseReader(LinearLineReader):
             if any(queued[0] == tag for queued in self._queued):
                 self.pipeline_dropped = True
                 raise FidoError(
-                    errors.PROTOCOL, f"the server answered command {_show(tag)} but not "
-                                     f"{_show(self.waiting)} written before it: it drops "
-                                     "pipelined commands (not pipelined again to it)")
+                    errors.PROTOCOL, f"the server answered command {_show(tag)} before "
+                                     f"{_show(self.waiting)}, written before it (IMAP answers "
+                                     "in order: it dropped or mixed up pipelined commands; "
+                                     "none are pipelined to it again)")
             raise FidoError(
                 errors.PROTOCOL, f"response with an unknown tag: {_show(tag + b' ' + rest)}"
             )
