@@ -55,6 +55,9 @@ def main(argv=None):
     from fido_tx.testing import MemorySink
     from tests.support import dovecot as ds
 
+    from fido_tx import resolve
+
+    resolve.install(reactor)  # as the daemon does: no resolver thread per connect
     server = ds.Dovecot(tls=args.security == "tls", sessions=args.workers * 4 + 20)
     users = {f"rt{k:04d}": f"pw{k}" for k in range(args.accounts)}
     server.add_users(users)
