@@ -24,7 +24,6 @@ separate turns.  The sink is a ``MemorySink``: no Redis here.
 import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -79,12 +79,41 @@ async def sink_call(f, *args):
                                          f"{type(e).__name__}: {e}")
 
 
-async def _settled(d):
-    """Wait for ``d`` whatever its outcome (a search made for nothing)."""
-    try:
-        await d
-    except Exception:
-        pass
+class SearchBehindSelect:
+    """The UID SEARCH of a poll written right behind its SELECT.
+
+    An account without a position searches what SELECT cannot change but
+    for the keywords (``UNKEYWORD``): the search asks for every configured
+    one, and SELECT's FLAGS say afterwards whether that was the search to
+    make; if not (a mailbox that cannot hold them), its answer is dropped
+    and the search made again (a SEARCH changes nothing).
+    """
+
+    def __init__(self, poll):
+        self.poll = poll
+        self.wanted = poll.search_keywords(None)
+        self.sent = None
+
+    def write(self):
+        self.sent = self.poll.send_search(self.wanted)
+
+    def drop(self):
+        if self.sent is not None:
+            self.sent.addErrback(lambda f: None)
+
+    async def answer_for(self, info):
+        """The search's Deferred when it asked what ``info`` calls for,
+        else ``None`` (once its answer is in: the connection is free)."""
+        if self.sent is None:
+            return None
+        if self.wanted == self.poll.search_keywords(info):
+            return self.sent
+        self.drop()
+        try:
+            await self.sent
+        except Exception:
+            pass
+        return None
 
 
 def batches(uids, sizes, limit_n, limit_b):
@@ -150,33 +179,19 @@ class MailboxPoll:
         if await selection.settled_by_status(status):
             self.step("nothing {what} to fetch (STATUS)", what=selection.what)
             return
-        # an account without a position searches what SELECT cannot change
-        # but for the keywords: its SEARCH goes right behind SELECT, asking
-        # for every keyword; SELECT's FLAGS say afterwards whether that was
-        # the search to make (else it is made again: a SEARCH changes nothing)
-        early = []
+        # an account without a position: UID SEARCH written behind SELECT
+        early = None
         if self.search_with_select and not selection.tracked:
-            wanted = self.search_keywords(None)
-            then = lambda: early.append((wanted, self.send_search(wanted)))  # noqa: E731
-        else:
-            then = None
+            early = SearchBehindSelect(self)
         try:
-            info = await (self.select(then) if then is not None else self.select())
+            info = await (self.select(early.write) if early else self.select())
         except BaseException:
-            for _, d in early:
-                d.addErrback(lambda f: None)  # refused with the SELECT: not read
+            if early is not None:
+                early.drop()  # refused with the SELECT: not read
             raise
         if not await selection.begin(info.uidvalidity, await selection.uidnext_of(info)):
             return
-        sent = None
-        if early:
-            wanted, d = early[0]
-            if wanted == self.search_keywords(info):
-                sent = d
-            else:
-                d.addErrback(lambda f: None)
-                await _settled(d)
-        uids = await self.search(info, sent)
+        uids = await self.search(info, await early.answer_for(info) if early else None)
         if uids:
             await self.take(info, uids)
         await selection.finish(uids)
