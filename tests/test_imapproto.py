@@ -400,6 +400,40 @@ class SyntaxTests(SynchronousTestCase):
         with self.assertRaises(ValueError):
             imapproto.parse_fetch([b"1 FETCH (UID 1"])
 
+    def test_parse_fetch_fast_path_takes_the_common_shapes(self):
+        for segments in ([b"3 FETCH (UID 9 RFC822.SIZE 44)"],
+                         [b"3 fetch (uid 9 BODY[] {2}", b"hi", b")"],
+                         [b"3 FETCH (UID 9 RFC822.SIZE 2 BODY[HEADER.FIELDS (MESSAGE-ID)] {2}",
+                          b"hi", b")"]):
+            self.assertIsNotNone(imapparse._fast_fetch(segments), segments)
+        for segments in ([b"3 FETCH (UID 9 FLAGS (\\Seen))"],
+                         [b"3 FETCH (UID 9 BODY[]<0> {2}", b"hi", b")"],
+                         [b"3 FETCH (UID 9 BODY[] {2}", b"hi", b" FLAGS ())"]):
+            self.assertIsNone(imapparse._fast_fetch(segments), segments)
+
+    @settings(max_examples=400, deadline=None)
+    @given(seq=st.integers(0, 10 ** 6),
+           parts=st.lists(st.tuples(
+               st.sampled_from([b"UID", b"uid", b"RFC822.SIZE", b"MODSEQ", b"BODY[]", b"NIL",
+                                b"BODY[HEADER.FIELDS (MESSAGE-ID)]", b"BODY[]<0>", b"(",
+                                b"", b"X-GM-MSGID"]),
+               st.sampled_from([b"7", b"12345", b"NIL", b'"q"', b"()", b"(7)", b"{3}",
+                                b"~{3}", b"", b" ", b"0"])), max_size=5),
+           literal=st.booleans(), tail=st.sampled_from([b")", b" )", b"))", b" UID 5)", b""]),
+           verb=st.sampled_from([b"FETCH", b"Fetch", b"FETCHX"]))
+    def test_parse_fetch_fast_path_answers_as_the_tokenizer(self, seq, parts, literal,
+                                                           tail, verb):
+        text = b"%d %s (" % (seq, verb) + b" ".join(b" ".join(p) for p in parts)
+        if literal:
+            text += (b" " if parts else b"") + b"BODY[]"
+        segments = [text + b" {3}", b"a)b", tail] if literal else [text + tail]
+        fast = imapparse._fast_fetch(segments)
+        if fast is not None:
+            self.assertEqual(fast, imapparse._parse_fetch(segments))
+        elif all(k[:1].isalpha() and b"<" not in k and v.isdigit() for k, v in parts) \
+                and verb != b"FETCHX" and tail == b")" and (parts or literal):
+            self.fail(f"the common shape {segments!r} took the slow path")
+
     def test_parse_status_forms(self):
         self.assertEqual(imapproto.parse_status([b"STATUS INBOX (UNSEEN 0)"]),
                          {b"UNSEEN": 0})
