@@ -246,6 +246,76 @@ class CommandTests(SynchronousTestCase):
         self.assertEqual(self.failureResultOf(d, FidoError).value.kind, errors.PROTOCOL)
 
 
+class PipelineTests(SynchronousTestCase):
+    """A UID STORE and the next UID FETCH written together (command(pipelined=True))."""
+
+    def start(self):
+        proto, transport, clock = connect()
+        transport.clear()
+        store = proto.command(b"UID", b"STORE 1:2 +FLAGS.SILENT (\\Seen)")
+        got = []
+        fetch = proto.command(b"UID", b"FETCH 3 (UID BODY.PEEK[])", pipelined=True,
+                              untagged=lambda s: got.append(imapproto.parse_fetch(s)),
+                              literal_each=10, literal_total=10)
+        return proto, transport, clock, store, fetch, got
+
+    def test_the_second_command_is_written_before_the_first_is_answered(self):
+        proto, transport, _, store, fetch, got = self.start()
+        self.assertEqual(transport.value(), b"0001 UID STORE 1:2 +FLAGS.SILENT (\\Seen)\r\n"
+                                            b"0002 UID FETCH 3 (UID BODY.PEEK[])\r\n")
+        proto.dataReceived(b"0001 OK stored\r\n* 1 FETCH (UID 3 BODY[] {2}\r\nhi)\r\n"
+                           b"0002 OK fetched\r\n")
+        self.assertEqual(self.successResultOf(store), b"stored")
+        self.assertEqual(self.successResultOf(fetch), b"fetched")
+        self.assertEqual(got, [(1, {b"UID": b"3", b"BODY[]": b"hi"})])
+        self.assertIsNone(proto.waiting)
+
+    def test_answers_in_the_other_order_and_untagged_before_the_first_answer(self):
+        proto, _, _, store, fetch, got = self.start()
+        proto.dataReceived(b"* 1 FETCH (UID 3 BODY[] {2}\r\nhi)\r\n0002 OK fetched\r\n")
+        self.assertEqual(got, [(1, {b"UID": b"3", b"BODY[]": b"hi"})])
+        self.assertEqual(self.successResultOf(fetch), b"fetched")
+        self.assertNoResult(store)
+        proto.dataReceived(b"0001 NO [CANNOT] read-only\r\n")
+        self.assertEqual(self.failureResultOf(store, imapproto.ImapCommandError).value.status,
+                         b"NO")
+        self.assertIsNone(proto.waiting)
+        self.assertFalse(proto.transport.disconnecting)
+
+    def test_the_second_commands_bounds_apply_to_its_literals(self):
+        proto, transport, _, store, fetch, _ = self.start()
+        proto.dataReceived(b"0001 OK stored\r\n* 1 FETCH (UID 3 BODY[] {11}\r\n")
+        self.assertTrue(transport.disconnecting)
+        lose(proto)
+        self.assertEqual(self.failureResultOf(fetch, FidoError).value.kind, errors.PROTOCOL)
+
+    def test_a_lost_connection_fails_both(self):
+        proto, _, _, store, fetch, _ = self.start()
+        lose(proto)
+        self.failureResultOf(store, FidoError)
+        self.failureResultOf(fetch, FidoError)
+
+    def test_the_deadline_runs_on_for_the_second(self):
+        proto, transport, clock, store, fetch, _ = self.start()
+        clock.advance(4)
+        proto.dataReceived(b"0001 OK stored\r\n")
+        clock.advance(4.5)  # 8.5 s in all, 4.5 s since the first answer
+        self.assertFalse(transport.disconnecting)
+        clock.advance(1)
+        self.assertTrue(transport.disconnecting)
+        lose(proto)
+        self.assertEqual(self.failureResultOf(fetch, FidoError).value.kind, errors.TIMEOUT)
+
+    def test_only_one_command_waits_behind_the_running_one(self):
+        proto, _, _, _, _, _ = self.start()
+        with self.assertRaises(RuntimeError):
+            proto.command(b"NOOP", pipelined=True)
+        proto2, _, _ = connect()
+        proto2.command(b"NOOP")
+        with self.assertRaises(RuntimeError):
+            proto2.command(b"NOOP")
+
+
 class LiteralTests(SynchronousTestCase):
     def fetch(self, proto):
         got = []
@@ -556,6 +626,63 @@ class MarkingCommandTests(SynchronousTestCase):
             transport.clear()
             proto.dataReceived(expected[:4] + b" OK\r\n")
         self.successResultOf(d)
+
+
+class PipelinedMarkingTests(SynchronousTestCase):
+    """A batch's UID STORE is written with the next batch's UID FETCH, and
+    only after the sink confirmed it."""
+
+    def start(self, after_fetch="seen"):
+        account = Account(id="a", host="h", username="u", password="p",
+                          after_fetch=after_fetch)
+        proto, transport, _ = connect()
+        conn = ImapConnection(account, proto, None)
+        conn.caps = frozenset()
+        sink = MemorySink()
+        poll = MailboxPoll(conn, account, sink, ImapSettings(batch_messages=2), _no_steps)
+        info = imapparse.SelectInfo()
+        info.uidvalidity = 7
+        transport.clear()
+        d = defer.ensureDeferred(poll.fetch_new(info, [1, 2, 3]))
+        self.assertEqual(transport.value(), b"0001 UID FETCH 1:3 (UID RFC822.SIZE)\r\n")
+        transport.clear()
+        proto.dataReceived(b"".join(b"* %d FETCH (UID %d RFC822.SIZE 2)\r\n" % (u, u)
+                                    for u in (1, 2, 3)) + b"0001 OK\r\n")
+        self.assertEqual(transport.value(), b"0002 UID FETCH 1:2 (UID BODY.PEEK[])\r\n")
+        transport.clear()
+        proto.dataReceived(b"* 1 FETCH (UID 1 BODY[] {2}\r\nm1)\r\n"
+                           b"* 2 FETCH (UID 2 BODY[] {2}\r\nm2)\r\n0002 OK\r\n")
+        self.assertEqual([m.id for m in sink.entries], ["1", "2"])
+        return d, poll, proto, transport, sink
+
+    def test_the_store_rides_with_the_next_fetch_and_the_last_comes_alone(self):
+        d, poll, proto, transport, sink = self.start()
+        self.assertEqual(transport.value(), b"0003 UID STORE 1:2 +FLAGS.SILENT (\\Seen)\r\n"
+                                            b"0004 UID FETCH 3 (UID BODY.PEEK[])\r\n")
+        transport.clear()
+        proto.dataReceived(b"0003 OK\r\n* 3 FETCH (UID 3 BODY[] {2}\r\nm3)\r\n0004 OK\r\n")
+        self.assertEqual([m.id for m in sink.entries], ["1", "2", "3"])
+        self.assertEqual(transport.value(), b"0005 UID STORE 3 +FLAGS.SILENT (\\Seen)\r\n")
+        self.assertNoResult(d)  # the last batch is marked before the poll ends
+        proto.dataReceived(b"0005 OK\r\n")
+        self.successResultOf(d)
+        self.assertEqual((poll.fetched, poll.marked), (3, 3))
+
+    def test_a_refused_store_ends_the_poll_after_the_fetch_without_delivering_it(self):
+        d, poll, proto, transport, sink = self.start()
+        proto.dataReceived(b"0003 NO [CANNOT] no\r\n* 3 FETCH (UID 3 BODY[] {2}\r\nm3)\r\n")
+        self.assertNoResult(d)  # the FETCH is still running
+        proto.dataReceived(b"0004 OK\r\n")
+        err = self.failureResultOf(d, FidoError).value
+        self.assertEqual(err.kind, errors.MAILBOX)
+        self.assertIn("UID STORE", err.message)
+        self.assertEqual([m.id for m in sink.entries], ["1", "2"])
+        self.assertEqual(poll.marked, 0)
+        self.assertIsNone(proto.waiting)
+
+    def test_delete_marks_before_the_next_fetch(self):
+        d, poll, proto, transport, sink = self.start(after_fetch="delete")
+        self.assertEqual(transport.value(), b"0003 UID STORE 1:2 +FLAGS.SILENT (\\Deleted)\r\n")
 
 
 class AuthChoiceTests(SynchronousTestCase):

@@ -140,6 +140,9 @@ class FidoIMAP4Client(ResponseReader, protocol.Protocol):
         self._tag_number = 0
         self._command = None  # (name, Deferred, continuation) of ``waiting``
         self._untagged = None
+        # a command written while ``waiting`` runs (pipelined: see command())
+        self._queued = None
+        self._running_untagged = None
         #: called with the segments of EVERY untagged response, whatever
         #: command runs (or none): a held connection's watch for EXISTS
         self.observer = None
@@ -248,9 +251,13 @@ class FidoIMAP4Client(ResponseReader, protocol.Protocol):
         err = failure.Failure(self.error)
         if not self.greeting.called:
             self.greeting.errback(err)
-        if self.waiting is not None:
-            d = self._command[1]
+        pending = [self._command[1]] if self.waiting is not None else []
+        if self._queued is not None:
+            pending.append(self._queued[2])
+            self._queued = None
+        if pending:
             self._finished()
+        for d in pending:
             d.errback(err)
         if not self.lost.called:
             self.lost.callback(None)
@@ -301,8 +308,18 @@ class FidoIMAP4Client(ResponseReader, protocol.Protocol):
         self._write(line + CRLF)
 
     def command(self, name, args=None, untagged=None, continuation=None, timeout=None, what=None,
-                literal_each=None, literal_total=None, literal_caps=None):
+                literal_each=None, literal_total=None, literal_caps=None, pipelined=False):
         """Send one command; fire with the tagged OK text.
+
+        One command runs at a time, except that with ``pipelined`` a second
+        one is written at once, while the running one waits for its answer
+        (one write, one wake-up of the server and of Fido instead of two).
+        It is for a running command whose untagged responses cannot be
+        mistaken for the second's (Fido pipelines only a ``UID STORE
+        +FLAGS.SILENT`` and the next ``UID FETCH``): from then on every
+        untagged response also goes to the second's handler, and the bounds
+        are the second's (a STORE has no literals to bound).  Answers may
+        come in either order.
 
         :param untagged: called with the segments of each untagged response
             (``[text]``, or ``[text, literal, text, ...]``) while it runs;
@@ -321,28 +338,53 @@ class FidoIMAP4Client(ResponseReader, protocol.Protocol):
         if self.closed or self.error is not None:
             d.errback(failure.Failure(self.error or _closed()))
             return d
-        if self.waiting is not None:
+        queue = self.waiting is not None
+        if queue and (not pipelined or self._queued is not None or continuation is not None):
             raise RuntimeError("FidoIMAP4Client runs one command at a time")
         if what is None:
             what = name.decode("ascii", "replace")
             if name == b"UID" and args:
                 what += " " + args.split(b" ", 1)[0].decode("ascii", "replace")
-        self._untagged = untagged
         self._limits(literal_each, literal_total, literal_caps, what)
         self._tag_number += 1
         tag = b"%04X" % self._tag_number
-        self.waiting = tag
-        self._command = (name, d, continuation)
-        self._deadline.arm(self.command_timeout if timeout is None else timeout, what)
+        timeout = self.command_timeout if timeout is None else timeout
+        if queue:
+            self._queued = (tag, name, d, untagged, timeout, what)
+            self._running_untagged = running = self._untagged
+            self._untagged = untagged if running is None else _both(running, untagged)
+        else:
+            self._untagged = untagged
+            self.waiting = tag
+            self._command = (name, d, continuation)
+            self._deadline.arm(timeout, what)
         self.sendLine(tag + b" " + name if args is None else b" ".join((tag, name, args)))
         return d
 
     def _finished(self):
-        """The running command has its answer (or never will)."""
+        """The running command has its answer (or never will): a pipelined
+        one runs next."""
         self.waiting = None
         self._command = None
         self._untagged = None
         self._deadline.disarm()
+        queued, self._queued = self._queued, None
+        if queued is not None:
+            tag, name, d, untagged, timeout, what = queued
+            self.waiting = tag
+            self._command = (name, d, None)
+            self._untagged = untagged
+            self._deadline.arm(timeout, what)
+
+    def _queued_finished(self, tag):
+        """The pipelined command's Deferred, if ``tag`` is its (answered
+        before the running one); the running one's handler is its own again."""
+        queued = self._queued
+        if queued is None or tag != queued[0]:
+            return None
+        self._queued = None
+        self._untagged = self._running_untagged
+        return queued[1], queued[2]
 
     def start_tls(self, context_factory):
         """Switch the transport to TLS (after a tagged OK to STARTTLS).
@@ -385,6 +427,14 @@ def lost_error(proto, reason):
 
 def _ignore(*args):
     pass
+
+
+def _both(first, second):
+    def untagged(segments):
+        first(segments)
+        second(segments)
+
+    return untagged
 
 
 def _closed():

@@ -18,7 +18,8 @@ The class using it provides ``_bounds`` (a
 :class:`~fido_tx.sources.imap.trace.ProtocolTrace`), ``_deadline`` and
 ``_rate`` (see :mod:`~fido_tx.sources.imap.deadline`), ``state``,
 ``waiting`` (the running command's tag) and ``_command`` (its name,
-Deferred and continuation), ``_untagged``, ``observer``, ``greeting``,
+Deferred and continuation), ``_queued_finished(tag)`` (a pipelined
+command's name and Deferred when ``tag`` is its), ``_untagged``, ``observer``, ``greeting``,
 ``error``, ``closed``, ``line_mode``, ``transport`` and ``fail(error)``.
 """
 
@@ -211,11 +212,15 @@ class ResponseReader(LinearLineReader):
 
     def _tagged(self, tag, rest):
         if tag != self.waiting:
-            raise FidoError(
-                errors.PROTOCOL, f"response with an unknown tag: {_show(tag + b' ' + rest)}"
-            )
-        name, d, _ = self._command
-        self._finished()
+            early = self._queued_finished(tag)
+            if early is None:
+                raise FidoError(
+                    errors.PROTOCOL, f"response with an unknown tag: {_show(tag + b' ' + rest)}"
+                )
+            name, d = early
+        else:
+            name, d, _ = self._command
+            self._finished()
         self.last_response = rest
         m = _TAGGED.match(rest)
         status = m.group(1).upper() if m else b""
