@@ -18,6 +18,7 @@ from fido_tx import errors
 from fido_tx.sources.imap import client as imapproto
 from fido_tx.sources.imap import login as imaplogin
 from fido_tx.sources.imap import parse as imapparse
+from fido_tx.sources.imap import identity as identity_mod
 from fido_tx.sources.imap import session as imap
 from fido_tx.sources.imap.login import ImapConnection, Login
 from fido_tx.sources.imap.poll import MailboxPoll
@@ -683,6 +684,70 @@ class PipelinedMarkingTests(SynchronousTestCase):
     def test_delete_marks_before_the_next_fetch(self):
         d, poll, proto, transport, sink = self.start(after_fetch="delete")
         self.assertEqual(transport.value(), b"0003 UID STORE 1:2 +FLAGS.SILENT (\\Deleted)\r\n")
+
+
+class SavedSearchTests(SynchronousTestCase):
+    """With SEARCHRES, the SEARCH and the sizes FETCH go in one write."""
+
+    def start(self, caps=(b"SEARCHRES",), epochs=None):
+        account = Account(id="a", host="h", username="u", password="p")
+        proto, transport, _ = connect()
+        conn = ImapConnection(account, proto, None)
+        conn.caps = frozenset(caps)
+        sink = MemorySink()
+        poll = MailboxPoll(conn, account, sink, ImapSettings(), _no_steps, epochs=epochs)
+        info = imapparse.SelectInfo()
+        info.uidvalidity = 7
+        transport.clear()
+        return poll, proto, transport, info, sink
+
+    def test_search_and_sizes_in_one_write_then_the_bodies(self):
+        poll, proto, transport, info, sink = self.start()
+        d = defer.ensureDeferred(poll.search(info, {b"UNSEEN": 2}))
+        self.assertEqual(transport.value(), b"0001 UID SEARCH RETURN (SAVE) UNSEEN\r\n"
+                                            b"0002 UID FETCH $ (UID RFC822.SIZE)\r\n")
+        proto.dataReceived(b"0001 OK saved\r\n* 1 FETCH (UID 5 RFC822.SIZE 2)\r\n"
+                           b"* 2 FETCH (UID 6 RFC822.SIZE 2)\r\n"
+                           b"* 3 FETCH (UID 9 FLAGS (\\Seen))\r\n0002 OK\r\n")
+        self.assertEqual(self.successResultOf(d), [5, 6])
+        transport.clear()
+        d = defer.ensureDeferred(poll.fetch_new(info, [5, 6]))
+        # no sizes FETCH of its own
+        self.assertEqual(transport.value(), b"0003 UID FETCH 5:6 (UID BODY.PEEK[])\r\n")
+        transport.clear()
+        proto.dataReceived(b"* 1 FETCH (UID 5 BODY[] {2}\r\nm5)\r\n"
+                           b"* 2 FETCH (UID 6 BODY[] {2}\r\nm6)\r\n0003 OK\r\n")
+        proto.dataReceived(b"0004 OK\r\n")
+        self.successResultOf(d)
+        self.assertEqual([m.raw for m in sink.entries], [b"m5", b"m6"])
+        self.assertEqual(poll.marked, 2)
+
+    def test_a_first_poll_in_an_epoch_asks_the_message_ids_with_it(self):
+        poll, proto, transport, info, sink = self.start(epochs=identity_mod.Epochs())
+        d = defer.ensureDeferred(poll.search(info, {b"UNSEEN": 1}))
+        self.assertIn(b"0002 UID FETCH $ " + identity_mod.ITEMS + b"\r\n", transport.value())
+        proto.dataReceived(b"0001 OK\r\n* 1 FETCH (UID 5 RFC822.SIZE 2 "
+                           b"BODY[HEADER.FIELDS (MESSAGE-ID)] {21}\r\n"
+                           b"Message-ID: <a@b>\r\n\r\n)\r\n0002 OK\r\n")
+        self.assertEqual(self.successResultOf(d), [5])
+        self.assertEqual(poll.prefetched, {5: (2, "<a@b>")})
+
+    def test_a_refused_search_waits_for_the_fetch_and_is_the_error(self):
+        poll, proto, transport, info, _ = self.start()
+        d = defer.ensureDeferred(poll.search(info, {b"UNSEEN": 2}))
+        proto.dataReceived(b"0001 BAD [CLIENTBUG] no\r\n")
+        self.assertNoResult(d)
+        proto.dataReceived(b"0002 NO nothing saved\r\n")
+        err = self.failureResultOf(d, FidoError).value
+        self.assertIn("UID SEARCH failed: BAD", err.message)
+        self.assertIsNone(proto.waiting)
+
+    def test_plain_search_without_searchres_a_status_or_with_many_unseen(self):
+        for caps, status in (((), {b"UNSEEN": 2}), ((b"SEARCHRES",), None),
+                             ((b"SEARCHRES",), {b"UNSEEN": 1001})):
+            poll, proto, transport, info, _ = self.start(caps)
+            defer.ensureDeferred(poll.search(info, status))
+            self.assertEqual(transport.value(), b"0001 UID SEARCH UNSEEN\r\n")
 
 
 class AuthChoiceTests(SynchronousTestCase):

@@ -93,6 +93,23 @@ def batches(uids, sizes, limit_n, limit_b):
         yield batch
 
 
+def fetch_handler(collect):
+    """An ``untagged`` callback calling ``collect(uid, items)`` per FETCH
+    response that names its UID."""
+    def untagged(segments):
+        head = segments[0]
+        sp = head.find(b" ")
+        if sp <= 0 or head[sp + 1:sp + 7].upper() != b"FETCH ":
+            return
+        seq, values = parse_fetch(segments)
+        uid = values.get(b"UID")
+        if uid is None or not uid.isdigit():
+            return  # an unsolicited FETCH (flag change) of another message
+        collect(int(uid), values)
+
+    return untagged
+
+
 class MailboxPoll:
     """Poll ``mailbox`` once on ``connection`` (an
     :class:`~fido_tx.sources.imap.login.ImapConnection`).  The counters say
@@ -126,6 +143,9 @@ class MailboxPoll:
         self.aliases = {}
         #: UIDs confirmed by the sink, to be marked with the next batch's FETCH
         self._unmarked = []
+        #: ``{uid: (size, message_id or None)}`` fetched with the SEARCH
+        #: (``None``: not; see :meth:`search_with_sizes`)
+        self.prefetched = None
 
     def command(self, name, args=None, **kw):
         return self.conn.proto.command(name, args, **kw)
@@ -140,7 +160,7 @@ class MailboxPoll:
         info = await self.select()
         if not await selection.begin(info.uidvalidity, await selection.uidnext_of(info)):
             return
-        uids = await self.search(info)
+        uids = await self.search(info, status)
         if uids:
             await self.take(info, uids)
         await selection.finish(uids)
@@ -256,15 +276,18 @@ class MailboxPoll:
                   mailbox=self.mailbox, exists=info.exists, uidvalidity=info.uidvalidity)
         return info
 
-    async def search(self, info):
+    async def search(self, info, status=None):
         keywords = b""
         for kw in (self.settings.too_large_keyword, self.settings.rejected_keyword):
             if kw and info.keyword_known(kw):
                 keywords += b" UNKEYWORD " + kw.encode("ascii", "replace")
         found = set()
         try:
-            await self.command(b"UID", self.selection.query(keywords),
-                               untagged=search_handler(found))
+            if self.saves_search(status):
+                found.update(await self.search_with_sizes(info, keywords))
+            else:
+                await self.command(b"UID", self.selection.query(keywords),
+                                   untagged=search_handler(found))
         except ImapCommandError as e:
             raise command_error(e, errors.PROTOCOL, "UID SEARCH")
         uids = self.selection.keep(found)
@@ -277,21 +300,55 @@ class MailboxPoll:
         self.step("{n} {what} messages", n=len(uids), what=what)
         return uids
 
+    def saves_search(self, status):
+        """Whether the SEARCH and the sizes FETCH go in one write (RFC 5182
+        SEARCHRES: ``UID SEARCH RETURN (SAVE)`` then ``UID FETCH $``): the
+        server has it and STATUS counted at most :data:`SIZE_CHUNK` unseen
+        messages (``$`` holds them all: the FETCH is bounded by that)."""
+        if not status or self.selection.new or b"SEARCHRES" not in self.conn.caps:
+            return False
+        unseen = status.get(b"UNSEEN")
+        return unseen is not None and 0 < unseen <= SIZE_CHUNK
+
+    async def search_with_sizes(self, info, keywords):
+        """The UIDs found, their sizes (and, where :func:`identity.sizes`
+        will want them, Message-IDs) kept in :attr:`prefetched`: one round
+        trip instead of the SEARCH's and the sizes FETCH's."""
+        items = identity.items_for(self, str(info.uidvalidity))
+        query = b"SEARCH RETURN (SAVE)" + self.selection.query(keywords)[len(b"SEARCH"):]
+        got = {}
+
+        def collect(uid, values):
+            size = values.get(b"RFC822.SIZE")
+            if isinstance(size, bytes) and size.isdigit():
+                got[uid] = (int(size), identity.message_id_of(values))
+
+        search = self.command(b"UID", query)
+        fetch = self.command(b"UID", b"FETCH $ " + items, untagged=fetch_handler(collect),
+                             pipelined=True)
+        try:
+            await search
+        except defer.CancelledError:
+            fetch.addErrback(lambda _: None)
+            raise
+        except Exception:
+            try:  # the connection stays usable: the FETCH's answer first
+                await fetch
+            except Exception:
+                pass
+            raise
+        try:
+            await fetch
+        except ImapCommandError as e:
+            raise command_error(e, errors.PROTOCOL, "UID FETCH $")
+        self.prefetched = got
+        return got
+
     async def fetch_items(self, uids, items, collect, **limits):
         """``UID FETCH`` in chunks; ``collect(uid, items)`` per response;
         ``limits``: literal bounds for ``command()`` (body batches are one
         chunk)."""
-        def untagged(segments):
-            head = segments[0]
-            sp = head.find(b" ")
-            if sp <= 0 or head[sp + 1:sp + 7].upper() != b"FETCH ":
-                return
-            seq, values = parse_fetch(segments)
-            uid = values.get(b"UID")
-            if uid is None or not uid.isdigit():
-                return  # an unsolicited FETCH (flag change) of another message
-            collect(int(uid), values)
-
+        untagged = fetch_handler(collect)
         for i in range(0, len(uids), SIZE_CHUNK):
             chunk = uids[i:i + SIZE_CHUNK]
             try:
