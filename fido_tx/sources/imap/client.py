@@ -152,6 +152,8 @@ class FidoIMAP4Client(ResponseReader, protocol.Protocol):
         #: commands written after ``waiting``, not running yet: (tag, name,
         #: Deferred, untagged, timeout, what, literal bounds)
         self._queued = collections.deque()
+        #: the queued command that may be answered first (``pipelined``)
+        self._early = None
         self._untagged = None
         #: called with the segments of EVERY untagged response, whatever
         #: command runs (or none): a held connection's watch for EXISTS
@@ -265,6 +267,7 @@ class FidoIMAP4Client(ResponseReader, protocol.Protocol):
             d = self._command[1]
             self._finished()
             d.errback(err)
+        self._early = None
         while self._queued:
             self._queued.popleft()[2].errback(failure.Failure(self.error))
         if not self.lost.called:
@@ -316,12 +319,18 @@ class FidoIMAP4Client(ResponseReader, protocol.Protocol):
         self._write(line + CRLF)
 
     def command(self, name, args=None, untagged=None, continuation=None, timeout=None, what=None,
-                literal_each=None, literal_total=None, literal_caps=None):
+                literal_each=None, literal_total=None, literal_caps=None, pipelined=False):
         """Send one command; fire with the tagged OK text.
 
         While another command runs, the line is written at once and the
         command queued behind it (pipelining, see the module docstring); it
-        must not take a ``continuation`` then.
+        must not take a ``continuation`` then.  With ``pipelined`` the
+        queued command may also be answered *before* the running one (RFC
+        3501 sec 5.5: a server may run commands that are not ambiguous side
+        by side; Fido asks it only of a ``UID FETCH`` written behind a
+        ``UID STORE +FLAGS.SILENT``): its bounds apply at once and every
+        untagged response goes to its handler as well as the running one's.
+        One such command at a time.
 
         :param untagged: called with the segments of each untagged response
             (``[text]``, or ``[text, literal, text, ...]``) while it runs;
@@ -349,12 +358,17 @@ class FidoIMAP4Client(ResponseReader, protocol.Protocol):
         self._tag_number += 1
         tag = b"%04X" % self._tag_number
         timeout = self.command_timeout if timeout is None else timeout
+        literals = (literal_each, literal_total, literal_caps)
         if self.waiting is None:
-            self._run(tag, name, d, continuation, untagged, timeout, what,
-                      (literal_each, literal_total, literal_caps))
+            self._run(tag, name, d, continuation, untagged, timeout, what, literals)
         else:
-            self._queued.append((tag, name, d, untagged, timeout, what,
-                                 (literal_each, literal_total, literal_caps)))
+            entry = (tag, name, d, untagged, timeout, what, literals)
+            if pipelined:
+                if self._early is not None:
+                    raise RuntimeError("FidoIMAP4Client runs one command out of order at a time")
+                self._early = entry
+                self._limits(*literals, what)  # its literals may come first
+            self._queued.append(entry)
         self.sendLine(tag + b" " + name if args is None else b" ".join((tag, name, args)))
         return d
 
@@ -379,8 +393,21 @@ class FidoIMAP4Client(ResponseReader, protocol.Protocol):
         self._untagged = None
         self._deadline.disarm()
         if self._queued and self.error is None:
-            tag, name, d, untagged, timeout, what, literals = self._queued.popleft()
+            entry = self._queued.popleft()
+            if entry is self._early:
+                self._early = None  # running now, in order
+            tag, name, d, untagged, timeout, what, literals = entry
             self._run(tag, name, d, None, untagged, timeout, what, literals)
+
+    def _early_finished(self, tag):
+        """The name and Deferred of the command written with ``pipelined``
+        if ``tag`` is its (answered before the running one), else None."""
+        entry = self._early
+        if entry is None or entry[0] != tag:
+            return None
+        self._early = None
+        self._queued.remove(entry)
+        return entry[1], entry[2]
 
     def start_tls(self, context_factory):
         """Switch the transport to TLS (after a tagged OK to STARTTLS).

@@ -36,6 +36,20 @@ async def store_flags(poll, uids, flag):
             raise command_error(e, errors.MAILBOX, "UID STORE")
 
 
+def store_seen(poll, uids):
+    """Write ``UID STORE <uids> +FLAGS.SILENT (\\Seen)`` while the next
+    command is written after it (pipelined: see
+    :meth:`~fido_tx.sources.imap.poll.MailboxPoll.fetch_bodies`): its
+    Deferred, not awaited here.  ``uids``: at most :data:`SIZE_CHUNK`."""
+    return poll.command(b"UID", b"STORE " + uid_set(uids) + b" +FLAGS.SILENT (\\Seen)")
+
+
+def marked(poll, uids):
+    """Count and say that ``uids`` were marked (``after_fetch``)."""
+    poll.marked += len(uids)
+    poll.step("marked {n} messages ({action})", n=len(uids), action=poll.account.after_fetch)
+
+
 async def expunge(poll, uids):
     try:
         if b"UIDPLUS" in poll.conn.caps:

@@ -19,7 +19,8 @@ The class using it provides ``_bounds`` (a
 ``_rate`` (see :mod:`~fido_tx.sources.imap.deadline`), ``state``,
 ``waiting`` (the running command's tag) and ``_command`` (its name,
 Deferred and continuation), ``_queued`` (the commands written behind it,
-tag first), ``_untagged``, ``observer``, ``greeting``,
+tag first), ``_early`` (the queued one that may be answered first, or
+None) and ``_early_finished(tag)``, ``_untagged``, ``observer``, ``greeting``,
 ``error``, ``closed``, ``line_mode``, ``transport`` and ``fail(error)``.
 """
 
@@ -201,6 +202,9 @@ class ResponseReader(LinearLineReader):
         if observer is not None:
             observer(segments)
         handler = self._untagged
+        early = self._early
+        if early is not None and early[3] is not None:
+            handler = early[3] if handler is None else _both(handler, early[3])
         if handler is None:
             return
         if len(segments) == 1 and text[:6].upper() == b"SEARCH":
@@ -211,7 +215,10 @@ class ResponseReader(LinearLineReader):
         handler(segments)
 
     def _tagged(self, tag, rest):
-        if tag != self.waiting:
+        early = None if tag == self.waiting else self._early_finished(tag)
+        if early is not None:
+            name, d = early
+        elif tag != self.waiting:
             if any(queued[0] == tag for queued in self._queued):
                 self.pipeline_dropped = True
                 raise FidoError(
@@ -222,8 +229,9 @@ class ResponseReader(LinearLineReader):
             raise FidoError(
                 errors.PROTOCOL, f"response with an unknown tag: {_show(tag + b' ' + rest)}"
             )
-        name, d, _ = self._command
-        self._finished()
+        else:
+            name, d, _ = self._command
+            self._finished()
         self.last_response = rest
         m = _TAGGED.match(rest)
         status = m.group(1).upper() if m else b""
@@ -236,3 +244,14 @@ class ResponseReader(LinearLineReader):
             err = FidoError(errors.PROTOCOL, f"bad tagged response: {_show(rest)}")
             self.fail(err)
             d.errback(err)  # no longer the running command: fail it here
+
+
+def _both(first, second):
+    """One untagged handler calling two (a running command's and the one
+    written behind it that may be answered first)."""
+
+    def untagged(segments):
+        first(segments)
+        second(segments)
+
+    return untagged
