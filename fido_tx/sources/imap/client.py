@@ -32,8 +32,6 @@ The small parsers of IMAP syntax are in :mod:`~fido_tx.sources.imap.parse`
 and re-exported here.
 """
 
-import collections
-
 from twisted.internet import defer, protocol
 from twisted.internet import error as ierror
 from twisted.python import failure
@@ -61,6 +59,8 @@ from fido_tx.sources.imap.parse import (  # noqa: F401 - re-exported for callers
 )
 from fido_tx.sources.imap import bounds
 from fido_tx.sources.imap.deadline import Deadline, LiteralRate
+from fido_tx.sources.imap.pipeline import CommandQueue
+from fido_tx.sources.imap.trace import TracedLines
 from fido_tx.sources.imap.responses import ImapCommandError, ResponseReader
 from fido_tx.sources.imap.tlserror import tls_error  # noqa: F401 - re-exported
 from fido_tx.sources.imap.trace import ProtocolTrace
@@ -70,7 +70,7 @@ from fido_tx.sources.imap.trace import ProtocolTrace
 CRLF = b"\r\n"
 
 
-class FidoIMAP4Client(ResponseReader, protocol.Protocol):
+class FidoIMAP4Client(ResponseReader, TracedLines, protocol.Protocol):
     """One IMAP connection with per-command timeouts and a debug trace.
 
     Use :meth:`command` for every command (queued behind a running one); wait for
@@ -151,9 +151,7 @@ class FidoIMAP4Client(ResponseReader, protocol.Protocol):
         self._command = None  # (name, Deferred, continuation) of ``waiting``
         #: commands written after ``waiting``, not running yet: (tag, name,
         #: Deferred, untagged, timeout, what, literal bounds)
-        self._queued = collections.deque()
-        #: the queued command that may be answered first (``pipelined``)
-        self._early = None
+        self._queued = CommandQueue()
         self._untagged = None
         #: called with the segments of EVERY untagged response, whatever
         #: command runs (or none): a held connection's watch for EXISTS
@@ -187,32 +185,6 @@ class FidoIMAP4Client(ResponseReader, protocol.Protocol):
     def search_ignored(self):
         """UIDs of the last command's SEARCH responses dropped by ``max_search_uids``."""
         return self._bounds.search_ignored
-
-    # -- tracing -----------------------------------------------------------
-
-    @property
-    def scrub_forms(self):
-        """Callable returning the secret's forms (credentials'
-        ``secret_forms``): removed from traced server lines before they are cut."""
-        return self._trace.scrub_forms
-
-    @scrub_forms.setter
-    def scrub_forms(self, forms):
-        self._trace.scrub_forms = forms
-
-    @property
-    def trace(self):
-        """The last protocol lines, formatted (``"S: * OK ..."``), secrets
-        removed before anything is cut."""
-        return self._trace.lines()
-
-    def debug_lines(self):
-        return self._trace.lines()
-
-    def clear_trace(self):
-        """Forget the traced lines: a held connection waiting in IDLE keeps
-        no debug text of its login (about 3 KiB per connection)."""
-        self._trace.clear()
 
     # -- timers --------------------------------------------------------------
 
@@ -267,9 +239,7 @@ class FidoIMAP4Client(ResponseReader, protocol.Protocol):
             d = self._command[1]
             self._finished()
             d.errback(err)
-        self._early = None
-        while self._queued:
-            self._queued.popleft()[2].errback(failure.Failure(self.error))
+        self._queued.fail(self.error)
         if not self.lost.called:
             self.lost.callback(None)
 
@@ -362,13 +332,9 @@ class FidoIMAP4Client(ResponseReader, protocol.Protocol):
         if self.waiting is None:
             self._run(tag, name, d, continuation, untagged, timeout, what, literals)
         else:
-            entry = (tag, name, d, untagged, timeout, what, literals)
+            self._queued.add((tag, name, d, untagged, timeout, what, literals), pipelined)
             if pipelined:
-                if self._early is not None:
-                    raise RuntimeError("FidoIMAP4Client runs one command out of order at a time")
-                self._early = entry
                 self._limits(*literals, what)  # its literals may come first
-            self._queued.append(entry)
         self.sendLine(tag + b" " + name if args is None else b" ".join((tag, name, args)))
         return d
 
@@ -393,21 +359,8 @@ class FidoIMAP4Client(ResponseReader, protocol.Protocol):
         self._untagged = None
         self._deadline.disarm()
         if self._queued and self.error is None:
-            entry = self._queued.popleft()
-            if entry is self._early:
-                self._early = None  # running now, in order
-            tag, name, d, untagged, timeout, what, literals = entry
+            tag, name, d, untagged, timeout, what, literals = self._queued.next()
             self._run(tag, name, d, None, untagged, timeout, what, literals)
-
-    def _early_finished(self, tag):
-        """The name and Deferred of the command written with ``pipelined``
-        if ``tag`` is its (answered before the running one), else None."""
-        entry = self._early
-        if entry is None or entry[0] != tag:
-            return None
-        self._early = None
-        self._queued.remove(entry)
-        return entry[1], entry[2]
 
     def start_tls(self, context_factory):
         """Switch the transport to TLS (after a tagged OK to STARTTLS).

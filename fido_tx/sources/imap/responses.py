@@ -19,8 +19,7 @@ The class using it provides ``_bounds`` (a
 ``_rate`` (see :mod:`~fido_tx.sources.imap.deadline`), ``state``,
 ``waiting`` (the running command's tag) and ``_command`` (its name,
 Deferred and continuation), ``_queued`` (the commands written behind it,
-tag first), ``_early`` (the queued one that may be answered first, or
-None) and ``_early_finished(tag)``, ``_untagged``, ``observer``, ``greeting``,
+a :class:`~fido_tx.sources.imap.pipeline.CommandQueue`), ``_untagged``, ``observer``, ``greeting``,
 ``error``, ``closed``, ``line_mode``, ``transport`` and ``fail(error)``.
 """
 
@@ -201,10 +200,7 @@ class ResponseReader(LinearLineReader):
         observer = self.observer
         if observer is not None:
             observer(segments)
-        handler = self._untagged
-        early = self._early
-        if early is not None and early[3] is not None:
-            handler = early[3] if handler is None else _both(handler, early[3])
+        handler = self._queued.untagged(self._untagged)
         if handler is None:
             return
         if len(segments) == 1 and text[:6].upper() == b"SEARCH":
@@ -215,9 +211,9 @@ class ResponseReader(LinearLineReader):
         handler(segments)
 
     def _tagged(self, tag, rest):
-        early = None if tag == self.waiting else self._early_finished(tag)
+        early = None if tag == self.waiting else self._queued.answered_early(tag)
         if early is not None:
-            name, d = early
+            name, d = early[1], early[2]
         elif tag != self.waiting:
             if any(queued[0] == tag for queued in self._queued):
                 self.pipeline_dropped = True
@@ -244,14 +240,3 @@ class ResponseReader(LinearLineReader):
             err = FidoError(errors.PROTOCOL, f"bad tagged response: {_show(rest)}")
             self.fail(err)
             d.errback(err)  # no longer the running command: fail it here
-
-
-def _both(first, second):
-    """One untagged handler calling two (a running command's and the one
-    written behind it that may be answered first)."""
-
-    def untagged(segments):
-        first(segments)
-        second(segments)
-
-    return untagged
