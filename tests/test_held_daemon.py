@@ -90,6 +90,10 @@ def test_idle_account_held_without_a_slot_fetches_within_a_second(tmp_path, redi
         assert h.d.scheduler.running_count == 0
         assert h.d.scheduler.held_count == 3
         assert h.held.snapshot()["idling"] == 3
+        # the composition root's shared poll ticks: each IDLE's refresh waits on them
+        assert h.held.pool.ticker is h.held.ticker
+        assert h.held.ticker.quantum == h.settings.imap.poll_tick == 1.0
+        assert h.held.ticker.pending == 3
         assert [stream_ids(redis, u) for u in ("a1", "a2", "a3")] == [[1], [1], [1]]
         for n in (2, 3):
             sent = time.monotonic()
