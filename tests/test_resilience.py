@@ -545,6 +545,8 @@ class _Chatterbox(__import__("twisted.internet.protocol", fromlist=["Protocol"])
                 continue
             tag, _, rest = line.partition(b" ")
             verb = rest.split(b" ", 1)[0].upper()
+            if self.loop is not None:
+                continue  # busy with SELECT for ever: what was pipelined waits
             if verb == b"SELECT":
                 self.loop = task.LoopingCall(self.transport.write, b"* OK still working\r\n")
                 self.loop.start(0.1)

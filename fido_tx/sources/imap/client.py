@@ -149,8 +149,7 @@ class FidoIMAP4Client(ResponseReader, protocol.Protocol):
         self.line_mode = 1
         self._tag_number = 0
         self._command = None  # (name, Deferred, continuation) of ``waiting``
-        #: commands written after ``waiting``, not running yet: (tag, name,
-        #: Deferred, untagged, timeout, what, literal bounds)
+        #: written behind ``waiting``: (tag, name, d, untagged, timeout, what, literals)
         self._queued = collections.deque()
         self._untagged = None
         #: called with the segments of EVERY untagged response, whatever
@@ -317,11 +316,8 @@ class FidoIMAP4Client(ResponseReader, protocol.Protocol):
 
     def command(self, name, args=None, untagged=None, continuation=None, timeout=None, what=None,
                 literal_each=None, literal_total=None, literal_caps=None):
-        """Send one command; fire with the tagged OK text.
-
-        While another command runs, the line is written at once and the
-        command queued behind it (pipelining, see the module docstring); it
-        must not take a ``continuation`` then.
+        """Send one command (queued behind a running one: see the module
+        docstring); fire with the tagged OK text.
 
         :param untagged: called with the segments of each untagged response
             (``[text]``, or ``[text, literal, text, ...]``) while it runs;
