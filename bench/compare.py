@@ -153,8 +153,9 @@ def _run_fido(ctx, workers, accounts, expected, code=None):
     if os.path.exists(stall_file):
         os.unlink(stall_file)
     env = dict(os.environ, FIDO_STALL_FILE=stall_file)
-    if code:  # the "old" fetcher: Fido from another checkout
-        env["FIDO_CODE"] = code
+    # this checkout's Fido (not whatever the virtualenv's editable install
+    # points at), or another checkout's for "old" and "base"
+    env["FIDO_CODE"] = code or ROOT
     out = open(os.path.join(ctx.workdir, "daemon.out"), "ab")
     s0 = server_cpu(ctx)
     start = time.monotonic()

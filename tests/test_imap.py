@@ -792,6 +792,38 @@ def test_dovecot_seen_and_wrong_password(dovecot):
 
 
 @pytest_twisted.inlineCallbacks
+def test_dovecot_saved_search_and_pipelined_marking_over_three_batches(dovecot):
+    """Dovecot has SEARCHRES: the SEARCH and the sizes FETCH go in one write,
+    and each batch's STORE with the next batch's FETCH; every message arrives
+    intact, once, and is marked seen."""
+    import imaplib
+    import ssl
+
+    from tests.support import dovecot as dc
+
+    dovecot.reset("alice")
+    bodies = [dc.make_message(i, 1000 + 37 * i) for i in range(60)]
+    for body in bodies:
+        dovecot.add_message("alice", body)
+    imap = imaplib.IMAP4_SSL("localhost", dovecot.ssl_port,
+                             ssl_context=ssl.create_default_context(cafile=dovecot.ca_file))
+    secret = dovecot.users["alice"].encode("utf-8")
+    imap.authenticate("PLAIN", lambda _: b"\0alice\0" + secret)
+    assert b"SEARCHRES" in imap.capability()[1][0].split()  # the path under test is taken
+    imap.logout()
+    sink = MemorySink()
+    settings = ImapSettings(command_timeout=5, batch_messages=25)
+    result = yield run(dovecot_account(dovecot), sink, settings)
+    assert result.ok, result.debug
+    assert [m.raw for m in sink.entries] == bodies
+    assert [c[1] for c in sink.calls if c[0] == "deliver"] == [
+        tuple(str(u) for u in range(1, 26)), tuple(str(u) for u in range(26, 51)),
+        tuple(str(u) for u in range(51, 61))]
+    assert result.fetched == 60 and result.marked == 60
+    assert set(dovecot.flags("alice").values()) == {"S"}
+
+
+@pytest_twisted.inlineCallbacks
 def test_sessions_share_the_inflight_budget_and_give_it_back(server):
     from twisted.internet import reactor
 

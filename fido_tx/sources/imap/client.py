@@ -32,8 +32,6 @@ The small parsers of IMAP syntax are in :mod:`~fido_tx.sources.imap.parse`
 and re-exported here.
 """
 
-import collections
-
 from twisted.internet import defer, protocol
 from twisted.internet import error as ierror
 from twisted.python import failure
@@ -61,6 +59,8 @@ from fido_tx.sources.imap.parse import (  # noqa: F401 - re-exported for callers
 )
 from fido_tx.sources.imap import bounds
 from fido_tx.sources.imap.deadline import Deadline, LiteralRate
+from fido_tx.sources.imap.pipeline import CommandQueue
+from fido_tx.sources.imap.trace import TracedLines
 from fido_tx.sources.imap.responses import ImapCommandError, ResponseReader
 from fido_tx.sources.imap.tlserror import tls_error  # noqa: F401 - re-exported
 from fido_tx.sources.imap.trace import ProtocolTrace
@@ -70,7 +70,7 @@ from fido_tx.sources.imap.trace import ProtocolTrace
 CRLF = b"\r\n"
 
 
-class FidoIMAP4Client(ResponseReader, protocol.Protocol):
+class FidoIMAP4Client(ResponseReader, TracedLines, protocol.Protocol):
     """One IMAP connection with per-command timeouts and a debug trace.
 
     Use :meth:`command` for every command (queued behind a running one); wait for
@@ -149,8 +149,9 @@ class FidoIMAP4Client(ResponseReader, protocol.Protocol):
         self.line_mode = 1
         self._tag_number = 0
         self._command = None  # (name, Deferred, continuation) of ``waiting``
-        #: written behind ``waiting``: (tag, name, d, untagged, timeout, what, literals)
-        self._queued = collections.deque()
+        #: commands written after ``waiting``, not running yet: (tag, name,
+        #: Deferred, untagged, timeout, what, literal bounds)
+        self._queued = CommandQueue()
         self._untagged = None
         #: called with the segments of EVERY untagged response, whatever
         #: command runs (or none): a held connection's watch for EXISTS
@@ -184,32 +185,6 @@ class FidoIMAP4Client(ResponseReader, protocol.Protocol):
     def search_ignored(self):
         """UIDs of the last command's SEARCH responses dropped by ``max_search_uids``."""
         return self._bounds.search_ignored
-
-    # -- tracing -----------------------------------------------------------
-
-    @property
-    def scrub_forms(self):
-        """Callable returning the secret's forms (credentials'
-        ``secret_forms``): removed from traced server lines before they are cut."""
-        return self._trace.scrub_forms
-
-    @scrub_forms.setter
-    def scrub_forms(self, forms):
-        self._trace.scrub_forms = forms
-
-    @property
-    def trace(self):
-        """The last protocol lines, formatted (``"S: * OK ..."``), secrets
-        removed before anything is cut."""
-        return self._trace.lines()
-
-    def debug_lines(self):
-        return self._trace.lines()
-
-    def clear_trace(self):
-        """Forget the traced lines: a held connection waiting in IDLE keeps
-        no debug text of its login (about 3 KiB per connection)."""
-        self._trace.clear()
 
     # -- timers --------------------------------------------------------------
 
@@ -264,8 +239,7 @@ class FidoIMAP4Client(ResponseReader, protocol.Protocol):
             d = self._command[1]
             self._finished()
             d.errback(err)
-        while self._queued:
-            self._queued.popleft()[2].errback(failure.Failure(self.error))
+        self._queued.fail(self.error)
         if not self.lost.called:
             self.lost.callback(None)
 
@@ -315,9 +289,18 @@ class FidoIMAP4Client(ResponseReader, protocol.Protocol):
         self._write(line + CRLF)
 
     def command(self, name, args=None, untagged=None, continuation=None, timeout=None, what=None,
-                literal_each=None, literal_total=None, literal_caps=None):
-        """Send one command (queued behind a running one: see the module
-        docstring); fire with the tagged OK text.
+                literal_each=None, literal_total=None, literal_caps=None, pipelined=False):
+        """Send one command; fire with the tagged OK text.
+
+        While another command runs, the line is written at once and the
+        command queued behind it (pipelining, see the module docstring); it
+        must not take a ``continuation`` then.  With ``pipelined`` the
+        queued command may also be answered *before* the running one (RFC
+        3501 sec 5.5: a server may run commands that are not ambiguous side
+        by side; Fido asks it only of a ``UID FETCH`` written behind a
+        ``UID STORE +FLAGS.SILENT``): its bounds apply at once and every
+        untagged response goes to its handler as well as the running one's.
+        One such command at a time.
 
         :param untagged: called with the segments of each untagged response
             (``[text]``, or ``[text, literal, text, ...]``) while it runs;
@@ -345,12 +328,13 @@ class FidoIMAP4Client(ResponseReader, protocol.Protocol):
         self._tag_number += 1
         tag = b"%04X" % self._tag_number
         timeout = self.command_timeout if timeout is None else timeout
+        literals = (literal_each, literal_total, literal_caps)
         if self.waiting is None:
-            self._run(tag, name, d, continuation, untagged, timeout, what,
-                      (literal_each, literal_total, literal_caps))
+            self._run(tag, name, d, continuation, untagged, timeout, what, literals)
         else:
-            self._queued.append((tag, name, d, untagged, timeout, what,
-                                 (literal_each, literal_total, literal_caps)))
+            self._queued.add((tag, name, d, untagged, timeout, what, literals), pipelined)
+            if pipelined:
+                self._limits(*literals, what)  # its literals may come first
         self.sendLine(tag + b" " + name if args is None else b" ".join((tag, name, args)))
         return d
 
@@ -375,7 +359,7 @@ class FidoIMAP4Client(ResponseReader, protocol.Protocol):
         self._untagged = None
         self._deadline.disarm()
         if self._queued and self.error is None:
-            tag, name, d, untagged, timeout, what, literals = self._queued.popleft()
+            tag, name, d, untagged, timeout, what, literals = self._queued.next()
             self._run(tag, name, d, None, untagged, timeout, what, literals)
 
     def start_tls(self, context_factory):

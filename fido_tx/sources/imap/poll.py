@@ -34,19 +34,19 @@ from twisted.logger import Logger
 from fido_tx import errors
 from fido_tx.errors import FidoError
 from fido_tx.sinks.message import Message
-from fido_tx.sources.imap import identity, marking
+from fido_tx.sources.imap import identity, marking, search
 from fido_tx.sources.imap.client import FidoIMAP4Client, ImapCommandError
 from fido_tx.sources.imap.marking import SIZE_CHUNK, command_error
 from fido_tx.sources.imap.parse import (
     SelectInfo,
     _show,
     extract_message_id,
+    fetch_handler,
     mailbox_name,
-    parse_fetch,
     response_code,
     uid_set,
 )
-from fido_tx.sources.imap.select import Selection, search_handler
+from fido_tx.sources.imap.select import Selection
 
 __all__ = ["MailboxPoll", "SIZE_CHUNK", "command_error"]
 
@@ -77,43 +77,6 @@ async def sink_call(f, *args):
     except Exception as e:
         raise FidoError(errors.PROTOCOL, f"internal error: the sink failed: "
                                          f"{type(e).__name__}: {e}")
-
-
-class SearchBehindSelect:
-    """The UID SEARCH of a poll written right behind its SELECT.
-
-    An account without a position searches what SELECT cannot change but
-    for the keywords (``UNKEYWORD``): the search asks for every configured
-    one, and SELECT's FLAGS say afterwards whether that was the search to
-    make; if not (a mailbox that cannot hold them), its answer is dropped
-    and the search made again (a SEARCH changes nothing).
-    """
-
-    def __init__(self, poll):
-        self.poll = poll
-        self.wanted = poll.search_keywords(None)
-        self.sent = None
-
-    def write(self):
-        self.sent = self.poll.send_search(self.wanted)
-
-    def drop(self):
-        if self.sent is not None:
-            self.sent.addErrback(lambda f: None)
-
-    async def answer_for(self, info):
-        """The search's Deferred when it asked what ``info`` calls for,
-        else ``None`` (once its answer is in: the connection is free)."""
-        if self.sent is None:
-            return None
-        if self.wanted == self.poll.search_keywords(info):
-            return self.sent
-        self.drop()
-        try:
-            await self.sent
-        except Exception:
-            pass
-        return None
 
 
 def batches(uids, sizes, limit_n, limit_b):
@@ -168,6 +131,11 @@ class MailboxPoll:
         self.rejected = []
         #: UIDs delivered under another id than their own: reused UIDs
         self.aliases = {}
+        #: UIDs confirmed by the sink, to be marked with the next batch's FETCH
+        self.unmarked = []
+        #: ``{uid: (size, message_id or None)}`` fetched with the SEARCH
+        #: (``None``: not; see :meth:`search_with_sizes`)
+        self.prefetched = None
 
     def command(self, name, args=None, **kw):
         return self.conn.proto.command(name, args, **kw)
@@ -182,7 +150,7 @@ class MailboxPoll:
         # an account without a position: UID SEARCH written behind SELECT
         early = None
         if self.search_with_select and not selection.tracked:
-            early = SearchBehindSelect(self)
+            early = search.SearchBehindSelect(self)
         try:
             info = await (self.select(early.write) if early else self.select())
         except BaseException:
@@ -191,7 +159,7 @@ class MailboxPoll:
             raise
         if not await selection.begin(info.uidvalidity, await selection.uidnext_of(info)):
             return
-        uids = await self.search(info, await early.answer_for(info) if early else None)
+        uids = await self.search(info, status, await early.answer_for(info) if early else None)
         if uids:
             await self.take(info, uids)
         await selection.finish(uids)
@@ -246,7 +214,9 @@ class MailboxPoll:
                 if grant is not None:
                     grant.release()
             if error is not None:
+                await marking.mark_unmarked(self)
                 raise error
+        await marking.mark_unmarked(self)
         if self.rejected:
             await self.flag(info, self.rejected, settings.rejected_keyword)
             shown = ", ".join(str(u) for u in self.rejected[:20])
@@ -310,55 +280,15 @@ class MailboxPoll:
                   mailbox=self.mailbox, exists=info.exists, uidvalidity=info.uidvalidity)
         return info
 
-    def search_keywords(self, info):
-        """The ``UNKEYWORD`` part of the search: each keyword the mailbox
-        knows (``info`` None: every configured one)."""
-        keywords = b""
-        for kw in (self.settings.too_large_keyword, self.settings.rejected_keyword):
-            if kw and (info is None or info.keyword_known(kw)):
-                keywords += b" UNKEYWORD " + kw.encode("ascii", "replace")
-        return keywords
-
-    def send_search(self, keywords):
-        """Write the UID SEARCH: a Deferred firing with the set of UIDs found."""
-        found = set()
-        d = self.command(b"UID", self.selection.query(keywords), untagged=search_handler(found))
-        return d.addCallback(lambda _: found)
-
-    async def search(self, info, sent=None):
-        """The UIDs to take; ``sent``: the answer of the search already
-        written (behind SELECT)."""
-        if sent is None:
-            sent = self.send_search(self.search_keywords(info))
-        try:
-            found = await sent
-        except ImapCommandError as e:
-            raise command_error(e, errors.PROTOCOL, "UID SEARCH")
-        uids = self.selection.keep(found)
-        ignored = self.conn.proto.search_ignored
-        what = self.selection.what
-        if ignored:
-            _log.info("session {account_id}: {n} {what} messages; taking the first {taken} "
-                      "([imap] max_search_uids), the rest next poll", what=what,
-                      account_id=self.account.id, n=len(uids) + ignored, taken=len(uids))
-        self.step("{n} {what} messages", n=len(uids), what=what)
-        return uids
+    async def search(self, info, status=None, sent=None):
+        """The UIDs to take (:func:`fido_tx.sources.imap.search.run`)."""
+        return await search.run(self, info, status, sent)
 
     async def fetch_items(self, uids, items, collect, **limits):
         """``UID FETCH`` in chunks; ``collect(uid, items)`` per response;
         ``limits``: literal bounds for ``command()`` (body batches are one
         chunk)."""
-        def untagged(segments):
-            head = segments[0]
-            sp = head.find(b" ")
-            if sp <= 0 or head[sp + 1:sp + 7].upper() != b"FETCH ":
-                return
-            seq, values = parse_fetch(segments)
-            uid = values.get(b"UID")
-            if uid is None or not uid.isdigit():
-                return  # an unsolicited FETCH (flag change) of another message
-            collect(int(uid), values)
-
+        untagged = fetch_handler(collect)
         for i in range(0, len(uids), SIZE_CHUNK):
             chunk = uids[i:i + SIZE_CHUNK]
             try:
@@ -380,7 +310,12 @@ class MailboxPoll:
         return sizes
 
     async def fetch_batch(self, batch, epoch, sizes, grant=None):
-        """Fetch, deliver and mark one batch; the delivery's error, if any."""
+        """Fetch, deliver and mark one batch; the delivery's error, if any.
+
+        With :func:`~fido_tx.sources.imap.marking.pipelined`, the UIDs the
+        sink confirmed are marked by a ``UID STORE`` written together with
+        the next batch's ``UID FETCH`` (one round trip fewer per batch), or
+        after the last batch: still only after the sink confirmed them."""
         bodies = {}
         wanted = set(batch)
         answered = set()
@@ -404,7 +339,7 @@ class MailboxPoll:
             {u: sizes[u] for u in batch}, self.settings.max_message_size + 1024 * 1024)
         if grant is not None:  # the bodies' bytes are charged as they arrive
             grant.attach(self.conn.proto, limits["literal_total"])
-        await self.fetch_items(batch, b"(UID BODY.PEEK[])", collect, **limits)
+        await marking.fetch_bodies(self, batch, collect, limits)
         if grant is not None:
             grant.settle()  # all arrived: the unused reservation goes back
         # a UID with no answer at all was expunged meanwhile; an answer
@@ -432,7 +367,9 @@ class MailboxPoll:
         self.bytes += sum(sizes[i] for i in confirmed)
         self.rejected.extend(uid_of[i] for i in delivery.rejected if i in sizes)
         confirmed = [uid_of[i] for i in confirmed]
-        if confirmed:
+        if confirmed and marking.pipelined(self):
+            self.unmarked = confirmed
+        elif confirmed:
             await self.mark(confirmed)
             self.marked += len(confirmed)
         return delivery.error
