@@ -17,14 +17,6 @@ timeouts were unfit):
   (literals collected as chunks and joined once, a FETCH response handed on
   as text segments and literal ``bytes``, untagged responses to a
   per-command handler);
-- a second command may be written behind the running one
-  (``command(pipelined=True)``: one write, one wake-up of the server and of
-  Fido instead of two), for a running command whose untagged responses
-  cannot be mistaken for the second's (Fido pipelines a ``UID STORE
-  +FLAGS.SILENT`` and the next ``UID FETCH``, a ``UID SEARCH RETURN (SAVE)``
-  and its ``UID FETCH $``): from then on every untagged response also goes
-  to the second's handler, the bounds are the second's (the first has no
-  literals to bound), and the answers may come in either order;
 - every failure (timeout, BYE, unexpected close, unparsable response) ends
   the connection and fails the pending command with one
   :class:`~fido_tx.errors.FidoError`; a command sent after that fails at once;
@@ -317,8 +309,17 @@ class FidoIMAP4Client(ResponseReader, protocol.Protocol):
 
     def command(self, name, args=None, untagged=None, continuation=None, timeout=None, what=None,
                 literal_each=None, literal_total=None, literal_caps=None, pipelined=False):
-        """Send one command; fire with the tagged OK text.  ``pipelined``:
-        may be written behind the running command (see the module docstring).
+        """Send one command; fire with the tagged OK text.
+
+        One command runs at a time, except that with ``pipelined`` a second
+        one is written at once, while the running one waits for its answer
+        (one write, one wake-up of the server and of Fido instead of two).
+        It is for a running command whose untagged responses cannot be
+        mistaken for the second's (Fido pipelines only a ``UID STORE
+        +FLAGS.SILENT`` and the next ``UID FETCH``): from then on every
+        untagged response also goes to the second's handler, and the bounds
+        are the second's (a STORE has no literals to bound).  Answers may
+        come in either order.
 
         :param untagged: called with the segments of each untagged response
             (``[text]``, or ``[text, literal, text, ...]``) while it runs;
@@ -375,6 +376,15 @@ class FidoIMAP4Client(ResponseReader, protocol.Protocol):
             self._untagged = untagged
             self._deadline.arm(timeout, what)
 
+    def _queued_finished(self, tag):
+        """The pipelined command's Deferred, if ``tag`` is its (answered
+        before the running one); the running one's handler is its own again."""
+        queued = self._queued
+        if queued is None or tag != queued[0]:
+            return None
+        self._queued = None
+        self._untagged = self._running_untagged
+        return queued[1], queued[2]
 
     def start_tls(self, context_factory):
         """Switch the transport to TLS (after a tagged OK to STARTTLS).

@@ -311,24 +311,6 @@ def _parse_fetch(segments):
     return int(seq), items
 
 
-def fetch_handler(collect):
-    """An ``untagged`` callback (the client's) calling ``collect(uid,
-    items)`` per FETCH response that names its UID: other responses and
-    FETCHes without a UID (a flag change of another message) are passed."""
-    def untagged(segments):
-        head = segments[0]
-        sp = head.find(b" ")
-        if sp <= 0 or head[sp + 1:sp + 7].upper() != b"FETCH ":
-            return
-        seq, values = parse_fetch(segments)
-        uid = values.get(b"UID")
-        if uid is None or not uid.isdigit():
-            return  # an unsolicited FETCH (flag change) of another message
-        collect(int(uid), values)
-
-    return untagged
-
-
 def parse_search(text):
     """``b"SEARCH 1 2 3"`` -> ``[1, 2, 3]`` (ignores a ``(MODSEQ n)`` suffix)."""
     words = text.split()

@@ -32,7 +32,7 @@ from twisted.logger import Logger
 from fido_tx import errors
 from fido_tx.errors import FidoError
 from fido_tx.sinks.message import Message
-from fido_tx.sources.imap import identity, marking, savedsearch
+from fido_tx.sources.imap import identity, marking
 from fido_tx.sources.imap.client import FidoIMAP4Client, ImapCommandError
 from fido_tx.sources.imap.marking import SIZE_CHUNK, command_error
 from fido_tx.sources.imap.parse import (
@@ -40,7 +40,7 @@ from fido_tx.sources.imap.parse import (
     _show,
     extract_message_id,
     mailbox_name,
-    fetch_handler,
+    parse_fetch,
     response_code,
     uid_set,
 )
@@ -93,6 +93,23 @@ def batches(uids, sizes, limit_n, limit_b):
         yield batch
 
 
+def fetch_handler(collect):
+    """An ``untagged`` callback calling ``collect(uid, items)`` per FETCH
+    response that names its UID."""
+    def untagged(segments):
+        head = segments[0]
+        sp = head.find(b" ")
+        if sp <= 0 or head[sp + 1:sp + 7].upper() != b"FETCH ":
+            return
+        seq, values = parse_fetch(segments)
+        uid = values.get(b"UID")
+        if uid is None or not uid.isdigit():
+            return  # an unsolicited FETCH (flag change) of another message
+        collect(int(uid), values)
+
+    return untagged
+
+
 class MailboxPoll:
     """Poll ``mailbox`` once on ``connection`` (an
     :class:`~fido_tx.sources.imap.login.ImapConnection`).  The counters say
@@ -127,7 +144,7 @@ class MailboxPoll:
         #: UIDs confirmed by the sink, to be marked with the next batch's FETCH
         self._unmarked = []
         #: ``{uid: (size, message_id or None)}`` fetched with the SEARCH
-        #: (``None``: not; see :mod:`~fido_tx.sources.imap.savedsearch`)
+        #: (``None``: not; see :meth:`search_with_sizes`)
         self.prefetched = None
 
     def command(self, name, args=None, **kw):
@@ -198,9 +215,9 @@ class MailboxPoll:
                 if grant is not None:
                     grant.release()
             if error is not None:
-                await marking.mark_unmarked(self)
+                await self.mark_unmarked()
                 raise error
-        await marking.mark_unmarked(self)
+        await self.mark_unmarked()
         if self.rejected:
             await self.flag(info, self.rejected, settings.rejected_keyword)
             shown = ", ".join(str(u) for u in self.rejected[:20])
@@ -266,8 +283,8 @@ class MailboxPoll:
                 keywords += b" UNKEYWORD " + kw.encode("ascii", "replace")
         found = set()
         try:
-            if savedsearch.usable(self, status):
-                found.update(await savedsearch.search_with_sizes(self, info, keywords))
+            if self.saves_search(status):
+                found.update(await self.search_with_sizes(info, keywords))
             else:
                 await self.command(b"UID", self.selection.query(keywords),
                                    untagged=search_handler(found))
@@ -282,6 +299,50 @@ class MailboxPoll:
                       account_id=self.account.id, n=len(uids) + ignored, taken=len(uids))
         self.step("{n} {what} messages", n=len(uids), what=what)
         return uids
+
+    def saves_search(self, status):
+        """Whether the SEARCH and the sizes FETCH go in one write (RFC 5182
+        SEARCHRES: ``UID SEARCH RETURN (SAVE)`` then ``UID FETCH $``): the
+        server has it and STATUS counted at most :data:`SIZE_CHUNK` unseen
+        messages (``$`` holds them all: the FETCH is bounded by that)."""
+        if not status or self.selection.new or b"SEARCHRES" not in self.conn.caps:
+            return False
+        unseen = status.get(b"UNSEEN")
+        return unseen is not None and 0 < unseen <= SIZE_CHUNK
+
+    async def search_with_sizes(self, info, keywords):
+        """The UIDs found, their sizes (and, where :func:`identity.sizes`
+        will want them, Message-IDs) kept in :attr:`prefetched`: one round
+        trip instead of the SEARCH's and the sizes FETCH's."""
+        items = identity.items_for(self, str(info.uidvalidity))
+        query = b"SEARCH RETURN (SAVE)" + self.selection.query(keywords)[len(b"SEARCH"):]
+        got = {}
+
+        def collect(uid, values):
+            size = values.get(b"RFC822.SIZE")
+            if isinstance(size, bytes) and size.isdigit():
+                got[uid] = (int(size), identity.message_id_of(values))
+
+        search = self.command(b"UID", query)
+        fetch = self.command(b"UID", b"FETCH $ " + items, untagged=fetch_handler(collect),
+                             pipelined=True)
+        try:
+            await search
+        except defer.CancelledError:
+            fetch.addErrback(lambda _: None)
+            raise
+        except Exception:
+            try:  # the connection stays usable: the FETCH's answer first
+                await fetch
+            except Exception:
+                pass
+            raise
+        try:
+            await fetch
+        except ImapCommandError as e:
+            raise command_error(e, errors.PROTOCOL, "UID FETCH $")
+        self.prefetched = got
+        return got
 
     async def fetch_items(self, uids, items, collect, **limits):
         """``UID FETCH`` in chunks; ``collect(uid, items)`` per response;
@@ -308,14 +369,23 @@ class MailboxPoll:
         await self.fetch_items(uids, b"(UID RFC822.SIZE)", collect)
         return sizes
 
+    @property
+    def marks_pipelined(self):
+        """Whether a batch's marking is written with the next batch's FETCH:
+        ``after_fetch = "seen"`` is one ``UID STORE +FLAGS.SILENT``, whose
+        answer cannot be mistaken for the FETCH's (delete and move expunge:
+        marked on their own, before the next FETCH)."""
+        return (not self.dry_run and self.account.after_fetch == "seen"
+                and self.settings.batch_messages <= SIZE_CHUNK)
+
     async def fetch_batch(self, batch, epoch, sizes, grant=None):
         """Fetch, deliver and mark one batch; the delivery's error, if any.
 
-        With :func:`~fido_tx.sources.imap.marking.pipelined`, the UIDs the
-        sink confirmed are marked by a ``UID STORE`` written together with
-        the next batch's ``UID FETCH`` (one round trip fewer per batch), or
-        by :func:`~fido_tx.sources.imap.marking.mark_unmarked` after the last
-        batch: still only after the sink confirmed them."""
+        With :attr:`marks_pipelined`, the UIDs the sink confirmed are marked
+        by a ``UID STORE`` written together with the next batch's ``UID
+        FETCH`` (one round trip fewer per batch), or by
+        :meth:`mark_unmarked` after the last batch: still only after the sink
+        confirmed them."""
         bodies = {}
         wanted = set(batch)
         answered = set()
@@ -339,7 +409,7 @@ class MailboxPoll:
             {u: sizes[u] for u in batch}, self.settings.max_message_size + 1024 * 1024)
         if grant is not None:  # the bodies' bytes are charged as they arrive
             grant.attach(self.conn.proto, limits["literal_total"])
-        await marking.fetch_with_marks(self, batch, collect, limits)
+        await self.fetch_bodies(batch, collect, limits)
         if grant is not None:
             grant.settle()  # all arrived: the unused reservation goes back
         # a UID with no answer at all was expunged meanwhile; an answer
@@ -367,12 +437,48 @@ class MailboxPoll:
         self.bytes += sum(sizes[i] for i in confirmed)
         self.rejected.extend(uid_of[i] for i in delivery.rejected if i in sizes)
         confirmed = [uid_of[i] for i in confirmed]
-        if confirmed and marking.pipelined(self):
+        if confirmed and self.marks_pipelined:
             self._unmarked = confirmed
         elif confirmed:
             await self.mark(confirmed)
             self.marked += len(confirmed)
         return delivery.error
+
+    async def fetch_bodies(self, batch, collect, limits):
+        """``UID FETCH`` the bodies of ``batch``, with the last batch's
+        ``UID STORE`` written just before it (pipelined) when there is one.
+        The STORE's failure is raised after the FETCH's answer (the
+        connection stays usable), the FETCH's own first."""
+        marks, self._unmarked = self._unmarked, []
+        if not marks:
+            await self.fetch_items(batch, b"(UID BODY.PEEK[])", collect, **limits)
+            return
+        store = marking.store_seen(self, marks)
+        fetch_error = None
+        try:
+            await self.fetch_items(batch, b"(UID BODY.PEEK[])", collect, pipelined=True,
+                                   **limits)
+        except defer.CancelledError:
+            store.addErrback(lambda _: None)  # the session is stopping
+            raise
+        except Exception as e:
+            fetch_error = e
+        try:
+            await store
+        except Exception as e:
+            if fetch_error is None:
+                raise command_error(e, errors.MAILBOX, "UID STORE")
+        else:
+            marking.marked(self, marks)
+        if fetch_error is not None:
+            raise fetch_error
+
+    async def mark_unmarked(self):
+        """Mark what the last batch's delivery confirmed (see fetch_batch)."""
+        marks, self._unmarked = self._unmarked, []
+        if marks:
+            await self.mark(marks)
+            self.marked += len(marks)
 
     def message(self, epoch, uid, raw, size):
         """The Message of ``raw`` at ``uid`` (RFC822.SIZE ``size``)."""

@@ -18,8 +18,8 @@ The class using it provides ``_bounds`` (a
 :class:`~fido_tx.sources.imap.trace.ProtocolTrace`), ``_deadline`` and
 ``_rate`` (see :mod:`~fido_tx.sources.imap.deadline`), ``state``,
 ``waiting`` (the running command's tag) and ``_command`` (its name,
-Deferred and continuation), ``_queued`` (a pipelined command's tag, name,
-Deferred, ...) and ``_running_untagged``, ``_untagged``, ``observer``, ``greeting``,
+Deferred and continuation), ``_queued_finished(tag)`` (a pipelined
+command's name and Deferred when ``tag`` is its), ``_untagged``, ``observer``, ``greeting``,
 ``error``, ``closed``, ``line_mode``, ``transport`` and ``fail(error)``.
 """
 
@@ -209,17 +209,6 @@ class ResponseReader(LinearLineReader):
                 return
             segments = [text]
         handler(segments)
-
-    def _queued_finished(self, tag):
-        """The pipelined command's name and Deferred, if ``tag`` is its
-        (answered before the running one); the running one's untagged
-        handler is its own again."""
-        queued = self._queued
-        if queued is None or tag != queued[0]:
-            return None
-        self._queued = None
-        self._untagged = self._running_untagged
-        return queued[1], queued[2]
 
     def _tagged(self, tag, rest):
         if tag != self.waiting:
