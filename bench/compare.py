@@ -138,8 +138,8 @@ def _accounts_for_old(path):
     return restore
 
 
-def run_fido(ctx, workers, accounts, expected, code=None, old=False):
-    restore = _accounts_for_old(ctx.accounts_path) if old else (lambda: None)
+def run_fido(ctx, workers, accounts, expected, code=None, strip=True):
+    restore = _accounts_for_old(ctx.accounts_path) if code and strip else (lambda: None)
     try:
         return _run_fido(ctx, workers, accounts, expected, code)
     finally:
@@ -258,8 +258,9 @@ def _instance_keys(r):
 
 
 RUNNERS = {"fido": run_fido, "procs": run_procs, "raw": run_raw,
-           "old": lambda ctx, *a: run_fido(ctx, *a, code=ctx.old_code, old=True),
-           "base": lambda ctx, *a: run_fido(ctx, *a, code=ctx.base_code)}
+           "old": lambda ctx, *a: run_fido(ctx, *a, code=ctx.old_code),
+           # a recent checkout (a branch point): it knows every account field
+           "base": lambda ctx, *a: run_fido(ctx, *a, code=ctx.base_code, strip=False)}
 DAEMONS = ("fido", "old", "base")
 
 
@@ -378,11 +379,11 @@ def main(argv=None):
                    help="extra connection counts for the raw asyncio fetcher only")
     p.add_argument("--scenarios", default="100x20,1000x5")
     p.add_argument("--fetchers", default="fido,procs,raw")
-    p.add_argument("--base-code", metavar="DIR",
-                   help="a recent checkout (a branch point): fetcher 'base' runs it "
-                        "(FIDO_CODE, with today's accounts file)")
     p.add_argument("--old-code", metavar="DIR",
                    help="a checkout of an older Fido: fetcher 'old' runs it (FIDO_CODE)")
+    p.add_argument("--base-code", metavar="DIR",
+                   help="a recent checkout of Fido (say the branch point): fetcher 'base' "
+                        "runs it, with the accounts file as is")
     p.add_argument("--security", choices=("tls", "none"), default="tls",
                    help="the accounts' security (implicit TLS or plain)")
     p.add_argument("--no-empty", action="store_true", help="skip the empty second poll")
@@ -433,9 +434,9 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, lambda s, f: (_ for _ in ()).throw(SystemExit(143)))
     rows = {}
     compile_fido()
+    import compileall
     for code in (args.old_code, args.base_code):
         if code:
-            import compileall
             compileall.compile_dir(os.path.join(code, "fido_tx"), quiet=1)
     print(f"compare: {machine()}, security {args.security}", flush=True)
     try:

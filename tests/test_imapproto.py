@@ -18,6 +18,7 @@ from fido_tx import errors
 from fido_tx.sources.imap import client as imapproto
 from fido_tx.sources.imap import login as imaplogin
 from fido_tx.sources.imap import parse as imapparse
+from fido_tx.sources.imap import select as imapselect
 from fido_tx.sources.imap import identity as identity_mod
 from fido_tx.sources.imap import session as imap
 from fido_tx.sources.imap.login import ImapConnection, Login
@@ -307,14 +308,11 @@ class PipelineTests(SynchronousTestCase):
         lose(proto)
         self.assertEqual(self.failureResultOf(fetch, FidoError).value.kind, errors.TIMEOUT)
 
-    def test_only_one_command_waits_behind_the_running_one(self):
+    def test_only_one_command_may_be_answered_out_of_order(self):
         proto, _, _, _, _, _ = self.start()
         with self.assertRaises(RuntimeError):
             proto.command(b"NOOP", pipelined=True)
-        proto2, _, _ = connect()
-        proto2.command(b"NOOP")
-        with self.assertRaises(RuntimeError):
-            proto2.command(b"NOOP")
+        proto.command(b"NOOP")  # queued in order: allowed
 
 
 class LiteralTests(SynchronousTestCase):
@@ -1184,3 +1182,239 @@ class LinearReaderProperties(SynchronousTestCase):
         self.assertEqual(reader.lines, [])
         self.assertEqual(len(reader.too_long), 1)
         self.assertEqual(reader.pending_bytes, 0)
+
+
+class PipeliningTests(SynchronousTestCase):
+    """Commands written behind a running one (RFC 3501 sec 5.5): each runs,
+    with its own handler, bounds and deadline, from the answer before it."""
+
+    def test_queued_command_is_written_at_once_and_gets_its_own_untagged(self):
+        proto, transport, _ = connect()
+        first, second = [], []
+        a = proto.command(b"NOOP", untagged=first.append)
+        b = proto.command(b"STATUS", b"INBOX (UNSEEN)", untagged=second.append)
+        self.assertEqual(transport.value(), b"0001 NOOP\r\n0002 STATUS INBOX (UNSEEN)\r\n")
+        self.assertEqual(proto.queued, 1)
+        proto.dataReceived(b"* 3 EXISTS\r\n0001 OK noop\r\n"
+                           b"* STATUS INBOX (UNSEEN 0)\r\n0002 OK status\r\n")
+        self.assertEqual(self.successResultOf(a), b"noop")
+        self.assertEqual(self.successResultOf(b), b"status")
+        self.assertEqual(first, [[b"3 EXISTS"]])
+        self.assertEqual(second, [[b"STATUS INBOX (UNSEEN 0)"]])
+        self.assertEqual((proto.waiting, proto.queued), (None, 0))
+
+    def test_queued_command_deadline_starts_with_its_turn(self):
+        proto, transport, clock = connect()
+        a = proto.command(b"LOGIN", b"u p", timeout=5)
+        b = proto.command(b"STATUS", b"INBOX (UNSEEN)", timeout=5)
+        clock.advance(4)
+        proto.dataReceived(b"0001 OK in\r\n")
+        self.successResultOf(a)
+        clock.advance(4.9)  # 8.9 s after it was written, 4.9 s after its turn
+        self.assertFalse(transport.disconnecting)
+        clock.advance(0.2)
+        self.assertTrue(transport.disconnecting)
+        lose(proto)
+        err = self.failureResultOf(b, FidoError).value
+        self.assertEqual(err.kind, errors.TIMEOUT)
+        self.assertIn("STATUS", err.message)
+
+    def test_a_lost_connection_fails_the_queued_commands_too(self):
+        proto, _, _ = connect()
+        a = proto.command(b"NOOP")
+        b = proto.command(b"NOOP")
+        c = proto.command(b"NOOP")
+        lose(proto)
+        for d in (a, b, c):
+            self.assertEqual(self.failureResultOf(d, FidoError).value.kind, errors.PROTOCOL)
+
+    def test_a_command_that_may_need_a_continuation_is_never_queued(self):
+        proto, transport, _ = connect()
+        proto.command(b"NOOP")
+        with self.assertRaises(RuntimeError):
+            proto.command(b"AUTHENTICATE", b"PLAIN", continuation=lambda rest: None)
+        self.assertEqual(transport.value(), b"0001 NOOP\r\n")
+
+    def test_a_continuation_request_for_a_queued_command_is_a_protocol_error(self):
+        proto, transport, _ = connect()
+        proto.command(b"NOOP")
+        b = proto.command(b"STATUS", b"INBOX (UNSEEN)")
+        proto.dataReceived(b"0001 OK\r\n+ go on\r\n")
+        self.assertTrue(transport.disconnecting)
+        lose(proto)
+        self.assertEqual(self.failureResultOf(b, FidoError).value.kind, errors.PROTOCOL)
+
+
+class LoginPipelineTests(SynchronousTestCase):
+    """The session's STATUS goes out with LOGIN: one round trip for both."""
+
+    def session(self, password="pw"):
+        account = Account(id="a", host="h", username="u", password=password, security="tls")
+        sent = []
+        creds = PasswordCredentials(account.username, account.password)
+        login = Login(task.Clock(), None, account, ImapSettings(), creds, _no_steps,
+                      pipeline=lambda command: sent.append(imapselect.send_status(
+                          command, "INBOX", b"(UNSEEN)")))
+        proto, transport, _ = connect()
+        login.connection = ImapConnection(account, proto, None)
+        login.connection.caps = frozenset([b"IMAP4REV1"])
+        return login, proto, transport, sent
+
+    def test_status_is_written_with_login_and_answered_after_it(self):
+        login, proto, transport, sent = self.session()
+        d = defer.ensureDeferred(login.authenticate())
+        self.assertEqual(transport.value(),
+                         b'0001 LOGIN "u" "pw"\r\n0002 STATUS "INBOX" (UNSEEN)\r\n')
+        self.assertTrue(login.pipelined)
+        proto.dataReceived(b"0001 OK [CAPABILITY IMAP4rev1 IDLE] in\r\n"
+                           b"* STATUS INBOX (UNSEEN 0)\r\n0002 OK done\r\n")
+        self.successResultOf(d)
+        self.assertEqual(login.connection.caps, frozenset([b"IMAP4REV1", b"IDLE"]))
+        self.assertEqual(self.successResultOf(sent[0]), {b"UNSEEN": 0})
+
+    def test_a_refused_login_reports_the_login_and_the_status_refusal_is_harmless(self):
+        login, proto, transport, sent = self.session()
+        d = defer.ensureDeferred(login.authenticate())
+        proto.dataReceived(b"0001 NO [AUTHENTICATIONFAILED] Authentication failed.\r\n"
+                           b"0002 BAD Not authenticated\r\n")
+        err = self.failureResultOf(d, FidoError).value
+        self.assertEqual(err.kind, errors.AUTH)
+        self.assertIn("Authentication failed", err.message)
+        self.assertIsNone(self.successResultOf(sent[0]))  # no answer: nothing read into it
+        self.assertFalse(transport.disconnecting)
+
+    def test_login_without_capabilities_in_its_answer_asks_them_behind_status(self):
+        login, proto, transport, sent = self.session()
+        d = defer.ensureDeferred(login.authenticate())
+        proto.dataReceived(b"0001 OK in\r\n")
+        self.assertEqual(transport.value().splitlines()[-1], b"0003 CAPABILITY")
+        proto.dataReceived(b"* STATUS INBOX (UNSEEN 2)\r\n0002 OK done\r\n"
+                           b"* CAPABILITY IMAP4rev1 MOVE\r\n0003 OK caps\r\n")
+        self.successResultOf(d)
+        self.assertEqual(login.connection.caps, frozenset([b"IMAP4REV1", b"MOVE"]))
+        self.assertEqual(self.successResultOf(sent[0]), {b"UNSEEN": 2})
+
+    def test_a_login_with_a_literal_pipelines_nothing(self):
+        login, proto, transport, sent = self.session(password='a"b')
+        defer.ensureDeferred(login.authenticate())
+        self.assertEqual(transport.value(), b'0001 LOGIN "u" {3}\r\n')
+        self.assertEqual((sent, login.pipelined), ([], False))
+
+
+class LogoutTests(SynchronousTestCase):
+    def test_logout_is_written_and_the_connection_closed_without_waiting(self):
+        account = Account(id="a", host="h", username="u", password="pw")
+        proto, transport, clock = connect()
+        conn = ImapConnection(account, proto, None)
+        d = defer.ensureDeferred(conn.logout(2.0))
+        self.successResultOf(d)  # done at once: the answer is not waited for
+        self.assertEqual(transport.value(), b"0001 LOGOUT\r\n")
+        self.assertTrue(transport.disconnecting)
+        lose(proto)
+        self.assertEqual(clock.getDelayedCalls(), [])  # the close timer went with it
+
+    def test_a_close_that_does_not_happen_is_aborted_after_logout_timeout(self):
+        account = Account(id="a", host="h", username="u", password="pw")
+        proto, transport, clock = connect()
+        aborted = []
+        transport.abortConnection = lambda: aborted.append(True)
+        conn = ImapConnection(account, proto, None)
+        self.successResultOf(defer.ensureDeferred(conn.logout(2.0)))
+        clock.advance(1.9)
+        self.assertEqual(aborted, [])
+        clock.advance(0.2)
+        self.assertEqual(aborted, [True])
+
+
+class DroppedPipelineTests(SynchronousTestCase):
+    """A server that loses what was written behind LOGIN (Courier's login
+    process does): seen, reported, never pipelined to again."""
+
+    def test_an_answer_to_a_later_command_says_the_earlier_was_dropped(self):
+        proto, transport, _ = connect()
+        a = proto.command(b"STATUS", b"INBOX (UNSEEN)")
+        b = proto.command(b"CAPABILITY")
+        proto.dataReceived(b"* CAPABILITY IMAP4rev1\r\n0002 OK done\r\n")
+        self.assertTrue(transport.disconnecting)
+        self.assertTrue(proto.pipeline_dropped)
+        lose(proto)
+        err = self.failureResultOf(a, FidoError).value
+        self.assertEqual(err.kind, errors.PROTOCOL)
+        self.assertIn("dropped or mixed up pipelined commands", err.message)
+        self.failureResultOf(b, FidoError)
+
+    def test_the_connector_pipelines_only_to_servers_whose_login_answer_has_capabilities(self):
+        from fido_tx.sources.imap.connect import Connector
+
+        connector = Connector(task.Clock())
+        dovecot = Account(id="a", host="d", username="u", password="pw")
+        courier = Account(id="b", host="c", username="u", password="pw")
+        self.assertFalse(connector.pipelines_login(dovecot))  # unknown: not yet
+        connector.learned_login(dovecot, True)
+        connector.learned_login(courier, False)
+        self.assertTrue(connector.pipelines_login(dovecot))
+        self.assertFalse(connector.pipelines_login(courier))
+        connector.learned_login(dovecot, False)  # it dropped one
+        connector.learned_login(dovecot, True)
+        self.assertFalse(connector.pipelines_login(dovecot))  # for good
+
+
+class SelectSearchPipelineTests(SynchronousTestCase):
+    """UID SEARCH is written right behind SELECT (an account without a
+    position): one round trip for both."""
+
+    def poll(self, **account_fields):
+        account = Account(id="a", host="h", username="u", password="p", **account_fields)
+        proto, transport, _ = connect()
+        conn = ImapConnection(account, proto, None)
+        poll = MailboxPoll(conn, account, MemorySink(), ImapSettings(), _no_steps)
+        d = defer.ensureDeferred(poll.run())
+        self.assertEqual(transport.value(), b'0001 STATUS "INBOX" (UNSEEN)\r\n')
+        transport.clear()
+        proto.dataReceived(b"* STATUS INBOX (UNSEEN 0)\r\n0001 OK done\r\n"
+                           if account_fields.get("select") == "none" else
+                           b"* STATUS INBOX (UNSEEN 2)\r\n0001 OK done\r\n")
+        return poll, proto, transport, d
+
+    SELECTED = (b"* FLAGS (\\Seen \\Deleted)\r\n* OK [PERMANENTFLAGS (\\Seen \\Deleted \\*)] ok\r\n"
+                b"* 2 EXISTS\r\n* OK [UIDVALIDITY 7] ok\r\n0002 OK [READ-WRITE] selected\r\n")
+
+    def test_search_goes_with_select(self):
+        poll, proto, transport, d = self.poll()
+        self.assertEqual(transport.value(),
+                         b'0002 SELECT "INBOX"\r\n0003 UID SEARCH UNSEEN UNKEYWORD $FidoTooLarge'
+                         b' UNKEYWORD $FidoRejected\r\n')
+        transport.clear()
+        proto.dataReceived(self.SELECTED + b"* SEARCH\r\n0003 OK found\r\n")
+        self.successResultOf(d)  # nothing unseen after all: done
+        self.assertEqual(transport.value(), b"")
+
+    def test_a_mailbox_without_keywords_is_searched_again_without_them(self):
+        poll, proto, transport, d = self.poll()
+        transport.clear()
+        proto.dataReceived(b"* FLAGS (\\Seen)\r\n* OK [PERMANENTFLAGS (\\Seen)] ok\r\n"
+                           b"* OK [UIDVALIDITY 7] ok\r\n0002 OK selected\r\n"
+                           b"* SEARCH 5\r\n0003 OK found\r\n")
+        self.assertEqual(transport.value(), b"0004 UID SEARCH UNSEEN\r\n")
+        proto.dataReceived(b"* SEARCH\r\n0004 OK found\r\n")
+        self.successResultOf(d)
+
+    def test_a_refused_select_leaves_the_search_behind_it_unread(self):
+        poll, proto, transport, d = self.poll()
+        proto.dataReceived(b"0002 NO [NONEXISTENT] no such mailbox\r\n"
+                           b"0003 BAD No mailbox selected\r\n")
+        err = self.failureResultOf(d, FidoError).value
+        self.assertEqual(err.kind, errors.MAILBOX)
+        self.assertFalse(transport.disconnecting)
+        lose(proto)  # the late answer or the close: no unhandled error
+
+    def test_an_account_with_a_position_searches_after_select(self):
+        account = Account(id="a", host="h", username="u", password="p", select="new")
+        proto, transport, _ = connect()
+        conn = ImapConnection(account, proto, None)
+        poll = MailboxPoll(conn, account, MemorySink(), ImapSettings(), _no_steps,
+                           dry_run=True)
+        defer.ensureDeferred(poll.run())
+        transport.clear()
+        proto.dataReceived(b"* STATUS INBOX (UNSEEN 2)\r\n0001 OK done\r\n")
+        self.assertEqual(transport.value(), b'0002 EXAMINE "INBOX"\r\n')

@@ -439,3 +439,20 @@ def sasl_oauthbearer(username, host, port, token):
     gs2 = b"n,a=" + username.replace(b"=", b"=3D").replace(b",", b"=2C") + b","
     return base64.b64encode(gs2 + b"\x01host=" + host.encode("idna") + b"\x01port=%d" % port
                             + b"\x01auth=Bearer " + token + b"\x01\x01")
+
+
+def fetch_handler(collect):
+    """An ``untagged`` callback calling ``collect(uid, items)`` per FETCH
+    response that names its UID."""
+    def untagged(segments):
+        head = segments[0]
+        sp = head.find(b" ")
+        if sp <= 0 or head[sp + 1:sp + 7].upper() != b"FETCH ":
+            return
+        seq, values = parse_fetch(segments)
+        uid = values.get(b"UID")
+        if uid is None or not uid.isdigit():
+            return  # an unsolicited FETCH (flag change) of another message
+        collect(int(uid), values)
+
+    return untagged

@@ -1,6 +1,8 @@
 """One poll of one mailbox on a logged-in connection.
 
-STATUS (nothing unseen: done), SELECT (EXAMINE in a dry run), UID SEARCH,
+STATUS (nothing unseen: done), SELECT (EXAMINE in a dry run) with UID SEARCH
+written behind it (an account without a position; searched again in the
+rare mailbox whose FLAGS leave out a keyword the first search excluded),
 ask the sink which UIDs are new, mark the others, RFC822.SIZE, leave the
 too-large ones flagged, then per batch: open a grant of the byte budget, UID
 FETCH (the bodies charged to it as they arrive), deliver, mark what the sink
@@ -32,19 +34,19 @@ from twisted.logger import Logger
 from fido_tx import errors
 from fido_tx.errors import FidoError
 from fido_tx.sinks.message import Message
-from fido_tx.sources.imap import identity, marking
+from fido_tx.sources.imap import identity, marking, search
 from fido_tx.sources.imap.client import FidoIMAP4Client, ImapCommandError
 from fido_tx.sources.imap.marking import SIZE_CHUNK, command_error
 from fido_tx.sources.imap.parse import (
     SelectInfo,
     _show,
     extract_message_id,
+    fetch_handler,
     mailbox_name,
-    parse_fetch,
     response_code,
     uid_set,
 )
-from fido_tx.sources.imap.select import Selection, search_handler
+from fido_tx.sources.imap.select import Selection
 
 __all__ = ["MailboxPoll", "SIZE_CHUNK", "command_error"]
 
@@ -93,23 +95,6 @@ def batches(uids, sizes, limit_n, limit_b):
         yield batch
 
 
-def fetch_handler(collect):
-    """An ``untagged`` callback calling ``collect(uid, items)`` per FETCH
-    response that names its UID."""
-    def untagged(segments):
-        head = segments[0]
-        sp = head.find(b" ")
-        if sp <= 0 or head[sp + 1:sp + 7].upper() != b"FETCH ":
-            return
-        seq, values = parse_fetch(segments)
-        uid = values.get(b"UID")
-        if uid is None or not uid.isdigit():
-            return  # an unsolicited FETCH (flag change) of another message
-        collect(int(uid), values)
-
-    return untagged
-
-
 class MailboxPoll:
     """Poll ``mailbox`` once on ``connection`` (an
     :class:`~fido_tx.sources.imap.login.ImapConnection`).  The counters say
@@ -117,10 +102,15 @@ class MailboxPoll:
 
     #: False on a selected mailbox (RFC 3501: no STATUS there)
     status_allowed = True
+    #: whether UID SEARCH may be written behind SELECT (False where
+    #: :meth:`select` sends no SELECT)
+    search_with_select = True
 
     def __init__(self, connection, account, sink, settings, step, budget=None,
-                 dry_run=False, mailbox=None, positions=None, epochs=None):
+                 dry_run=False, mailbox=None, positions=None, epochs=None, status=None):
         self.conn = connection
+        #: the answer of a STATUS already written (pipelined with LOGIN)
+        self.sent_status = status
         self.account = account
         self.sink = sink
         self.settings = settings
@@ -142,7 +132,7 @@ class MailboxPoll:
         #: UIDs delivered under another id than their own: reused UIDs
         self.aliases = {}
         #: UIDs confirmed by the sink, to be marked with the next batch's FETCH
-        self._unmarked = []
+        self.unmarked = []
         #: ``{uid: (size, message_id or None)}`` fetched with the SEARCH
         #: (``None``: not; see :meth:`search_with_sizes`)
         self.prefetched = None
@@ -153,14 +143,23 @@ class MailboxPoll:
     async def run(self):
         selection = self.selection
         await selection.load()
-        status = await selection.status() if self.status_allowed else None
+        status = await selection.status(self.sent_status) if self.status_allowed else None
         if await selection.settled_by_status(status):
             self.step("nothing {what} to fetch (STATUS)", what=selection.what)
             return
-        info = await self.select()
+        # an account without a position: UID SEARCH written behind SELECT
+        early = None
+        if self.search_with_select and not selection.tracked:
+            early = search.SearchBehindSelect(self)
+        try:
+            info = await (self.select(early.write) if early else self.select())
+        except BaseException:
+            if early is not None:
+                early.drop()  # refused with the SELECT: not read
+            raise
         if not await selection.begin(info.uidvalidity, await selection.uidnext_of(info)):
             return
-        uids = await self.search(info, status)
+        uids = await self.search(info, status, await early.answer_for(info) if early else None)
         if uids:
             await self.take(info, uids)
         await selection.finish(uids)
@@ -215,9 +214,9 @@ class MailboxPoll:
                 if grant is not None:
                     grant.release()
             if error is not None:
-                await self.mark_unmarked()
+                await marking.mark_unmarked(self)
                 raise error
-        await self.mark_unmarked()
+        await marking.mark_unmarked(self)
         if self.rejected:
             await self.flag(info, self.rejected, settings.rejected_keyword)
             shown = ", ".join(str(u) for u in self.rejected[:20])
@@ -252,7 +251,9 @@ class MailboxPoll:
 
     # -- commands --------------------------------------------------------------
 
-    async def select(self):
+    async def select(self, then=None):
+        """SELECT (EXAMINE in a dry run) the mailbox; ``then()`` is called
+        right after the command is written (to write the next behind it)."""
         info = SelectInfo()
 
         def untagged(segments):
@@ -260,8 +261,11 @@ class MailboxPoll:
                 info.feed(segments[0])
 
         verb = b"EXAMINE" if self.dry_run else b"SELECT"
+        d = self.command(verb, mailbox_name(self.mailbox), untagged=untagged)
+        if then is not None:
+            then()
         try:
-            text = await self.command(verb, mailbox_name(self.mailbox), untagged=untagged)
+            text = await d
         except ImapCommandError as e:
             if e.status == b"NO":
                 raise FidoError(errors.MAILBOX, f"cannot open mailbox {self.mailbox!r}: "
@@ -276,73 +280,9 @@ class MailboxPoll:
                   mailbox=self.mailbox, exists=info.exists, uidvalidity=info.uidvalidity)
         return info
 
-    async def search(self, info, status=None):
-        keywords = b""
-        for kw in (self.settings.too_large_keyword, self.settings.rejected_keyword):
-            if kw and info.keyword_known(kw):
-                keywords += b" UNKEYWORD " + kw.encode("ascii", "replace")
-        found = set()
-        try:
-            if self.saves_search(status):
-                found.update(await self.search_with_sizes(info, keywords))
-            else:
-                await self.command(b"UID", self.selection.query(keywords),
-                                   untagged=search_handler(found))
-        except ImapCommandError as e:
-            raise command_error(e, errors.PROTOCOL, "UID SEARCH")
-        uids = self.selection.keep(found)
-        ignored = self.conn.proto.search_ignored
-        what = self.selection.what
-        if ignored:
-            _log.info("session {account_id}: {n} {what} messages; taking the first {taken} "
-                      "([imap] max_search_uids), the rest next poll", what=what,
-                      account_id=self.account.id, n=len(uids) + ignored, taken=len(uids))
-        self.step("{n} {what} messages", n=len(uids), what=what)
-        return uids
-
-    def saves_search(self, status):
-        """Whether the SEARCH and the sizes FETCH go in one write (RFC 5182
-        SEARCHRES: ``UID SEARCH RETURN (SAVE)`` then ``UID FETCH $``): the
-        server has it and STATUS counted at most :data:`SIZE_CHUNK` unseen
-        messages (``$`` holds them all: the FETCH is bounded by that)."""
-        if not status or self.selection.new or b"SEARCHRES" not in self.conn.caps:
-            return False
-        unseen = status.get(b"UNSEEN")
-        return unseen is not None and 0 < unseen <= SIZE_CHUNK
-
-    async def search_with_sizes(self, info, keywords):
-        """The UIDs found, their sizes (and, where :func:`identity.sizes`
-        will want them, Message-IDs) kept in :attr:`prefetched`: one round
-        trip instead of the SEARCH's and the sizes FETCH's."""
-        items = identity.items_for(self, str(info.uidvalidity))
-        query = b"SEARCH RETURN (SAVE)" + self.selection.query(keywords)[len(b"SEARCH"):]
-        got = {}
-
-        def collect(uid, values):
-            size = values.get(b"RFC822.SIZE")
-            if isinstance(size, bytes) and size.isdigit():
-                got[uid] = (int(size), identity.message_id_of(values))
-
-        search = self.command(b"UID", query)
-        fetch = self.command(b"UID", b"FETCH $ " + items, untagged=fetch_handler(collect),
-                             pipelined=True)
-        try:
-            await search
-        except defer.CancelledError:
-            fetch.addErrback(lambda _: None)
-            raise
-        except Exception:
-            try:  # the connection stays usable: the FETCH's answer first
-                await fetch
-            except Exception:
-                pass
-            raise
-        try:
-            await fetch
-        except ImapCommandError as e:
-            raise command_error(e, errors.PROTOCOL, "UID FETCH $")
-        self.prefetched = got
-        return got
+    async def search(self, info, status=None, sent=None):
+        """The UIDs to take (:func:`fido_tx.sources.imap.search.run`)."""
+        return await search.run(self, info, status, sent)
 
     async def fetch_items(self, uids, items, collect, **limits):
         """``UID FETCH`` in chunks; ``collect(uid, items)`` per response;
@@ -369,23 +309,13 @@ class MailboxPoll:
         await self.fetch_items(uids, b"(UID RFC822.SIZE)", collect)
         return sizes
 
-    @property
-    def marks_pipelined(self):
-        """Whether a batch's marking is written with the next batch's FETCH:
-        ``after_fetch = "seen"`` is one ``UID STORE +FLAGS.SILENT``, whose
-        answer cannot be mistaken for the FETCH's (delete and move expunge:
-        marked on their own, before the next FETCH)."""
-        return (not self.dry_run and self.account.after_fetch == "seen"
-                and self.settings.batch_messages <= SIZE_CHUNK)
-
     async def fetch_batch(self, batch, epoch, sizes, grant=None):
         """Fetch, deliver and mark one batch; the delivery's error, if any.
 
-        With :attr:`marks_pipelined`, the UIDs the sink confirmed are marked
-        by a ``UID STORE`` written together with the next batch's ``UID
-        FETCH`` (one round trip fewer per batch), or by
-        :meth:`mark_unmarked` after the last batch: still only after the sink
-        confirmed them."""
+        With :func:`~fido_tx.sources.imap.marking.pipelined`, the UIDs the
+        sink confirmed are marked by a ``UID STORE`` written together with
+        the next batch's ``UID FETCH`` (one round trip fewer per batch), or
+        after the last batch: still only after the sink confirmed them."""
         bodies = {}
         wanted = set(batch)
         answered = set()
@@ -409,7 +339,7 @@ class MailboxPoll:
             {u: sizes[u] for u in batch}, self.settings.max_message_size + 1024 * 1024)
         if grant is not None:  # the bodies' bytes are charged as they arrive
             grant.attach(self.conn.proto, limits["literal_total"])
-        await self.fetch_bodies(batch, collect, limits)
+        await marking.fetch_bodies(self, batch, collect, limits)
         if grant is not None:
             grant.settle()  # all arrived: the unused reservation goes back
         # a UID with no answer at all was expunged meanwhile; an answer
@@ -437,48 +367,12 @@ class MailboxPoll:
         self.bytes += sum(sizes[i] for i in confirmed)
         self.rejected.extend(uid_of[i] for i in delivery.rejected if i in sizes)
         confirmed = [uid_of[i] for i in confirmed]
-        if confirmed and self.marks_pipelined:
-            self._unmarked = confirmed
+        if confirmed and marking.pipelined(self):
+            self.unmarked = confirmed
         elif confirmed:
             await self.mark(confirmed)
             self.marked += len(confirmed)
         return delivery.error
-
-    async def fetch_bodies(self, batch, collect, limits):
-        """``UID FETCH`` the bodies of ``batch``, with the last batch's
-        ``UID STORE`` written just before it (pipelined) when there is one.
-        The STORE's failure is raised after the FETCH's answer (the
-        connection stays usable), the FETCH's own first."""
-        marks, self._unmarked = self._unmarked, []
-        if not marks:
-            await self.fetch_items(batch, b"(UID BODY.PEEK[])", collect, **limits)
-            return
-        store = marking.store_seen(self, marks)
-        fetch_error = None
-        try:
-            await self.fetch_items(batch, b"(UID BODY.PEEK[])", collect, pipelined=True,
-                                   **limits)
-        except defer.CancelledError:
-            store.addErrback(lambda _: None)  # the session is stopping
-            raise
-        except Exception as e:
-            fetch_error = e
-        try:
-            await store
-        except Exception as e:
-            if fetch_error is None:
-                raise command_error(e, errors.MAILBOX, "UID STORE")
-        else:
-            marking.marked(self, marks)
-        if fetch_error is not None:
-            raise fetch_error
-
-    async def mark_unmarked(self):
-        """Mark what the last batch's delivery confirmed (see fetch_batch)."""
-        marks, self._unmarked = self._unmarked, []
-        if marks:
-            await self.mark(marks)
-            self.marked += len(marks)
 
     def message(self, epoch, uid, raw, size):
         """The Message of ``raw`` at ``uid`` (RFC822.SIZE ``size``)."""
