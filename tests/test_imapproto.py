@@ -1350,13 +1350,16 @@ class DroppedPipelineTests(SynchronousTestCase):
         dovecot = Account(id="a", host="d", username="u", password="pw")
         courier = Account(id="b", host="c", username="u", password="pw")
         self.assertFalse(connector.pipelines_login(dovecot))  # unknown: not yet
+        self.assertTrue(connector.pipelines(dovecot))  # SEARCH behind SELECT: yes
         connector.learned_login(dovecot, True)
         connector.learned_login(courier, False)
         self.assertTrue(connector.pipelines_login(dovecot))
         self.assertFalse(connector.pipelines_login(courier))
-        connector.learned_login(dovecot, False)  # it dropped one
+        self.assertTrue(connector.pipelines(courier))  # only LOGIN is not pipelined to it
+        connector.dropped(dovecot)  # it dropped one
         connector.learned_login(dovecot, True)
         self.assertFalse(connector.pipelines_login(dovecot))  # for good
+        self.assertFalse(connector.pipelines(dovecot))  # nothing pipelined any more
 
 
 class SelectSearchPipelineTests(SynchronousTestCase):

@@ -1,7 +1,7 @@
 import io
 import json
 
-from twisted.logger import Logger, LogPublisher
+from twisted.logger import Logger, LogLevel, LogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from fido_tx.observe import logs
@@ -55,3 +55,39 @@ class LogFormatTests(SynchronousTestCase):
 
         rotated = glob.glob(path + ".*")
         self.assertEqual(len(rotated), 2)
+
+
+class FormatMessageTests(SynchronousTestCase):
+    """format_message: str.format_map for plain formats, formatEvent's text
+    for everything else; the same words either way."""
+
+    def check_same(self, fmt, **fields):
+        from twisted.logger import formatEvent
+
+        from fido_tx.observe.logs import format_message
+
+        event = dict(fields, log_format=fmt, log_level=LogLevel.info, log_namespace="x",
+                     log_time=0.0)
+        self.assertEqual(format_message(event), formatEvent(event))
+        return format_message(event)
+
+    def test_plain_fields_specs_conversions_and_attributes(self):
+        class Box:
+            size = 3
+
+        self.assertEqual(self.check_same("{a} got {n} in {s:.2f} s", a="acct", n=2, s=0.125),
+                         "acct got 2 in 0.12 s")
+        self.check_same("{a!r} {box.size} {d[k]}", a="x", box=Box(), d={"k": "v"})
+        self.check_same("no fields at all")
+        self.check_same("{{braces}} kept {a}", a=1)
+
+    def test_what_format_map_cannot_do_goes_to_format_event(self):
+        self.check_same("{missing} field")
+        self.check_same("{f()} called", f=lambda: "ok")
+        self.check_same("{} positional")
+        self.check_same("{a:d} wrong spec", a="text")
+
+    def test_an_event_without_a_format(self):
+        from fido_tx.observe.logs import format_message
+
+        self.assertEqual(format_message({"log_level": LogLevel.info}), "")

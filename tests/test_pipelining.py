@@ -92,3 +92,56 @@ def test_a_refused_login_with_status_behind_it_is_an_auth_error_and_selects_noth
         assert connector.pipelines_login(account(port))  # the server did nothing wrong
     finally:
         yield server.stop()
+
+
+class _Swapper(__import__("twisted.internet.protocol", fromlist=["Protocol"]).Protocol):
+    """Answers a SELECT and the command that came in the same packet in the
+    wrong order (a server that mixes up pipelined commands); one message
+    unseen, none found."""
+
+    def connectionMade(self):
+        self.transport.write(b"* OK [CAPABILITY IMAP4rev1] hi\r\n")
+
+    def dataReceived(self, data):
+        held = None
+        for line in data.split(b"\r\n"):
+            if not line:
+                continue
+            tag, _, rest = line.partition(b" ")
+            verb = rest.split(b" ", 1)[0].upper()
+            if verb == b"LOGIN":
+                answer = tag + b" OK [CAPABILITY IMAP4rev1] in\r\n"
+            elif verb == b"STATUS":
+                answer = b"* STATUS INBOX (UNSEEN 1)\r\n" + tag + b" OK done\r\n"
+            elif verb == b"SELECT":
+                held = (b"* FLAGS (\\Seen)\r\n* OK [PERMANENTFLAGS (\\Seen \\*)] ok\r\n"
+                        b"* OK [UIDVALIDITY 3] ok\r\n" + tag + b" OK selected\r\n")
+                continue
+            elif verb == b"UID":
+                answer = b"* SEARCH\r\n" + tag + b" OK found\r\n"
+            elif verb == b"LOGOUT":
+                answer = b"* BYE bye\r\n" + tag + b" OK out\r\n"
+            else:
+                answer = tag + b" OK\r\n"
+            self.transport.write(answer)
+        if held is not None:
+            self.transport.write(held)
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_server_that_mixes_up_pipelined_commands_is_never_sent_them_again():
+    from twisted.internet import protocol
+
+    port = reactor.listenTCP(0, protocol.Factory.forProtocol(_Swapper), interface="127.0.0.1")
+    acct = account(port.getHost().port)
+    connector = Connector(reactor)
+    try:
+        first = yield session(acct, connector, MemorySink()).poll()
+        assert first.kind == errors.PROTOCOL and "mixed up" in first.message, first
+        assert not connector.pipelines(acct) and not connector.pipelines_login(acct)
+        second = session(acct, connector, MemorySink())
+        result = yield second.poll()
+        assert result.ok and result.fetched == 0, result  # SELECT, then SEARCH
+        assert not second.pipelined
+    finally:
+        yield port.stopListening()

@@ -50,6 +50,21 @@ def _timestamp(event):
     return iso_utc(event.get("log_time") or time.time())
 
 
+def format_message(event):
+    """The event's message: ``str.format_map`` (C) for a plain format, else
+    Twisted's ``formatEvent`` (its pure-Python formatter, 10x slower per
+    line: a session's one log line was most of the CPU of its log work).
+    A format calling a method (``{f()}``), naming a missing field or failing
+    in any way falls back to ``formatEvent``, which says so in its text."""
+    fmt = event.get("log_format")
+    if fmt.__class__ is str and "(" not in fmt:
+        try:
+            return fmt.format_map(event)
+        except Exception:  # noqa: BLE001 - formatEvent tells what is wrong with it
+            pass
+    return formatEvent(event)
+
+
 def _text(event):
     level = event.get("log_level", LogLevel.info).name
     namespace = event.get("log_namespace", "-")
@@ -59,7 +74,7 @@ def _text(event):
         room, _, rest = namespace.partition(".")
         if rest and room in _ROOMS:
             namespace = rest
-    message = formatEvent(event)
+    message = format_message(event)
     failure = event.get("log_failure")
     if failure is not None:
         message = f"{message}\n{failure.getTraceback()}".rstrip()
@@ -81,7 +96,7 @@ def _json(event):
         "time": _timestamp(event),
         "level": event.get("log_level", LogLevel.info).name,
         "namespace": event.get("log_namespace", "-"),
-        "message": formatEvent(event),
+        "message": format_message(event),
     }
     for key, value in event.items():
         if key not in _INTERNAL and not key.startswith("_"):

@@ -212,19 +212,32 @@ class Connector:
     # answers LOGIN is then the one that serves the session).  A server seen
     # to drop a pipelined command is never sent one again.
 
+    def pipelines(self, account):
+        """Whether to pipeline at all (SEARCH behind SELECT): not to a
+        server seen to drop or mix up a pipelined command."""
+        return self._pipelining.get((account.host, account.port)) is not False
+
     def pipelines_login(self, account):
         """Whether to write the session's first command with LOGIN."""
         return self._pipelining.get((account.host, account.port)) is True
 
     def learned_login(self, account, pipelines):
         """Remember whether ``account``'s server takes a command pipelined
-        with LOGIN (``False`` once it dropped one: for good)."""
+        with LOGIN (its LOGIN answer carried CAPABILITY)."""
+        self._learn(account, True if pipelines else "no-login")
+
+    def dropped(self, account):
+        """``account``'s server dropped or mixed up a pipelined command:
+        nothing is pipelined to it again."""
+        self._learn(account, False)
+
+    def _learn(self, account, state):
         key = (account.host, account.port)
         if self._pipelining.get(key) is False:
-            return
+            return  # for good
         if key not in self._pipelining and len(self._pipelining) >= self.max_entries:
             self._pipelining.clear()
-        self._pipelining[key] = bool(pipelines)
+        self._pipelining[key] = state
 
     def endpoint(self, host, port, timeout):
         """A shared :class:`HostnameEndpoint` per (host, port, timeout): it

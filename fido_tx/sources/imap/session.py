@@ -244,7 +244,7 @@ class ImapSession:
             self._failed_response = conn.proto.last_response
             self._failed_bye = conn.proto.bye
         if conn is not None and conn.proto is not None and conn.proto.pipeline_dropped:
-            self.connector.learned_login(self.account, False)
+            self.connector.dropped(self.account)
         await self._close(error)
         if self._status is not None:
             # a STATUS pipelined with a LOGIN that failed: not read
@@ -266,6 +266,8 @@ class ImapSession:
                                         self.step, budget=self.budget, dry_run=self.dry_run,
                                         positions=self.positions, epochs=self.epochs,
                                         status=self._status)
+        if not self.connector.pipelines(self.account):
+            self.mailbox_poll.search_with_select = False
         await self.mailbox_poll.run()
         if self.dry_run:
             p = self.mailbox_poll
