@@ -53,24 +53,14 @@ class HeldFetch:
 
     async def _poll_once(self, conn, synced):
         m = self.machine
-        m.last_check = m.clock.seconds()
-        if synced:
-            m.dirty = False  # an EXISTS from here on makes another poll
-            m.polling = defer.maybeDeferred(m.poll, conn)
-        else:
-            # NOOP and the poll's UID SEARCH in one write (pipelined): the
-            # server answers them in order, so the search sees what the
-            # NOOP found, and the two answers share one wake-up
-            probing = _idle.probe(conn.client, m.settings.command_timeout, conn.exists)
-            m.polling = defer.maybeDeferred(m.poll, conn)
+        if not synced:
             try:
-                await probing
+                await _idle.probe(conn.client, m.settings.command_timeout, conn.exists)
             except Exception as e:
-                polling, m.polling = m.polling, None
-                polling.addErrback(lambda f: None)
-                polling.cancel()  # nothing more is marked; the connection goes
                 raise Lost(as_error(e, errors.PROTOCOL))
-            m.dirty = False  # what the NOOP announced, the search covers
+        m.dirty = False  # an EXISTS from here on makes another poll
+        m.last_check = m.clock.seconds()
+        m.polling = defer.maybeDeferred(m.poll, conn)
         try:
             result = await m.polling
         except defer.CancelledError:
