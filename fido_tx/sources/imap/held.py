@@ -262,16 +262,14 @@ class HeldAccount:
         return min(max(check, self.held_off()), self.reauth.until())
 
     def held_off(self):
-        """Seconds the delivery asked to be left alone (a ``Retry-After``) still
-        to wait before the next fetch; 0 when none."""
+        """Seconds still to wait before a fetch (see :meth:`hold_off`); 0: none."""
         if self.not_before is None:
             return 0.0
         return max(0.0, self.not_before - self.clock.seconds())
 
     def hold_off(self, seconds):
-        """No fetch for ``seconds`` (at most :data:`MAX_HOLD_OFF`): the
-        delivery answered with ``Retry-After``; the connection stays held and
-        new mail is remembered."""
+        """No fetch for ``seconds`` (a sink's ``Retry-After``, at most
+        :data:`MAX_HOLD_OFF`); the connection stays held, new mail remembered."""
         self.not_before = self.clock.seconds() + min(float(seconds), MAX_HOLD_OFF)
 
     def fetched(self):
