@@ -92,6 +92,12 @@ def main():
     code = os.environ.get("FIDO_CODE")
     if code:  # before/after runs: the daemon imports fido_tx from this checkout
         sys.path.insert(0, code)
+    from fido_tx import private
+
+    # as twistd's own start-up does it through fido's makeService: the reactor
+    # without pyOpenSSL (a checkout from before that imports it plainly)
+    if hasattr(private, "import_twisted"):
+        private.import_twisted()
     from twisted.internet import reactor  # the default (epoll) reactor
     from twisted.scripts.twistd import run
 

@@ -488,15 +488,30 @@ def _watching(top, reactor, settings, ident, redis, sinks, sched, reporter, metr
 
 def _sources(top, reactor, settings, redis, sinks, dry_run):
     """The sessions of every source, and the held IMAP connections."""
-    from fido_tx.credentials import oauth
+    import sys
+
     from fido_tx.redis.positions import MailboxPositions
-    from fido_tx.sources import graph as graph_mod
+    from fido_tx.sources import OnDemand
     from fido_tx.sources.imap.holding import HeldConnections
 
     held = HeldConnections(settings)
-    graph = graph_mod.GraphShared.create(
-        reactor, redis=redis, settings=graph_mod.GraphSettings.from_imap(settings.imap))
-    _Stoppable(lambda: (graph.close(), oauth.close_shared())).setServiceParent(top)
+
+    def make_graph():  # for the first Graph session: no Graph code otherwise
+        from fido_tx.sources import graph as graph_mod
+
+        return graph_mod.GraphShared.create(
+            reactor, redis=redis, settings=graph_mod.GraphSettings.from_imap(settings.imap))
+
+    graph = OnDemand(make_graph)
+
+    def close():
+        if graph.value is not None:
+            graph.value.close()
+        oauth = sys.modules.get("fido_tx.credentials.oauth")  # imported by an OAuth2 account
+        if oauth is not None:
+            oauth.close_shared()
+
+    _Stoppable(close).setServiceParent(top)
     factory = _session_factory(reactor, settings, sinks, dry_run, held=held, graph=graph,
                                positions=MailboxPositions(redis))
     return factory, held

@@ -13,7 +13,6 @@ import stat
 import zlib
 
 import attr
-from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
 from fido_tx import boundedfile, errors
 
@@ -170,6 +169,8 @@ class AccountsDiff:
 
 def generate_key():
     """A new Fernet key (urlsafe base64 bytes, no newline)."""
+    from cryptography.fernet import Fernet
+
     return Fernet.generate_key()
 
 
@@ -177,7 +178,11 @@ def read_keys(key_file):
     """The Fernet keys in ``key_file``, newest (first line) first.
 
     Blank lines and ``#`` comments are ignored.  Raises :class:`KeyFileError`.
+    cryptography is imported here, not with the module: a daemon whose
+    accounts file is not encrypted never loads it.
     """
+    from cryptography.fernet import Fernet
+
     try:
         data = boundedfile.read_regular(key_file, boundedfile.MAX_KEY_BYTES, "key file")
     except OSError as e:
@@ -201,6 +206,8 @@ def read_keys(key_file):
 
 
 def _fernet(key_file):
+    from cryptography.fernet import Fernet, MultiFernet
+
     return MultiFernet([Fernet(k) for k in read_keys(key_file)])
 
 
@@ -215,6 +222,8 @@ def decrypt_bytes(token, key_file, source="input"):
     Raises :class:`AccountsFileError` naming ``source`` when no key fits or
     the token is truncated or garbage.
     """
+    from cryptography.fernet import InvalidToken
+
     fernet = _fernet(key_file)
     token = bytes(token).strip()
     try:
