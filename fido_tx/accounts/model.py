@@ -10,6 +10,7 @@ import json
 import os
 import re
 import stat
+import sys
 import zlib
 
 import attr
@@ -434,7 +435,17 @@ def _build_account(entry, base_dir):
         fields["graph_endpoint"] = endpoint.rstrip("/")
     if source == "graph" and "mailbox" not in entry:
         fields["mailbox"] = "Inbox"
+    for name in _SHARED_TEXT:
+        if type(fields.get(name)) is str:
+            fields[name] = sys.intern(fields[name])
     return Account(**fields)
+
+
+#: text fields most accounts of a file share (one server, one mailbox name):
+#: one string each for all of them, not one per account from ``json.loads``
+#: (issue 15: the memory of 10,000 configured accounts).  Never a secret.
+_SHARED_TEXT = ("host", "security", "mailbox", "after_fetch", "ca_file", "auth", "source",
+                "delivery", "select", "start_from", "graph_endpoint")
 
 
 def _nonempty(entry, field):
