@@ -25,7 +25,7 @@ HEAVY = ("OpenSSL", "cryptography", "service_identity", "twisted.internet.ssl",
          "twisted.protocols.tls", "twisted.web", "twisted.mail", "treq",
          "fido_tx.sources.graph", "fido_tx.sources.graphapi", "fido_tx.credentials.oauth",
          "fido_tx.observe.web", "fido_tx.observe.html", "fido_tx.sinks.webhook",
-         "fido_tx.sinks.sidekiq")
+         "fido_tx.sinks.sidekiq", "email.policy", "email.headerregistry")
 
 #: runs in a fresh interpreter: fido's makeService as twistd calls it, then
 #: prints the imported module names as JSON
