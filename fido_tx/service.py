@@ -619,7 +619,7 @@ def _serve_http(reactor, http, top, metrics, health, view_parts):
 
     :return: ``(StatusView, InstanceWatch)``.
     """
-    from fido_tx.observe import history, rate, view as view_mod, web
+    from fido_tx.observe import history, listen, rate, view as view_mod
 
     parts = dict(view_parts)
     per_minute = rate.PerMinute(reactor)
@@ -629,11 +629,18 @@ def _serve_http(reactor, http, top, metrics, health, view_parts):
     view = view_mod.StatusView(
         reactor, parts.pop("tracker"), throughput=per_minute, instances=instances, **parts
     )
-    site = web.make_site(metrics, health, view, _credentials(http))
+    credentials = _credentials(http)
+
+    def make_site():  # twisted.web is imported for the first connection
+        from fido_tx.observe import web
+
+        return web.make_site(metrics, health, view, credentials)
+
+    site = listen.SiteOnFirstConnection(make_site)
     # listen now: a port in use or a bad address stops the start with one line
-    port = web.listen_now(reactor, http.listen, site)
-    web.HttpService(port).setServiceParent(top)
-    exposed = web.beyond_loopback(port)
+    port = listen.listen_now(reactor, http.listen, site)
+    listen.HttpService(port).setServiceParent(top)
+    exposed = listen.beyond_loopback(port)
     if exposed:
         log.warn(
             "/metrics and /healthz listen on {address}, beyond loopback, with no "

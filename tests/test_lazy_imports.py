@@ -71,6 +71,13 @@ def test_a_plain_imap_daemon_imports_no_tls_web_graph_or_oauth_code(tmp_path):
     assert _loaded(modules, HEAVY) == []
 
 
+def test_the_http_listener_imports_twisted_web_for_its_first_connection_only(tmp_path):
+    # the default [http] listen: bound at start, twisted.web (3.6 MiB) later
+    modules = _modules_after_start(tmp_path, [_plain(1)], http_listen="tcp:0:interface=127.0.0.1")
+    assert "fido_tx.observe.listen" in modules
+    assert _loaded(modules, ("twisted.web", "fido_tx.observe.web", "OpenSSL")) == []
+
+
 def test_a_daemon_with_tls_accounts_also_starts_without_pyopenssl(tmp_path):
     # pyOpenSSL loads with the first TLS connection, not with the accounts file
     accounts = [dict(_plain(1), security="tls", port=993),
