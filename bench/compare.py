@@ -140,8 +140,8 @@ def _accounts_for_old(path):
     return restore
 
 
-def run_fido(ctx, workers, accounts, expected, code=None):
-    restore = _accounts_for_old(ctx.accounts_path) if code else (lambda: None)
+def run_fido(ctx, workers, accounts, expected, code=None, strip=True):
+    restore = _accounts_for_old(ctx.accounts_path) if code and strip else (lambda: None)
     try:
         return _run_fido(ctx, workers, accounts, expected, code)
     finally:
@@ -155,8 +155,9 @@ def _run_fido(ctx, workers, accounts, expected, code=None):
     if os.path.exists(stall_file):
         os.unlink(stall_file)
     env = dict(os.environ, FIDO_STALL_FILE=stall_file)
-    if code:  # the "old" fetcher: Fido from another checkout
-        env["FIDO_CODE"] = code
+    # this checkout's Fido (not whatever the virtualenv's editable install
+    # points at), or another checkout's for "old" and "base"
+    env["FIDO_CODE"] = code or ROOT
     out = open(os.path.join(ctx.workdir, "daemon.out"), "ab")
     s0 = server_cpu(ctx)
     start = time.monotonic()
@@ -259,8 +260,10 @@ def _instance_keys(r):
 
 
 RUNNERS = {"fido": run_fido, "procs": run_procs, "raw": run_raw,
-           "old": lambda ctx, *a: run_fido(ctx, *a, code=ctx.old_code)}
-DAEMONS = ("fido", "old")
+           "old": lambda ctx, *a: run_fido(ctx, *a, code=ctx.old_code),
+           # a recent checkout (a branch point): it knows every account field
+           "base": lambda ctx, *a: run_fido(ctx, *a, code=ctx.base_code, strip=False)}
+DAEMONS = ("fido", "old", "base")
 
 
 class Context:
@@ -380,6 +383,9 @@ def main(argv=None):
     p.add_argument("--fetchers", default="fido,procs,raw")
     p.add_argument("--old-code", metavar="DIR",
                    help="a checkout of an older Fido: fetcher 'old' runs it (FIDO_CODE)")
+    p.add_argument("--base-code", metavar="DIR",
+                   help="a recent checkout of Fido (say the branch point): fetcher 'base' "
+                        "runs it, with the accounts file as is")
     p.add_argument("--security", choices=("tls", "none"), default="tls",
                    help="the accounts' security (implicit TLS or plain)")
     p.add_argument("--no-empty", action="store_true", help="skip the empty second poll")
@@ -420,6 +426,7 @@ def main(argv=None):
     ctx.extra_toml = args.extra_toml
     ctx.startup = {}
     ctx.old_code = args.old_code
+    ctx.base_code = args.base_code
     ctx.workdir = tempfile.mkdtemp(prefix="fido-compare-")
     os.chmod(ctx.workdir, 0o755)
     ctx.dovecot = dc.Dovecot(os.path.join(ctx.workdir, "dovecot"), sessions=2000)
@@ -429,9 +436,10 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, lambda s, f: (_ for _ in ()).throw(SystemExit(143)))
     rows = {}
     compile_fido()
-    if args.old_code:
-        import compileall
-        compileall.compile_dir(os.path.join(args.old_code, "fido_tx"), quiet=1)
+    import compileall
+    for code in (args.old_code, args.base_code):
+        if code:
+            compileall.compile_dir(os.path.join(code, "fido_tx"), quiet=1)
     print(f"compare: {machine()}, security {args.security}", flush=True)
     try:
         ctx.dovecot.start()

@@ -118,8 +118,9 @@ class IAccountState(Interface):
     def update_account(account_id, fields):
         """Set hash fields (best effort: never errbacks)."""
 
-    def record_session(result, started_at_iso=None, extra=None):
-        """Write what one session did (best effort: never errbacks)."""
+    def record_session(result, started_at_iso=None, extra=None, account=None):
+        """Write what one session did (best effort: never errbacks); with
+        ``account``, its session history entry too, in the same write."""
 
 
 class ISchedulerView(Interface):

@@ -247,8 +247,7 @@ def _sessions(top, reactor, settings, redis, sinks, ident, session_factory):
     return session_factory, held, balancer
 
 
-def _scheduler(top, reactor, settings, session_factory, handles, redis, sinks, status, gate,
-               sessions):
+def _scheduler(top, reactor, settings, session_factory, handles, redis, sinks, status, gate):
     """The scheduler (a child of ``top``, after what pauses it: Redis down,
     backpressure), with the result observers of the status side."""
     from fido_tx.schedule import scheduler as scheduler_mod
@@ -264,9 +263,7 @@ def _scheduler(top, reactor, settings, session_factory, handles, redis, sinks, s
         handles=handles,
     )
     status.scheduler = sched
-    sched.add_result_observer(gate.record)
-    if not fido.dry_run:
-        sched.add_result_observer(sessions.record)
+    sched.add_result_observer(gate.record)  # the tracker writes the history too
 
     _pause_while_redis_is_down(redis, sched, status, gate)
     # never connected yet: reported like an outage that begins later
@@ -325,7 +322,7 @@ def make_service(
     session_factory, held, balancer = _sessions(top, reactor, settings, redis, sinks, ident,
                                                 session_factory)
     sched = _scheduler(top, reactor, settings, session_factory, handles, redis, sinks,
-                       status, gate, sessions)
+                       status, gate)
     if held is not None:
         # stops just before the scheduler: held connections start their DONE
         # and LOGOUT at once, and the scheduler's stop waits for them within
@@ -454,6 +451,8 @@ def _status_parts(top, reactor, settings, redis, account_state):
     )
     sessions = history.SessionLog(reactor, redis.execute, keep=settings.http.recent_sessions,
                                   script=redis.script)
+    # the history entry goes with the session's hash fields: one script call
+    account_state.history = sessions
     return reporter, metrics, status, gate, sessions
 
 

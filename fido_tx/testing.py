@@ -133,7 +133,7 @@ class FakeRedis:
         self.updates.append((account_id, dict(fields)))
         return defer.succeed(self.connected)
 
-    def record_session(self, result, started_at_iso=None, extra=None):
+    def record_session(self, result, started_at_iso=None, extra=None, account=None):
         self.sessions.append(result)
         if extra:  # written with the session's fields, in one HSET
             self.updates.append((result.account_id, dict(extra)))

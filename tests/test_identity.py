@@ -294,6 +294,7 @@ def test_a_poll_in_a_known_uidvalidity_costs_no_more_commands():
             before = len(server.commands("hot"))
             result = yield fetch_mailbox(reactor, acct, sink, SETTINGS, epochs=epochs)
             assert result.ok and result.fetched == 1, result
+            yield server.all_closed()  # LOGOUT is not waited for by the session
             names.append([(c.name, b"HEADER.FIELDS" in c.raw)
                           for c in server.commands("hot")[before:]])
             box.append(sample_message(n, "hot"))

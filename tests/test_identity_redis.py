@@ -112,6 +112,34 @@ async def test_recognise_records_what_was_stored_before_and_only_that(
             await sink.stopService()
 
 
+def _script_calls(redis):
+    stats = redis.client()("INFO", "commandstats")
+    stats = stats.decode() if isinstance(stats, bytes) else stats
+    return sum(int(line.split("calls=")[1].split(",")[0]) for line in stats.splitlines()
+               if line.startswith(("cmdstat_evalsha:", "cmdstat_eval:")))
+
+
+@pytest.mark.parametrize("kind", ["stream", "sidekiq", "webhook"])
+@pytest_twisted.ensureDeferred
+async def test_a_mailbox_with_nothing_recorded_is_recognised_without_a_round_trip(
+        kind, conn, redis, tmp_path, endpoint):
+    sink = build(kind, conn, tmp_path, endpoint)
+    try:
+        assert await sink.filter_new("acme", "INBOX", "7", ["1", "2"]) == ["1", "2"]
+        before = _script_calls(redis)
+        assert await sink.recognise("acme", "INBOX", "7", {"1": "m1", "2": "m2"}) == []
+        assert _script_calls(redis) == before  # the EXISTS rode with the dedupe check
+        await sink.deliver([msg(1, ident="m1")])
+        # recorded now: under a new UIDVALIDITY the same message is recognised
+        assert await sink.filter_new("acme", "INBOX", "8", ["5", "6"]) == ["5", "6"]
+        assert await sink.recognise("acme", "INBOX", "8", {"5": "m1", "6": "m6"}) == ["5"]
+        # without a dedupe check first, recognise asks Redis as before
+        assert await sink.recognise("acme", "INBOX", "9", {"7": "m1"}) == ["7"]
+    finally:
+        if kind == "webhook":
+            await sink.stopService()
+
+
 @pytest_twisted.ensureDeferred
 async def test_an_upgrade_keeps_the_old_dedupe_records_and_delivers_nothing_again(conn, redis):
     r = redis.client()

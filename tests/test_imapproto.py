@@ -18,6 +18,8 @@ from fido_tx import errors
 from fido_tx.sources.imap import client as imapproto
 from fido_tx.sources.imap import login as imaplogin
 from fido_tx.sources.imap import parse as imapparse
+from fido_tx.sources.imap import select as imapselect
+from fido_tx.sources.imap import identity as identity_mod
 from fido_tx.sources.imap import session as imap
 from fido_tx.sources.imap.login import ImapConnection, Login
 from fido_tx.sources.imap.poll import MailboxPoll
@@ -246,6 +248,73 @@ class CommandTests(SynchronousTestCase):
         self.assertEqual(self.failureResultOf(d, FidoError).value.kind, errors.PROTOCOL)
 
 
+class PipelineTests(SynchronousTestCase):
+    """A UID STORE and the next UID FETCH written together (command(pipelined=True))."""
+
+    def start(self):
+        proto, transport, clock = connect()
+        transport.clear()
+        store = proto.command(b"UID", b"STORE 1:2 +FLAGS.SILENT (\\Seen)")
+        got = []
+        fetch = proto.command(b"UID", b"FETCH 3 (UID BODY.PEEK[])", pipelined=True,
+                              untagged=lambda s: got.append(imapproto.parse_fetch(s)),
+                              literal_each=10, literal_total=10)
+        return proto, transport, clock, store, fetch, got
+
+    def test_the_second_command_is_written_before_the_first_is_answered(self):
+        proto, transport, _, store, fetch, got = self.start()
+        self.assertEqual(transport.value(), b"0001 UID STORE 1:2 +FLAGS.SILENT (\\Seen)\r\n"
+                                            b"0002 UID FETCH 3 (UID BODY.PEEK[])\r\n")
+        proto.dataReceived(b"0001 OK stored\r\n* 1 FETCH (UID 3 BODY[] {2}\r\nhi)\r\n"
+                           b"0002 OK fetched\r\n")
+        self.assertEqual(self.successResultOf(store), b"stored")
+        self.assertEqual(self.successResultOf(fetch), b"fetched")
+        self.assertEqual(got, [(1, {b"UID": b"3", b"BODY[]": b"hi"})])
+        self.assertIsNone(proto.waiting)
+
+    def test_answers_in_the_other_order_and_untagged_before_the_first_answer(self):
+        proto, _, _, store, fetch, got = self.start()
+        proto.dataReceived(b"* 1 FETCH (UID 3 BODY[] {2}\r\nhi)\r\n0002 OK fetched\r\n")
+        self.assertEqual(got, [(1, {b"UID": b"3", b"BODY[]": b"hi"})])
+        self.assertEqual(self.successResultOf(fetch), b"fetched")
+        self.assertNoResult(store)
+        proto.dataReceived(b"0001 NO [CANNOT] read-only\r\n")
+        self.assertEqual(self.failureResultOf(store, imapproto.ImapCommandError).value.status,
+                         b"NO")
+        self.assertIsNone(proto.waiting)
+        self.assertFalse(proto.transport.disconnecting)
+
+    def test_the_second_commands_bounds_apply_to_its_literals(self):
+        proto, transport, _, store, fetch, _ = self.start()
+        proto.dataReceived(b"0001 OK stored\r\n* 1 FETCH (UID 3 BODY[] {11}\r\n")
+        self.assertTrue(transport.disconnecting)
+        lose(proto)
+        self.assertEqual(self.failureResultOf(fetch, FidoError).value.kind, errors.PROTOCOL)
+
+    def test_a_lost_connection_fails_both(self):
+        proto, _, _, store, fetch, _ = self.start()
+        lose(proto)
+        self.failureResultOf(store, FidoError)
+        self.failureResultOf(fetch, FidoError)
+
+    def test_the_deadline_runs_on_for_the_second(self):
+        proto, transport, clock, store, fetch, _ = self.start()
+        clock.advance(4)
+        proto.dataReceived(b"0001 OK stored\r\n")
+        clock.advance(4.5)  # 8.5 s in all, 4.5 s since the first answer
+        self.assertFalse(transport.disconnecting)
+        clock.advance(1)
+        self.assertTrue(transport.disconnecting)
+        lose(proto)
+        self.assertEqual(self.failureResultOf(fetch, FidoError).value.kind, errors.TIMEOUT)
+
+    def test_only_one_command_may_be_answered_out_of_order(self):
+        proto, _, _, _, _, _ = self.start()
+        with self.assertRaises(RuntimeError):
+            proto.command(b"NOOP", pipelined=True)
+        proto.command(b"NOOP")  # queued in order: allowed
+
+
 class LiteralTests(SynchronousTestCase):
     def fetch(self, proto):
         got = []
@@ -400,6 +469,40 @@ class SyntaxTests(SynchronousTestCase):
         with self.assertRaises(ValueError):
             imapproto.parse_fetch([b"1 FETCH (UID 1"])
 
+    def test_parse_fetch_fast_path_takes_the_common_shapes(self):
+        for segments in ([b"3 FETCH (UID 9 RFC822.SIZE 44)"],
+                         [b"3 fetch (uid 9 BODY[] {2}", b"hi", b")"],
+                         [b"3 FETCH (UID 9 RFC822.SIZE 2 BODY[HEADER.FIELDS (MESSAGE-ID)] {2}",
+                          b"hi", b")"]):
+            self.assertIsNotNone(imapparse._fast_fetch(segments), segments)
+        for segments in ([b"3 FETCH (UID 9 FLAGS (\\Seen))"],
+                         [b"3 FETCH (UID 9 BODY[]<0> {2}", b"hi", b")"],
+                         [b"3 FETCH (UID 9 BODY[] {2}", b"hi", b" FLAGS ())"]):
+            self.assertIsNone(imapparse._fast_fetch(segments), segments)
+
+    @settings(max_examples=400, deadline=None)
+    @given(seq=st.integers(0, 10 ** 6),
+           parts=st.lists(st.tuples(
+               st.sampled_from([b"UID", b"uid", b"RFC822.SIZE", b"MODSEQ", b"BODY[]", b"NIL",
+                                b"BODY[HEADER.FIELDS (MESSAGE-ID)]", b"BODY[]<0>", b"(",
+                                b"", b"X-GM-MSGID"]),
+               st.sampled_from([b"7", b"12345", b"NIL", b'"q"', b"()", b"(7)", b"{3}",
+                                b"~{3}", b"", b" ", b"0"])), max_size=5),
+           literal=st.booleans(), tail=st.sampled_from([b")", b" )", b"))", b" UID 5)", b""]),
+           verb=st.sampled_from([b"FETCH", b"Fetch", b"FETCHX"]))
+    def test_parse_fetch_fast_path_answers_as_the_tokenizer(self, seq, parts, literal,
+                                                           tail, verb):
+        text = b"%d %s (" % (seq, verb) + b" ".join(b" ".join(p) for p in parts)
+        if literal:
+            text += (b" " if parts else b"") + b"BODY[]"
+        segments = [text + b" {3}", b"a)b", tail] if literal else [text + tail]
+        fast = imapparse._fast_fetch(segments)
+        if fast is not None:
+            self.assertEqual(fast, imapparse._parse_fetch(segments))
+        elif all(k[:1].isalpha() and b"<" not in k and v.isdigit() for k, v in parts) \
+                and verb != b"FETCHX" and tail == b")" and (parts or literal):
+            self.fail(f"the common shape {segments!r} took the slow path")
+
     def test_parse_status_forms(self):
         self.assertEqual(imapproto.parse_status([b"STATUS INBOX (UNSEEN 0)"]),
                          {b"UNSEEN": 0})
@@ -522,6 +625,127 @@ class MarkingCommandTests(SynchronousTestCase):
             transport.clear()
             proto.dataReceived(expected[:4] + b" OK\r\n")
         self.successResultOf(d)
+
+
+class PipelinedMarkingTests(SynchronousTestCase):
+    """A batch's UID STORE is written with the next batch's UID FETCH, and
+    only after the sink confirmed it."""
+
+    def start(self, after_fetch="seen"):
+        account = Account(id="a", host="h", username="u", password="p",
+                          after_fetch=after_fetch)
+        proto, transport, _ = connect()
+        conn = ImapConnection(account, proto, None)
+        conn.caps = frozenset()
+        sink = MemorySink()
+        poll = MailboxPoll(conn, account, sink, ImapSettings(batch_messages=2), _no_steps)
+        info = imapparse.SelectInfo()
+        info.uidvalidity = 7
+        transport.clear()
+        d = defer.ensureDeferred(poll.fetch_new(info, [1, 2, 3]))
+        self.assertEqual(transport.value(), b"0001 UID FETCH 1:3 (UID RFC822.SIZE)\r\n")
+        transport.clear()
+        proto.dataReceived(b"".join(b"* %d FETCH (UID %d RFC822.SIZE 2)\r\n" % (u, u)
+                                    for u in (1, 2, 3)) + b"0001 OK\r\n")
+        self.assertEqual(transport.value(), b"0002 UID FETCH 1:2 (UID BODY.PEEK[])\r\n")
+        transport.clear()
+        proto.dataReceived(b"* 1 FETCH (UID 1 BODY[] {2}\r\nm1)\r\n"
+                           b"* 2 FETCH (UID 2 BODY[] {2}\r\nm2)\r\n0002 OK\r\n")
+        self.assertEqual([m.id for m in sink.entries], ["1", "2"])
+        return d, poll, proto, transport, sink
+
+    def test_the_store_rides_with_the_next_fetch_and_the_last_comes_alone(self):
+        d, poll, proto, transport, sink = self.start()
+        self.assertEqual(transport.value(), b"0003 UID STORE 1:2 +FLAGS.SILENT (\\Seen)\r\n"
+                                            b"0004 UID FETCH 3 (UID BODY.PEEK[])\r\n")
+        transport.clear()
+        proto.dataReceived(b"0003 OK\r\n* 3 FETCH (UID 3 BODY[] {2}\r\nm3)\r\n0004 OK\r\n")
+        self.assertEqual([m.id for m in sink.entries], ["1", "2", "3"])
+        self.assertEqual(transport.value(), b"0005 UID STORE 3 +FLAGS.SILENT (\\Seen)\r\n")
+        self.assertNoResult(d)  # the last batch is marked before the poll ends
+        proto.dataReceived(b"0005 OK\r\n")
+        self.successResultOf(d)
+        self.assertEqual((poll.fetched, poll.marked), (3, 3))
+
+    def test_a_refused_store_ends_the_poll_after_the_fetch_without_delivering_it(self):
+        d, poll, proto, transport, sink = self.start()
+        proto.dataReceived(b"0003 NO [CANNOT] no\r\n* 3 FETCH (UID 3 BODY[] {2}\r\nm3)\r\n")
+        self.assertNoResult(d)  # the FETCH is still running
+        proto.dataReceived(b"0004 OK\r\n")
+        err = self.failureResultOf(d, FidoError).value
+        self.assertEqual(err.kind, errors.MAILBOX)
+        self.assertIn("UID STORE", err.message)
+        self.assertEqual([m.id for m in sink.entries], ["1", "2"])
+        self.assertEqual(poll.marked, 0)
+        self.assertIsNone(proto.waiting)
+
+    def test_delete_marks_before_the_next_fetch(self):
+        d, poll, proto, transport, sink = self.start(after_fetch="delete")
+        self.assertEqual(transport.value(), b"0003 UID STORE 1:2 +FLAGS.SILENT (\\Deleted)\r\n")
+
+
+class SavedSearchTests(SynchronousTestCase):
+    """With SEARCHRES, the SEARCH and the sizes FETCH go in one write."""
+
+    def start(self, caps=(b"SEARCHRES",), epochs=None):
+        account = Account(id="a", host="h", username="u", password="p")
+        proto, transport, _ = connect()
+        conn = ImapConnection(account, proto, None)
+        conn.caps = frozenset(caps)
+        sink = MemorySink()
+        poll = MailboxPoll(conn, account, sink, ImapSettings(), _no_steps, epochs=epochs)
+        info = imapparse.SelectInfo()
+        info.uidvalidity = 7
+        transport.clear()
+        return poll, proto, transport, info, sink
+
+    def test_search_and_sizes_in_one_write_then_the_bodies(self):
+        poll, proto, transport, info, sink = self.start()
+        d = defer.ensureDeferred(poll.search(info, {b"UNSEEN": 2}))
+        self.assertEqual(transport.value(), b"0001 UID SEARCH RETURN (SAVE) UNSEEN\r\n"
+                                            b"0002 UID FETCH $ (UID RFC822.SIZE)\r\n")
+        proto.dataReceived(b"0001 OK saved\r\n* 1 FETCH (UID 5 RFC822.SIZE 2)\r\n"
+                           b"* 2 FETCH (UID 6 RFC822.SIZE 2)\r\n"
+                           b"* 3 FETCH (UID 9 FLAGS (\\Seen))\r\n0002 OK\r\n")
+        self.assertEqual(self.successResultOf(d), [5, 6])
+        transport.clear()
+        d = defer.ensureDeferred(poll.fetch_new(info, [5, 6]))
+        # no sizes FETCH of its own
+        self.assertEqual(transport.value(), b"0003 UID FETCH 5:6 (UID BODY.PEEK[])\r\n")
+        transport.clear()
+        proto.dataReceived(b"* 1 FETCH (UID 5 BODY[] {2}\r\nm5)\r\n"
+                           b"* 2 FETCH (UID 6 BODY[] {2}\r\nm6)\r\n0003 OK\r\n")
+        proto.dataReceived(b"0004 OK\r\n")
+        self.successResultOf(d)
+        self.assertEqual([m.raw for m in sink.entries], [b"m5", b"m6"])
+        self.assertEqual(poll.marked, 2)
+
+    def test_a_first_poll_in_an_epoch_asks_the_message_ids_with_it(self):
+        poll, proto, transport, info, sink = self.start(epochs=identity_mod.Epochs())
+        d = defer.ensureDeferred(poll.search(info, {b"UNSEEN": 1}))
+        self.assertIn(b"0002 UID FETCH $ " + identity_mod.ITEMS + b"\r\n", transport.value())
+        proto.dataReceived(b"0001 OK\r\n* 1 FETCH (UID 5 RFC822.SIZE 2 "
+                           b"BODY[HEADER.FIELDS (MESSAGE-ID)] {21}\r\n"
+                           b"Message-ID: <a@b>\r\n\r\n)\r\n0002 OK\r\n")
+        self.assertEqual(self.successResultOf(d), [5])
+        self.assertEqual(poll.prefetched, {5: (2, "<a@b>")})
+
+    def test_a_refused_search_waits_for_the_fetch_and_is_the_error(self):
+        poll, proto, transport, info, _ = self.start()
+        d = defer.ensureDeferred(poll.search(info, {b"UNSEEN": 2}))
+        proto.dataReceived(b"0001 BAD [CLIENTBUG] no\r\n")
+        self.assertNoResult(d)
+        proto.dataReceived(b"0002 NO nothing saved\r\n")
+        err = self.failureResultOf(d, FidoError).value
+        self.assertIn("UID SEARCH failed: BAD", err.message)
+        self.assertIsNone(proto.waiting)
+
+    def test_plain_search_without_searchres_a_status_or_with_many_unseen(self):
+        for caps, status in (((), {b"UNSEEN": 2}), ((b"SEARCHRES",), None),
+                             ((b"SEARCHRES",), {b"UNSEEN": 1001})):
+            poll, proto, transport, info, _ = self.start(caps)
+            defer.ensureDeferred(poll.search(info, status))
+            self.assertEqual(transport.value(), b"0001 UID SEARCH UNSEEN\r\n")
 
 
 class AuthChoiceTests(SynchronousTestCase):
@@ -958,3 +1182,239 @@ class LinearReaderProperties(SynchronousTestCase):
         self.assertEqual(reader.lines, [])
         self.assertEqual(len(reader.too_long), 1)
         self.assertEqual(reader.pending_bytes, 0)
+
+
+class PipeliningTests(SynchronousTestCase):
+    """Commands written behind a running one (RFC 3501 sec 5.5): each runs,
+    with its own handler, bounds and deadline, from the answer before it."""
+
+    def test_queued_command_is_written_at_once_and_gets_its_own_untagged(self):
+        proto, transport, _ = connect()
+        first, second = [], []
+        a = proto.command(b"NOOP", untagged=first.append)
+        b = proto.command(b"STATUS", b"INBOX (UNSEEN)", untagged=second.append)
+        self.assertEqual(transport.value(), b"0001 NOOP\r\n0002 STATUS INBOX (UNSEEN)\r\n")
+        self.assertEqual(proto.queued, 1)
+        proto.dataReceived(b"* 3 EXISTS\r\n0001 OK noop\r\n"
+                           b"* STATUS INBOX (UNSEEN 0)\r\n0002 OK status\r\n")
+        self.assertEqual(self.successResultOf(a), b"noop")
+        self.assertEqual(self.successResultOf(b), b"status")
+        self.assertEqual(first, [[b"3 EXISTS"]])
+        self.assertEqual(second, [[b"STATUS INBOX (UNSEEN 0)"]])
+        self.assertEqual((proto.waiting, proto.queued), (None, 0))
+
+    def test_queued_command_deadline_starts_with_its_turn(self):
+        proto, transport, clock = connect()
+        a = proto.command(b"LOGIN", b"u p", timeout=5)
+        b = proto.command(b"STATUS", b"INBOX (UNSEEN)", timeout=5)
+        clock.advance(4)
+        proto.dataReceived(b"0001 OK in\r\n")
+        self.successResultOf(a)
+        clock.advance(4.9)  # 8.9 s after it was written, 4.9 s after its turn
+        self.assertFalse(transport.disconnecting)
+        clock.advance(0.2)
+        self.assertTrue(transport.disconnecting)
+        lose(proto)
+        err = self.failureResultOf(b, FidoError).value
+        self.assertEqual(err.kind, errors.TIMEOUT)
+        self.assertIn("STATUS", err.message)
+
+    def test_a_lost_connection_fails_the_queued_commands_too(self):
+        proto, _, _ = connect()
+        a = proto.command(b"NOOP")
+        b = proto.command(b"NOOP")
+        c = proto.command(b"NOOP")
+        lose(proto)
+        for d in (a, b, c):
+            self.assertEqual(self.failureResultOf(d, FidoError).value.kind, errors.PROTOCOL)
+
+    def test_a_command_that_may_need_a_continuation_is_never_queued(self):
+        proto, transport, _ = connect()
+        proto.command(b"NOOP")
+        with self.assertRaises(RuntimeError):
+            proto.command(b"AUTHENTICATE", b"PLAIN", continuation=lambda rest: None)
+        self.assertEqual(transport.value(), b"0001 NOOP\r\n")
+
+    def test_a_continuation_request_for_a_queued_command_is_a_protocol_error(self):
+        proto, transport, _ = connect()
+        proto.command(b"NOOP")
+        b = proto.command(b"STATUS", b"INBOX (UNSEEN)")
+        proto.dataReceived(b"0001 OK\r\n+ go on\r\n")
+        self.assertTrue(transport.disconnecting)
+        lose(proto)
+        self.assertEqual(self.failureResultOf(b, FidoError).value.kind, errors.PROTOCOL)
+
+
+class LoginPipelineTests(SynchronousTestCase):
+    """The session's STATUS goes out with LOGIN: one round trip for both."""
+
+    def session(self, password="pw"):
+        account = Account(id="a", host="h", username="u", password=password, security="tls")
+        sent = []
+        creds = PasswordCredentials(account.username, account.password)
+        login = Login(task.Clock(), None, account, ImapSettings(), creds, _no_steps,
+                      pipeline=lambda command: sent.append(imapselect.send_status(
+                          command, "INBOX", b"(UNSEEN)")))
+        proto, transport, _ = connect()
+        login.connection = ImapConnection(account, proto, None)
+        login.connection.caps = frozenset([b"IMAP4REV1"])
+        return login, proto, transport, sent
+
+    def test_status_is_written_with_login_and_answered_after_it(self):
+        login, proto, transport, sent = self.session()
+        d = defer.ensureDeferred(login.authenticate())
+        self.assertEqual(transport.value(),
+                         b'0001 LOGIN "u" "pw"\r\n0002 STATUS "INBOX" (UNSEEN)\r\n')
+        self.assertTrue(login.pipelined)
+        proto.dataReceived(b"0001 OK [CAPABILITY IMAP4rev1 IDLE] in\r\n"
+                           b"* STATUS INBOX (UNSEEN 0)\r\n0002 OK done\r\n")
+        self.successResultOf(d)
+        self.assertEqual(login.connection.caps, frozenset([b"IMAP4REV1", b"IDLE"]))
+        self.assertEqual(self.successResultOf(sent[0]), {b"UNSEEN": 0})
+
+    def test_a_refused_login_reports_the_login_and_the_status_refusal_is_harmless(self):
+        login, proto, transport, sent = self.session()
+        d = defer.ensureDeferred(login.authenticate())
+        proto.dataReceived(b"0001 NO [AUTHENTICATIONFAILED] Authentication failed.\r\n"
+                           b"0002 BAD Not authenticated\r\n")
+        err = self.failureResultOf(d, FidoError).value
+        self.assertEqual(err.kind, errors.AUTH)
+        self.assertIn("Authentication failed", err.message)
+        self.assertIsNone(self.successResultOf(sent[0]))  # no answer: nothing read into it
+        self.assertFalse(transport.disconnecting)
+
+    def test_login_without_capabilities_in_its_answer_asks_them_behind_status(self):
+        login, proto, transport, sent = self.session()
+        d = defer.ensureDeferred(login.authenticate())
+        proto.dataReceived(b"0001 OK in\r\n")
+        self.assertEqual(transport.value().splitlines()[-1], b"0003 CAPABILITY")
+        proto.dataReceived(b"* STATUS INBOX (UNSEEN 2)\r\n0002 OK done\r\n"
+                           b"* CAPABILITY IMAP4rev1 MOVE\r\n0003 OK caps\r\n")
+        self.successResultOf(d)
+        self.assertEqual(login.connection.caps, frozenset([b"IMAP4REV1", b"MOVE"]))
+        self.assertEqual(self.successResultOf(sent[0]), {b"UNSEEN": 2})
+
+    def test_a_login_with_a_literal_pipelines_nothing(self):
+        login, proto, transport, sent = self.session(password='a"b')
+        defer.ensureDeferred(login.authenticate())
+        self.assertEqual(transport.value(), b'0001 LOGIN "u" {3}\r\n')
+        self.assertEqual((sent, login.pipelined), ([], False))
+
+
+class LogoutTests(SynchronousTestCase):
+    def test_logout_is_written_and_the_connection_closed_without_waiting(self):
+        account = Account(id="a", host="h", username="u", password="pw")
+        proto, transport, clock = connect()
+        conn = ImapConnection(account, proto, None)
+        d = defer.ensureDeferred(conn.logout(2.0))
+        self.successResultOf(d)  # done at once: the answer is not waited for
+        self.assertEqual(transport.value(), b"0001 LOGOUT\r\n")
+        self.assertTrue(transport.disconnecting)
+        lose(proto)
+        self.assertEqual(clock.getDelayedCalls(), [])  # the close timer went with it
+
+    def test_a_close_that_does_not_happen_is_aborted_after_logout_timeout(self):
+        account = Account(id="a", host="h", username="u", password="pw")
+        proto, transport, clock = connect()
+        aborted = []
+        transport.abortConnection = lambda: aborted.append(True)
+        conn = ImapConnection(account, proto, None)
+        self.successResultOf(defer.ensureDeferred(conn.logout(2.0)))
+        clock.advance(1.9)
+        self.assertEqual(aborted, [])
+        clock.advance(0.2)
+        self.assertEqual(aborted, [True])
+
+
+class DroppedPipelineTests(SynchronousTestCase):
+    """A server that loses what was written behind LOGIN (Courier's login
+    process does): seen, reported, never pipelined to again."""
+
+    def test_an_answer_to_a_later_command_says_the_earlier_was_dropped(self):
+        proto, transport, _ = connect()
+        a = proto.command(b"STATUS", b"INBOX (UNSEEN)")
+        b = proto.command(b"CAPABILITY")
+        proto.dataReceived(b"* CAPABILITY IMAP4rev1\r\n0002 OK done\r\n")
+        self.assertTrue(transport.disconnecting)
+        self.assertTrue(proto.pipeline_dropped)
+        lose(proto)
+        err = self.failureResultOf(a, FidoError).value
+        self.assertEqual(err.kind, errors.PROTOCOL)
+        self.assertIn("dropped or mixed up pipelined commands", err.message)
+        self.failureResultOf(b, FidoError)
+
+    def test_the_connector_pipelines_only_to_servers_whose_login_answer_has_capabilities(self):
+        from fido_tx.sources.imap.connect import Connector
+
+        connector = Connector(task.Clock())
+        dovecot = Account(id="a", host="d", username="u", password="pw")
+        courier = Account(id="b", host="c", username="u", password="pw")
+        self.assertFalse(connector.pipelines_login(dovecot))  # unknown: not yet
+        connector.learned_login(dovecot, True)
+        connector.learned_login(courier, False)
+        self.assertTrue(connector.pipelines_login(dovecot))
+        self.assertFalse(connector.pipelines_login(courier))
+        connector.learned_login(dovecot, False)  # it dropped one
+        connector.learned_login(dovecot, True)
+        self.assertFalse(connector.pipelines_login(dovecot))  # for good
+
+
+class SelectSearchPipelineTests(SynchronousTestCase):
+    """UID SEARCH is written right behind SELECT (an account without a
+    position): one round trip for both."""
+
+    def poll(self, **account_fields):
+        account = Account(id="a", host="h", username="u", password="p", **account_fields)
+        proto, transport, _ = connect()
+        conn = ImapConnection(account, proto, None)
+        poll = MailboxPoll(conn, account, MemorySink(), ImapSettings(), _no_steps)
+        d = defer.ensureDeferred(poll.run())
+        self.assertEqual(transport.value(), b'0001 STATUS "INBOX" (UNSEEN)\r\n')
+        transport.clear()
+        proto.dataReceived(b"* STATUS INBOX (UNSEEN 0)\r\n0001 OK done\r\n"
+                           if account_fields.get("select") == "none" else
+                           b"* STATUS INBOX (UNSEEN 2)\r\n0001 OK done\r\n")
+        return poll, proto, transport, d
+
+    SELECTED = (b"* FLAGS (\\Seen \\Deleted)\r\n* OK [PERMANENTFLAGS (\\Seen \\Deleted \\*)] ok\r\n"
+                b"* 2 EXISTS\r\n* OK [UIDVALIDITY 7] ok\r\n0002 OK [READ-WRITE] selected\r\n")
+
+    def test_search_goes_with_select(self):
+        poll, proto, transport, d = self.poll()
+        self.assertEqual(transport.value(),
+                         b'0002 SELECT "INBOX"\r\n0003 UID SEARCH UNSEEN UNKEYWORD $FidoTooLarge'
+                         b' UNKEYWORD $FidoRejected\r\n')
+        transport.clear()
+        proto.dataReceived(self.SELECTED + b"* SEARCH\r\n0003 OK found\r\n")
+        self.successResultOf(d)  # nothing unseen after all: done
+        self.assertEqual(transport.value(), b"")
+
+    def test_a_mailbox_without_keywords_is_searched_again_without_them(self):
+        poll, proto, transport, d = self.poll()
+        transport.clear()
+        proto.dataReceived(b"* FLAGS (\\Seen)\r\n* OK [PERMANENTFLAGS (\\Seen)] ok\r\n"
+                           b"* OK [UIDVALIDITY 7] ok\r\n0002 OK selected\r\n"
+                           b"* SEARCH 5\r\n0003 OK found\r\n")
+        self.assertEqual(transport.value(), b"0004 UID SEARCH UNSEEN\r\n")
+        proto.dataReceived(b"* SEARCH\r\n0004 OK found\r\n")
+        self.successResultOf(d)
+
+    def test_a_refused_select_leaves_the_search_behind_it_unread(self):
+        poll, proto, transport, d = self.poll()
+        proto.dataReceived(b"0002 NO [NONEXISTENT] no such mailbox\r\n"
+                           b"0003 BAD No mailbox selected\r\n")
+        err = self.failureResultOf(d, FidoError).value
+        self.assertEqual(err.kind, errors.MAILBOX)
+        self.assertFalse(transport.disconnecting)
+        lose(proto)  # the late answer or the close: no unhandled error
+
+    def test_an_account_with_a_position_searches_after_select(self):
+        account = Account(id="a", host="h", username="u", password="p", select="new")
+        proto, transport, _ = connect()
+        conn = ImapConnection(account, proto, None)
+        poll = MailboxPoll(conn, account, MemorySink(), ImapSettings(), _no_steps,
+                           dry_run=True)
+        defer.ensureDeferred(poll.run())
+        transport.clear()
+        proto.dataReceived(b"* STATUS INBOX (UNSEEN 2)\r\n0001 OK done\r\n")
+        self.assertEqual(transport.value(), b'0002 EXAMINE "INBOX"\r\n')

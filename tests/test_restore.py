@@ -25,7 +25,7 @@ class HashStore:
         self.redis = redis
         self.connected = True
 
-    def record_session(self, result, extra=None):
+    def record_session(self, result, extra=None, account=None):
         fields = {"state": "ok"} if result.ok else {
             "state": "error", "last_error_kind": result.kind, "last_error": result.message,
             "last_error_at": "2026-11-29T10:00:00.000Z"}

@@ -155,16 +155,27 @@ class SessionLog:
         # every new connection), not the script's text at every session
         self._script = script(_RECORD) if script is not None else None
 
-    def record(self, account, result):
-        """The scheduler's result observer; dry-run sessions are not kept."""
+    def entry_args(self, account, result):
+        """``(key, (entry, last index kept, ttl))`` of ``result``'s entry, or
+        ``None`` when it is not kept (a dry run, ``keep = 0``).  The account
+        state writes it with the session's hash fields in one script
+        (:class:`fido_tx.redis.state.AccountState`)."""
         if result.dry_run or self.keep <= 0:
+            return None
+        account_id = result.account_id or getattr(account, "id", str(account))
+        entry = session_entry(result, iso_utc(self._clock.seconds()), _secrets(account))
+        return keys.sessions(account_id), (entry, self.keep - 1, int(self.ttl))
+
+    def record(self, account, result):
+        """The scheduler's result observer, when no account state writes
+        the entries; dry-run sessions are not kept."""
+        found = self.entry_args(account, result)
+        if found is None:
             return defer.succeed(False)
         account_id = result.account_id or getattr(account, "id", str(account))
-        key = keys.sessions(account_id)
-        entry = session_entry(result, iso_utc(self._clock.seconds()), _secrets(account))
+        key, args = found
         # one round trip: three commands a session were most of an empty
         # poll's Redis work
-        args = (entry, self.keep - 1, int(self.ttl))
         if self._script is not None:
             d = self._script.run((key,), args, what="session history")
         else:

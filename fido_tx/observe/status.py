@@ -143,13 +143,14 @@ class StatusTracker:
         self._instance.session_result(result, dry)
 
         server = server_of(account)
-        secrets = secrets_of(account)
         report = report_for(old, new, result, server)
+        # every form of the password (~0.1 ms): only for a report to send
+        secrets = secrets_of(account) if report is not None or result.too_large else ()
         if report is not None:
             new = attr.evolve(new, reported=OK if report[0] == errors.RECOVERED else report[0])
             self._accounts[account_id] = new
         if not dry and self._store is not None:
-            self._store.record_session(result, extra=changed_fields(old, new))
+            self._store.record_session(result, extra=changed_fields(old, new), account=account)
         if report is not None:
             kind, message, debug = report
             self._outbox.send(account_id, kind, message, debug, now, dry, secrets)

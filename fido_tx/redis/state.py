@@ -6,6 +6,11 @@
 the sinks' scripts, so it counts exactly the messages delivered.  Every write
 is best effort: a Redis outage is logged (once, by the connection) and never
 fails a session.
+
+With a session history (:class:`~fido_tx.observe.history.SessionLog`,
+:attr:`AccountState.history`), a session's hash fields and its history
+entry go in ONE script call (``HSET``, ``LPUSH``, ``LTRIM``, ``EXPIRE``):
+one Redis command, one answer, one deadline per session instead of two.
 """
 
 from twisted.internet import defer
@@ -46,8 +51,12 @@ class AccountState:
     """Writes ``fido:account:<id>`` on a shared
     :class:`~fido_tx.redis.connection.RedisConnection`."""
 
-    def __init__(self, connection):
+    def __init__(self, connection, history=None):
         self._connection = connection
+        #: the :class:`~fido_tx.observe.history.SessionLog` whose entries
+        #: are written with the session's fields (or None)
+        self.history = history
+        self._session_script = connection.script(_SESSION)
 
     def update_account(self, account_id, fields):
         """``HSET`` the fields; fires True when written, False when not."""
@@ -56,14 +65,16 @@ class AccountState:
         d = self._connection.execute(b"HSET", keys.account(account_id), *hash_args(fields))
         return best_effort(self._connection, f"state of account {account_id}", d)
 
-    def record_session(self, result, started_at_iso=None, extra=None):
+    def record_session(self, result, started_at_iso=None, extra=None, account=None):
         """Keep the hash current after a session; a dry run writes nothing.
 
         ``last_attempt_at`` is when the session started (``started_at_iso``,
         else now); a success sets ``state=ok`` and ``last_success_at``, a
         failure ``state=error``, ``last_error``, ``last_error_kind`` and
         ``last_error_at`` (the last error is kept after a success, for
-        history).  ``extra`` goes into the same ``HSET`` (one round trip).
+        history).  ``extra`` goes into the same ``HSET`` (one round trip),
+        and so does the session's history entry when there is a
+        :attr:`history` and the ``account`` is given.
         """
         if result.dry_run:
             return defer.succeed(True)
@@ -81,4 +92,23 @@ class AccountState:
             fields["last_error_at"] = now
         if extra:
             fields.update(extra)
-        return self.update_account(result.account_id, fields)
+        entry = None
+        if self.history is not None and account is not None:
+            entry = self.history.entry_args(account, result)
+        if entry is None:
+            return self.update_account(result.account_id, fields)
+        key, args = entry
+        d = self._session_script.run((keys.account(result.account_id), key),
+                                     (*args, *hash_args(fields)), what="session state")
+        return best_effort(self._connection, f"state of account {result.account_id}", d)
+
+
+#: KEYS[1] the account hash, KEYS[2] its session list; ARGV: the history
+#: entry, the last index kept, the list's ttl, then the hash's field/value pairs
+_SESSION = """
+redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+redis.call('LPUSH', KEYS[2], ARGV[1])
+redis.call('LTRIM', KEYS[2], 0, tonumber(ARGV[2]))
+redis.call('EXPIRE', KEYS[2], tonumber(ARGV[3]))
+return 1
+"""

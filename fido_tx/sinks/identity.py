@@ -88,12 +88,47 @@ def _text(value):
     return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else str(value)
 
 
-def recognise(script, account_id, mailbox, epoch, identities, then=None):
+class Unrecorded:
+    """The (account, mailbox) pairs whose identity hash was found empty by
+    the last ``filter_new`` (asked in the same write as its dedupe check:
+    no round trip of its own), so that the :func:`recognise` after it
+    answers "none" without a round trip: a new mailbox, or every first
+    poll on a fresh Redis.  One entry per mailbox at most, dropped when
+    used or when the next check finds identities.  Skipping costs nothing
+    in correctness: the delivery's script recognises identities too (the
+    check before fetching only saves fetching bodies stored before)."""
+
+    def __init__(self):
+        self._empty = set()
+
+    def found(self, account_id, mailbox, exists):
+        if exists:
+            self._empty.discard((account_id, mailbox))
+        else:
+            self._empty.add((account_id, mailbox))
+
+    def take(self, account_id, mailbox):
+        """Whether nothing is recorded there (and forget it)."""
+        key = (account_id, mailbox)
+        if key in self._empty:
+            self._empty.discard(key)
+            return True
+        return False
+
+    def __len__(self):
+        return len(self._empty)
+
+
+def recognise(script, account_id, mailbox, epoch, identities, then=None, unrecorded=None):
     """Run :data:`RECOGNISE_LUA` (``script``, registered on the sink's
     connection) for ``identities`` (``{id: identity}``): Deferred, the ids
     recognised (and now recorded under their new key).  ``then`` as for
-    :meth:`~fido_tx.redis.connection.Script.run` (a WAIT for replicas)."""
+    :meth:`~fido_tx.redis.connection.Script.run` (a WAIT for replicas).
+    ``unrecorded``: an :class:`Unrecorded` saying that the mailbox has no
+    identity recorded (nothing to recognise, no round trip)."""
     pairs = [(i, ident) for i, ident in identities.items() if ident]
+    if unrecorded is not None and unrecorded.take(account_id, mailbox):
+        return defer.succeed([])
     if not pairs:
         return defer.succeed([])
     args = [epoch.encode("utf-8")]

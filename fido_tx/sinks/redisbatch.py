@@ -77,21 +77,27 @@ def batch_script(stride, write, length):
 
 
 def filter_new(connection, account_id, mailbox, epoch, ids, min_replicas=0,
-               replica_timeout=5.0):
+               replica_timeout=5.0, unrecorded=None):
     """Deferred: the ids of ``ids`` not in the dedupe set, in the order given
     (the items themselves).  With ``min_replicas``, an answer that some are
     delivered already waits for the replicas first (see the module
-    docstring).  Every sink with a dedupe record in Redis uses this."""
+    docstring).  Every sink with a dedupe record in Redis uses this.
+    ``unrecorded`` (an :class:`~fido_tx.sinks.identity.Unrecorded`): also
+    ask, in the same write, whether the mailbox has identities recorded."""
     ids = list(ids)
     if not ids:
         return defer.succeed([])
     dedupe = keys.dedupe(account_id, mailbox, epoch)
-    if not min_replicas:
+    if not min_replicas and unrecorded is None:
         d = connection.execute(b"SMISMEMBER", dedupe, *ids)
         return d.addCallback(lambda flags: [i for i, f in zip(ids, flags) if not int(f)])
 
     def send(proto):
         d = proto.execute_command(b"SMISMEMBER", dedupe, *ids)
+        if unrecorded is not None:
+            d = _with_identities(proto, d, account_id, mailbox, unrecorded)
+        if not min_replicas:
+            return d.addCallback(lambda flags: [i for i, f in zip(ids, flags) if not int(f)])
 
         def flags(flags):
             new = [i for i, f in zip(ids, flags) if not int(f)]
@@ -103,6 +109,21 @@ def filter_new(connection, account_id, mailbox, epoch, ids, min_replicas=0,
         return d.addCallback(flags)
 
     return connection.run("dedupe check", send)
+
+
+def _with_identities(proto, d, account_id, mailbox, unrecorded):
+    """``d`` (the dedupe check) once an ``EXISTS`` of the identity hash,
+    written right behind it (one write, the replies read together), told
+    ``unrecorded`` whether anything is recorded."""
+    exists = proto.execute_command(b"EXISTS", keys.identities(account_id, mailbox)[0])
+    both = defer.gatherResults([d, exists], consumeErrors=True)
+
+    def seen(replies):
+        flags, n = replies
+        unrecorded.found(account_id, mailbox, bool(int(n)))
+        return flags
+
+    return both.addCallbacks(seen, lambda f: f.value.subFailure)
 
 
 def wait_for_replicas(proto, min_replicas, replica_timeout):
@@ -147,12 +168,13 @@ class RedisBatchSink:
         self._connection = connection
         self._script = connection.script(self.SOURCE)
         self._recognise = connection.script(identity.RECOGNISE_LUA)
+        self._unrecorded = identity.Unrecorded()
 
     def filter_new(self, account_id, mailbox, epoch, ids):
         """The ids of ``ids`` not delivered yet, in the order given (the
         items themselves, so a caller's ints come back as ints)."""
         return filter_new(self._connection, account_id, mailbox, epoch, ids,
-                          self.min_replicas, self.replica_timeout)
+                          self.min_replicas, self.replica_timeout, self._unrecorded)
 
     def identities(self, account_id, mailbox, epoch, ids):
         """The identity recorded with each of ``ids`` ("" where none)."""
@@ -161,7 +183,7 @@ class RedisBatchSink:
     def recognise(self, account_id, mailbox, epoch, identities):
         """Record and return the ids whose identity was stored before."""
         return identity.recognise(self._recognise, account_id, mailbox, epoch, identities,
-                                  then=self._then_wait(bool))
+                                  then=self._then_wait(bool), unrecorded=self._unrecorded)
 
     def _then_wait(self, needed):
         """A ``then`` that WAITs for the replicas when ``needed(reply)``."""

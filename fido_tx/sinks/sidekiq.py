@@ -197,6 +197,7 @@ class SidekiqSink(Service):
         self.queue_key = f"{prefix}queue:{options['queue']}".encode("utf-8")
         self._script = redis.script(PUSH_LUA) if redis is not None else None
         self._recognise = redis.script(identity.RECOGNISE_LUA) if redis is not None else None
+        self._unrecorded = identity.Unrecorded()
         self.last_length = None
 
     def startService(self):
@@ -211,7 +212,7 @@ class SidekiqSink(Service):
 
     def filter_new(self, account_id, mailbox, epoch, ids):
         return redisbatch.filter_new(self._redis, account_id, mailbox, epoch, ids,
-                                     self.min_replicas, self.replica_timeout)
+                                     self.min_replicas, self.replica_timeout, self._unrecorded)
 
     def identities(self, account_id, mailbox, epoch, ids):
         return identity.stored(self._redis, account_id, mailbox, epoch, ids)
@@ -225,7 +226,7 @@ class SidekiqSink(Service):
                 return redisbatch.wait_for_replicas(
                     proto, self.min_replicas, self.replica_timeout).addCallback(lambda _: reply)
         return identity.recognise(self._recognise, account_id, mailbox, epoch, identities,
-                                  then=then)
+                                  then=then, unrecorded=self._unrecorded)
 
     def backlog(self):
         """The queue's length now (the jobs Sidekiq has not taken)."""

@@ -304,6 +304,7 @@ class WebhookSink(Service):
         self._record = redis.script(RECORD_LUA) if redis is not None else None
         self._fresh = redis.script(FRESH_LUA) if redis is not None else None
         self._recognise = redis.script(identity.RECOGNISE_LUA) if redis is not None else None
+        self._unrecorded = identity.Unrecorded()
         self._dry_run = dry_run
         self._log = log or _log
         self._auth = _Auth(options, reactor)
@@ -326,13 +327,15 @@ class WebhookSink(Service):
     def filter_new(self, account_id, mailbox, epoch, ids):
         # no WAIT for replicas: a record lost in a failover costs one more
         # POST with the same Idempotency-Key, never a message
-        return redisbatch.filter_new(self._redis, account_id, mailbox, epoch, ids)
+        return redisbatch.filter_new(self._redis, account_id, mailbox, epoch, ids,
+                                     unrecorded=self._unrecorded)
 
     def identities(self, account_id, mailbox, epoch, ids):
         return identity.stored(self._redis, account_id, mailbox, epoch, ids)
 
     def recognise(self, account_id, mailbox, epoch, identities):
-        return identity.recognise(self._recognise, account_id, mailbox, epoch, identities)
+        return identity.recognise(self._recognise, account_id, mailbox, epoch, identities,
+                                  unrecorded=self._unrecorded)
 
     def _not_delivered(self, account, mailbox, epoch, group):
         """The ids of ``group`` to POST (see :data:`FRESH_LUA`)."""

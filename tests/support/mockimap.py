@@ -618,6 +618,7 @@ class MockIMAPProtocol(IdleProtocolSupport, BearerExpiryProtocol, protocol.Proto
         self.state = "greeting"
         self.tls_active = port_tls
         self._buffer = b""
+        self._streaming = False  # answering a command with _stream()
         self._parts = []
         self._literal = 0
         self._continuation = None  # callable(line) for AUTHENTICATE
@@ -721,8 +722,11 @@ class MockIMAPProtocol(IdleProtocolSupport, BearerExpiryProtocol, protocol.Proto
 
     def _stream(self, chunks):
         """Send the chunks of an endless (or long) iterator as fast as the
-        client reads, holding one chunk at a time (a pull producer)."""
+        client reads, holding one chunk at a time (a pull producer).  Like
+        a real server, the commands pipelined behind are read only after
+        it (never, for an endless one)."""
         proto = self
+        self._streaming = True
 
         @implementer(IPullProducer)
         class Producer:
@@ -733,6 +737,8 @@ class MockIMAPProtocol(IdleProtocolSupport, BearerExpiryProtocol, protocol.Proto
                     chunk = next(chunks)
                 except StopIteration:
                     proto.transport.unregisterProducer()
+                    proto._streaming = False
+                    proto.dataReceived(b"")  # what was pipelined behind it
                     return
                 proto._write(chunk)
 
@@ -751,7 +757,8 @@ class MockIMAPProtocol(IdleProtocolSupport, BearerExpiryProtocol, protocol.Proto
     # -- input -------------------------------------------------------------
     def dataReceived(self, data):
         self._buffer += data
-        while self._buffer and self.record.open and self.state != "logout":
+        while self._buffer and self.record.open and self.state != "logout" and \
+                not self._streaming:
             if self._literal:
                 if len(self._buffer) < self._literal:
                     return

@@ -5,8 +5,13 @@ fetches from thousands of servers (it replaced an ``IMAP4Client`` subclass:
 Fido used none of that class's commands or parsing, and its input path and
 timeouts were unfit):
 
-- one command at a time, :meth:`~FidoIMAP4Client.command`, firing with the
-  tagged OK text; a NO or BAD is an :class:`ImapCommandError`;
+- commands through :meth:`~FidoIMAP4Client.command`, firing with the
+  tagged OK text; a NO or BAD is an :class:`ImapCommandError`.  A command
+  given while another runs is written at once and queued (RFC 3501 sec 5.5
+  pipelining): it *runs* (its deadline, bounds and untagged handler apply)
+  from the tagged answer of the one before, since a server answers in
+  order.  A command that may need a continuation (``+``) is never queued;
+  a ``+`` while a queued command waits is a protocol error;
 - every command has its own deadline and bounds (one timer per connection,
   :mod:`~fido_tx.sources.imap.deadline`; every byte the server sends counted
   before it is held, :mod:`~fido_tx.sources.imap.bounds`); message literals
@@ -54,6 +59,8 @@ from fido_tx.sources.imap.parse import (  # noqa: F401 - re-exported for callers
 )
 from fido_tx.sources.imap import bounds
 from fido_tx.sources.imap.deadline import Deadline, LiteralRate
+from fido_tx.sources.imap.pipeline import CommandQueue
+from fido_tx.sources.imap.trace import TracedLines
 from fido_tx.sources.imap.responses import ImapCommandError, ResponseReader
 from fido_tx.sources.imap.tlserror import tls_error  # noqa: F401 - re-exported
 from fido_tx.sources.imap.trace import ProtocolTrace
@@ -63,10 +70,10 @@ from fido_tx.sources.imap.trace import ProtocolTrace
 CRLF = b"\r\n"
 
 
-class FidoIMAP4Client(ResponseReader, protocol.Protocol):
+class FidoIMAP4Client(ResponseReader, TracedLines, protocol.Protocol):
     """One IMAP connection with per-command timeouts and a debug trace.
 
-    Use :meth:`command` for every command (one at a time); wait for
+    Use :meth:`command` for every command (queued behind a running one); wait for
     :attr:`greeting` first.  :meth:`fail` ends the connection with an error.
     """
 
@@ -107,6 +114,9 @@ class FidoIMAP4Client(ResponseReader, protocol.Protocol):
     startedTLS = False
     #: the running command's tag, or None
     waiting = None
+    #: True once the server answered a queued command before the one
+    #: running: it dropped a pipelined command
+    pipeline_dropped = False
 
     def __init__(
         self,
@@ -139,6 +149,9 @@ class FidoIMAP4Client(ResponseReader, protocol.Protocol):
         self.line_mode = 1
         self._tag_number = 0
         self._command = None  # (name, Deferred, continuation) of ``waiting``
+        #: commands written after ``waiting``, not running yet: (tag, name,
+        #: Deferred, untagged, timeout, what, literal bounds)
+        self._queued = CommandQueue()
         self._untagged = None
         #: called with the segments of EVERY untagged response, whatever
         #: command runs (or none): a held connection's watch for EXISTS
@@ -172,32 +185,6 @@ class FidoIMAP4Client(ResponseReader, protocol.Protocol):
     def search_ignored(self):
         """UIDs of the last command's SEARCH responses dropped by ``max_search_uids``."""
         return self._bounds.search_ignored
-
-    # -- tracing -----------------------------------------------------------
-
-    @property
-    def scrub_forms(self):
-        """Callable returning the secret's forms (credentials'
-        ``secret_forms``): removed from traced server lines before they are cut."""
-        return self._trace.scrub_forms
-
-    @scrub_forms.setter
-    def scrub_forms(self, forms):
-        self._trace.scrub_forms = forms
-
-    @property
-    def trace(self):
-        """The last protocol lines, formatted (``"S: * OK ..."``), secrets
-        removed before anything is cut."""
-        return self._trace.lines()
-
-    def debug_lines(self):
-        return self._trace.lines()
-
-    def clear_trace(self):
-        """Forget the traced lines: a held connection waiting in IDLE keeps
-        no debug text of its login (about 3 KiB per connection)."""
-        self._trace.clear()
 
     # -- timers --------------------------------------------------------------
 
@@ -252,6 +239,7 @@ class FidoIMAP4Client(ResponseReader, protocol.Protocol):
             d = self._command[1]
             self._finished()
             d.errback(err)
+        self._queued.fail(self.error)
         if not self.lost.called:
             self.lost.callback(None)
 
@@ -301,8 +289,18 @@ class FidoIMAP4Client(ResponseReader, protocol.Protocol):
         self._write(line + CRLF)
 
     def command(self, name, args=None, untagged=None, continuation=None, timeout=None, what=None,
-                literal_each=None, literal_total=None, literal_caps=None):
+                literal_each=None, literal_total=None, literal_caps=None, pipelined=False):
         """Send one command; fire with the tagged OK text.
+
+        While another command runs, the line is written at once and the
+        command queued behind it (pipelining, see the module docstring); it
+        must not take a ``continuation`` then.  With ``pipelined`` the
+        queued command may also be answered *before* the running one (RFC
+        3501 sec 5.5: a server may run commands that are not ambiguous side
+        by side; Fido asks it only of a ``UID FETCH`` written behind a
+        ``UID STORE +FLAGS.SILENT``): its bounds apply at once and every
+        untagged response goes to its handler as well as the running one's.
+        One such command at a time.
 
         :param untagged: called with the segments of each untagged response
             (``[text]``, or ``[text, literal, text, ...]``) while it runs;
@@ -321,28 +319,48 @@ class FidoIMAP4Client(ResponseReader, protocol.Protocol):
         if self.closed or self.error is not None:
             d.errback(failure.Failure(self.error or _closed()))
             return d
-        if self.waiting is not None:
-            raise RuntimeError("FidoIMAP4Client runs one command at a time")
+        if self.waiting is not None and continuation is not None:
+            raise RuntimeError("FidoIMAP4Client queues no command that takes a continuation")
         if what is None:
             what = name.decode("ascii", "replace")
             if name == b"UID" and args:
                 what += " " + args.split(b" ", 1)[0].decode("ascii", "replace")
-        self._untagged = untagged
-        self._limits(literal_each, literal_total, literal_caps, what)
         self._tag_number += 1
         tag = b"%04X" % self._tag_number
-        self.waiting = tag
-        self._command = (name, d, continuation)
-        self._deadline.arm(self.command_timeout if timeout is None else timeout, what)
+        timeout = self.command_timeout if timeout is None else timeout
+        literals = (literal_each, literal_total, literal_caps)
+        if self.waiting is None:
+            self._run(tag, name, d, continuation, untagged, timeout, what, literals)
+        else:
+            self._queued.add((tag, name, d, untagged, timeout, what, literals), pipelined)
+            if pipelined:
+                self._limits(*literals, what)  # its literals may come first
         self.sendLine(tag + b" " + name if args is None else b" ".join((tag, name, args)))
         return d
 
+    @property
+    def queued(self):
+        """Commands written and waiting for the running one's answer."""
+        return len(self._queued)
+
+    def _run(self, tag, name, d, continuation, untagged, timeout, what, literals):
+        """Make ``tag`` the running command: its handler, bounds, deadline."""
+        self._untagged = untagged
+        self._limits(*literals, what)
+        self.waiting = tag
+        self._command = (name, d, continuation)
+        self._deadline.arm(timeout, what)
+
     def _finished(self):
-        """The running command has its answer (or never will)."""
+        """The running command has its answer (or never will); the next
+        queued one runs from here."""
         self.waiting = None
         self._command = None
         self._untagged = None
         self._deadline.disarm()
+        if self._queued and self.error is None:
+            tag, name, d, untagged, timeout, what, literals = self._queued.next()
+            self._run(tag, name, d, None, untagged, timeout, what, literals)
 
     def start_tls(self, context_factory):
         """Switch the transport to TLS (after a tagged OK to STARTTLS).

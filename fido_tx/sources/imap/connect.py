@@ -204,6 +204,32 @@ class Connector:
         self.tls = tls if tls is not None else TlsContexts(max_entries)
         self.max_entries = max_entries
         self._endpoints = {}
+        self._pipelining = {}
+
+    # -- what a server is known to take: LOGIN pipelined ------------------------
+    #
+    # RFC 3501 sec 5.5 lets a client write its next command behind LOGIN, but
+    # not every server reads it: Courier's login process hands the
+    # connection to imapd and what it had read past LOGIN is lost (the
+    # command is never answered).  A server is sent LOGIN and the first
+    # command together only once one of its LOGIN answers carried its
+    # capabilities (``OK [CAPABILITY ...]``: Dovecot, Cyrus; the server that
+    # answers LOGIN is then the one that serves the session).  A server seen
+    # to drop a pipelined command is never sent one again.
+
+    def pipelines_login(self, account):
+        """Whether to write the session's first command with LOGIN."""
+        return self._pipelining.get((account.host, account.port)) is True
+
+    def learned_login(self, account, pipelines):
+        """Remember whether ``account``'s server takes a command pipelined
+        with LOGIN (``False`` once it dropped one: for good)."""
+        key = (account.host, account.port)
+        if self._pipelining.get(key) is False:
+            return
+        if key not in self._pipelining and len(self._pipelining) >= self.max_entries:
+            self._pipelining.clear()
+        self._pipelining[key] = bool(pipelines)
 
     def endpoint(self, host, port, timeout):
         """A shared :class:`HostnameEndpoint` per (host, port, timeout): it

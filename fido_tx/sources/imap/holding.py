@@ -61,6 +61,7 @@ class HeldMailboxPoll(MailboxPoll):
         self.info = info
 
     status_allowed = False  # no STATUS on the selected mailbox: UID SEARCH answers
+    search_with_select = False  # no SELECT to write it behind
 
     async def select(self):
         return self.info

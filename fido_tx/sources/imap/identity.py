@@ -94,6 +94,26 @@ def _header_field(values):
     return b""
 
 
+def message_id_of(values):
+    """The Message-ID of a FETCH answer with :data:`ITEMS`, ``None`` when it
+    did not ask for it (sizes only)."""
+    for key, value in values.items():
+        if key.startswith(b"BODY[HEADER.FIELDS"):
+            return extract_message_id(value if isinstance(value, bytes) else b"")
+    return None
+
+
+def wants_ids(poll, epoch):
+    """Whether :func:`sizes` asks the server for Message-IDs in ``epoch``."""
+    return not (poll.dry_run or poll.epochs is None
+                or poll.epochs.known(poll.account.id, poll.mailbox, epoch))
+
+
+def items_for(poll, epoch):
+    """The FETCH items :func:`sizes` needs in ``epoch``."""
+    return ITEMS if wants_ids(poll, epoch) else b"(UID RFC822.SIZE)"
+
+
 async def _now(poll, uids):
     """``{uid: (size, message_id)}`` of what the server holds at ``uids``."""
     now = {}
@@ -120,10 +140,15 @@ async def sizes(poll, epoch, uids, sink_call):
     :func:`~fido_tx.sources.imap.session.fetch_mailbox` runs it), and in a
     dry run, the sizes alone: the sink then recognises what it stored
     before when it is delivered again (the body fetched for nothing)."""
-    if poll.dry_run or poll.epochs is None \
-            or poll.epochs.known(poll.account.id, poll.mailbox, epoch):
+    pre = poll.prefetched  # fetched with the SEARCH (the same items)
+    if not wants_ids(poll, epoch):
+        if pre is not None:
+            return {u: pre[u][0] for u in uids if u in pre}, uids
         return await poll.sizes(uids), uids
-    now = await _now(poll, uids)
+    if pre is not None:
+        now = {u: (pre[u][0], pre[u][1] or "") for u in uids if u in pre}
+    else:
+        now = await _now(poll, uids)
     identities = {poll.aliases.get(u) or str(u): of(size, mid)
                   for u, (size, mid) in now.items() if mid}
     found = await sink_call(poll.sink.recognise, poll.account.id, poll.mailbox, epoch,

@@ -85,17 +85,23 @@ class ImapConnection:
         return shared(frozenset(caps))
 
     async def logout(self, timeout):
-        """Say LOGOUT (bounded by ``timeout``), then close whatever happens."""
+        """Write LOGOUT and close the connection behind it, without waiting
+        for the answer: once every mark is confirmed nothing the server can
+        say matters, and waiting costs a round trip per session.  The
+        connection is aborted if it is not closed within ``timeout`` (a
+        server that reads nothing: LOGOUT's deadline)."""
         proto = self.proto
         if proto is None or proto.closed:
             return
-        if proto.state is not None and proto.error is None:
-            proto.logging_out = True
-            try:
-                await proto.command(b"LOGOUT", timeout=timeout)
-            except Exception:
-                pass
-        self.abort()
+        if proto.state is None or proto.error is not None:
+            self.abort()
+            return
+        proto.logging_out = True
+        # the command's deadline is the bound: a server that neither reads
+        # nor answers within ``timeout`` has the connection aborted
+        d = proto.command(b"LOGOUT", timeout=timeout)
+        d.addErrback(lambda f: None)  # the answer, or the close, is not read
+        close_after_writes(proto.transport)
 
     def abort(self):
         proto = self.proto
@@ -114,14 +120,40 @@ class ImapConnection:
         self.creator = None
 
 
+def close_after_writes(transport):
+    """Close ``transport`` once what was written to it is sent, without
+    waiting for the peer: over TLS the close_notify is written and the TCP
+    connection under it closed at once (Twisted's TLS ``loseConnection``
+    would wait for the server's close_notify: one more round trip)."""
+    transport.loseConnection()
+    lower = getattr(transport, "transport", None)  # TLSMemoryBIOProtocol wraps TCP
+    if lower is not None and lower is not transport and hasattr(lower, "loseConnection"):
+        lower.loseConnection()
+
+
 class Login:
     """Connect and log in ``account``: :meth:`run` -> :class:`ImapConnection`.
 
     :ivar connection: the connection as soon as there is one (also when a
         later step fails: the session reads its trace and closes it).
+    :param pipeline: ``f(command)``, called right after a LOGIN that needs
+        no continuation (no literal) is written, to write the session's
+        first command behind it in the same packet (RFC 3501 sec 5.5);
+        :attr:`pipelined` says whether it was called.  LOGIN only: after
+        an AUTHENTICATE the server may ask for more (``+``) and would read
+        the next command as a SASL response.  A refused LOGIN leaves the
+        pipelined command to be refused as well (not authenticated): the
+        caller must not read into its refusal anything but that.
     """
 
-    def __init__(self, reactor, connector, account, settings, credentials, step):
+    def __init__(self, reactor, connector, account, settings, credentials, step,
+                 pipeline=None):
+        self.pipeline = pipeline
+        self.pipelined = False
+        #: whether the server's answer to the login carried its capabilities
+        self.answer_capabilities = False
+        #: whether the login was a LOGIN command (the only one pipelined)
+        self.mechanism_was_login = False
         self.reactor = reactor
         self.connector = connector
         self.account = account
@@ -240,12 +272,14 @@ class Login:
         conn = self.connection
         self.step("logged in")
         new_caps = greeting_capabilities(text)
+        self.answer_capabilities = new_caps is not None
         if new_caps is None:
             new_caps = await conn.capability()
         conn.caps = new_caps
 
     async def _login(self, user, password):
         proto = self.connection.proto
+        self.mechanism_was_login = True
         uh, ul = astring_parts(user)
         ph, pl = astring_parts(password)
         lines = []
@@ -267,7 +301,11 @@ class Login:
                 return
             proto.send_secret(pending.pop(0))
 
-        return await proto.command(b"LOGIN", first, continuation=continuation)
+        d = proto.command(b"LOGIN", first, continuation=continuation)
+        if not pending and self.pipeline is not None and not d.called:
+            self.pipelined = True
+            self.pipeline(proto.command)
+        return await d
 
     async def _sasl(self, mechanism, response):
         """``AUTHENTICATE <mechanism>`` with ``response`` (base64), as an

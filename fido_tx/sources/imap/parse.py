@@ -242,6 +242,36 @@ class _Tokens:
         return val
 
 
+#: the FETCH answers Fido asks for, read without the tokenizer: item-number
+#: pairs (``UID 5 RFC822.SIZE 120``), then at most one literal item last
+#: (``BODY[] {120}``, ``BODY[HEADER.FIELDS (MESSAGE-ID)] {52}``)
+_FAST_PAIRS = re.compile(rb"(\d+) (?i:FETCH) \(((?:[A-Za-z0-9.]+ \d+)(?: [A-Za-z0-9.]+ \d+)*)\)\Z")
+_FAST_LITERAL = re.compile(
+    rb"(\d+) (?i:FETCH) \(((?:[A-Za-z0-9.]+ \d+ )*)"
+    rb"([A-Za-z0-9.]+(?:\[[A-Za-z0-9 .()-]*\])?) \{\d+\}\Z")
+
+
+def _fast_fetch(segments):
+    """:func:`parse_fetch` of the common shapes (see ``_FAST_PAIRS``), or
+    ``None`` for anything else: the same answer with one regular expression
+    instead of a token list per response."""
+    if len(segments) == 1:
+        m = _FAST_PAIRS.match(segments[0])
+        if m is None:
+            return None
+        words = m.group(2).split(b" ")
+        return int(m.group(1)), {k.upper(): v for k, v in zip(words[0::2], words[1::2])}
+    if len(segments) != 3 or segments[2] != b")":
+        return None
+    m = _FAST_LITERAL.match(segments[0])
+    if m is None:
+        return None
+    words = m.group(2).split(b" ")
+    items = {k.upper(): v for k, v in zip(words[0:-1:2], words[1::2])}
+    items[m.group(3).upper()] = segments[1]
+    return int(m.group(1)), items
+
+
 def parse_fetch(segments):
     """Parse ``n FETCH (...)`` given as segments (text, literal, text, ...).
 
@@ -250,6 +280,14 @@ def parse_fetch(segments):
         are bytes, ``None`` (NIL) or lists.
     :raise ValueError: on a malformed response.
     """
+    fast = _fast_fetch(segments)
+    if fast is not None:
+        return fast
+    return _parse_fetch(segments)
+
+
+def _parse_fetch(segments):
+    """:func:`parse_fetch` of any response: tokens, then values."""
     toks = _Tokens(segments)
     kind, seq = toks.next()
     if kind != "atom" or not seq.isdigit():
@@ -401,3 +439,20 @@ def sasl_oauthbearer(username, host, port, token):
     gs2 = b"n,a=" + username.replace(b"=", b"=3D").replace(b",", b"=2C") + b","
     return base64.b64encode(gs2 + b"\x01host=" + host.encode("idna") + b"\x01port=%d" % port
                             + b"\x01auth=Bearer " + token + b"\x01\x01")
+
+
+def fetch_handler(collect):
+    """An ``untagged`` callback calling ``collect(uid, items)`` per FETCH
+    response that names its UID."""
+    def untagged(segments):
+        head = segments[0]
+        sp = head.find(b" ")
+        if sp <= 0 or head[sp + 1:sp + 7].upper() != b"FETCH ":
+            return
+        seq, values = parse_fetch(segments)
+        uid = values.get(b"UID")
+        if uid is None or not uid.isdigit():
+            return  # an unsolicited FETCH (flag change) of another message
+        collect(int(uid), values)
+
+    return untagged

@@ -1,6 +1,8 @@
 """One poll of one mailbox on a logged-in connection.
 
-STATUS (nothing unseen: done), SELECT (EXAMINE in a dry run), UID SEARCH,
+STATUS (nothing unseen: done), SELECT (EXAMINE in a dry run) with UID SEARCH
+written behind it (an account without a position; searched again in the
+rare mailbox whose FLAGS leave out a keyword the first search excluded),
 ask the sink which UIDs are new, mark the others, RFC822.SIZE, leave the
 too-large ones flagged, then per batch: open a grant of the byte budget, UID
 FETCH (the bodies charged to it as they arrive), deliver, mark what the sink
@@ -32,19 +34,19 @@ from twisted.logger import Logger
 from fido_tx import errors
 from fido_tx.errors import FidoError
 from fido_tx.sinks.message import Message
-from fido_tx.sources.imap import identity, marking
+from fido_tx.sources.imap import identity, marking, search
 from fido_tx.sources.imap.client import FidoIMAP4Client, ImapCommandError
 from fido_tx.sources.imap.marking import SIZE_CHUNK, command_error
 from fido_tx.sources.imap.parse import (
     SelectInfo,
     _show,
     extract_message_id,
+    fetch_handler,
     mailbox_name,
-    parse_fetch,
     response_code,
     uid_set,
 )
-from fido_tx.sources.imap.select import Selection, search_handler
+from fido_tx.sources.imap.select import Selection
 
 __all__ = ["MailboxPoll", "SIZE_CHUNK", "command_error"]
 
@@ -100,10 +102,15 @@ class MailboxPoll:
 
     #: False on a selected mailbox (RFC 3501: no STATUS there)
     status_allowed = True
+    #: whether UID SEARCH may be written behind SELECT (False where
+    #: :meth:`select` sends no SELECT)
+    search_with_select = True
 
     def __init__(self, connection, account, sink, settings, step, budget=None,
-                 dry_run=False, mailbox=None, positions=None, epochs=None):
+                 dry_run=False, mailbox=None, positions=None, epochs=None, status=None):
         self.conn = connection
+        #: the answer of a STATUS already written (pipelined with LOGIN)
+        self.sent_status = status
         self.account = account
         self.sink = sink
         self.settings = settings
@@ -124,6 +131,11 @@ class MailboxPoll:
         self.rejected = []
         #: UIDs delivered under another id than their own: reused UIDs
         self.aliases = {}
+        #: UIDs confirmed by the sink, to be marked with the next batch's FETCH
+        self.unmarked = []
+        #: ``{uid: (size, message_id or None)}`` fetched with the SEARCH
+        #: (``None``: not; see :meth:`search_with_sizes`)
+        self.prefetched = None
 
     def command(self, name, args=None, **kw):
         return self.conn.proto.command(name, args, **kw)
@@ -131,14 +143,23 @@ class MailboxPoll:
     async def run(self):
         selection = self.selection
         await selection.load()
-        status = await selection.status() if self.status_allowed else None
+        status = await selection.status(self.sent_status) if self.status_allowed else None
         if await selection.settled_by_status(status):
             self.step("nothing {what} to fetch (STATUS)", what=selection.what)
             return
-        info = await self.select()
+        # an account without a position: UID SEARCH written behind SELECT
+        early = None
+        if self.search_with_select and not selection.tracked:
+            early = search.SearchBehindSelect(self)
+        try:
+            info = await (self.select(early.write) if early else self.select())
+        except BaseException:
+            if early is not None:
+                early.drop()  # refused with the SELECT: not read
+            raise
         if not await selection.begin(info.uidvalidity, await selection.uidnext_of(info)):
             return
-        uids = await self.search(info)
+        uids = await self.search(info, status, await early.answer_for(info) if early else None)
         if uids:
             await self.take(info, uids)
         await selection.finish(uids)
@@ -193,7 +214,9 @@ class MailboxPoll:
                 if grant is not None:
                     grant.release()
             if error is not None:
+                await marking.mark_unmarked(self)
                 raise error
+        await marking.mark_unmarked(self)
         if self.rejected:
             await self.flag(info, self.rejected, settings.rejected_keyword)
             shown = ", ".join(str(u) for u in self.rejected[:20])
@@ -228,7 +251,9 @@ class MailboxPoll:
 
     # -- commands --------------------------------------------------------------
 
-    async def select(self):
+    async def select(self, then=None):
+        """SELECT (EXAMINE in a dry run) the mailbox; ``then()`` is called
+        right after the command is written (to write the next behind it)."""
         info = SelectInfo()
 
         def untagged(segments):
@@ -236,8 +261,11 @@ class MailboxPoll:
                 info.feed(segments[0])
 
         verb = b"EXAMINE" if self.dry_run else b"SELECT"
+        d = self.command(verb, mailbox_name(self.mailbox), untagged=untagged)
+        if then is not None:
+            then()
         try:
-            text = await self.command(verb, mailbox_name(self.mailbox), untagged=untagged)
+            text = await d
         except ImapCommandError as e:
             if e.status == b"NO":
                 raise FidoError(errors.MAILBOX, f"cannot open mailbox {self.mailbox!r}: "
@@ -252,42 +280,15 @@ class MailboxPoll:
                   mailbox=self.mailbox, exists=info.exists, uidvalidity=info.uidvalidity)
         return info
 
-    async def search(self, info):
-        keywords = b""
-        for kw in (self.settings.too_large_keyword, self.settings.rejected_keyword):
-            if kw and info.keyword_known(kw):
-                keywords += b" UNKEYWORD " + kw.encode("ascii", "replace")
-        found = set()
-        try:
-            await self.command(b"UID", self.selection.query(keywords),
-                               untagged=search_handler(found))
-        except ImapCommandError as e:
-            raise command_error(e, errors.PROTOCOL, "UID SEARCH")
-        uids = self.selection.keep(found)
-        ignored = self.conn.proto.search_ignored
-        what = self.selection.what
-        if ignored:
-            _log.info("session {account_id}: {n} {what} messages; taking the first {taken} "
-                      "([imap] max_search_uids), the rest next poll", what=what,
-                      account_id=self.account.id, n=len(uids) + ignored, taken=len(uids))
-        self.step("{n} {what} messages", n=len(uids), what=what)
-        return uids
+    async def search(self, info, status=None, sent=None):
+        """The UIDs to take (:func:`fido_tx.sources.imap.search.run`)."""
+        return await search.run(self, info, status, sent)
 
     async def fetch_items(self, uids, items, collect, **limits):
         """``UID FETCH`` in chunks; ``collect(uid, items)`` per response;
         ``limits``: literal bounds for ``command()`` (body batches are one
         chunk)."""
-        def untagged(segments):
-            head = segments[0]
-            sp = head.find(b" ")
-            if sp <= 0 or head[sp + 1:sp + 7].upper() != b"FETCH ":
-                return
-            seq, values = parse_fetch(segments)
-            uid = values.get(b"UID")
-            if uid is None or not uid.isdigit():
-                return  # an unsolicited FETCH (flag change) of another message
-            collect(int(uid), values)
-
+        untagged = fetch_handler(collect)
         for i in range(0, len(uids), SIZE_CHUNK):
             chunk = uids[i:i + SIZE_CHUNK]
             try:
@@ -309,7 +310,12 @@ class MailboxPoll:
         return sizes
 
     async def fetch_batch(self, batch, epoch, sizes, grant=None):
-        """Fetch, deliver and mark one batch; the delivery's error, if any."""
+        """Fetch, deliver and mark one batch; the delivery's error, if any.
+
+        With :func:`~fido_tx.sources.imap.marking.pipelined`, the UIDs the
+        sink confirmed are marked by a ``UID STORE`` written together with
+        the next batch's ``UID FETCH`` (one round trip fewer per batch), or
+        after the last batch: still only after the sink confirmed them."""
         bodies = {}
         wanted = set(batch)
         answered = set()
@@ -333,7 +339,7 @@ class MailboxPoll:
             {u: sizes[u] for u in batch}, self.settings.max_message_size + 1024 * 1024)
         if grant is not None:  # the bodies' bytes are charged as they arrive
             grant.attach(self.conn.proto, limits["literal_total"])
-        await self.fetch_items(batch, b"(UID BODY.PEEK[])", collect, **limits)
+        await marking.fetch_bodies(self, batch, collect, limits)
         if grant is not None:
             grant.settle()  # all arrived: the unused reservation goes back
         # a UID with no answer at all was expunged meanwhile; an answer
@@ -361,7 +367,9 @@ class MailboxPoll:
         self.bytes += sum(sizes[i] for i in confirmed)
         self.rejected.extend(uid_of[i] for i in delivery.rejected if i in sizes)
         confirmed = [uid_of[i] for i in confirmed]
-        if confirmed:
+        if confirmed and marking.pipelined(self):
+            self.unmarked = confirmed
+        elif confirmed:
             await self.mark(confirmed)
             self.marked += len(confirmed)
         return delivery.error

@@ -18,7 +18,8 @@ The class using it provides ``_bounds`` (a
 :class:`~fido_tx.sources.imap.trace.ProtocolTrace`), ``_deadline`` and
 ``_rate`` (see :mod:`~fido_tx.sources.imap.deadline`), ``state``,
 ``waiting`` (the running command's tag) and ``_command`` (its name,
-Deferred and continuation), ``_untagged``, ``observer``, ``greeting``,
+Deferred and continuation), ``_queued`` (the commands written behind it,
+a :class:`~fido_tx.sources.imap.pipeline.CommandQueue`), ``_untagged``, ``observer``, ``greeting``,
 ``error``, ``closed``, ``line_mode``, ``transport`` and ``fail(error)``.
 """
 
@@ -199,7 +200,7 @@ class ResponseReader(LinearLineReader):
         observer = self.observer
         if observer is not None:
             observer(segments)
-        handler = self._untagged
+        handler = self._queued.untagged(self._untagged)
         if handler is None:
             return
         if len(segments) == 1 and text[:6].upper() == b"SEARCH":
@@ -210,12 +211,23 @@ class ResponseReader(LinearLineReader):
         handler(segments)
 
     def _tagged(self, tag, rest):
-        if tag != self.waiting:
+        early = None if tag == self.waiting else self._queued.answered_early(tag)
+        if early is not None:
+            name, d = early[1], early[2]
+        elif tag != self.waiting:
+            if any(queued[0] == tag for queued in self._queued):
+                self.pipeline_dropped = True
+                raise FidoError(
+                    errors.PROTOCOL, f"the server answered command {_show(tag)} before "
+                                     f"{_show(self.waiting)}, written before it (IMAP answers "
+                                     "in order: it dropped or mixed up pipelined commands; "
+                                     "none are pipelined to it again)")
             raise FidoError(
                 errors.PROTOCOL, f"response with an unknown tag: {_show(tag + b' ' + rest)}"
             )
-        name, d, _ = self._command
-        self._finished()
+        else:
+            name, d, _ = self._command
+            self._finished()
         self.last_response = rest
         m = _TAGGED.match(rest)
         status = m.group(1).upper() if m else b""

@@ -62,6 +62,33 @@ def search_handler(found):
     return untagged
 
 
+def status_items(account):
+    """What a poll's STATUS asks: UNSEEN, and where the mailbox ends when
+    the account keeps a position."""
+    if account.select == "new" or account.start_from == "now":
+        return b"(UIDNEXT UIDVALIDITY UNSEEN)"
+    return b"(UNSEEN)"
+
+
+def send_status(command, mailbox, items):
+    """Write ``STATUS <mailbox> <items>`` through ``command``: a Deferred
+    firing with the last answer's ``{attribute: value}``, or ``None`` when
+    the server answered none or refused the command (NO/BAD)."""
+    answers = []
+
+    def untagged(segments):
+        found = parse_status(segments)
+        if found:
+            answers.append(found)
+
+    def refused(failure):
+        failure.trap(ImapCommandError)
+        return None
+
+    d = command(b"STATUS", mailbox_name(mailbox) + b" " + items, untagged=untagged)
+    return d.addCallbacks(lambda _: answers[-1] if answers else None, refused)
+
+
 class Selection:
     """One poll's choice of UIDs (see the module docstring).
 
@@ -114,23 +141,18 @@ class Selection:
             return
         self.record = await self.positions.get(self.account.id, self.mailbox)
 
-    async def status(self):
+    def status_items(self):
+        """What STATUS asks of the mailbox."""
+        return status_items(self.account)
+
+    async def status(self, sent=None):
         """``STATUS`` of the mailbox (not selected): its attributes, or
-        ``None`` when the server does not answer them (SELECT decides)."""
-        items = b"(UIDNEXT UIDVALIDITY UNSEEN)" if self.tracked else b"(UNSEEN)"
-        answers = []
-
-        def untagged(segments):
-            found = parse_status(segments)
-            if found:
-                answers.append(found)
-
-        try:
-            await self.command(b"STATUS", mailbox_name(self.mailbox) + b" " + items,
-                               untagged=untagged)
-        except ImapCommandError:
-            return None
-        return answers[-1] if answers else None
+        ``None`` when the server does not answer them (SELECT decides).
+        ``sent``: the answer of a STATUS already written (pipelined with
+        LOGIN, :func:`send_status`)."""
+        if sent is None:
+            sent = send_status(self.command, self.mailbox, self.status_items())
+        return await sent
 
     async def settled_by_status(self, status):
         """Whether a STATUS answer ends the poll: nothing unseen (RFC 3501:

@@ -22,7 +22,12 @@ Timeouts: ``connect_timeout`` covers name resolution and the TCP connect;
 ``command_timeout`` is the longest silence while a command runs (any line or
 literal data from the server restarts it); while a message literal arrives it
 must also keep up ``min_literal_rate`` bytes/s (checked every 5 s);
-``logout_timeout`` bounds LOGOUT, after which the connection is aborted anyway.
+``logout_timeout`` bounds the close after LOGOUT (whose answer is not
+waited for), after which the connection is aborted.
+
+Round trips: with a LOGIN that needs no literal, the poll's STATUS is
+written in the same packet (RFC 3501 sec 5.5 pipelining), so an empty poll
+is greeting, LOGIN+STATUS, LOGOUT-and-close.
 
 Every log line of a session carries its account id and a short random
 session id (``s=3f9a2c``): ``grep s=3f9a2c`` tells the whole story of one poll.
@@ -45,6 +50,7 @@ from fido_tx.sources.imap.connect import Connector
 from fido_tx.sources.imap.login import Login
 from fido_tx.sources.imap.parse import _show, extract_message_id  # noqa: F401 - re-export
 from fido_tx.sources.imap.poll import SIZE_CHUNK, MailboxPoll  # noqa: F401 - re-export
+from fido_tx.sources.imap.select import send_status, status_items
 
 _log = Logger()
 
@@ -156,6 +162,10 @@ class ImapSession:
         self.mailbox_poll = None
         self.started = None
         self._steps = None
+        #: the answer of the STATUS written with LOGIN (or None)
+        self._status = None
+        #: whether STATUS was written with LOGIN
+        self.pipelined = False
         self._failed_response = b""
         self._failed_bye = None
 
@@ -233,7 +243,12 @@ class ImapSession:
             # what the server said when it went wrong (before any LOGOUT)
             self._failed_response = conn.proto.last_response
             self._failed_bye = conn.proto.bye
+        if conn is not None and conn.proto is not None and conn.proto.pipeline_dropped:
+            self.connector.learned_login(self.account, False)
         await self._close(error)
+        if self._status is not None:
+            # a STATUS pipelined with a LOGIN that failed: not read
+            self._status.addErrback(lambda f: None)
         return self._result(error)
 
     async def _session(self):
@@ -241,18 +256,30 @@ class ImapSession:
             await self.pacer.wait()
         if self.credentials is None:
             self.credentials = self.credentials_factory(self.account)
+        pipeline = self._send_status if self.connector.pipelines_login(self.account) else None
         self.login = Login(self.reactor, self.connector, self.account, self.settings,
-                           self.credentials, self.step)
+                           self.credentials, self.step, pipeline=pipeline)
         conn = await self.login.run()
+        if self.login.mechanism_was_login:
+            self.connector.learned_login(self.account, self.login.answer_capabilities)
         self.mailbox_poll = MailboxPoll(conn, self.account, self.sink, self.settings,
                                         self.step, budget=self.budget, dry_run=self.dry_run,
-                                        positions=self.positions, epochs=self.epochs)
+                                        positions=self.positions, epochs=self.epochs,
+                                        status=self._status)
         await self.mailbox_poll.run()
         if self.dry_run:
             p = self.mailbox_poll
             self.step.info("dry run: would fetch {count} messages ({nbytes} bytes), "
                            "would mark {mark}", count=p.fetched, nbytes=p.bytes,
                            mark=self.account.after_fetch)
+
+    def _send_status(self, command):
+        """The poll's STATUS, written with LOGIN (to a server known to take
+        it, see :meth:`Connector.pipelines_login`): an empty poll is then
+        one round trip after the greeting (LOGIN and STATUS answered
+        together)."""
+        self.pipelined = True
+        self._status = send_status(command, self.account.mailbox, status_items(self.account))
 
     async def _close(self, error):
         conn = self.connection

@@ -96,3 +96,32 @@ class ProtocolTrace:
         before anything is cut."""
         return [t if isinstance(t, str) else f"{t[0]}: {_show(self._shown(t[1]), self.WIDTH + 40)}"
                 for t in self._lines]
+
+
+class TracedLines:
+    """What a connection with a :class:`ProtocolTrace` (``_trace``) shows
+    of it: the client's tracing API, apart from its protocol work."""
+
+    @property
+    def scrub_forms(self):
+        """Callable returning the secret's forms (credentials'
+        ``secret_forms``): removed from traced server lines before they are cut."""
+        return self._trace.scrub_forms
+
+    @scrub_forms.setter
+    def scrub_forms(self, forms):
+        self._trace.scrub_forms = forms
+
+    @property
+    def trace(self):
+        """The last protocol lines, formatted (``"S: * OK ..."``), secrets
+        removed before anything is cut."""
+        return self._trace.lines()
+
+    def debug_lines(self):
+        return self._trace.lines()
+
+    def clear_trace(self):
+        """Forget the traced lines: a held connection waiting in IDLE keeps
+        no debug text of its login (about 3 KiB per connection)."""
+        self._trace.clear()
