@@ -20,6 +20,14 @@ Environment:
     write the names of every imported module (``sys.modules``) to PATH,
     one a line, once the daemon has run for ``FIDO_MODULES_AFTER`` seconds
     (default 1): what start-up imported for the configured features.
+``FIDO_TRACEMALLOC=PATH``
+    with ``PYTHONTRACEMALLOC=1`` (tracing from the first import): at
+    shutdown, before anything is stopped, the live Python allocations per
+    source line (top 200) and per file are written to PATH as JSON: what
+    the memory of an idle daemon is made of.
+``FIDO_MALLOC_TRIM=1``
+    ``malloc_trim(0)`` every second (an experiment: how much of the RSS is
+    memory glibc keeps after ``free``).
 ``FIDO_PROFILE=PATH``
     run the whole daemon under cProfile and dump the stats to PATH at exit
     (``{pid}`` in PATH is replaced by the daemon's process id).
@@ -88,10 +96,31 @@ def _install_probe(reactor, path, interval):
     reactor.addSystemEventTrigger("before", "shutdown", dump)
 
 
+def _census(path):
+    import tracemalloc
+
+    if not tracemalloc.is_tracing():
+        return
+    snapshot = tracemalloc.take_snapshot()
+    by = {}
+    for kind in ("lineno", "filename"):
+        by[kind] = [[str(s.traceback[0]), s.size, s.count]
+                    for s in snapshot.statistics(kind)[:200]]
+    by["total"] = sum(s.size for s in snapshot.statistics("filename"))
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(by, f)
+
+
 def main():
     code = os.environ.get("FIDO_CODE")
     if code:  # before/after runs: the daemon imports fido_tx from this checkout
         sys.path.insert(0, code)
+    from fido_tx import private
+
+    # as twistd's own start-up does it through fido's makeService: the reactor
+    # without pyOpenSSL (a checkout from before that imports it plainly)
+    if hasattr(private, "import_twisted"):
+        private.import_twisted()
     from twisted.internet import reactor  # the default (epoll) reactor
     from twisted.scripts.twistd import run
 
@@ -110,6 +139,19 @@ def main():
 
         after = float(os.environ.get("FIDO_MODULES_AFTER", "1"))
         reactor.callWhenRunning(lambda: reactor.callLater(after, dump_modules))
+    if os.environ.get("FIDO_MALLOC_TRIM"):  # experiment: what free() keeps from the OS
+        import ctypes
+
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+
+        def every_second():
+            trim(0)
+            reactor.callLater(1.0, every_second)
+
+        reactor.callWhenRunning(every_second)
+    census = os.environ.get("FIDO_TRACEMALLOC")
+    if census:
+        reactor.addSystemEventTrigger("before", "shutdown", _census, census)
     sys.argv = ["twistd"] + sys.argv[1:]
     profile = os.environ.get("FIDO_PROFILE", "").replace("{pid}", str(os.getpid()))
     if not profile:

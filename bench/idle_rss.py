@@ -1,6 +1,6 @@
 """The memory of an idle daemon: RSS with 0, 1, 1,000 and 10,000 accounts, and what it imported.
 
-    python bench/idle_rss.py [--accounts 0,1,1000,10000] [--tls] [--idle]
+    python bench/idle_rss.py [--accounts 0,1,1000,10000] [--tls] [--idle] [--http LISTEN]
 
 For each account count: a fresh Redis, the mock IMAP server
 (``tests/support/mockimap.py``, empty mailboxes) in its own process, and the
@@ -60,6 +60,11 @@ def measure(args, count, workdir, redis, tls_files, ca):
     r("FLUSHALL")
     write_accounts(workdir, port, count, args.tls, ca, args.idle)
     config = write_config(workdir, redis.url, args.workers, level="warn")
+    if args.http:  # [http] listen (the default config has one): off unless given
+        with open(config) as f:
+            text = f.read().replace('listen = ""', f"listen = {json.dumps(args.http)}")
+        with open(config, "w") as f:
+            f.write(text)
     modules_file = os.path.join(workdir, "modules.txt")
     if os.path.exists(modules_file):
         os.unlink(modules_file)
@@ -94,6 +99,8 @@ def main(argv=None):
     p.add_argument("--workers", type=int, default=100)
     p.add_argument("--tls", action="store_true")
     p.add_argument("--idle", action="store_true", help="hold connections in IDLE")
+    p.add_argument("--http", default="", metavar="LISTEN",
+                   help='[http] listen, e.g. "tcp:0:interface=127.0.0.1" (default: off)')
     p.add_argument("--timeout", type=float, default=300.0)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)

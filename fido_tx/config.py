@@ -794,12 +794,21 @@ class _NoReactor:
     """Stands in for the reactor while an endpoint description is only parsed."""
 
 
+def uses_tls(description):
+    """Whether the ``[http] listen`` description is a TLS listener (``ssl:``)."""
+    return description.strip().lower().startswith("ssl:")
+
+
 def listen_problem(description):
     """Why ``[http] listen`` cannot be used (one line), or ``None``.
 
     Only parses the ``serverFromString`` description (nothing listens):
     an unknown endpoint type, a port that is not a number.
     """
+    from fido_tx import private
+
+    # the reactor and endpoints with pyOpenSSL only for an ``ssl:`` listener
+    private.import_twisted(tls=uses_tls(description))
     from twisted.internet.endpoints import serverFromString
 
     try:

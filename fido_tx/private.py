@@ -18,11 +18,13 @@ __all__ = [
     "PlatformAndExtraRoots",
     "clear_exit_signal",
     "direct_tls_write",
+    "import_twisted",
     "piecewise_redis_protocol",
     "redis_build_command",
     "redis_command_pieces",
     "release_idle_buffers",
     "session_reused",
+    "start_tls_on",
 ]
 
 #: trick name -> what breaks without it (named by the tests' failures)
@@ -37,6 +39,11 @@ TRICKS = {
                    "cleanly exits 0",
     "BufferingTLSTransport": "twisted.protocols.tls.BufferingTLSTransport._aggregator: "
                              "an IMAP command written without a callLater(0) each",
+    "import_twisted": "sys.modules['OpenSSL'] = None while the reactor, endpoints and "
+                      "txredisapi are imported: no pyOpenSSL/cryptography (~12 MiB) "
+                      "in a daemon without TLS",
+    "start_tls_on": "TLSMemoryBIOProtocol(_connectWrapped=False) and tcp "
+                    "Connection.protocol: STARTTLS on a reactor imported without TLS",
 }
 
 
@@ -49,30 +56,46 @@ TRICKS = {
 # trust root of one's own is the private ``IOpenSSLTrustRoot`` interface
 # (one method, ``_addCACertsToContext``).
 
-try:
-    from twisted.internet._sslverify import IOpenSSLTrustRoot  # noqa: E402
-except ImportError as e:  # pragma: no cover - only after an upgrade
-    raise ImportError(f"private API trick 'IOpenSSLTrustRoot' broke "
-                      f"({TRICKS['IOpenSSLTrustRoot']}): {e}") from e
+# The class is built on first use: importing ``_sslverify`` loads pyOpenSSL,
+# cryptography and service_identity (~12 MiB), which a daemon without TLS
+# never needs (see :func:`import_twisted`).
 
 
-@implementer(IOpenSSLTrustRoot)
-class PlatformAndExtraRoots:
-    """Trust the platform's roots and ``certificates`` (pyOpenSSL X509)."""
+def __getattr__(name):
+    if name == "PlatformAndExtraRoots":
+        cls = _platform_and_extra_roots()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-    def __init__(self, certificates):
-        self.certificates = certificates
 
-    def _addCACertsToContext(self, context):
-        from OpenSSL import crypto
+def _platform_and_extra_roots():
+    try:
+        from twisted.internet._sslverify import IOpenSSLTrustRoot
+    except ImportError as e:  # pragma: no cover - only after an upgrade
+        raise ImportError(f"private API trick 'IOpenSSLTrustRoot' broke "
+                          f"({TRICKS['IOpenSSLTrustRoot']}): {e}") from e
 
-        context.set_default_verify_paths()
-        store = context.get_cert_store()
-        for cert in self.certificates:
-            try:
-                store.add_cert(cert)
-            except crypto.Error:  # the same root twice
-                pass
+    @implementer(IOpenSSLTrustRoot)
+    class PlatformAndExtraRoots:
+        """Trust the platform's roots and ``certificates`` (pyOpenSSL X509)."""
+
+        def __init__(self, certificates):
+            self.certificates = certificates
+
+        def _addCACertsToContext(self, context):
+            from OpenSSL import crypto
+
+            context.set_default_verify_paths()
+            store = context.get_cert_store()
+            for cert in self.certificates:
+                try:
+                    store.add_cert(cert)
+                except crypto.Error:  # the same root twice
+                    pass
+
+    PlatformAndExtraRoots.__module__ = __name__
+    return PlatformAndExtraRoots
 
 
 # --- Twisted: the OpenSSL context behind ClientTLSOptions -------------------------
@@ -141,6 +164,10 @@ def direct_tls_write(transport):
     """``write(data)`` for ``transport``: past Twisted's TLS small-write
     aggregator when it is a ``BufferingTLSTransport`` with nothing held,
     else ``transport.write``."""
+    import sys
+
+    if "twisted.protocols.tls" not in sys.modules:  # no TLS yet: not loaded for a check
+        return transport.write
     try:
         from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOProtocol
     except ImportError:  # pragma: no cover - a Twisted without it: plain write
@@ -238,3 +265,110 @@ def piecewise_redis_protocol(base):
             return b""
 
     return PiecewiseRedisProtocol
+
+
+# --- Twisted and txredisapi: imported without pyOpenSSL ---------------------------
+#
+# Twisted's TCP transport (``twisted.internet.tcp`` through ``_newtls``), its
+# reactor (``posixbase``: ``connectSSL``), its endpoints (``wrapClientTLS``)
+# and txredisapi (``twisted.internet.ssl``, ``twisted.protocols.tls``) import pyOpenSSL,
+# cryptography and service_identity when they are imported: 12 MiB of an idle
+# daemon's 52, whether or not anything uses TLS.  Each of the three Twisted
+# modules falls back to "no TLS" when ``import OpenSSL`` fails; txredisapi
+# only names ``ssl.ClientContextFactory`` (in signatures, and to build one for
+# its own connect helpers, which Fido does not use) and ``TLSMemoryBIOFactory``
+# (for its TLS endpoint, unused too).  So the daemon imports them while
+# ``sys.modules['OpenSSL']`` is ``None`` and txredisapi sees stand-ins for
+# those two modules, whose names make the real object when called; then the
+# stand-ins are removed and pyOpenSSL loads
+# normally the first time a TLS connection is made.  Fido's own TLS does not
+# need the reactor's: :mod:`fido_tx.lazytls` wraps an endpoint with
+# ``TLSMemoryBIOFactory`` (public) and starts TLS on a connection with
+# :func:`start_tls_on`.  Checked by tests/test_private.py
+# (``test_import_twisted``) and tests/test_lazy_imports.py.
+
+
+def _stand_in(module, name):
+    """A class standing in for ``module.name``: calling it makes the real one."""
+    import importlib
+
+    def __new__(cls, *args, **kwargs):
+        return getattr(importlib.import_module(module), name)(*args, **kwargs)
+
+    return type(name, (), {"__new__": __new__, "__module__": __name__,
+                           "__doc__": f"{module}.{name}, imported when first called"})
+
+
+#: what txredisapi takes from Twisted's TLS modules at import
+_TXREDISAPI_TLS_NAMES = {"twisted.internet.ssl": "ClientContextFactory",
+                         "twisted.protocols.tls": "TLSMemoryBIOFactory"}
+
+
+def import_twisted(tls=False):
+    """Import the default reactor, ``twisted.internet.endpoints`` and
+    txredisapi, without pyOpenSSL unless ``tls`` (a ``ssl:`` HTTP listener:
+    the reactor's ``listenSSL``) or pyOpenSSL is already loaded.
+
+    Nothing is done when the reactor is already imported (tests, the CLI).
+    Returns whether pyOpenSSL was kept out."""
+    import sys
+    import types
+
+    if "twisted.internet.reactor" in sys.modules or tls or "OpenSSL" in sys.modules:
+        from twisted.internet import endpoints, reactor  # noqa: F401
+        return False
+    sys.modules["OpenSSL"] = None  # every ``import OpenSSL`` fails: Twisted's fallback
+    stubs = {}
+    try:
+        from twisted.internet import endpoints, reactor  # noqa: F401
+        import twisted.protocols
+
+        for module, name in _TXREDISAPI_TLS_NAMES.items():
+            stub = stubs[module] = types.ModuleType(module, "stand-in while txredisapi "
+                                                            "is imported")
+            setattr(stub, name, _stand_in(module, name))
+            sys.modules[module] = stub
+            package, _, leaf = module.rpartition(".")
+            setattr(sys.modules[package], leaf, stub)
+        import txredisapi  # noqa: F401
+    finally:
+        del sys.modules["OpenSSL"]
+        for module, stub in stubs.items():
+            if sys.modules.get(module) is stub:
+                del sys.modules[module]
+            package, _, leaf = module.rpartition(".")
+            if getattr(sys.modules[package], leaf, None) is stub:
+                delattr(sys.modules[package], leaf)
+    return True
+
+
+# --- Twisted: STARTTLS on a TCP transport imported without TLS ------------------
+#
+# ``ITCPTransport.startTLS`` exists only when ``twisted.internet.tcp`` was
+# imported with pyOpenSSL (see above).  Without it, the same layering by hand,
+# as ``twisted.internet._newtls.startTLS`` does it: a ``TLSMemoryBIOProtocol``
+# that does not connect the application protocol again (``_connectWrapped``,
+# a private argument) wraps the TCP connection's ``protocol`` (the attribute it
+# delivers bytes to: the application protocol, or the endpoint's wrapper that
+# forwards to it) and takes its place, and the application writes through it.
+# Checked by
+# tests/test_private.py (``test_start_tls_on``).
+
+
+def start_tls_on(transport, protocol, creator):
+    """Start client TLS with ``creator`` on ``transport``, a TCP connection
+    that delivers to ``protocol`` (through its ``protocol`` attribute, maybe
+    an endpoint's wrapper).  Returns the TLS transport: ``protocol`` writes
+    through it from now on."""
+    from twisted.protocols.tls import TLSMemoryBIOFactory
+
+    receiver = getattr(transport, "protocol", None)
+    if receiver is None:
+        raise TypeError(f"{type(transport).__name__} has no protocol attribute: "
+                        f"cannot start TLS on it")
+    factory = TLSMemoryBIOFactory(creator, True, None)
+    tls = factory.protocol(factory, receiver, _connectWrapped=False)
+    transport.protocol = tls
+    protocol.transport = tls
+    tls.makeConnection(transport)
+    return tls

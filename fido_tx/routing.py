@@ -19,9 +19,6 @@ import re
 
 import attr
 from zope.interface import implementer
-from email.header import decode_header, make_header
-from email.parser import BytesHeaderParser
-from email.policy import compat32
 
 from fido_tx.interfaces import ISink
 
@@ -78,6 +75,11 @@ def header_block(raw):
 
 def parse_headers(raw):
     """The headers of ``raw`` as an :class:`email.message.Message`."""
+    # imported here: email.policy and its header registry (0.5 MiB) only
+    # for a daemon with a [routing] template
+    from email.parser import BytesHeaderParser
+    from email.policy import compat32
+
     return BytesHeaderParser(policy=compat32).parsebytes(header_block(raw))
 
 
@@ -99,6 +101,8 @@ def _as_text(value):
     if isinstance(value, str):
         # compat32 hands non-ASCII bytes over as surrogate escapes
         return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    from email.header import decode_header, make_header
+
     try:  # an email.header.Header (encoded words in an address header)
         return str(make_header(decode_header(str(value))))
     except Exception:

@@ -487,17 +487,31 @@ def _watching(top, reactor, settings, ident, redis, sinks, sched, reporter, metr
 
 def _sources(top, reactor, settings, redis, sinks, dry_run):
     """The sessions of every source, and the held IMAP connections."""
-    from fido_tx.credentials import oauth
+    import sys
+
     from fido_tx.redis.positions import MailboxPositions
-    from fido_tx.sources import graph as graph_mod
+    from fido_tx.schedule.ticker import PollTicker
+    from fido_tx.sources import OnDemand
     from fido_tx.sources.imap.holding import HeldConnections
 
-    from fido_tx.schedule.ticker import PollTicker
-
     held = HeldConnections(settings, ticker=PollTicker(reactor, settings.imap.poll_tick))
-    graph = graph_mod.GraphShared.create(
-        reactor, redis=redis, settings=graph_mod.GraphSettings.from_imap(settings.imap))
-    _Stoppable(lambda: (graph.close(), oauth.close_shared())).setServiceParent(top)
+
+    def make_graph():  # for the first Graph session: no Graph code otherwise
+        from fido_tx.sources import graph as graph_mod
+
+        return graph_mod.GraphShared.create(
+            reactor, redis=redis, settings=graph_mod.GraphSettings.from_imap(settings.imap))
+
+    graph = OnDemand(make_graph)
+
+    def close():
+        if graph.value is not None:
+            graph.value.close()
+        oauth = sys.modules.get("fido_tx.credentials.oauth")  # imported by an OAuth2 account
+        if oauth is not None:
+            oauth.close_shared()
+
+    _Stoppable(close).setServiceParent(top)
     factory = _session_factory(reactor, settings, sinks, dry_run, held=held, graph=graph,
                                positions=MailboxPositions(redis))
     return factory, held
@@ -605,7 +619,7 @@ def _serve_http(reactor, http, top, metrics, health, view_parts):
 
     :return: ``(StatusView, InstanceWatch)``.
     """
-    from fido_tx.observe import history, rate, view as view_mod, web
+    from fido_tx.observe import history, listen, rate, view as view_mod
 
     parts = dict(view_parts)
     per_minute = rate.PerMinute(reactor)
@@ -615,11 +629,18 @@ def _serve_http(reactor, http, top, metrics, health, view_parts):
     view = view_mod.StatusView(
         reactor, parts.pop("tracker"), throughput=per_minute, instances=instances, **parts
     )
-    site = web.make_site(metrics, health, view, _credentials(http))
+    credentials = _credentials(http)
+
+    def make_site():  # twisted.web is imported for the first connection
+        from fido_tx.observe import web
+
+        return web.make_site(metrics, health, view, credentials)
+
+    site = listen.SiteOnFirstConnection(make_site)
     # listen now: a port in use or a bad address stops the start with one line
-    port = web.listen_now(reactor, http.listen, site)
-    web.HttpService(port).setServiceParent(top)
-    exposed = web.beyond_loopback(port)
+    port = listen.listen_now(reactor, http.listen, site)
+    listen.HttpService(port).setServiceParent(top)
+    exposed = listen.beyond_loopback(port)
     if exposed:
         log.warn(
             "/metrics and /healthz listen on {address}, beyond loopback, with no "

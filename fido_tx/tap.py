@@ -24,10 +24,7 @@ class Options(usage.Options):
 
 def makeService(options):
     """Load the configuration and build the daemon's service tree."""
-    from twisted.internet import reactor
-
-    from fido_tx import config
-    from fido_tx import service
+    from fido_tx import config, private
 
     try:
         settings, path, created = config.load_settings(
@@ -36,6 +33,13 @@ def makeService(options):
     except config.ConfigError as e:
         # twistd turns a SystemExit message into one line on stderr, no traceback.
         raise SystemExit(f"fido: {e}")
+    # twistd has not imported the reactor yet: import it (and the endpoints
+    # and txredisapi) without pyOpenSSL, which loads on the first TLS
+    # connection (~12 MiB less for a daemon without TLS)
+    private.import_twisted(tls=config.uses_tls(settings.http.listen))
+    from twisted.internet import reactor
+
+    from fido_tx import service
     from fido_tx.accounts.reload import AccountsStartupError
     from fido_tx.errors import OneLineError
 

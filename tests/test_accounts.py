@@ -102,6 +102,18 @@ class LoadTests(_FilesMixin, SynchronousTestCase):
         self.assertEqual(c.ca_file, os.path.join(self.dir, "certs", "ca.pem"))
         self.assertEqual((c.mailbox, c.auth), ("Support", "plain"))
 
+    def test_text_most_accounts_share_is_one_string_but_never_a_password(self):
+        # 10,000 accounts on one server: one "imap.example.com", not 10,000
+        path = self.write("a.json", {"accounts": [
+            entry(id="a", mailbox="Support", security="none"),
+            entry(id="b", mailbox="Support", security="none")]})
+        a, b = load_accounts(path).accounts
+        self.assertIs(a.host, b.host)
+        self.assertIs(a.mailbox, b.mailbox)
+        self.assertIs(a.security, b.security)
+        self.assertIsNot(a.password, b.password)
+        self.assertEqual(a.password, b.password)
+
     def test_none_security_defaults_to_port_143(self):
         path = self.write("a.json", {"accounts": [entry(security="none")]})
         self.assertEqual(load_accounts(path).accounts[0].port, 143)

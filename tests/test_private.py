@@ -133,9 +133,70 @@ class PrivateApiTests(SynchronousTestCase):
         # anything else: its own write
         self.assertEqual(private.direct_tls_write(tcp), tcp.write)
 
+    def test_import_twisted(self):
+        # a fresh interpreter: here the reactor is imported already
+        import json
+        import os
+        import subprocess
+        import sys
+
+        script = (
+            "import json, sys\n"
+            "from fido_tx import private\n"
+            "hidden = private.import_twisted()\n"
+            "from twisted.internet import endpoints, reactor, tcp\n"
+            "from twisted.internet.interfaces import ITLSTransport\n"
+            "import txredisapi\n"
+            "loaded = sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('OpenSSL', 'cryptography', 'service_identity'))\n"
+            "factory = txredisapi.ssl.ClientContextFactory()\n"
+            "print(json.dumps([hidden, loaded, ITLSTransport.implementedBy(tcp.Client),\n"
+            "                  type(factory).__module__, 'OpenSSL' in sys.modules,\n"
+            "                  'twisted.internet.ssl' in sys.modules]))\n"
+        )
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                             env=dict(os.environ, PYTHONPATH=root), timeout=60)
+        self.assertEqual(out.returncode, 0, _trick("import_twisted") + out.stderr[-2000:])
+        hidden, loaded, tcp_tls, factory_module, openssl_after, ssl_after = json.loads(
+            out.stdout.splitlines()[-1])
+        self.assertTrue(hidden, _trick("import_twisted"))
+        self.assertEqual(loaded, [], _trick("import_twisted"))
+        # Twisted fell back to "no TLS" (what lazytls.start_tls handles)
+        self.assertFalse(tcp_tls, _trick("import_twisted"))
+        # txredisapi's stand-in makes the real context factory, loading pyOpenSSL
+        self.assertEqual(factory_module, "twisted.internet.ssl", _trick("import_twisted"))
+        self.assertTrue(openssl_after and ssl_after)
+
+    def test_start_tls_on(self):
+        from twisted.internet.protocol import Protocol
+        from twisted.internet.ssl import optionsForClientTLS
+        from twisted.protocols.tls import TLSMemoryBIOProtocol
+
+        class Transport(StringTransport):
+            protocol = None  # what tcp.Connection delivers bytes to
+
+        app, tcp = Protocol(), Transport()
+        tcp.protocol = app
+        app.makeConnection(tcp)
+        try:
+            tls = private.start_tls_on(tcp, app, optionsForClientTLS("example.test"))
+        except TypeError as e:  # pragma: no cover - only after an upgrade
+            self.fail(_trick("start_tls_on") + f": {e!r}")
+        self.assertIsInstance(tls, TLSMemoryBIOProtocol)
+        self.assertIs(tcp.protocol, tls, _trick("start_tls_on"))
+        self.assertIs(app.transport, tls)
+        self.assertIs(tls.wrappedProtocol, app)
+        # the ClientHello went out on the TCP transport (a TLS handshake record)
+        self.assertEqual(tcp.value()[:1], b"\x16", _trick("start_tls_on"))
+        # a transport without a protocol attribute is refused
+        with self.assertRaises(TypeError):
+            private.start_tls_on(StringTransport(), Protocol(),
+                                 optionsForClientTLS("example.test"))
+
     def test_every_trick_has_a_test(self):
         names = {"IOpenSSLTrustRoot", "createConnection.__self__", "SSL_session_reused",
-                 "_exitSignal", "BufferingTLSTransport"}
+                 "_exitSignal", "BufferingTLSTransport", "import_twisted", "start_tls_on"}
         self.assertEqual(set(private.TRICKS), names)
 
     def test_host_resolution_is_public_now(self):

@@ -169,3 +169,36 @@ def test_with_the_http_endpoint_off_the_web_stack_is_never_loaded(tmp_path):
                          timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+class SiteOnFirstConnectionTests(SynchronousTestCase):
+    """The listener's factory builds the site for the first connection only."""
+
+    def test_the_site_is_built_once_for_the_first_connection_and_stopped_with_the_port(self):
+        from twisted.internet.address import IPv4Address
+        from twisted.internet.testing import StringTransport
+
+        from fido_tx.observe.listen import SiteOnFirstConnection
+
+        health, clock, scheduler, store = make()
+        built = []
+
+        def make_it():
+            built.append(make_site(Metrics(), health))
+            return built[-1]
+
+        factory = SiteOnFirstConnection(make_it)
+        factory.doStart()
+        self.assertEqual(built, [])  # listening builds nothing
+        addr = IPv4Address("TCP", "127.0.0.1", 40000)
+        channel = factory.buildProtocol(addr)
+        factory.buildProtocol(addr)
+        self.assertEqual(len(built), 1)
+        self.assertIs(channel.site, built[0])
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        channel.dataReceived(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertIn(b"200 OK", transport.value())
+        self.assertIn(b'"status": "ok"', transport.value())
+        factory.doStop()
+        self.assertIsNone(factory.site)

@@ -10,10 +10,10 @@ import json
 import os
 import re
 import stat
+import sys
 import zlib
 
 import attr
-from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
 from fido_tx import boundedfile, errors
 
@@ -170,6 +170,8 @@ class AccountsDiff:
 
 def generate_key():
     """A new Fernet key (urlsafe base64 bytes, no newline)."""
+    from cryptography.fernet import Fernet
+
     return Fernet.generate_key()
 
 
@@ -177,7 +179,11 @@ def read_keys(key_file):
     """The Fernet keys in ``key_file``, newest (first line) first.
 
     Blank lines and ``#`` comments are ignored.  Raises :class:`KeyFileError`.
+    cryptography is imported here, not with the module: a daemon whose
+    accounts file is not encrypted never loads it.
     """
+    from cryptography.fernet import Fernet
+
     try:
         data = boundedfile.read_regular(key_file, boundedfile.MAX_KEY_BYTES, "key file")
     except OSError as e:
@@ -201,6 +207,8 @@ def read_keys(key_file):
 
 
 def _fernet(key_file):
+    from cryptography.fernet import Fernet, MultiFernet
+
     return MultiFernet([Fernet(k) for k in read_keys(key_file)])
 
 
@@ -215,6 +223,8 @@ def decrypt_bytes(token, key_file, source="input"):
     Raises :class:`AccountsFileError` naming ``source`` when no key fits or
     the token is truncated or garbage.
     """
+    from cryptography.fernet import InvalidToken
+
     fernet = _fernet(key_file)
     token = bytes(token).strip()
     try:
@@ -425,7 +435,17 @@ def _build_account(entry, base_dir):
         fields["graph_endpoint"] = endpoint.rstrip("/")
     if source == "graph" and "mailbox" not in entry:
         fields["mailbox"] = "Inbox"
+    for name in _SHARED_TEXT:
+        if type(fields.get(name)) is str:
+            fields[name] = sys.intern(fields[name])
     return Account(**fields)
+
+
+#: text fields most accounts of a file share (one server, one mailbox name):
+#: one string each for all of them, not one per account from ``json.loads``
+#: (issue 15: the memory of 10,000 configured accounts).  Never a secret.
+_SHARED_TEXT = ("host", "security", "mailbox", "after_fetch", "ca_file", "auth", "source",
+                "delivery", "select", "start_from", "graph_endpoint")
 
 
 def _nonempty(entry, field):

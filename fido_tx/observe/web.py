@@ -18,15 +18,10 @@ The site writes no access log: a scraper every 15 s would fill the log.
 
 import json
 
-from twisted.application import service
-from twisted.internet import defer
-from twisted.python import failure
-from twisted.internet.endpoints import serverFromString
 from twisted.web import pages, resource, server
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from fido_tx import errors
 
 
 class HealthResource(resource.Resource):
@@ -100,66 +95,11 @@ def make_site(metrics, health, view=None, credentials=None):
     return site
 
 
-class ListenError(errors.OneLineError):
-    """``[http] listen`` cannot be listened on (one line, for the start)."""
-
-
-def listen_now(reactor, endpoint_description, site):
-    """Listen before the reactor runs: an address that cannot be used (a
-    port in use, a bad description) stops the start with one line.
-
-    :return: the ``IListeningPort``.
-    :raises ListenError: one line naming the key and the reason.
-    """
-    try:
-        d = serverFromString(reactor, endpoint_description).listen(site)
-    except (ValueError, KeyError, TypeError, OSError) as e:
-        raise ListenError(f"[http] listen {endpoint_description!r}: {e}") from None
-    box = []
-    d.addBoth(box.append)
-    if not box:  # an endpoint that listens later: nothing to tell now
-        d.cancel()
-        raise ListenError(f"[http] listen {endpoint_description!r}: did not listen at once")
-    if isinstance(box[0], failure.Failure):
-        reason = " ".join(box[0].getErrorMessage().split())
-        raise ListenError(f"[http] listen {endpoint_description!r}: {reason}; change "
-                          "[http] listen, or stop what holds the port")
-    return box[0]
-
-
-def beyond_loopback(port):
-    """The ``host:port`` a listening port serves beyond loopback, or ``None``."""
-    import ipaddress
-
-    address = port.getHost()
-    host = getattr(address, "host", None)
-    if host is None:  # a UNIX socket
-        return None
-    try:
-        if ipaddress.ip_address(host.split("%", 1)[0]).is_loopback:
-            return None
-    except ValueError:
-        pass
-    return f"{host}:{address.port}"
-
-
-class HttpService(service.Service):
-    """Owns the port :func:`listen_now` opened; closes it on stop."""
-
-    def __init__(self, port):
-        self.port = port
-
-    def stopService(self):
-        super().stopService()
-        port, self.port = self.port, None
-        return port.stopListening() if port is not None else None
-
-
-def listen(reactor, endpoint_description, site):
-    """Listen on a ``serverFromString`` description; ``""`` = off.
-
-    :return: Deferred firing with the ``IListeningPort`` (None when off).
-    """
-    if not endpoint_description:
-        return defer.succeed(None)
-    return serverFromString(reactor, endpoint_description).listen(site)
+# the listener (bound at start, without twisted.web), here too for callers of before
+from fido_tx.observe.listen import (  # noqa: E402,F401
+    HttpService,
+    ListenError,
+    beyond_loopback,
+    listen,
+    listen_now,
+)

@@ -20,7 +20,7 @@ timeout as its deadline.  Nothing here logs a password.
 """
 
 import attr
-from twisted.internet import defer, endpoints, error as ierror, protocol, ssl
+from twisted.internet import defer, endpoints, error as ierror, protocol
 from twisted.internet.interfaces import IStreamClientEndpoint
 from zope.interface import implementer
 
@@ -173,11 +173,15 @@ class SentinelEndpoint:
         tcp = endpoints.HostnameEndpoint(self.reactor, host, port, timeout=self.timeout)
         if not self.url.tls:
             return tcp
+        from twisted.internet import ssl
+
+        from fido_tx.lazytls import wrap_client_tls
+
         if self.url.ca_file:
             with open(self.url.ca_file, "rb") as f:
                 trust = ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(f.read())])
-            return endpoints.wrapClientTLS(ssl.optionsForClientTLS(host, trustRoot=trust), tcp)
-        return endpoints.wrapClientTLS(ssl.optionsForClientTLS(host), tcp)
+            return wrap_client_tls(ssl.optionsForClientTLS(host, trustRoot=trust), tcp)
+        return wrap_client_tls(ssl.optionsForClientTLS(host), tcp)
 
     async def locate(self):
         """``(host, port)`` of the master, checked with ``ROLE``."""

@@ -296,7 +296,7 @@ def endpoint(reactor, url, connect_timeout):
     ``rediss://`` verifies the server certificate against ``url.host`` with the
     system trust store, or against ``ca_file`` when given.
     """
-    from twisted.internet import endpoints, ssl
+    from twisted.internet import endpoints
 
     if url.sentinel:
         from fido_tx.redis.sentinel import SentinelEndpoint
@@ -307,6 +307,10 @@ def endpoint(reactor, url, connect_timeout):
     tcp = endpoints.HostnameEndpoint(reactor, url.host, url.port, timeout=connect_timeout)
     if not url.tls:
         return tcp
+    from twisted.internet import ssl
+
+    from fido_tx.lazytls import wrap_client_tls
+
     if url.ca_file:
         with open(url.ca_file, "rb") as f:
             extra = ssl.Certificate.loadPEM(f.read())
@@ -314,4 +318,4 @@ def endpoint(reactor, url, connect_timeout):
         options = ssl.optionsForClientTLS(url.host, trustRoot=trust)
     else:
         options = ssl.optionsForClientTLS(url.host)
-    return endpoints.wrapClientTLS(options, tcp)
+    return wrap_client_tls(options, tcp)

@@ -269,7 +269,9 @@ class _CachedEndpoints:
         host = uri.host.decode("ascii")
         tcp = endpoints.HostnameEndpoint(self._reactor, host, uri.port, timeout=self._timeout)
         if uri.scheme == b"https":
-            return endpoints.wrapClientTLS(self._tls.creatorForNetloc(uri.host, uri.port), tcp)
+            from fido_tx.lazytls import wrap_client_tls
+
+            return wrap_client_tls(self._tls.creatorForNetloc(uri.host, uri.port), tcp)
         return tcp
 
 

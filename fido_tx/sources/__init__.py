@@ -13,7 +13,7 @@ import importlib
 
 import attr
 
-__all__ = ["SOURCES", "SourceContext", "make_session"]
+__all__ = ["SOURCES", "OnDemand", "SourceContext", "make_session"]
 
 #: source name -> module path (imported on first use)
 SOURCES = {
@@ -51,7 +51,8 @@ class SourceContext:
     #: (``None``: no held connections, every poll logs in)
     held: object = None
     #: Graph: the shared :class:`~fido_tx.sources.graph.GraphShared` (HTTP pool,
-    #: per-mailbox gates, the Redis connection for delta links)
+    #: per-mailbox gates, the Redis connection for delta links), or an
+    #: :class:`OnDemand` that builds it for the first Graph session
     graph: object = None
     #: IMAP: the :class:`~fido_tx.sources.imap.identity.Epochs` (the
     #: UIDVALIDITY each mailbox was last polled in; ``None``: unknown, so
@@ -61,6 +62,22 @@ class SourceContext:
     #: ``select = "new"`` or ``start_from = "now"`` (``None``: only a dry run
     #: may poll those)
     positions: object = None
+
+
+class OnDemand:
+    """A part shared by one source's sessions, built by ``make()`` for the
+    first session that asks (:meth:`get`): a daemon without Graph accounts
+    never imports the Graph and HTTP client code (issue 15: memory)."""
+
+    def __init__(self, make):
+        self._make = make
+        #: the part once built, else ``None``
+        self.value = None
+
+    def get(self):
+        if self.value is None:
+            self.value = self._make()
+        return self.value
 
 
 def make_session(account, ctx, handle=None):

@@ -118,7 +118,10 @@ def build(account, ctx, handle=None):
     and ``graph`` (a :class:`GraphShared`).  ``handle`` is unused: a Graph
     session holds no connection between polls.
     """
-    return GraphSession(account, ctx.reactor, ctx.graph, ctx.sink,
+    from fido_tx.sources import OnDemand
+
+    shared = ctx.graph.get() if isinstance(ctx.graph, OnDemand) else ctx.graph
+    return GraphSession(account, ctx.reactor, shared, ctx.sink,
                         ctx.credentials(account), dry_run=ctx.dry_run)
 
 

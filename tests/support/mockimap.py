@@ -619,6 +619,7 @@ class MockIMAPProtocol(IdleProtocolSupport, BearerExpiryProtocol, protocol.Proto
         self.tls_active = port_tls
         self._buffer = b""
         self._streaming = False  # answering a command with _stream()
+        self._delaying = False  # a "delay" fault holds the answers (in order)
         self._parts = []
         self._literal = 0
         self._continuation = None  # callable(line) for AUTHENTICATE
@@ -758,7 +759,7 @@ class MockIMAPProtocol(IdleProtocolSupport, BearerExpiryProtocol, protocol.Proto
     def dataReceived(self, data):
         self._buffer += data
         while self._buffer and self.record.open and self.state != "logout" and \
-                not self._streaming:
+                not self._streaming and not self._delaying:
             if self._literal:
                 if len(self._buffer) < self._literal:
                     return
@@ -833,6 +834,11 @@ class MockIMAPProtocol(IdleProtocolSupport, BearerExpiryProtocol, protocol.Proto
         else:
             self._fault_around(tag, fault, reply, after)
 
+    def _delayed_answer(self, tag, reply, after):
+        self._delaying = False
+        self._fault_around(tag, Fault("*", "inject"), reply, after)
+        self.dataReceived(b"")  # the commands written meanwhile
+
     def _fault_instead(self, tag, fault):
         a = fault.action
         if a in ("no", "bad"):
@@ -865,7 +871,10 @@ class MockIMAPProtocol(IdleProtocolSupport, BearerExpiryProtocol, protocol.Proto
             self._send(fault.text.replace(TAG, tag))
             self._send(reply)
         elif a == "delay":
-            self._later(fault.delay, self._fault_around, tag, Fault("*", "inject"), reply, after)
+            # like a server busy with the command: what was written behind
+            # it (pipelined) is answered after it, in order
+            self._delaying = True
+            self._later(fault.delay, self._delayed_answer, tag, reply, after)
             return
         if after is not None:
             self._then(after)

@@ -371,7 +371,9 @@ class FidoIMAP4Client(ResponseReader, TracedLines, protocol.Protocol):
         leftover = self.clearLineBuffer()
         if leftover:
             raise FidoError(errors.TLS, "server sent data after its STARTTLS response")
-        self.transport.startTLS(context_factory)
+        from fido_tx import lazytls
+
+        lazytls.start_tls(self, context_factory)
         self._write = self.transport.write
         self.startedTLS = True
 

@@ -16,18 +16,16 @@ account has a ``ca_file``, every certificate in that PEM file.
 """
 
 import os
-import ssl
 
-from OpenSSL import crypto
 from twisted.internet import defer
 from twisted.internet import error as ierror
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.internet.protocol import Factory
-from twisted.internet.ssl import optionsForClientTLS
 from zope.interface import implementer
 
 from fido_tx import errors, private
+from fido_tx.lazytls import wrap_client_tls
 from fido_tx.errors import FidoError
 
 #: entries kept per cache before it is emptied
@@ -40,6 +38,7 @@ def load_ca_file(path):
     """The certificates of a PEM file (pyOpenSSL X509); ``config`` error if
     it cannot be read."""
     from cryptography import x509
+    from OpenSSL import crypto
 
     try:
         with open(path, "rb") as f:
@@ -74,6 +73,8 @@ class TlsContexts:
         key = (host, ca_file or None, mtime)
         options = self._options.get(key)
         if options is None:
+            from twisted.internet.ssl import optionsForClientTLS
+
             trust = private.PlatformAndExtraRoots(load_ca_file(ca_file)) if ca_file else None
             options = optionsForClientTLS(host, trustRoot=trust)
             private.release_idle_buffers(options)
@@ -143,6 +144,10 @@ class RecordingCreator:
 
 def explain_untrusted(connections, ca_file):
     """Why the last connection's certificate chain is not trusted, or ``None``."""
+    import ssl
+
+    from OpenSSL import crypto
+
     if not connections:
         return None
     chain = connections[-1].get_peer_cert_chain()
@@ -262,7 +267,7 @@ class Connector:
         """
         endpoint = self.endpoint(account.host, account.port, timeout)
         if account.security == "tls":
-            endpoint = wrapClientTLS(creator, endpoint)
+            endpoint = wrap_client_tls(creator, endpoint)
         elif account.security not in ("starttls", "none"):
             raise FidoError(errors.CONFIG, f"unknown security {account.security!r}")
         factory = _OneProtocol(make)

@@ -5,6 +5,8 @@ that does not match the host, a chain that is not trusted, a failed
 handshake) into a :class:`~fido_tx.errors.FidoError` a sysadmin can act on.
 """
 
+import sys
+
 from fido_tx import errors
 from fido_tx.errors import FidoError
 
@@ -15,7 +17,9 @@ def tls_error(reason, explain=None, host=None):
     :param explain: optional callable returning why the certificate chain
         was not trusted (``"self-signed certificate"``) or ``None``.
     """
-    if reason is None:
+    if reason is None or "OpenSSL.SSL" not in sys.modules:
+        # no TLS connection was ever made (pyOpenSSL loads with the first):
+        # this cannot be a TLS failure, and importing it would cost ~12 MiB
         return None
     try:
         from OpenSSL import SSL
