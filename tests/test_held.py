@@ -203,6 +203,47 @@ class HoldTests(SynchronousTestCase):
         self.assertEqual(len(h.polls), 2)
         self.assertNotIn(b"IDLE", h.server.commands())
 
+    def test_a_quiet_check_is_a_noop_alone_while_the_last_search_is_recent(self):
+        h = Harness(self, idle=False, poll_interval=60, full_search=600)
+        h.machine.start()
+        h.turn()
+        self.assertEqual(len(h.polls), 1)  # the catch-up search after SELECT
+        h.turn(60)
+        h.turn(60)
+        # two checks: a NOOP each, nothing announced, no search, no slot
+        self.assertEqual(h.server.commands(), [b"NOOP", b"NOOP"])
+        self.assertEqual(len(h.polls), 1)
+        self.assertEqual(len(h.reports), 3)  # each check still reported
+        self.assertTrue(all(r.ok and r.fetched == 0 for r in h.reports))
+        self.assertEqual(h.machine.last_check, 120.0)
+
+    def test_a_noop_announcing_mail_makes_the_search(self):
+        h = Harness(self, idle=False, poll_interval=60, full_search=600)
+        h.machine.start()
+        h.turn()
+        h.server.noop_untagged = [b"* 1 EXISTS"]
+        h.turn(60)
+        self.assertEqual(len(h.polls), 2)
+        self.assertEqual(h.polls[1][0], 60.0)
+        self.assertEqual(h.server.commands(), [b"NOOP"])  # one NOOP, then the poll
+
+    def test_an_expunge_and_an_arrival_in_one_noop_make_the_search(self):
+        h = Harness(self, idle=False, poll_interval=60, full_search=600)
+        h.machine.start()
+        h.turn()
+        h.machine.conn.exists = 3
+        h.server.noop_untagged = [b"* 2 EXPUNGE", b"* 3 EXISTS"]  # the count unchanged
+        h.turn(60)
+        self.assertEqual(len(h.polls), 2)
+
+    def test_a_full_search_still_comes_every_full_search_seconds(self):
+        h = Harness(self, idle=False, poll_interval=60, full_search=300)
+        h.machine.start()
+        h.turn()
+        for _ in range(5):
+            h.turn(60)
+        self.assertEqual([t for t, _ in h.polls], [0.0, 300.0])  # nothing announced
+
     def test_server_refusing_idle_falls_back_to_polling_on_the_connection(self):
         h = Harness(self, poll_interval=60)
         h.server_idle = False  # advertises IDLE, answers BAD

@@ -90,6 +90,12 @@ class HeldSettings:
     #: this long before its token expires (and not before the token can be
     #: renewed); the moment is spread at random over that window
     reauth_margin: float = 30.0
+    #: a check prompted by nothing is a NOOP alone while the last search is
+    #: younger than this (see :mod:`~fido_tx.sources.imap.heldfetch`); 0:
+    #: every check searches (the daemon: ``idle_refresh``)
+    full_search: float = 0.0
+    #: the daemon's dry run (what an empty check reports)
+    dry_run: bool = False
 
     @classmethod
     def from_settings(cls, settings, account_idle=True):
@@ -98,6 +104,8 @@ class HeldSettings:
         return cls(
             idle=bool(account_idle),
             idle_refresh=getattr(imap, "idle_refresh", 600.0),
+            full_search=getattr(imap, "idle_refresh", 600.0),
+            dry_run=bool(settings.fido.dry_run),
             poll_interval=settings.fido.poll_interval,
             command_timeout=imap.command_timeout,
             logout_timeout=imap.logout_timeout,

@@ -2,6 +2,18 @@
 then the poll (search, deliver, mark) in a worker slot, again while new mail
 came meanwhile; its result reported, a lost connection raised.
 
+A check that nothing prompted is the NOOP alone when the last search is
+recent (within ``full_search``; the daemon's is ``idle_refresh``): RFC 3501's NOOP
+is how a client polls; the server answers it with EXISTS/RECENT for new
+mail (the connection's observer also counts EXPUNGE, so an expunge plus an
+arrival is seen too), and only then are the search and the poll made.  An
+empty check is then one command and an empty result, no poll object, no
+worker slot: most of its CPU was Fido's own work per check (0.713 ms with
+the search, on shared ticks, against a 0.085 ms floor for batched round
+trips).  A full search still runs every ``full_search`` seconds, for a
+server that announces nothing (and for mail marked unread again, which
+announces no EXISTS).
+
 One :class:`HeldFetch` per :class:`~fido_tx.sources.imap.held.HeldAccount`,
 which enters the ``fetching`` state before it calls :meth:`HeldFetch.run`.
 """
@@ -10,6 +22,7 @@ from twisted.internet import defer
 
 from fido_tx import errors
 from fido_tx.errors import FidoError
+from fido_tx.outcome import SessionResult
 from fido_tx.sources.imap import idle as _idle
 from fido_tx.sources.imap.heldconn import Lost, as_error, token_expired
 
@@ -25,6 +38,8 @@ class HeldFetch:
 
     def __init__(self, machine):
         self.machine = machine
+        #: clock seconds of the last search on this account's connection
+        self.searched_at = None
 
     async def run(self, conn, synced=False):
         """Poll on the held connection (again while new mail came meanwhile).
@@ -34,6 +49,10 @@ class HeldFetch:
         for new mail on UID SEARCH, only on NOOP (RFC 3501's poll) or in IDLE.
         """
         m = self.machine
+        if not (synced or m.dirty) and self._quiet_allowed():
+            if not await self._announced(conn):
+                return
+            synced = True  # the NOOP told what is new
         for _ in range(3):
             release = await m.take_slot()
             try:
@@ -51,8 +70,32 @@ class HeldFetch:
             if not m.dirty or m.stopping or m.held_off() > 0:
                 return
 
+    def _quiet_allowed(self):
+        """Whether a NOOP alone may answer for this check."""
+        m = self.machine
+        return (self.searched_at is not None
+                and m.clock.seconds() - self.searched_at < m.settings.full_search)
+
+    async def _announced(self, conn):
+        """NOOP: whether it announced new mail; if not, the check is
+        reported as an empty poll."""
+        m = self.machine
+        started = m.clock.seconds()
+        try:
+            woken, _ = await _idle.probe(conn.client, m.settings.command_timeout, conn.exists)
+        except Exception as e:
+            raise Lost(as_error(e, errors.PROTOCOL))
+        if woken or m.dirty or m.stopping:
+            return True
+        m.last_check = now = m.clock.seconds()
+        m.fetched()
+        m.report(SessionResult(account_id=m.account_id, dry_run=m.settings.dry_run,
+                               seconds=max(0.0, now - started)))
+        return False
+
     async def _poll_once(self, conn, synced):
         m = self.machine
+        self.searched_at = m.clock.seconds()
         if not synced:
             try:
                 await _idle.probe(conn.client, m.settings.command_timeout, conn.exists)
