@@ -15,6 +15,9 @@ in this process:
 3. *held_ticks*: as *held*, with the checks due on shared poll ticks
    (:class:`fido_tx.schedule.ticker.PollTicker`, ``--tick`` seconds, as the
    daemon's ``[imap] poll_tick``); skipped when the code has no ticker;
+   *held_quiet*: as *held_ticks*, with the daemon's quiet checks (a NOOP
+   alone while the last search is younger than ``full_search``, 600 s:
+   :mod:`fido_tx.sources.imap.heldfetch`); skipped when the code has none;
 4. *idle*: the same connections waiting in IDLE for ``--rounds`` intervals;
 5. *bare_twisted*: the floor: the same ``UID SEARCH`` as often from a bare
    Twisted ``LineOnlyReceiver`` (log in, SELECT, then one line out and two
@@ -129,6 +132,7 @@ def main(argv=None):
     parser.add_argument("--json", help="append the figures to this JSON-lines file")
     opts = parser.parse_args(argv)
 
+    import attr
     from twisted.internet import epollreactor
 
     epollreactor.install()
@@ -196,10 +200,13 @@ def main(argv=None):
         polls = []
         rng = random.Random(0)
         hs = held.HeldSettings(idle=False, poll_interval=opts.interval)
-        rows = [("held", None)]
+        rows = [("held", None, hs)]
         if PollTicker is not None:
-            rows.append(("held_ticks", PollTicker(reactor, opts.tick)))
-        for name, ticker in rows:
+            rows.append(("held_ticks", PollTicker(reactor, opts.tick), hs))
+            if "full_search" in attr.fields_dict(held.HeldSettings):
+                rows.append(("held_quiet", PollTicker(reactor, opts.tick),
+                             attr.evolve(hs, full_search=600.0)))
+        for name, ticker, hs in rows:
             pool = held.HeldPool(max_per_host=opts.accounts + 1, on_idle=GcFreezer(),
                                  **({"ticker": ticker} if ticker is not None else {}))
             machines = []
