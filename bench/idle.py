@@ -284,7 +284,10 @@ def main(argv=None):
         opening = opts.opening if opts.opening is not None else getattr(
             holding, "OPENING_MAX", 0)
         figures["opening"] = opening
-        open_kw = {"opening": defer.DeferredSemaphore(opening)} if opening else {}
+        bound = getattr(holding, "OpeningBound", None)  # with its TLS bound (later code)
+        figures["opening_tls"] = getattr(holding, "OPENING_TLS_MAX", None) if bound else None
+        open_kw = ({"opening": bound(opening) if bound else defer.DeferredSemaphore(opening)}
+                   if opening else {})
 
         def hold(k):
             acct = Account(id=f"bench-{k}", host="localhost" if opts.tls else "127.0.0.1",

@@ -18,7 +18,7 @@ from fido_tx.accounts.model import Account
 from fido_tx.config import BackoffSettings, ImapSettings
 from fido_tx.sources import SourceContext
 from fido_tx.sources.imap import held
-from fido_tx.sources.imap.holding import HeldImap
+from fido_tx.sources.imap.holding import HeldImap, OpeningBound
 from fido_tx.sources.imap.session import fetch_mailbox
 from fido_tx.testing import MemorySink
 from tests.support.mockimap import (
@@ -293,26 +293,47 @@ def test_at_most_opening_connections_open_at_once(server):
     # reactor turn; the shared semaphore bounds how many open at a time
     port = server.listen()
     ctx = SourceContext(reactor=reactor, sink=MemorySink(), settings=IMAP)
-    opening = defer.DeferredSemaphore(1)
+    opening = OpeningBound(1)
+    sem = opening.all
     first = HeldImap(account("good", port), ctx, opening=opening).open()
     second = HeldImap(account("bad", port), ctx, opening=opening).open()
-    assert opening.tokens == 0 and len(opening.waiting) == 1
+    assert sem.tokens == 0 and len(sem.waiting) == 1
     conn1 = yield first
-    assert not second.called or opening.tokens == 0  # it waited for the first
+    assert not second.called or sem.tokens == 0  # it waited for the first
     conn2 = yield second
-    assert opening.tokens == 1
+    assert sem.tokens == 1
     assert server.mailbox("good").logins == 1 and server.mailbox("bad").logins == 1
     # one waiting when cancelled takes nothing and leaves the queue
-    blocker = yield opening.acquire()
+    blocker = yield sem.acquire()
     waiting = HeldImap(account("plain", port), ctx, opening=opening).open()
     waiting.cancel()
     yield waiting.addErrback(lambda f: f.trap(defer.CancelledError))
-    assert opening.waiting == []
+    assert sem.waiting == []
     blocker.release()
-    assert opening.tokens == 1
+    assert sem.tokens == 1
     assert server.mailbox("plain").logins == 0
     for c in (conn1, conn2):
         c.client.transport.abortConnection()
+
+
+@pytest_twisted.inlineCallbacks
+def test_tls_connections_have_their_own_smaller_opening_bound(server):
+    # finishing a TLS handshake costs far more CPU than a plain connect: at
+    # most tls_limit of them open at once, plain ones pass beside them
+    port = server.listen()
+    ctx = SourceContext(reactor=reactor, sink=MemorySink(), settings=IMAP)
+    opening = OpeningBound(4, tls_limit=1)
+    blocker = yield opening.tls.acquire()  # one TLS connection opening
+    tls = HeldImap(attr.evolve(account("bad", port), security="tls"), ctx,
+                   opening=opening).open()
+    assert not tls.called and len(opening.tls.waiting) == 1
+    plain = yield HeldImap(account("good", port), ctx, opening=opening).open()
+    assert opening.all.tokens == 3  # the plain one done; the TLS one holds a place
+    tls.cancel()
+    yield tls.addErrback(lambda f: f.trap(defer.CancelledError))
+    assert opening.all.tokens == 4 and opening.tls.waiting == []
+    blocker.release()
+    plain.client.transport.abortConnection()
 
 
 class _Handle:
@@ -349,9 +370,9 @@ def test_held_sessions_share_the_opening_bound_and_count_their_starts(server):
     session = HeldSession(account("good", port), ctx, _Handle(), held_conns, fresh=None)
     done = session.poll()
     assert calls == [True]
-    assert held_conns.opening.tokens == held_conns.opening.limit - 1  # opening now
+    assert held_conns.opening.all.tokens == held_conns.opening.all.limit - 1  # opening now
     yield until(lambda: session.machine.state == held.IDLING)
-    assert held_conns.opening.tokens == held_conns.opening.limit
+    assert held_conns.opening.all.tokens == held_conns.opening.all.limit
     held_conns.stopService()
     result = yield done
     assert result.skipped
