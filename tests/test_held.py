@@ -236,6 +236,19 @@ class HoldTests(SynchronousTestCase):
         h.turn(60)
         self.assertEqual(len(h.polls), 2)
 
+    def test_after_a_failed_or_fetching_poll_the_next_check_searches(self):
+        # a failed delivery (Redis down) or mail beyond max_search_uids leaves
+        # work behind that no NOOP will announce again
+        h = Harness(self, idle=False, poll_interval=60, full_search=600)
+        h.poll_results = [defer.succeed(SessionResult(account_id="a1", kind="redis")),
+                          defer.succeed(SessionResult(account_id="a1", fetched=5))]
+        h.machine.start()
+        h.turn()
+        h.turn(60)  # after the failure: searches (and fetches 5)
+        h.turn(60)  # after fetching: searches again, finds nothing
+        h.turn(60)  # quiet
+        self.assertEqual([t for t, _ in h.polls], [0.0, 60.0, 120.0])
+
     def test_a_full_search_still_comes_every_full_search_seconds(self):
         h = Harness(self, idle=False, poll_interval=60, full_search=300)
         h.machine.start()

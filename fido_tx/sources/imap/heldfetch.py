@@ -2,17 +2,19 @@
 then the poll (search, deliver, mark) in a worker slot, again while new mail
 came meanwhile; its result reported, a lost connection raised.
 
-A check that nothing prompted is the NOOP alone when the last search is
-recent (within ``full_search``; the daemon's is ``idle_refresh``): RFC 3501's NOOP
-is how a client polls; the server answers it with EXISTS/RECENT for new
-mail (the connection's observer also counts EXPUNGE, so an expunge plus an
-arrival is seen too), and only then are the search and the poll made.  An
-empty check is then one command and an empty result, no poll object, no
-worker slot: most of its CPU was Fido's own work per check (0.713 ms with
-the search, on shared ticks, against a 0.085 ms floor for batched round
-trips).  A full search still runs every ``full_search`` seconds, for a
-server that announces nothing (and for mail marked unread again, which
-announces no EXISTS).
+A check that nothing prompted is the NOOP alone when the last search ended
+well, found nothing new and is recent (within ``full_search``; the
+daemon's is ``idle_refresh``): RFC 3501's NOOP is how a client polls; the
+server answers it with EXISTS/RECENT for new mail (the connection's
+observer also counts EXPUNGE, so an expunge plus an arrival is seen too),
+and only then are the search and the poll made.  After a poll that failed
+or fetched something (a failed delivery, mail beyond ``max_search_uids``,
+a dry run's unmarked mail) the next check searches.  An empty check is one
+command and an empty result in a worker slot, with no poll object: most of
+its CPU had been Fido's own work per search (0.713 ms on shared ticks,
+against a 0.085 ms floor for batched round trips).  A full search still
+runs every ``full_search`` seconds, for a server that announces nothing
+(and for mail marked unread again, which announces no EXISTS).
 
 One :class:`HeldFetch` per :class:`~fido_tx.sources.imap.held.HeldAccount`,
 which enters the ``fetching`` state before it calls :meth:`HeldFetch.run`.
@@ -38,7 +40,8 @@ class HeldFetch:
 
     def __init__(self, machine):
         self.machine = machine
-        #: clock seconds of the last search on this account's connection
+        #: clock seconds of the last search on this connection that ended
+        #: well and found nothing new (None: the next check searches)
         self.searched_at = None
 
     async def run(self, conn, synced=False):
@@ -49,13 +52,14 @@ class HeldFetch:
         for new mail on UID SEARCH, only on NOOP (RFC 3501's poll) or in IDLE.
         """
         m = self.machine
-        if not (synced or m.dirty) and self._quiet_allowed():
-            if not await self._announced(conn):
-                return
-            synced = True  # the NOOP told what is new
         for _ in range(3):
+            # in a worker slot, as every check: none runs while fetching is paused
             release = await m.take_slot()
             try:
+                if not (synced or m.dirty) and self._quiet_allowed():
+                    if not await self._announced(conn):
+                        return
+                    synced = True  # the NOOP told what is new
                 result = await self._poll_once(conn, synced or m.dirty)
                 if result.ok:
                     m.fetched()
@@ -95,7 +99,8 @@ class HeldFetch:
 
     async def _poll_once(self, conn, synced):
         m = self.machine
-        self.searched_at = m.clock.seconds()
+        self.searched_at = None
+        searched_at = m.clock.seconds()
         if not synced:
             try:
                 await _idle.probe(conn.client, m.settings.command_timeout, conn.exists)
@@ -121,4 +126,8 @@ class HeldFetch:
         if not result.ok and conn.expires_at is not None and token_expired(result.message):
             # a NO naming the expired token: a new login, not an error report
             raise Lost(FidoError(result.kind, result.message, result.debug))
+        if result.ok and not result.fetched:
+            # nothing left behind (a failed delivery, mail beyond
+            # max_search_uids, a dry run's unmarked mail): quiet checks may follow
+            self.searched_at = searched_at
         return result
