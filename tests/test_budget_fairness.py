@@ -26,7 +26,7 @@ from tests.support.mockimap import Behaviour, MockIMAPServer, MockMailbox, sampl
 PASSWORD = "fairness-test-pw"
 MIB = 1024 * 1024
 LIMIT = 8 * MIB  # [imap] max_inflight_bytes's default
-HEALTHY = 150
+HEALTHY = 400  # long enough (~0.2 s alone) that a rate is not one scheduling hiccup
 SESSION = 8.0
 SETTINGS = ImapSettings(connect_timeout=5.0, greeting_timeout=5.0, command_timeout=5.0,
                         logout_timeout=1.0, session_timeout=SESSION, min_literal_rate=4096)
