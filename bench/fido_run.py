@@ -115,10 +115,13 @@ def main():
     code = os.environ.get("FIDO_CODE")
     if code:  # before/after runs: the daemon imports fido_tx from this checkout
         sys.path.insert(0, code)
-    from fido_tx import private
-
     # as twistd's own start-up does it through fido's makeService: the reactor
-    # without pyOpenSSL (a checkout from before that imports it plainly)
+    # without pyOpenSSL (a checkout from before that imports it plainly, or
+    # from before fido_tx.private, such as 25d878a)
+    try:
+        from fido_tx import private
+    except ImportError:
+        private = None
     if hasattr(private, "import_twisted"):
         private.import_twisted()
     from twisted.internet import reactor  # the default (epoll) reactor
