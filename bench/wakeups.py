@@ -50,27 +50,10 @@ def run_twisted(mode, port, users, interval, rounds=3):
 
     epollreactor.install()
     from twisted.internet import defer, endpoints, reactor, task
-    from twisted.protocols.basic import LineOnlyReceiver
 
-    class Poller(LineOnlyReceiver):
-        def __init__(self, user, password):
-            self.user, self.password = user, password
-            self.ready, self.n, self.got = defer.Deferred(), 0, 0
+    from bench.held_poll import bare_search_class
 
-        def connectionMade(self):
-            self.sendLine(b'a LOGIN "%s" "%s"' % (self.user.encode(), self.password.encode()))
-
-        def lineReceived(self, line):
-            if line.startswith(b"a OK"):
-                self.sendLine(b"b SELECT INBOX")
-            elif line.startswith(b"b OK"):
-                self.ready.callback(None)
-            elif line.startswith(b"s"):
-                self.got += 1
-
-        def search(self):
-            self.n += 1
-            self.sendLine(b"s%d UID SEARCH UNSEEN" % self.n)
+    Poller = bare_search_class()  # log in, SELECT, then one UID SEARCH per search()
 
     @defer.inlineCallbacks
     def run():
@@ -95,7 +78,7 @@ def run_twisted(mode, port, users, interval, rounds=3):
             yield task.deferLater(reactor, rounds * interval, lambda: None)
             loop.stop()
         yield task.deferLater(reactor, 0.5, lambda: None)
-        got = sum(p.got for p in ps)
+        got = sum(p.searches for p in ps)
         print(mode, len(ps), "polls", got, "ms/poll %.3f" % ((cpu() - c0) * 1000 / got))
 
     reactor.callWhenRunning(lambda: run().addBoth(lambda r: (r and print(r), reactor.stop())))
