@@ -716,6 +716,34 @@ def test_tls_options_are_shared_per_host_and_ca_file(pki):
     assert TlsContexts().options("mail.example.test", pki[0]) is not a  # no global
 
 
+def test_hosts_with_the_same_roots_share_one_context(pki):
+    tls = TlsContexts()
+    a = tls.options("mail.example.test", pki[0])
+    b = tls.options("other.example.test", pki[0])
+    assert a._createConnection.__self__ is b._createConnection.__self__
+    assert tls.options("mail.example.test")._createConnection.__self__ is not (
+        a._createConnection.__self__)  # other roots: another context
+
+
+@pytest_twisted.inlineCallbacks
+def test_shared_context_still_checks_each_host(tls_server, pki):
+    # the context is shared by localhost and 127.0.0.1; the host name check
+    # is per connection: the certificate (for localhost) is refused for the other
+    from twisted.internet import reactor
+
+    box = FakeMailbox()
+    box.add(message(1))
+    srv = tls_server({"INBOX": box})
+    connector = Connector(reactor)
+    good = yield run(account(srv.port, host="localhost", security="tls", ca_file=pki[0]),
+                     MemorySink(), connector=connector)
+    assert good.ok, good.debug
+    bad = yield run(account(srv.port, host="127.0.0.1", security="tls", ca_file=pki[0]),
+                    MemorySink(), connector=connector)
+    assert bad.kind == errors.TLS, (bad.kind, bad.message)
+    assert "does not match host '127.0.0.1'" in bad.message
+
+
 def test_unreadable_ca_file_is_a_config_error(tmp_path):
     with pytest.raises(errors.FidoError) as e:
         TlsContexts().options("x.example.test", str(tmp_path / "missing.pem"))

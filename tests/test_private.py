@@ -87,6 +87,26 @@ class PrivateApiTests(SynchronousTestCase):
         mode = options._createConnection.__self__.getContext().set_mode(0)
         self.assertTrue(mode & SSL.MODE_RELEASE_BUFFERS, _trick("createConnection.__self__"))
 
+    def test_share_context(self):
+        from twisted.internet.ssl import CertificateOptions, optionsForClientTLS, platformTrust
+        from twisted.protocols.tls import TLSMemoryBIOFactory
+
+        shared = CertificateOptions(trustRoot=platformTrust())
+        a, b = optionsForClientTLS("a.example.test"), optionsForClientTLS("b.example.test")
+        self.assertTrue(private.share_context(a, shared), _trick("share_context"))
+        self.assertTrue(private.share_context(b, shared), _trick("share_context"))
+        factory = TLSMemoryBIOFactory(a, True, None)
+        ca = a.clientConnectionForTLS(factory.protocol(factory, None))
+        cb = b.clientConnectionForTLS(factory.protocol(factory, None))
+        # one context, each connection its own server name (SNI)
+        self.assertIs(ca.get_context(), shared.getContext(), _trick("share_context"))
+        self.assertIs(cb.get_context(), shared.getContext(), _trick("share_context"))
+        self.assertEqual(ca.get_servername(), b"a.example.test", _trick("share_context"))
+        self.assertEqual(cb.get_servername(), b"b.example.test", _trick("share_context"))
+        # release_idle_buffers finds the shared options
+        self.assertIs(a._createConnection.__self__, shared)
+        self.assertFalse(private.share_context(object(), shared))
+
     def test_session_reused(self):
         from OpenSSL import SSL
 
@@ -196,7 +216,8 @@ class PrivateApiTests(SynchronousTestCase):
 
     def test_every_trick_has_a_test(self):
         names = {"IOpenSSLTrustRoot", "createConnection.__self__", "SSL_session_reused",
-                 "_exitSignal", "BufferingTLSTransport", "import_twisted", "start_tls_on"}
+                 "_exitSignal", "BufferingTLSTransport", "import_twisted", "start_tls_on",
+                 "share_context"}
         self.assertEqual(set(private.TRICKS), names)
 
     def test_host_resolution_is_public_now(self):
