@@ -4,7 +4,9 @@ The daemon imports Twisted without pyOpenSSL (:func:`fido_tx.private.
 import_twisted`): then ``endpoints.wrapClientTLS`` refuses (it checked for
 pyOpenSSL when it was imported) and a TCP transport has no ``startTLS``.
 These two do the same with public Twisted where they can, importing
-``twisted.protocols.tls`` (and so pyOpenSSL) on the first TLS connection:
+``twisted.protocols.tls`` (and so pyOpenSSL) on the first TLS connection
+when nothing loaded it before (:mod:`fido_tx.tlspreload` does at start-up
+when the configuration uses TLS):
 
 - :func:`wrap_client_tls`: implicit TLS over any client endpoint (IMAP on
   993, ``rediss://``, a Sentinel over TLS, an HTTPS webhook);

@@ -174,7 +174,7 @@ class DeliveryCheck:
 
 
 def _session_factory(reactor, settings, sinks, dry_run, memory=None, held=None,
-                     graph=None, positions=None):
+                     graph=None, positions=None, tls=None):
     """``f(account, handle=None) -> Deferred[SessionResult]``: a new session
     of the account's source (:func:`fido_tx.sources.make_session`) delivering
     to the sink of its ``delivery`` (``sinks``: name -> ISink), polled."""
@@ -202,7 +202,7 @@ def _session_factory(reactor, settings, sinks, dry_run, memory=None, held=None,
         # at once stalled the reactor for seconds (8.5 s for 10,000)
         pacer=pacer.StartPacer(reactor),
         # endpoints, TLS options and resumable TLS sessions, shared
-        connector=Connector(reactor),
+        connector=Connector(reactor, tls=tls),
         # the UIDVALIDITY each mailbox was last polled in: a poll in the same
         # one needs no check of new UIDs against the messages stored before
         epochs=imap_identity.Epochs(),
@@ -313,6 +313,9 @@ def make_service(
     _announce(settings, created_config)
 
     ident = instance_id()
+    # TLS (pyOpenSSL, the servers' contexts) loaded now, before the reactor
+    # runs, when the configuration uses it: not in the first TLS session's turn
+    top.parts["tls"] = _tls_preload(settings, own_sources=session_factory is None)
     redis, sinks, account_state = _redis_parts(top, reactor, settings)
 
     reporter, metrics, status, gate, sessions = _status_parts(
@@ -513,7 +516,8 @@ def _sources(top, reactor, settings, redis, sinks, dry_run):
 
     _Stoppable(close).setServiceParent(top)
     factory = _session_factory(reactor, settings, sinks, dry_run, held=held, graph=graph,
-                               positions=MailboxPositions(redis))
+                               positions=MailboxPositions(redis),
+                               tls=top.parts["tls"].contexts)
     return factory, held
 
 
@@ -526,6 +530,9 @@ def _accounts(top, reactor, settings, sinks, sched, status, gate, balancer, hand
     routable = DeliveryCheck(sinks, report=status.report_config)
 
     def apply(accounts, diff):
+        # the first load runs in makeService; a reload adding the first TLS
+        # account preloads in its own turn
+        top.parts["tls"].accounts(diff.added + diff.changed)
         gate.add([account.id for account in diff.added])
         accounts = routable(accounts)
         if balancer is not None:
@@ -558,6 +565,19 @@ def _accounts(top, reactor, settings, sinks, sched, status, gate, balancer, hand
         _ReloadOnHangup(reactor, source).setServiceParent(top)
         top.clean_exit_reactor = reactor
     return source
+
+
+def _tls_preload(settings, own_sources):
+    """The :class:`~fido_tx.tlspreload.TlsPreload` of the daemon, with the
+    IMAP source's shared TLS contexts when its sessions are Fido's own, and
+    what ``settings`` connect to over TLS preloaded."""
+    from fido_tx.tlspreload import TlsPreload
+
+    from fido_tx.sources.imap.connect import TlsContexts
+
+    preload = TlsPreload(TlsContexts(), sessions=own_sources)
+    preload.settings(settings)
+    return preload
 
 
 def _redis_parts(top, reactor, settings):

@@ -78,12 +78,94 @@ def test_the_http_listener_imports_twisted_web_for_its_first_connection_only(tmp
     assert _loaded(modules, ("twisted.web", "fido_tx.observe.web", "OpenSSL")) == []
 
 
-def test_a_daemon_with_tls_accounts_also_starts_without_pyopenssl(tmp_path):
-    # pyOpenSSL loads with the first TLS connection, not with the accounts file
-    accounts = [dict(_plain(1), security="tls", port=993),
-                dict(_plain(2), security="starttls", port=143)]
-    modules = _modules_after_start(tmp_path, accounts)
-    assert _loaded(modules, ("OpenSSL", "cryptography", "service_identity")) == []
+#: runs in a fresh interpreter: makeService as twistd calls it (the reactor
+#: not running), then, with argv[2], a reload of the accounts file written
+#: there; prints the TLS modules loaded and the TLS options built after each
+_START_AND_RELOAD = textwrap.dedent("""
+    import json, sys
+    from fido_tx import tap
+    from fido_tx.accounts.loading import run_inline
+
+    TLS = ("OpenSSL.SSL", "service_identity", "twisted.internet.ssl",
+           "twisted.protocols.tls")
+
+    def state(top):
+        contexts = top.parts["tls"].contexts
+        return [[m for m in TLS if m in sys.modules], sorted(k[0] for k in contexts._options),
+                len(contexts._shared)]
+
+    options = tap.Options()
+    options.parseOptions(["--config", sys.argv[1]])
+    top = tap.makeService(options)
+    from twisted.internet import reactor
+    assert not reactor.running
+    out = [state(top)]
+    if len(sys.argv) > 2:
+        source = top.parts["source"]
+        with open(sys.argv[2]) as f, open(source.path, "w") as g:
+            g.write(f.read())
+        source._run_blocking = run_inline  # the reload in this thread
+        source.running = True
+        source.reload()
+        out.append(state(top))
+    print(json.dumps(out))
+""")
+
+
+def _tls_after_start(tmp_path, accounts, reloaded=None):
+    directory = str(tmp_path)
+    daemon.write_accounts(os.path.join(directory, "accounts.json"), accounts)
+    config_path = os.path.join(directory, "fido.toml")
+    daemon.write_config(config_path, directory, "redis://127.0.0.1:9/0")
+    args = [sys.executable, "-c", _START_AND_RELOAD, config_path]
+    if reloaded is not None:
+        args.append(os.path.join(directory, "next.json"))
+        daemon.write_accounts(args[-1], reloaded)
+    out = subprocess.run(args, cwd=directory, env=dict(os.environ, PYTHONPATH=ROOT),
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+ALL_TLS = ["OpenSSL.SSL", "service_identity", "twisted.internet.ssl", "twisted.protocols.tls"]
+
+
+def test_a_daemon_with_tls_accounts_loads_tls_before_the_reactor_runs(tmp_path):
+    # not in the first TLS session's reactor turn (a 113 ms stall): the
+    # modules, and each server's TLS options, all on one shared context
+    accounts = [dict(_plain(1), security="tls", port=993, host="imap.example.test"),
+                dict(_plain(2), security="starttls", port=143, host="mail.example.test"),
+                dict(_plain(3), security="tls", port=993, host="imap.example.test"),
+                _plain(4)]
+    [(modules, hosts, shared)] = _tls_after_start(tmp_path, accounts)
+    assert modules == ALL_TLS
+    assert hosts == ["imap.example.test", "mail.example.test"]
+    assert shared == 1
+
+
+def test_a_plain_daemon_preloads_no_tls(tmp_path):
+    [(modules, hosts, shared)] = _tls_after_start(tmp_path, [_plain(1), _plain(2)])
+    assert (modules, hosts, shared) == ([], [], 0)
+
+
+def test_a_reload_adding_the_first_tls_account_preloads_it(tmp_path):
+    tls = dict(_plain(2), security="tls", port=993, host="imap.example.test")
+    before, after = _tls_after_start(tmp_path, [_plain(1)], reloaded=[_plain(1), tls])
+    assert before == [[], [], 0]
+    assert after == [ALL_TLS, ["imap.example.test"], 1]
+
+
+def test_a_rediss_url_loads_tls_before_the_reactor_runs(tmp_path):
+    directory = str(tmp_path)
+    daemon.write_accounts(os.path.join(directory, "accounts.json"), [_plain(1)])
+    config_path = os.path.join(directory, "fido.toml")
+    daemon.write_config(config_path, directory, "rediss://127.0.0.1:9/0")
+    out = subprocess.run([sys.executable, "-c", _START_AND_RELOAD, config_path], cwd=directory,
+                         env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr[-3000:]
+    [(modules, hosts, shared)] = json.loads(out.stdout.strip().splitlines()[-1])
+    assert modules == ALL_TLS and hosts == []
 
 
 def test_an_ssl_http_listener_gets_a_reactor_with_tls(tmp_path):
