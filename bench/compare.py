@@ -22,7 +22,8 @@ session, start-up included for both), messages/s, client CPU seconds (user +
 sys of every process of the fetcher), peak RSS summed over the fetcher's
 processes (sampled every 20 ms; for Fido also its kernel high-water mark
 VmHWM, and the larger is kept), server CPU seconds (Dovecot's processes +
-Redis), and for Fido the longest reactor stall.  Steady state: CPU after
+Redis), and for Fido the longest reactor stall (wall, and the CPU the daemon
+used between two probes: a loaded machine inflates the first).  Steady state: CPU after
 start-up, per message or session; Fido's start-up ends when its heartbeat
 is in Redis, the other fetchers' start-up is the CPU of a run of theirs
 with no accounts at all (measured once per worker count).  Medians over the runs go to
@@ -200,7 +201,8 @@ def _run_fido(ctx, workers, accounts, expected, code=None):
     return dict(wall_s=wall, cpu_s=cpu, cpu_sys_s=t.system, peak_rss_mib=peak / 2**20,
                 server_cpu_s=server, startup_s=startup_s, startup_cpu_s=startup_cpu,
                 stored=stored, errors=errors, stall_max_ms=stall.get("max_ms"), gc_max_ms=stall.get("gc_max_ms"),
-                stalls_over_100ms=stall.get("over_100ms"))
+                stalls_over_100ms=stall.get("over_100ms"),
+                stall_cpu_max_ms=stall.get("cpu_max_ms"), late_stacks=stall.get("late_stacks"))
 
 
 def _run_peer(ctx, script, args, count):
@@ -226,7 +228,8 @@ def _run_peer(ctx, script, args, count):
     return dict(wall_s=wall, cpu_s=usage.ru_utime + usage.ru_stime, cpu_sys_s=usage.ru_stime,
                 peak_rss_mib=peak / 2**20,
                 server_cpu_s=server, stored=stored, errors=1 if proc.returncode else 0,
-                stall_max_ms=None, gc_max_ms=None, stalls_over_100ms=None)
+                stall_max_ms=None, gc_max_ms=None, stalls_over_100ms=None,
+                stall_cpu_max_ms=None)
 
 
 def run_procs(ctx, workers, accounts, expected):
@@ -271,7 +274,8 @@ class Context:
 
 
 def median_row(rows):
-    keys = ("wall_s", "cpu_s", "cpu_sys_s", "peak_rss_mib", "server_cpu_s", "stall_max_ms", "gc_max_ms",
+    keys = ("wall_s", "cpu_s", "cpu_sys_s", "peak_rss_mib", "server_cpu_s", "stall_max_ms",
+            "stall_cpu_max_ms", "gc_max_ms",
             "stalls_over_100ms", "msg_per_s", "cpu_ms_per_unit", "startup_s", "startup_cpu_s",
             "cpu_ms_per_unit_after_start")
     out = {}
@@ -306,7 +310,7 @@ def write_table(path, medians, loads):
     lines = []
     head = ("load", "fetcher", "W", "wall s", "msg/s", "client CPU s", "CPU ms/unit",
             "start-up s (CPU s)", "ms/unit after start", "peak RSS MiB", "server CPU s",
-            "max stall ms")
+            "max stall ms (CPU)")
     rows = []
     for key in sorted(medians, key=lambda k: (loads.index(k[0]), k[1], k[2])):
         load, fetcher, w = key
@@ -320,6 +324,8 @@ def write_table(path, medians, loads):
                      fmt(m["cpu_ms_per_unit_after_start"], ".3f"),
                      fmt(m["peak_rss_mib"], ".1f"), fmt(m["server_cpu_s"], ".2f"),
                      fmt(m["stall_max_ms"], ".0f")
+                     + ("" if m.get("stall_cpu_max_ms") is None
+                        else f" ({m['stall_cpu_max_ms']:.0f})")
                      + ("" if m["all_exact"] else " INEXACT")))
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
     rule = "  ".join("=" * w for w in widths)
@@ -482,7 +488,8 @@ def main(argv=None):
                               f"rss {res['peak_rss_mib']:6.1f} MiB  "
                               f"server {res['server_cpu_s']:5.2f} s  "
                               f"startup {res.get('startup_s')} s  "
-                              f"stall {res['stall_max_ms']} ms  "
+                              f"stall {res['stall_max_ms']} ms "
+                              f"(CPU {res.get('stall_cpu_max_ms')})  "
                               f"{'ok' if res['exact'] else 'INEXACT stored=%s errors=%s' % (res['stored'], res['errors'])}",
                               flush=True)
     finally:

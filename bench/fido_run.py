@@ -11,6 +11,13 @@ Environment:
     written to PATH as JSON, with the longest pause of Python's cyclic
     garbage collector (``gc_max_ms``).  A late timer means the reactor thread was busy
     (or the process was not scheduled) that long: every connection waited.
+    ``cpu_max_ms`` is the most CPU (user + sys) the reactor thread used between two
+    probes: the stall the daemon itself caused, which a loaded machine's
+    scheduling does not inflate.
+``FIDO_STALL_STACKS=1``
+    with the probe: a thread samples the reactor thread's stack every 5 ms
+    while the probe is over 50 ms late, and the stall file gets the most
+    frequent stacks (``late_stacks``): what a long turn was doing.
 ``FIDO_GC_FREEZE=1``
     ``gc.freeze()`` once the reactor runs (an experiment).
 ``FIDO_CODE=DIR``
@@ -46,6 +53,8 @@ def _install_probe(reactor, path, interval):
              "gc_max_ms": 0.0, "gc_max_generation": None, "gc_over_50ms": 0}
     t0 = time.monotonic()
     gc_start = [0.0]
+    state["cpu_max_ms"] = 0.0
+    last = {"cpu": None, "due": None}
 
     def on_gc(phase, info):  # how long the cyclic garbage collector ran
         if phase == "start":
@@ -63,6 +72,10 @@ def _install_probe(reactor, path, interval):
     def tick(expected):
         now = time.monotonic()
         late = (now - expected) * 1000.0
+        cpu = time.thread_time()  # the reactor thread's
+        state["cpu_max_ms"] = max(state["cpu_max_ms"], round((cpu - last["cpu"]) * 1000.0, 1))
+        last["cpu"] = cpu
+        last["due"] = now + interval
         state["probes"] += 1
         if late > state["max_ms"]:
             state["max_ms"] = late
@@ -71,8 +84,14 @@ def _install_probe(reactor, path, interval):
             state["over_100ms"] += 1
         reactor.callLater(interval, tick, time.monotonic() + interval)
 
+    stacks = None
+    if os.environ.get("FIDO_STALL_STACKS"):
+        stacks = _sample_late_stacks(last)
+
     def dump():
         state["max_ms"] = round(state["max_ms"], 1)
+        if stacks is not None:
+            state["late_stacks"] = stacks.most_common(25)
         if os.environ.get("FIDO_GC_TYPES"):  # what the collector has to walk
             import collections
 
@@ -91,9 +110,43 @@ def _install_probe(reactor, path, interval):
 
     # the first probe is scheduled once the reactor runs: twistd's start-up
     # before that (imports, makeService) is not a stall of the event loop
-    reactor.callWhenRunning(lambda: reactor.callLater(interval, tick,
-                                                      time.monotonic() + interval))
+    def first():
+        last["cpu"] = time.thread_time()
+        reactor.callLater(interval, tick, time.monotonic() + interval)
+
+    reactor.callWhenRunning(first)
     reactor.addSystemEventTrigger("before", "shutdown", dump)
+
+
+def _sample_late_stacks(last):
+    """A daemon thread: while the probe due at ``last["due"]`` is over 50 ms
+    late, count the reactor thread's innermost frames every 5 ms."""
+    import collections
+    import threading
+
+    main = threading.main_thread().ident
+    counts = collections.Counter()
+
+    def where(frame):
+        out = []
+        while frame is not None and len(out) < 8:
+            code = frame.f_code
+            out.append(f"{os.path.basename(code.co_filename)}:{frame.f_lineno} {code.co_name}")
+            frame = frame.f_back
+        return " < ".join(out)
+
+    def run():
+        while True:
+            time.sleep(0.005)
+            due = last["due"]
+            if due is None or time.monotonic() - due < 0.05:
+                continue
+            frame = sys._current_frames().get(main)
+            if frame is not None:
+                counts[where(frame)] += 1
+
+    threading.Thread(target=run, daemon=True, name="stall-stacks").start()
+    return counts
 
 
 def _census(path):
