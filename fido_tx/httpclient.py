@@ -211,8 +211,11 @@ class HttpClient:
             self._pool.maxPersistentPerHost = self._per_host
             self._pool.cachedConnectionTimeout = 120
             self._pool.retryAutomatically = False  # callers decide what is safe to repeat
-            agent = web_client.Agent(self._reactor, pool=self._pool,
-                                     connectTimeout=self.timeout)
+            from fido_tx.httpstls import HttpsEndpoints
+
+            # TLS on a reactor imported without pyOpenSSL, one shared context
+            agent = web_client.Agent.usingEndpointFactory(
+                self._reactor, HttpsEndpoints(self._reactor, self.timeout), pool=self._pool)
             self._http = HTTPClient(agent)
         return self._http
 

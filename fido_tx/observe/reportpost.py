@@ -204,4 +204,8 @@ def make_http_client(reactor, concurrency, timeout):
     pool.maxPersistentPerHost = concurrency
     pool.cachedConnectionTimeout = 60
     pool.retryAutomatically = False  # our own retries, with backoff
-    return HTTPClient(Agent(reactor, pool=pool, connectTimeout=timeout)), pool
+    from fido_tx.httpstls import HttpsEndpoints
+
+    # TLS on a reactor imported without pyOpenSSL, one shared context
+    agent = Agent.usingEndpointFactory(reactor, HttpsEndpoints(reactor, timeout), pool=pool)
+    return HTTPClient(agent), pool

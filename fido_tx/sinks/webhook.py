@@ -255,7 +255,10 @@ class _CachedEndpoints:
     def __init__(self, reactor, connect_timeout):
         self._reactor = reactor
         self._timeout = connect_timeout
-        self._tls = webclient.BrowserLikePolicyForHTTPS()
+        from fido_tx.httpstls import HttpsPolicy
+
+        # one OpenSSL context for every host, not one (CA bundle loaded) each
+        self._tls = HttpsPolicy()
         self._endpoints = {}
 
     def endpointForURI(self, uri):
