@@ -28,6 +28,9 @@ Environment:
 ``FIDO_MALLOC_TRIM=1``
     ``malloc_trim(0)`` every second (an experiment: how much of the RSS is
     memory glibc keeps after ``free``).
+``FIDO_GC_THRESHOLD=A,B,C``
+    ``gc.set_threshold(A, B, C)`` before start-up (an experiment; the stall
+    file's ``gc_total_ms`` and ``gc_runs`` say what the collector cost).
 ``FIDO_PROFILE=PATH``
     run the whole daemon under cProfile and dump the stats to PATH at exit
     (``{pid}`` in PATH is replaced by the daemon's process id).
@@ -43,7 +46,8 @@ def _install_probe(reactor, path, interval):
     import gc
 
     state = {"max_ms": 0.0, "over_100ms": 0, "probes": 0, "worst_at_s": None,
-             "gc_max_ms": 0.0, "gc_max_generation": None, "gc_over_50ms": 0}
+             "gc_max_ms": 0.0, "gc_max_generation": None, "gc_over_50ms": 0,
+             "gc_total_ms": 0.0, "gc_runs": [0, 0, 0]}
     t0 = time.monotonic()
     gc_start = [0.0]
 
@@ -52,6 +56,8 @@ def _install_probe(reactor, path, interval):
             gc_start[0] = time.monotonic()
             return
         ms = (time.monotonic() - gc_start[0]) * 1000.0
+        state["gc_total_ms"] += ms  # the collector's whole share of the run
+        state["gc_runs"][info.get("generation", 0)] += 1
         if ms > 50.0:
             state["gc_over_50ms"] += 1
         if ms > state["gc_max_ms"]:
@@ -73,6 +79,7 @@ def _install_probe(reactor, path, interval):
 
     def dump():
         state["max_ms"] = round(state["max_ms"], 1)
+        state["gc_total_ms"] = round(state["gc_total_ms"], 1)
         if os.environ.get("FIDO_GC_TYPES"):  # what the collector has to walk
             import collections
 
@@ -131,6 +138,11 @@ def main():
         import gc
 
         reactor.callWhenRunning(gc.freeze)
+    threshold = os.environ.get("FIDO_GC_THRESHOLD")
+    if threshold:  # experiment: e.g. "7000,10,10" (CPython's default 700,10,10)
+        import gc
+
+        gc.set_threshold(*(int(n) for n in threshold.split(",")))
     path = os.environ.get("FIDO_STALL_FILE")
     if path:
         _install_probe(reactor, path, float(os.environ.get("FIDO_STALL_INTERVAL", "0.02")))
