@@ -144,31 +144,32 @@ class ConnectorEndpointTests(SynchronousTestCase):
     def test_an_ip_address_is_connected_to_directly(self):
         from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 
-        self.assertIsInstance(self.connector.direct_endpoint("192.0.2.1", 993, 10),
+        self.assertIsInstance(self.connector.direct_endpoint("192.0.2.1", 993),
                               TCP4ClientEndpoint)
-        self.assertIsInstance(self.connector.direct_endpoint("::1", 993, 10),
+        self.assertIsInstance(self.connector.direct_endpoint("::1", 993),
                               TCP6ClientEndpoint)
 
     def test_a_name_needs_a_resolution_first(self):
-        self.assertIsNone(self.connector.direct_endpoint("one.example.test", 993, 10))
+        self.assertIsNone(self.connector.direct_endpoint("one.example.test", 993))
         resolve(self.reactor.nameResolver, "one.example.test", 993)
-        endpoint = self.connector.direct_endpoint("one.example.test", 993, 10)
+        endpoint = self.connector.direct_endpoint("one.example.test", 993)
         endpoint.connect(object())
         host, port, _, timeout, _ = self.reactor.tcpClients[-1]
-        self.assertEqual((host, port, timeout), ("192.0.2.7", 993, 10))
-        self.assertIs(self.connector.direct_endpoint("one.example.test", 993, 10), endpoint)
+        # no timer of the endpoint's own: Connector.connect arms one
+        self.assertEqual((host, port, timeout), ("192.0.2.7", 993, None))
+        self.assertIs(self.connector.direct_endpoint("one.example.test", 993), endpoint)
 
     def test_several_addresses_are_left_to_the_hostname_endpoint(self):
         resolve(self.reactor.nameResolver, "two.example.test", 993)
-        self.assertIsNone(self.connector.direct_endpoint("two.example.test", 993, 10))
+        self.assertIsNone(self.connector.direct_endpoint("two.example.test", 993))
 
     def test_a_stale_answer_is_resolved_again(self):
         resolve(self.reactor.nameResolver, "one.example.test", 993)
         self.reactor.advance(61)
-        self.assertIsNone(self.connector.direct_endpoint("one.example.test", 993, 10))
+        self.assertIsNone(self.connector.direct_endpoint("one.example.test", 993))
 
     def test_without_the_cache_nothing_is_direct_but_addresses(self):
         from fido_tx.sources.imap.connect import Connector
 
         bare = Connector(MemoryReactorClock())
-        self.assertIsNone(bare.direct_endpoint("one.example.test", 993, 10))
+        self.assertIsNone(bare.direct_endpoint("one.example.test", 993))

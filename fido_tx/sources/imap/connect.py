@@ -270,11 +270,13 @@ class Connector:
                 self.reactor, host, port, timeout=timeout)
         return endpoint
 
-    def direct_endpoint(self, host, port, timeout):
+    def direct_endpoint(self, host, port):
         """A TCP endpoint to the one address ``host`` is known to have (an
         IP address, or a fresh single answer of the caching resolver), or
         ``None`` when the name must be resolved (or has several addresses:
-        :class:`HostnameEndpoint` tries them in turn)."""
+        :class:`HostnameEndpoint` tries them in turn).  It has no timeout of
+        its own: :meth:`connect`'s timer bounds the attempt (one DelayedCall
+        per connect instead of two)."""
         if isIPAddress(host):
             address = IPv4Address("TCP", host, port)
         elif isIPv6Address(host):
@@ -290,13 +292,13 @@ class Connector:
             if addresses is None or len(addresses) != 1:
                 return None
             address = addresses[0]
-        key = (type(address), address.host, port, timeout)
+        key = (type(address), address.host, port)
         endpoint = self._direct.get(key)
         if endpoint is None:
             if len(self._direct) >= self.max_entries:
                 self._direct.clear()
             kind = TCP6ClientEndpoint if isinstance(address, IPv6Address) else TCP4ClientEndpoint
-            endpoint = self._direct[key] = kind(self.reactor, address.host, port, timeout=timeout)
+            endpoint = self._direct[key] = kind(self.reactor, address.host, port, timeout=None)
         return endpoint
 
     async def connect(self, account, timeout, make, creator=None):
@@ -307,7 +309,7 @@ class Connector:
         :raise FidoError: kinds ``dns``, ``connect``, ``timeout``, ``config``.
         :raise CancelledError: when the caller cancels the wait.
         """
-        endpoint = (self.direct_endpoint(account.host, account.port, timeout)
+        endpoint = (self.direct_endpoint(account.host, account.port)
                     or self.endpoint(account.host, account.port, timeout))
         if account.security == "tls":
             endpoint = wrap_client_tls(creator, endpoint)
