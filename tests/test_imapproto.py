@@ -105,6 +105,21 @@ class SharedValueTests(SynchronousTestCase):
     connection read them (10,000 held connections to one server kept 10,000
     copies, ~1.7 KiB each)."""
 
+    def test_a_greeting_seen_before_is_not_parsed_again(self):
+        text = b"[CAPABILITY IMAP4rev1 IDLE X-SEEN-ONCE] Dovecot ready."
+        first = imapparse.greeting_capabilities(text)
+        self.assertIs(imapparse._greeting_caps[text], first)
+        self.assertIs(imapparse.greeting_capabilities(bytes(bytearray(text))), first)
+        self.assertEqual(imapparse.greeting_capabilities(bytearray(text)), first)
+        self.assertIsNone(imapparse.greeting_capabilities(b"Dovecot ready."))
+        other = imapparse.greeting_capabilities(b"[CAPABILITY IMAP4rev1] ready")
+        self.assertEqual(other, frozenset([b"IMAP4REV1"]))
+
+    def test_the_greeting_table_is_bounded(self):
+        for n in range(imapparse.SHARED_MAX + 5):
+            imapparse.greeting_capabilities(b"[CAPABILITY IMAP4rev1 X-%d] hi" % n)
+        self.assertLessEqual(len(imapparse._greeting_caps), imapparse.SHARED_MAX)
+
     def test_equal_capabilities_and_flags_are_one_object(self):
         text = b"[CAPABILITY IMAP4rev1 IDLE UIDPLUS] ready"
         a = imapparse.greeting_capabilities(text)

@@ -67,8 +67,31 @@ def parse_capabilities(text):
     return shared(frozenset(t.upper() for t in text.split()))
 
 
+#: greeting or LOGIN answer text -> its capabilities (see greeting_capabilities)
+_greeting_caps = {}
+
+
 def greeting_capabilities(text):
-    """The capabilities in a greeting's ``[CAPABILITY ...]`` code, or ``None``."""
+    """The capabilities in a greeting's ``[CAPABILITY ...]`` code, or ``None``.
+
+    A server sends the same greeting and the same LOGIN answer to every
+    session: the answer is kept per text (bounded like :func:`shared`), so
+    an empty poll no longer splits and upper-cases ~15 atoms twice (30,890
+    calls of the set's generator per 1,000 sessions in a profile)."""
+    if type(text) is not bytes:  # a bytearray or a view: not hashable, not kept
+        return _greeting_capabilities(text)
+    try:
+        return _greeting_caps[text]
+    except KeyError:
+        pass
+    caps = _greeting_capabilities(text)
+    if len(_greeting_caps) >= SHARED_MAX:
+        _greeting_caps.clear()
+    _greeting_caps[text] = caps
+    return caps
+
+
+def _greeting_capabilities(text):
     m = _RESP_CODE.match(text.lstrip())
     if not m:
         return None
