@@ -200,7 +200,7 @@ def _run_fido(ctx, workers, accounts, expected, code=None):
     return dict(wall_s=wall, cpu_s=cpu, cpu_sys_s=t.system, peak_rss_mib=peak / 2**20,
                 server_cpu_s=server, startup_s=startup_s, startup_cpu_s=startup_cpu,
                 stored=stored, errors=errors, stall_max_ms=stall.get("max_ms"), gc_max_ms=stall.get("gc_max_ms"),
-                gc_total_ms=stall.get("gc_total_ms"),
+                gc_total_ms=stall.get("gc_total_ms"), gc_runs=stall.get("gc_runs"),
                 stalls_over_100ms=stall.get("over_100ms"))
 
 
@@ -483,7 +483,7 @@ def main(argv=None):
                               f"rss {res['peak_rss_mib']:6.1f} MiB  "
                               f"server {res['server_cpu_s']:5.2f} s  "
                               f"startup {res.get('startup_s')} s  "
-                              f"stall {res['stall_max_ms']} ms  gc {res.get('gc_total_ms')} ms  "
+                              f"stall {res['stall_max_ms']} ms  gc {res.get('gc_total_ms')} ms {res.get('gc_runs')}  "
                               f"{'ok' if res['exact'] else 'INEXACT stored=%s errors=%s' % (res['stored'], res['errors'])}",
                               flush=True)
     finally:
