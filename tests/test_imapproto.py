@@ -1436,3 +1436,22 @@ class SelectSearchPipelineTests(SynchronousTestCase):
         transport.clear()
         proto.dataReceived(b"* STATUS INBOX (UNSEEN 2)\r\n0001 OK done\r\n")
         self.assertEqual(transport.value(), b'0002 EXAMINE "INBOX"\r\n')
+
+
+class QuotingPredicateTests(SynchronousTestCase):
+    """The quoting predicates (one regex search each) say what the
+    per-byte rules they replaced said, for every byte string."""
+
+    @given(st.binary(max_size=64))
+    @settings(max_examples=400, deadline=None)
+    def test_same_answers_as_the_per_byte_rules(self, value):
+        self.assertEqual(imapparse._needs_literal(value),
+                         any(c in (0, 10, 13) or c > 127 for c in value))
+        self.assertEqual(imapparse._quotable(value),
+                         not any(c < 32 or c > 126 or c in (34, 92) for c in value))
+
+    def test_every_single_byte(self):
+        for c in range(256):
+            value = bytes([c])
+            self.assertEqual(imapparse._quotable(value), 32 <= c <= 126 and c not in (34, 92), c)
+            self.assertEqual(imapparse._needs_literal(value), c in (0, 10, 13) or c > 127, c)
