@@ -13,8 +13,8 @@ session (tests make their own, so nothing global needs clearing):
   holds a fresh answer of exactly one address, it connects to that address
   with a plain TCP endpoint instead: a ``HostnameEndpoint`` builds a class
   per connect (zope.interface computes its resolution order each time), a
-  resolution and a ``LoopingCall`` for the connection attempts, about a
-  tenth of the Python work of a session with nothing new.
+  resolution and a ``LoopingCall`` for the connection attempts: ~400 Python
+  calls per connect, about a fifth of an empty poll's (cProfile).
 
 TLS: certificates are always verified against the account's host name.  The
 trust roots are the platform's (OpenSSL default paths) plus, when the
