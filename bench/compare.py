@@ -201,6 +201,7 @@ def _run_fido(ctx, workers, accounts, expected, code=None):
     return dict(wall_s=wall, cpu_s=cpu, cpu_sys_s=t.system, peak_rss_mib=peak / 2**20,
                 server_cpu_s=server, startup_s=startup_s, startup_cpu_s=startup_cpu,
                 stored=stored, errors=errors, stall_max_ms=stall.get("max_ms"), gc_max_ms=stall.get("gc_max_ms"),
+                gc_total_ms=stall.get("gc_total_ms"), gc_runs=stall.get("gc_runs"),
                 stalls_over_100ms=stall.get("over_100ms"),
                 stall_cpu_max_ms=stall.get("cpu_max_ms"), late_stacks=stall.get("late_stacks"))
 
@@ -228,7 +229,7 @@ def _run_peer(ctx, script, args, count):
     return dict(wall_s=wall, cpu_s=usage.ru_utime + usage.ru_stime, cpu_sys_s=usage.ru_stime,
                 peak_rss_mib=peak / 2**20,
                 server_cpu_s=server, stored=stored, errors=1 if proc.returncode else 0,
-                stall_max_ms=None, gc_max_ms=None, stalls_over_100ms=None,
+                stall_max_ms=None, gc_max_ms=None, gc_total_ms=None, stalls_over_100ms=None,
                 stall_cpu_max_ms=None)
 
 
@@ -275,7 +276,7 @@ class Context:
 
 def median_row(rows):
     keys = ("wall_s", "cpu_s", "cpu_sys_s", "peak_rss_mib", "server_cpu_s", "stall_max_ms",
-            "stall_cpu_max_ms", "gc_max_ms",
+            "stall_cpu_max_ms", "gc_max_ms", "gc_total_ms",
             "stalls_over_100ms", "msg_per_s", "cpu_ms_per_unit", "startup_s", "startup_cpu_s",
             "cpu_ms_per_unit_after_start")
     out = {}
@@ -490,6 +491,7 @@ def main(argv=None):
                               f"startup {res.get('startup_s')} s  "
                               f"stall {res['stall_max_ms']} ms "
                               f"(CPU {res.get('stall_cpu_max_ms')})  "
+                              f"gc {res.get('gc_total_ms')} ms {res.get('gc_runs')}  "
                               f"{'ok' if res['exact'] else 'INEXACT stored=%s errors=%s' % (res['stored'], res['errors'])}",
                               flush=True)
     finally:

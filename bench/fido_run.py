@@ -35,6 +35,11 @@ Environment:
 ``FIDO_MALLOC_TRIM=1``
     ``malloc_trim(0)`` every second (an experiment: how much of the RSS is
     memory glibc keeps after ``free``).
+``FIDO_GC_THRESHOLD=A,B,C``
+    ``gc.set_threshold(A, B, C)`` once the reactor runs, instead of
+    ``tap.py``'s (an experiment; the stall
+    file's ``gc_total_ms`` and ``gc_runs`` say what the collector cost once
+    the reactor runs, ``gc_startup_ms`` before).
 ``FIDO_PROFILE=PATH``
     run the whole daemon under cProfile and dump the stats to PATH at exit
     (``{pid}`` in PATH is replaced by the daemon's process id).
@@ -50,7 +55,9 @@ def _install_probe(reactor, path, interval):
     import gc
 
     state = {"max_ms": 0.0, "over_100ms": 0, "probes": 0, "worst_at_s": None,
-             "gc_max_ms": 0.0, "gc_max_generation": None, "gc_over_50ms": 0}
+             "gc_max_ms": 0.0, "gc_max_generation": None, "gc_over_50ms": 0,
+             "gc_total_ms": 0.0, "gc_runs": [0, 0, 0], "gc_startup_ms": 0.0}
+    running = []
     t0 = time.monotonic()
     gc_start = [0.0]
     state["cpu_max_ms"] = 0.0
@@ -66,6 +73,11 @@ def _install_probe(reactor, path, interval):
         if ms > state["gc_max_ms"]:
             state["gc_max_ms"] = round(ms, 1)
             state["gc_max_generation"] = info.get("generation")
+        if not running:  # imports and tap.py's gc.collect() before gc.freeze()
+            state["gc_startup_ms"] += ms
+            return
+        state["gc_total_ms"] += ms  # the collector's share once the reactor runs
+        state["gc_runs"][info.get("generation", 0)] += 1
 
     gc.callbacks.append(on_gc)
 
@@ -92,6 +104,8 @@ def _install_probe(reactor, path, interval):
         state["max_ms"] = round(state["max_ms"], 1)
         if stacks is not None:
             state["late_stacks"] = stacks.most_common(25)
+        state["gc_total_ms"] = round(state["gc_total_ms"], 1)
+        state["gc_startup_ms"] = round(state["gc_startup_ms"], 1)
         if os.environ.get("FIDO_GC_TYPES"):  # what the collector has to walk
             import collections
 
@@ -111,6 +125,7 @@ def _install_probe(reactor, path, interval):
     # the first probe is scheduled once the reactor runs: twistd's start-up
     # before that (imports, makeService) is not a stall of the event loop
     def first():
+        running.append(True)
         last["cpu"] = time.thread_time()
         reactor.callLater(interval, tick, time.monotonic() + interval)
 
@@ -184,6 +199,12 @@ def main():
         import gc
 
         reactor.callWhenRunning(gc.freeze)
+    threshold = os.environ.get("FIDO_GC_THRESHOLD")
+    if threshold:  # experiment: e.g. "700,10,10" (CPython's default)
+        import gc
+
+        # once running: after tap.py's own setting
+        reactor.callWhenRunning(gc.set_threshold, *(int(n) for n in threshold.split(",")))
     path = os.environ.get("FIDO_STALL_FILE")
     if path:
         _install_probe(reactor, path, float(os.environ.get("FIDO_STALL_INTERVAL", "0.02")))

@@ -70,6 +70,15 @@ class CachingResolver:
             _Recorder(self, key, resolutionReceiver), hostName, portNumber,
             addressTypes, transportSemantics)
 
+    def cached(self, hostName, portNumber=0):
+        """The fresh cached addresses of ``hostName`` for a TCP connection
+        (any address type), or ``None``: lets a connector that has the
+        answer already skip the resolution machinery."""
+        hit = self._answers.get((hostName, portNumber, None, "TCP"))
+        if hit is None or hit[0] <= self._clock.seconds():
+            return None
+        return hit[1]
+
     def _remember(self, key, addresses):
         if len(self._answers) >= self.max_entries:
             self._answers.clear()

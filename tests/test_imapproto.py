@@ -105,6 +105,21 @@ class SharedValueTests(SynchronousTestCase):
     connection read them (10,000 held connections to one server kept 10,000
     copies, ~1.7 KiB each)."""
 
+    def test_a_greeting_seen_before_is_not_parsed_again(self):
+        text = b"[CAPABILITY IMAP4rev1 IDLE X-SEEN-ONCE] Dovecot ready."
+        first = imapparse.greeting_capabilities(text)
+        self.assertIs(imapparse._greeting_caps[text], first)
+        self.assertIs(imapparse.greeting_capabilities(bytes(bytearray(text))), first)
+        self.assertEqual(imapparse.greeting_capabilities(bytearray(text)), first)
+        self.assertIsNone(imapparse.greeting_capabilities(b"Dovecot ready."))
+        other = imapparse.greeting_capabilities(b"[CAPABILITY IMAP4rev1] ready")
+        self.assertEqual(other, frozenset([b"IMAP4REV1"]))
+
+    def test_the_greeting_table_is_bounded(self):
+        for n in range(imapparse.SHARED_MAX + 5):
+            imapparse.greeting_capabilities(b"[CAPABILITY IMAP4rev1 X-%d] hi" % n)
+        self.assertLessEqual(len(imapparse._greeting_caps), imapparse.SHARED_MAX)
+
     def test_equal_capabilities_and_flags_are_one_object(self):
         text = b"[CAPABILITY IMAP4rev1 IDLE UIDPLUS] ready"
         a = imapparse.greeting_capabilities(text)
@@ -499,7 +514,9 @@ class SyntaxTests(SynchronousTestCase):
         fast = imapparse._fast_fetch(segments)
         if fast is not None:
             self.assertEqual(fast, imapparse._parse_fetch(segments))
-        elif all(k[:1].isalpha() and b"<" not in k and v.isdigit() for k, v in parts) \
+        elif all(k[:1].isalpha() and b"<" not in k and v.isdigit()
+                 # a body section answered by a number is no common shape
+                 and not k.upper().startswith(b"BODY") for k, v in parts) \
                 and verb != b"FETCHX" and tail == b")" and (parts or literal):
             self.fail(f"the common shape {segments!r} took the slow path")
 
@@ -1421,3 +1438,22 @@ class SelectSearchPipelineTests(SynchronousTestCase):
         transport.clear()
         proto.dataReceived(b"* STATUS INBOX (UNSEEN 2)\r\n0001 OK done\r\n")
         self.assertEqual(transport.value(), b'0002 EXAMINE "INBOX"\r\n')
+
+
+class QuotingPredicateTests(SynchronousTestCase):
+    """The quoting predicates (one regex search each) say what the
+    per-byte rules they replaced said, for every byte string."""
+
+    @given(st.binary(max_size=64))
+    @settings(max_examples=400, deadline=None)
+    def test_same_answers_as_the_per_byte_rules(self, value):
+        self.assertEqual(imapparse._needs_literal(value),
+                         any(c in (0, 10, 13) or c > 127 for c in value))
+        self.assertEqual(imapparse._quotable(value),
+                         not any(c < 32 or c > 126 or c in (34, 92) for c in value))
+
+    def test_every_single_byte(self):
+        for c in range(256):
+            value = bytes([c])
+            self.assertEqual(imapparse._quotable(value), 32 <= c <= 126 and c not in (34, 92), c)
+            self.assertEqual(imapparse._needs_literal(value), c in (0, 10, 13) or c > 127, c)

@@ -104,3 +104,72 @@ class InstallTests(SynchronousTestCase):
         self.assertIs(reactor.nameResolver, first)
         self.assertIs(first.resolver, original)
         self.assertIs(install(reactor), first)  # not wrapped twice
+
+
+class CachedTests(SynchronousTestCase):
+    """``cached``: what a connector may use without a resolution."""
+
+    def setUp(self):
+        self.clock = Clock()
+        self.upstream = FakeResolver({"one.example.test": ["192.0.2.7"]})
+        self.cache = CachingResolver(self.upstream, self.clock, ttl=60)
+
+    def test_nothing_before_a_resolution(self):
+        self.assertIsNone(self.cache.cached("one.example.test", 993))
+
+    def test_the_fresh_answer_after_one(self):
+        resolve(self.cache, "one.example.test", 993)
+        self.assertEqual([a.host for a in self.cache.cached("one.example.test", 993)],
+                         ["192.0.2.7"])
+        self.assertIsNone(self.cache.cached("one.example.test", 143))  # per port
+
+    def test_nothing_once_the_answer_is_stale(self):
+        resolve(self.cache, "one.example.test", 993)
+        self.clock.advance(60)
+        self.assertIsNone(self.cache.cached("one.example.test", 993))
+
+
+class ConnectorEndpointTests(SynchronousTestCase):
+    """The connector skips ``HostnameEndpoint`` when one address is known."""
+
+    def setUp(self):
+        from fido_tx.sources.imap.connect import Connector
+
+        self.reactor = MemoryReactorClock()
+        self.upstream = FakeResolver({"one.example.test": ["192.0.2.7"],
+                                      "two.example.test": ["192.0.2.8", "192.0.2.9"]})
+        self.reactor.installNameResolver(CachingResolver(self.upstream, self.reactor))
+        self.connector = Connector(self.reactor)
+
+    def test_an_ip_address_is_connected_to_directly(self):
+        from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
+
+        self.assertIsInstance(self.connector.direct_endpoint("192.0.2.1", 993),
+                              TCP4ClientEndpoint)
+        self.assertIsInstance(self.connector.direct_endpoint("::1", 993),
+                              TCP6ClientEndpoint)
+
+    def test_a_name_needs_a_resolution_first(self):
+        self.assertIsNone(self.connector.direct_endpoint("one.example.test", 993))
+        resolve(self.reactor.nameResolver, "one.example.test", 993)
+        endpoint = self.connector.direct_endpoint("one.example.test", 993)
+        endpoint.connect(object())
+        host, port, _, timeout, _ = self.reactor.tcpClients[-1]
+        # no timer of the endpoint's own: Connector.connect arms one
+        self.assertEqual((host, port, timeout), ("192.0.2.7", 993, None))
+        self.assertIs(self.connector.direct_endpoint("one.example.test", 993), endpoint)
+
+    def test_several_addresses_are_left_to_the_hostname_endpoint(self):
+        resolve(self.reactor.nameResolver, "two.example.test", 993)
+        self.assertIsNone(self.connector.direct_endpoint("two.example.test", 993))
+
+    def test_a_stale_answer_is_resolved_again(self):
+        resolve(self.reactor.nameResolver, "one.example.test", 993)
+        self.reactor.advance(61)
+        self.assertIsNone(self.connector.direct_endpoint("one.example.test", 993))
+
+    def test_without_the_cache_nothing_is_direct_but_addresses(self):
+        from fido_tx.sources.imap.connect import Connector
+
+        bare = Connector(MemoryReactorClock())
+        self.assertIsNone(bare.direct_endpoint("one.example.test", 993))

@@ -86,5 +86,13 @@ def make_session(account, ctx, handle=None):
     :raise KeyError: for a source not in :data:`SOURCES` (the accounts
         parser refuses those first).
     """
-    module = importlib.import_module(SOURCES[account.source])
-    return module.build(account, ctx, handle)
+    build = _builders.get(account.source)
+    if build is None:  # imported for the first account of that source only
+        build = _builders[account.source] = importlib.import_module(
+            SOURCES[account.source]).build
+    return build(account, ctx, handle)
+
+
+#: source name -> its module's ``build``, once imported (``import_module``
+#: per session was a fifth of the cost of making one)
+_builders = {}

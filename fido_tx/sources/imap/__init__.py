@@ -8,7 +8,6 @@ def build(account, ctx, handle=None):
     or for an account with ``idle = true`` run by the scheduler (``handle``)
     with held connections on (``ctx.held``), a
     :class:`~fido_tx.sources.imap.holding.HeldSession`."""
-    from fido_tx.sources.imap.connect import Connector
     from fido_tx.sources.imap.session import ImapSession
 
     if handle is not None and account.idle and ctx.held is not None:
@@ -18,7 +17,7 @@ def build(account, ctx, handle=None):
                            fresh=lambda: build(account, ctx).poll())
     return ImapSession(
         ctx.reactor, account, ctx.sink, ctx.settings,
-        connector=ctx.connector if ctx.connector is not None else Connector(ctx.reactor),
+        connector=ctx.connector,  # the session makes its own when there is none
         credentials_factory=ctx.credentials, dry_run=ctx.dry_run, log=ctx.log, budget=ctx.budget,
         pacer=ctx.pacer, debug=ctx.debug, handle=handle, positions=ctx.positions,
         epochs=ctx.epochs,

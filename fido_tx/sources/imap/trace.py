@@ -62,7 +62,7 @@ class ProtocolTrace:
                 shown = parts[0] + b" AUTHENTICATE " + mech[0]
                 if len(mech) > 1:
                     shown += b" <redacted>"
-            self._lines.append("C: " + _show(shown))
+            self._lines.append(("C", shown))  # formatted only when read
         else:
             self.add("C", line)
 

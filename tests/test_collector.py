@@ -1,0 +1,22 @@
+"""The garbage collector as the daemon leaves it after start-up (tap.py)."""
+
+import gc
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from fido_tx import tap
+
+
+class SettleCollectorTests(SynchronousTestCase):
+    def setUp(self):
+        before = gc.get_threshold()
+        self.addCleanup(gc.set_threshold, *before)
+        self.addCleanup(gc.unfreeze)
+
+    def test_start_up_objects_are_frozen_and_young_collections_spaced_out(self):
+        tap.settle_collector()
+        self.assertGreater(gc.get_freeze_count(), 0)
+        self.assertEqual(gc.get_threshold(), tap.GC_THRESHOLD)
+        # the young generation, not the older ones, is what was widened
+        self.assertGreater(tap.GC_THRESHOLD[0], 700)
+        self.assertEqual(tap.GC_THRESHOLD[1:], (10, 10))
