@@ -57,6 +57,32 @@ class TxredisapiBuildCommandTests(SynchronousTestCase):
         self.assertEqual(private.redis_build_command(*args), reference, self.TRICK)
 
 
+class TxredisapiReplyHooksTests(SynchronousTestCase):
+    TRICK = (
+        "fido_tx.private.fast_reply_protocol hands replies to txredisapi's "
+        "BaseRedisProtocol.replyReceived / handleTransactionData"
+    )
+
+    def test_txredisapi_reply_hooks(self):
+        import txredisapi
+
+        base = txredisapi.BaseRedisProtocol
+        for name in private.TXREDISAPI_REPLY_HOOKS[:2]:
+            self.assertTrue(callable(getattr(base, name, None)),
+                            f"{self.TRICK}: txredisapi no longer has {name}")
+        # a reply handed to replyReceived still fires the command's Deferred
+        proto = private.fast_reply_protocol(txredisapi.RedisProtocol)(
+            charset=None, convertNumbers=False)
+        proto.makeConnection(StringTransport())
+        proto.connected = 1
+        d = proto.execute_command(b"SMISMEMBER", b"k", b"1", b"2")
+        e = proto.execute_command(b"GET", b"nope")
+        proto.dataReceived(b"*2\r\n:1\r\n:0\r\n-ERR no\r\n")
+        self.assertEqual(self.successResultOf(d), [1, 0], self.TRICK)
+        f = self.failureResultOf(e, txredisapi.ResponseError)
+        self.assertEqual(f.getErrorMessage(), "ERR no", self.TRICK)
+
+
 # -- Twisted and pyOpenSSL ---------------------------------------------------------
 
 
@@ -196,7 +222,8 @@ class PrivateApiTests(SynchronousTestCase):
 
     def test_every_trick_has_a_test(self):
         names = {"IOpenSSLTrustRoot", "createConnection.__self__", "SSL_session_reused",
-                 "_exitSignal", "BufferingTLSTransport", "import_twisted", "start_tls_on"}
+                 "_exitSignal", "BufferingTLSTransport", "import_twisted", "start_tls_on",
+                 "txredisapi replyReceived"}
         self.assertEqual(set(private.TRICKS), names)
 
     def test_host_resolution_is_public_now(self):

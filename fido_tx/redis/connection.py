@@ -132,14 +132,18 @@ _protocol_class = None
 
 def protocol_class():
     """txredisapi's RedisProtocol, writing commands piecewise
-    (:func:`fido_tx.private.piecewise_redis_protocol`) and reporting its
+    (:func:`fido_tx.private.piecewise_redis_protocol`), reading replies in
+    one pass (:func:`fido_tx.private.fast_reply_protocol`) and reporting its
     connection's life to its :class:`RedisConnection`.  Made on first use:
     importing txredisapi installs the default reactor."""
     global _protocol_class
     if _protocol_class is None:
         import txredisapi
 
-        class FidoRedisProtocol(private.piecewise_redis_protocol(txredisapi.RedisProtocol)):
+        base = private.fast_reply_protocol(
+            private.piecewise_redis_protocol(txredisapi.RedisProtocol))
+
+        class FidoRedisProtocol(base):
             #: became the connection's ready protocol / already counted lost
             fido_ready = False
             fido_lost = False
