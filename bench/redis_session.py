@@ -1,7 +1,7 @@
 """The Redis side of IMAP sessions alone: Fido's and Redis's CPU per session.
 
     python bench/redis_session.py [--sessions 2000] [--messages 5] [--workers 16]
-                                  [--rounds 3] [--profile PATH]
+                                  [--rounds 3] [--spacing-ms 0] [--profile PATH]
 
 Starts a redis-server and, in ONE process on the daemon's own
 ``RedisConnection``, runs ``--sessions`` sessions, ``--workers`` at a time,
@@ -12,8 +12,11 @@ each, the stream sink), and ``AccountState.record_session`` of its result
 uses new accounts, so every message is new.  Prints, per round and as the
 median, the client's CPU (user + sys of this process) and Redis's
 (``/proc/<pid>/stat``) per session, and the Redis commands per session
-(``INFO commandstats``).  ``--profile PATH`` writes a cProfile of the last
-round.  ``FIDO_CODE=DIR`` runs the Fido code of another checkout.
+(``INFO commandstats``).  The account state is written as the daemon writes
+it (behind, where the checkout does), and not waited for.  ``--profile PATH`` writes a cProfile of the last
+round.  ``--spacing-ms T``: each worker waits T ms before each session
+(staggered), so that sessions end in reactor turns of their own as in the
+daemon; the idle time costs no CPU.  ``FIDO_CODE=DIR`` runs the Fido code of another checkout.
 """
 
 import argparse
@@ -54,13 +57,16 @@ def main(argv=None):
     p.add_argument("--messages", type=int, default=5)
     p.add_argument("--workers", type=int, default=16)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--spacing-ms", type=float, default=0.0,
+                   help="each worker waits this long between its sessions (the IMAP "
+                        "side's time), so sessions end in reactor turns of their own")
     p.add_argument("--profile")
     args = p.parse_args(argv)
 
     from twisted.internet import epollreactor
 
     epollreactor.install()
-    from twisted.internet import defer, reactor
+    from twisted.internet import defer, reactor, task
 
     from fido_tx.outcome import SessionResult
     from fido_tx.redis.state import AccountState
@@ -72,6 +78,7 @@ def main(argv=None):
     server = redis_server.RedisServer(redis_server.find_redis_server()).start()
     client = server.client()
     rows = []
+    written = []
 
     async def session(sink, state, account):
         ids = [str(u) for u in range(1, args.messages + 1)]
@@ -81,11 +88,19 @@ def main(argv=None):
             delivery = await sink.deliver([
                 Message(account, "INBOX", "7", i, RAW % int(i), fetched_at=now) for i in new])
             assert len(delivery.new) == len(new), delivery
-        await state.record_session(SessionResult(account, fetched=len(new)))
+        # the daemon does not wait for it either (observe/status.py)
+        written.append(state.record_session(SessionResult(account, fetched=len(new))))
 
     async def worker(sink, state, names):
-        for account in names:
+        for k, account in enumerate(names):
+            if args.spacing_ms:
+                # staggered: the workers' sessions end at different times
+                await task.deferLater(reactor, args.spacing_ms * (1 + (k == 0) * offset(names))
+                                      / 1000.0, lambda: None)
             await session(sink, state, account)
+
+    def offset(names):
+        return (hash(names[0]) % 1000) / 1000.0
 
     async def one_round(sink, state, r):
         names = [f"r{r}a{k}" for k in range(args.sessions)]
@@ -93,6 +108,8 @@ def main(argv=None):
         n0, c0, s0 = commands(client), cpu(), proc_cpu(server.process.pid)
         await defer.gatherResults([defer.ensureDeferred(worker(sink, state, part))
                                    for part in parts])
+        await defer.gatherResults(written)
+        written.clear()
         c1, s1 = cpu(), proc_cpu(server.process.pid)
         n1 = commands(client) - 1  # this INFO
         rows.append(((c1 - c0) * 1000 / args.sessions, (s1 - s0) * 1000 / args.sessions,
@@ -102,7 +119,12 @@ def main(argv=None):
         conn = await redisconn.shared_connection(reactor, server.port)
         sink = stream.build("default", stream.validate({"stream": "fido:messages"}, "."),
                             SinkContext(reactor, conn))
-        state = AccountState(conn)
+        # as the daemon makes it (service.py): written behind where the
+        # checkout has that
+        from fido_tx.redis import state as state_mod
+
+        delay = getattr(state_mod, "WRITE_BEHIND", 0)
+        state = AccountState(conn, clock=reactor, delay=delay) if delay else AccountState(conn)
         await conn.execute(b"PING")
         await one_round(sink, state, "warm")
         rows.clear()

@@ -222,6 +222,7 @@ class RedisConnection(Service):
         self.last_error = None
         self._scripts = {}
         self._observers = []
+        self._stop_hooks = []
         self._proto = None
         self._waiters = []
         self._client = None
@@ -247,6 +248,11 @@ class RedisConnection(Service):
     def add_connection_observer(self, observer):
         """Call ``observer(connected: bool)`` on every connect and disconnect."""
         self._observers.append(observer)
+
+    def add_stop_hook(self, hook):
+        """Call ``hook()`` when the service stops, while commands can still
+        be sent (a write-behind sends what it holds)."""
+        self._stop_hooks.append(hook)
 
     def run(self, what, send):
         """Run ``send(protocol) -> Deferred`` once connected, within the
@@ -335,7 +341,13 @@ class RedisConnection(Service):
         self._client.startService()
 
     def stopService(self):
-        """Close the connection and stop reconnecting; fires when closed."""
+        """Send what the stop hooks hold, close the connection and stop
+        reconnecting; fires when closed."""
+        for hook in list(self._stop_hooks):
+            try:
+                hook()
+            except Exception:
+                log.failure("Redis stop hook {hook!r} failed", hook=hook)
         Service.stopService(self)
         self._stopping = True
         waiters, self._waiters = self._waiters, []
