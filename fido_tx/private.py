@@ -280,17 +280,33 @@ def piecewise_redis_protocol(base):
 # with :func:`fido_tx.redis.replies.parse` and hands each complete reply to
 # txredisapi's own ``replyReceived`` (after ``handleTransactionData`` for
 # arrays, as txredisapi does), so the command Deferreds, the reply queue and
-# ``connectionLost`` stay txredisapi's.  Checked by tests/test_private.py
-# (``test_txredisapi_reply_hooks``) and tests/test_redis_replies.py (the
-# same values as txredisapi's reader).
+# ``connectionLost`` stay txredisapi's.
+#
+# Its ``execute_command`` makes two Deferreds and three callbacks per command
+# (a result, the reply queue's ``get()``, ``handle_reply``, ``fire_result``).
+# For a plain command (no pipelining, MULTI, reply timeout or keyword
+# options: Fido uses none) the override writes the pieces and puts ONE
+# Deferred straight into the reply queue's ``waiting`` list (Twisted's
+# ``DeferredQueue``; a cancelled one leaves a stand-in there, as txredisapi's
+# ``ReplyQueue`` does, so that the next reply goes to the next command).
+# Checked by tests/test_private.py (``test_txredisapi_reply_hooks``) and
+# tests/test_redis_replies.py (the same values as txredisapi's reader).
 
 TXREDISAPI_REPLY_HOOKS = ("replyReceived", "handleTransactionData", "replyQueue")
+
+
+def _raise_reply_error(reply):
+    """txredisapi's ``handle_reply``: an error reply fails the command."""
+    if isinstance(reply, Exception):
+        raise reply
+    return reply
 
 
 def fast_reply_protocol(base):
     """A subclass of the txredisapi protocol class ``base`` that parses
     replies with :func:`fido_tx.redis.replies.parse` (see above)."""
     import txredisapi
+    from twisted.internet import defer
 
     from fido_tx.redis import replies
 
@@ -305,6 +321,22 @@ def fast_reply_protocol(base):
 
     class FastReplyProtocol(base):
         _fido_buffer = b""
+
+        def execute_command(self, *args, **kwargs):
+            if kwargs or self.pipelining or self.inMulti or self.replyTimeout:
+                return super().execute_command(*args, **kwargs)
+            if self.connected == 0:
+                raise txredisapi.ConnectionError("Not connected")
+            self.transport.writeSequence(redis_command_pieces(args))
+            waiting = self.replyQueue.waiting
+
+            def cancel(d):
+                waiting[waiting.index(d)] = defer.Deferred()
+
+            d = defer.Deferred(cancel)
+            waiting.append(d)
+            return d.addCallback(_raise_reply_error)
+
         #: bytes the buffered incomplete reply needs before parsing again
         _fido_need = 0
         _fido_chunks = None

@@ -2,7 +2,9 @@
 naming the trick, when an upgrade removes what it relies on."""
 
 from hypothesis import given, settings as hsettings, strategies as st
+from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from fido_tx import private
@@ -81,6 +83,34 @@ class TxredisapiReplyHooksTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(d), [1, 0], self.TRICK)
         f = self.failureResultOf(e, txredisapi.ResponseError)
         self.assertEqual(f.getErrorMessage(), "ERR no", self.TRICK)
+
+    def test_txredisapi_reply_queue(self):
+        """A plain command's one Deferred waits in the reply queue; a
+        cancelled one leaves a stand-in, so the next reply goes to the next
+        command; a lost connection fails what waits."""
+        import txredisapi
+
+        proto = private.fast_reply_protocol(
+            private.piecewise_redis_protocol(txredisapi.RedisProtocol))(
+            charset=None, convertNumbers=False)
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        proto.connected = 1
+        transport.clear()
+        first = proto.execute_command(b"GET", b"a")
+        second = proto.execute_command(b"GET", b"b")
+        self.assertEqual(transport.value(), b"*2\r\n$3\r\nGET\r\n$1\r\na\r\n"
+                                            b"*2\r\n$3\r\nGET\r\n$1\r\nb\r\n")
+        self.assertEqual(len(proto.replyQueue.waiting), 2, self.TRICK)
+        first.cancel()
+        self.failureResultOf(first)
+        proto.dataReceived(b"$1\r\nA\r\n$1\r\nB\r\n")
+        self.assertEqual(self.successResultOf(second), b"B", self.TRICK)
+        third = proto.execute_command(b"GET", b"c")
+        proto.connectionLost(Failure(ConnectionDone()))
+        self.failureResultOf(third, txredisapi.ConnectionError)
+        with self.assertRaises(txredisapi.ConnectionError):
+            proto.execute_command(b"GET", b"d")
 
 
 # -- Twisted and pyOpenSSL ---------------------------------------------------------

@@ -275,8 +275,15 @@ class RedisConnection(Service):
                 return failure
             raise self._classify(failure, what, timeout, sent_on, timed_out)
 
-        d = self._when_ready()
-        d.addCallback(go)
+        if self._proto is not None:
+            # connected: sent now (one Deferred less than waiting for ready)
+            try:
+                d = go(self._proto)
+            except Exception:
+                d = defer.fail()
+        else:
+            d = self._when_ready()
+            d.addCallback(go)
         d.addTimeout(timeout, self._reactor, onTimeoutCancel=on_timeout)
         return d.addErrback(failed)
 
