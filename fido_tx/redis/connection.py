@@ -13,8 +13,9 @@ commands through one :class:`RedisConnection`:
   called with True) only once Redis has answered AUTH/SELECT and the load of
   every registered script, within ``connect_timeout``: a stopped server whose
   kernel still accepts TCP is down;
-* every command has a deadline of ``command_timeout`` seconds that covers
-  waiting for a connection too (txredisapi never answers a command issued
+* every command has a deadline of ``command_timeout`` seconds (all of them
+  on one timer, :mod:`fido_tx.redis.deadlines`) that covers waiting for a
+  connection too (txredisapi never answers a command issued
   while disconnected); a command that times out on a live connection aborts
   that connection (its reply could otherwise arrive later and be mistaken for
   another one's); every failure is a :class:`~fido_tx.errors.FidoError` of
@@ -41,6 +42,7 @@ from zope.interface import implementer
 from fido_tx import errors, private
 from fido_tx.interfaces import IRedisHealth
 from fido_tx.redis import url as redisurl
+from fido_tx.redis.deadlines import Deadlines
 from fido_tx.schedule import backoff
 
 log = Logger(namespace="fido_tx.redis.connection")
@@ -223,6 +225,8 @@ class RedisConnection(Service):
         self._scripts = {}
         self._observers = []
         self._stop_hooks = []
+        #: every command's deadline, on one timer
+        self._deadlines = Deadlines(reactor, settings.command_timeout)
         self._proto = None
         self._waiters = []
         self._client = None
@@ -266,10 +270,6 @@ class RedisConnection(Service):
             sent_on.append(proto)
             return send(proto)
 
-        def on_timeout(result, _timeout):
-            timed_out.append(True)
-            return result
-
         def failed(failure):
             if failure.check(errors.FidoError):
                 return failure
@@ -284,7 +284,7 @@ class RedisConnection(Service):
         else:
             d = self._when_ready()
             d.addCallback(go)
-        d.addTimeout(timeout, self._reactor, onTimeoutCancel=on_timeout)
+        self._deadlines.track(d, lambda: timed_out.append(True))
         return d.addErrback(failed)
 
     def _classify(self, failure, what, timeout, sent_on, timed_out):
@@ -357,6 +357,7 @@ class RedisConnection(Service):
                 log.failure("Redis stop hook {hook!r} failed", hook=hook)
         Service.stopService(self)
         self._stopping = True
+        self._deadlines.stop()  # what is pending fails with the connection
         waiters, self._waiters = self._waiters, []
         for w in waiters:
             w.errback(redis_down("the Redis connection is stopping"))
