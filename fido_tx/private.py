@@ -18,6 +18,7 @@ __all__ = [
     "PlatformAndExtraRoots",
     "clear_exit_signal",
     "direct_tls_write",
+    "fast_reply_protocol",
     "import_twisted",
     "piecewise_redis_protocol",
     "redis_build_command",
@@ -47,6 +48,9 @@ TRICKS = {
                       "in a daemon without TLS",
     "start_tls_on": "TLSMemoryBIOProtocol(_connectWrapped=False) and tcp "
                     "Connection.protocol: STARTTLS on a reactor imported without TLS",
+    "txredisapi replyReceived": "txredisapi BaseRedisProtocol.replyReceived and "
+                                "handleTransactionData: Redis replies parsed in one pass "
+                                "(fast_reply_protocol)",
 }
 
 
@@ -296,6 +300,108 @@ def piecewise_redis_protocol(base):
             return b""
 
     return PiecewiseRedisProtocol
+
+
+# -- txredisapi: read replies in one pass ---------------------------------------
+#
+# txredisapi's ``BaseRedisProtocol`` reads replies as a line receiver: a
+# ``str`` per line, and after every bulk string ``pauseProducing()`` plus a
+# ``callLater(0, self.dataReceived, rest, True)`` -- a reactor turn and two
+# ``epoll_ctl`` per bulk string of a reply.  Fido overrides ``dataReceived``
+# with :func:`fido_tx.redis.replies.parse` and hands each complete reply to
+# txredisapi's own ``replyReceived`` (after ``handleTransactionData`` for
+# arrays, as txredisapi does), so the command Deferreds, the reply queue and
+# ``connectionLost`` stay txredisapi's.
+#
+# Its ``execute_command`` makes two Deferreds and three callbacks per command
+# (a result, the reply queue's ``get()``, ``handle_reply``, ``fire_result``).
+# For a plain command (no pipelining, MULTI, reply timeout or keyword
+# options: Fido uses none) the override writes the pieces and puts ONE
+# Deferred straight into the reply queue's ``waiting`` list (Twisted's
+# ``DeferredQueue``; a cancelled one leaves a stand-in there, as txredisapi's
+# ``ReplyQueue`` does, so that the next reply goes to the next command).
+# Checked by tests/test_private.py (``test_txredisapi_reply_hooks``) and
+# tests/test_redis_replies.py (the same values as txredisapi's reader).
+
+TXREDISAPI_REPLY_HOOKS = ("replyReceived", "handleTransactionData", "replyQueue")
+
+
+def _raise_reply_error(reply):
+    """txredisapi's ``handle_reply``: an error reply fails the command."""
+    if isinstance(reply, Exception):
+        raise reply
+    return reply
+
+
+def fast_reply_protocol(base):
+    """A subclass of the txredisapi protocol class ``base`` that parses
+    replies with :func:`fido_tx.redis.replies.parse` (see above)."""
+    import txredisapi
+    from twisted.internet import defer
+
+    from fido_tx.redis import replies
+
+    missing = [name for name in TXREDISAPI_REPLY_HOOKS[:2]
+               if not callable(getattr(base, name, None))]
+    if missing:
+        raise ImportError(
+            f"private API gone: txredisapi {base.__name__}.{', '.join(missing)} "
+            "(fido_tx.private.fast_reply_protocol); see tests/test_private.py"
+        )
+    error = txredisapi.ResponseError
+
+    class FastReplyProtocol(base):
+        _fido_buffer = b""
+
+        def execute_command(self, *args, **kwargs):
+            if kwargs or self.pipelining or self.inMulti or self.replyTimeout:
+                return super().execute_command(*args, **kwargs)
+            if self.connected == 0:
+                raise txredisapi.ConnectionError("Not connected")
+            self.transport.writeSequence(redis_command_pieces(args))
+            waiting = self.replyQueue.waiting
+
+            def cancel(d):
+                waiting[waiting.index(d)] = defer.Deferred()
+
+            d = defer.Deferred(cancel)
+            waiting.append(d)
+            return d.addCallback(_raise_reply_error)
+
+        #: bytes the buffered incomplete reply needs before parsing again
+        _fido_need = 0
+        _fido_chunks = None
+
+        def dataReceived(self, data, unpause=False):
+            if self._fido_chunks is not None:
+                self._fido_chunks.append(data)
+                self._fido_have += len(data)
+                if self._fido_have < self._fido_need:
+                    return
+                data, self._fido_chunks = b"".join(self._fido_chunks), None
+            elif self._fido_buffer:
+                data = self._fido_buffer + data
+            try:
+                found, used, need = replies.parse(data, error)
+            except replies.BadReply as e:
+                self._fido_buffer = b""
+                self.transport.loseConnection()
+                return
+            self._fido_buffer = data[used:] if used < len(data) else b""
+            if need > len(self._fido_buffer):
+                # a big bulk string on its way: wait for all of it
+                self._fido_chunks = [self._fido_buffer]
+                self._fido_have = len(self._fido_buffer)
+                self._fido_need = need
+                self._fido_buffer = b""
+            for reply in found:
+                if reply.__class__ is list:
+                    reply = self.handleTransactionData(reply)
+                elif reply == "QUEUED":
+                    self.transactions += 1
+                self.replyReceived(reply)
+
+    return FastReplyProtocol
 
 
 # --- Twisted and txredisapi: imported without pyOpenSSL ---------------------------

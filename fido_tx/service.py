@@ -599,7 +599,10 @@ def _redis_parts(top, reactor, settings):
         # connection, stopped before it
         if service.IService.providedBy(sink):
             sink.setServiceParent(top)
-    return redis, sinks, state_mod.AccountState(redis)
+    # the account hashes written behind, a window's sessions in one send
+    # (fido_tx.redis.state; bench/README "The Redis side")
+    return redis, sinks, state_mod.AccountState(redis, clock=reactor,
+                                                delay=state_mod.WRITE_BEHIND)
 
 
 def _pause_while_redis_is_down(redis, sched, status, gate):

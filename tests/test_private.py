@@ -2,7 +2,9 @@
 naming the trick, when an upgrade removes what it relies on."""
 
 from hypothesis import given, settings as hsettings, strategies as st
+from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from fido_tx import private
@@ -55,6 +57,60 @@ class TxredisapiBuildCommandTests(SynchronousTestCase):
 
         reference = txredisapi.BaseRedisProtocol(charset=None)._build_command(*args)
         self.assertEqual(private.redis_build_command(*args), reference, self.TRICK)
+
+
+class TxredisapiReplyHooksTests(SynchronousTestCase):
+    TRICK = (
+        "fido_tx.private.fast_reply_protocol hands replies to txredisapi's "
+        "BaseRedisProtocol.replyReceived / handleTransactionData"
+    )
+
+    def test_txredisapi_reply_hooks(self):
+        import txredisapi
+
+        base = txredisapi.BaseRedisProtocol
+        for name in private.TXREDISAPI_REPLY_HOOKS[:2]:
+            self.assertTrue(callable(getattr(base, name, None)),
+                            f"{self.TRICK}: txredisapi no longer has {name}")
+        # a reply handed to replyReceived still fires the command's Deferred
+        proto = private.fast_reply_protocol(txredisapi.RedisProtocol)(
+            charset=None, convertNumbers=False)
+        proto.makeConnection(StringTransport())
+        proto.connected = 1
+        d = proto.execute_command(b"SMISMEMBER", b"k", b"1", b"2")
+        e = proto.execute_command(b"GET", b"nope")
+        proto.dataReceived(b"*2\r\n:1\r\n:0\r\n-ERR no\r\n")
+        self.assertEqual(self.successResultOf(d), [1, 0], self.TRICK)
+        f = self.failureResultOf(e, txredisapi.ResponseError)
+        self.assertEqual(f.getErrorMessage(), "ERR no", self.TRICK)
+
+    def test_txredisapi_reply_queue(self):
+        """A plain command's one Deferred waits in the reply queue; a
+        cancelled one leaves a stand-in, so the next reply goes to the next
+        command; a lost connection fails what waits."""
+        import txredisapi
+
+        proto = private.fast_reply_protocol(
+            private.piecewise_redis_protocol(txredisapi.RedisProtocol))(
+            charset=None, convertNumbers=False)
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        proto.connected = 1
+        transport.clear()
+        first = proto.execute_command(b"GET", b"a")
+        second = proto.execute_command(b"GET", b"b")
+        self.assertEqual(transport.value(), b"*2\r\n$3\r\nGET\r\n$1\r\na\r\n"
+                                            b"*2\r\n$3\r\nGET\r\n$1\r\nb\r\n")
+        self.assertEqual(len(proto.replyQueue.waiting), 2, self.TRICK)
+        first.cancel()
+        self.failureResultOf(first)
+        proto.dataReceived(b"$1\r\nA\r\n$1\r\nB\r\n")
+        self.assertEqual(self.successResultOf(second), b"B", self.TRICK)
+        third = proto.execute_command(b"GET", b"c")
+        proto.connectionLost(Failure(ConnectionDone()))
+        self.failureResultOf(third, txredisapi.ConnectionError)
+        with self.assertRaises(txredisapi.ConnectionError):
+            proto.execute_command(b"GET", b"d")
 
 
 # -- Twisted and pyOpenSSL ---------------------------------------------------------
@@ -217,7 +273,7 @@ class PrivateApiTests(SynchronousTestCase):
     def test_every_trick_has_a_test(self):
         names = {"IOpenSSLTrustRoot", "createConnection.__self__", "SSL_session_reused",
                  "_exitSignal", "BufferingTLSTransport", "import_twisted", "start_tls_on",
-                 "share_context"}
+                 "share_context", "txredisapi replyReceived"}
         self.assertEqual(set(private.TRICKS), names)
 
     def test_host_resolution_is_public_now(self):

@@ -813,3 +813,104 @@ def test_rediss_refuses_a_server_it_cannot_verify(tls_redis):
         assert store.connection.connected is False
     finally:
         yield store.connection.stopService()
+
+
+# -- account state written behind: a window's sessions in one send ----------------
+
+
+class _CountingTransportConnection:
+    """What AccountState needs of a connection, recording each command and
+    the clock time it was sent at."""
+
+    connected = True
+
+    def __init__(self, clock):
+        self.clock = clock
+        self.sent = []
+        self.hooks = []
+
+    def script(self, source):
+        conn = self
+
+        class _Script:
+            def run(self, keys, args, what="script", then=None):
+                conn.sent.append((conn.clock.seconds(), "EVALSHA", keys[0]))
+                return defer.succeed(1)
+
+        return _Script()
+
+    def execute(self, *args):
+        self.sent.append((self.clock.seconds(), args[0], args[1]))
+        return defer.succeed(1)
+
+    def add_stop_hook(self, hook):
+        self.hooks.append(hook)
+
+
+class WriteBehindTests(SynchronousTestCase):
+    def test_a_windows_session_writes_go_out_together_at_its_end(self):
+        from twisted.internet.task import Clock
+
+        clock = Clock()
+        conn = _CountingTransportConnection(clock)
+        state = AccountState(conn, clock=clock, delay=0.05)
+        first = state.record_session(SessionResult("a"))
+        clock.advance(0.03)
+        second = state.record_session(SessionResult("b"))
+        third = state.update_account("c", {"failing_since": ""})
+        self.assertEqual(conn.sent, [])
+        self.assertNoResult(first)
+        clock.advance(0.02)
+        self.assertEqual([(t, key) for t, _, key in conn.sent],
+                         [(0.05, account_key("a")), (0.05, account_key("b")),
+                          (0.05, account_key("c"))])
+        for d in (first, second, third):
+            self.assertIs(self.successResultOf(d), True)
+        # the next session opens a new window
+        state.record_session(SessionResult("d"))
+        clock.advance(0.049)
+        self.assertEqual(len(conn.sent), 3)
+        clock.advance(0.001)
+        self.assertEqual(len(conn.sent), 4)
+
+    def test_without_a_delay_every_write_goes_out_at_once(self):
+        from twisted.internet.task import Clock
+
+        conn = _CountingTransportConnection(Clock())
+        state = AccountState(conn)
+        self.assertIs(self.successResultOf(state.record_session(SessionResult("a"))), True)
+        self.assertEqual(len(conn.sent), 1)
+        self.assertEqual(conn.hooks, [])
+
+    def test_the_connection_stopping_sends_what_is_held(self):
+        from twisted.internet.task import Clock
+
+        clock = Clock()
+        conn = _CountingTransportConnection(clock)
+        state = AccountState(conn, clock=clock, delay=0.05)
+        d = state.record_session(SessionResult("a"))
+        self.assertEqual(conn.hooks, [state.flush])
+        conn.hooks[0]()
+        self.assertEqual(len(conn.sent), 1)
+        self.assertIs(self.successResultOf(d), True)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+
+@pytest_twisted.inlineCallbacks
+def test_held_account_writes_reach_redis_when_the_connection_stops(redis):
+    settings = RedisSettings(url=redis.url, connect_timeout=2.0, command_timeout=2.0)
+    c = RedisConnection(_reactor(), settings, retry_policy=_fast_retry)
+    state = AccountState(c, clock=_reactor(), delay=30.0)
+    c.startService()
+    up = defer.Deferred()
+    c.add_connection_observer(lambda ok: ok and not up.called and up.callback(None))
+    yield up.addTimeout(10, _reactor())
+    held = state.record_session(SessionResult("acme", kind="auth", message="no"))
+    assert redis.client()("EXISTS", account_key("acme")) == 0
+    yield c.stopService()
+    yield held
+    for _ in range(100):  # the server reads the commands before the close
+        if redis.client()("EXISTS", account_key("acme")):
+            break
+        yield _sleep(0.01)
+    assert redis.client()("HGET", account_key("acme"), "last_error_kind") == b"auth"

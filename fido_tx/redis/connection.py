@@ -13,8 +13,9 @@ commands through one :class:`RedisConnection`:
   called with True) only once Redis has answered AUTH/SELECT and the load of
   every registered script, within ``connect_timeout``: a stopped server whose
   kernel still accepts TCP is down;
-* every command has a deadline of ``command_timeout`` seconds that covers
-  waiting for a connection too (txredisapi never answers a command issued
+* every command has a deadline of ``command_timeout`` seconds (all of them
+  on one timer, :mod:`fido_tx.redis.deadlines`) that covers waiting for a
+  connection too (txredisapi never answers a command issued
   while disconnected); a command that times out on a live connection aborts
   that connection (its reply could otherwise arrive later and be mistaken for
   another one's); every failure is a :class:`~fido_tx.errors.FidoError` of
@@ -41,6 +42,7 @@ from zope.interface import implementer
 from fido_tx import errors, private
 from fido_tx.interfaces import IRedisHealth
 from fido_tx.redis import url as redisurl
+from fido_tx.redis.deadlines import Deadlines
 from fido_tx.schedule import backoff
 
 log = Logger(namespace="fido_tx.redis.connection")
@@ -132,14 +134,18 @@ _protocol_class = None
 
 def protocol_class():
     """txredisapi's RedisProtocol, writing commands piecewise
-    (:func:`fido_tx.private.piecewise_redis_protocol`) and reporting its
+    (:func:`fido_tx.private.piecewise_redis_protocol`), reading replies in
+    one pass (:func:`fido_tx.private.fast_reply_protocol`) and reporting its
     connection's life to its :class:`RedisConnection`.  Made on first use:
     importing txredisapi installs the default reactor."""
     global _protocol_class
     if _protocol_class is None:
         import txredisapi
 
-        class FidoRedisProtocol(private.piecewise_redis_protocol(txredisapi.RedisProtocol)):
+        base = private.fast_reply_protocol(
+            private.piecewise_redis_protocol(txredisapi.RedisProtocol))
+
+        class FidoRedisProtocol(base):
             #: became the connection's ready protocol / already counted lost
             fido_ready = False
             fido_lost = False
@@ -218,6 +224,9 @@ class RedisConnection(Service):
         self.last_error = None
         self._scripts = {}
         self._observers = []
+        self._stop_hooks = []
+        #: every command's deadline, on one timer
+        self._deadlines = Deadlines(reactor, settings.command_timeout)
         self._proto = None
         self._waiters = []
         self._client = None
@@ -244,6 +253,11 @@ class RedisConnection(Service):
         """Call ``observer(connected: bool)`` on every connect and disconnect."""
         self._observers.append(observer)
 
+    def add_stop_hook(self, hook):
+        """Call ``hook()`` when the service stops, while commands can still
+        be sent (a write-behind sends what it holds)."""
+        self._stop_hooks.append(hook)
+
     def run(self, what, send):
         """Run ``send(protocol) -> Deferred`` once connected, within the
         command deadline; ``what`` names it in the error line."""
@@ -256,18 +270,21 @@ class RedisConnection(Service):
             sent_on.append(proto)
             return send(proto)
 
-        def on_timeout(result, _timeout):
-            timed_out.append(True)
-            return result
-
         def failed(failure):
             if failure.check(errors.FidoError):
                 return failure
             raise self._classify(failure, what, timeout, sent_on, timed_out)
 
-        d = self._when_ready()
-        d.addCallback(go)
-        d.addTimeout(timeout, self._reactor, onTimeoutCancel=on_timeout)
+        if self._proto is not None:
+            # connected: sent now (one Deferred less than waiting for ready)
+            try:
+                d = go(self._proto)
+            except Exception:
+                d = defer.fail()
+        else:
+            d = self._when_ready()
+            d.addCallback(go)
+        self._deadlines.track(d, lambda: timed_out.append(True))
         return d.addErrback(failed)
 
     def _classify(self, failure, what, timeout, sent_on, timed_out):
@@ -331,9 +348,16 @@ class RedisConnection(Service):
         self._client.startService()
 
     def stopService(self):
-        """Close the connection and stop reconnecting; fires when closed."""
+        """Send what the stop hooks hold, close the connection and stop
+        reconnecting; fires when closed."""
+        for hook in list(self._stop_hooks):
+            try:
+                hook()
+            except Exception:
+                log.failure("Redis stop hook {hook!r} failed", hook=hook)
         Service.stopService(self)
         self._stopping = True
+        self._deadlines.stop()  # what is pending fails with the connection
         waiters, self._waiters = self._waiters, []
         for w in waiters:
             w.errback(redis_down("the Redis connection is stopping"))

@@ -149,7 +149,7 @@ def wait_for_replicas(proto, min_replicas, replica_timeout):
 class RedisBatchSink:
     """Base of the Redis sinks: subclasses set ``kind``, ``STRIDE``,
     ``SOURCE`` (from :func:`batch_script`), ``LENGTH`` and ``encode(message)
-    -> [values]`` (``STRIDE - 2`` of them).
+    -> [values]`` (``STRIDE - FRAME`` of them).
 
     :ivar last_length: the queue's length after the last delivery or
         :meth:`backlog`, or None.

@@ -25,24 +25,43 @@ from fido_tx.sinks.redisbatch import FRAME, RedisBatchSink, batch_script
 KIND = "stream"
 OPTIONS = {"stream": keys.DEFAULT_STREAM}
 
-#: values per message in the script's ARGV: the frame, 20 field values
-_STRIDE = FRAME + 20
+#: the entry's field names, in the contract's order
+FIELDS = ("account", "mailbox", "uidvalidity", "uid", "message_id", "size", "fetched_at",
+          "raw", "source", "route_key")
+
+#: values per message in the script's ARGV: the frame, then the 10 values
+#: (the names are in the script: half the arguments to encode and send)
+_STRIDE = FRAME + len(FIELDS)
+
+
+def entry_values(m):
+    """The entry's values, in the order of :data:`FIELDS`."""
+    return [
+        m.account.encode("utf-8"),
+        m.mailbox.encode("utf-8"),
+        m.epoch.encode("utf-8"),
+        m.uid.encode("utf-8"),
+        m.message_id.encode("utf-8", "surrogateescape"),
+        b"%d" % len(m.raw),
+        m.fetched_at.encode("ascii"),
+        m.raw,
+        m.source.encode("utf-8"),
+        m.route_key.encode("utf-8"),
+    ]
 
 
 def entry_fields(m):
     """The entry's field/value pairs, in order, as bytes."""
-    return [
-        b"account", m.account.encode("utf-8"),
-        b"mailbox", m.mailbox.encode("utf-8"),
-        b"uidvalidity", m.epoch.encode("utf-8"),
-        b"uid", m.uid.encode("utf-8"),
-        b"message_id", m.message_id.encode("utf-8", "surrogateescape"),
-        b"size", str(len(m.raw)).encode("ascii"),
-        b"fetched_at", m.fetched_at.encode("ascii"),
-        b"raw", m.raw,
-        b"source", m.source.encode("utf-8"),
-        b"route_key", m.route_key.encode("utf-8"),
-    ]
+    out = []
+    for name, value in zip(FIELDS, entry_values(m)):
+        out += [name.encode("ascii"), value]
+    return out
+
+
+def _xadd():
+    """The script's write of one message: ``XADD`` with the names inline."""
+    pairs = ", ".join(f"'{name}', ARGV[i + {FRAME + k}]" for k, name in enumerate(FIELDS))
+    return f"redis.call('XADD', target, '*', {pairs})"
 
 
 @implementer(ISink, IBacklog)
@@ -50,15 +69,11 @@ class StreamSink(RedisBatchSink):
     kind = KIND
     STRIDE = _STRIDE
     LENGTH = "XLEN"
-    SOURCE = batch_script(
-        _STRIDE,
-        "redis.call('XADD', target, '*', unpack(ARGV, i + %d, i + %d))" % (FRAME, _STRIDE - 1),
-        "XLEN",
-    )
+    SOURCE = batch_script(_STRIDE, _xadd(), "XLEN")
 
     @staticmethod
     def encode(message):
-        return entry_fields(message)
+        return entry_values(message)
 
 
 def validate(options, base_dir):
