@@ -308,7 +308,10 @@ def make_service(
     resolve.install(reactor)
 
     if observer is None and not twistd_syslog:
-        observer = _log_observer(settings, twistd_logfile)
+        observer = _log_observer(settings, twistd_logfile, reactor)
+        # the buffered lines written before twistd's exit (atexit covers the
+        # lines twistd logs after the reactor stops, on a clean exit)
+        reactor.addSystemEventTrigger("after", "shutdown", observer.flush)
     top = FidoService(observer or None)
     _announce(settings, created_config)
 
@@ -400,9 +403,9 @@ def _lease_busy(balancer, sched):
     return is_busy
 
 
-def _log_observer(settings, twistd_logfile):
+def _log_observer(settings, twistd_logfile, reactor):
     try:
-        return logs.make_observer(settings.log, twistd_logfile=twistd_logfile)
+        return logs.make_observer(settings.log, twistd_logfile=twistd_logfile, clock=reactor)
     except OSError as e:
         where = settings.log.file or twistd_logfile
         raise StartupError(f"cannot open the log file {where} ([log] file): "

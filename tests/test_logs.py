@@ -91,3 +91,90 @@ class FormatMessageTests(SynchronousTestCase):
         from fido_tx.observe.logs import format_message
 
         self.assertEqual(format_message({"log_level": LogLevel.info}), "")
+
+
+class _Stream:
+    """A log file that counts its writes and flushes."""
+
+    def __init__(self):
+        self.text, self.writes, self.flushes = "", 0, 0
+
+    def write(self, data):
+        self.text += data
+        self.writes += 1
+
+    def flush(self):
+        self.flushes += 1
+
+
+def _buffered(level="info", **kw):
+    from twisted.internet import task
+
+    clock, stream = task.Clock(), _Stream()
+    observer = logs.make_observer(LogSettings(level=level, **kw), stream=stream, clock=clock)
+    log = Logger(namespace="fido_tx.sources.imap.session", observer=LogPublisher(observer))
+    return clock, stream, observer, log
+
+
+class BufferedLogTests(SynchronousTestCase):
+    def test_lines_of_one_interval_go_out_in_one_write_within_the_interval(self):
+        clock, stream, _, log = _buffered()
+        for i in range(50):
+            log.info("session a{i}: 0 new", i=i)
+        self.assertEqual(stream.writes, 0)
+        clock.advance(logs.FLUSH_INTERVAL)
+        self.assertEqual((stream.writes, stream.flushes), (1, 1))
+        lines = stream.text.splitlines()
+        self.assertEqual(len(lines), 50)
+        self.assertTrue(lines[0].endswith("[imap.session] session a0: 0 new"))
+        self.assertTrue(lines[-1].endswith("session a49: 0 new"))
+        self.assertEqual(clock.getDelayedCalls(), [])  # an idle daemon has no timer
+
+    def test_flush_writes_what_is_buffered_and_cancels_the_timer(self):
+        clock, stream, observer, log = _buffered()
+        log.info("stopping")
+        observer.flush()
+        self.assertIn("stopping", stream.text)
+        self.assertEqual(clock.getDelayedCalls(), [])
+        observer.flush()
+        self.assertEqual(stream.writes, 1)  # nothing left: no empty write
+
+    def test_an_error_line_is_written_at_once_after_the_lines_before_it(self):
+        _, stream, _, log = _buffered()
+        log.info("first")
+        log.error("redis down: {why}", why="refused")
+        self.assertEqual([line.split("] ")[1] for line in stream.text.splitlines()],
+                         ["first", "redis down: refused"])
+
+    def test_a_full_buffer_is_written_without_waiting(self):
+        _, stream, _, log = _buffered()
+        for _ in range(logs.FLUSH_SIZE // 60 + 1):
+            log.info("x" * 60)
+        self.assertEqual(stream.writes, 1)
+
+    def test_lines_below_the_level_are_dropped_and_arm_nothing(self):
+        clock, stream, _, log = _buffered(level="warn")
+        log.info("not shown")
+        log.debug("not shown")
+        self.assertEqual(clock.getDelayedCalls(), [])
+        log.warn("shown")
+        clock.advance(logs.FLUSH_INTERVAL)
+        self.assertEqual(stream.text.count("\n"), 1)
+        self.assertIn("shown", stream.text)
+
+    def test_a_line_from_another_thread_is_written_through(self):
+        import threading
+
+        clock, stream, _, log = _buffered()
+        t = threading.Thread(target=lambda: log.info("from the pool"))
+        t.start()
+        t.join()
+        self.assertIn("from the pool", stream.text)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_a_line_that_cannot_be_formatted_loses_nothing_else(self):
+        clock, stream, _, log = _buffered(format="json")
+        log.info("ok {n}", n=1)
+        log.info("bad {missing}")
+        clock.advance(logs.FLUSH_INTERVAL)
+        self.assertEqual(len(stream.text.splitlines()), 2)
