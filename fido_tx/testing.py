@@ -59,6 +59,11 @@ class MemorySink:
         return defer.succeed(
             [self._identity_at.get((account_id, mailbox, epoch, i), "") for i in ids])
 
+    def may_recognise(self, account_id, mailbox, epoch):
+        """False when no identity is recorded for the mailbox (as the Redis
+        sinks learn it with ``filter_new``)."""
+        return any(a == account_id and m == mailbox for a, m, _ in self._identities)
+
     def recognise(self, account_id, mailbox, epoch, identities):
         self.calls.append(("recognise", account_id, tuple(identities)))
         if self.fail is not None:

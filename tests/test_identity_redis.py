@@ -140,6 +140,25 @@ async def test_a_mailbox_with_nothing_recorded_is_recognised_without_a_round_tri
             await sink.stopService()
 
 
+@pytest.mark.parametrize("kind", ["stream", "list", "sidekiq", "webhook"])
+@pytest_twisted.ensureDeferred
+async def test_may_recognise_says_no_only_after_a_dedupe_check_found_nothing_recorded(
+        kind, conn, redis, tmp_path, endpoint):
+    sink = build(kind, conn, tmp_path, endpoint)
+    try:
+        assert sink.may_recognise("acme", "INBOX", "7")  # unsure: asked nothing yet
+        assert await sink.filter_new("acme", "INBOX", "7", ["1", "2"]) == ["1", "2"]
+        assert not sink.may_recognise("acme", "INBOX", "7")
+        assert sink.may_recognise("acme", "INBOX", "7")  # used: unsure again
+        assert sink.may_recognise("acme", "Other", "7")
+        await sink.deliver([msg(1, ident="m1")])
+        assert await sink.filter_new("acme", "INBOX", "8", ["5"]) == ["5"]
+        assert sink.may_recognise("acme", "INBOX", "8")  # recorded now
+    finally:
+        if kind == "webhook":
+            await sink.stopService()
+
+
 @pytest_twisted.ensureDeferred
 async def test_an_upgrade_keeps_the_old_dedupe_records_and_delivers_nothing_again(conn, redis):
     r = redis.client()

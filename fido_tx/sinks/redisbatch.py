@@ -180,6 +180,10 @@ class RedisBatchSink:
         """The identity recorded with each of ``ids`` ("" where none)."""
         return identity.stored(self._connection, account_id, mailbox, epoch, ids)
 
+    def may_recognise(self, account_id, mailbox, epoch):
+        """False when the last ``filter_new`` found no identity recorded."""
+        return not self._unrecorded.take(account_id, mailbox)
+
     def recognise(self, account_id, mailbox, epoch, identities):
         """Record and return the ids whose identity was stored before."""
         return identity.recognise(self._recognise, account_id, mailbox, epoch, identities,
