@@ -59,8 +59,10 @@ class ISink(Interface):
         the :meth:`filter_new` that found its new ids, could find anything
         (synchronous).  ``False`` only when that ``filter_new`` learnt that
         nothing is recorded for the mailbox (no identity kept: a new
-        mailbox, a fresh Redis): the IMAP session then asks the server
-        for sizes only, not Message-IDs.  ``True`` when unsure.
+        mailbox, a fresh Redis), or that ``epoch`` was checked already
+        (the epoch of the last identity recorded: the first poll after a
+        restart): the IMAP session then asks the server for sizes only,
+        not Message-IDs.  ``True`` when unsure.
         """
 
     def deliver(messages):

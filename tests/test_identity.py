@@ -285,7 +285,7 @@ def test_a_poll_in_a_known_uidvalidity_costs_no_more_commands():
     sizes, one of bodies, one STORE); the first poll after a start, with
     identities recorded for the mailbox, asks for the Message-ID header in
     that same sizes FETCH."""
-    names = yield _polls_of_new_mail(seeded=True)
+    names = yield _polls_of_new_mail(seeded="8")
     work = [(n, h) for n, h in names[1] if n not in ("CAPABILITY", "LOGIN", "AUTHENTICATE",
                                                       "LOGOUT")]
     assert work == [("STATUS", False), ("SELECT", False), ("UID SEARCH", False),
@@ -300,8 +300,18 @@ def test_a_first_poll_with_nothing_recorded_asks_no_message_ids():
     identity (a new mailbox, a fresh Redis) has nothing to recognise: its
     sizes FETCH asks no Message-ID header, and the sink is not asked to
     recognise anything."""
-    names, sink = yield _polls_of_new_mail(seeded=False, with_sink=True)
+    names, sink = yield _polls_of_new_mail(seeded=None, with_sink=True)
     assert [n for n, _ in names[0]] == [n for n, _ in names[1]]
+    assert not any(h for _, h in names[0] + names[1]), names
+    assert not [c for c in sink.calls if c[0] == "recognise"], sink.calls
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_first_poll_in_the_epoch_recorded_last_asks_no_message_ids():
+    """After a restart (a new Epochs), a mailbox whose sink recorded its
+    last identity in the UIDVALIDITY the server still has was checked in
+    that epoch already: no Message-ID header, no recognise."""
+    names, sink = yield _polls_of_new_mail(seeded="9", with_sink=True)
     assert not any(h for _, h in names[0] + names[1]), names
     assert not [c for c in sink.calls if c[0] == "recognise"], sink.calls
 
@@ -310,14 +320,14 @@ def test_a_first_poll_with_nothing_recorded_asks_no_message_ids():
 def _polls_of_new_mail(seeded, with_sink=False):
     """Two polls of one new message each, in one process (one Epochs); the
     commands of each: ``[(name, asked a Message-ID header)]``.  ``seeded``:
-    the sink holds an identity from the mailbox already (delivered before
-    this process started, under another UIDVALIDITY)."""
+    the epoch (the mailbox's is 9) of an identity the sink holds from the
+    mailbox already (delivered before this process started), or None."""
     box = MockMailbox(PASSWORD, [sample_message(1, "hot")], uidvalidity=9)
     server = MockIMAPServer(reactor, {"hot": box})
     acct = account("hot", server.listen())
     sink, epochs = MemorySink(), identity.Epochs()
     if seeded:
-        yield sink.deliver([Message(acct.id, acct.mailbox, "8", "1", b"Subject: old\r\n\r\n",
+        yield sink.deliver([Message(acct.id, acct.mailbox, seeded, "100", b"Subject: old\r\n\r\n",
                                     identity=identity.of(19, "<old@example>"))])
     names = []
     try:

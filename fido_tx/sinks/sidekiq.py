@@ -218,8 +218,9 @@ class SidekiqSink(Service):
         return identity.stored(self._redis, account_id, mailbox, epoch, ids)
 
     def may_recognise(self, account_id, mailbox, epoch):
-        """False when the last ``filter_new`` found no identity recorded."""
-        return not self._unrecorded.take(account_id, mailbox)
+        """False when the last ``filter_new`` found no identity recorded,
+        or ``epoch`` recorded as checked already."""
+        return not self._unrecorded.checked(account_id, mailbox, epoch)
 
     def recognise(self, account_id, mailbox, epoch, identities):
         then = None
