@@ -54,6 +54,17 @@ class ISink(Interface):
             :class:`~fido_tx.errors.FidoError` when the sink cannot answer.
         """
 
+    def may_recognise(account_id, mailbox, epoch):
+        """Whether a :meth:`recognise` for this mailbox, asked right after
+        the :meth:`filter_new` that found its new ids, could find anything
+        (synchronous).  ``False`` only when that ``filter_new`` learnt that
+        nothing is recorded for the mailbox (no identity kept: a new
+        mailbox, a fresh Redis), or that ``epoch`` was checked already
+        (the epoch of the last identity recorded: the first poll after a
+        restart): the IMAP session then asks the server for sizes only,
+        not Message-IDs.  ``True`` when unsure.
+        """
+
     def deliver(messages):
         """Deliver a batch of :class:`~fido_tx.sinks.message.Message` of one
         account, each exactly once.

@@ -157,6 +157,9 @@ class RoutedSink:
     def identities(self, account_id, mailbox, epoch, ids):
         return self.sink.identities(account_id, mailbox, epoch, ids)
 
+    def may_recognise(self, account_id, mailbox, epoch):
+        return self.sink.may_recognise(account_id, mailbox, epoch)
+
     def recognise(self, account_id, mailbox, epoch, identities):
         return self.sink.recognise(account_id, mailbox, epoch, identities)
 

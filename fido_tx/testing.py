@@ -43,6 +43,7 @@ class MemorySink:
         self.recognised = []
         self._identity_at = {}  # (account, mailbox, epoch, id) -> identity
         self._identities = set()  # (account, mailbox, identity)
+        self._epoch_of = {}  # (account, mailbox) -> epoch of the last identity
 
     def filter_new(self, account_id, mailbox, epoch, ids):
         self.calls.append(("filter_new", account_id, tuple(ids)))
@@ -59,6 +60,12 @@ class MemorySink:
         return defer.succeed(
             [self._identity_at.get((account_id, mailbox, epoch, i), "") for i in ids])
 
+    def may_recognise(self, account_id, mailbox, epoch):
+        """False when no identity is recorded for the mailbox, or the last
+        one was recorded in ``epoch`` (as the Redis sinks learn it with
+        ``filter_new``)."""
+        return self._epoch_of.get((account_id, mailbox), epoch) != epoch
+
     def recognise(self, account_id, mailbox, epoch, identities):
         self.calls.append(("recognise", account_id, tuple(identities)))
         if self.fail is not None:
@@ -70,6 +77,7 @@ class MemorySink:
                     and key not in self._keys:
                 self._keys.add(key)
                 self._identity_at[key] = ident
+                self._epoch_of[(account_id, mailbox)] = epoch
                 found.append(i)
         return defer.succeed(found)
 
@@ -94,6 +102,7 @@ class MemorySink:
                 if m.identity:
                     self._identity_at[key] = m.identity
                     self._identities.add(content)
+                    self._epoch_of[(m.account, m.mailbox)] = m.epoch
             confirmed.append(m.id)
         return defer.succeed(Delivery(tuple(confirmed), tuple(new), tuple(rejected)))
 

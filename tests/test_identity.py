@@ -282,12 +282,53 @@ def test_without_epochs_the_sink_recognises_them_when_their_bodies_come_again():
 def test_a_poll_in_a_known_uidvalidity_costs_no_more_commands():
     """The hot path: new messages only, in the epoch polled last: the same
     commands as without identities (STATUS, SELECT, SEARCH, one FETCH of
-    sizes, one of bodies, one STORE); the first poll after a start asks for
-    the Message-ID header in that same sizes FETCH."""
+    sizes, one of bodies, one STORE); the first poll after a start, with
+    identities recorded for the mailbox, asks for the Message-ID header in
+    that same sizes FETCH."""
+    names = yield _polls_of_new_mail(seeded="8")
+    work = [(n, h) for n, h in names[1] if n not in ("CAPABILITY", "LOGIN", "AUTHENTICATE",
+                                                      "LOGOUT")]
+    assert work == [("STATUS", False), ("SELECT", False), ("UID SEARCH", False),
+                    ("UID FETCH", False), ("UID FETCH", False), ("UID STORE", False)], work
+    assert [n for n, _ in names[0]] == [n for n, _ in names[1]]
+    assert ("UID FETCH", True) in names[0]
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_first_poll_with_nothing_recorded_asks_no_message_ids():
+    """The first poll after a start of a mailbox whose sink keeps no
+    identity (a new mailbox, a fresh Redis) has nothing to recognise: its
+    sizes FETCH asks no Message-ID header, and the sink is not asked to
+    recognise anything."""
+    names, sink = yield _polls_of_new_mail(seeded=None, with_sink=True)
+    assert [n for n, _ in names[0]] == [n for n, _ in names[1]]
+    assert not any(h for _, h in names[0] + names[1]), names
+    assert not [c for c in sink.calls if c[0] == "recognise"], sink.calls
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_first_poll_in_the_epoch_recorded_last_asks_no_message_ids():
+    """After a restart (a new Epochs), a mailbox whose sink recorded its
+    last identity in the UIDVALIDITY the server still has was checked in
+    that epoch already: no Message-ID header, no recognise."""
+    names, sink = yield _polls_of_new_mail(seeded="9", with_sink=True)
+    assert not any(h for _, h in names[0] + names[1]), names
+    assert not [c for c in sink.calls if c[0] == "recognise"], sink.calls
+
+
+@defer.inlineCallbacks
+def _polls_of_new_mail(seeded, with_sink=False):
+    """Two polls of one new message each, in one process (one Epochs); the
+    commands of each: ``[(name, asked a Message-ID header)]``.  ``seeded``:
+    the epoch (the mailbox's is 9) of an identity the sink holds from the
+    mailbox already (delivered before this process started), or None."""
     box = MockMailbox(PASSWORD, [sample_message(1, "hot")], uidvalidity=9)
     server = MockIMAPServer(reactor, {"hot": box})
     acct = account("hot", server.listen())
     sink, epochs = MemorySink(), identity.Epochs()
+    if seeded:
+        yield sink.deliver([Message(acct.id, acct.mailbox, seeded, "100", b"Subject: old\r\n\r\n",
+                                    identity=identity.of(19, "<old@example>"))])
     names = []
     try:
         for n in (2, 3):
@@ -300,12 +341,7 @@ def test_a_poll_in_a_known_uidvalidity_costs_no_more_commands():
             box.append(sample_message(n, "hot"))
     finally:
         yield server.stop()
-    work = [(n, h) for n, h in names[1] if n not in ("CAPABILITY", "LOGIN", "AUTHENTICATE",
-                                                      "LOGOUT")]
-    assert work == [("STATUS", False), ("SELECT", False), ("UID SEARCH", False),
-                    ("UID FETCH", False), ("UID FETCH", False), ("UID STORE", False)], work
-    assert [n for n, _ in names[0]] == [n for n, _ in names[1]]
-    assert ("UID FETCH", True) in names[0]
+    return (names, sink) if with_sink else names
 
 
 # -- Hypothesis over server responses: UID reuse ------------------------------------------

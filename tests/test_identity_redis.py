@@ -140,6 +140,31 @@ async def test_a_mailbox_with_nothing_recorded_is_recognised_without_a_round_tri
             await sink.stopService()
 
 
+@pytest.mark.parametrize("kind", ["stream", "list", "sidekiq", "webhook"])
+@pytest_twisted.ensureDeferred
+async def test_may_recognise_says_no_only_after_a_dedupe_check_found_nothing_recorded(
+        kind, conn, redis, tmp_path, endpoint):
+    sink = build(kind, conn, tmp_path, endpoint)
+    try:
+        assert sink.may_recognise("acme", "INBOX", "7")  # unsure: asked nothing yet
+        assert await sink.filter_new("acme", "INBOX", "7", ["1", "2"]) == ["1", "2"]
+        assert not sink.may_recognise("acme", "INBOX", "7")
+        assert sink.may_recognise("acme", "INBOX", "7")  # used: unsure again
+        assert sink.may_recognise("acme", "Other", "7")
+        await sink.deliver([msg(1, ident="m1")])
+        assert await sink.filter_new("acme", "INBOX", "8", ["5"]) == ["5"]
+        assert sink.may_recognise("acme", "INBOX", "8")  # recorded now, in epoch 7
+        # epoch 7 was checked (a delivery recorded in it): a restart skips it
+        assert await sink.filter_new("acme", "INBOX", "7", ["5"]) == ["5"]
+        assert not sink.may_recognise("acme", "INBOX", "7")
+        assert await sink.recognise("acme", "INBOX", "8", {"5": "m1"}) == ["5"]
+        assert await sink.filter_new("acme", "INBOX", "8", ["6"]) == ["6"]
+        assert not sink.may_recognise("acme", "INBOX", "8")  # recognised in 8: now 8
+    finally:
+        if kind == "webhook":
+            await sink.stopService()
+
+
 @pytest_twisted.ensureDeferred
 async def test_an_upgrade_keeps_the_old_dedupe_records_and_delivers_nothing_again(conn, redis):
     r = redis.client()
@@ -165,11 +190,11 @@ return redis.call('HLEN', KEYS[1])
     args = []
     for n in range(1, 6):
         args += [f"7:{n}", f"m{n}"]
-    assert await script.run([ikey, qkey], args) == 6  # 3 messages, 2 fields each
+    assert await script.run([ikey, qkey], args) == 7  # 3 messages, 2 fields each, e
     r = redis.client()
     assert r("LRANGE", qkey, 0, -1) == [b"7:5", b"7:4", b"7:3"]
     assert sorted(r("HKEYS", ikey)) == sorted(
-        [b"u:7:3", b"u:7:4", b"u:7:5", b"i:m3", b"i:m4", b"i:m5"])
+        [b"u:7:3", b"u:7:4", b"u:7:5", b"i:m3", b"i:m4", b"i:m5", b"e"])
     # an identity stored again elsewhere stays while its newest place does
     await script.run([ikey, qkey], ["8:1", "m3", "8:2", "m6", "8:3", "m7"])
     assert r("HGET", ikey, "i:m3") == b"8:1"

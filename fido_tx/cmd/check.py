@@ -268,6 +268,9 @@ class _NullSink:
     def identities(self, account_id, mailbox, epoch, ids):
         return defer.succeed(["" for _ in ids])
 
+    def may_recognise(self, account_id, mailbox, epoch):
+        return False
+
     def recognise(self, account_id, mailbox, epoch, identities):
         return defer.succeed([])
 

@@ -16,7 +16,8 @@
     Hash, what identifies each stored message of that mailbox
     (:mod:`fido_tx.sinks.identity`): ``u:<epoch>:<id>`` -> identity and
     ``i:<identity>`` -> ``<epoch>:<id>``, for the last
-    :data:`~fido_tx.sinks.identity.KEEP` messages stored.
+    :data:`~fido_tx.sinks.identity.KEEP` messages stored, and ``e`` -> the
+    epoch of the last one.
 ``fido:identq:{<account>}:<mailbox>``
     List, the ``<epoch>:<id>`` of those messages, newest first: the oldest
     beyond ``KEEP`` leave the hash.

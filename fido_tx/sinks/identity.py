@@ -15,6 +15,13 @@ the dedupe record, in the hash ``fido:ident:{<account>}:<mailbox>``:
     is here (the mailbox's UIDVALIDITY changed, or the server renumbered it)
     is recorded under its new key and confirmed, not written again.
 
+``e`` -> epoch
+    the epoch of the last identity recorded: identities were checked in
+    that epoch already (a delivery in it follows a poll's check, or the
+    check itself recorded it), so the first poll after a restart in the
+    same epoch skips the check, as a poll in an epoch this process polled
+    before does (:class:`Unrecorded`, ``may_recognise``).
+
 Bounded: the list ``fido:identq:{<account>}:<mailbox>`` holds the keys in
 the order stored; beyond :data:`KEEP` per mailbox the oldest leaves both
 (its ``i:`` field only when it still points there).  A message older than
@@ -43,7 +50,13 @@ local function fido_known(ikey, identity)
 end
 local function fido_remember(ikey, qkey, loc, identity)
   if identity == '' then return end
-  redis.call('HSET', ikey, 'u:' .. loc, identity, 'i:' .. identity, loc)
+  local c = string.find(loc, ':', 1, true)
+  if c then
+    redis.call('HSET', ikey, 'u:' .. loc, identity, 'i:' .. identity, loc,
+               'e', string.sub(loc, 1, c - 1))
+  else
+    redis.call('HSET', ikey, 'u:' .. loc, identity, 'i:' .. identity, loc)
+  end
   if redis.call('LPUSH', qkey, loc) > %d then
     local old = redis.call('RPOP', qkey)
     local was = redis.call('HGET', ikey, 'u:' .. old)
@@ -82,41 +95,55 @@ def location(message):
     return f"{message.epoch}:{message.id}"
 
 
-def _text(value):
+def text_of(value):
+    """A Redis reply as text (``""`` for nil)."""
     if value is None:
         return ""
     return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else str(value)
 
 
 class Unrecorded:
-    """The (account, mailbox) pairs whose identity hash was found empty by
-    the last ``filter_new`` (asked in the same write as its dedupe check:
-    no round trip of its own), so that the :func:`recognise` after it
-    answers "none" without a round trip: a new mailbox, or every first
-    poll on a fresh Redis.  One entry per mailbox at most, dropped when
-    used or when the next check finds identities.  Skipping costs nothing
-    in correctness: the delivery's script recognises identities too (the
-    check before fetching only saves fetching bodies stored before)."""
+    """What the last ``filter_new`` learnt of each (account, mailbox)'s
+    identity hash, asked in the same write as its dedupe check (no round
+    trip of its own): nothing recorded (a new mailbox, every first poll on
+    a fresh Redis), or the epoch recorded last (``e``).  The sink's
+    ``may_recognise`` right after it answers False in both cases when the
+    poll's epoch is that one (the IMAP session then asks the server for no
+    Message-IDs), and a :func:`recognise` of a mailbox with nothing
+    recorded answers "none" without a round trip.  One entry per mailbox
+    at most, dropped when used.  Skipping costs nothing in correctness:
+    the delivery's script recognises identities too (the check before
+    fetching only saves fetching bodies stored before)."""
 
     def __init__(self):
-        self._empty = set()
+        self._state = {}  # (account, mailbox) -> "" (nothing) or the epoch
 
-    def found(self, account_id, mailbox, exists):
-        if exists:
-            self._empty.discard((account_id, mailbox))
+    def found(self, account_id, mailbox, exists, epoch=None):
+        """``exists``: the identity hash does; ``epoch``: its ``e``."""
+        key = (account_id, mailbox)
+        if not exists:
+            self._state[key] = ""
+        elif epoch:
+            self._state[key] = epoch
         else:
-            self._empty.add((account_id, mailbox))
+            self._state.pop(key, None)
 
     def take(self, account_id, mailbox):
         """Whether nothing is recorded there (and forget it)."""
         key = (account_id, mailbox)
-        if key in self._empty:
-            self._empty.discard(key)
+        if self._state.get(key) == "":
+            del self._state[key]
             return True
         return False
 
+    def checked(self, account_id, mailbox, epoch):
+        """Whether nothing is recorded there, or ``epoch`` was checked
+        already (and forget it)."""
+        state = self._state.pop((account_id, mailbox), None)
+        return state is not None and state in ("", epoch)
+
     def __len__(self):
-        return len(self._empty)
+        return len(self._state)
 
 
 def recognise(script, account_id, mailbox, epoch, identities, then=None, unrecorded=None):
@@ -137,7 +164,7 @@ def recognise(script, account_id, mailbox, epoch, identities, then=None, unrecor
     d = script.run([keys.dedupe(account_id, mailbox, epoch),
                     *keys.identities(account_id, mailbox)], args,
                    what=f"identity check of {len(pairs)} messages", then=then)
-    return d.addCallback(lambda ids: [_text(i) for i in ids or ()])
+    return d.addCallback(lambda ids: [text_of(i) for i in ids or ()])
 
 
 def stored(connection, account_id, mailbox, epoch, ids):
@@ -148,4 +175,4 @@ def stored(connection, account_id, mailbox, epoch, ids):
         return defer.succeed([])
     ikey, _ = keys.identities(account_id, mailbox)
     d = connection.execute(b"HMGET", ikey, *[f"u:{epoch}:{i}".encode("utf-8") for i in ids])
-    return d.addCallback(lambda values: [_text(v) for v in values])
+    return d.addCallback(lambda values: [text_of(v) for v in values])

@@ -112,15 +112,18 @@ def filter_new(connection, account_id, mailbox, epoch, ids, min_replicas=0,
 
 
 def _with_identities(proto, d, account_id, mailbox, unrecorded):
-    """``d`` (the dedupe check) once an ``EXISTS`` of the identity hash,
-    written right behind it (one write, the replies read together), told
-    ``unrecorded`` whether anything is recorded."""
-    exists = proto.execute_command(b"EXISTS", keys.identities(account_id, mailbox)[0])
-    both = defer.gatherResults([d, exists], consumeErrors=True)
+    """``d`` (the dedupe check) once an ``EXISTS`` and an ``HGET e`` of the
+    identity hash, written right behind it (one write, the replies read
+    together), told ``unrecorded`` whether anything is recorded, and the
+    epoch recorded last."""
+    ikey = keys.identities(account_id, mailbox)[0]
+    exists = proto.execute_command(b"EXISTS", ikey)
+    epoch = proto.execute_command(b"HGET", ikey, b"e")
+    both = defer.gatherResults([d, exists, epoch], consumeErrors=True)
 
     def seen(replies):
-        flags, n = replies
-        unrecorded.found(account_id, mailbox, bool(int(n)))
+        flags, n, e = replies
+        unrecorded.found(account_id, mailbox, bool(int(n)), identity.text_of(e))
         return flags
 
     return both.addCallbacks(seen, lambda f: f.value.subFailure)
@@ -179,6 +182,11 @@ class RedisBatchSink:
     def identities(self, account_id, mailbox, epoch, ids):
         """The identity recorded with each of ``ids`` ("" where none)."""
         return identity.stored(self._connection, account_id, mailbox, epoch, ids)
+
+    def may_recognise(self, account_id, mailbox, epoch):
+        """False when the last ``filter_new`` found no identity recorded,
+        or ``epoch`` recorded as checked already."""
+        return not self._unrecorded.checked(account_id, mailbox, epoch)
 
     def recognise(self, account_id, mailbox, epoch, identities):
         """Record and return the ids whose identity was stored before."""

@@ -336,6 +336,11 @@ class WebhookSink(Service):
     def identities(self, account_id, mailbox, epoch, ids):
         return identity.stored(self._redis, account_id, mailbox, epoch, ids)
 
+    def may_recognise(self, account_id, mailbox, epoch):
+        """False when the last ``filter_new`` found no identity recorded,
+        or ``epoch`` recorded as checked already."""
+        return not self._unrecorded.checked(account_id, mailbox, epoch)
+
     def recognise(self, account_id, mailbox, epoch, identities):
         return identity.recognise(self._recognise, account_id, mailbox, epoch, identities,
                                   unrecorded=self._unrecorded)

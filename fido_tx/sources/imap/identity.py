@@ -135,13 +135,16 @@ async def sizes(poll, epoch, uids, sink_call):
     this one) are marked here, their bodies never fetched.
 
     In an epoch this process polled before, the sizes alone (the hot path);
-    in another, the identities come in the same ``UID FETCH`` and the sink
-    is asked once.  Without ``poll.epochs`` (a session alone, as
+    also when the sink's ``filter_new`` just found no identity recorded for
+    the mailbox (``may_recognise`` False: a new mailbox, a fresh Redis;
+    nothing to recognise, so no Message-IDs asked of the server); else the
+    identities come in the same ``UID FETCH`` and the sink is asked once.  Without ``poll.epochs`` (a session alone, as
     :func:`~fido_tx.sources.imap.session.fetch_mailbox` runs it), and in a
     dry run, the sizes alone: the sink then recognises what it stored
     before when it is delivered again (the body fetched for nothing)."""
     pre = poll.prefetched  # fetched with the SEARCH (the same items)
-    if not wants_ids(poll, epoch):
+    if not (wants_ids(poll, epoch)
+            and poll.sink.may_recognise(poll.account.id, poll.mailbox, epoch)):
         if pre is not None:
             return {u: pre[u][0] for u in uids if u in pre}, uids
         return await poll.sizes(uids), uids
