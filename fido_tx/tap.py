@@ -57,7 +57,7 @@ def makeService(options):
         raise SystemExit(f"fido: {e}")
     except OneLineError as e:  # [http] listen unusable, and others of one line
         raise SystemExit(f"fido: {e}")
-    settle_collector()
+    settle_collector(tls=top.parts["tls"].loaded)
     return top
 
 
@@ -72,9 +72,21 @@ def makeService(options):
 #: 194 -> 33 ms for the empty poll (127 -> 5, ~4 %), peak RSS unchanged.
 GC_THRESHOLD = (10_000, 10, 10)
 
+#: the same for a daemon that uses TLS (:mod:`fido_tx.tlspreload` loaded it
+#: at start-up): a closed TLS connection's OpenSSL state is freed only when
+#: the collector reaches its Python objects, so at 10,000 the peak RSS of a
+#: TLS 100x20 run (W16, bench/compare.py) was 74.8-78.0 MiB against
+#: 70.1-72.1 at 2,000 and 67.1-72.2 at CPython's 700 (one run each, the
+#: 2026-11-29 evening); at 10,000 it was even with 25d878a's (80.4 against
+#: 78.4, medians of 3).  2,000 still collects ~3 times less often than 700.
+#: A daemon whose first TLS account comes with a reload keeps the other.
+GC_THRESHOLD_TLS = (2_000, 10, 10)
 
-def settle_collector(threshold=GC_THRESHOLD):
-    """Freeze what start-up built and space the young collections out."""
+
+def settle_collector(tls=False):
+    """Freeze what start-up built and space the young collections out
+    (less far when the daemon uses TLS: :data:`GC_THRESHOLD_TLS`)."""
+    threshold = GC_THRESHOLD_TLS if tls else GC_THRESHOLD
     # Everything imported and built so far lives as long as the process:
     # keep it out of the garbage collector's full passes, which otherwise
     # walk it again and again (one pause 146 -> 113 ms at 3,000 sessions).

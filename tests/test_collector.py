@@ -20,3 +20,10 @@ class SettleCollectorTests(SynchronousTestCase):
         # the young generation, not the older ones, is what was widened
         self.assertGreater(tap.GC_THRESHOLD[0], 700)
         self.assertEqual(tap.GC_THRESHOLD[1:], (10, 10))
+
+    def test_a_daemon_with_tls_collects_young_objects_more_often(self):
+        # closed TLS connections hold OpenSSL memory until collected
+        tap.settle_collector(tls=True)
+        self.assertEqual(gc.get_threshold(), tap.GC_THRESHOLD_TLS)
+        self.assertGreater(tap.GC_THRESHOLD_TLS[0], 700)
+        self.assertLess(tap.GC_THRESHOLD_TLS[0], tap.GC_THRESHOLD[0])
