@@ -307,12 +307,8 @@ def make_service(
     # every session resolves its server's name: answers kept for a minute
     resolve.install(reactor)
 
-    if observer is None and not twistd_syslog:
-        observer = _log_observer(settings, twistd_logfile, reactor)
-        # the buffered lines written before twistd's exit (atexit covers the
-        # lines twistd logs after the reactor stops, on a clean exit)
-        reactor.addSystemEventTrigger("after", "shutdown", observer.flush)
-    top = FidoService(observer or None)
+    top = FidoService(_daemon_observer(settings, reactor, observer, twistd_logfile,
+                                       twistd_syslog) or None)
     _announce(settings, created_config)
 
     ident = instance_id()
@@ -350,6 +346,18 @@ def make_service(
         view=view, instances=instances, balancer=balancer, held=held,
     )
     return top
+
+
+def _daemon_observer(settings, reactor, observer, twistd_logfile, twistd_syslog):
+    """The log observer ``make_service`` installs: ``observer`` when given,
+    else the configured one (none under ``--syslog``), its buffered lines
+    written when the reactor has stopped."""
+    if observer is None and not twistd_syslog:
+        observer = _log_observer(settings, twistd_logfile, reactor)
+        # the buffered lines written before twistd's exit (atexit covers the
+        # lines twistd logs after the reactor stops, on a clean exit)
+        reactor.addSystemEventTrigger("after", "shutdown", observer.flush)
+    return observer
 
 
 def _leases(reactor, settings, redis, ident, session_factory, handles):
