@@ -46,6 +46,16 @@ from tests.support import tlsca
 from tests.support.redis_server import free_port, require  # noqa: F401 - re-exported
 
 
+def other_free_port(*taken):
+    """A free loopback port that is none of ``taken``: the kernel may hand
+    out the port it just gave (a closed probe socket), and a server
+    configured with one port twice refuses to start ("duplicate listener")."""
+    while True:
+        port = free_port()
+        if port not in taken:
+            return port
+
+
 # Maildir info letters, in the order Maildir requires (ASCII order).
 FLAG_LETTERS = {
     "\\Draft": "D",
@@ -160,7 +170,7 @@ class Dovecot:
         self.base_dir = os.path.abspath(base_dir or tempfile.mkdtemp(prefix="fido-dovecot-"))
         self.tls = tls
         self.port = port or free_port()
-        self.ssl_port = (ssl_port or free_port()) if tls else None
+        self.ssl_port = (ssl_port or other_free_port(self.port)) if tls else None
         self.pki = tlsca.files()
         self.cert = cert or self.pki.localhost
         self.extra_config = extra_config

@@ -37,7 +37,7 @@ import tempfile
 import time
 
 from tests.support import tlsca
-from tests.support.dovecot import FLAG_LETTERS, MailUser, encode_mutf7, free_port
+from tests.support.dovecot import FLAG_LETTERS, MailUser, encode_mutf7, free_port, other_free_port
 
 LETTER_FLAGS = {letter: flag for flag, letter in FLAG_LETTERS.items()}
 
@@ -151,7 +151,7 @@ class ImapBackedServer:
         self.base_dir = os.path.abspath(base_dir or tempfile.mkdtemp(prefix=f"fido-{self.name}-"))
         os.chmod(self.base_dir, 0o755)
         self.port = free_port()
-        self.ssl_port = free_port()
+        self.ssl_port = other_free_port(self.port)
         self.pki = tlsca.files()
         self.mail_user = MailUser.pick()
         self.users = {}
