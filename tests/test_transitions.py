@@ -107,3 +107,40 @@ class TransitionTests(SynchronousTestCase):
         self.assertEqual(status.failing_since, 1000.0)
         again = next_status(status, result(errors.AUTH, 0), 6000.0)
         self.assertIsNone(report_for(status, again, result(errors.AUTH, 0), ""))
+
+
+def _next_status_by_evolve(old, result, now):
+    """The rule as it was written with ``attr.evolve`` (the reference)."""
+    from fido_tx.observe.transitions import AccountStatus
+
+    state = OK if result.ok else result.kind
+    if old is None:
+        old = AccountStatus(state=state, since=now)
+    old = attr.evolve(old, fetched_total=old.fetched_total + result.fetched)
+    if result.ok:
+        return attr.evolve(old, state=OK, since=old.since if old.state == OK else now,
+                           failing_since=None, failures=0, last_success_at=iso_utc(now))
+    if result.kind == errors.REDIS:
+        return attr.evolve(old, state=state, since=old.since if old.state == state else now)
+    return attr.evolve(old, last_error_at=iso_utc(now), state=state,
+                       since=old.since if old.state == state and old.failures else now,
+                       failing_since=old.failing_since if old.failing_since is not None else now,
+                       failures=old.failures + 1, last_message=result.message)
+
+
+class NextStatusByConstructorTests(SynchronousTestCase):
+    @hsettings(max_examples=200, deadline=None)
+    @given(results, st.sampled_from([OK, errors.AUTH, errors.REDIS]),
+           st.frozensets(st.integers(min_value=1, max_value=9), max_size=3))
+    def test_next_status_builds_what_attr_evolve_built(self, sequence, reported, too_large):
+        """One constructor call per session gives every field the old
+        evolve chain gave, whatever the results and the fields it keeps."""
+        ours = theirs = None
+        now = 1_700_000_000.0
+        for kind, fetched, gap in sequence:
+            now += gap
+            r = result(kind, fetched)
+            ours, theirs = next_status(ours, r, now), _next_status_by_evolve(theirs, r, now)
+            self.assertEqual(ours, theirs)
+            # fields the rule carries over untouched
+            ours = theirs = attr.evolve(ours, reported=reported, too_large=too_large)

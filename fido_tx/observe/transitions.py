@@ -46,31 +46,36 @@ class AccountStatus:
 
 
 def next_status(old, result, now):
-    """The account's :class:`AccountStatus` after ``result`` (``old``: before, or None)."""
+    """The account's :class:`AccountStatus` after ``result`` (``old``: before, or None).
+
+    Built with one constructor call, not ``attr.evolve`` (two per session
+    were ~10 % of the result observer's time: evolve reads the class's
+    fields on every call)."""
     state = OK if result.ok else result.kind
     if old is None:
         old = AccountStatus(state=state, since=now)
-    old = attr.evolve(old, fetched_total=old.fetched_total + result.fetched)
+    fetched_total = old.fetched_total + result.fetched
     if result.ok:
-        return attr.evolve(
-            old,
-            state=OK,
-            since=old.since if old.state == OK else now,
-            failing_since=None,
-            failures=0,
-            last_success_at=iso_utc(now),
-        )
+        return AccountStatus(
+            OK, old.since if old.state == OK else now, None, 0, old.reported,
+            old.last_message, old.too_large, iso_utc(now), old.last_error_at, fetched_total)
     if result.kind == errors.REDIS:
         # not the account's fault: keep its streak as it was
-        return attr.evolve(old, state=state, since=old.since if old.state == state else now)
-    return attr.evolve(
-        old,
-        last_error_at=iso_utc(now),
-        state=state,
-        since=old.since if old.state == state and old.failures else now,
-        failing_since=old.failing_since if old.failing_since is not None else now,
-        failures=old.failures + 1,
-        last_message=result.message,
+        return AccountStatus(
+            state, old.since if old.state == state else now, old.failing_since, old.failures,
+            old.reported, old.last_message, old.too_large, old.last_success_at,
+            old.last_error_at, fetched_total)
+    return AccountStatus(
+        state,
+        old.since if old.state == state and old.failures else now,
+        old.failing_since if old.failing_since is not None else now,
+        old.failures + 1,
+        old.reported,
+        result.message,
+        old.too_large,
+        old.last_success_at,
+        iso_utc(now),
+        fetched_total,
     )
 
 
