@@ -252,6 +252,10 @@ def _encode_redis_arg(arg):
 BIG_REDIS_ARG = 1024
 
 
+#: ``$<n>\r\n`` for every small length, built once
+_REDIS_LENGTHS = [b"$%d\r\n" % n for n in range(BIG_REDIS_ARG)]
+
+
 def redis_command_pieces(args):
     """RESP for one command, as a list of pieces: each argument of
     :data:`BIG_REDIS_ARG` bytes or more (a message body) as it is, not
@@ -260,20 +264,33 @@ def redis_command_pieces(args):
     A piece per argument and per CRLF was ~90 pieces per message (22
     arguments each) and ``writeSequence`` checks and queues every one:
     ~0.3 ms per batch in the 100x20 profile.  Now a message is two pieces.
+    One pass over the arguments: ``str`` and ``int`` encoded inline (no call
+    per argument), the length headers looked up, one join per run of small
+    arguments.
     """
     out = []
     small = [b"*%d\r\n" % len(args)]
+    append = small.append
+    lengths = _REDIS_LENGTHS
     for arg in args:
-        if arg.__class__ is not bytes:
+        cls = arg.__class__
+        if cls is str:
+            arg = arg.encode("utf-8")
+        elif cls is int:
+            arg = b"%d" % arg
+        elif cls is not bytes:
             arg = _encode_redis_arg(arg)
         n = len(arg)
         if n >= BIG_REDIS_ARG:
-            small.append(b"$%d\r\n" % n)
+            append(b"$%d\r\n" % n)
             out.append(b"".join(small))
             out.append(arg)
             small = [b"\r\n"]
+            append = small.append
         else:
-            small.append(b"$%d\r\n%s\r\n" % (n, arg))
+            append(lengths[n])
+            append(arg)
+            append(b"\r\n")
     out.append(b"".join(small))
     return out
 
