@@ -356,7 +356,7 @@ class WritesPerReadTests(SynchronousTestCase):
         proto.dataReceived(b"* OK [CAPABILITY IMAP4rev1] hello\r\n")
         self.assertEqual(transport.writes, [b"0001 LOGIN u p\r\n0002 STATUS INBOX (UNSEEN)\r\n"])
 
-    def test_a_command_written_outside_a_read_is_its_own_transport_write(self):
+    def test_a_command_written_outside_a_read_is_sent_at_once(self):
         proto, transport = self.start()
         proto.dataReceived(b"* OK hello\r\n")
         proto.command(b"NOOP")

@@ -218,11 +218,8 @@ class FidoIMAP4Client(ResponseReader, TracedLines, protocol.Protocol):
             self.transport.abortConnection()
 
     def connectionMade(self):
-        # the lines a read leads to are sent at once when it is handled;
-        # others go to the transport's own write (over TLS past its
-        # small-write aggregator), which joins those of one reactor turn
+        # a command line is sent at once, not at the next reactor turn
         self._write = _direct_write(self.transport)
-        self._write_alone = private.direct_tls_write(self.transport)
         self._deadline.arm(self.greeting_timeout, "the connection (server greeting)")
 
     def connectionLost(self, reason):
@@ -291,9 +288,7 @@ class FidoIMAP4Client(ResponseReader, TracedLines, protocol.Protocol):
     #: lines written while a read is handled (``None``: not reading): sent
     #: together when it is done, so that the commands an answer leads to
     #: (LOGIN and the STATUS behind it, SELECT and its SEARCH) leave in one
-    #: ``send`` in the same turn.  A line written outside a read (after a
-    #: Redis reply: a batch's UID STORE and the next UID FETCH) goes to
-    #: the transport's write, which sends those of one turn together.
+    #: ``send``; a line written outside a read is sent at once
     _cork = None
 
     def sendLine(self, line):
@@ -302,7 +297,7 @@ class FidoIMAP4Client(ResponseReader, TracedLines, protocol.Protocol):
         if cork is not None:
             cork.append(line + CRLF)
         else:
-            self._write_alone(line + CRLF)
+            self._write(line + CRLF)
 
     def send_secret(self, line):
         """Send a continuation line that carries credentials (not traced)."""
@@ -311,7 +306,7 @@ class FidoIMAP4Client(ResponseReader, TracedLines, protocol.Protocol):
         if cork is not None:
             cork.append(line + CRLF)
         else:
-            self._write_alone(line + CRLF)
+            self._write(line + CRLF)
 
     def flush(self):
         """Send the lines held while a read is handled (before a close)."""
@@ -411,7 +406,7 @@ class FidoIMAP4Client(ResponseReader, TracedLines, protocol.Protocol):
         from fido_tx import lazytls
 
         lazytls.start_tls(self, context_factory)
-        self._write = self._write_alone = self.transport.write
+        self._write = self.transport.write
         self.startedTLS = True
 
 
