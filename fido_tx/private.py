@@ -17,7 +17,6 @@ __all__ = [
     "TRICKS",
     "PlatformAndExtraRoots",
     "clear_exit_signal",
-    "direct_tcp_write",
     "direct_tls_write",
     "fast_reply_protocol",
     "import_twisted",
@@ -44,9 +43,6 @@ TRICKS = {
                    "cleanly exits 0",
     "BufferingTLSTransport": "twisted.protocols.tls.BufferingTLSTransport._aggregator: "
                              "an IMAP command written without a callLater(0) each",
-    "tcp.Client buffers": "twisted.internet.tcp.Client dataBuffer/_tempDataBuffer/socket: "
-                          "an IMAP command sent in the turn it is written, without two "
-                          "epoll_ctl and a write turn each",
     "import_twisted": "sys.modules['OpenSSL'] = None while the reactor, endpoints and "
                       "txredisapi are imported: no pyOpenSSL/cryptography (~12 MiB) "
                       "in a daemon without TLS",
@@ -184,47 +180,6 @@ def clear_exit_signal(reactor):
         return False
     reactor._exitSignal = None
     return True
-
-
-# --- Twisted: plain TCP writes sent at once ---------------------------------------
-#
-# ``FileDescriptor.write`` (Twisted's TCP transport) appends to a buffer and
-# registers the socket for writing; the reactor's next turn finds it
-# writable, sends, and unregisters it: two ``epoll_ctl`` and a dispatch per
-# write (7,009 ``startWriting`` for 1,000 empty polls).  An IMAP client
-# writes its command lines and waits for the answer, like asyncio's
-# ``transport.write``, which tries ``send`` first: :func:`direct_tcp_write`
-# does the same on a ``tcp.Client`` whose buffers are empty (so nothing is
-# reordered): what ``send`` did not take, and any error, goes to
-# ``transport.write`` (buffered, and Twisted reports the error as before).
-# Reads the private ``dataBuffer``, ``offset``, ``_tempDataBuffer``,
-# ``_writeDisconnected`` and ``socket``.  Checked by tests/test_private.py (``test_direct_tcp_write``).
-
-
-def direct_tcp_write(transport):
-    """``write(data)`` for ``transport``: sent at once when it is a plain
-    ``tcp.Client`` with nothing buffered, else ``transport.write``."""
-    from twisted.internet import tcp
-
-    private = ("dataBuffer", "offset", "_tempDataBuffer", "_writeDisconnected", "socket")
-    if type(transport) is not tcp.Client or not all(hasattr(transport, n) for n in private):
-        return transport.write
-    buffered = transport.write
-
-    def write(data):
-        if (not transport.connected or transport.disconnecting or transport._writeDisconnected
-                or transport._tempDataBuffer or len(transport.dataBuffer) > transport.offset):
-            return buffered(data)
-        try:
-            sent = transport.socket.send(data)
-        except BlockingIOError:
-            sent = 0
-        except OSError:  # the buffered write meets it again and reports it
-            return buffered(data)
-        if sent < len(data):
-            buffered(data[sent:])
-
-    return write
 
 
 # --- Twisted: TLS writes without the small-write aggregator ----------------------

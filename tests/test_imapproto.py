@@ -330,55 +330,6 @@ class PipelineTests(SynchronousTestCase):
         proto.command(b"NOOP")  # queued in order: allowed
 
 
-class _CountingTransport(StringTransport):
-    def __init__(self):
-        super().__init__()
-        self.writes = []
-
-    def write(self, data):
-        self.writes.append(data)
-        super().write(data)
-
-
-class WritesPerReadTests(SynchronousTestCase):
-    """The lines an answer leads to leave in one write; others at once."""
-
-    def start(self):
-        proto = FidoIMAP4Client(task.Clock(), greeting_timeout=10, command_timeout=5)
-        transport = _CountingTransport()
-        proto.makeConnection(transport)
-        return proto, transport
-
-    def test_commands_written_while_an_answer_is_read_leave_in_one_write(self):
-        proto, transport = self.start()
-        proto.greeting.addCallback(lambda caps: (proto.command(b"LOGIN", b"u p"),
-                                                 proto.command(b"STATUS", b"INBOX (UNSEEN)")))
-        proto.dataReceived(b"* OK [CAPABILITY IMAP4rev1] hello\r\n")
-        self.assertEqual(transport.writes, [b"0001 LOGIN u p\r\n0002 STATUS INBOX (UNSEEN)\r\n"])
-
-    def test_a_command_written_outside_a_read_is_sent_at_once(self):
-        proto, transport = self.start()
-        proto.dataReceived(b"* OK hello\r\n")
-        proto.command(b"NOOP")
-        proto.command(b"CAPABILITY")
-        self.assertEqual(transport.writes, [b"0001 NOOP\r\n", b"0002 CAPABILITY\r\n"])
-
-    def test_nothing_held_is_sent_after_a_failure(self):
-        proto, transport = self.start()
-        proto.greeting.addCallback(lambda caps: proto.command(b"NOOP"))
-        proto.dataReceived(b"* OK hello\r\n0009 OK nobody asked\r\n")
-        self.assertEqual(transport.writes, [])
-        self.assertTrue(transport.disconnecting)
-
-    def test_logout_leaves_before_the_close(self):
-        proto, transport = self.start()
-        conn = ImapConnection(Account(id="a", host="h", username="u", password="p"), proto, None)
-        proto.greeting.addCallback(lambda caps: defer.ensureDeferred(conn.logout(5)))
-        proto.dataReceived(b"* OK hello\r\n")
-        self.assertEqual(transport.writes, [b"0001 LOGOUT\r\n"])
-        self.assertTrue(transport.disconnecting)
-
-
 class LiteralTests(SynchronousTestCase):
     def fetch(self, proto):
         got = []

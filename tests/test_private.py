@@ -209,51 +209,6 @@ class PrivateApiTests(SynchronousTestCase):
         # anything else: its own write
         self.assertEqual(private.direct_tls_write(tcp), tcp.write)
 
-    def test_direct_tcp_write(self):
-        import socket
-
-        from twisted.internet import abstract, tcp
-        from twisted.internet.testing import MemoryReactor
-
-        def client():
-            """A tcp.Client on one end of a socket pair, as connectTCP leaves it."""
-            ours, theirs = socket.socketpair()
-            ours.setblocking(False)
-            self.addCleanup(ours.close)
-            self.addCleanup(theirs.close)
-            transport = tcp.Client.__new__(tcp.Client)
-            reactor = MemoryReactor()
-            abstract.FileDescriptor.__init__(transport, reactor)
-            transport.socket = ours
-            transport.fileno = ours.fileno
-            transport.connected = 1
-            return transport, reactor, theirs
-
-        transport, reactor, peer = client()
-        write = private.direct_tcp_write(transport)
-        self.assertIsNot(write, transport.write, _trick("tcp.Client buffers"))
-        write(b"0001 NOOP\r\n")
-        # sent in this call: nothing buffered, the socket not registered for writing
-        self.assertEqual(peer.recv(100), b"0001 NOOP\r\n", _trick("tcp.Client buffers"))
-        self.assertEqual(transport._tempDataBuffer, [], _trick("tcp.Client buffers"))
-        self.assertNotIn(transport, reactor.getWriters(), _trick("tcp.Client buffers"))
-        # something buffered: later writes queue behind it (the order is kept)
-        transport.write(b"held ")
-        write(b"after")
-        self.assertEqual(transport._tempDataBuffer, [b"held ", b"after"])
-        self.assertIn(transport, reactor.getWriters())
-        # a peer that reads nothing: what send() did not take is buffered
-        transport, reactor, peer = client()
-        write = private.direct_tcp_write(transport)
-        big = b"x" * (16 * 1024 * 1024)
-        write(big)
-        self.assertGreater(transport._tempDataLen, 0)
-        self.assertLess(transport._tempDataLen, len(big))
-        self.assertIn(transport, reactor.getWriters())
-        # anything else: its own write
-        other = StringTransport()
-        self.assertEqual(private.direct_tcp_write(other), other.write)
-
     def test_import_twisted(self):
         # a fresh interpreter: here the reactor is imported already
         import json
@@ -318,7 +273,7 @@ class PrivateApiTests(SynchronousTestCase):
     def test_every_trick_has_a_test(self):
         names = {"IOpenSSLTrustRoot", "createConnection.__self__", "SSL_session_reused",
                  "_exitSignal", "BufferingTLSTransport", "import_twisted", "start_tls_on",
-                 "share_context", "txredisapi replyReceived", "tcp.Client buffers"}
+                 "share_context", "txredisapi replyReceived"}
         self.assertEqual(set(private.TRICKS), names)
 
     def test_host_resolution_is_public_now(self):

@@ -218,8 +218,8 @@ class FidoIMAP4Client(ResponseReader, TracedLines, protocol.Protocol):
             self.transport.abortConnection()
 
     def connectionMade(self):
-        # a command line is sent at once, not at the next reactor turn
-        self._write = _direct_write(self.transport)
+        # a command line is written at once, not at the next reactor turn
+        self._write = private.direct_tls_write(self.transport)
         self._deadline.arm(self.greeting_timeout, "the connection (server greeting)")
 
     def connectionLost(self, reason):
@@ -265,9 +265,6 @@ class FidoIMAP4Client(ResponseReader, TracedLines, protocol.Protocol):
     def dataReceived(self, data):
         if self.error is not None:
             return
-        outer = self._cork is None
-        if outer:  # the lines written while this read is handled go out together
-            self._cork = []
         try:
             self._receive(data)
         except FidoError as e:
@@ -279,43 +276,17 @@ class FidoIMAP4Client(ResponseReader, TracedLines, protocol.Protocol):
                     f"could not parse the server's response ({type(e).__name__}: {e})",
                 )
             )
-        finally:
-            if outer:
-                self.flush()
 
     # -- output ----------------------------------------------------------------
 
-    #: lines written while a read is handled (``None``: not reading): sent
-    #: together when it is done, so that the commands an answer leads to
-    #: (LOGIN and the STATUS behind it, SELECT and its SEARCH) leave in one
-    #: ``send``; a line written outside a read is sent at once
-    _cork = None
-
     def sendLine(self, line):
         self._trace.sent(line)
-        cork = self._cork
-        if cork is not None:
-            cork.append(line + CRLF)
-        else:
-            self._write(line + CRLF)
+        return self._write(line + CRLF)
 
     def send_secret(self, line):
         """Send a continuation line that carries credentials (not traced)."""
         self._trace.note("C: <redacted>")
-        cork = self._cork
-        if cork is not None:
-            cork.append(line + CRLF)
-        else:
-            self._write(line + CRLF)
-
-    def flush(self):
-        """Send the lines held while a read is handled (before a close)."""
-        cork = self._cork
-        if cork is None:
-            return
-        self._cork = None
-        if cork and self.error is None and not self.closed:
-            self._write(cork[0] if len(cork) == 1 else b"".join(cork))
+        self._write(line + CRLF)
 
     def command(self, name, args=None, untagged=None, continuation=None, timeout=None, what=None,
                 literal_each=None, literal_total=None, literal_caps=None, pipelined=False):
@@ -400,9 +371,6 @@ class FidoIMAP4Client(ResponseReader, TracedLines, protocol.Protocol):
         leftover = self.clearLineBuffer()
         if leftover:
             raise FidoError(errors.TLS, "server sent data after its STARTTLS response")
-        if self._cork:  # written before the switch: sent in plain text, first
-            held, self._cork = self._cork, []
-            self._write(b"".join(held))
         from fido_tx import lazytls
 
         lazytls.start_tls(self, context_factory)
@@ -437,16 +405,6 @@ def lost_error(proto, reason):
 
 def _ignore(*args):
     pass
-
-
-def _direct_write(transport):
-    """What sends a command line at once: past Twisted's TCP write buffer
-    (:func:`~fido_tx.private.direct_tcp_write`) or its TLS aggregator
-    (:func:`~fido_tx.private.direct_tls_write`)."""
-    write = private.direct_tcp_write(transport)
-    if write == transport.write:
-        write = private.direct_tls_write(transport)
-    return write
 
 
 def _closed():

@@ -101,7 +101,6 @@ class ImapConnection:
         # nor answers within ``timeout`` has the connection aborted
         d = proto.command(b"LOGOUT", timeout=timeout)
         d.addErrback(lambda f: None)  # the answer, or the close, is not read
-        proto.flush()  # LOGOUT leaves before the close
         close_after_writes(proto.transport)
 
     def abort(self):
