@@ -371,9 +371,9 @@ class FidoIMAP4Client(ResponseReader, TracedLines, protocol.Protocol):
         leftover = self.clearLineBuffer()
         if leftover:
             raise FidoError(errors.TLS, "server sent data after its STARTTLS response")
-        from fido_tx import lazytls
+        from fido_tx.sources.imap import stdtls
 
-        lazytls.start_tls(self, context_factory)
+        stdtls.start_tls(self, context_factory)
         self._write = self.transport.write
         self.startedTLS = True
 
