@@ -79,6 +79,7 @@ class TLSClientProtocol(Protocol):
         self._close_after_handshake = False
         self._peer_closed = False
         self._aborted = False
+        self._shut = False  # close_notify written: nothing more is read or written
 
     # -- from the TCP connection -----------------------------------------------
 
@@ -88,8 +89,8 @@ class TLSClientProtocol(Protocol):
         self._handshake()
 
     def dataReceived(self, data):
-        if self.tls is None or self._aborted:
-            return
+        if self.tls is None or self._aborted or self._shut:
+            return  # closed on our side: what comes after is not read
         self._incoming.write(data)
         if self.handshaking and not self._handshake():
             return
@@ -99,15 +100,13 @@ class TLSClientProtocol(Protocol):
                 chunk = read(READ_SIZE)
             except ssl.SSLWantReadError:
                 break
-            except ssl.SSLZeroReturnError:  # the server's close_notify
-                self._peer_closed = True
-                self._shutdown()
-                return
             except ssl.SSLError as e:
                 self._fail(e)
                 return
-            if not chunk:
-                break
+            if not chunk:  # the server's close_notify (ssl reads it as b"")
+                self._peer_closed = True
+                self._shutdown()
+                return
             deliver(chunk)
         if self._outgoing.pending and not self._aborted:  # a TLS 1.3 key update's answer
             self._flush()
@@ -178,6 +177,7 @@ class TLSClientProtocol(Protocol):
     def _shutdown(self):
         """close_notify, then the TCP connection closed once it is sent
         (the server's close_notify is not waited for)."""
+        self._shut = self.disconnecting = True
         try:
             self.tls.unwrap()
         except (ssl.SSLError, ValueError):
