@@ -38,6 +38,12 @@ __all__ = ["TLSClientProtocol", "TLSEndpoint", "client_context", "start_tls"]
 #: most 16 KiB: a read never returns more than one)
 READ_SIZE = 32 * 1024
 
+#: what is fed to the incoming BIO at once: OpenSSL's memory BIO never
+#: shrinks, so feeding the TCP connection's 64 KiB reads whole left each
+#: connection that had read a large answer holding 131 KiB instead of 69
+#: (client side, measured with 200 connections after a 256 KiB answer)
+FEED_SIZE = 16 * 1024
+
 
 def client_context(ca_file=None):
     """A client ``ssl.SSLContext`` trusting the platform's roots (OpenSSL's
@@ -89,6 +95,16 @@ class TLSClientProtocol(Protocol):
         self._handshake()
 
     def dataReceived(self, data):
+        if len(data) <= FEED_SIZE:
+            self._receive(data)
+            return
+        view = memoryview(data)
+        for start in range(0, len(data), FEED_SIZE):
+            if self.tls is None or self._aborted or self._shut:
+                return
+            self._receive(view[start:start + FEED_SIZE])
+
+    def _receive(self, data):
         if self.tls is None or self._aborted or self._shut:
             return  # closed on our side: what comes after is not read
         self._incoming.write(data)
