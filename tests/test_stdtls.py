@@ -204,7 +204,7 @@ class VerificationTests(SynchronousTestCase):
         tls.connectionLost(Failure(ierror.ConnectionLost()))
         error = tls_error(app.lost)
         self.assertEqual(error.kind, errors.TLS)
-        self.assertTrue(error.message.startswith("TLS handshake failed: "), error.message)
+        self.assertEqual(error.message, "TLS handshake failed: wrong version number")
 
 
 class ResumptionTests(SynchronousTestCase):

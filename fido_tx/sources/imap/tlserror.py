@@ -45,4 +45,9 @@ def tls_error(reason, explain=None, host=None):
 
 
 def _ssl_text(exc):
-    return getattr(exc, "reason", None) or str(exc) or type(exc).__name__
+    """OpenSSL's own words ("wrong version number"), without the library
+    tag and the source line ssl adds around them."""
+    text = exc.args[1] if len(exc.args) > 1 and isinstance(exc.args[1], str) else str(exc)
+    text = text.split("] ", 1)[1] if text.startswith("[") and "] " in text else text
+    text = text.rsplit(" (_ssl.c:", 1)[0]
+    return text or getattr(exc, "reason", None) or type(exc).__name__
