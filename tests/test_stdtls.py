@@ -357,3 +357,50 @@ class EndpointTests(SynchronousTestCase):
         self.assertIsInstance(app.transport, stdtls.TLSClientProtocol)
         self.assertIs(app.transport.wrappedProtocol, app)
         self.assertEqual(tcp.value()[:1], b"\x16")  # the ClientHello
+
+
+class DeadlineTests(SynchronousTestCase):
+    def test_a_server_that_never_finishes_the_handshake_is_cut_by_the_greeting_deadline(self):
+        from twisted.internet import task
+
+        from fido_tx.errors import FidoError
+        from fido_tx.sources.imap.client import FidoIMAP4Client
+
+        clock = task.Clock()
+        proto = FidoIMAP4Client(clock, greeting_timeout=10, command_timeout=5)
+        tcp = TCP()
+        tls = stdtls.TLSClientProtocol(creator(), proto)
+        tcp.protocol = tls
+        tls.makeConnection(tcp)
+        self.assertEqual(tcp.value()[:1], b"\x16")  # the ClientHello, never answered
+        clock.advance(9.9)
+        self.assertFalse(tcp.aborted)
+        clock.advance(0.2)
+        self.assertTrue(tcp.aborted)
+        tls.connectionLost(Failure(ierror.ConnectionAborted()))
+        error = self.failureResultOf(proto.greeting, FidoError).value
+        self.assertEqual(error.kind, errors.TIMEOUT)
+        self.assertIn("greeting", error.message)
+
+    def test_starttls_handshake_is_cut_by_the_next_commands_deadline(self):
+        from twisted.internet import task
+
+        from fido_tx.errors import FidoError
+        from fido_tx.sources.imap.client import FidoIMAP4Client
+
+        clock = task.Clock()
+        proto = FidoIMAP4Client(clock, greeting_timeout=10, command_timeout=5)
+        tcp = TCP()
+        tcp.protocol = proto
+        proto.makeConnection(tcp)
+        proto.dataReceived(b"* OK [CAPABILITY IMAP4rev1 STARTTLS] hi\r\n")
+        d = proto.command(b"STARTTLS")
+        proto.dataReceived(b"0001 OK begin TLS\r\n")
+        self.successResultOf(d)
+        proto.start_tls(creator())
+        self.assertIsInstance(proto.transport, stdtls.TLSClientProtocol)
+        capability = proto.command(b"CAPABILITY")  # held until the handshake ends
+        clock.advance(5.1)
+        self.assertTrue(tcp.aborted)
+        proto.transport.connectionLost(Failure(ierror.ConnectionAborted()))
+        self.assertEqual(self.failureResultOf(capability, FidoError).value.kind, errors.TIMEOUT)
