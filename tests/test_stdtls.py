@@ -404,3 +404,37 @@ class DeadlineTests(SynchronousTestCase):
         self.assertTrue(tcp.aborted)
         proto.transport.connectionLost(Failure(ierror.ConnectionAborted()))
         self.assertEqual(self.failureResultOf(capability, FidoError).value.kind, errors.TIMEOUT)
+
+
+class SessionRenewalTests(SynchronousTestCase):
+    def test_a_resumed_session_is_kept_then_renewed(self):
+        from fido_tx.sources.imap import connect
+
+        contexts = TlsContexts()
+        first = Pair(creator(contexts))
+        first.pump()
+        first.creator.remember_session()
+        kept = contexts.sessions[first.creator.key]
+        seen = []
+        for n in range(connect.SESSION_RENEW_AFTER):
+            pair = Pair(creator(contexts))
+            pair.pump()
+            self.assertIs(pair.creator.resumed(), True)
+            pair.creator.remember_session()
+            seen.append(contexts.sessions[pair.creator.key] is kept)
+        # kept while it resumes (no copy read from ssl), renewed after that many
+        self.assertEqual(seen, [True] * (connect.SESSION_RENEW_AFTER - 1) + [False])
+
+    def test_a_full_handshake_replaces_the_kept_session(self):
+        contexts = TlsContexts()
+        first = Pair(creator(contexts))
+        first.pump()
+        first.creator.remember_session()
+        kept = contexts.sessions[first.creator.key]
+        contexts.sessions[first.creator.key] = None  # nothing offered: a full handshake
+        pair = Pair(creator(contexts))
+        pair.pump()
+        self.assertIs(pair.creator.resumed(), False)
+        pair.creator.remember_session()
+        self.assertIsNotNone(contexts.sessions[pair.creator.key])
+        self.assertIsNot(contexts.sessions[pair.creator.key], kept)

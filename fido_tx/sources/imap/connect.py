@@ -46,6 +46,14 @@ from fido_tx.resolve import CachingResolver
 #: entries kept per cache before it is emptied
 CACHE_MAX = 4096
 
+#: resumed connections before their server's kept TLS session is renewed:
+#: reading a session from Python's ssl costs ~0.23 ms of CPU (it copies it
+#: through DER, certificate included) and one that resumed is still good,
+#: so it is read only after a full handshake and every this many resumptions
+#: (RFC 8446 asks clients not to reuse tickets, for privacy: renewing now and
+#: then bounds what an observer can correlate)
+SESSION_RENEW_AFTER = 20
+
 __all__ = ["CACHE_MAX", "Connector", "TlsContexts", "TlsCreator", "load_ca_file"]
 
 
@@ -76,6 +84,7 @@ class TlsContexts:
         self._contexts = {}
         #: (ssl context, host, port) -> TLS session of the last logged-in IMAP connection
         self.sessions = {}
+        self._resumed = {}  # same keys -> connections that resumed it since
 
     def options(self, host, ca_file=None):
         """The client TLS options for ``host`` (and extra roots in ``ca_file``).
@@ -154,7 +163,18 @@ class TlsContexts:
     def remember(self, key, session):
         if len(self.sessions) >= self.max_entries and key not in self.sessions:
             self.sessions.clear()
+            self._resumed.clear()
         self.sessions[key] = session
+        self._resumed[key] = 0
+
+    def keeps(self, key):
+        """A connection resumed ``key``'s kept session: whether it is kept
+        as it is (not renewed yet, :data:`SESSION_RENEW_AFTER`)."""
+        count = self._resumed.get(key)
+        if count is None or count + 1 >= SESSION_RENEW_AFTER:
+            return False
+        self._resumed[key] = count + 1
+        return True
 
 
 class TlsCreator:
@@ -196,11 +216,16 @@ class TlsCreator:
         return self.connections[-1].session_reused
 
     def remember_session(self):
-        """Keep the TLS session of the current connection for the next one."""
+        """Keep the TLS session of the current connection for the next one
+        (a connection that resumed the kept one leaves it, up to
+        :data:`SESSION_RENEW_AFTER` times)."""
         if not self.connections:
             return
+        tls = self.connections[-1]
+        if tls.session_reused and self.contexts.keeps(self.key):
+            return
         try:
-            session = self.connections[-1].session
+            session = tls.session
         except Exception:  # pragma: no cover - no session to keep
             return
         if session is not None:
