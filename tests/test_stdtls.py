@@ -438,3 +438,26 @@ class SessionRenewalTests(SynchronousTestCase):
         pair.creator.remember_session()
         self.assertIsNotNone(contexts.sessions[pair.creator.key])
         self.assertIsNot(contexts.sessions[pair.creator.key], kept)
+
+
+class CloseWhileReadingTests(SynchronousTestCase):
+    def test_a_close_in_the_middle_of_a_read_stays_a_clean_close(self):
+        pair = Pair(creator())
+        pair.pump()
+
+        class Closing(App):
+            def dataReceived(self, data):
+                App.dataReceived(self, data)
+                self.transport.loseConnection()  # e.g. a LOGOUT written, then closed
+
+        closing = Closing()
+        closing.transport = pair.tls
+        pair.tls.wrappedProtocol = closing
+        # two records in one TCP read: the second is not read after the close
+        pair.server_app.transport.write(b"a" * 20000)
+        pair.tcp.protocol.dataReceived(pair.server_tcp.value())
+        self.assertEqual(len(closing.data), 16384)
+        self.assertTrue(pair.tcp.disconnecting)
+        self.assertIsNone(pair.tls.reason)
+        pair.lose()
+        self.assertTrue(closing.lost.check(ierror.ConnectionDone))

@@ -111,7 +111,8 @@ class TLSClientProtocol(Protocol):
         if self.handshaking and not self._handshake():
             return
         read, deliver = self.tls.read, self.wrappedProtocol.dataReceived
-        while not self._aborted:
+        # the application may close or abort in ``deliver``: read no further
+        while not (self._aborted or self._shut):
             try:
                 chunk = read(READ_SIZE)
             except ssl.SSLWantReadError:
@@ -124,7 +125,7 @@ class TLSClientProtocol(Protocol):
                 self._shutdown()
                 return
             deliver(chunk)
-        if self._outgoing.pending and not self._aborted:  # a TLS 1.3 key update's answer
+        if not (self._aborted or self._shut) and self._outgoing.pending:  # a key update's answer
             self._flush()
 
     def connectionLost(self, reason):
