@@ -368,10 +368,11 @@ def _hand_over(protocol, found):
 # ``sys.modules['OpenSSL']`` is ``None`` and txredisapi sees stand-ins for
 # those two modules, whose names make the real object when called; then the
 # stand-ins are removed and pyOpenSSL loads
-# normally the first time a TLS connection is made.  Fido's own TLS does not
-# need the reactor's: :mod:`fido_tx.lazytls` wraps an endpoint with
-# ``TLSMemoryBIOFactory`` (public) and starts TLS on a connection with
-# :func:`start_tls_on`.  Checked by tests/test_private.py
+# normally the first time a pyOpenSSL connection is made.  Fido's own TLS
+# does not need the reactor's: IMAP's is Python's ssl module
+# (:mod:`fido_tx.sources.imap.stdtls`, STARTTLS included), and
+# :mod:`fido_tx.lazytls` wraps an endpoint with ``TLSMemoryBIOFactory``
+# (public) for HTTPS and rediss.  Checked by tests/test_private.py
 # (``test_import_twisted``) and tests/test_lazy_imports.py.
 
 
