@@ -336,6 +336,7 @@ class FlowAndCloseTests(SynchronousTestCase):
         pair.lose()
         self.assertIsNotNone(pair.app.lost)
         self.assertIsNone(pair.tls.tls)  # the TLS object freed with the connection
+        self.assertIsNone(pair.tls.wrappedProtocol)  # no cycle left for the collector
 
 
 class EndpointTests(SynchronousTestCase):

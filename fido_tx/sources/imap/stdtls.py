@@ -136,7 +136,9 @@ class TLSClientProtocol(Protocol):
         self.connected = 0
         self.disconnecting = True
         self.tls = self._incoming = self._outgoing = self._pending = None
-        wrapped = self.wrappedProtocol
+        # the application protocol's transport is this object: cut the cycle,
+        # so both are freed by reference counting, not by the collector
+        wrapped, self.wrappedProtocol = self.wrappedProtocol, None
         if wrapped is not None:
             wrapped.connectionLost(reason)
 
