@@ -3,22 +3,19 @@
 The daemon imports Twisted without pyOpenSSL (:func:`fido_tx.private.
 import_twisted`): then ``endpoints.wrapClientTLS`` refuses (it checked for
 pyOpenSSL when it was imported) and a TCP transport has no ``startTLS``.
-These two do the same with public Twisted where they can, importing
+:func:`wrap_client_tls` does the same with public Twisted, importing
 ``twisted.protocols.tls`` (and so pyOpenSSL) on the first TLS connection
 when nothing loaded it before (:mod:`fido_tx.tlspreload` does at start-up
-when the configuration uses TLS):
-
-- :func:`wrap_client_tls`: implicit TLS over any client endpoint (IMAP on
-  993, ``rediss://``, a Sentinel over TLS, an HTTPS webhook);
-- :func:`start_tls`: STARTTLS on a connected transport.
+when the configuration uses TLS): :func:`wrap_client_tls`, implicit TLS
+over any client endpoint (``rediss://``, a Sentinel over TLS, HTTPS for the
+webhook, the reporter, OAuth2 and Graph).  IMAP's TLS does not come here:
+it is Python's ssl module (:mod:`fido_tx.sources.imap.stdtls`).
 """
 
-from twisted.internet.interfaces import IStreamClientEndpoint, ITLSTransport
+from twisted.internet.interfaces import IStreamClientEndpoint
 from zope.interface import implementer
 
-from fido_tx import private
-
-__all__ = ["TLSEndpoint", "start_tls", "wrap_client_tls"]
+__all__ = ["TLSEndpoint", "wrap_client_tls"]
 
 
 @implementer(IStreamClientEndpoint)
@@ -42,15 +39,3 @@ def wrap_client_tls(creator, endpoint):
     needing pyOpenSSL before the first connection)."""
     return TLSEndpoint(creator, endpoint)
 
-
-def start_tls(protocol, creator):
-    """Switch ``protocol``'s connection to TLS made by ``creator``.
-
-    Returns the transport ``protocol`` now writes to: its own (Twisted's
-    ``startTLS``) when the transport offers it, else the TLS layer put
-    between them (:func:`fido_tx.private.start_tls_on`)."""
-    transport = protocol.transport
-    if ITLSTransport.providedBy(transport):
-        transport.startTLS(creator)
-        return transport
-    return private.start_tls_on(transport, protocol, creator)

@@ -8,7 +8,10 @@ txredisapi.
 
 Replaced by public APIs (so not here): ``twisted.internet._resolver.
 HostResolution`` (:mod:`fido_tx.resolve` implements the public
-``IHostResolution`` itself).
+``IHostResolution`` itself); pyOpenSSL's ``SSL_session_reused``, Twisted's
+TLS small-write aggregator and ``TLSMemoryBIOProtocol(_connectWrapped=False)``
+for STARTTLS (IMAP's TLS is Python's ssl module since issue 15:
+:mod:`fido_tx.sources.imap.stdtls`, with public ``session_reused``).
 """
 
 from zope.interface import implementer
@@ -17,16 +20,13 @@ __all__ = [
     "TRICKS",
     "PlatformAndExtraRoots",
     "clear_exit_signal",
-    "direct_tls_write",
     "fast_reply_protocol",
     "import_twisted",
     "piecewise_redis_protocol",
     "redis_build_command",
     "redis_command_pieces",
     "release_idle_buffers",
-    "session_reused",
     "share_context",
-    "start_tls_on",
 ]
 
 #: trick name -> what breaks without it (named by the tests' failures)
@@ -37,17 +37,11 @@ TRICKS = {
                                  "ClientTLSOptions context): SSL_MODE_RELEASE_BUFFERS",
     "share_context": "ClientTLSOptions._createConnection: one OpenSSL context (and one "
                      "copy of the CA bundle, ~0.9 MiB) per set of trust roots, not per host",
-    "SSL_session_reused": "OpenSSL._util.lib.SSL_session_reused: the 'TLS session "
-                          "resumed' debug line",
     "_exitSignal": "reactor._exitSignal (twistd): a SIGTERM'd daemon that stopped "
                    "cleanly exits 0",
-    "BufferingTLSTransport": "twisted.protocols.tls.BufferingTLSTransport._aggregator: "
-                             "an IMAP command written without a callLater(0) each",
     "import_twisted": "sys.modules['OpenSSL'] = None while the reactor, endpoints and "
                       "txredisapi are imported: no pyOpenSSL/cryptography (~12 MiB) "
                       "in a daemon without TLS",
-    "start_tls_on": "TLSMemoryBIOProtocol(_connectWrapped=False) and tcp "
-                    "Connection.protocol: STARTTLS on a reactor imported without TLS",
     "txredisapi replyReceived": "txredisapi BaseRedisProtocol.replyReceived and "
                                 "handleTransactionData: Redis replies parsed in one pass "
                                 "(fast_reply_protocol)",
@@ -152,21 +146,6 @@ def share_context(options, certificate_options):
     return True
 
 
-# --- pyOpenSSL: whether a connection resumed its TLS session ----------------------
-
-
-def session_reused(connection):
-    """Whether ``connection`` (an ``OpenSSL.SSL.Connection``) resumed a TLS
-    session; ``None`` when pyOpenSSL cannot tell.  pyOpenSSL has no public
-    ``session_reused()``; its cffi binding does."""
-    try:
-        from OpenSSL._util import lib
-
-        return bool(lib.SSL_session_reused(connection._ssl))
-    except Exception:
-        return None
-
-
 # --- Twisted: the signal twistd re-raises on exit ---------------------------------
 
 
@@ -180,46 +159,6 @@ def clear_exit_signal(reactor):
         return False
     reactor._exitSignal = None
     return True
-
-
-# --- Twisted: TLS writes without the small-write aggregator ----------------------
-#
-# Twisted's client TLS transport (``BufferingTLSTransport``, a
-# ``TLSMemoryBIOProtocol``) holds every write until the next reactor turn,
-# with a ``callLater(0)`` per write: 6 of the 21 DelayedCalls of an empty
-# TLS poll (profile of 1,000), and a reactor turn of latency per command.
-# An IMAP client writes one command line and waits for the answer: nothing
-# to aggregate.  ``TLSMemoryBIOProtocol.write`` (public) on the instance
-# writes at once; used only while the transport's aggregator holds nothing
-# (so nothing is reordered) and only on a ``BufferingTLSTransport``.
-# Checked by tests/test_private.py (``test_direct_tls_write``).
-
-
-def direct_tls_write(transport):
-    """``write(data)`` for ``transport``: past Twisted's TLS small-write
-    aggregator when it is a ``BufferingTLSTransport`` with nothing held,
-    else ``transport.write``."""
-    import sys
-
-    if "twisted.protocols.tls" not in sys.modules:  # no TLS yet: not loaded for a check
-        return transport.write
-    try:
-        from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOProtocol
-    except ImportError:  # pragma: no cover - a Twisted without it: plain write
-        return transport.write
-    if type(transport) is not BufferingTLSTransport:
-        return transport.write
-    aggregator = getattr(transport, "_aggregator", None)
-    if aggregator is None or getattr(aggregator, "_buffer", None):
-        return transport.write
-    unbuffered = TLSMemoryBIOProtocol.write
-
-    def write(data):
-        if aggregator._buffer:  # something went through the aggregator: keep order
-            return transport.write(data)
-        return unbuffered(transport, data)
-
-    return write
 
 
 # -- txredisapi: write a command's pieces without joining them ------------------
@@ -446,10 +385,11 @@ def _hand_over(protocol, found):
 # ``sys.modules['OpenSSL']`` is ``None`` and txredisapi sees stand-ins for
 # those two modules, whose names make the real object when called; then the
 # stand-ins are removed and pyOpenSSL loads
-# normally the first time a TLS connection is made.  Fido's own TLS does not
-# need the reactor's: :mod:`fido_tx.lazytls` wraps an endpoint with
-# ``TLSMemoryBIOFactory`` (public) and starts TLS on a connection with
-# :func:`start_tls_on`.  Checked by tests/test_private.py
+# normally the first time a pyOpenSSL connection is made.  Fido's own TLS
+# does not need the reactor's: IMAP's is Python's ssl module
+# (:mod:`fido_tx.sources.imap.stdtls`, STARTTLS included), and
+# :mod:`fido_tx.lazytls` wraps an endpoint with ``TLSMemoryBIOFactory``
+# (public) for HTTPS and rediss.  Checked by tests/test_private.py
 # (``test_import_twisted``) and tests/test_lazy_imports.py.
 
 
@@ -505,35 +445,3 @@ def import_twisted(tls=False):
             if getattr(sys.modules[package], leaf, None) is stub:
                 delattr(sys.modules[package], leaf)
     return True
-
-
-# --- Twisted: STARTTLS on a TCP transport imported without TLS ------------------
-#
-# ``ITCPTransport.startTLS`` exists only when ``twisted.internet.tcp`` was
-# imported with pyOpenSSL (see above).  Without it, the same layering by hand,
-# as ``twisted.internet._newtls.startTLS`` does it: a ``TLSMemoryBIOProtocol``
-# that does not connect the application protocol again (``_connectWrapped``,
-# a private argument) wraps the TCP connection's ``protocol`` (the attribute it
-# delivers bytes to: the application protocol, or the endpoint's wrapper that
-# forwards to it) and takes its place, and the application writes through it.
-# Checked by
-# tests/test_private.py (``test_start_tls_on``).
-
-
-def start_tls_on(transport, protocol, creator):
-    """Start client TLS with ``creator`` on ``transport``, a TCP connection
-    that delivers to ``protocol`` (through its ``protocol`` attribute, maybe
-    an endpoint's wrapper).  Returns the TLS transport: ``protocol`` writes
-    through it from now on."""
-    from twisted.protocols.tls import TLSMemoryBIOFactory
-
-    receiver = getattr(transport, "protocol", None)
-    if receiver is None:
-        raise TypeError(f"{type(transport).__name__} has no protocol attribute: "
-                        f"cannot start TLS on it")
-    factory = TLSMemoryBIOFactory(creator, True, None)
-    tls = factory.protocol(factory, receiver, _connectWrapped=False)
-    transport.protocol = tls
-    protocol.transport = tls
-    tls.makeConnection(transport)
-    return tls

@@ -11,9 +11,10 @@ stall of a TLS run.  :class:`TlsPreload` does both before the reactor runs
 - :meth:`TlsPreload.settings`: ``rediss://`` Redis or Sentinel, an https
   webhook or report URL, a ``rediss://`` delivery Redis: the modules;
 - :meth:`TlsPreload.accounts`: IMAP accounts with implicit TLS or STARTTLS
-  (the modules, and the shared TLS options of each ``(host, ca_file)``:
-  :class:`~fido_tx.sources.imap.connect.TlsContexts`), OAuth2 and Graph
-  accounts (their HTTPS: the modules).
+  (the shared ``ssl.SSLContext`` of each ``ca_file``:
+  :class:`~fido_tx.sources.imap.connect.TlsContexts`; IMAP's TLS is Python's
+  ssl module, :mod:`fido_tx.sources.imap.stdtls`, and loads no pyOpenSSL),
+  OAuth2 and Graph accounts (their HTTPS: the modules).
 
 The composition root calls :meth:`~TlsPreload.accounts` with each accounts
 load's added accounts: the first load happens in ``makeService``; a reload
@@ -25,7 +26,8 @@ import sys
 
 from twisted.logger import Logger
 
-__all__ = ["TLS_MODULES", "TlsPreload", "account_uses_tls", "settings_use_tls"]
+__all__ = ["TLS_MODULES", "TlsPreload", "account_uses_https", "account_uses_imap_tls",
+           "account_uses_tls", "settings_use_tls"]
 
 log = Logger()
 
@@ -61,8 +63,18 @@ def settings_use_tls(settings):
 
 def account_uses_tls(account):
     """Whether a session of ``account`` would open a TLS connection."""
-    if account.source == "graph" or account.oauth is not None:
-        return True  # Graph and OAuth2 token endpoints: HTTPS
+    return account_uses_https(account) or account_uses_imap_tls(account)
+
+
+def account_uses_https(account):
+    """Whether ``account`` talks HTTPS (Graph, an OAuth2 token endpoint):
+    treq's TLS, on pyOpenSSL."""
+    return account.source == "graph" or account.oauth is not None
+
+
+def account_uses_imap_tls(account):
+    """Whether ``account``'s IMAP connections use TLS (Python's ssl module,
+    :mod:`fido_tx.sources.imap.stdtls`: no pyOpenSSL)."""
     return account.source == "imap" and account.security in ("tls", "starttls")
 
 
@@ -106,23 +118,23 @@ class TlsPreload:
             self.modules("the Redis, delivery or reporter URL")
 
     def accounts(self, accounts):
-        """Preload for ``accounts`` (those added by a load): the modules if
-        any uses TLS, and the TLS options of each IMAP server not seen yet.
+        """Preload for ``accounts`` (those added by a load): the pyOpenSSL
+        modules if any talks HTTPS (OAuth2, Graph), and the ``ssl.SSLContext``
+        of each IMAP ``ca_file`` not seen yet (IMAP's TLS needs no pyOpenSSL).
         A ``ca_file`` that cannot be read is left to the account's session,
         which reports it."""
         if not self.sessions:
             return
         for account in accounts:
-            if not account_uses_tls(account):
+            if account_uses_https(account):
+                self.modules(f"account {account.id}")
+            if self.contexts is None or not account_uses_imap_tls(account):
                 continue
-            self.modules(f"account {account.id}")
-            if self.contexts is None or account.source != "imap":
-                continue
-            key = (account.host, account.ca_file or None)
+            key = account.ca_file or None
             if key in self._warmed:
                 continue
             self._warmed.add(key)
             try:
-                self.contexts.options(account.host, account.ca_file)
-            except Exception:  # the session says what is wrong (ca_file, host)
+                self.contexts.ssl_context(account.ca_file)
+            except Exception:  # the session says what is wrong (ca_file)
                 self._warmed.discard(key)

@@ -56,6 +56,12 @@ def _modules_after_start(tmp_path, accounts, http_listen=""):
     return set(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
+def _mapped_files(pid, word):
+    """The shared objects of process ``pid`` whose path has ``word`` (Linux)."""
+    with open(f"/proc/{pid}/maps") as f:
+        return sorted({line.split()[-1] for line in f if word in line})
+
+
 def _loaded(modules, names):
     return sorted(m for m in modules for name in names if m == name or m.startswith(name + "."))
 
@@ -72,15 +78,70 @@ def test_a_plain_imap_daemon_imports_no_tls_web_graph_or_oauth_code(tmp_path):
 
 
 def test_the_http_listener_imports_twisted_web_for_its_first_connection_only(tmp_path):
-    # the default [http] listen: bound at start, twisted.web (3.6 MiB) later
+    # the default [http] listen: bound at start, twisted.web (3.6 MiB) and
+    # prometheus_client (~24 ms of CPU) later
     modules = _modules_after_start(tmp_path, [_plain(1)], http_listen="tcp:0:interface=127.0.0.1")
-    assert "fido_tx.observe.listen" in modules
-    assert _loaded(modules, ("twisted.web", "fido_tx.observe.web", "OpenSSL")) == []
+    assert "fido_tx.observe.listen" in modules and "fido_tx.observe.metrics" in modules
+    assert _loaded(modules, ("twisted.web", "fido_tx.observe.web", "OpenSSL",
+                             "prometheus_client")) == []
+
+
+#: runs in a fresh interpreter: makeService with [http] listen, sessions
+#: counted before anything imported prometheus_client, then a scrape of
+#: what /metrics serves; prints whether it was loaded before, and the text
+_START_AND_SCRAPE = textwrap.dedent("""
+    import json, sys
+    from fido_tx import tap
+    from fido_tx.outcome import SessionResult
+
+    options = tap.Options()
+    options.parseOptions(["--config", sys.argv[1]])
+    top = tap.makeService(options)
+    metrics = top.parts["metrics"]
+    metrics.observe_session(SessionResult("plain1", fetched=2, bytes=300, seconds=0.2))
+    metrics.observe_session(SessionResult("plain1", kind="auth", message="no", seconds=3))
+    before = "prometheus_client" in sys.modules
+    from prometheus_client import generate_latest
+
+    print(json.dumps([before, generate_latest(metrics.registry).decode()]))
+""")
+
+
+def test_the_session_metrics_count_without_prometheus_client_until_scraped(tmp_path):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    directory = str(tmp_path)
+    daemon.write_accounts(os.path.join(directory, "accounts.json"), [_plain(1)])
+    config_path = os.path.join(directory, "fido.toml")
+    daemon.write_config(config_path, directory, "redis://127.0.0.1:9/0")
+    with open(config_path) as f:
+        text = f.read().replace('listen = ""', 'listen = "tcp:0:interface=127.0.0.1"')
+    with open(config_path, "w") as f:
+        f.write(text)
+    out = subprocess.run([sys.executable, "-c", _START_AND_SCRAPE, config_path], cwd=directory,
+                         env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr[-3000:]
+    loaded_before, exposition = json.loads(out.stdout.strip().splitlines()[-1])
+    assert loaded_before is False
+    got = {(s.name, tuple(sorted(s.labels.items()))): s.value
+           for family in text_string_to_metric_families(exposition) for s in family.samples}
+    assert got[("fido_sessions_total", (("outcome", "ok"),))] == 1
+    assert got[("fido_sessions_total", (("outcome", "auth"),))] == 1
+    assert got[("fido_messages_fetched_total", ())] == 2
+    assert got[("fido_bytes_fetched_total", ())] == 300
+    assert got[("fido_session_duration_seconds_bucket", (("le", "0.25"),))] == 1
+    assert got[("fido_session_duration_seconds_count", ())] == 2
+    assert got[("fido_session_duration_seconds_sum", ())] == 3.2
+    assert ("fido_sessions_created", (("outcome", "ok"),)) in got
+    assert ("fido_accounts", (("state", "ok"),)) in got  # the scrape-time gauges too
 
 
 #: runs in a fresh interpreter: makeService as twistd calls it (the reactor
 #: not running), then, with argv[2], a reload of the accounts file written
-#: there; prints the TLS modules loaded and the TLS options built after each
+#: there; prints the TLS modules loaded, the ca_files of the IMAP ssl contexts
+#: built ("" for the platform's roots alone) and how many pyOpenSSL options
+#: were built, after each
 _START_AND_RELOAD = textwrap.dedent("""
     import json, sys
     from fido_tx import tap
@@ -91,8 +152,8 @@ _START_AND_RELOAD = textwrap.dedent("""
 
     def state(top):
         contexts = top.parts["tls"].contexts
-        return [[m for m in TLS if m in sys.modules], sorted(k[0] for k in contexts._options),
-                len(contexts._shared)]
+        return [[m for m in TLS if m in sys.modules],
+                sorted(k[0] or "" for k in contexts._contexts), len(contexts._options)]
 
     options = tap.Options()
     options.parseOptions(["--config", sys.argv[1]])
@@ -130,29 +191,32 @@ def _tls_after_start(tmp_path, accounts, reloaded=None):
 ALL_TLS = ["OpenSSL.SSL", "service_identity", "twisted.internet.ssl", "twisted.protocols.tls"]
 
 
-def test_a_daemon_with_tls_accounts_loads_tls_before_the_reactor_runs(tmp_path):
-    # not in the first TLS session's reactor turn (a 113 ms stall): the
-    # modules, and each server's TLS options, all on one shared context
+def test_tls_imap_accounts_get_their_ssl_contexts_before_the_reactor_runs(tmp_path):
+    # not in the first TLS session's reactor turn: one ssl.SSLContext per
+    # ca_file, and no pyOpenSSL (IMAP's TLS is Python's ssl module)
+    from tests.support import tlsca
+
+    ca = tlsca.files().ca
     accounts = [dict(_plain(1), security="tls", port=993, host="imap.example.test"),
                 dict(_plain(2), security="starttls", port=143, host="mail.example.test"),
                 dict(_plain(3), security="tls", port=993, host="imap.example.test"),
+                dict(_plain(5), security="tls", port=993, host="other.example.test",
+                     ca_file=ca),
                 _plain(4)]
-    [(modules, hosts, shared)] = _tls_after_start(tmp_path, accounts)
-    assert modules == ALL_TLS
-    assert hosts == ["imap.example.test", "mail.example.test"]
-    assert shared == 1
+    [(modules, ca_files, options)] = _tls_after_start(tmp_path, accounts)
+    assert (modules, ca_files, options) == ([], ["", ca], 0)
 
 
 def test_a_plain_daemon_preloads_no_tls(tmp_path):
-    [(modules, hosts, shared)] = _tls_after_start(tmp_path, [_plain(1), _plain(2)])
-    assert (modules, hosts, shared) == ([], [], 0)
+    [(modules, ca_files, options)] = _tls_after_start(tmp_path, [_plain(1), _plain(2)])
+    assert (modules, ca_files, options) == ([], [], 0)
 
 
-def test_a_reload_adding_the_first_tls_account_preloads_it(tmp_path):
+def test_a_reload_adding_the_first_tls_account_preloads_its_context(tmp_path):
     tls = dict(_plain(2), security="tls", port=993, host="imap.example.test")
     before, after = _tls_after_start(tmp_path, [_plain(1)], reloaded=[_plain(1), tls])
     assert before == [[], [], 0]
-    assert after == [ALL_TLS, ["imap.example.test"], 1]
+    assert after == [[], [""], 0]
 
 
 def test_a_rediss_url_loads_tls_before_the_reactor_runs(tmp_path):
@@ -164,8 +228,8 @@ def test_a_rediss_url_loads_tls_before_the_reactor_runs(tmp_path):
                          env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0, out.stderr[-3000:]
-    [(modules, hosts, shared)] = json.loads(out.stdout.strip().splitlines()[-1])
-    assert modules == ALL_TLS and hosts == []
+    [(modules, ca_files, options)] = json.loads(out.stdout.strip().splitlines()[-1])
+    assert modules == ALL_TLS and ca_files == []
 
 
 def test_an_ssl_http_listener_gets_a_reactor_with_tls(tmp_path):
@@ -186,8 +250,8 @@ def test_an_ssl_http_listener_gets_a_reactor_with_tls(tmp_path):
 def test_the_daemon_without_pyopenssl_at_start_fetches_over_tls_and_starttls(tmp_path, dovecot,
                                                                            redis):
     """twistd, Dovecot: a plain, a STARTTLS and an implicit-TLS account each
-    deliver their messages (TLS layered by fido_tx.lazytls on a reactor that
-    was imported without pyOpenSSL)."""
+    deliver their messages, and the daemon never loads pyOpenSSL's
+    cryptography (IMAP's TLS is Python's ssl module: fido_tx.sources.imap.stdtls)."""
     users = {f"lazy{k}@fido.test": f"pw-lazy-{k}" for k in range(3)}
     dovecot.add_users(users)
     for k, user in enumerate(users):
@@ -215,6 +279,7 @@ def test_the_daemon_without_pyopenssl_at_start_fetches_over_tls_and_starttls(tmp
         assert client("XLEN", "fido:messages") == 9, daemon.log_tail(log_path)
         for user in users:
             assert set(dovecot.flags(user).values()) == {"S"}, daemon.log_tail(log_path)
+        assert _mapped_files(proc.pid, "cryptography") == []
     finally:
         proc.terminate()
         proc.wait(30)

@@ -163,12 +163,6 @@ class PrivateApiTests(SynchronousTestCase):
         self.assertIs(a._createConnection.__self__, shared)
         self.assertFalse(private.share_context(object(), shared))
 
-    def test_session_reused(self):
-        from OpenSSL import SSL
-
-        connection = SSL.Connection(SSL.Context(SSL.TLS_CLIENT_METHOD), None)
-        self.assertIs(private.session_reused(connection), False, _trick("SSL_session_reused"))
-
     def test_exit_signal(self):
         from twisted.internet import reactor
 
@@ -180,34 +174,6 @@ class PrivateApiTests(SynchronousTestCase):
         r = Reactor()
         self.assertTrue(private.clear_exit_signal(r))
         self.assertIsNone(r._exitSignal)
-
-    def test_direct_tls_write(self):
-        from twisted.internet import task
-        from twisted.internet.protocol import Factory, Protocol
-        from twisted.internet.ssl import optionsForClientTLS
-        from twisted.internet.testing import StringTransport
-        from twisted.protocols.tls import TLSMemoryBIOFactory
-
-        clock = task.Clock()
-        factory = TLSMemoryBIOFactory(optionsForClientTLS("example.test"), True,
-                                      Factory.forProtocol(Protocol), clock=clock)
-        tls = factory.buildProtocol(None)
-        tcp = StringTransport()
-        tls.makeConnection(tcp)
-        self.assertIsNotNone(getattr(tls, "_aggregator", None), _trick("BufferingTLSTransport"))
-        write = private.direct_tls_write(tls)
-        self.assertIsNot(write, tls.write, _trick("BufferingTLSTransport"))
-        calls = len(clock.getDelayedCalls())
-        write(b"a1 NOOP\r\n")
-        # written into the TLS connection at once: no flush scheduled
-        self.assertEqual(len(clock.getDelayedCalls()), calls, _trick("BufferingTLSTransport"))
-        self.assertEqual(tls._aggregator._buffer, [], _trick("BufferingTLSTransport"))
-        # something held by the aggregator: later writes keep the order
-        tls.write(b"held")
-        write(b"after")
-        self.assertEqual(tls._aggregator._buffer, [b"held", b"after"])
-        # anything else: its own write
-        self.assertEqual(private.direct_tls_write(tcp), tcp.write)
 
     def test_import_twisted(self):
         # a fresh interpreter: here the reactor is imported already
@@ -238,42 +204,15 @@ class PrivateApiTests(SynchronousTestCase):
             out.stdout.splitlines()[-1])
         self.assertTrue(hidden, _trick("import_twisted"))
         self.assertEqual(loaded, [], _trick("import_twisted"))
-        # Twisted fell back to "no TLS" (what lazytls.start_tls handles)
+        # Twisted fell back to "no TLS" (IMAP's STARTTLS layers stdtls by hand)
         self.assertFalse(tcp_tls, _trick("import_twisted"))
         # txredisapi's stand-in makes the real context factory, loading pyOpenSSL
         self.assertEqual(factory_module, "twisted.internet.ssl", _trick("import_twisted"))
         self.assertTrue(openssl_after and ssl_after)
 
-    def test_start_tls_on(self):
-        from twisted.internet.protocol import Protocol
-        from twisted.internet.ssl import optionsForClientTLS
-        from twisted.protocols.tls import TLSMemoryBIOProtocol
-
-        class Transport(StringTransport):
-            protocol = None  # what tcp.Connection delivers bytes to
-
-        app, tcp = Protocol(), Transport()
-        tcp.protocol = app
-        app.makeConnection(tcp)
-        try:
-            tls = private.start_tls_on(tcp, app, optionsForClientTLS("example.test"))
-        except TypeError as e:  # pragma: no cover - only after an upgrade
-            self.fail(_trick("start_tls_on") + f": {e!r}")
-        self.assertIsInstance(tls, TLSMemoryBIOProtocol)
-        self.assertIs(tcp.protocol, tls, _trick("start_tls_on"))
-        self.assertIs(app.transport, tls)
-        self.assertIs(tls.wrappedProtocol, app)
-        # the ClientHello went out on the TCP transport (a TLS handshake record)
-        self.assertEqual(tcp.value()[:1], b"\x16", _trick("start_tls_on"))
-        # a transport without a protocol attribute is refused
-        with self.assertRaises(TypeError):
-            private.start_tls_on(StringTransport(), Protocol(),
-                                 optionsForClientTLS("example.test"))
-
     def test_every_trick_has_a_test(self):
-        names = {"IOpenSSLTrustRoot", "createConnection.__self__", "SSL_session_reused",
-                 "_exitSignal", "BufferingTLSTransport", "import_twisted", "start_tls_on",
-                 "share_context", "txredisapi replyReceived"}
+        names = {"IOpenSSLTrustRoot", "createConnection.__self__", "_exitSignal",
+                 "import_twisted", "share_context", "txredisapi replyReceived"}
         self.assertEqual(set(private.TRICKS), names)
 
     def test_host_resolution_is_public_now(self):

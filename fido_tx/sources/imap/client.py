@@ -36,7 +36,7 @@ from twisted.internet import defer, protocol
 from twisted.internet import error as ierror
 from twisted.python import failure
 
-from fido_tx import errors, private
+from fido_tx import errors
 from fido_tx.errors import FidoError
 from fido_tx.sources.imap.parse import (  # noqa: F401 - re-exported for callers
     SelectInfo,
@@ -218,8 +218,7 @@ class FidoIMAP4Client(ResponseReader, TracedLines, protocol.Protocol):
             self.transport.abortConnection()
 
     def connectionMade(self):
-        # a command line is written at once, not at the next reactor turn
-        self._write = private.direct_tls_write(self.transport)
+        self._write = self.transport.write
         self._deadline.arm(self.greeting_timeout, "the connection (server greeting)")
 
     def connectionLost(self, reason):
@@ -371,9 +370,9 @@ class FidoIMAP4Client(ResponseReader, TracedLines, protocol.Protocol):
         leftover = self.clearLineBuffer()
         if leftover:
             raise FidoError(errors.TLS, "server sent data after its STARTTLS response")
-        from fido_tx import lazytls
+        from fido_tx.sources.imap import stdtls
 
-        lazytls.start_tls(self, context_factory)
+        stdtls.start_tls(self, context_factory)
         self._write = self.transport.write
         self.startedTLS = True
 

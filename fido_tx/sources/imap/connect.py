@@ -3,10 +3,14 @@
 Two objects, created once by the composition root and shared by every
 session (tests make their own, so nothing global needs clearing):
 
-- :class:`TlsContexts`: the client TLS options per ``(host, ca_file)``, all
-  hosts with the same trust roots sharing one OpenSSL context (building one
-  loads the CA bundle: ~60 ms and ~0.9 MiB), and the TLS session of the last
-  logged-in connection per server, offered to the next one (resumption).
+- :class:`TlsContexts`: for IMAP, one ``ssl.SSLContext`` per set of trust
+  roots (building one loads the CA bundle: ~0.9 MiB) and the TLS session of
+  the last logged-in connection per server, offered to the next one
+  (resumption); IMAP's TLS layer is :mod:`fido_tx.sources.imap.stdtls`
+  (Python's ssl module, no pyOpenSSL).  For HTTPS (treq: OAuth2, Graph, the
+  webhook, the reporter), the pyOpenSSL client TLS options per ``(host,
+  ca_file)``, all hosts with the same trust roots sharing one OpenSSL
+  context.
 - :class:`Connector`: a :class:`HostnameEndpoint` per (host, port, timeout)
   and :meth:`Connector.connect`, which opens one connection within
   ``connect_timeout`` and classifies what went wrong.  When the host is an
@@ -23,6 +27,7 @@ account has a ``ca_file``, every certificate in that PEM file.
 """
 
 import os
+import ssl
 
 from twisted.internet import defer
 from twisted.internet import error as ierror
@@ -30,21 +35,26 @@ from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.interfaces import (
-    IOpenSSLClientConnectionCreator,
     IReactorPluggableNameResolver,
 )
 from twisted.internet.protocol import Factory
-from zope.interface import implementer
 
 from fido_tx import errors, private
-from fido_tx.lazytls import wrap_client_tls
 from fido_tx.errors import FidoError
 from fido_tx.resolve import CachingResolver
 
 #: entries kept per cache before it is emptied
 CACHE_MAX = 4096
 
-__all__ = ["CACHE_MAX", "Connector", "TlsContexts", "explain_untrusted", "load_ca_file"]
+#: resumed connections before their server's kept TLS session is renewed:
+#: reading a session from Python's ssl costs ~0.23 ms of CPU (it copies it
+#: through DER, certificate included) and one that resumed is still good,
+#: so it is read only after a full handshake and every this many resumptions
+#: (RFC 8446 asks clients not to reuse tickets, for privacy: renewing now and
+#: then bounds what an observer can correlate)
+SESSION_RENEW_AFTER = 20
+
+__all__ = ["CACHE_MAX", "Connector", "TlsContexts", "TlsCreator", "load_ca_file"]
 
 
 def load_ca_file(path):
@@ -70,8 +80,11 @@ class TlsContexts:
         self._options = {}
         #: (ca_file, its mtime) -> CertificateOptions whose context every host shares
         self._shared = {}
-        #: (shared options, port) -> TLS session of the last logged-in connection
+        #: (ca_file, its mtime) -> the ssl.SSLContext every IMAP server shares
+        self._contexts = {}
+        #: (ssl context, host, port) -> TLS session of the last logged-in IMAP connection
         self.sessions = {}
+        self._resumed = {}  # same keys -> connections that resumed it since
 
     def options(self, host, ca_file=None):
         """The client TLS options for ``host`` (and extra roots in ``ca_file``).
@@ -118,91 +131,105 @@ class TlsContexts:
             self._shared[key] = shared
         return shared
 
+    def ssl_context(self, ca_file=None):
+        """The ``ssl.SSLContext`` (:func:`~fido_tx.sources.imap.stdtls.client_context`)
+        shared by every IMAP server trusting the platform's roots plus
+        ``ca_file``'s certificates; cached per ``(ca_file, its mtime)``.
+        Raises a ``config`` :class:`FidoError` when ``ca_file`` cannot be read."""
+        from fido_tx.sources.imap.stdtls import client_context
+
+        mtime = None
+        if ca_file:
+            try:
+                mtime = os.stat(ca_file).st_mtime_ns
+            except OSError as e:
+                raise FidoError(errors.CONFIG, f"cannot read ca_file {ca_file!r}: {e}")
+        key = (ca_file or None, mtime)
+        context = self._contexts.get(key)
+        if context is None:
+            try:
+                context = client_context(ca_file)
+            except (OSError, ValueError, ssl.SSLError) as e:
+                raise FidoError(errors.CONFIG, f"cannot read ca_file {ca_file!r}: {e}")
+            if len(self._contexts) >= self.max_entries:
+                self._contexts.clear()
+            self._contexts[key] = context
+        return context
+
     def creator(self, host, ca_file, port):
-        """A per-connection :class:`RecordingCreator` for this server."""
-        return RecordingCreator(self, self.options(host, ca_file), port)
+        """A per-connection :class:`TlsCreator` for this IMAP server."""
+        return TlsCreator(self, self.ssl_context(ca_file), host, port)
 
     def remember(self, key, session):
         if len(self.sessions) >= self.max_entries and key not in self.sessions:
             self.sessions.clear()
+            self._resumed.clear()
         self.sessions[key] = session
+        self._resumed[key] = 0
+
+    def keeps(self, key):
+        """A connection resumed ``key``'s kept session: whether it is kept
+        as it is (not renewed yet, :data:`SESSION_RENEW_AFTER`)."""
+        count = self._resumed.get(key)
+        if count is None or count + 1 >= SESSION_RENEW_AFTER:
+            return False
+        self._resumed[key] = count + 1
+        return True
 
 
-@implementer(IOpenSSLClientConnectionCreator)
-class RecordingCreator:
-    """Per-connection wrapper of the shared options: remembers the TLS
-    connection, and resumes the server's last TLS session.
+class TlsCreator:
+    """Makes one connection's ``ssl.SSLObject`` on the shared context, and
+    resumes the server's last TLS session.
 
-    Verification stays entirely Twisted's (chain and host name); the
-    connection is kept to explain a failed verification and to keep its TLS
-    session (:meth:`remember_session`) once it has logged in.  A resumed
-    session skips the certificate exchange (~1 ms of client CPU); only a
-    session whose connection was verified and logged in is kept, per (host +
-    trust roots, port).  A server that declines the ticket gets a full
-    handshake, as before.
+    Verification is OpenSSL's (chain and host name, ``check_hostname``);
+    the TLS object is kept to keep its session (:meth:`remember_session`)
+    once the connection has logged in.  A resumed session skips the
+    certificate exchange (~1 ms of client CPU); only a session whose
+    connection was verified and logged in is kept, per (context, host,
+    port): never offered to another host.  A server that declines it gets a
+    full handshake, as before.
     """
 
-    def __init__(self, contexts, options, port=None):
+    def __init__(self, contexts, context, host, port=None):
         self.contexts = contexts
-        self.options = options
-        self.key = (options, port)
+        self.context = context
+        self.host = host
+        self.key = (context, host, port)
         self.connections = []
 
-    def clientConnectionForTLS(self, tlsProtocol):
-        conn = self.options.clientConnectionForTLS(tlsProtocol)
+    def client_object(self, incoming, outgoing):
+        """The ``ssl.SSLObject`` of a new connection over these BIOs."""
         session = self.contexts.sessions.get(self.key)
-        if session is not None:
-            try:
-                conn.set_session(session)
-            except Exception:  # pragma: no cover - OpenSSL refused it: full handshake
-                self.contexts.sessions.pop(self.key, None)
-        self.connections.append(conn)
-        return conn
+        try:
+            tls = self.context.wrap_bio(incoming, outgoing, server_hostname=self.host,
+                                        session=session)
+        except ValueError:  # pragma: no cover - a session ssl refuses: full handshake
+            self.contexts.sessions.pop(self.key, None)
+            tls = self.context.wrap_bio(incoming, outgoing, server_hostname=self.host)
+        self.connections.append(tls)
+        return tls
 
     def resumed(self):
         """Whether the current connection resumed a TLS session (``None``: cannot tell)."""
         if not self.connections:
             return None
-        return private.session_reused(self.connections[-1])
+        return self.connections[-1].session_reused
 
     def remember_session(self):
-        """Keep the TLS session of the current connection for the next one."""
+        """Keep the TLS session of the current connection for the next one
+        (a connection that resumed the kept one leaves it, up to
+        :data:`SESSION_RENEW_AFTER` times)."""
         if not self.connections:
             return
+        tls = self.connections[-1]
+        if tls.session_reused and self.contexts.keeps(self.key):
+            return
         try:
-            session = self.connections[-1].get_session()
+            session = tls.session
         except Exception:  # pragma: no cover - no session to keep
             return
         if session is not None:
             self.contexts.remember(self.key, session)
-
-
-def explain_untrusted(connections, ca_file):
-    """Why the last connection's certificate chain is not trusted, or ``None``."""
-    import ssl
-
-    from OpenSSL import crypto
-
-    if not connections:
-        return None
-    chain = connections[-1].get_peer_cert_chain()
-    if not chain:
-        return None
-    store = crypto.X509Store()
-    paths = ssl.get_default_verify_paths()
-    if paths.cafile or paths.capath:
-        try:
-            store.load_locations(paths.cafile, paths.capath)
-        except crypto.Error:
-            pass
-    if ca_file:
-        for cert in load_ca_file(ca_file):
-            store.add_cert(cert)
-    try:
-        crypto.X509StoreContext(store, chain[0], chain[1:]).verify_certificate()
-    except crypto.X509StoreContextError as e:
-        return str(e)
-    return None
 
 
 class _OneProtocol(Factory):
@@ -344,7 +371,9 @@ class Connector:
         endpoint = (self.direct_endpoint(account.host, account.port)
                     or self.endpoint(account.host, account.port, timeout))
         if account.security == "tls":
-            endpoint = wrap_client_tls(creator, endpoint)
+            from fido_tx.sources.imap.stdtls import TLSEndpoint
+
+            endpoint = TLSEndpoint(creator, endpoint)
         elif account.security not in ("starttls", "none"):
             raise FidoError(errors.CONFIG, f"unknown security {account.security!r}")
         factory = _OneProtocol(make)

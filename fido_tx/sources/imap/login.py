@@ -15,7 +15,6 @@ from fido_tx import errors
 from fido_tx.errors import FidoError
 from fido_tx.scrub import scrub
 from fido_tx.sources.imap.client import FidoIMAP4Client, ImapCommandError
-from fido_tx.sources.imap.connect import explain_untrusted
 from fido_tx.sources.imap.parse import (
     _show,
     astring_parts,
@@ -52,7 +51,7 @@ class ImapConnection:
 
     :ivar proto: the :class:`FidoIMAP4Client`.
     :ivar caps: the server's capabilities (upper-case bytes).
-    :ivar creator: the :class:`~fido_tx.sources.imap.connect.RecordingCreator`
+    :ivar creator: the :class:`~fido_tx.sources.imap.connect.TlsCreator`
         when the connection uses TLS, else ``None``.
     """
 
@@ -124,7 +123,8 @@ def close_after_writes(transport):
     """Close ``transport`` once what was written to it is sent, without
     waiting for the peer: over TLS the close_notify is written and the TCP
     connection under it closed at once (Twisted's TLS ``loseConnection``
-    would wait for the server's close_notify: one more round trip)."""
+    would wait for the server's close_notify: one more round trip; Fido's
+    own :class:`~fido_tx.sources.imap.stdtls.TLSClientProtocol` never waits)."""
     transport.loseConnection()
     lower = getattr(transport, "transport", None)  # TLSMemoryBIOProtocol wraps TCP
     if lower is not None and lower is not transport and hasattr(lower, "loseConnection"):
@@ -190,9 +190,6 @@ class Login:
                 command_timeout=settings.command_timeout,
                 min_literal_rate=settings.min_literal_rate,
             )
-            if creator is not None:
-                connections = creator.connections
-                proto.tls_explain = lambda: explain_untrusted(connections, account.ca_file)
             proto.scrub_forms = forms
             # a body is never larger than its RFC822.SIZE (<= max_message_size)
             proto.max_literal = settings.max_message_size + 1024 * 1024

@@ -2,55 +2,52 @@
 
 :func:`tls_error` turns the reason a TLS connection was lost (a certificate
 that does not match the host, a chain that is not trusted, a failed
-handshake) into a :class:`~fido_tx.errors.FidoError` a sysadmin can act on.
+handshake: an ``ssl.SSLError`` from :mod:`fido_tx.sources.imap.stdtls`)
+into a :class:`~fido_tx.errors.FidoError` a sysadmin can act on.
 """
 
-import sys
+import ssl
 
 from fido_tx import errors
 from fido_tx.errors import FidoError
+
+#: OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH and X509_V_ERR_IP_ADDRESS_MISMATCH
+_NAME_MISMATCH = (62, 64)
 
 
 def tls_error(reason, explain=None, host=None):
     """A :class:`FidoError` of kind ``tls`` for a TLS failure, else ``None``.
 
     :param explain: optional callable returning why the certificate chain
-        was not trusted (``"self-signed certificate"``) or ``None``.
+        was not trusted, used when OpenSSL gave no reason.
     """
-    if reason is None or "OpenSSL.SSL" not in sys.modules:
-        # no TLS connection was ever made (pyOpenSSL loads with the first):
-        # this cannot be a TLS failure, and importing it would cost ~12 MiB
+    if reason is None:
         return None
-    try:
-        from OpenSSL import SSL
-        from service_identity import VerificationError
-    except ImportError:  # pragma: no cover
+    exc = reason.value
+    if not isinstance(exc, ssl.SSLError):
         return None
-    if reason.check(VerificationError):
-        return FidoError(
-            errors.TLS,
-            "certificate does not match host" + (f" {host!r}" if host else ""),
-            debug=f"certificate verification: {reason.getErrorMessage()}",
-        )
-    if reason.check(SSL.Error):
-        text = _ssl_text(reason.value)
-        if "certificate verify failed" in text:
-            why = None
-            if explain is not None:
-                try:
-                    why = explain()
-                except Exception:
-                    why = None
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        why = exc.verify_message
+        if exc.verify_code in _NAME_MISMATCH:
             return FidoError(
-                errors.TLS, "certificate verify failed" + (f": {why}" if why else "")
+                errors.TLS,
+                "certificate does not match host" + (f" {host!r}" if host else ""),
+                debug=f"certificate verification: {why}",
             )
-        return FidoError(errors.TLS, f"TLS handshake failed: {text}")
-    return None
+        if not why and explain is not None:
+            try:
+                why = explain()
+            except Exception:
+                why = None
+        return FidoError(
+            errors.TLS, "certificate verify failed" + (f": {why}" if why else ""))
+    return FidoError(errors.TLS, f"TLS handshake failed: {_ssl_text(exc)}")
 
 
 def _ssl_text(exc):
-    try:
-        parts = [e[2] for e in exc.args[0] if e and e[2]]
-    except (IndexError, TypeError):
-        parts = []
-    return "; ".join(parts) or str(exc) or type(exc).__name__
+    """OpenSSL's own words ("wrong version number"), without the library
+    tag and the source line ssl adds around them."""
+    text = exc.args[1] if len(exc.args) > 1 and isinstance(exc.args[1], str) else str(exc)
+    text = text.split("] ", 1)[1] if text.startswith("[") and "] " in text else text
+    text = text.rsplit(" (_ssl.c:", 1)[0]
+    return text or getattr(exc, "reason", None) or type(exc).__name__
