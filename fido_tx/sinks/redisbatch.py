@@ -57,9 +57,10 @@ for i = 1, #ARGV, %(stride)d do
       reply[new + 1] = id
     end
     redis.call('SADD', set, id)
-    fido_remember(KEYS[ik], KEYS[ik + 1], ARGV[i + 3], ARGV[i + 4])
+    fido_note(KEYS[ik], KEYS[ik + 1], ARGV[i + 3], ARGV[i + 4])
   end
 end
+fido_flush()
 if new > 0 then
   redis.call('HINCRBY', KEYS[2], 'fetched_total', new)
 end
