@@ -59,6 +59,8 @@ VARIANTS = {
                     [CLOSE_LOGOUT]],
     "fido, no status": [[LOGIN, SELECT, SEARCH_KW], [SIZES], [BODIES], [STORE],
                         [CLOSE_LOGOUT]],
+    "fido, no status, waited logout": [[LOGIN, SELECT, SEARCH_KW], [SIZES], [BODIES], [STORE],
+                                       [WAIT_LOGOUT]],
     "fido, no status, searchres": [[LOGIN, SELECT], [SAVE, SIZES_SAVED], [BODIES], [STORE],
                                    [CLOSE_LOGOUT]],
 }
