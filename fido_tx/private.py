@@ -341,13 +341,7 @@ def fast_reply_protocol(base):
 
     from fido_tx.redis import replies
 
-    missing = [name for name in TXREDISAPI_REPLY_HOOKS[:2]
-               if not callable(getattr(base, name, None))]
-    if missing:
-        raise ImportError(
-            f"private API gone: txredisapi {base.__name__}.{', '.join(missing)} "
-            "(fido_tx.private.fast_reply_protocol); see tests/test_private.py"
-        )
+    _require_reply_hooks(base)
     error = txredisapi.ResponseError
 
     class FastReplyProtocol(base):
@@ -394,14 +388,31 @@ def fast_reply_protocol(base):
                 self._fido_have = len(self._fido_buffer)
                 self._fido_need = need
                 self._fido_buffer = b""
-            for reply in found:
-                if reply.__class__ is list:
-                    reply = self.handleTransactionData(reply)
-                elif reply == "QUEUED":
-                    self.transactions += 1
-                self.replyReceived(reply)
+            _hand_over(self, found)
 
     return FastReplyProtocol
+
+
+def _require_reply_hooks(base):
+    """ImportError when txredisapi's ``base`` lacks the reply hooks
+    :func:`fast_reply_protocol` calls."""
+    missing = [name for name in TXREDISAPI_REPLY_HOOKS[:2]
+               if not callable(getattr(base, name, None))]
+    if missing:
+        raise ImportError(
+            f"private API gone: txredisapi {base.__name__}.{', '.join(missing)} "
+            "(fido_tx.private.fast_reply_protocol); see tests/test_private.py"
+        )
+
+
+def _hand_over(protocol, found):
+    """Give each parsed reply to txredisapi as its own reader would."""
+    for reply in found:
+        if reply.__class__ is list:
+            reply = protocol.handleTransactionData(reply)
+        elif reply == "QUEUED":
+            protocol.transactions += 1
+        protocol.replyReceived(reply)
 
 
 # --- Twisted and txredisapi: imported without pyOpenSSL ---------------------------
