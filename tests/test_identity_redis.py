@@ -272,3 +272,20 @@ return redis.call('HLEN', KEYS[1])
     assert sorted(r("HKEYS", ikey)) == sorted(
         [b"u:8:1", b"u:8:2", b"u:8:3", b"i:m1", b"i:m3", b"i:m4", b"e"])
     assert r("HGET", ikey, "i:m1") == b"8:1" and r("HGET", ikey, "e") == b"8"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_batch_larger_than_one_unpack_records_every_identity(conn, redis, tmp_path,
+                                                                    endpoint):
+    """``[imap] batch_messages`` goes up to 10,000: the identities are
+    written 1,000 messages (4,000 values) at a time, under Lua's bound."""
+    sink = build("stream", conn, tmp_path, endpoint)
+    r = redis.client()
+    r("CONFIG", "RESETSTAT")
+    d = await sink.deliver([msg(u, ident=f"m{u}") for u in range(1, 2502)])
+    assert len(d.new) == 2501
+    ikey, qkey = keys.identities("acme", "INBOX")
+    assert r("LLEN", qkey) == 2501 and r("HLEN", ikey) == 2 * 2501 + 1
+    assert _calls(r, "hset") == 3 and _calls(r, "lpush") == 1
+    assert await sink.identities("acme", "INBOX", "7", ["1", "1000", "2501"]) == \
+        ["m1", "m1000", "m2501"]

@@ -44,7 +44,8 @@ KEEP = 10_000
 #: qkey, loc, identity)``: record it as stored at ``loc`` (``epoch:id``).
 #: ``fido_note`` records the same but holds the writes until ``fido_flush()``,
 #: which writes what a script call noted with one ``HSET`` and one ``LPUSH``
-#: per mailbox (a batch of 25 messages: 2 commands instead of 50;
+#: per mailbox (a batch of 25 messages: 2 commands instead of 50; one per
+#: 1,000 messages in larger batches: Lua's ``unpack`` is bounded;
 #: ``fido_known`` sees what is noted).  An empty identity (a Graph message)
 #: does nothing.
 LUA = """
@@ -98,14 +99,21 @@ local function fido_note(ikey, qkey, loc, identity)
   p.known[identity] = true
   p.e = fido_epoch(loc) or p.e
 end
+local function fido_chunked(command, key, values)
+  local n
+  for i = 1, #values, 4000 do
+    n = redis.call(command, key, unpack(values, i, math.min(i + 3999, #values)))
+  end
+  return n
+end
 local function fido_flush()
   for ikey, p in pairs(fido_noted) do
     if p.e then
       p.fields[#p.fields + 1] = 'e'
       p.fields[#p.fields + 1] = p.e
     end
-    redis.call('HSET', ikey, unpack(p.fields))
-    local n = redis.call('LPUSH', p.qkey, unpack(p.locs))
+    fido_chunked('HSET', ikey, p.fields)
+    local n = fido_chunked('LPUSH', p.qkey, p.locs)
     if n > %d then fido_evict(ikey, p.qkey, n - %d) end
   end
   fido_noted = {}
