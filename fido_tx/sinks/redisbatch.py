@@ -4,9 +4,11 @@ Lua call per batch.
 Exactly once: a sink's :meth:`RedisBatchSink.deliver` sends ONE script call
 per batch.  For each message the script checks the dedupe set
 ``fido:uids:{<account>}:<epoch>:<mailbox>``, writes the message (``XADD`` or
-``LPUSH``), then ``SADD``\\ s its id and records its identity
+``LPUSH``), then ``SADD``\\ s its id and notes its identity
 (:mod:`fido_tx.sinks.identity`: a message whose identity is recorded already
-is recorded under its new key but not written again); Redis runs a script
+is recorded under its new key but not written again), and after the loop
+writes the batch's identities (one ``HSET`` and one ``LPUSH`` per mailbox);
+Redis runs a script
 atomically and, with ``appendonly``, persists its writes as one unit, so a
 crash leaves every message either delivered and recorded, or neither.  The order (check, write,
 record) means an error inside the script can at worst leave a message without
