@@ -69,6 +69,9 @@ def measure(args, count, workdir, redis, tls_files, ca):
     if os.path.exists(modules_file):
         os.unlink(modules_file)
     os.environ["FIDO_MODULES_FILE"] = modules_file
+    # the daemon imports fido_tx from this checkout, not the installed one
+    # (bench/fido_run.py's directory, not ROOT, is first on its path)
+    os.environ.setdefault("FIDO_CODE", ROOT)
     start = time.monotonic()
     fido, _ = start_fido(workdir, config)
     try:

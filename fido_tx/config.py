@@ -7,7 +7,6 @@ file and resolves the paths in it relative to the file's directory.
 """
 
 import glob
-import importlib.resources
 import ipaddress
 import math
 import os
@@ -295,6 +294,10 @@ class Roots:
 
 def default_text():
     """The commented default ``fido.toml`` (package data ``default.toml``)."""
+    # imported here: only a start without a config file needs it (~10 ms of
+    # a start's CPU, issue 15)
+    import importlib.resources
+
     return (
         importlib.resources.files("fido_tx")
         .joinpath("default.toml")

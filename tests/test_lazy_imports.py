@@ -72,10 +72,63 @@ def test_a_plain_imap_daemon_imports_no_tls_web_graph_or_oauth_code(tmp_path):
 
 
 def test_the_http_listener_imports_twisted_web_for_its_first_connection_only(tmp_path):
-    # the default [http] listen: bound at start, twisted.web (3.6 MiB) later
+    # the default [http] listen: bound at start, twisted.web (3.6 MiB) and
+    # prometheus_client (~24 ms of CPU) later
     modules = _modules_after_start(tmp_path, [_plain(1)], http_listen="tcp:0:interface=127.0.0.1")
-    assert "fido_tx.observe.listen" in modules
-    assert _loaded(modules, ("twisted.web", "fido_tx.observe.web", "OpenSSL")) == []
+    assert "fido_tx.observe.listen" in modules and "fido_tx.observe.metrics" in modules
+    assert _loaded(modules, ("twisted.web", "fido_tx.observe.web", "OpenSSL",
+                             "prometheus_client")) == []
+
+
+#: runs in a fresh interpreter: makeService with [http] listen, sessions
+#: counted before anything imported prometheus_client, then a scrape of
+#: what /metrics serves; prints whether it was loaded before, and the text
+_START_AND_SCRAPE = textwrap.dedent("""
+    import json, sys
+    from fido_tx import tap
+    from fido_tx.outcome import SessionResult
+
+    options = tap.Options()
+    options.parseOptions(["--config", sys.argv[1]])
+    top = tap.makeService(options)
+    metrics = top.parts["metrics"]
+    metrics.observe_session(SessionResult("plain1", fetched=2, bytes=300, seconds=0.2))
+    metrics.observe_session(SessionResult("plain1", kind="auth", message="no", seconds=3))
+    before = "prometheus_client" in sys.modules
+    from prometheus_client import generate_latest
+
+    print(json.dumps([before, generate_latest(metrics.registry).decode()]))
+""")
+
+
+def test_the_session_metrics_count_without_prometheus_client_until_scraped(tmp_path):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    directory = str(tmp_path)
+    daemon.write_accounts(os.path.join(directory, "accounts.json"), [_plain(1)])
+    config_path = os.path.join(directory, "fido.toml")
+    daemon.write_config(config_path, directory, "redis://127.0.0.1:9/0")
+    with open(config_path) as f:
+        text = f.read().replace('listen = ""', 'listen = "tcp:0:interface=127.0.0.1"')
+    with open(config_path, "w") as f:
+        f.write(text)
+    out = subprocess.run([sys.executable, "-c", _START_AND_SCRAPE, config_path], cwd=directory,
+                         env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr[-3000:]
+    loaded_before, exposition = json.loads(out.stdout.strip().splitlines()[-1])
+    assert loaded_before is False
+    got = {(s.name, tuple(sorted(s.labels.items()))): s.value
+           for family in text_string_to_metric_families(exposition) for s in family.samples}
+    assert got[("fido_sessions_total", (("outcome", "ok"),))] == 1
+    assert got[("fido_sessions_total", (("outcome", "auth"),))] == 1
+    assert got[("fido_messages_fetched_total", ())] == 2
+    assert got[("fido_bytes_fetched_total", ())] == 300
+    assert got[("fido_session_duration_seconds_bucket", (("le", "0.25"),))] == 1
+    assert got[("fido_session_duration_seconds_count", ())] == 2
+    assert got[("fido_session_duration_seconds_sum", ())] == 3.2
+    assert ("fido_sessions_created", (("outcome", "ok"),)) in got
+    assert ("fido_accounts", (("state", "ok"),)) in got  # the scrape-time gauges too
 
 
 #: runs in a fresh interpreter: makeService as twistd calls it (the reactor

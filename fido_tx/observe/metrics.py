@@ -26,8 +26,8 @@ whose object is not bound yet leaves its metric out of that scrape; a scrape
 never fails.
 """
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+import time
+
 from twisted.logger import Logger
 
 from fido_tx import errors
@@ -42,40 +42,51 @@ STATES = ("ok",) + tuple(sorted(errors.FAILURE_KINDS))
 
 
 class Metrics:
-    """Fido's metrics.  ``registry`` is what ``/metrics`` exposes."""
+    """Fido's metrics.  ``registry`` is what ``/metrics`` exposes.
 
-    def __init__(self, registry=None):
-        self.registry = registry if registry is not None else CollectorRegistry()
-        self.sessions = Counter(
-            "fido_sessions", "Mailbox sessions by outcome (ok or error kind).",
-            ["outcome"], registry=self.registry,
-        )
-        self.messages = Counter(
-            "fido_messages_fetched", "Messages fetched and stored.", registry=self.registry
-        )
-        self.bytes = Counter(
-            "fido_bytes_fetched", "Bytes of the messages fetched and stored.",
-            registry=self.registry,
-        )
-        self.duration = Histogram(
-            "fido_session_duration_seconds", "Wall time of mailbox sessions.",
-            buckets=DURATION_BUCKETS, registry=self.registry,
-        )
-        self.deviations = Counter(
-            "fido_imap_deviations",
-            "IMAP protocol deviations read anyway, by kind (bare_lf: a line ended by LF alone).",
-            ["kind"], registry=self.registry,
-        )
-        for outcome in STATES:
-            self.sessions.labels(outcome=outcome)
-        self.deviations.labels(kind="bare_lf")
+    The session counters are plain numbers, turned into Prometheus families
+    when ``/metrics`` is scraped (:class:`_SessionCollector`): prometheus_client
+    is imported with the first scrape (or a given ``registry``), not at
+    start-up (~24 ms of a start's CPU, issue 15), and a session's count is
+    a few additions instead of prometheus_client's locked children.  The
+    exposition is the one ``Counter`` and ``Histogram`` gave, ``_created``
+    series included.
+    """
+
+    def __init__(self, registry=None, clock=time.time):
+        self._clock = clock
+        now = clock()
+        #: outcome -> [count, created]; the same for the deviation kinds
+        self.sessions = {outcome: [0, now] for outcome in STATES}
+        self.deviations = {"bare_lf": [0, now]}
+        self.messages = [0, now]
+        self.bytes = [0, now]
+        #: cumulative count per bucket bound (``+Inf`` last), sum, created
+        self.duration = [[0] * (len(DURATION_BUCKETS) + 1), 0.0, now]
         self.scheduler = None
         self.redis = None
         self.reporter = None
         self.status = None
         self.backlog = None
         self.held = None
-        self.registry.register(_BoundCollector(self))
+        self._registry = None
+        if registry is not None:
+            self._register(registry)
+
+    @property
+    def registry(self):
+        """Fido's own ``CollectorRegistry``, made (and prometheus_client
+        imported) the first time it is asked for."""
+        if self._registry is None:
+            from prometheus_client import CollectorRegistry
+
+            self._register(CollectorRegistry())
+        return self._registry
+
+    def _register(self, registry):
+        registry.register(_SessionCollector(self))
+        registry.register(_BoundCollector(self))
+        self._registry = registry
 
     def bind(self, scheduler=None, redis=None, reporter=None, status=None, backlog=None,
              held=None):
@@ -100,17 +111,72 @@ class Metrics:
 
     def observe_session(self, result):
         """Count one :class:`~fido_tx.outcome.SessionResult`."""
-        self.sessions.labels(outcome="ok" if result.ok else result.kind).inc()
+        _add(self.sessions, "ok" if result.ok else result.kind, 1, self._clock)
         if result.fetched:
-            self.messages.inc(result.fetched)
+            self.messages[0] += result.fetched
         if result.bytes:
-            self.bytes.inc(result.bytes)
-        self.duration.observe(max(0.0, result.seconds))
+            self.bytes[0] += result.bytes
+        seconds = max(0.0, result.seconds)
+        counts = self.duration[0]
+        for i, bound in enumerate(DURATION_BUCKETS):
+            if seconds <= bound:
+                counts[i] += 1
+        counts[-1] += 1
+        self.duration[1] += seconds
         for kind, count in getattr(result, "deviations", ()):
-            self.deviations.labels(kind=kind).inc(count)
+            _add(self.deviations, kind, count, self._clock)
 
     def backlog_length(self):
         return None if self.backlog is None else self.backlog.last_length
+
+
+def _add(series, label, amount, clock):
+    entry = series.get(label)
+    if entry is None:
+        entry = series[label] = [0, clock()]
+    entry[0] += amount
+
+
+class _SessionCollector:
+    """The session counters and the duration histogram, as families."""
+
+    def __init__(self, metrics):
+        self._m = metrics
+
+    def describe(self):
+        return []  # nothing collected at registration
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+
+        m = self._m
+        yield _labelled(CounterMetricFamily(
+            "fido_sessions", "Mailbox sessions by outcome (ok or error kind).",
+            labels=["outcome"]), m.sessions)
+        for name, doc, (value, created) in (
+            ("fido_messages_fetched", "Messages fetched and stored.", m.messages),
+            ("fido_bytes_fetched", "Bytes of the messages fetched and stored.", m.bytes),
+        ):
+            family = CounterMetricFamily(name, doc)
+            family.add_metric([], value, created=created)
+            yield family
+        counts, total, created = m.duration
+        family = HistogramMetricFamily("fido_session_duration_seconds",
+                                       "Wall time of mailbox sessions.")
+        bounds = [repr(float(b)) for b in DURATION_BUCKETS] + ["+Inf"]  # as Histogram's
+        family.add_metric([], list(zip(bounds, counts)), total)
+        family.add_sample("fido_session_duration_seconds_created", {}, created)
+        yield family
+        yield _labelled(CounterMetricFamily(
+            "fido_imap_deviations",
+            "IMAP protocol deviations read anyway, by kind (bare_lf: a line ended by LF alone).",
+            labels=["kind"]), m.deviations)
+
+
+def _labelled(family, series):
+    for label, (value, created) in series.items():
+        family.add_metric([label], value, created=created)
+    return family
 
 
 class _BoundCollector:
@@ -164,6 +230,8 @@ class _BoundCollector:
 
     @staticmethod
     def _accounts(status):
+        from prometheus_client.core import GaugeMetricFamily
+
         family = GaugeMetricFamily("fido_accounts", "Accounts by state.", labels=["state"])
         counts = dict.fromkeys(STATES, 0)
         counts.update(status.summary())
@@ -173,6 +241,8 @@ class _BoundCollector:
 
     @staticmethod
     def _dropped(reporter):
+        from prometheus_client.core import CounterMetricFamily
+
         family = CounterMetricFamily(
             "fido_reporter_dropped", "Error reports dropped because the queue was full."
         )
@@ -194,6 +264,8 @@ class _BoundCollector:
 
 def _held_families(held):
     """Held IMAP connections: ``held`` is a HeldConnections snapshot."""
+    from prometheus_client.core import CounterMetricFamily
+
     yield _gauge("fido_held_connections", "IMAP connections held between polls.",
                  held["held"])
     yield _gauge("fido_idle_connections", "Held IMAP connections waiting in IDLE.",
@@ -217,6 +289,8 @@ def _held_families(held):
 
 
 def _gauge(name, documentation, value):
+    from prometheus_client.core import GaugeMetricFamily
+
     if value is None:
         return None
     return GaugeMetricFamily(name, documentation, value=float(value))
