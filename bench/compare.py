@@ -68,8 +68,12 @@ _COUNT_SESSIONS = (
     "end return {n, e}")
 
 
-#: seconds between two counts of the finished sessions (see _run_fido)
-COUNT_EVERY = 0.2
+#: seconds between two counts of the finished sessions (see _run_fido): each
+#: walks every account hash (~4 ms of Redis CPU at 1,000 accounts); every
+#: 0.2 s that was 118 counts, most of the Redis CPU charged to Fido on an
+#: empty poll of 1,000 accounts (``--commandstats``).  The wall time does
+#: not depend on it (the last session's end is read from the hashes)
+COUNT_EVERY = 1.0
 
 #: the latest end of a session the account hashes record (ISO 8601, UTC)
 _LAST_SESSION_END = (
@@ -80,6 +84,30 @@ _LAST_SESSION_END = (
     "    if v and v > m then m = v end "
     "  end "
     "end return m")
+
+
+def commandstats(r):
+    """``{command: (calls, usec)}`` from Redis's ``INFO commandstats`` (the
+    commands a script runs are counted under their own names too)."""
+    out = {}
+    text = r("INFO", "commandstats")
+    text = text.decode() if isinstance(text, bytes) else text
+    for line in text.splitlines():
+        if line.startswith("cmdstat_"):
+            name, _, rest = line[len("cmdstat_"):].partition(":")
+            fields = dict(f.split("=", 1) for f in rest.split(",") if "=" in f)
+            out[name] = (int(fields.get("calls", 0)), int(fields.get("usec", 0)))
+    return out
+
+
+def commandstats_delta(before, after):
+    """What ran between two :func:`commandstats` (calls, usec), busiest first."""
+    delta = {}
+    for name, (calls, usec) in after.items():
+        c0, u0 = before.get(name, (0, 0))
+        if calls - c0:
+            delta[name] = (calls - c0, usec - u0)
+    return dict(sorted(delta.items(), key=lambda kv: -kv[1][1]))
 
 
 def _session_wall(r, start, start_wall):
@@ -194,6 +222,7 @@ def _run_fido(ctx, workers, accounts, expected, code=None):
     env["FIDO_CODE"] = code or ROOT
     out = open(os.path.join(ctx.workdir, "daemon.out"), "ab")
     s0 = server_cpu_split(ctx)
+    c0 = commandstats(r)
     start = time.monotonic()
     start_wall = time.time()
     daemon = subprocess.Popen(fido_command(ctx.workdir, config), cwd=ctx.workdir, stdout=out,
@@ -236,6 +265,8 @@ def _run_fido(ctx, workers, accounts, expected, code=None):
         peak = max(sampler.stop(), vm_hwm(daemon.pid))
         s1 = server_cpu_split(ctx)
         server = sum(s1) - sum(s0)
+        # the bench's own probes (KEYS, EVAL, XLEN, INFO) are counted too
+        redis_commands = commandstats_delta(c0, commandstats(r))
         stored = r("XLEN", STREAM)
     finally:
         stop_daemon(daemon)
@@ -246,6 +277,7 @@ def _run_fido(ctx, workers, accounts, expected, code=None):
             stall = json.load(f)
     return dict(wall_s=wall, cpu_s=cpu, cpu_sys_s=t.system, peak_rss_mib=peak / 2**20,
                 server_cpu_s=server, dovecot_cpu_s=s1[0] - s0[0], redis_cpu_s=s1[1] - s0[1],
+                redis_commands=redis_commands,
                 startup_s=startup_s, startup_cpu_s=startup_cpu,
                 stored=stored, errors=errors, stall_max_ms=stall.get("max_ms"), gc_max_ms=stall.get("gc_max_ms"),
                 gc_total_ms=stall.get("gc_total_ms"), gc_runs=stall.get("gc_runs"),
@@ -258,6 +290,7 @@ def _run_peer(ctx, script, args, count):
     its rusage, peak RSS, the server's CPU and what it stored (``count``)."""
     r = ctx.redis.client()
     s0 = server_cpu_split(ctx)
+    c0 = commandstats(r)
     start = time.monotonic()
     out = open(os.path.join(ctx.workdir, script.replace(".py", ".out")), "ab")
     proc = subprocess.Popen(
@@ -273,10 +306,12 @@ def _run_peer(ctx, script, args, count):
     peak = sampler.stop()
     s1 = server_cpu_split(ctx)
     server = sum(s1) - sum(s0)
+    redis_commands = commandstats_delta(c0, commandstats(r))
     stored = r(*count)
     return dict(wall_s=wall, cpu_s=usage.ru_utime + usage.ru_stime, cpu_sys_s=usage.ru_stime,
                 peak_rss_mib=peak / 2**20,
                 server_cpu_s=server, dovecot_cpu_s=s1[0] - s0[0], redis_cpu_s=s1[1] - s0[1],
+                redis_commands=redis_commands,
                 stored=stored, errors=1 if proc.returncode else 0,
                 stall_max_ms=None, gc_max_ms=None, gc_total_ms=None, stalls_over_100ms=None,
                 stall_cpu_max_ms=None)
@@ -324,8 +359,8 @@ class Context:
 
 
 def median_row(rows):
-    keys = ("wall_s", "cpu_s", "cpu_sys_s", "peak_rss_mib", "server_cpu_s", "stall_max_ms",
-            "stall_cpu_max_ms", "gc_max_ms", "gc_total_ms",
+    keys = ("wall_s", "cpu_s", "cpu_sys_s", "peak_rss_mib", "server_cpu_s", "dovecot_cpu_s",
+            "redis_cpu_s", "stall_max_ms", "stall_cpu_max_ms", "gc_max_ms", "gc_total_ms",
             "stalls_over_100ms", "msg_per_s", "cpu_ms_per_unit", "startup_s", "startup_cpu_s",
             "cpu_ms_per_unit_after_start")
     out = {}
@@ -445,6 +480,8 @@ def main(argv=None):
     p.add_argument("--security", choices=("tls", "none"), default="tls",
                    help="the accounts' security (implicit TLS or plain)")
     p.add_argument("--no-empty", action="store_true", help="skip the empty second poll")
+    p.add_argument("--commandstats", action="store_true",
+                   help="print each run's Redis commands (INFO commandstats: calls, usec)")
     p.add_argument("--extra-toml", default="", help="appended to Fido's fido.toml")
     p.add_argument("--timeout", type=float, default=600.0)
     p.add_argument("--out", default=None, help="results directory "
@@ -544,6 +581,11 @@ def main(argv=None):
                               f"gc {res.get('gc_total_ms')} ms {res.get('gc_runs')}  "
                               f"{'ok' if res['exact'] else 'INEXACT stored=%s errors=%s' % (res['stored'], res['errors'])}",
                               flush=True)
+                        if args.commandstats:
+                            print("      redis: " + ", ".join(
+                                f"{name} {calls} x {usec / max(calls, 1):.1f} us"
+                                for name, (calls, usec) in res["redis_commands"].items()),
+                                flush=True)
     finally:
         ctx.redis.stop()
         ctx.dovecot.stop()

@@ -8,7 +8,8 @@ Starts a redis-server and, in ONE process on the daemon's own
 each doing what a poll of a 1000x5 run asks of Redis: the sink's
 ``filter_new`` of ``--messages`` new UIDs, one ``deliver`` of them (~4 KiB
 each, the stream sink), and ``AccountState.record_session`` of its result
-(``--messages 0``: an empty poll, only the account state).  Every round
+(``--messages 0``: an empty poll, only the account state).  Each message
+carries an identity, as the IMAP source's do (the sink records it).  Every round
 uses new accounts, so every message is new.  Prints, per round and as the
 median, the client's CPU (user + sys of this process) and Redis's
 (``/proc/<pid>/stat``) per session, and the Redis commands per session
@@ -85,8 +86,10 @@ def main(argv=None):
         new = await sink.filter_new(account, "INBOX", "7", ids) if ids else []
         if new:
             now = utc_now_iso()
+            # with an identity, as the IMAP source gives every message
             delivery = await sink.deliver([
-                Message(account, "INBOX", "7", i, RAW % int(i), fetched_at=now) for i in new])
+                Message(account, "INBOX", "7", i, RAW % int(i), fetched_at=now,
+                        identity="m%016x" % hash((account, i))) for i in new])
             assert len(delivery.new) == len(new), delivery
         # the daemon does not wait for it either (observe/status.py)
         written.append(state.record_session(SessionResult(account, fetched=len(new))))

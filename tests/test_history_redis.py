@@ -29,6 +29,7 @@ def _calls(info, command):
 async def test_session_entries_go_by_evalsha_on_the_daemons_connection(redis):
     reactor = _reactor()
     conn = await redisconn.shared_connection(reactor, redis.port)
+    redis.client()("CONFIG", "RESETSTAT")
     try:
         log = SessionLog(reactor, conn.execute, keep=3, script=conn.script)
         account = Account(id="acme", host="h", password="pw-secret")
@@ -42,6 +43,8 @@ async def test_session_entries_go_by_evalsha_on_the_daemons_connection(redis):
     stats = client("INFO", "commandstats")
     assert _calls(stats, "evalsha") >= 5
     assert _calls(stats, "eval") <= 1  # at most one EVAL, after a NOSCRIPT
+    # trimmed only once longer than kept: the 4th and 5th entries
+    assert _calls(stats, "ltrim") == 2
     assert client("TTL", "fido:sessions:acme") > 0
     assert all("pw-secret" not in json.dumps(r) for r in recent)
 
@@ -73,6 +76,7 @@ async def test_a_sessions_hash_fields_and_history_entry_are_one_script_call(redi
     # commandstats counts the scripts' own calls: two HSET and two LPUSH
     # in the scripts, one HSET for "other"
     assert _calls(stats, "hset") == 3 and _calls(stats, "lpush") == 2
+    assert _calls(stats, "ltrim") == 0  # 2 entries of the 3 kept: nothing to trim
     fields = {k.decode(): v.decode() for k, v in
               zip(*[iter(client("HGETALL", "fido:account:acme"))] * 2)}
     assert fields["state"] == "error" and fields["last_error_kind"] == errors.AUTH

@@ -226,3 +226,66 @@ async def test_a_reused_uid_stored_again_keeps_the_contracts_decimal_uid_in_its_
         raws = [base64.b64decode(d["raw"]) for d in docs]
     assert uids == [b"1", b"1"], "uid is a decimal string in every entry (DESIGN.md)"
     assert raws == [first.raw, again.raw]
+
+
+def _calls(r, command):
+    for line in r("INFO", "commandstats").decode().splitlines():
+        if line.startswith(f"cmdstat_{command}:"):
+            return int(line.split("calls=")[1].split(",")[0])
+    return 0
+
+
+@pytest.mark.parametrize("kind", ["stream", "list"])
+@pytest_twisted.ensureDeferred
+async def test_a_batch_records_its_identities_with_one_hset_and_one_lpush(
+        conn, redis, tmp_path, endpoint, kind):
+    sink = build(kind, conn, tmp_path, endpoint)
+    r = redis.client()
+    r("CONFIG", "RESETSTAT")
+    # five messages, the fifth a second copy of the first (same identity)
+    batch = [msg(u, ident=f"m{u}") for u in range(1, 5)] + [msg(5, ident="m1", n=1)]
+    d = await sink.deliver(batch)
+    assert sorted(d.confirmed) == ["1", "2", "3", "4", "5"]
+    assert sorted(d.new) == ["1", "2", "3", "4"], "the copy is confirmed, not written again"
+    # the account hash's HINCRBY is not an HSET; one HSET for the identities
+    assert _calls(r, "hset") == 1 and _calls(r, "lpush") == (1 if kind == "stream" else 5)
+    ikey, qkey = keys.identities("acme", "INBOX")
+    assert r("HGET", ikey, "e") == b"7"
+    assert r("HGET", ikey, "i:m1") == b"7:5" and r("HGET", ikey, "u:7:5") == b"m1"
+    assert r("LRANGE", qkey, 0, -1) == [b"7:5", b"7:4", b"7:3", b"7:2", b"7:1"]
+    assert await sink.identities("acme", "INBOX", "7", ["1", "2", "5"]) == ["m1", "m2", "m1"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_noted_batch_beyond_the_bound_evicts_the_oldest(conn, redis):
+    script = conn.script(identity.lua(keep=3) + """
+for i = 1, #ARGV, 2 do fido_note(KEYS[1], KEYS[2], ARGV[i], ARGV[i + 1]) end
+fido_flush()
+return redis.call('HLEN', KEYS[1])
+""")
+    ikey, qkey = keys.identities("acme", "INBOX")
+    assert await script.run([ikey, qkey], ["7:1", "m1", "7:2", "m2"]) == 5
+    # three more: the two oldest leave, m1's newer place stays
+    assert await script.run([ikey, qkey], ["8:1", "m1", "8:2", "m3", "8:3", "m4"]) == 7
+    r = redis.client()
+    assert r("LRANGE", qkey, 0, -1) == [b"8:3", b"8:2", b"8:1"]
+    assert sorted(r("HKEYS", ikey)) == sorted(
+        [b"u:8:1", b"u:8:2", b"u:8:3", b"i:m1", b"i:m3", b"i:m4", b"e"])
+    assert r("HGET", ikey, "i:m1") == b"8:1" and r("HGET", ikey, "e") == b"8"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_batch_larger_than_one_unpack_records_every_identity(conn, redis, tmp_path,
+                                                                    endpoint):
+    """``[imap] batch_messages`` goes up to 10,000: the identities are
+    written 1,000 messages (4,000 values) at a time, under Lua's bound."""
+    sink = build("stream", conn, tmp_path, endpoint)
+    r = redis.client()
+    r("CONFIG", "RESETSTAT")
+    d = await sink.deliver([msg(u, ident=f"m{u}") for u in range(1, 2502)])
+    assert len(d.new) == 2501
+    ikey, qkey = keys.identities("acme", "INBOX")
+    assert r("LLEN", qkey) == 2501 and r("HLEN", ikey) == 2 * 2501 + 1
+    assert _calls(r, "hset") == 3 and _calls(r, "lpush") == 1
+    assert await sink.identities("acme", "INBOX", "7", ["1", "1000", "2501"]) == \
+        ["m1", "m1000", "m2501"]

@@ -4,7 +4,7 @@ Synchronous: StringTransport and a Clock drive the protocol, so timeouts,
 literal rates and redaction are checked exactly.
 """
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from twisted.internet import defer, task
 from twisted.internet import error as ierror
@@ -496,6 +496,8 @@ class SyntaxTests(SynchronousTestCase):
             self.assertIsNone(imapparse._fast_fetch(segments), segments)
 
     @settings(max_examples=400, deadline=None)
+    # a key with a hyphen is no common shape: the tokenizer answers it
+    @example(seq=0, parts=[(b"X-GM-MSGID", b"7")], literal=False, tail=b")", verb=b"FETCH")
     @given(seq=st.integers(0, 10 ** 6),
            parts=st.lists(st.tuples(
                st.sampled_from([b"UID", b"uid", b"RFC822.SIZE", b"MODSEQ", b"BODY[]", b"NIL",
@@ -514,7 +516,7 @@ class SyntaxTests(SynchronousTestCase):
         fast = imapparse._fast_fetch(segments)
         if fast is not None:
             self.assertEqual(fast, imapparse._parse_fetch(segments))
-        elif all(k[:1].isalpha() and b"<" not in k and v.isdigit()
+        elif all(k[:1].isalpha() and k.replace(b".", b"").isalnum() and v.isdigit()
                  # a body section answered by a number is no common shape
                  and not k.upper().startswith(b"BODY") for k, v in parts) \
                 and verb != b"FETCHX" and tail == b")" and (parts or literal):

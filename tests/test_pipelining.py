@@ -145,3 +145,66 @@ def test_a_server_that_mixes_up_pipelined_commands_is_never_sent_them_again():
         assert not second.pipelined
     finally:
         yield port.stopListening()
+
+
+@pytest_twisted.inlineCallbacks
+def test_no_status_after_a_poll_that_found_mail_and_status_again_after_one_that_did_not():
+    from fido_tx.sources.imap.identity import Epochs
+
+    box = MockMailbox(PASSWORD, [sample_message(1, "u")], uidvalidity=7)
+    server = MockIMAPServer(reactor, {"u": box})
+    acct = account(server.listen())
+    connector, sink, epochs = Connector(reactor), MemorySink(), Epochs()
+
+    def poll():
+        s = ImapSession(reactor, acct, sink, SETTINGS, connector=connector, epochs=epochs)
+        return s, s.poll()
+
+    try:
+        first, d = poll()
+        assert first.wants_status()  # nothing known of the mailbox yet
+        result = yield d
+        assert result.ok and result.fetched == 1, result
+        yield server.all_closed()
+        # it found mail: STATUS would decide nothing, SELECT and SEARCH follow
+        box.append(sample_message(2, "u"))
+        before = len(server.commands("u"))
+        second, d = poll()
+        assert not second.wants_status()
+        result = yield d
+        assert result.ok and result.fetched == 1, result
+        yield server.all_closed()
+        assert names(server, before) == ["LOGIN", "SELECT", "UID SEARCH", "UID FETCH",
+                                         "UID FETCH", "UID STORE", "LOGOUT"]
+        # it found mail again; this one finds nothing
+        before = len(server.commands("u"))
+        result = yield poll()[1]
+        assert result.ok and result.fetched == 0, result
+        yield server.all_closed()
+        assert names(server, before) == ["LOGIN", "SELECT", "UID SEARCH", "LOGOUT"]
+        # so the next one asks STATUS again (with LOGIN), which ends it
+        before = len(server.commands("u"))
+        third, d = poll()
+        assert third.wants_status()
+        result = yield d
+        assert result.ok and result.fetched == 0, result
+        yield server.all_closed()
+        assert names(server, before) == ["LOGIN", "STATUS", "LOGOUT"]
+        assert sorted(int(m.id) for m in sink.entries) == [1, 2]
+    finally:
+        yield server.stop()
+
+
+def test_an_account_with_a_position_always_asks_status():
+    from fido_tx.sources.imap.identity import Epochs
+
+    epochs = Epochs()
+    for fields in ({"select": "new"}, {"start_from": "now"}):
+        acct = Account(id="acct-p", host="127.0.0.1", port=1, username="u",
+                       password=PASSWORD, security="none", **fields)
+        epochs.seen(acct.id, acct.mailbox, "7", found=True)
+        s = ImapSession(reactor, acct, MemorySink(), SETTINGS, epochs=epochs)
+        assert s.wants_status(), fields
+    plain = account(1)
+    epochs.seen(plain.id, plain.mailbox, "7", found=True)
+    assert not ImapSession(reactor, plain, MemorySink(), SETTINGS, epochs=epochs).wants_status()

@@ -139,10 +139,12 @@ def _secrets(account):
     return tuple(s for s in found if s)
 
 
-#: KEYS[1] the account's session list; ARGV: entry, last index kept, ttl
+#: KEYS[1] the account's session list; ARGV: entry, last index kept, ttl.
+#: LTRIM only once the list is longer than kept (LPUSH says its length)
 _RECORD = """
-redis.call('LPUSH', KEYS[1], ARGV[1])
-redis.call('LTRIM', KEYS[1], 0, tonumber(ARGV[2]))
+if redis.call('LPUSH', KEYS[1], ARGV[1]) > tonumber(ARGV[2]) + 1 then
+  redis.call('LTRIM', KEYS[1], 0, tonumber(ARGV[2]))
+end
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
 return 1
 """

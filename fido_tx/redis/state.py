@@ -147,11 +147,13 @@ class AccountState:
 
 
 #: KEYS[1] the account hash, KEYS[2] its session list; ARGV: the history
-#: entry, the last index kept, the list's ttl, then the hash's field/value pairs
+#: entry, the last index kept, the list's ttl, then the hash's field/value
+#: pairs.  LTRIM only once the list is longer than kept (LPUSH says its length)
 _SESSION = """
 redis.call('HSET', KEYS[1], unpack(ARGV, 4))
-redis.call('LPUSH', KEYS[2], ARGV[1])
-redis.call('LTRIM', KEYS[2], 0, tonumber(ARGV[2]))
+if redis.call('LPUSH', KEYS[2], ARGV[1]) > tonumber(ARGV[2]) + 1 then
+  redis.call('LTRIM', KEYS[2], 0, tonumber(ARGV[2]))
+end
 redis.call('EXPIRE', KEYS[2], tonumber(ARGV[3]))
 return 1
 """

@@ -4,9 +4,11 @@ Lua call per batch.
 Exactly once: a sink's :meth:`RedisBatchSink.deliver` sends ONE script call
 per batch.  For each message the script checks the dedupe set
 ``fido:uids:{<account>}:<epoch>:<mailbox>``, writes the message (``XADD`` or
-``LPUSH``), then ``SADD``\\ s its id and records its identity
+``LPUSH``), then ``SADD``\\ s its id and notes its identity
 (:mod:`fido_tx.sinks.identity`: a message whose identity is recorded already
-is recorded under its new key but not written again); Redis runs a script
+is recorded under its new key but not written again), and after the loop
+writes the batch's identities (one ``HSET`` and one ``LPUSH`` per mailbox);
+Redis runs a script
 atomically and, with ``appendonly``, persists its writes as one unit, so a
 crash leaves every message either delivered and recorded, or neither.  The order (check, write,
 record) means an error inside the script can at worst leave a message without
@@ -57,9 +59,10 @@ for i = 1, #ARGV, %(stride)d do
       reply[new + 1] = id
     end
     redis.call('SADD', set, id)
-    fido_remember(KEYS[ik], KEYS[ik + 1], ARGV[i + 3], ARGV[i + 4])
+    fido_note(KEYS[ik], KEYS[ik + 1], ARGV[i + 3], ARGV[i + 4])
   end
 end
+fido_flush()
 if new > 0 then
   redis.call('HINCRBY', KEYS[2], 'fetched_total', new)
 end

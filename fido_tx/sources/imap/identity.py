@@ -52,16 +52,29 @@ def of(size, message_id, raw=b""):
 class Epochs:
     """The UIDVALIDITY a poll last completed with, per (account, mailbox),
     in this process (one per daemon, shared by every session through the
-    :class:`~fido_tx.sources.SourceContext`): one entry per mailbox polled."""
+    :class:`~fido_tx.sources.SourceContext`): one entry per mailbox polled;
+    and whether that poll found mail (:meth:`found_mail`: the next session
+    then asks no STATUS, :mod:`fido_tx.sources.imap.session`)."""
 
     def __init__(self):
         self._last = {}
+        self._busy = set()
 
     def known(self, account_id, mailbox, epoch):
         return self._last.get((account_id, mailbox)) == epoch
 
-    def seen(self, account_id, mailbox, epoch):
-        self._last[(account_id, mailbox)] = epoch
+    def seen(self, account_id, mailbox, epoch, found=False):
+        """A poll went through ``epoch``; ``found``: its search found UIDs."""
+        key = (account_id, mailbox)
+        self._last[key] = epoch
+        if found:
+            self._busy.add(key)
+        else:
+            self._busy.discard(key)
+
+    def found_mail(self, account_id, mailbox):
+        """Whether the last poll completed in this process found mail there."""
+        return (account_id, mailbox) in self._busy
 
 
 def alias(uid, identity):

@@ -100,7 +100,9 @@ class MailboxPoll:
     :class:`~fido_tx.sources.imap.login.ImapConnection`).  The counters say
     what it did, also when it ends with an error."""
 
-    #: False on a selected mailbox (RFC 3501: no STATUS there)
+    #: False on a selected mailbox (RFC 3501: no STATUS there), and where
+    #: the session asks none (the last poll found mail: STATUS would decide
+    #: nothing, SELECT follows anyway)
     status_allowed = True
     #: whether UID SEARCH may be written behind SELECT (False where
     #: :meth:`select` sends no SELECT)
@@ -163,7 +165,7 @@ class MailboxPoll:
         if uids:
             await self.take(info, uids)
         await selection.finish(uids)
-        self.seen(str(info.uidvalidity))
+        self.seen(str(info.uidvalidity), bool(uids))
 
     async def take(self, info, uids):
         """Ask the sink which of ``uids`` are new, mark the others (once
@@ -188,11 +190,12 @@ class MailboxPoll:
         if reuse.reports:
             raise FidoError(errors.PROTOCOL, reuse.error_text(self.mailbox))
 
-    def seen(self, epoch):
+    def seen(self, epoch, found=False):
         """This poll went through ``epoch``: later ones skip the check of
-        new UIDs against messages stored before (identity.sizes)."""
+        new UIDs against messages stored before (identity.sizes); ``found``:
+        it found mail (the next session asks no STATUS)."""
         if self.epochs is not None and not self.dry_run:
-            self.epochs.seen(self.account.id, self.mailbox, epoch)
+            self.epochs.seen(self.account.id, self.mailbox, epoch, found)
 
     async def fetch_new(self, info, new):
         sizes, new = await identity.sizes(self, str(info.uidvalidity), new, sink_call)

@@ -27,7 +27,8 @@ waited for), after which the connection is aborted.
 
 Round trips: with a LOGIN that needs no literal, the poll's STATUS is
 written in the same packet (RFC 3501 sec 5.5 pipelining), so an empty poll
-is greeting, LOGIN+STATUS, LOGOUT-and-close.
+is greeting, LOGIN+STATUS, LOGOUT-and-close.  After a poll that found mail
+the next one asks no STATUS (:meth:`ImapSession.wants_status`).
 
 Every log line of a session carries its account id and a short random
 session id (``s=3f9a2c``): ``grep s=3f9a2c`` tells the whole story of one poll.
@@ -256,7 +257,9 @@ class ImapSession:
             await self.pacer.wait()
         if self.credentials is None:
             self.credentials = self.credentials_factory(self.account)
-        pipeline = self._send_status if self.connector.pipelines_login(self.account) else None
+        status = self.wants_status()
+        pipeline = (self._send_status if status and self.connector.pipelines_login(self.account)
+                    else None)
         self.login = Login(self.reactor, self.connector, self.account, self.settings,
                            self.credentials, self.step, pipeline=pipeline)
         conn = await self.login.run()
@@ -266,6 +269,8 @@ class ImapSession:
                                         self.step, budget=self.budget, dry_run=self.dry_run,
                                         positions=self.positions, epochs=self.epochs,
                                         status=self._status)
+        if not status:
+            self.mailbox_poll.status_allowed = False
         if not self.connector.pipelines(self.account):
             self.mailbox_poll.search_with_select = False
         await self.mailbox_poll.run()
@@ -274,6 +279,19 @@ class ImapSession:
             self.step.info("dry run: would fetch {count} messages ({nbytes} bytes), "
                            "would mark {mark}", count=p.fetched, nbytes=p.bytes,
                            mark=self.account.after_fetch)
+
+    def wants_status(self):
+        """Whether the poll asks STATUS before SELECT.  For an account
+        without a position STATUS decides one thing, whether anything is
+        unseen (else no SELECT): not asked when the mailbox's last poll in
+        this process found mail, where it would most likely decide nothing
+        and cost Dovecot a second opening of the mailbox (~2-4 ms of its
+        CPU per session, bench/server_share.py).  LOGIN, then SELECT with
+        its SEARCH, is as many round trips as LOGIN+STATUS, then SELECT."""
+        account, epochs = self.account, self.epochs
+        if account.select == "new" or account.start_from == "now":
+            return True  # STATUS also moves or settles the position
+        return epochs is None or not epochs.found_mail(account.id, account.mailbox)
 
     def _send_status(self, command):
         """The poll's STATUS, written with LOGIN (to a server known to take
