@@ -215,9 +215,12 @@ def test_ctrl_c_ends_a_real_watch_with_exit_0(redis, tmp_path):
 
     populate(redis.client())
     env = dict(os.environ, PYTHONPATH=os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    # SIGINT as at a terminal, even when the test runner was started in the
+    # background (a shell's ``cmd &`` ignores SIGINT, and the child inherits it)
     proc = subprocess.Popen(
         [sys.executable, "-m", "fido_tx", "status", "--watch", "0.2", "--redis-url", redis.url],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         deadline = time.monotonic() + 20
