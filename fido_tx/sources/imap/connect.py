@@ -57,6 +57,18 @@ SESSION_RENEW_AFTER = 20
 __all__ = ["CACHE_MAX", "Connector", "TlsContexts", "TlsCreator", "load_ca_file"]
 
 
+def ca_file_mtime(ca_file):
+    """``ca_file``'s modification time (``None`` without one): a cache key
+    part, so an edited file is loaded again.  Raises a ``config``
+    :class:`FidoError` when it cannot be read."""
+    if not ca_file:
+        return None
+    try:
+        return os.stat(ca_file).st_mtime_ns
+    except OSError as e:
+        raise FidoError(errors.CONFIG, f"cannot read ca_file {ca_file!r}: {e}")
+
+
 def load_ca_file(path):
     """The certificates of a PEM file (pyOpenSSL X509); ``config`` error if
     it cannot be read."""
@@ -92,12 +104,7 @@ class TlsContexts:
         Cached per ``(host, ca_file, ca_file's mtime)``; raises a ``config``
         :class:`FidoError` when ``ca_file`` cannot be read.
         """
-        mtime = None
-        if ca_file:
-            try:
-                mtime = os.stat(ca_file).st_mtime_ns
-            except OSError as e:
-                raise FidoError(errors.CONFIG, f"cannot read ca_file {ca_file!r}: {e}")
+        mtime = ca_file_mtime(ca_file)
         key = (host, ca_file or None, mtime)
         options = self._options.get(key)
         if options is None:
@@ -138,12 +145,7 @@ class TlsContexts:
         Raises a ``config`` :class:`FidoError` when ``ca_file`` cannot be read."""
         from fido_tx.sources.imap.stdtls import client_context
 
-        mtime = None
-        if ca_file:
-            try:
-                mtime = os.stat(ca_file).st_mtime_ns
-            except OSError as e:
-                raise FidoError(errors.CONFIG, f"cannot read ca_file {ca_file!r}: {e}")
+        mtime = ca_file_mtime(ca_file)
         key = (ca_file or None, mtime)
         context = self._contexts.get(key)
         if context is None:
