@@ -11,7 +11,8 @@ HostResolution`` (:mod:`fido_tx.resolve` implements the public
 ``IHostResolution`` itself); pyOpenSSL's ``SSL_session_reused``, Twisted's
 TLS small-write aggregator and ``TLSMemoryBIOProtocol(_connectWrapped=False)``
 for STARTTLS (IMAP's TLS is Python's ssl module since issue 15:
-:mod:`fido_tx.sources.imap.stdtls`, with public ``session_reused``).
+:mod:`fido_tx.sources.imap.stdtls`, with public ``session_reused``; its
+STARTTLS still needs :func:`swap_receiver`).
 """
 
 from zope.interface import implementer
@@ -27,6 +28,7 @@ __all__ = [
     "redis_command_pieces",
     "release_idle_buffers",
     "share_context",
+    "swap_receiver",
 ]
 
 #: trick name -> what breaks without it (named by the tests' failures)
@@ -45,6 +47,8 @@ TRICKS = {
     "txredisapi replyReceived": "txredisapi BaseRedisProtocol.replyReceived and "
                                 "handleTransactionData: Redis replies parsed in one pass "
                                 "(fast_reply_protocol)",
+    "swap_receiver": "tcp Connection.protocol (what the TCP connection delivers bytes "
+                     "to): STARTTLS puts the TLS layer there",
 }
 
 
@@ -445,3 +449,25 @@ def import_twisted(tls=False):
             if getattr(sys.modules[package], leaf, None) is stub:
                 delattr(sys.modules[package], leaf)
     return True
+
+
+# --- Twisted: a layer put under a connected protocol (STARTTLS) -------------------
+#
+# A TCP connection delivers what it reads to its ``protocol`` attribute (the
+# application protocol, or an endpoint's wrapper forwarding to it); no public
+# API replaces it once connected.  STARTTLS puts the TLS layer there, as
+# ``twisted.internet._newtls.startTLS`` does.  Checked by tests/test_private.py
+# (``test_swap_receiver``: a real ``tcp.Connection`` reads into the new layer).
+
+
+def swap_receiver(transport, make):
+    """Put ``make(receiver)`` where ``transport`` (a TCP connection) delivers
+    the bytes it reads, ``receiver`` being what it delivered to until now;
+    returns the new layer.  ``TypeError`` for a transport without one."""
+    receiver = getattr(transport, "protocol", None)
+    if receiver is None:
+        raise TypeError(f"{type(transport).__name__} has no protocol attribute: "
+                        f"cannot start TLS on it")
+    layer = make(receiver)
+    transport.protocol = layer
+    return layer

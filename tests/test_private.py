@@ -210,9 +210,37 @@ class PrivateApiTests(SynchronousTestCase):
         self.assertEqual(factory_module, "twisted.internet.ssl", _trick("import_twisted"))
         self.assertTrue(openssl_after and ssl_after)
 
+    def test_swap_receiver(self):
+        import socket
+
+        from twisted.internet import tcp
+        from twisted.internet.protocol import Protocol
+
+        class Layer(Protocol):
+            def __init__(self, below):
+                self.below = below
+                self.got = []
+
+            def dataReceived(self, data):
+                self.got.append(data)
+
+        ours, theirs = socket.socketpair()
+        self.addCleanup(ours.close)
+        self.addCleanup(theirs.close)
+        app = Protocol()
+        connection = tcp.Connection(ours, app)
+        layer = private.swap_receiver(connection, Layer)
+        self.assertIs(layer.below, app)
+        theirs.sendall(b"* OK")
+        connection.doRead()  # a real TCP connection reads into the new layer
+        self.assertEqual(layer.got, [b"* OK"], _trick("swap_receiver"))
+        with self.assertRaises(TypeError):  # a transport without a receiver
+            private.swap_receiver(StringTransport(), Layer)
+
     def test_every_trick_has_a_test(self):
         names = {"IOpenSSLTrustRoot", "createConnection.__self__", "_exitSignal",
-                 "import_twisted", "share_context", "txredisapi replyReceived"}
+                 "import_twisted", "share_context", "txredisapi replyReceived",
+                 "swap_receiver"}
         self.assertEqual(set(private.TRICKS), names)
 
     def test_host_resolution_is_public_now(self):

@@ -32,6 +32,8 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from fido_tx import private
+
 __all__ = ["TLSClientProtocol", "TLSEndpoint", "client_context", "start_tls"]
 
 #: the most plain text taken from the TLS object at once (one record is at
@@ -84,8 +86,8 @@ class TLSClientProtocol(Protocol):
         self._pending = []  # what the application wrote before the handshake ended
         self._close_after_handshake = False
         self._peer_closed = False
-        self._aborted = False
-        self._shut = False  # close_notify written: nothing more is read or written
+        #: closed on our side (aborted, or close_notify written): nothing more is read
+        self._stopped = False
 
     # -- from the TCP connection -----------------------------------------------
 
@@ -100,19 +102,17 @@ class TLSClientProtocol(Protocol):
             return
         view = memoryview(data)
         for start in range(0, len(data), FEED_SIZE):
-            if self.tls is None or self._aborted or self._shut:
-                return
             self._receive(view[start:start + FEED_SIZE])
 
     def _receive(self, data):
-        if self.tls is None or self._aborted or self._shut:
+        if self.tls is None or self._stopped:
             return  # closed on our side: what comes after is not read
         self._incoming.write(data)
         if self.handshaking and not self._handshake():
             return
         read, deliver = self.tls.read, self.wrappedProtocol.dataReceived
         # the application may close or abort in ``deliver``: read no further
-        while not (self._aborted or self._shut):
+        while not self._stopped:
             try:
                 chunk = read(READ_SIZE)
             except ssl.SSLWantReadError:
@@ -125,7 +125,7 @@ class TLSClientProtocol(Protocol):
                 self._shutdown()
                 return
             deliver(chunk)
-        if not (self._aborted or self._shut) and self._outgoing.pending:  # a key update's answer
+        if not self._stopped and self._outgoing.pending:  # a key update's answer
             self._flush()
 
     def connectionLost(self, reason):
@@ -170,7 +170,7 @@ class TLSClientProtocol(Protocol):
         if self.reason is None:
             self.reason = Failure(exc)
         self.disconnecting = True
-        self._aborted = True
+        self._stopped = True
         if self._outgoing is not None:
             self._flush()
         self.transport.abortConnection()
@@ -196,7 +196,7 @@ class TLSClientProtocol(Protocol):
     def _shutdown(self):
         """close_notify, then the TCP connection closed once it is sent
         (the server's close_notify is not waited for)."""
-        self._shut = self.disconnecting = True
+        self._stopped = self.disconnecting = True
         try:
             self.tls.unwrap()
         except (ssl.SSLError, ValueError):
@@ -233,7 +233,7 @@ class TLSClientProtocol(Protocol):
 
     def abortConnection(self):
         self.disconnecting = True
-        self._aborted = True
+        self._stopped = True
         if self.transport is not None:
             self.transport.abortConnection()
 
@@ -296,12 +296,8 @@ def start_tls(protocol, creator):
     handshake starts at once.  Returns the TLS transport: ``protocol``
     writes through it from now on."""
     transport = protocol.transport
-    receiver = getattr(transport, "protocol", None)
-    if receiver is None:
-        raise TypeError(f"{type(transport).__name__} has no protocol attribute: "
-                        f"cannot start TLS on it")
-    tls = TLSClientProtocol(creator, receiver, connect_wrapped=False)
-    transport.protocol = tls
+    tls = private.swap_receiver(
+        transport, lambda receiver: TLSClientProtocol(creator, receiver, connect_wrapped=False))
     protocol.transport = tls
     tls.makeConnection(transport)
     return tls
