@@ -39,6 +39,7 @@ from twisted.logger import Logger
 
 from fido_tx.observe.report import iso_utc
 from fido_tx.redis import keys
+from fido_tx.redis.state import push_kept_lua
 
 log = Logger(namespace="fido_tx.observe.history")
 
@@ -139,15 +140,8 @@ def _secrets(account):
     return tuple(s for s in found if s)
 
 
-#: KEYS[1] the account's session list; ARGV: entry, last index kept, ttl.
-#: LTRIM only once the list is longer than kept (LPUSH says its length)
-_RECORD = """
-if redis.call('LPUSH', KEYS[1], ARGV[1]) > tonumber(ARGV[2]) + 1 then
-  redis.call('LTRIM', KEYS[1], 0, tonumber(ARGV[2]))
-end
-redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
-return 1
-"""
+#: KEYS[1] the account's session list; ARGV: entry, last index kept, ttl
+_RECORD = push_kept_lua("KEYS[1]") + "return 1\n"
 
 
 class SessionLog:

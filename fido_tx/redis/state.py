@@ -146,14 +146,19 @@ class AccountState:
             self._session_script.run(script_keys, args, what="session state")))
 
 
+def push_kept_lua(key):
+    """Lua pushing a session entry (ARGV[1]) onto the list ``key`` (say
+    ``"KEYS[2]"``), keeping its first ARGV[2] + 1 entries and expiring it
+    ARGV[3] s after: LTRIM only once the list is longer than kept (LPUSH
+    says its length).  Shared by this module's session script and
+    :mod:`fido_tx.observe.history`'s."""
+    return (f"if redis.call('LPUSH', {key}, ARGV[1]) > tonumber(ARGV[2]) + 1 then\n"
+            f"  redis.call('LTRIM', {key}, 0, tonumber(ARGV[2]))\n"
+            f"end\n"
+            f"redis.call('EXPIRE', {key}, tonumber(ARGV[3]))\n")
+
+
 #: KEYS[1] the account hash, KEYS[2] its session list; ARGV: the history
-#: entry, the last index kept, the list's ttl, then the hash's field/value
-#: pairs.  LTRIM only once the list is longer than kept (LPUSH says its length)
-_SESSION = """
-redis.call('HSET', KEYS[1], unpack(ARGV, 4))
-if redis.call('LPUSH', KEYS[2], ARGV[1]) > tonumber(ARGV[2]) + 1 then
-  redis.call('LTRIM', KEYS[2], 0, tonumber(ARGV[2]))
-end
-redis.call('EXPIRE', KEYS[2], tonumber(ARGV[3]))
-return 1
-"""
+#: entry, the last index kept, the list's ttl, then the hash's field/value pairs
+_SESSION = ("redis.call('HSET', KEYS[1], unpack(ARGV, 4))\n"
+            + push_kept_lua("KEYS[2]") + "return 1\n")

@@ -245,7 +245,6 @@ class FidoIMAP4Client(ResponseReader, TracedLines, protocol.Protocol):
     def forget(self):
         """The session is over: drop what refers back to it or to pending
         work, so the connection's objects are freed without the collector."""
-        self.tls_explain = None
         self._untagged = None
         self.observer = None
         self._literal = None
@@ -380,8 +379,7 @@ class FidoIMAP4Client(ResponseReader, TracedLines, protocol.Protocol):
 def lost_error(proto, reason):
     """The error of a connection the server or the network ended: TLS,
     LOGOUT, before the greeting, after a BYE, or unexpected."""
-    tls = tls_error(reason, getattr(proto, "tls_explain", None),
-                    getattr(proto, "tls_host", None))
+    tls = tls_error(reason, getattr(proto, "tls_host", None))
     if tls is not None:
         return tls
     if proto.logging_out:

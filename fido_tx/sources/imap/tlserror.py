@@ -15,12 +15,9 @@ from fido_tx.errors import FidoError
 _NAME_MISMATCH = (62, 64)
 
 
-def tls_error(reason, explain=None, host=None):
-    """A :class:`FidoError` of kind ``tls`` for a TLS failure, else ``None``.
-
-    :param explain: optional callable returning why the certificate chain
-        was not trusted, used when OpenSSL gave no reason.
-    """
+def tls_error(reason, host=None):
+    """A :class:`FidoError` of kind ``tls`` for a TLS failure, else ``None``
+    (``host``: the host name the certificate was checked against)."""
     if reason is None:
         return None
     exc = reason.value
@@ -34,11 +31,6 @@ def tls_error(reason, explain=None, host=None):
                 "certificate does not match host" + (f" {host!r}" if host else ""),
                 debug=f"certificate verification: {why}",
             )
-        if not why and explain is not None:
-            try:
-                why = explain()
-            except Exception:
-                why = None
         return FidoError(
             errors.TLS, "certificate verify failed" + (f": {why}" if why else ""))
     return FidoError(errors.TLS, f"TLS handshake failed: {_ssl_text(exc)}")
